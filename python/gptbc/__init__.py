@@ -1,0 +1,3 @@
+"""gptbc: compile GPTBigCode models (SantaCoder, StarCoder) with TVM Relax and run them."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,130 @@
+"""`gptbc` command line: compile, convert-weight, generate, targets.
+
+Every user error ends as one line `error: ...` on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from . import __version__
+from .errors import GptbcError
+
+
+def _positive_or_none(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} expects an integer, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be positive, got {value}")
+        return value
+
+    return parse
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise GptbcError(f"--prompt-ids {text!r}: expected comma-separated integers like 1,2,3") from None
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .compiler import compile_model
+    from .config import resolve_model
+
+    source = resolve_model(args.model, context_window_size=args.context_window_size,
+                           prefill_chunk_size=args.prefill_chunk_size, max_batch_size=args.max_batch_size)
+    out = compile_model(source, args.target, args.quantization, args.output,
+                        log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(out)
+    return 0
+
+
+def cmd_convert_weight(args: argparse.Namespace) -> int:
+    from .loader import convert_weight
+
+    out = convert_weight(args.hf_dir, args.quantization, args.output, progress=not args.quiet)
+    print(out)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .runtime import Engine
+
+    ids = parse_ids(args.prompt_ids) if args.prompt_ids is not None else None
+    engine = Engine(args.out_dir, args.lib, device=args.device)
+    if ids is None:
+        ids = engine.encode(args.prompt)
+    new = engine.generate(ids, args.max_new_tokens)
+    text = engine.decode_text(new) if engine.tokenizer is not None else None
+    if args.json:
+        print(json.dumps({"token_ids": new, "text": text}))
+    else:
+        print(text if text is not None else ",".join(map(str, new)))
+    return 0
+
+
+def cmd_targets(_args: argparse.Namespace) -> int:
+    from .targets import TARGETS
+
+    for t in TARGETS:
+        names = ", ".join((t.name, *t.aliases))
+        print(f"{names:<16} {t.output_suffix:<5} {t.description}; needs {t.toolchain}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gptbc", description="Compile and run GPTBigCode models with TVM Relax.")
+    p.add_argument("--version", action="version", version=f"gptbc {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile a model library for a target")
+    c.add_argument("--model", required=True, help="preset name, HF directory, gptbc weights directory or Hub id")
+    c.add_argument("--target", default="cpu", help="target name (see `gptbc targets`)")
+    c.add_argument("--quantization", default="q0f32")
+    c.add_argument("-o", "--output", help="library path (default dist/libs/<model>-<quant>-<target>.so)")
+    c.add_argument("--context-window-size", type=_positive_or_none("--context-window-size"))
+    c.add_argument("--prefill-chunk-size", type=_positive_or_none("--prefill-chunk-size"))
+    c.add_argument("--max-batch-size", type=_positive_or_none("--max-batch-size"))
+    c.set_defaults(func=cmd_compile)
+
+    w = sub.add_parser("convert-weight", help="convert an HF safetensors checkpoint")
+    w.add_argument("hf_dir", metavar="HF_DIR")
+    w.add_argument("--quantization", required=True)
+    w.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
+    w.add_argument("--quiet", action="store_true", help="no progress bar")
+    w.set_defaults(func=cmd_convert_weight)
+
+    g = sub.add_parser("generate", help="generate tokens with a compiled library and converted weights")
+    g.add_argument("out_dir", metavar="OUT_DIR")
+    g.add_argument("--lib", required=True)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt")
+    src.add_argument("--prompt-ids")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--json", action="store_true", help="print one JSON object: token_ids, text")
+    g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("targets", help="list the targets")
+    t.set_defaults(func=cmd_targets)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GptbcError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Model configuration: what a GPTBigCode checkpoint looks like, plus what the compiled library is sized for.
+
+`--model` accepts four spellings, all resolved here by `resolve_model`:
+a bundled preset name (`santacoder`), a Hugging Face model directory (has `config.json`),
+a gptbc output directory (has `gptbc-config.json`), or a Hub id (`bigcode/gpt_bigcode-santacoder`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import GptbcError
+
+GPTBC_CONFIG = "gptbc-config.json"
+HF_CONFIG = "config.json"
+
+# Activation names HF uses for GPTBigCode checkpoints → how we compute them.
+# "gelu" in HF is the exact (erf) GELU; santacoder/starcoder ship "gelu_pytorch_tanh".
+ACTIVATIONS = {
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu": "gelu_erf",
+    "relu": "relu",
+}
+
+
+@dataclass
+class GPTBigCodeConfig:
+    """HF `GPTBigCodeConfig` fields we use, and the compile-time sizes of the library."""
+
+    n_embd: int
+    n_head: int
+    n_layer: int
+    n_positions: int
+    vocab_size: int
+    n_inner: int | None = None
+    layer_norm_epsilon: float = 1e-5
+    multi_query: bool = True
+    activation_function: str = "gelu_pytorch_tanh"
+    scale_attn_weights: bool = True
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    # Compile-time sizes; 0 means "derive a default" (see __post_init__).
+    context_window_size: int = 0
+    prefill_chunk_size: int = 0
+    max_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.n_inner is None:
+            self.n_inner = 4 * self.n_embd
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+        self.eos_token_id = [int(e) for e in (self.eos_token_id or [])]
+        if self.context_window_size <= 0:
+            self.context_window_size = self.n_positions
+        if self.prefill_chunk_size <= 0:
+            self.prefill_chunk_size = min(self.context_window_size, 2048)
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise GptbcError(f"invalid model config: {what}")
+
+        for name in ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size", "n_inner"):
+            need(int(getattr(self, name)) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        need(self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        need(self.activation_function in ACTIVATIONS,
+             f"activation_function {self.activation_function!r} is not one of {sorted(ACTIVATIONS)}")
+        need(self.context_window_size <= self.n_positions,
+             f"context_window_size {self.context_window_size} exceeds n_positions {self.n_positions}")
+        need(0 < self.prefill_chunk_size <= self.context_window_size,
+             f"prefill_chunk_size {self.prefill_chunk_size} must be in 1..context_window_size "
+             f"({self.context_window_size})")
+        need(self.max_batch_size > 0, f"max_batch_size must be positive, got {self.max_batch_size}")
+        for e in self.eos_token_id:
+            need(0 <= e < self.vocab_size, f"eos_token_id {e} is outside the vocabulary (0..{self.vocab_size - 1})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def n_kv_head(self) -> int:
+        """MQA shares one K/V head across all query heads; MHA has one per query head."""
+        return 1 if self.multi_query else self.n_head
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config", **overrides: Any) -> "GPTBigCodeConfig":
+        model_type = raw.get("model_type")
+        if model_type != "gpt_bigcode":
+            raise GptbcError(f"{source}: model_type is {model_type!r}, expected 'gpt_bigcode'")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in raw.items() if k in names}
+        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in kwargs]
+        if missing:
+            raise GptbcError(f"{source}: missing field(s) {', '.join(missing)}")
+        try:
+            return cls(**kwargs)
+        except GptbcError as err:
+            raise GptbcError(f"{source}: {err}") from None
+        except (TypeError, ValueError) as err:
+            raise GptbcError(f"{source}: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": "gpt_bigcode", **dataclasses.asdict(self)}
+
+
+@dataclass
+class ModelSource:
+    """What `--model` resolved to: a display name, the config, and where weights/tokenizer live (if anywhere)."""
+
+    name: str
+    config: GPTBigCodeConfig
+    directory: Path | None  # an HF or gptbc directory; None for a bare preset
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("gptbc.presets").iterdir() if p.name.endswith(".json"))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise GptbcError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise GptbcError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise GptbcError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_hf_config(directory: Path, **overrides: Any) -> GPTBigCodeConfig:
+    path = Path(directory) / HF_CONFIG
+    if not path.is_file():
+        raise GptbcError(f"{path}: missing config.json (is {directory} a Hugging Face model directory?)")
+    return GPTBigCodeConfig.from_dict(read_json(path), source=str(path), **overrides)
+
+
+def load_gptbc_config(directory: Path) -> dict[str, Any]:
+    """The whole `gptbc-config.json` of a converted-weights directory."""
+    return read_json(Path(directory) / GPTBC_CONFIG)
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def fetch_from_hub(repo_id: str, config_only: bool = False) -> Path:
+    """Download a Hub repository (safetensors, JSON, tokenizer files) into the HF cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["config.json"] if config_only else [
+        "*.json", "*.safetensors", "*.txt", "tokenizer*", "vocab*", "merges*"]
+    hint = (f"cannot download {repo_id!r} from the Hugging Face Hub ({{why}}); download it on a machine "
+            f"with network access and pass the local directory instead, e.g. --model /path/to/{repo_id.split('/')[-1]}")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline:
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        except Exception:  # not in the local cache either
+            raise GptbcError(hint.format(why="HF_HUB_OFFLINE is set and it is not in the local cache")) from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except RepositoryNotFoundError:
+        raise GptbcError(f"{repo_id!r}: no such repository on the Hugging Face Hub") from None
+    except (LocalEntryNotFoundError, OSError) as err:
+        raise GptbcError(hint.format(why=f"no network route: {type(err).__name__}")) from None
+    except Exception as err:  # huggingface_hub raises many HTTP error types
+        raise GptbcError(hint.format(why=f"{type(err).__name__}")) from None
+
+
+def resolve_model(spec: str, with_weights: bool = False, **overrides: Any) -> ModelSource:
+    """Turn a `--model` argument into a config. `overrides` set compile-time fields (None = keep).
+
+    A Hub id downloads only config.json unless `with_weights` is set.
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        name = path.resolve().name
+        if (path / GPTBC_CONFIG).is_file():
+            raw = load_gptbc_config(path)
+            cfg = GPTBigCodeConfig.from_dict(raw.get("model_config", {}), source=str(path / GPTBC_CONFIG),
+                                             **overrides)
+            return ModelSource(raw.get("model_name", name), cfg, path)
+        return ModelSource(name, load_hf_config(path, **overrides), path)
+    if spec in preset_names():
+        raw = json.loads(resources.files("gptbc.presets").joinpath(f"{spec}.json").read_text("utf-8"))
+        return ModelSource(spec, GPTBigCodeConfig.from_dict(raw, source=f"preset {spec}", **overrides), None)
+    if path.exists():
+        raise GptbcError(f"--model {spec}: is a file, expected a preset name or a model directory")
+    if looks_like_hub_id(spec):
+        directory = fetch_from_hub(spec, config_only=not with_weights)
+        return ModelSource(spec.split("/")[-1], load_hf_config(directory, **overrides), directory)
+    raise GptbcError(f"--model {spec}: not a directory, a Hub id (owner/name) or a known preset "
+                     f"({', '.join(preset_names())})")

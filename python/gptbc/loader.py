@@ -1,0 +1,233 @@
+"""HF safetensors checkpoint → converted weights directory (`gptbc convert-weight`).
+
+Output layout (everything the runtime and the native runner need, nothing else):
+  OUT/gptbc-config.json          model config, quantization, eos/bos, FIM tokens, the param list
+  OUT/params-0000K-of-0000N.safetensors
+  OUT/<tokenizer files that exist in the HF directory>
+The directory is built under a temporary name beside OUT and renamed at the end, so a failure
+leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from . import __version__
+from .config import GPTBC_CONFIG, GPTBigCodeConfig, load_hf_config
+from .errors import GptbcError
+from .quantization import Quantization, get_quantization
+from .tensorfile import SafetensorsFile, dtype_name, write_safetensors
+from .tokenizer import TOKENIZER_FILES, find_fim_tokens
+
+SHARD_BYTES = 1 << 30  # 1 GiB shards: small enough to copy around, few enough to open quickly
+
+
+class Checkpoint:
+    """All tensors of an HF safetensors checkpoint (single file or sharded with an index)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        files = self._find_files(directory)
+        self.files = [SafetensorsFile(f) for f in files]
+        self.where: dict[str, SafetensorsFile] = {}
+        for f in self.files:
+            for name in f.keys():
+                self.where[name] = f
+
+    @staticmethod
+    def _find_files(directory: Path) -> list[Path]:
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise GptbcError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            files = sorted({directory / v for v in weight_map.values()})
+            for f in files:
+                if not f.is_file():
+                    raise GptbcError(f"{f}: listed in {index.name} but missing")
+            return files
+        single = directory / "model.safetensors"
+        if single.is_file():
+            return [single]
+        others = sorted(directory.glob("*.safetensors"))
+        if others:
+            return others
+        bins = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
+        if bins:
+            raise GptbcError(
+                f"{directory / bins[0]}: PyTorch pickle checkpoints are not loaded (unpickling runs arbitrary code); "
+                f"convert to safetensors first: python -c \"from transformers import AutoModelForCausalLM as M; "
+                f"M.from_pretrained('{directory}').save_pretrained('{directory}-safetensors')\"")
+        raise GptbcError(f"{directory}: no model.safetensors, sharded safetensors index or *.safetensors file")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def info(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
+        return self.where[name].info(name)
+
+    def get(self, name: str) -> np.ndarray:
+        return self.where[name].get(name)
+
+    def source_of(self, name: str) -> Path:
+        return self.where[name].path if name in self.where else self.directory
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+
+@dataclass
+class ParamPlan:
+    """How one model parameter is made from the checkpoint."""
+
+    name: str  # model parameter name (the library's load order uses these)
+    shape: tuple[int, ...]
+    dtype: str
+    source: str  # HF tensor name
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+def model_params(cfg: GPTBigCodeConfig, quant: Quantization) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, dtype) of every parameter, in the order the compiled library takes them."""
+    from .model import GPTBigCodeForCausalLM  # imports TVM; keep `gptbc --help` fast
+
+    model = GPTBigCodeForCausalLM(cfg, target=None, dtype=quant.model_dtype)
+    return [(n, tuple(int(d) for d in p.shape), str(p.dtype)) for n, p in model.named_parameters()]
+
+
+def mha_qkv_to_fused(cfg: GPTBigCodeConfig) -> Callable[[np.ndarray], np.ndarray]:
+    """HF MHA c_attn rows are per head (q, k, v); the KV cache wants all q, then all k, then all v."""
+    h, d = cfg.n_head, cfg.head_dim
+
+    def reorder(x: np.ndarray) -> np.ndarray:
+        rest = x.shape[1:]
+        return x.reshape(h, 3, d, *rest).swapaxes(0, 1).reshape(3 * h * d, *rest)
+
+    return reorder
+
+
+def plan_conversion(cfg: GPTBigCodeConfig, quant: Quantization, ckpt: Checkpoint) -> list[ParamPlan]:
+    plans = []
+    for name, shape, dtype in model_params(cfg, quant):
+        source, transform = name, None
+        if ".attn.c_attn." in name and not cfg.multi_query:
+            transform = mha_qkv_to_fused(cfg)
+        if name == "lm_head.weight" and name not in ckpt:
+            source = "transformer.wte.weight"  # untied config but no lm_head saved: HF falls back the same way
+        plans.append(ParamPlan(name, shape, dtype, source, transform))
+    check_plan(plans, ckpt)
+    return plans
+
+
+def check_plan(plans: list[ParamPlan], ckpt: Checkpoint) -> None:
+    """Every tensor present, with the right shape and a float dtype, before anything is written."""
+    for p in plans:
+        if p.source not in ckpt:
+            raise GptbcError(f"{ckpt.directory}: tensor {p.source} is missing from the checkpoint")
+        dtype, shape = ckpt.info(p.source)
+        if tuple(shape) != p.shape:
+            raise GptbcError(f"{ckpt.source_of(p.source)}: tensor {p.source} has shape {list(shape)}, "
+                             f"the config needs {list(p.shape)}")
+        if dtype.kind != "f" and dtype_name(dtype) != "bfloat16":
+            raise GptbcError(f"{ckpt.source_of(p.source)}: tensor {p.source} has dtype {dtype_name(dtype)}, "
+                             f"expected a floating-point type")
+
+
+def _shard(plans: list[ParamPlan], limit: int) -> list[list[ParamPlan]]:
+    shards: list[list[ParamPlan]] = [[]]
+    size = 0
+    for p in plans:
+        nbytes = int(np.prod(p.shape, dtype=np.int64)) * np.dtype(p.dtype).itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(p)
+        size += nbytes
+    return shards
+
+
+def _materialize(p: ParamPlan, ckpt: Checkpoint) -> np.ndarray:
+    x = ckpt.get(p.source)
+    if p.transform is not None:
+        x = p.transform(x)
+    return np.ascontiguousarray(x.astype(p.dtype, copy=False))
+
+
+def convert_weight(hf_dir: str | Path, quantization: str, out_dir: str | Path, progress: bool = True,
+                   shard_bytes: int = SHARD_BYTES) -> Path:
+    """Convert an HF GPTBigCode checkpoint; returns the output directory."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if not hf_dir.is_dir():
+        raise GptbcError(f"{hf_dir}: not a directory")
+    quant = get_quantization(quantization)
+    cfg = load_hf_config(hf_dir)
+    if out_dir.exists() and not (out_dir / GPTBC_CONFIG).is_file() and any(out_dir.iterdir()):
+        raise GptbcError(f"-o {out_dir}: exists and is not a gptbc weights directory; refusing to overwrite it")
+    ckpt = Checkpoint(hf_dir)
+    try:
+        plans = plan_conversion(cfg, quant, ckpt)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        try:
+            _write_output(tmp, hf_dir, cfg, quant, plans, ckpt, progress, shard_bytes)
+            _replace_dir(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        ckpt.close()
+    return out_dir
+
+
+def _write_output(tmp: Path, hf_dir: Path, cfg: GPTBigCodeConfig, quant: Quantization,
+                  plans: list[ParamPlan], ckpt: Checkpoint, progress: bool, shard_bytes: int) -> None:
+    shards = _shard(plans, shard_bytes)
+    param_index = []
+    bar = tqdm(total=len(plans), desc="convert", unit="tensor", disable=not progress)
+    for k, shard in enumerate(shards):
+        fname = f"params-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+
+        def arrays(shard: list[ParamPlan] = shard) -> Iterator[np.ndarray]:
+            for p in shard:
+                yield _materialize(p, ckpt)
+                bar.update(1)
+
+        write_safetensors(tmp / fname, [(p.name, p.shape, np.dtype(p.dtype)) for p in shard], arrays())
+        param_index += [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "file": fname} for p in shard]
+    bar.close()
+    tokenizer_files = [f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
+    for f in tokenizer_files:
+        shutil.copyfile(hf_dir / f, tmp / f)
+    meta = {
+        "gptbc_version": __version__,
+        "model_name": hf_dir.resolve().name,
+        "model_config": cfg.to_dict(),
+        "quantization": quant.describe(),
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "fim_tokens": find_fim_tokens(tmp),
+        "tokenizer_files": tokenizer_files,
+        "params": param_index,
+    }
+    (tmp / GPTBC_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Rename tmp to out_dir; an existing gptbc output is swapped out only after the new one is complete."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name[-8:]}")
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny HF checkpoints, converted and compiled once per test session."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from hf_models import make_checkpoint  # noqa: E402
+
+# name → (checkpoint settings, compile overrides). Two shapes (head_dim 64 / 32, n_inner 4x / not),
+# MQA and MHA of each; one uses exact-erf GELU; one prefills in chunks of 16 tokens.
+VARIANTS = {
+    "mqa64": (dict(n_embd=128, n_head=2, n_layer=2, multi_query=True, tokenizer="dash"), {}),
+    "mha64": (dict(n_embd=128, n_head=2, n_layer=2, multi_query=False, seed=1), {}),
+    "mqa32": (dict(n_embd=96, n_head=3, n_inner=200, n_layer=3, multi_query=True, tie_word_embeddings=False,
+                   seed=2), {"prefill_chunk_size": 16}),
+    "mha32": (dict(n_embd=96, n_head=3, n_inner=200, n_layer=3, multi_query=False, activation_function="gelu",
+                   seed=3, tokenizer="underscore"), {}),
+}
+
+
+@dataclass
+class TinyModel:
+    name: str
+    hf_dir: Path
+    out_dir: Path
+    lib: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(name) → TinyModel: HF checkpoint, converted q0f32 weights and a CPU library (cached)."""
+    from gptbc.compiler import compile_model
+    from gptbc.config import resolve_model
+    from gptbc.loader import convert_weight
+
+    built: dict[str, TinyModel] = {}
+
+    def get(name: str) -> TinyModel:
+        if name not in built:
+            ckpt, overrides = VARIANTS[name]
+            root = tmp_path_factory.mktemp(name)
+            hf_dir = make_checkpoint(root / "hf", **ckpt)
+            out_dir = convert_weight(hf_dir, "q0f32", root / "out", progress=False)
+            lib = compile_model(resolve_model(str(out_dir), **overrides), "cpu", "q0f32", root / "lib.so",
+                                log=lambda _m: None)
+            built[name] = TinyModel(name, hf_dir, out_dir, lib)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def engine_of(tiny_model):
+    """engine_of(name) → a loaded Engine for that tiny model (one per session)."""
+    from gptbc.runtime import Engine
+
+    engines = {}
+
+    def get(name: str):
+        if name not in engines:
+            m = tiny_model(name)
+            engines[name] = Engine(m.out_dir, m.lib)
+        return engines[name]
+
+    return get

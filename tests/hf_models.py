@@ -1,0 +1,89 @@
+"""Small seeded GPTBigCode checkpoints and tokenizers in Hugging Face format, made on the fly.
+
+Nothing can be downloaded here, so every test model is built by `transformers` itself with random
+weights (seeded) and saved with `save_pretrained` (safetensors), exactly as a user's checkpoint is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SPECIALS_DASH = ["<|endoftext|>", "<fim-prefix>", "<fim-middle>", "<fim-suffix>", "<fim-pad>"]
+SPECIALS_UNDERSCORE = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
+
+CORPUS = [
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "import numpy as np\n\nclass Model:\n    def __init__(self, size: int) -> None:\n        self.size = size\n",
+    "for (int i = 0; i < 10; ++i) { printf(\"%d\\n\", i); }\n",
+    "// héllo wörld — ünïcode ✓ 你好 🚀\nconst x = [1, 2, 3].map((v) => v * 2);\n",
+] * 20
+
+
+def make_tokenizer(directory: Path, fim: str | None = "dash", vocab_size: int = 320) -> int:
+    """Train a byte-level BPE (StarCoder-style pre-tokenizer) and save tokenizer.json; returns its size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = {"dash": SPECIALS_DASH, "underscore": SPECIALS_UNDERSCORE, None: ["<|endoftext|>"]}[fim]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    return tok.get_vocab_size()
+
+
+def make_checkpoint(directory: Path, seed: int = 0, tokenizer: str | None = None, drop_lm_head: bool = False,
+                    **config) -> Path:
+    """Save a seeded random GPTBigCodeForCausalLM; `config` overrides the tiny defaults."""
+    import torch
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    fields = dict(n_embd=64, n_head=4, n_layer=2, n_positions=128, vocab_size=320, multi_query=True,
+                  activation_function="gelu_pytorch_tanh", bos_token_id=0, eos_token_id=0)
+    fields.update(config)
+    torch.manual_seed(seed)
+    model = GPTBigCodeForCausalLM(GPTBigCodeConfig(**fields)).eval()
+    # Random init has tiny weights (std 0.02) and near-uniform logits; widen them so argmax is decisive
+    # and the parity test compares meaningful distributions.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln_" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.15 if p.dim() > 1 else 0.05)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    if drop_lm_head:
+        _drop_tensor(directory / "model.safetensors", "lm_head.weight")
+    if tokenizer is not None:
+        make_tokenizer(directory, fim=tokenizer, vocab_size=fields["vocab_size"])
+    return directory
+
+
+def _drop_tensor(path: Path, name: str) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(path))
+    tensors.pop(name, None)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def load_hf(directory: Path):
+    from transformers import GPTBigCodeForCausalLM
+
+    return GPTBigCodeForCausalLM.from_pretrained(directory).eval()
+
+
+def edit_config(directory: Path, **changes) -> None:
+    path = directory / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
