@@ -81,3 +81,35 @@ def test_sequences_are_independent(engine_of):
     engine.remove_sequence(sa)
     engine.remove_sequence(sb)
     assert got == alone
+
+
+def test_batch_functions_equal_single_sequence(engine_of, hf_models):
+    """batch_prefill / batch_decode over 3 sequences, and batch_verify's per-position logits, equal HF."""
+    engine, hf = engine_of("mqa32"), hf_models("mqa32")
+    vocab = engine.config.vocab_size
+    prompts = [prompt(n, vocab, 10 + n) for n in (3, 1, 9)]  # 13 tokens: fits the 16-token prefill chunk
+    seqs = [engine.add_sequence() for _ in prompts]
+    try:
+        logits = engine.prefill_batch(seqs, prompts)
+        for _ in range(3):
+            tokens = logits.argmax(-1).tolist()
+            for p, t in zip(prompts, tokens):
+                p.append(t)
+            logits = engine.decode_batch(seqs, tokens)
+    finally:
+        for s in seqs:
+            engine.remove_sequence(s)
+    with torch.no_grad():
+        for p, got in zip(prompts, logits):
+            want = hf(torch.tensor([p])).logits[0, -1].numpy()
+            assert np.abs(got - want).max() <= RTOL * np.abs(want).max()
+
+    ids = prompt(12, vocab, 99)
+    seq = engine.add_sequence()
+    try:
+        got = engine.verify(seq, ids)
+    finally:
+        engine.remove_sequence(seq)
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0].numpy()
+    assert got.shape == want.shape and np.abs(got - want).max() <= RTOL * np.abs(want).max()

@@ -146,7 +146,7 @@ def read_json(path: Path) -> dict[str, Any]:
 def load_hf_config(directory: Path, **overrides: Any) -> GPTBigCodeConfig:
     path = Path(directory) / HF_CONFIG
     if not path.is_file():
-        raise GptbcError(f"{path}: missing config.json (is {directory} a Hugging Face model directory?)")
+        raise GptbcError(f"{directory}: no config.json here (expected a Hugging Face model directory)")
     return GPTBigCodeConfig.from_dict(read_json(path), source=str(path), **overrides)
 
 

@@ -10,7 +10,7 @@ Differences from HF that are layout only:
 
 from __future__ import annotations
 
-from tvm import te, tirx
+from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
@@ -74,10 +74,19 @@ class Transformer(nn.Module):
         """Hidden states before ln_f (callers pick the rows they need logits for, then apply ln_f)."""
         b, s, d = embeds.shape
         positions = kv_cache.get_query_positions(b * s)
-        x = embeds + op.reshape(op.take(self.wpe.weight, positions, axis=0), (b, s, d))
+        x = embeds + op.reshape(take_rows(self.wpe.weight, positions), (b, s, d))
         for layer_id, block in enumerate(self.h):
             x = block(x, kv_cache, layer_id)
         return x
+
+
+def take_rows(table: Tensor, index: Tensor, axis: int = 0) -> Tensor:
+    """table[index] along `axis`, out-of-range indices clamped rather than read out of bounds.
+
+    The runtime rejects bad token ids before calling us; clamping is the second line of defence
+    (TVM's default "fast" take would read arbitrary memory, and warns about it at every compile).
+    """
+    return nn.wrap_nested(relax.op.take(table._expr, index._expr, axis=axis, mode="clip"), name="take_rows")
 
 
 def _last_row(x: Tensor) -> Tensor:
@@ -107,7 +116,7 @@ class GPTBigCodeForCausalLM(nn.Module):
 
     # ---- exported functions (see get_default_spec for their signatures) ----
     def embed(self, input_ids: Tensor) -> Tensor:
-        return self.transformer.wte(input_ids)
+        return take_rows(self.transformer.wte.weight, input_ids)
 
     def prefill(self, input_embed: Tensor, kv_cache: PagedKVCache):
         return self.logits(_last_row(self.transformer(input_embed, kv_cache))), kv_cache
@@ -117,7 +126,7 @@ class GPTBigCodeForCausalLM(nn.Module):
 
     def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor, kv_cache: PagedKVCache):
         hidden = self.transformer(input_embeds, kv_cache)
-        return self.logits(op.take(hidden, logit_positions, axis=1)), kv_cache
+        return self.logits(take_rows(hidden, logit_positions, axis=1)), kv_cache
 
     def batch_decode(self, input_embeds: Tensor, kv_cache: PagedKVCache):
         return self.logits(self.transformer(input_embeds, kv_cache)), kv_cache

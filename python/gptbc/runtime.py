@@ -157,10 +157,38 @@ class Engine:
         embeds = self._embed([token])._create_view((1, 1, self.config.n_embd))
         return self._forward("decode", seq_id, 1, embeds)
 
-    def _forward(self, func: str, seq_id: int, length: int, embeds) -> np.ndarray:
-        self._begin(self.kv_cache, self._shape([seq_id]), self._shape([length]))
+    def prefill_batch(self, seq_ids: Sequence[int], id_lists: Sequence[Sequence[int]]) -> np.ndarray:
+        """One forward over several sequences' new tokens (no chunking); float32[batch, vocab] of their last tokens."""
+        flat = [int(t) for ids in id_lists for t in ids]
+        self.check_ids(flat)
+        lengths = [len(ids) for ids in id_lists]
+        if min(lengths, default=0) == 0 or len(flat) > self.prefill_chunk_size:
+            raise GptbcError(f"prefill_batch: each sequence needs >= 1 token and the total ({len(flat)}) must fit "
+                             f"prefill_chunk_size {self.prefill_chunk_size}")
+        import tvm
+
+        embeds = self._embed(flat)._create_view((1, len(flat), self.config.n_embd))
+        last = tvm.runtime.tensor(np.cumsum(lengths).astype(np.int32) - 1, self.dev)
+        return self._forward("batch_prefill", seq_ids, lengths, embeds, last).reshape(len(seq_ids), -1)
+
+    def decode_batch(self, seq_ids: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        """One new token for each sequence; float32[batch, vocab]."""
+        self.check_ids(tokens)
+        embeds = self._embed(tokens)._create_view((len(tokens), 1, self.config.n_embd))
+        return self._forward("batch_decode", seq_ids, [1] * len(tokens), embeds).reshape(len(seq_ids), -1)
+
+    def verify(self, seq_id: int, ids: Sequence[int]) -> np.ndarray:
+        """Append `ids` and return the logits after every one of them, float32[len(ids), vocab]."""
+        self.check_ids(ids)
+        embeds = self._embed(ids)._create_view((1, len(ids), self.config.n_embd))
+        return self._forward("batch_verify", [seq_id], [len(ids)], embeds).reshape(len(ids), -1)
+
+    def _forward(self, func: str, seq_ids, lengths, embeds, *extra) -> np.ndarray:
+        seq_ids = [seq_ids] if isinstance(seq_ids, int) else list(seq_ids)
+        lengths = [lengths] if isinstance(lengths, int) else list(lengths)
+        self._begin(self.kv_cache, self._shape(seq_ids), self._shape(lengths))
         try:
-            logits, self.kv_cache = self.vm[func](embeds, self.kv_cache, self.params)
+            logits, self.kv_cache = self.vm[func](embeds, *extra, self.kv_cache, self.params)
         finally:
             self._end(self.kv_cache)
         return logits.numpy().reshape(-1)

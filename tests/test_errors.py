@@ -1,0 +1,171 @@
+"""Bad input: one line `error: ...` naming the culprit, exit status != 0, nothing half-written."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gptbc.cli import main
+from hf_models import edit_config, make_checkpoint
+
+
+def run(capsys, *argv: str) -> str:
+    """Run the CLI; assert it failed with exactly one error line, and return that line."""
+    capsys.readouterr()  # drop what fixtures printed
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert err.startswith("error: "), err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture()
+def ckpt(tmp_path) -> Path:
+    return make_checkpoint(tmp_path / "hf", n_embd=32, n_head=2, n_layer=1, n_positions=64)
+
+
+def assert_nothing_written(parent: Path, name: str) -> None:
+    leftovers = [p.name for p in parent.iterdir() if name in p.name]
+    assert leftovers == [], leftovers
+
+
+def test_missing_config_json(capsys, ckpt, tmp_path):
+    (ckpt / "config.json").unlink()
+    err = run(capsys, "convert-weight", ckpt, "--quantization", "q0f32", "-o", tmp_path / "out")
+    assert "config.json" in err and str(ckpt) in err
+    assert_nothing_written(tmp_path, "out")
+    assert "config.json" in run(capsys, "compile", "--model", ckpt, "-o", tmp_path / "x.so")
+
+
+def test_wrong_model_type(capsys, ckpt, tmp_path):
+    edit_config(ckpt, model_type="llama")
+    err = run(capsys, "convert-weight", ckpt, "--quantization", "q0f32", "-o", tmp_path / "out")
+    assert "model_type" in err and "llama" in err
+    assert_nothing_written(tmp_path, "out")
+
+
+def test_missing_tensor(capsys, ckpt, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    path = ckpt / "model.safetensors"
+    tensors = load_file(str(path))
+    del tensors["transformer.h.0.mlp.c_fc.bias"]
+    save_file(tensors, str(path))
+    err = run(capsys, "convert-weight", ckpt, "--quantization", "q0f32", "-o", tmp_path / "out")
+    assert "transformer.h.0.mlp.c_fc.bias" in err and "missing" in err
+    assert_nothing_written(tmp_path, "out")
+
+
+def test_wrong_shape(capsys, ckpt, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    path = ckpt / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["transformer.h.0.attn.c_proj.weight"] = tensors["transformer.h.0.attn.c_proj.weight"][:, :16].copy()
+    save_file(tensors, str(path))
+    err = run(capsys, "convert-weight", ckpt, "--quantization", "q0f32", "-o", tmp_path / "out")
+    assert "transformer.h.0.attn.c_proj.weight" in err and "[32, 16]" in err and "[32, 32]" in err
+    assert_nothing_written(tmp_path, "out")
+
+
+def test_bin_only_checkpoint_is_refused(capsys, ckpt, tmp_path):
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "pytorch_model.bin").write_bytes(b"not unpickled")
+    err = run(capsys, "convert-weight", ckpt, "--quantization", "q0f32", "-o", tmp_path / "out")
+    assert "pytorch_model.bin" in err and "safetensors" in err and "save_pretrained" in err
+    assert_nothing_written(tmp_path, "out")
+
+
+def test_corrupt_safetensors(capsys, ckpt, tmp_path):
+    (ckpt / "model.safetensors").write_bytes(b"\xff" * 64)
+    err = run(capsys, "convert-weight", ckpt, "--quantization", "q0f32", "-o", tmp_path / "out")
+    assert "model.safetensors" in err and "corrupt" in err
+
+
+def test_unknown_preset(capsys, tmp_path):
+    err = run(capsys, "compile", "--model", "santacoderr", "-o", tmp_path / "x.so")
+    assert "santacoderr" in err and "santacoder" in err
+    assert_nothing_written(tmp_path, "x.so")
+
+
+def test_unknown_target(capsys, tmp_path):
+    err = run(capsys, "compile", "--model", "santacoder", "--target", "tpu", "-o", tmp_path / "x.so")
+    assert "--target tpu" in err and "cpu" in err
+    assert_nothing_written(tmp_path, "x.so")
+
+
+def test_unknown_quantization(capsys, tmp_path, ckpt):
+    err = run(capsys, "convert-weight", ckpt, "--quantization", "q3f7", "-o", tmp_path / "out")
+    assert "q3f7" in err and "q0f32" in err
+
+
+def test_context_window_larger_than_n_positions(capsys, tmp_path):
+    err = run(capsys, "compile", "--model", "santacoder", "--context-window-size", "4096", "-o", tmp_path / "x.so")
+    assert "context_window_size 4096" in err and "n_positions 2048" in err
+
+
+def test_refuses_to_overwrite_a_foreign_directory(capsys, ckpt, tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    err = run(capsys, "convert-weight", ckpt, "--quantization", "q0f32", "-o", out)
+    assert "precious" in err and "overwrite" in err
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_prompt_longer_than_context_window(capsys, tiny_model):
+    m = tiny_model("mqa64")  # n_positions 128
+    ids = ",".join(["5"] * 130)
+    err = run(capsys, "generate", m.out_dir, "--lib", m.lib, "--prompt-ids", ids, "--max-new-tokens", "4")
+    assert "130 tokens" in err and "context window of 128" in err
+
+
+def test_token_id_outside_vocabulary(capsys, tiny_model):
+    m = tiny_model("mqa64")  # vocab 320
+    err = run(capsys, "generate", m.out_dir, "--lib", m.lib, "--prompt-ids", "1,2,320", "--max-new-tokens", "4")
+    assert "token id 320" in err and "position 2" in err
+
+
+def test_bad_prompt_ids_and_empty_prompt(capsys, tiny_model):
+    m = tiny_model("mqa64")
+    assert "--prompt-ids" in run(capsys, "generate", m.out_dir, "--lib", m.lib, "--prompt-ids", "1,x")
+    assert "empty" in run(capsys, "generate", m.out_dir, "--lib", m.lib, "--prompt-ids", "")
+
+
+def test_weights_and_library_of_different_models(capsys, tiny_model):
+    a, b = tiny_model("mqa64"), tiny_model("mha32")
+    err = run(capsys, "generate", a.out_dir, "--lib", b.lib, "--prompt-ids", "1,2", "--max-new-tokens", "1")
+    assert str(b.lib) in err and "different configs" in err
+
+
+def test_library_missing_or_not_a_library(capsys, tiny_model, tmp_path):
+    m = tiny_model("mqa64")
+    assert "file not found" in run(capsys, "generate", m.out_dir, "--lib", tmp_path / "nope.so", "--prompt-ids", "1")
+    junk = tmp_path / "junk.so"
+    junk.write_bytes(b"\x7fELF garbage")
+    assert "not a gptbc model library" in run(capsys, "generate", m.out_dir, "--lib", junk, "--prompt-ids", "1")
+
+
+def test_generate_without_converted_weights(capsys, tiny_model):
+    m = tiny_model("mqa64")
+    err = run(capsys, "generate", m.hf_dir, "--lib", m.lib, "--prompt-ids", "1")
+    assert "gptbc-config.json" in err and str(m.hf_dir) in err
+
+
+def test_text_prompt_without_tokenizer(capsys, tiny_model):
+    m = tiny_model("mha64")  # built without a tokenizer
+    err = run(capsys, "generate", m.out_dir, "--lib", m.lib, "--prompt", "hello")
+    assert "tokenizer" in err
+
+
+def test_corrupt_converted_shard(capsys, tiny_model, tmp_path):
+    m = tiny_model("mqa64")
+    copy = tmp_path / "out"
+    shutil.copytree(m.out_dir, copy)
+    shard = next(copy.glob("params-*.safetensors"))
+    shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    err = run(capsys, "generate", copy, "--lib", m.lib, "--prompt-ids", "1")
+    assert shard.name in err and "corrupt" in err
