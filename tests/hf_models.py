@@ -41,7 +41,7 @@ def make_tokenizer(directory: Path, fim: str | None = "dash", vocab_size: int = 
 
 
 def make_checkpoint(directory: Path, seed: int = 0, tokenizer: str | None = None, drop_lm_head: bool = False,
-                    **config) -> Path:
+                    weight_std: float = 0.15, **config) -> Path:
     """Save a seeded random GPTBigCodeForCausalLM; `config` overrides the tiny defaults."""
     import torch
     from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
@@ -58,7 +58,7 @@ def make_checkpoint(directory: Path, seed: int = 0, tokenizer: str | None = None
             if "ln_" in name and name.endswith("weight"):
                 p.uniform_(0.5, 1.5)
             else:
-                p.normal_(0.0, 0.15 if p.dim() > 1 else 0.05)
+                p.normal_(0.0, weight_std if p.dim() > 1 else 0.05)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     if drop_lm_head:
@@ -87,3 +87,37 @@ def edit_config(directory: Path, **changes) -> None:
     cfg = json.loads(path.read_text())
     cfg.update(changes)
     path.write_text(json.dumps(cfg))
+
+
+def make_trained_checkpoint(directory: Path, steps: int = 300, seed: int = 0, **config) -> Path:
+    """A tiny model trained briefly on CORPUS (seeded, deterministic on CPU), saved with its tokenizer.
+
+    Random weights give near-flat next-token distributions, the worst case for measuring quantization
+    (any noise flips a near-tie); a model that has learned something has the peaked distributions of
+    a real code model. A few hundred AdamW steps take seconds on the CPU.
+    """
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = make_tokenizer(directory, fim="dash", vocab_size=config.get("vocab_size", 320))
+    tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    ids = torch.tensor([t for text in CORPUS[:4] for t in tok.encode(text).ids])
+    fields = dict(n_embd=128, n_head=4, n_layer=2, n_positions=128, vocab_size=vocab, multi_query=True,
+                  bos_token_id=0, eos_token_id=0, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+    fields.update(config)
+    torch.manual_seed(seed)
+    model = GPTBigCodeForCausalLM(GPTBigCodeConfig(**fields))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    window = 64
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - window - 1, (8,), generator=gen)
+        batch = torch.stack([ids[s:s + window] for s in starts.tolist()])
+        loss = model(batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval().save_pretrained(directory, safe_serialization=True)
+    return directory

@@ -41,7 +41,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     source = resolve_model(args.model, context_window_size=args.context_window_size,
                            prefill_chunk_size=args.prefill_chunk_size, max_batch_size=args.max_batch_size)
     out = compile_model(source, args.target, args.quantization, args.output,
-                        log=lambda m: print(m, file=sys.stderr, flush=True))
+                        log=lambda m: print(m, file=sys.stderr, flush=True),
+                        quantize_lm_head=not args.no_quantize_lm_head)
     print(out)
     return 0
 
@@ -49,7 +50,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_convert_weight(args: argparse.Namespace) -> int:
     from .loader import convert_weight
 
-    out = convert_weight(args.hf_dir, args.quantization, args.output, progress=not args.quiet)
+    out = convert_weight(args.hf_dir, args.quantization, args.output, progress=not args.quiet,
+                         quantize_lm_head=not args.no_quantize_lm_head)
     print(out)
     return 0
 
@@ -79,6 +81,9 @@ def cmd_targets(_args: argparse.Namespace) -> int:
     return 0
 
 
+KEEP_HEAD_HELP = "keep lm_head (and a tied wte) in the activation dtype under a grouped int scheme"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptbc", description="Compile and run GPTBigCode models with TVM Relax.")
     p.add_argument("--version", action="version", version=f"gptbc {__version__}")
@@ -89,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="cpu", help="target name (see `gptbc targets`)")
     c.add_argument("--quantization", default="q0f32")
     c.add_argument("-o", "--output", help="library path (default dist/libs/<model>-<quant>-<target>.so)")
+    c.add_argument("--no-quantize-lm-head", action="store_true", help=KEEP_HEAD_HELP)
     c.add_argument("--context-window-size", type=_positive_or_none("--context-window-size"))
     c.add_argument("--prefill-chunk-size", type=_positive_or_none("--prefill-chunk-size"))
     c.add_argument("--max-batch-size", type=_positive_or_none("--max-batch-size"))
@@ -98,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("hf_dir", metavar="HF_DIR")
     w.add_argument("--quantization", required=True)
     w.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
+    w.add_argument("--no-quantize-lm-head", action="store_true", help=KEEP_HEAD_HELP)
     w.add_argument("--quiet", action="store_true", help="no progress bar")
     w.set_defaults(func=cmd_convert_weight)
 

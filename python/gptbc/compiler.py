@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .config import ModelSource
+from .config import GPTBigCodeConfig, ModelSource
 from .errors import GptbcError
 from .quantization import Quantization, get_quantization
 from .targets import TargetSpec, get_target
@@ -53,18 +53,26 @@ def attach_metadata(mod, meta: dict):
     return bb.get()
 
 
-def cpu_pipeline(target):
-    """TVM's CPU pipeline (legalize, fuse, lower) — the place where CPU schedules go."""
-    import tvm
+def fusion_passes() -> list:
+    """Legalize Relax ops to TIR and fuse them into kernels (dequantization already sits inside the
+    matmul/lookup compute of a quantized weight, see model.py, so fusion never separates them)."""
     from tvm import relax
 
-    passes = [
+    return [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
         relax.transform.DeadCodeElimination(),
+    ]
+
+
+def lowering_passes() -> list:
+    """Relax → VM: memory planning and shape lowering, as TVM's default pipeline does."""
+    from tvm import relax
+
+    return [
         relax.transform.RewriteDataflowReshape(),
         relax.transform.ToNonDataflow(),
         relax.transform.RemovePurityChecking(),
@@ -78,10 +86,15 @@ def cpu_pipeline(target):
         relax.transform.AttachGlobalSymbol(),
     ]
 
+
+def cpu_pipeline(target):
+    """TVM's CPU pipeline (legalize, fuse, lower) — the place where CPU schedules go."""
+    import tvm
+
     @tvm.transform.module_pass(opt_level=0, name="gptbc_cpu_pipeline")
     def pipeline(mod, _ctx):
         with target:
-            return tvm.transform.Sequential(passes)(mod)
+            return tvm.transform.Sequential(fusion_passes() + lowering_passes())(mod)
 
     return pipeline
 
@@ -89,11 +102,20 @@ def cpu_pipeline(target):
 PIPELINES: dict[str, Callable] = {"llvm": cpu_pipeline}
 
 
+def export_relax(cfg: GPTBigCodeConfig, quant: Quantization, target):
+    """The model's Relax IRModule (all exported functions, parameters packed), before any pass."""
+    from .model import GPTBigCodeForCausalLM
+
+    model = GPTBigCodeForCausalLM(cfg, target, quant)
+    mod, _ = model.export_tvm(spec=model.get_default_spec())
+    return mod
+
+
 def compile_model(source: ModelSource, target_name: str, quantization: str, output: str | Path | None = None,
-                  log: Callable[[str], None] = print) -> Path:
+                  log: Callable[[str], None] = print, quantize_lm_head: bool = True) -> Path:
     """Build the model library for `source` and return its path."""
     spec = get_target(target_name)
-    quant = get_quantization(quantization)
+    quant = get_quantization(quantization, quantize_lm_head)
     output = Path(output) if output else default_output(source.name, quant.name, spec)
     if output.suffix != spec.output_suffix:
         raise GptbcError(f"-o {output}: target {spec.name} produces a {spec.output_suffix} file")
@@ -101,7 +123,6 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
     import tvm
 
     from .loader import model_params
-    from .model import GPTBigCodeForCausalLM
 
     def phase(name: str, start: float) -> float:
         now = time.perf_counter()
@@ -111,10 +132,8 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
     t = time.perf_counter()
     target_json = spec.make()
     target = tvm.target.Target(target_json)
-    model = GPTBigCodeForCausalLM(source.config, target, dtype=quant.model_dtype)
-    mod, _ = model.export_tvm(spec=model.get_default_spec())
-    meta = metadata(source, quant, spec, target_json, model_params(source.config, quant))
-    mod = attach_metadata(mod, meta)
+    mod = export_relax(source.config, quant, target)
+    mod = attach_metadata(mod, metadata(source, quant, spec, target_json, model_params(source.config, quant)))
     t = phase(f"export {source.name} ({quant.name}) to Relax", t)
 
     pipeline = PIPELINES.get(target.kind.name)

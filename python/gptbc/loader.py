@@ -23,7 +23,7 @@ from tqdm import tqdm
 from . import __version__
 from .config import GPTBC_CONFIG, GPTBigCodeConfig, load_hf_config
 from .errors import GptbcError
-from .quantization import Quantization, get_quantization
+from .quantization import Quantization, get_quantization, numpy_dtype, quantize
 from .tensorfile import SafetensorsFile, dtype_name, write_safetensors
 from .tokenizer import TOKENIZER_FILES, find_fim_tokens
 
@@ -94,14 +94,16 @@ class ParamPlan:
     shape: tuple[int, ...]
     dtype: str
     source: str  # HF tensor name
-    transform: Callable[[np.ndarray], np.ndarray] | None = None
+    source_shape: tuple[int, ...]
+    transform: Callable[[np.ndarray], np.ndarray] | None = None  # layout change, before quantizing
+    part: str = ""  # "q_weight" / "q_scale" for a grouped-int weight, "" for a plain copy
 
 
 def model_params(cfg: GPTBigCodeConfig, quant: Quantization) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, dtype) of every parameter, in the order the compiled library takes them."""
     from .model import GPTBigCodeForCausalLM  # imports TVM; keep `gptbc --help` fast
 
-    model = GPTBigCodeForCausalLM(cfg, target=None, dtype=quant.model_dtype)
+    model = GPTBigCodeForCausalLM(cfg, target=None, quant=quant)
     return [(n, tuple(int(d) for d in p.shape), str(p.dtype)) for n, p in model.named_parameters()]
 
 
@@ -119,14 +121,28 @@ def mha_qkv_to_fused(cfg: GPTBigCodeConfig) -> Callable[[np.ndarray], np.ndarray
 def plan_conversion(cfg: GPTBigCodeConfig, quant: Quantization, ckpt: Checkpoint) -> list[ParamPlan]:
     plans = []
     for name, shape, dtype in model_params(cfg, quant):
-        source, transform = name, None
-        if ".attn.c_attn." in name and not cfg.multi_query:
-            transform = mha_qkv_to_fused(cfg)
-        if name == "lm_head.weight" and name not in ckpt:
+        module, _, part = name.rpartition(".")
+        source, source_shape = name, shape
+        if part in ("q_weight", "q_scale"):
+            source = f"{module}.weight"
+            source_shape = _full_shape(cfg, source)
+        else:
+            part = ""
+        transform = mha_qkv_to_fused(cfg) if ".attn.c_attn." in name and not cfg.multi_query else None
+        if module == "lm_head" and source not in ckpt:
             source = "transformer.wte.weight"  # untied config but no lm_head saved: HF falls back the same way
-        plans.append(ParamPlan(name, shape, dtype, source, transform))
+        plans.append(ParamPlan(name, shape, dtype, source, source_shape, transform, part))
     check_plan(plans, ckpt)
     return plans
+
+
+def _full_shape(cfg: GPTBigCodeConfig, name: str) -> tuple[int, int]:
+    """HF (out, in) shape of a weight that a grouped scheme packs."""
+    e, qkv = cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+    if name in ("transformer.wte.weight", "lm_head.weight"):
+        return (cfg.vocab_size, e)
+    return {"attn.c_attn": (qkv, e), "attn.c_proj": (e, e), "mlp.c_fc": (cfg.n_inner, e),
+            "mlp.c_proj": (e, cfg.n_inner)}[name.split(".", 3)[3].rsplit(".", 1)[0]]
 
 
 def check_plan(plans: list[ParamPlan], ckpt: Checkpoint) -> None:
@@ -135,9 +151,9 @@ def check_plan(plans: list[ParamPlan], ckpt: Checkpoint) -> None:
         if p.source not in ckpt:
             raise GptbcError(f"{ckpt.directory}: tensor {p.source} is missing from the checkpoint")
         dtype, shape = ckpt.info(p.source)
-        if tuple(shape) != p.shape:
+        if tuple(shape) != p.source_shape:
             raise GptbcError(f"{ckpt.source_of(p.source)}: tensor {p.source} has shape {list(shape)}, "
-                             f"the config needs {list(p.shape)}")
+                             f"the config needs {list(p.source_shape)}")
         if dtype.kind != "f" and dtype_name(dtype) != "bfloat16":
             raise GptbcError(f"{ckpt.source_of(p.source)}: tensor {p.source} has dtype {dtype_name(dtype)}, "
                              f"expected a floating-point type")
@@ -147,7 +163,7 @@ def _shard(plans: list[ParamPlan], limit: int) -> list[list[ParamPlan]]:
     shards: list[list[ParamPlan]] = [[]]
     size = 0
     for p in plans:
-        nbytes = int(np.prod(p.shape, dtype=np.int64)) * np.dtype(p.dtype).itemsize
+        nbytes = int(np.prod(p.shape, dtype=np.int64)) * numpy_dtype(p.dtype).itemsize
         if shards[-1] and size + nbytes > limit:
             shards.append([])
             size = 0
@@ -156,20 +172,35 @@ def _shard(plans: list[ParamPlan], limit: int) -> list[list[ParamPlan]]:
     return shards
 
 
-def _materialize(p: ParamPlan, ckpt: Checkpoint) -> np.ndarray:
-    x = ckpt.get(p.source)
-    if p.transform is not None:
-        x = p.transform(x)
-    return np.ascontiguousarray(x.astype(p.dtype, copy=False))
+class Materializer:
+    """Makes each planned tensor; remembers the last quantized weight, whose scales come right after it."""
+
+    def __init__(self, ckpt: Checkpoint, quant: Quantization):
+        self.ckpt, self.quant = ckpt, quant
+        self._last: tuple[str, tuple[np.ndarray, np.ndarray]] | None = None
+
+    def __call__(self, p: ParamPlan) -> np.ndarray:
+        if p.part:
+            if self._last is None or self._last[0] != p.source:
+                self._last = (p.source, quantize(self._source(p), self.quant))
+            packed, scale = self._last[1]
+            if p.part == "q_scale":
+                self._last = None  # both parts used: free the memory now
+            return packed if p.part == "q_weight" else scale
+        return np.ascontiguousarray(self._source(p).astype(numpy_dtype(p.dtype), copy=False))
+
+    def _source(self, p: ParamPlan) -> np.ndarray:
+        x = self.ckpt.get(p.source)
+        return p.transform(x) if p.transform is not None else x
 
 
 def convert_weight(hf_dir: str | Path, quantization: str, out_dir: str | Path, progress: bool = True,
-                   shard_bytes: int = SHARD_BYTES) -> Path:
-    """Convert an HF GPTBigCode checkpoint; returns the output directory."""
+                   shard_bytes: int = SHARD_BYTES, quantize_lm_head: bool = True) -> Path:
+    """Convert (and quantize) an HF GPTBigCode checkpoint, one tensor at a time; returns the output directory."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not hf_dir.is_dir():
         raise GptbcError(f"{hf_dir}: not a directory")
-    quant = get_quantization(quantization)
+    quant = get_quantization(quantization, quantize_lm_head)
     cfg = load_hf_config(hf_dir)
     if out_dir.exists() and not (out_dir / GPTBC_CONFIG).is_file() and any(out_dir.iterdir()):
         raise GptbcError(f"-o {out_dir}: exists and is not a gptbc weights directory; refusing to overwrite it")
@@ -192,6 +223,7 @@ def convert_weight(hf_dir: str | Path, quantization: str, out_dir: str | Path, p
 def _write_output(tmp: Path, hf_dir: Path, cfg: GPTBigCodeConfig, quant: Quantization,
                   plans: list[ParamPlan], ckpt: Checkpoint, progress: bool, shard_bytes: int) -> None:
     shards = _shard(plans, shard_bytes)
+    make = Materializer(ckpt, quant)
     param_index = []
     bar = tqdm(total=len(plans), desc="convert", unit="tensor", disable=not progress)
     for k, shard in enumerate(shards):
@@ -199,10 +231,10 @@ def _write_output(tmp: Path, hf_dir: Path, cfg: GPTBigCodeConfig, quant: Quantiz
 
         def arrays(shard: list[ParamPlan] = shard) -> Iterator[np.ndarray]:
             for p in shard:
-                yield _materialize(p, ckpt)
+                yield make(p)
                 bar.update(1)
 
-        write_safetensors(tmp / fname, [(p.name, p.shape, np.dtype(p.dtype)) for p in shard], arrays())
+        write_safetensors(tmp / fname, [(p.name, p.shape, numpy_dtype(p.dtype)) for p in shard], arrays())
         param_index += [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "file": fname} for p in shard]
     bar.close()
     tokenizer_files = [f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]

@@ -6,6 +6,9 @@ Differences from HF that are layout only:
   that way; MHA checkpoints are per-head (q, k, v) and the loader reorders them (`loader.py`).
 - positions come from the KV cache, so a decode step gets the position of its sequence.
 - with tied embeddings there is no `lm_head` parameter: logits reuse `wte` (as HF does).
+- with a grouped quantization scheme, linear weights and the embedding are packed ints plus
+  scales (`quantization.py`), dequantized inside the matmul / lookup kernel itself: no full-size
+  float copy of a weight ever exists.
 """
 
 from __future__ import annotations
@@ -17,15 +20,127 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from tvm.target import Target
 
 from .config import ACTIVATIONS, GPTBigCodeConfig
+from .quantization import Quantization, is_quantized
+
+
+def _dequant(w: te.Tensor, s: te.Tensor, row, col, q: Quantization):
+    """float32 value of packed weight (row, col): unpack the int, remove the offset, scale its group."""
+    word = w[row, col // q.per_word]
+    shift = tirx.Cast("uint32", (col % q.per_word) * q.bits)
+    bits = (word >> shift) & tirx.const((1 << q.bits) - 1, "uint32")
+    return (tirx.Cast("float32", bits) - float(q.max_int)) * tirx.Cast("float32", s[row, col // q.group_size])
+
+
+def dequant_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: int, q: Quantization,
+                   out_dtype: str) -> Tensor:
+    """x @ dequantize(q_weight, q_scale).T in one kernel, accumulating in float32."""
+
+    def compute(x: te.Tensor, w: te.Tensor, s: te.Tensor):
+        *lead, _ = x.shape
+        k = te.reduce_axis((0, in_features), name="k")
+
+        def dot(*idx):
+            return te.sum(tirx.Cast("float32", x[(*idx[:-1], k)]) * _dequant(w, s, idx[-1], k, q), axis=k)
+
+        acc = te.compute((*lead, w.shape[0]), dot, name="dequant_matmul")
+        if out_dtype == "float32":
+            return acc
+        return te.compute(acc.shape, lambda *i: tirx.Cast(out_dtype, acc(*i)), name="dequant_matmul_cast")
+
+    return op.tensor_expr_op(compute, "dequant_matmul", [x, q_weight, q_scale])
+
+
+class QuantizedLinear(nn.Module):
+    """nn.Linear with a grouped-int weight: parameters q_weight, q_scale (and bias)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, q: Quantization):
+        self.in_features, self.q = in_features, q
+        wshape, sshape = q.packed_shape((out_features, in_features))
+        self.q_weight = nn.Parameter(wshape, "uint32")
+        self.q_scale = nn.Parameter(sshape, q.model_dtype)
+        self.bias = nn.Parameter((out_features,), q.model_dtype) if bias else None
+
+    def forward(self, x: Tensor, out_dtype: str | None = None) -> Tensor:
+        y = dequant_matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype or self.q.model_dtype)
+        return y + self.bias if self.bias is not None else y
+
+
+class QuantizedEmbedding(nn.Module):
+    """nn.Embedding with grouped-int rows; `weight_matmul` serves a tied lm_head."""
+
+    def __init__(self, num: int, dim: int, q: Quantization):
+        self.dim, self.q = dim, q
+        wshape, sshape = q.packed_shape((num, dim))
+        self.q_weight = nn.Parameter(wshape, "uint32")
+        self.q_scale = nn.Parameter(sshape, q.model_dtype)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        q, dim = self.q, self.dim
+
+        def compute(ids: te.Tensor, w: te.Tensor, s: te.Tensor):
+            last = w.shape[0] - 1
+
+            def row(i):  # clamp: see take_rows
+                return tirx.max(tirx.min(ids[i], tirx.Cast(ids.dtype, last)), tirx.const(0, ids.dtype))
+
+            return te.compute((ids.shape[0], dim),
+                              lambda i, k: tirx.Cast(q.model_dtype, _dequant(w, s, row(i), k, q)), name="dequant_take")
+
+        return op.tensor_expr_op(compute, "dequant_take", [ids, self.q_weight, self.q_scale])
+
+    def weight_matmul(self, x: Tensor) -> Tensor:
+        return dequant_matmul(x, self.q_weight, self.q_scale, self.dim, self.q, "float32")
+
+
+class LayerNorm(nn.Module):
+    """nn.LayerNorm that normalizes in float32 when the model runs in half precision.
+
+    TVM's layer_norm has no bfloat16 kernel, and float32 statistics are what HF computes on CPU anyway.
+    """
+
+    def __init__(self, dim: int, eps: float, dtype: str):
+        self.eps, self.dtype = eps, dtype
+        self.weight = nn.Parameter((dim,), dtype)
+        self.bias = nn.Parameter((dim,), dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.dtype == "float32":
+            return op.layer_norm(x, [x.shape[-1]], self.weight, self.bias, eps=self.eps)
+        y = op.layer_norm(x.astype("float32"), [x.shape[-1]], self.weight.astype("float32"),
+                          self.bias.astype("float32"), eps=self.eps)
+        return y.astype(self.dtype)
+
+
+class Linear(nn.Module):
+    """nn.Linear whose half-precision matmul accumulates in float32 (a K=8192 bf16 sum loses digits)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str):
+        self.dtype = dtype
+        self.weight = nn.Parameter((out_features, in_features), dtype)
+        self.bias = nn.Parameter((out_features,), dtype) if bias else None
+
+    def forward(self, x: Tensor, out_dtype: str | None = None) -> Tensor:
+        out_dtype = out_dtype or self.dtype
+        y = op.matmul(x, op.permute_dims(self.weight), out_dtype="float32" if self.dtype != "float32" else None)
+        if self.bias is not None:
+            y = y + (self.bias if self.dtype == "float32" else self.bias.astype("float32"))
+        return y if y.dtype == out_dtype else y.astype(out_dtype)
+
+
+def make_linear(in_features: int, out_features: int, bias: bool, q: Quantization, quantized: bool) -> nn.Module:
+    if quantized:
+        return QuantizedLinear(in_features, out_features, bias, q)
+    return Linear(in_features, out_features, bias, q.model_dtype)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: GPTBigCodeConfig, dtype: str):
+    def __init__(self, cfg: GPTBigCodeConfig, q: Quantization):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.sm_scale = self.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
         qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
-        self.c_attn = nn.Linear(cfg.n_embd, qkv_dim, bias=True, dtype=dtype)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=True, dtype=dtype)
+        packed = q.kind == "group"
+        self.c_attn = make_linear(cfg.n_embd, qkv_dim, True, q, packed)
+        self.c_proj = make_linear(cfg.n_embd, cfg.n_embd, True, q, packed)
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = x.shape
@@ -35,9 +150,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: GPTBigCodeConfig, dtype: str):
-        self.c_fc = nn.Linear(cfg.n_embd, cfg.n_inner, bias=True, dtype=dtype)
-        self.c_proj = nn.Linear(cfg.n_inner, cfg.n_embd, bias=True, dtype=dtype)
+    def __init__(self, cfg: GPTBigCodeConfig, q: Quantization):
+        packed = q.kind == "group"
+        self.c_fc = make_linear(cfg.n_embd, cfg.n_inner, True, q, packed)
+        self.c_proj = make_linear(cfg.n_inner, cfg.n_embd, True, q, packed)
         self.act = ACTIVATIONS[cfg.activation_function]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -52,11 +168,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTBigCodeConfig, dtype: str):
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, dtype=dtype)
-        self.attn = Attention(cfg, dtype)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, dtype=dtype)
-        self.mlp = MLP(cfg, dtype)
+    def __init__(self, cfg: GPTBigCodeConfig, q: Quantization):
+        self.ln_1 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, q.model_dtype)
+        self.attn = Attention(cfg, q)
+        self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, q.model_dtype)
+        self.mlp = MLP(cfg, q)
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache, layer_id: int) -> Tensor:
         x = x + self.attn(self.ln_1(x), kv_cache, layer_id)
@@ -64,11 +180,19 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: GPTBigCodeConfig, dtype: str):
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd, dtype=dtype)
-        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd, dtype=dtype)
-        self.h = nn.ModuleList([Block(cfg, dtype) for _ in range(cfg.n_layer)])
-        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, dtype=dtype)
+    def __init__(self, cfg: GPTBigCodeConfig, q: Quantization):
+        if is_quantized(q, "transformer.wte.weight", cfg.tie_word_embeddings):
+            self.wte = QuantizedEmbedding(cfg.vocab_size, cfg.n_embd, q)
+        else:
+            self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd, dtype=q.model_dtype)
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd, dtype=q.model_dtype)
+        self.h = nn.ModuleList([Block(cfg, q) for _ in range(cfg.n_layer)])
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, q.model_dtype)
+
+    def embed(self, ids: Tensor) -> Tensor:
+        if isinstance(self.wte, QuantizedEmbedding):
+            return self.wte(ids)
+        return take_rows(self.wte.weight, ids)
 
     def forward(self, embeds: Tensor, kv_cache: PagedKVCache) -> Tensor:
         """Hidden states before ln_f (callers pick the rows they need logits for, then apply ln_f)."""
@@ -100,23 +224,27 @@ def _last_row(x: Tensor) -> Tensor:
 
 
 class GPTBigCodeForCausalLM(nn.Module):
-    def __init__(self, cfg: GPTBigCodeConfig, target: Target, dtype: str = "float32"):
-        self.cfg, self.target, self.dtype = cfg, target, dtype
-        self.transformer = Transformer(cfg, dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False,
-                                                                       dtype=dtype)
+    def __init__(self, cfg: GPTBigCodeConfig, target: Target | None, quant: Quantization):
+        self.cfg, self.target, self.quant, self.dtype = cfg, target, quant, quant.model_dtype
+        self.transformer = Transformer(cfg, quant)
+        self.lm_head = None
+        if not cfg.tie_word_embeddings:
+            self.lm_head = make_linear(cfg.n_embd, cfg.vocab_size, False, quant,
+                                       is_quantized(quant, "lm_head.weight", tied=False))
 
     def logits(self, hidden: Tensor) -> Tensor:
+        """float32 logits: a packed head accumulates in float32 directly."""
         hidden = self.transformer.ln_f(hidden)
-        if self.lm_head is None:
-            out = op.matmul(hidden, op.permute_dims(self.transformer.wte.weight))
-        else:
-            out = self.lm_head(hidden)
-        return out if out.dtype == "float32" else out.astype("float32")
+        wte = self.transformer.wte
+        if self.lm_head is not None:
+            return self.lm_head(hidden, out_dtype="float32")
+        if isinstance(wte, QuantizedEmbedding):
+            return wte.weight_matmul(hidden)
+        return op.matmul(hidden, op.permute_dims(wte.weight), out_dtype="float32" if self.dtype != "float32" else None)
 
     # ---- exported functions (see get_default_spec for their signatures) ----
     def embed(self, input_ids: Tensor) -> Tensor:
-        return take_rows(self.transformer.wte.weight, input_ids)
+        return self.transformer.embed(input_ids)
 
     def prefill(self, input_embed: Tensor, kv_cache: PagedKVCache):
         return self.logits(_last_row(self.transformer(input_embed, kv_cache))), kv_cache

@@ -1,12 +1,23 @@
 """Weight quantization schemes: one table, one entry per `--quantization` name.
 
-Only unquantized float32 exists so far; grouped int8/int4 schemes plug in here as new entries
-(how to pack a tensor, how the model dequantizes it) without touching the converter or the driver.
+Grouped schemes (`q8*_1`, `q4*_1`) are symmetric with one scale per 32 consecutive input features:
+    scale = max|w[group]| / max_int          (max_int = 127 for int8, 7 for int4)
+    q     = round(w / scale) + max_int       (stored unsigned: 0..254 or 0..14)
+    w'    = (q - max_int) * scale
+and packed little-end-first into uint32 words along the input dimension (4 int8 or 8 int4 per word),
+scales in the activation dtype. A weight of shape (out, in) becomes
+    q_weight uint32[out, ceil(in / per_word)]   and   q_scale dtype[out, ceil(in / 32)]
+with the tail of the last group padded with zero weights (stored as max_int, which dequantizes to 0). The same layout serves the token embedding (rows are
+tokens) and so a tied lm_head. The numpy functions here are the converter and the test reference;
+`model.py` holds the matching dequantize-in-the-matmul compute.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
 
 from .errors import GptbcError
 
@@ -14,20 +25,136 @@ from .errors import GptbcError
 @dataclass(frozen=True)
 class Quantization:
     name: str
-    kind: str  # "none": weights stored as-is in model_dtype
-    model_dtype: str  # dtype of activations, and of unquantized weights
+    kind: str  # "none": weights stored as-is in model_dtype; "group": grouped symmetric int
+    model_dtype: str  # dtype of activations, scales and unquantized weights
+    bits: int = 0
+    group_size: int = 0
+    quantize_lm_head: bool = True  # False keeps lm_head (and a tied wte) in model_dtype
+
+    @property
+    def per_word(self) -> int:
+        return 32 // self.bits
+
+    @property
+    def max_int(self) -> int:
+        return (1 << (self.bits - 1)) - 1
 
     def describe(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "model_dtype": self.model_dtype}
+        return {"name": self.name, "kind": self.kind, "model_dtype": self.model_dtype, "bits": self.bits,
+                "group_size": self.group_size, "quantize_lm_head": self.quantize_lm_head}
+
+    def packed_shape(self, shape: tuple[int, ...]) -> tuple[tuple[int, int], tuple[int, int]]:
+        rows, cols = shape
+        return (rows, -(-cols // self.per_word)), (rows, -(-cols // self.group_size))
+
+    def bytes_per_weight(self) -> float:
+        """Average stored bytes per weight element, scales included."""
+        if self.kind == "none":
+            return float(np.dtype(numpy_dtype(self.model_dtype)).itemsize)
+        return self.bits / 8 + np.dtype(numpy_dtype(self.model_dtype)).itemsize / self.group_size
 
 
 QUANTIZATIONS: dict[str, Quantization] = {
-    "q0f32": Quantization("q0f32", "none", "float32"),
+    q.name: q for q in [
+        Quantization("q0f32", "none", "float32"),
+        Quantization("q0f16", "none", "float16"),
+        Quantization("q0bf16", "none", "bfloat16"),
+        Quantization("q8f16_1", "group", "float16", bits=8, group_size=32),
+        Quantization("q8f32_1", "group", "float32", bits=8, group_size=32),
+        Quantization("q4f16_1", "group", "float16", bits=4, group_size=32),
+        Quantization("q4f32_1", "group", "float32", bits=4, group_size=32),
+    ]
 }
 
 
-def get_quantization(name: str) -> Quantization:
+def get_quantization(name: str, quantize_lm_head: bool = True) -> Quantization:
     try:
-        return QUANTIZATIONS[name]
+        q = QUANTIZATIONS[name]
     except KeyError:
         raise GptbcError(f"--quantization {name}: unknown scheme (choose from {', '.join(QUANTIZATIONS)})") from None
+    if q.kind == "group" and not quantize_lm_head:
+        q = Quantization(q.name, q.kind, q.model_dtype, q.bits, q.group_size, quantize_lm_head=False)
+    return q
+
+
+def quantization_from_description(desc: dict) -> Quantization:
+    return get_quantization(desc["name"], quantize_lm_head=desc.get("quantize_lm_head", True))
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def is_quantized(q: Quantization, param: str, tied: bool) -> bool:
+    """Which weights a grouped scheme packs: every linear weight and the token embedding.
+
+    wpe, LayerNorms and biases stay in model_dtype. With the keep-lm-head flag, lm_head stays too,
+    and so does wte when it doubles as the lm_head (tied embeddings).
+    """
+    if q.kind == "none":
+        return False
+    if param == "lm_head.weight" or (param == "transformer.wte.weight" and tied):
+        return q.quantize_lm_head
+    return param == "transformer.wte.weight" or (param.endswith(".weight") and (".attn.c_" in param or ".mlp.c_" in param))
+
+
+# int4 has so few levels that clipping the largest weights of a group a little lowers its total error;
+# try these fractions of max|w| as the top level and keep the best per group (int8 gains nothing).
+INT4_CLIP_RATIOS = np.linspace(0.70, 1.0, 16)
+ROWS_PER_CHUNK = 2048  # quantize in row blocks: temporaries stay a few MB whatever the tensor size
+
+
+def quantize(w: np.ndarray, q: Quantization) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) float → (uint32 packed, scales) as described in the module docstring."""
+    rows, cols = w.shape
+    packed_shape, scale_shape = q.packed_shape((rows, cols))
+    packed = np.empty(packed_shape, np.uint32)
+    scale = np.empty(scale_shape, numpy_dtype(q.model_dtype))
+    for r in range(0, rows, ROWS_PER_CHUNK):
+        packed[r:r + ROWS_PER_CHUNK], scale[r:r + ROWS_PER_CHUNK] = _quantize_rows(w[r:r + ROWS_PER_CHUNK], q)
+    return packed, scale
+
+
+def _round_to(groups: np.ndarray, amax: np.ndarray, ratio: float, q: Quantization):
+    # Scales are stored in model_dtype; quantize with the rounded scale so dequantization is consistent.
+    scale = (amax * ratio / q.max_int).astype(numpy_dtype(q.model_dtype))
+    s32 = scale.astype(np.float32)[..., None]
+    ints = np.clip(np.rint(groups / np.where(s32 == 0, 1.0, s32)), -q.max_int, q.max_int)
+    err = np.square(ints * s32 - groups).sum(axis=-1)
+    return ints, scale, err
+
+
+def _quantize_rows(w: np.ndarray, q: Quantization) -> tuple[np.ndarray, np.ndarray]:
+    w = np.asarray(w, dtype=np.float32)
+    rows, cols = w.shape
+    g = q.group_size
+    padded = -(-cols // g) * g
+    if padded != cols:
+        w = np.pad(w, ((0, 0), (0, padded - cols)))
+    groups = w.reshape(rows, padded // g, g)
+    amax = np.abs(groups).max(axis=-1)
+    ints, scale, err = _round_to(groups, amax, 1.0, q)
+    if q.bits <= 4:
+        for ratio in INT4_CLIP_RATIOS[:-1]:
+            i2, s2, e2 = _round_to(groups, amax, ratio, q)
+            better = e2 < err
+            ints[better], scale[better], err[better] = i2[better], s2[better], e2[better]
+    ints = (ints.astype(np.int32) + q.max_int).reshape(rows, padded).astype(np.uint32)
+    words = -(-padded // q.per_word)
+    if words * q.per_word != padded:
+        ints = np.pad(ints, ((0, 0), (0, words * q.per_word - padded)))
+    ints = ints.reshape(rows, words, q.per_word)
+    shifts = (np.arange(q.per_word, dtype=np.uint32) * q.bits)[None, None, :]
+    packed = np.bitwise_or.reduce(ints << shifts, axis=-1).astype(np.uint32)
+    packed_shape, scale_shape = q.packed_shape((rows, cols))
+    return packed[:, :packed_shape[1]], scale[:, :scale_shape[1]]
+
+
+def dequantize(packed: np.ndarray, scale: np.ndarray, cols: int, q: Quantization) -> np.ndarray:
+    """The inverse of `quantize`, float32[rows, cols]."""
+    rows = packed.shape[0]
+    shifts = (np.arange(q.per_word, dtype=np.uint32) * q.bits)[None, None, :]
+    mask = np.uint32((1 << q.bits) - 1)
+    ints = ((packed[:, :, None] >> shifts) & mask).reshape(rows, -1)[:, :cols].astype(np.float32) - q.max_int
+    s = np.repeat(scale.astype(np.float32), q.group_size, axis=1)[:, :cols]
+    return ints * s

@@ -40,12 +40,17 @@ def load_library(lib: str | Path, dev):
     return vm, meta
 
 
+def _scheme(desc: dict) -> str:
+    keep = "" if desc.get("quantize_lm_head", True) or desc.get("kind") == "none" else " (lm_head unquantized)"
+    return desc["name"] + keep
+
+
 def check_compatible(lib: Path, meta: dict, model_dir: Path, info: dict) -> None:
     """The library and the weights must describe the same model and scheme; fail before computing."""
-    lq, wq = meta["quantization"]["name"], info["quantization"]["name"]
+    lq, wq = _scheme(meta["quantization"]), _scheme(info["quantization"])
     if lq != wq:
         raise GptbcError(f"--lib {lib} was compiled for quantization {lq}, but the weights in {model_dir} are {wq}; "
-                         f"recompile with --quantization {wq} or convert the weights with --quantization {lq}")
+                         f"compile and convert with the same --quantization (and --no-quantize-lm-head) settings")
     have = {p["name"]: p for p in info["params"]}
     for p in meta["params"]:
         w = have.get(p["name"])

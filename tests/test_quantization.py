@@ -1,0 +1,227 @@
+"""Quantization schemes: packing, error bounds, fused dequantization, accuracy against HF fp32."""
+
+from __future__ import annotations
+
+import re
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from gptbc.config import resolve_model
+from gptbc.quantization import QUANTIZATIONS, dequantize, get_quantization, numpy_dtype, quantize
+
+GROUPED = [q for q in QUANTIZATIONS.values() if q.kind == "group"]
+
+
+def weights(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    w = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    w[0, :5] = 0.0  # an all-zero group tail
+    w[1, :32] = 0.0  # an all-zero group: scale 0 must not divide by zero
+    w[2, 3] = 9.0  # an outlier
+    return w
+
+
+@pytest.mark.parametrize("q", GROUPED, ids=lambda q: q.name)
+@pytest.mark.parametrize("cols", [64, 200, 37])  # whole groups, a partial last group, a partial word
+def test_round_trip_error_within_scheme_bound(q, cols):
+    w = weights(9, cols)
+    packed, scale = quantize(w, q)
+    assert packed.dtype == np.uint32 and packed.shape == (9, -(-cols // q.per_word))
+    assert scale.dtype == numpy_dtype(q.model_dtype) and scale.shape == (9, -(-cols // 32))
+    back = dequantize(packed, scale, cols, q)
+    s = np.repeat(scale.astype(np.float32), 32, axis=1)[:, :cols]
+    top = q.max_int * s
+    # Each weight is off by at most half a step, or, if it lay beyond the (clipped) top level, by its excess.
+    bound = np.maximum(s / 2, np.abs(w) - top) * (1 + 1e-6) + 1e-7
+    assert np.all(np.abs(back - w) <= bound)
+    # And the step itself is at most max|group| / max_int (rounded to the scale dtype).
+    amax = np.abs(np.pad(w, ((0, 0), (0, -cols % 32)))).reshape(9, -1, 32).max(-1)
+    assert np.all(scale.astype(np.float32) <= (amax / q.max_int) * (1 + 2**-8) + 1e-12)
+    assert np.all(back[1, :32] == 0.0)
+    if q.bits == 8:  # no clipping search for int8: the whole group's range is kept
+        assert np.abs(back - w).max() <= (s / 2).max() * (1 + 1e-6)
+
+
+def pack_reference(ints: np.ndarray, bits: int) -> np.ndarray:
+    """Plain loops: value j of a row goes to word j // per_word at bit offset bits * (j % per_word)."""
+    per_word = 32 // bits
+    rows, cols = ints.shape
+    out = np.zeros((rows, -(-cols // per_word)), np.uint32)
+    for r in range(rows):
+        for j in range(cols):
+            out[r, j // per_word] |= np.uint32(int(ints[r, j]) << (bits * (j % per_word)))
+    return out
+
+
+@pytest.mark.parametrize("q", GROUPED, ids=lambda q: q.name)
+def test_packing_is_bit_exact_against_reference(q):
+    w = weights(5, 70, seed=3)
+    packed, scale = quantize(w, q)
+    s = np.repeat(scale.astype(np.float32), 32, axis=1)[:, :70]
+    ints = np.clip(np.rint(w / np.where(s == 0, 1, s)), -q.max_int, q.max_int).astype(np.int64) + q.max_int
+    ints = np.pad(ints, ((0, 0), (0, -70 % q.per_word)), constant_values=q.max_int)  # padding = zero weights
+    np.testing.assert_array_equal(packed, pack_reference(ints, q.bits))
+
+
+def test_int4_clip_search_beats_plain_max_scaling():
+    q = get_quantization("q4f32_1")
+    w = weights(64, 256, seed=5)
+    packed, scale = quantize(w, q)
+    err = np.square(dequantize(packed, scale, 256, q) - w).sum()
+    plain_scale = np.abs(w.reshape(64, 8, 32)).max(-1) / 7
+    plain = np.clip(np.rint(w / np.repeat(np.where(plain_scale == 0, 1, plain_scale), 32, 1)), -7, 7)
+    plain_err = np.square(plain * np.repeat(plain_scale, 32, 1) - w).sum()
+    assert err < 0.9 * plain_err
+
+
+def test_unquantized_half_schemes_round_to_their_dtype():
+    assert numpy_dtype(QUANTIZATIONS["q0bf16"].model_dtype) == np.dtype(ml_dtypes.bfloat16)
+    assert numpy_dtype(QUANTIZATIONS["q0f16"].model_dtype) == np.dtype(np.float16)
+
+
+def test_keep_lm_head_flag_changes_only_the_head():
+    from gptbc.loader import model_params
+
+    cfg = resolve_model("santacoder").config
+    packed = {n: d for n, _, d in model_params(cfg, get_quantization("q4f16_1"))}
+    kept = {n: d for n, _, d in model_params(cfg, get_quantization("q4f16_1", quantize_lm_head=False))}
+    assert "transformer.wte.q_weight" in packed and "transformer.wte.weight" not in packed
+    assert kept["transformer.wte.weight"] == "float16"  # tied: wte is the head
+    assert {n for n in packed if "transformer.h." in n} == {n for n in kept if "transformer.h." in n}
+    assert packed["transformer.wpe.weight"] == "float16" and packed["transformer.h.0.ln_1.weight"] == "float16"
+    assert packed["transformer.h.0.attn.c_attn.bias"] == "float16"
+
+
+def converted_bytes(name: str, cfg) -> int:
+    from gptbc.loader import model_params
+
+    return sum(int(np.prod(s)) * numpy_dtype(d).itemsize for _, s, d in model_params(cfg, get_quantization(name)))
+
+
+def test_santacoder_converted_sizes():
+    """Bytes of converted weights for the santacoder shape, relative to fp32 (reported in BENCHMARKS.md)."""
+    cfg = resolve_model("santacoder").config
+    fp32 = converted_bytes("q0f32", cfg)
+    ratio = {name: converted_bytes(name, cfg) / fp32 for name in QUANTIZATIONS}
+    assert 4.4e9 < fp32 < 4.6e9
+    assert ratio["q0f16"] == pytest.approx(0.5) and ratio["q0bf16"] == pytest.approx(0.5)
+    # int8 + a 16-bit scale per 32 weights; int4 likewise. 32-bit scales add 1 bit per weight on top.
+    assert ratio["q8f16_1"] <= 0.27 and ratio["q4f16_1"] <= 0.15
+    assert ratio["q8f32_1"] <= 0.285 and ratio["q4f32_1"] <= 0.16
+
+
+# ---- the compiled model: dequantization inside the matmul, and accuracy against HF ----
+
+def full_weight_shapes(cfg) -> set[tuple[int, int]]:
+    e, qkv = cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+    return {(qkv, e), (e, e), (cfg.n_inner, e), (e, cfg.n_inner), (cfg.vocab_size, e)}
+
+
+def float_buffers_of_shape(mod, shapes: set[tuple[int, int]]) -> list[str]:
+    """Every float tensor in the fused module (Relax values, TIR params and allocations) with one of `shapes`."""
+    shapes = shapes | {(b, a) for a, b in shapes}  # a transposed copy counts too
+    found = []
+    for gv, func in mod.functions.items():
+        text = re.sub(r"T\.int64\((\d+)\)", r"\1", func.script())
+        for m in re.finditer(r"(?:alloc_buffer|Buffer|Tensor)\(\((\d+), (\d+)\),(?: dtype=)? ?\"(float\w*|bfloat16)", text):
+            if (int(m.group(1)), int(m.group(2))) in shapes:
+                found.append(f"{gv.name_hint}: {m.group(0)}")
+    return found
+
+
+def lowered(cfg, quant_name: str):
+    import tvm
+
+    from gptbc.compiler import export_relax, fusion_passes
+
+    target = tvm.target.Target({"kind": "llvm"})
+    mod = export_relax(cfg, get_quantization(quant_name), target)
+    with target:
+        return tvm.transform.Sequential(fusion_passes())(mod)
+
+
+@pytest.mark.parametrize("name", ["q4f32_1", "q8f16_1"])
+def test_no_full_size_dequantized_weight_in_compiled_module(name):
+    cfg = resolve_model("santacoder", context_window_size=256).config
+    cfg.n_layer, cfg.n_positions = 1, 1024  # wpe (n_positions, n_embd) is float by design: keep its shape apart
+    shapes = full_weight_shapes(cfg)
+    assert float_buffers_of_shape(lowered(cfg, name), shapes) == []
+    # The check does see full-size float weights: the unquantized model has them as parameters.
+    assert float_buffers_of_shape(lowered(cfg, "q0f32"), shapes)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A briefly trained tiny model, its HF fp32 greedy continuations and their logits."""
+    from hf_models import load_hf, make_trained_checkpoint
+
+    hf_dir = make_trained_checkpoint(tmp_path_factory.mktemp("trained") / "hf")
+    hf = load_hf(hf_dir)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, hf.config.vocab_size, 8).tolist() for _ in range(4)]
+    refs = []
+    with torch.no_grad():
+        for p in prompts:
+            seq = hf.generate(torch.tensor([p]), max_new_tokens=64, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0].tolist()
+            refs.append((seq, hf(torch.tensor([seq])).logits[0].numpy()))
+    return hf_dir, refs
+
+
+def run_scheme(trained, name: str, tmp_path):
+    from gptbc.compiler import compile_model
+    from gptbc.loader import convert_weight
+    from gptbc.runtime import Engine
+
+    hf_dir, refs = trained
+    out = convert_weight(hf_dir, name, tmp_path / name, progress=False)
+    lib = compile_model(resolve_model(str(out)), "cpu", name, tmp_path / f"{name}.so", log=lambda _m: None)
+    engine = Engine(out, lib)
+    results = []
+    for seq, ref in refs:
+        s = engine.add_sequence()
+        got = engine.verify(s, seq)  # logits after every token, teacher-forced on HF's greedy tokens
+        engine.remove_sequence(s)
+        results.append((got[7:71], ref[7:71]))  # the 64 generated steps
+    return results
+
+
+def kl(ref: np.ndarray, got: np.ndarray) -> float:
+    lp, lq = torch.log_softmax(torch.tensor(ref), -1), torch.log_softmax(torch.tensor(got), -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("name", ["q0f16", "q0bf16"])
+def test_half_precision_logits_within_1e_2(trained, name, tmp_path):
+    for got, ref in run_scheme(trained, name, tmp_path):
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        assert err <= 1e-2, f"{name}: relative logit error {err:.2e}"
+
+
+@pytest.mark.parametrize("name, min_top1", [("q8f32_1", 0.95), ("q8f16_1", 0.95), ("q4f32_1", 0.80),
+                                            ("q4f16_1", 0.80)])
+def test_quantized_greedy_agreement(trained, name, min_top1, tmp_path, record_property):
+    results = run_scheme(trained, name, tmp_path)
+    top1 = np.mean([np.mean(g.argmax(-1) == r.argmax(-1)) for g, r in results])
+    divergence = np.mean([kl(r, g) for g, r in results])
+    record_property("top1", top1)
+    record_property("kl", divergence)
+    print(f"{name}: top-1 agreement {top1:.3f} over 4x64 steps, KL(hf || ours) {divergence:.2e} nats")
+    assert top1 >= min_top1
+    assert divergence < (0.01 if name.startswith("q4") else 1e-3)
+
+
+def test_library_and_weights_of_different_schemes(trained, tmp_path, capsys):
+    from gptbc.cli import main
+    from gptbc.compiler import compile_model
+    from gptbc.loader import convert_weight
+
+    hf_dir, _ = trained
+    out = convert_weight(hf_dir, "q4f32_1", tmp_path / "w", progress=False)
+    lib = compile_model(resolve_model(str(out)), "cpu", "q8f32_1", tmp_path / "q8.so", log=lambda _m: None)
+    capsys.readouterr()
+    assert main(["generate", str(out), "--lib", str(lib), "--prompt-ids", "1,2", "--max-new-tokens", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "q8f32_1" in err and "q4f32_1" in err and len(err.splitlines()) == 1
