@@ -59,6 +59,8 @@ def fusion_passes() -> list:
     from tvm import relax
 
     return [
+        # x @ permute_dims(W) as one NT-matmul kernel; otherwise every call materializes W transposed.
+        relax.transform.FuseTransposeMatmul(),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),

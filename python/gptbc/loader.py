@@ -78,6 +78,9 @@ class Checkpoint:
     def get(self, name: str) -> np.ndarray:
         return self.where[name].get(name)
 
+    def release(self, name: str) -> None:
+        self.where[name].release(name)
+
     def source_of(self, name: str) -> Path:
         return self.where[name].path if name in self.where else self.directory
 
@@ -232,6 +235,7 @@ def _write_output(tmp: Path, hf_dir: Path, cfg: GPTBigCodeConfig, quant: Quantiz
         def arrays(shard: list[ParamPlan] = shard) -> Iterator[np.ndarray]:
             for p in shard:
                 yield make(p)
+                ckpt.release(p.source)  # written: its mapped pages need not stay resident
                 bar.update(1)
 
         write_safetensors(tmp / fname, [(p.name, p.shape, numpy_dtype(p.dtype)) for p in shard], arrays())

@@ -93,6 +93,21 @@ class SafetensorsFile:
         return np.frombuffer(self._map, dtype=dtype, count=(end - start) // dtype.itemsize,
                              offset=self._base + start).reshape(shape)
 
+    def release(self, name: str) -> None:
+        """Drop a tensor's pages from this process's resident memory (they are re-read if touched again).
+
+        Reading a mapped file makes its pages count toward our RSS until unmapped; a converter that
+        streams a 4.5 GB checkpoint would otherwise end up holding all of it.
+        """
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        _, _, start, end = self._entries[name]
+        page = mmap.PAGESIZE
+        lo = (self._base + start) // page * page
+        hi = min(-(-(self._base + end) // page) * page, len(self._map))
+        if hi > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     def close(self) -> None:
         self._entries.clear()
         if self._map is not None:
