@@ -57,18 +57,30 @@ def cmd_convert_weight(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .runtime import Engine
+    from .runtime import Completion, Engine
 
-    ids = parse_ids(args.prompt_ids) if args.prompt_ids is not None else None
     engine = Engine(args.out_dir, args.lib, device=args.device)
-    if ids is None:
-        ids = engine.encode(args.prompt)
-    new = engine.generate(ids, args.max_new_tokens)
-    text = engine.decode_text(new) if engine.tokenizer is not None else None
+    sampling = {k: getattr(args, k) for k in (
+        "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+        "frequency_penalty", "seed")}
+    params = engine.sampling(**sampling, stop=args.stop or None, logprobs=args.json,
+                             truncate_prompt=args.truncate_prompt or None)
+    prompt = parse_ids(args.prompt_ids) if args.prompt_ids is not None else args.prompt
+    fim = args.prefix is not None or args.suffix is not None
+    req = engine.submit(None if fim else prompt, prefix=args.prefix, suffix=args.suffix, params=params)
+    stream = not args.json and engine.tokenizer is not None
+    while req.finish_reason is None:
+        for event in engine.step():
+            if stream and event.text:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+    done = Completion.of(req)
     if args.json:
-        print(json.dumps({"token_ids": new, "text": text}))
+        print(json.dumps(done.to_dict()))
+    elif stream:
+        sys.stdout.write("\n")
     else:
-        print(text if text is not None else ",".join(map(str, new)))
+        print(",".join(map(str, done.token_ids)))
     return 0
 
 
@@ -113,10 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lib", required=True)
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt")
-    src.add_argument("--prompt-ids")
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    src.add_argument("--prompt-ids", help="comma-separated token ids")
+    src.add_argument("--prefix", help="fill-in-the-middle: the code before the cursor")
+    g.add_argument("--suffix", help="fill-in-the-middle: the code after the cursor (with --prefix)")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--temperature", type=float, help="0 = greedy (the default unless generation_config.json "
+                                                     "says do_sample)")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--presence-penalty", type=float)
+    g.add_argument("--frequency-penalty", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", help="stop string (repeatable); not included in the output")
+    g.add_argument("--truncate-prompt", action="store_true",
+                   help="drop the oldest prompt tokens when prompt + max-new-tokens exceeds the context window")
     g.add_argument("--device", default="cpu")
-    g.add_argument("--json", action="store_true", help="print one JSON object: token_ids, text")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object: token_ids, text, logprobs, finish_reason, prompt_tokens")
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("targets", help="list the targets")

@@ -1,4 +1,9 @@
-"""Runtime: load a model library and converted weights, own the paged KV cache, generate tokens."""
+"""Runtime: load a model library and converted weights, own the paged KV cache, generate tokens.
+
+`Engine` has two layers: model calls on KV-cache sequences (`add_sequence`, `prefill`, `decode`,
+`decode_batch`, ...) and generation on top of them (`generate`, `stream`, `generate_batch`,
+`complete`, `submit` + `step`), which goes through the continuous-batching loop in generation.py.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,9 @@ import numpy as np
 
 from .config import GPTBC_CONFIG, GPTBigCodeConfig, load_gptbc_config
 from .errors import GptbcError
+from .sampling import SamplingParams, defaults_from_generation_config
 from .tensorfile import SafetensorsFile
-from .tokenizer import Tokenizer, has_tokenizer
+from .tokenizer import Tokenizer, find_fim_tokens, has_tokenizer
 
 PAGE_SIZE = 16
 
@@ -93,7 +99,10 @@ class Engine:
     """A loaded model: `generate` for one sequence; the KV-cache methods are the building blocks."""
 
     def __init__(self, model_dir: str | Path, lib: str | Path, device: str = "cpu",
-                 max_total_seq_len: int | None = None, max_batch_size: int | None = None):
+                 max_total_seq_len: int | None = None, max_batch_size: int | None = None,
+                 prefix_cache_size: int = 8):
+        """`max_total_seq_len`: tokens the KV cache holds over all sequences (default: context window ×
+        min(4, max_batch_size)); `prefix_cache_size`: finished sequences kept for prefix reuse."""
         import tvm
 
         self.model_dir, self.lib = Path(model_dir), Path(lib)
@@ -107,12 +116,16 @@ class Engine:
         self.context_window_size = int(self.meta["context_window_size"])
         self.prefill_chunk_size = int(self.meta["prefill_chunk_size"])
         self.max_batch_size = int(max_batch_size or self.meta["max_batch_size"])
-        self.eos_ids = set(self.info.get("eos_token_id") or self.config.eos_token_id)
+        self.defaults = defaults_from_generation_config(self.model_dir)
+        self.eos_ids = set(self.info.get("eos_token_id") or self.config.eos_token_id) | _generation_eos(self.model_dir)
         self.params = load_params(self.model_dir, self.info, self.meta, self.dev)
         self.tokenizer = Tokenizer(self.model_dir) if has_tokenizer(self.model_dir) else None
+        self.fim = find_fim_tokens(self.model_dir) if self.tokenizer else None
+        self.special_ids = set(self.eos_ids) | (self.tokenizer.special_ids() if self.tokenizer else set())
+        self.page_size = PAGE_SIZE
 
         shape = tvm.runtime.ShapeTuple
-        total = int(max_total_seq_len or self.context_window_size)
+        total = int(max_total_seq_len or self.context_window_size * min(4, self.max_batch_size))
         self.kv_cache = self.vm["create_paged_kv_cache"](
             shape([self.max_batch_size]), shape([total]), shape([self.prefill_chunk_size]), shape([PAGE_SIZE]),
             shape([0]))
@@ -126,6 +139,9 @@ class Engine:
         self._shape = shape
         self._next_seq_id = 0
         self._live: set[int] = set()
+        from .generation import Scheduler
+
+        self.scheduler = Scheduler(self, total, prefix_cache_size)
 
     # ---- KV cache: sequences ----
     def add_sequence(self) -> int:
@@ -140,6 +156,17 @@ class Engine:
             self._remove(self.kv_cache, seq_id)
             self._live.discard(seq_id)
 
+    def fork_sequence(self, parent: int, length: int) -> int:
+        """A new sequence sharing the first `length` tokens of `parent` (pages shared, not recomputed)."""
+        child = self._next_seq_id
+        self._next_seq_id += 1
+        self._fork(self.kv_cache, parent, child, length)
+        self._live.add(child)
+        return child
+
+    def sequence_count(self) -> int:
+        return len(self._live)
+
     # ---- forward passes ----
     def _embed(self, ids: Sequence[int]):
         import tvm
@@ -151,10 +178,14 @@ class Engine:
         self.check_ids(ids)
         logits = None
         for start in range(0, len(ids), self.prefill_chunk_size):
-            chunk = list(ids[start:start + self.prefill_chunk_size])
-            embeds = self._embed(chunk)._create_view((1, len(chunk), self.config.n_embd))
-            logits = self._forward("prefill", seq_id, len(chunk), embeds)
+            logits = self.prefill_chunk(seq_id, ids[start:start + self.prefill_chunk_size])
         return logits
+
+    def prefill_chunk(self, seq_id: int, chunk: Sequence[int]) -> np.ndarray:
+        """One prefill call (len(chunk) <= prefill_chunk_size, ids already checked)."""
+        chunk = list(chunk)
+        embeds = self._embed(chunk)._create_view((1, len(chunk), self.config.n_embd))
+        return self._forward("prefill", seq_id, len(chunk), embeds)
 
     def decode(self, seq_id: int, token: int) -> np.ndarray:
         """Append one token; logits for the next, float32[vocab]."""
@@ -205,37 +236,113 @@ class Engine:
                 raise GptbcError(f"token id {int(t)} at position {i} is outside the vocabulary (0..{vocab - 1})")
 
     # ---- generation ----
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, greedy: bool = True) -> list[int]:
-        """New token ids after the prompt; stops after an eos token (which is returned, as HF does)."""
-        prompt_ids = [int(t) for t in prompt_ids]
-        if not greedy:
-            raise GptbcError("only greedy decoding is available in this version (greedy=True)")
-        self.check_request(prompt_ids, max_new_tokens)
-        out: list[int] = []
-        if max_new_tokens == 0:
-            return out
-        seq_id = self.add_sequence()
+    def sampling(self, greedy: bool | None = None, **overrides) -> SamplingParams:
+        """Sampling parameters: the model's generation_config.json defaults, then `overrides`.
+
+        greedy=True forces temperature 0; greedy=False samples (temperature 1 unless given).
+        """
+        params = self.defaults.replace(**overrides)
+        if greedy is True:
+            params = params.replace(temperature=0.0)
+        elif greedy is False and "temperature" not in overrides and params.temperature == 0:
+            params = params.replace(temperature=1.0)
+        params.validate()
+        return params
+
+    def prompt_ids(self, prompt: str | Sequence[int] | None = None, prefix: str | None = None,
+                   suffix: str | None = None, params: SamplingParams | None = None) -> list[int]:
+        """Token ids of a plain prompt (text or ids) or of a fill-in-the-middle request."""
+        if prefix is not None or suffix is not None:
+            if prompt is not None:
+                raise GptbcError("give either a prompt or prefix/suffix (fill-in-the-middle), not both")
+            return self.fim_prompt(prefix or "", suffix or "", params)
+        if prompt is None:
+            raise GptbcError("prompt is empty: give at least one token")
+        return self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+
+    def fim_prompt(self, prefix: str, suffix: str, params: SamplingParams | None = None) -> list[int]:
+        """<fim-prefix> prefix <fim-suffix> suffix <fim-middle> (PSM order, with the tokenizer's own spelling).
+
+        With truncate_prompt, a prefix/suffix too long for the window loses its far ends: the start of
+        the prefix and the end of the suffix, keeping the text around the cursor.
+        """
+        if self.tokenizer is None or self.fim is None:
+            raise GptbcError(f"{self.model_dir}: the tokenizer has no fill-in-the-middle tokens "
+                             f"(<fim-prefix>/<fim-suffix>/<fim-middle> or <fim_prefix>/<fim_suffix>/<fim_middle>)")
+        pre, suf = self.encode(prefix), self.encode(suffix)
+        if params is not None and params.truncate_prompt:
+            budget = self.context_window_size - params.max_new_tokens - 3
+            if budget < 0:
+                raise GptbcError(f"max_new_tokens {params.max_new_tokens} leaves no room for a FIM prompt in the "
+                                 f"context window of {self.context_window_size} tokens")
+            keep_suf = min(len(suf), max(budget // 2, budget - len(pre)))
+            suf = suf[:keep_suf]
+            pre = pre[max(0, len(pre) - (budget - keep_suf)):]
+        f = self.fim
+        return [f["prefix"]["id"], *pre, f["suffix"]["id"], *suf, f["middle"]["id"]]
+
+    def fit_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
+        """Check a prompt against the vocabulary and the context window (truncating it only if asked)."""
+        if len(ids) == 0:
+            raise GptbcError("prompt is empty: give at least one token")
+        self.check_ids(ids)
+        need = len(ids) + params.max_new_tokens
+        if need > self.context_window_size:
+            room = self.context_window_size - params.max_new_tokens
+            if params.truncate_prompt and room > 0:
+                return ids[-room:]
+            raise GptbcError(f"prompt of {len(ids)} tokens + max_new_tokens {params.max_new_tokens} = {need} exceeds "
+                             f"the context window of {self.context_window_size} tokens "
+                             f"(lower max_new_tokens, or set truncate_prompt to drop the oldest prompt tokens)")
+        return ids
+
+    def submit(self, prompt: str | Sequence[int] | None = None, *, prefix: str | None = None,
+               suffix: str | None = None, params: SamplingParams | None = None):
+        """Queue a request for the engine loop (`step`); bad input raises here and nothing is queued."""
+        params = params or self.sampling()
+        return self.scheduler.submit(self.prompt_ids(prompt, prefix, suffix, params), params)
+
+    def step(self):
+        """One engine-loop step over every queued and running request; returns the per-request events."""
+        return self.scheduler.step()
+
+    def complete(self, prompt: str | Sequence[int] | None = None, *, prefix: str | None = None,
+                 suffix: str | None = None, greedy: bool | None = None, **sampling) -> "Completion":
+        req = self.submit(prompt, prefix=prefix, suffix=suffix, params=self.sampling(greedy, **sampling))
+        self.scheduler.run_until_done([req])
+        return Completion.of(req)
+
+    def generate(self, prompt_ids: str | Sequence[int] | None = None, max_new_tokens: int | None = None,
+                 greedy: bool | None = True, *, prefix: str | None = None, suffix: str | None = None,
+                 **sampling) -> list[int]:
+        """New token ids (an eos that ended generation is included, as HF does). Greedy by default."""
+        return self.complete(prompt_ids, prefix=prefix, suffix=suffix, greedy=greedy,
+                             max_new_tokens=max_new_tokens, **sampling).token_ids
+
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int | None = None,
+                       greedy: bool | None = True, **sampling) -> list[list[int]]:
+        """Several prompts decoded together (continuous batching); same ids as one at a time."""
+        params = self.sampling(greedy, max_new_tokens=max_new_tokens, **sampling)
+        reqs = [self.submit(p, params=params) for p in prompts]
+        self.scheduler.run_until_done(reqs)
+        return [r.output_ids for r in reqs]
+
+    def stream(self, prompt: str | Sequence[int] | None = None, *, prefix: str | None = None,
+               suffix: str | None = None, greedy: bool | None = None, **sampling):
+        """Yield text pieces as they are decoded (never half a UTF-8 character, never part of a stop string)."""
+        if self.tokenizer is None:
+            raise GptbcError(f"{self.model_dir}: no tokenizer files; streaming text needs one")
+        req = self.submit(prompt, prefix=prefix, suffix=suffix, params=self.sampling(greedy, **sampling))
         try:
-            logits = self.prefill(seq_id, prompt_ids)
-            while True:
-                token = int(np.argmax(logits))
-                out.append(token)
-                if token in self.eos_ids or len(out) >= max_new_tokens:
-                    return out
-                logits = self.decode(seq_id, token)
+            while req.finish_reason is None:
+                for event in self.step():
+                    if event.request is req and event.text:
+                        yield event.text
         finally:
-            self.remove_sequence(seq_id)
+            self.scheduler.cancel(req)  # a consumer that stops early frees the sequence
 
     def check_request(self, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
-        if len(prompt_ids) == 0:
-            raise GptbcError("prompt is empty: give at least one token")
-        if max_new_tokens < 0:
-            raise GptbcError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        self.check_ids(prompt_ids)
-        need = len(prompt_ids) + max_new_tokens
-        if need > self.context_window_size:
-            raise GptbcError(f"prompt of {len(prompt_ids)} tokens + max_new_tokens {max_new_tokens} = {need} exceeds "
-                             f"the context window of {self.context_window_size} tokens")
+        self.fit_prompt(list(prompt_ids), SamplingParams(max_new_tokens=max_new_tokens))
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -245,4 +352,37 @@ class Engine:
     def decode_text(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None:
             raise GptbcError(f"{self.model_dir}: no tokenizer files; cannot turn ids into text")
-        return self.tokenizer.decode([t for t in ids if t not in self.eos_ids])
+        return self.tokenizer.decode([t for t in ids if t not in self.special_ids])
+
+
+class Completion:
+    """The result of one request."""
+
+    def __init__(self, token_ids: list[int], text: str | None, logprobs: list[float] | None, finish_reason: str,
+                 prompt_tokens: int, reused_prefix_tokens: int):
+        self.token_ids, self.text, self.logprobs = token_ids, text, logprobs
+        self.finish_reason, self.prompt_tokens, self.reused_prefix_tokens = finish_reason, prompt_tokens, reused_prefix_tokens
+
+    @classmethod
+    def of(cls, req) -> "Completion":
+        return cls(list(req.output_ids), req.text if req.detok is not None else None,
+                   list(req.logprobs) if req.params.logprobs else None, req.finish_reason or "length",
+                   len(req.prompt_ids), req.reused)
+
+    def to_dict(self) -> dict:
+        return {"token_ids": self.token_ids, "text": self.text, "logprobs": self.logprobs,
+                "finish_reason": self.finish_reason, "prompt_tokens": self.prompt_tokens,
+                "reused_prefix_tokens": self.reused_prefix_tokens}
+
+
+def _generation_eos(model_dir: Path) -> set[int]:
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return set()
+    try:
+        eos = json.loads(path.read_text("utf-8")).get("eos_token_id")
+    except json.JSONDecodeError:
+        return set()
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, list) else [eos])}

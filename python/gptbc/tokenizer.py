@@ -73,7 +73,46 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
 
+    def special_ids(self) -> set[int]:
+        """Ids of the special added tokens (<|endoftext|>, FIM markers, ...), which never appear in output text."""
+        return {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+
 
 def has_tokenizer(directory: Path) -> bool:
     return (directory / "tokenizer.json").is_file() or (
         (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file())
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text pieces without ever emitting half a UTF-8 character.
+
+    Byte-level BPE splits multi-byte characters across tokens; decoding such a partial sequence gives
+    U+FFFD. We hold text back until the decoded tail is complete, and re-decode from a small window
+    (the last emitted token onwards) so each step costs O(1) tokens.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_ids: set[int] = frozenset()):
+        self.tokenizer, self.skip_ids = tokenizer, skip_ids
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # window start: decoded text up to read_offset is already emitted
+        self.read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([t for t in ids if t not in self.skip_ids])
+
+    def add(self, token: int) -> str:
+        """The new complete text after appending `token` ('' while a character is still incomplete)."""
+        self.ids.append(token)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back at the end (a genuinely broken tail decodes as U+FFFD)."""
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix):]

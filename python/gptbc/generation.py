@@ -1,0 +1,271 @@
+"""Requests and the engine loop: continuous batching over the paged KV cache, with prefix reuse.
+
+Each `Scheduler.step()`:
+  1. admits waiting requests while batch slots and KV-cache room allow (forking a cached sequence
+     that shares the longest prefix with the prompt, so those tokens are not prefilled again);
+  2. prefills one chunk (≤ prefill_chunk_size tokens) of every request still reading its prompt;
+  3. decodes one token for every running request in a single `batch_decode` call;
+  4. samples, applies stop rules, emits text deltas, and frees (or keeps as a reusable prefix) the
+     KV pages of finished requests.
+Requests join and leave between steps; a bad request fails alone, at submission.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from .errors import GptbcError
+from .sampling import SamplingParams, log_softmax, sample
+from .tokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    from .runtime import Engine
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text, even when one spans several tokens.
+
+    Text that could still be the start of a stop string is held back, so a stop string is never
+    partly emitted; the match itself and anything after it are dropped.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit now, whether a stop string was found)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return out, True
+        hold = 0
+        for s in self.stops:  # the longest tail of pending that is a proper prefix of a stop string
+            for n in range(min(len(s) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = n
+                    break
+        out = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+@dataclass
+class Request:
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    rng: np.random.Generator
+    detok: IncrementalDetokenizer | None
+    stop: StopMatcher
+    seq_id: int = -1
+    prefilled: int = 0  # prompt tokens already in the KV cache
+    reused: int = 0  # of those, tokens forked from a cached prefix
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (eos or stop string), "length", "cancelled"
+    seen: np.ndarray | None = None
+    counts: np.ndarray | None = None
+    reserved: int = 0  # KV tokens booked for this request
+
+
+@dataclass
+class Event:
+    """What one step produced for one request."""
+
+    request: Request
+    token: int | None  # the new token (None when the step only finished or flushed)
+    text: str  # new text, possibly ''
+    finished: bool
+
+
+@dataclass
+class Stats:
+    prefill_tokens: int = 0  # prompt tokens run through the model
+    reused_prefix_tokens: int = 0  # prompt tokens taken from a cached prefix instead
+    decode_tokens: int = 0
+    steps: int = 0
+    max_batch: int = 0
+
+
+class Scheduler:
+    def __init__(self, engine: "Engine", capacity_tokens: int, prefix_cache_size: int = 8):
+        self.engine = engine
+        self.capacity = capacity_tokens
+        self.prefix_cache_size = prefix_cache_size
+        self.waiting: list[Request] = []
+        self.active: list[Request] = []
+        self.cached: OrderedDict[int, list[int]] = OrderedDict()  # seq_id → its tokens, LRU order
+        self.stats = Stats()
+        self._ids = itertools.count()
+
+    # ---- submission ----
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> Request:
+        engine = self.engine
+        ids = engine.fit_prompt(list(prompt_ids), params)
+        vocab = engine.config.vocab_size
+        req = Request(
+            id=next(self._ids), prompt_ids=ids, params=params,
+            rng=np.random.default_rng(params.seed),
+            detok=IncrementalDetokenizer(engine.tokenizer, engine.special_ids) if engine.tokenizer else None,
+            stop=StopMatcher(params.stop),
+        )
+        if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
+            req.seen = np.zeros(vocab, bool)
+            req.seen[ids] = True
+            req.counts = np.zeros(vocab, np.int64)
+        req.reserved = self._pages(len(ids) + params.max_new_tokens)
+        if req.reserved > self._pages(self.capacity):
+            raise GptbcError(f"prompt of {len(ids)} tokens + max_new_tokens {params.max_new_tokens} exceeds the KV "
+                             f"cache capacity of {self.capacity} tokens (Engine max_total_seq_len)")
+        if params.max_new_tokens == 0:
+            req.finish_reason = "length"
+            return req
+        self.waiting.append(req)
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request now (e.g. its client went away) and free its KV pages."""
+        if req in self.waiting:
+            self.waiting.remove(req)
+        if req.finish_reason is None:
+            req.finish_reason = "cancelled"
+        if req in self.active:
+            self.active.remove(req)
+            self.engine.remove_sequence(req.seq_id)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    # ---- KV room ----
+    def _pages(self, tokens: int) -> int:
+        return -(-tokens // self.engine.page_size)
+
+    def _used_pages(self) -> int:
+        return sum(r.reserved for r in self.active) + sum(self._pages(len(t)) for t in self.cached.values())
+
+    def _evict_one(self) -> bool:
+        if not self.cached:
+            return False
+        seq_id, _ = self.cached.popitem(last=False)
+        self.engine.remove_sequence(seq_id)
+        return True
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.active) < self.engine.max_batch_size:
+            req = self.waiting[0]
+            while self._used_pages() + req.reserved > self._pages(self.capacity) and self._evict_one():
+                pass
+            if self._used_pages() + req.reserved > self._pages(self.capacity):
+                return  # wait for running requests to finish
+            self.waiting.pop(0)
+            self._start(req)
+            self.active.append(req)
+
+    def _start(self, req: Request) -> None:
+        best, best_len = None, 0
+        for seq_id, tokens in self.cached.items():
+            n = _common_prefix(tokens, req.prompt_ids)
+            if n > best_len:
+                best, best_len = seq_id, n
+        best_len = min(best_len, len(req.prompt_ids) - 1)  # the last prompt token must run: it gives the logits
+        if best is not None and best_len > 0:
+            req.seq_id = self.engine.fork_sequence(best, best_len)
+            self.cached.move_to_end(best)
+            req.prefilled = req.reused = best_len
+            self.stats.reused_prefix_tokens += best_len
+        else:
+            req.seq_id = self.engine.add_sequence()
+
+    # ---- the loop ----
+    def step(self) -> list[Event]:
+        self._admit()
+        events: list[Event] = []
+        engine = self.engine
+        self.stats.steps += 1
+        for req in [r for r in self.active if r.prefilled < len(r.prompt_ids)]:
+            chunk = req.prompt_ids[req.prefilled:req.prefilled + engine.prefill_chunk_size]
+            logits = engine.prefill_chunk(req.seq_id, chunk)
+            req.prefilled += len(chunk)
+            self.stats.prefill_tokens += len(chunk)
+            if req.prefilled == len(req.prompt_ids):
+                events.append(self._accept(req, logits))
+        running = [r for r in self.active if r.prefilled == len(r.prompt_ids) and r.output_ids
+                   and r.finish_reason is None]
+        if running:
+            self.stats.max_batch = max(self.stats.max_batch, len(running))
+            logits = engine.decode_batch([r.seq_id for r in running], [r.output_ids[-1] for r in running])
+            self.stats.decode_tokens += len(running)
+            events += [self._accept(r, row) for r, row in zip(running, logits)]
+        for req in [r for r in self.active if r.finish_reason is not None]:
+            self._retire(req)
+        return events
+
+    def _accept(self, req: Request, logits: np.ndarray) -> Event:
+        p = req.params
+        token = sample(logits, p, req.rng, req.seen, req.counts)
+        req.output_ids.append(token)
+        if p.logprobs:
+            req.logprobs.append(float(log_softmax(logits)[token]))
+        if req.seen is not None:
+            req.seen[token] = True
+            req.counts[token] += 1
+        is_eos = token in self.engine.eos_ids and not p.ignore_eos
+        text = ""
+        if req.detok is not None and not is_eos:
+            text = req.detok.add(token)
+        stopped = token in p.stop_token_ids or is_eos
+        if not stopped and len(req.output_ids) >= p.max_new_tokens:
+            req.finish_reason = "length"
+        if stopped:
+            req.finish_reason = "stop"
+        if req.finish_reason is not None and req.detok is not None:
+            text += req.detok.flush()
+        text, hit = req.stop.feed(text)
+        if hit:
+            req.finish_reason = "stop"
+        elif req.finish_reason is not None:
+            text += req.stop.flush()
+        req.text += text
+        return Event(req, token, text, req.finish_reason is not None)
+
+    def _retire(self, req: Request) -> None:
+        self.active.remove(req)
+        if self.prefix_cache_size > 0 and req.finish_reason != "cancelled":
+            # The KV holds the prompt and every output token but the last (sampled, never fed back).
+            self.cached[req.seq_id] = req.prompt_ids + req.output_ids[:-1]
+            while len(self.cached) > self.prefix_cache_size:
+                self._evict_one()
+        else:
+            self.engine.remove_sequence(req.seq_id)
+
+    def clear_prefix_cache(self) -> None:
+        while self._evict_one():
+            pass
+
+    def run_until_done(self, requests: Sequence[Request]) -> None:
+        while any(r.finish_reason is None for r in requests):
+            self.step()
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

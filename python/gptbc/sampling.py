@@ -1,0 +1,149 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, min-p, penalties, seeds."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import GptbcError
+
+
+@dataclass
+class SamplingParams:
+    """How one request picks its tokens and when it stops.
+
+    temperature 0 means greedy. Penalties follow their usual definitions: `repetition_penalty` (HF/CTRL)
+    divides positive logits and multiplies negative ones of every token seen in the prompt or output;
+    `presence_penalty` / `frequency_penalty` (OpenAI) subtract a constant / a per-occurrence amount for
+    tokens already generated. `logprobs` returns the log-probability of each chosen token under the
+    model's own distribution (before penalties and temperature).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    logprobs: bool = False
+    stop: list[str] = field(default_factory=list)  # stop strings, not included in the output
+    stop_token_ids: list[int] = field(default_factory=list)  # besides the model's eos ids
+    ignore_eos: bool = False
+    truncate_prompt: bool = False  # drop the oldest prompt tokens to fit the context window
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise GptbcError(f"{name} {getattr(self, name)!r}: must be {rule}")
+
+        def number(name: str) -> float:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise GptbcError(f"{name} {v!r}: must be a finite number")
+            return float(v)
+
+        need(isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool)
+             and self.max_new_tokens >= 0, "max_new_tokens", "an integer >= 0")
+        need(number("temperature") >= 0, "temperature", ">= 0 (0 is greedy)")
+        need(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0, "top_k",
+             "an integer >= 0 (0 is off)")
+        need(0 < number("top_p") <= 1, "top_p", "in (0, 1]")
+        need(0 <= number("min_p") <= 1, "min_p", "in [0, 1]")
+        need(number("repetition_penalty") > 0, "repetition_penalty", "> 0 (1 is off)")
+        need(-2 <= number("presence_penalty") <= 2, "presence_penalty", "in [-2, 2]")
+        need(-2 <= number("frequency_penalty") <= 2, "frequency_penalty", "in [-2, 2]")
+        need(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0),
+             "seed", "a non-negative integer")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        need(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop), "stop",
+             "a list of non-empty strings")
+        need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+             "a list of token ids")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def replace(self, **changes: Any) -> "SamplingParams":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def defaults_from_generation_config(directory: Path) -> SamplingParams:
+    """The model's own defaults (`generation_config.json`), greedy when it has none or do_sample is false."""
+    path = Path(directory) / "generation_config.json"
+    if not path.is_file():
+        return SamplingParams()
+    try:
+        cfg = json.loads(path.read_text("utf-8"))
+    except json.JSONDecodeError as err:
+        raise GptbcError(f"{path}: not valid JSON ({err})") from None
+    params: dict[str, Any] = {}
+    if cfg.get("do_sample"):
+        params["temperature"] = float(cfg.get("temperature", 1.0))
+        params["top_k"] = int(cfg.get("top_k", 0) or 0)
+        params["top_p"] = float(cfg.get("top_p", 1.0) or 1.0)
+        if cfg.get("min_p") is not None:
+            params["min_p"] = float(cfg["min_p"])
+    if cfg.get("repetition_penalty") is not None:
+        params["repetition_penalty"] = float(cfg["repetition_penalty"])
+    if cfg.get("max_new_tokens") is not None:
+        params["max_new_tokens"] = int(cfg["max_new_tokens"])
+    try:
+        return SamplingParams(**params)
+    except GptbcError as err:
+        raise GptbcError(f"{path}: {err}") from None
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def apply_penalties(logits: np.ndarray, p: SamplingParams, seen: np.ndarray, output_counts: np.ndarray) -> np.ndarray:
+    """`seen`: bool[vocab] of prompt+output tokens; `output_counts`: int[vocab] of generated tokens."""
+    if p.repetition_penalty != 1.0 and seen.any():
+        x = logits[seen]
+        logits[seen] = np.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+    if p.presence_penalty or p.frequency_penalty:
+        logits -= p.presence_penalty * (output_counts > 0) + p.frequency_penalty * output_counts
+    return logits
+
+
+def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator, seen: np.ndarray | None = None,
+           output_counts: np.ndarray | None = None) -> int:
+    """The next token id."""
+    x = logits.astype(np.float64)  # a copy: penalties edit it
+    if seen is not None and output_counts is not None:
+        x = apply_penalties(x, p, seen, output_counts)
+    if p.greedy:
+        return int(np.argmax(x))
+    x = x / p.temperature
+    if 0 < p.top_k < x.size:
+        kth = np.partition(x, -p.top_k)[-p.top_k]
+        x[x < kth] = -np.inf
+    x -= x.max()
+    probs = np.exp(x)
+    probs /= probs.sum()
+    if p.min_p > 0:
+        probs[probs < p.min_p * probs.max()] = 0.0
+    if p.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cum = np.cumsum(probs[order])
+        cut = int(np.searchsorted(cum, p.top_p * cum[-1])) + 1  # smallest prefix reaching top_p
+        probs[order[cut:]] = 0.0
+    probs /= probs.sum()
+    return int(rng.choice(probs.size, p=probs))
