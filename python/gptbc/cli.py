@@ -87,9 +87,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_targets(_args: argparse.Namespace) -> int:
     from .targets import TARGETS
 
+    print(f"{'target':<16} {'output':<7} {'build here':<11} {'run here':<9} description")
     for t in TARGETS:
         names = ", ".join((t.name, *t.aliases))
-        print(f"{names:<16} {t.output_suffix:<5} {t.description}; needs {t.toolchain}")
+        why = t.unavailable()
+        output = t.plan(None).suffix if why is None else "-"
+        print(f"{names:<16} {output:<7} {'yes' if why is None else 'no':<11} {'yes' if t.runs_here() else 'no':<9} "
+              f"{t.description}; needs {t.toolchain}" + (f" [{why}]" if why else ""))
     return 0
 
 
@@ -103,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="compile a model library for a target")
     c.add_argument("--model", required=True, help="preset name, HF directory, gptbc weights directory or Hub id")
-    c.add_argument("--target", default="cpu", help="target name (see `gptbc targets`)")
+    c.add_argument("--target", default="cpu", help="cpu, cuda[:sm_XX], metal, vulkan, webgpu, aarch64-linux "
+                                                    "(see `gptbc targets`)")
     c.add_argument("--quantization", default="q0f32")
     c.add_argument("-o", "--output", help="library path (default dist/libs/<model>-<quant>-<target>.so)")
     c.add_argument("--no-quantize-lm-head", action="store_true", help=KEEP_HEAD_HELP)

@@ -6,6 +6,7 @@ pipeline below, build, write the library under a temporary name and rename it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -17,11 +18,11 @@ from . import __version__
 from .config import GPTBigCodeConfig, ModelSource
 from .errors import GptbcError
 from .quantization import Quantization, get_quantization
-from .targets import TargetSpec, get_target
+from .targets import Build, TargetSpec, plan_build
 
 
-def default_output(model_name: str, quant: str, target: TargetSpec) -> Path:
-    return Path("dist") / "libs" / f"{model_name}-{quant}-{target.name}{target.output_suffix}"
+def default_output(model_name: str, quant: str, spelling: str, build: Build) -> Path:
+    return Path("dist") / "libs" / f"{model_name}-{quant}-{spelling.replace(':', '-')}{build.suffix}"
 
 
 def metadata(source: ModelSource, quant: Quantization, target: TargetSpec, target_json: dict,
@@ -101,7 +102,55 @@ def cpu_pipeline(target):
     return pipeline
 
 
-PIPELINES: dict[str, Callable] = {"llvm": cpu_pipeline}
+def gpu_schedule_rules() -> list:
+    """dlight rules for GPU targets, most specific first; Fallback makes every kernel valid GPU code."""
+    import tvm
+    from tvm import tirx
+    from tvm.s_tir import dlight as dl
+
+    class Matmul(dl.gpu.Matmul):
+        """dl.gpu.Matmul without tensorization.
+
+        In the apache-tvm 0.27.0.post1 wheel `Schedule.tensorize` segfaults for every call (seen even on
+        a textbook x86 VNNI case), and dlight's Matmul tensorizes f16 matmuls on CUDA >= sm_70
+        (MatmulTensorization) and every matmul on Metal (MetalMatmul, simdgroup intrinsics): those are
+        the crashes behind "Metal segfaults in Tensorize". The crash happens in C++, so dlight's own
+        try/except around it cannot catch it. We keep dlight's tiled shared-memory matmul schedule and
+        only skip the tensorize paths: CUDA via the `dlight.do_not_tensorize` attribute that rule
+        honours; Metal by scheduling with a generic-GPU target (same default config Metal gets).
+        Cost: no tensor-core / simdgroup-matrix MMA for prefill matmuls (decode GEMVs never used them).
+        """
+
+        def apply(self, func, target, tunable):
+            if isinstance(func, tirx.PrimFunc):
+                func = func.with_attr("dlight.do_not_tensorize", True)
+            if target.kind.name == "metal":
+                target = tvm.target.Target({"kind": "opencl"})
+            return super().apply(func, target, tunable)
+
+    return [Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+            dl.gpu.Fallback()]
+
+
+def gpu_pipeline(target):
+    """Our passes with dlight GPU schedules between fusion and lowering."""
+    import tvm
+    from tvm.s_tir import dlight as dl
+
+    @tvm.transform.module_pass(opt_level=0, name="gptbc_gpu_pipeline")
+    def pipeline(mod, _ctx):
+        with target:
+            schedule = dl.ApplyDefaultSchedule(*gpu_schedule_rules())
+            return tvm.transform.Sequential(fusion_passes() + [schedule] + lowering_passes())(mod)
+
+    return pipeline
+
+
+PIPELINES: dict[str, Callable] = {
+    "llvm": cpu_pipeline,
+    "cuda": gpu_pipeline, "metal": gpu_pipeline, "vulkan": gpu_pipeline, "webgpu": gpu_pipeline,
+    "rocm": gpu_pipeline, "opencl": gpu_pipeline,
+}
 
 
 def export_relax(cfg: GPTBigCodeConfig, quant: Quantization, target):
@@ -116,13 +165,14 @@ def export_relax(cfg: GPTBigCodeConfig, quant: Quantization, target):
 def compile_model(source: ModelSource, target_name: str, quantization: str, output: str | Path | None = None,
                   log: Callable[[str], None] = print, quantize_lm_head: bool = True) -> Path:
     """Build the model library for `source` and return its path."""
-    spec = get_target(target_name)
+    spec, build = plan_build(target_name)
     quant = get_quantization(quantization, quantize_lm_head)
-    output = Path(output) if output else default_output(source.name, quant.name, spec)
-    if output.suffix != spec.output_suffix:
-        raise GptbcError(f"-o {output}: target {spec.name} produces a {spec.output_suffix} file")
+    output = Path(output) if output else default_output(source.name, quant.name, target_name, build)
+    if "".join(output.suffixes[-1:]) != build.suffix:
+        raise GptbcError(f"-o {output}: target {target_name} produces a {build.suffix} file here")
 
     import tvm
+    from tvm import relax
 
     from .loader import model_params
 
@@ -132,27 +182,126 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
         return now
 
     t = time.perf_counter()
-    target_json = spec.make()
-    target = tvm.target.Target(target_json)
+    target = tvm.target.Target(build.target)
     mod = export_relax(source.config, quant, target)
-    mod = attach_metadata(mod, metadata(source, quant, spec, target_json, model_params(source.config, quant)))
+    meta = metadata(source, quant, spec, build.target, model_params(source.config, quant))
+    meta["target"] = target_name
+    mod = attach_metadata(mod, meta)
     t = phase(f"export {source.name} ({quant.name}) to Relax", t)
 
     pipeline = PIPELINES.get(target.kind.name)
     if pipeline is None:
-        raise GptbcError(f"--target {spec.name}: no compile pipeline for TVM target kind {target.kind.name}")
-    with tvm.transform.PassContext(opt_level=3):
-        executable = tvm.compile(mod, target, relax_pipeline=pipeline(target))
-    t = phase(f"lower and build for {spec.name}", t)
+        raise GptbcError(f"--target {target_name}: no compile pipeline for TVM target kind {target.kind.name}")
+    with tvm.transform.PassContext(opt_level=3), guarded_tir_cse() as cse_skipped:
+        executable = relax.build(mod, target, relax_pipeline=pipeline(target), system_lib=build.system_lib)
+    if cse_skipped:
+        log(f"[gptbc] TIR CSE left out of {len(cse_skipped)} kernel(s) it would break: {', '.join(cse_skipped)}")
+    t = phase(f"lower and build for {target_name}", t)
+
+    sidecars: dict[Path, bytes] = {}
+    if target.kind.name == "cuda":
+        sidecars = aot_cuda_kernels(executable, target, output)
+        t = phase(f"compile CUDA kernels with nvcc for {target.attrs['arch']}", t)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=spec.output_suffix, dir=output.parent)
+    with atomic_path(output) as tmp:
+        if build.cc:
+            from tvm.contrib import cc
+
+            executable.export_library(str(tmp), fcompile=cc.cross_compiler(build.cc))
+        else:
+            executable.export_library(str(tmp))
+        os.chmod(tmp, 0o755 if build.suffix in (".so", ".dylib") else 0o644)
+    for path, data in sidecars.items():
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+            os.chmod(tmp, 0o644)
+    phase(f"write {output} ({'objects for static linking' if build.system_lib else 'shared library'})", t)
+    return output
+
+
+@contextlib.contextmanager
+def guarded_tir_cse():
+    """Run TVM's TIR common-subexpression elimination per kernel, keeping a kernel un-CSE'd when CSE breaks it.
+
+    The bug (apache-tvm 0.27.0.post1, tirx.CommonSubexprElim): when the same index expression occurs
+    inside a `T.Let` expression and again later in a statement, CSE does not count the occurrence in the
+    Let body when placing its new binding, but still substitutes it, so the binding lands *after* that
+    first use. SplitHostDevice then fails with "variable cse_vN has been used before definition". It hit
+    the paged-KV-cache prefill/tree attention kernels on GPU targets at head_dim 16 (their RoPE branch
+    computes `threadIdx.x % 8` inside a Let; the V loads compute it again); see docs/targets.md.
+    Disabling CSE for the whole build (`tirx.disable_cse_tir`) would de-optimize every kernel; this
+    keeps CSE wherever its output is well formed and yields the names of the kernels it skipped.
+    """
+    import tvm
+    from tvm import tirx
+
+    original = tirx.transform.CommonSubexprElim
+    skipped: list[str] = []
+
+    @tirx.transform.prim_func_pass(opt_level=0, name="gptbc.GuardedCommonSubexprElim")
+    def guarded(func, _mod, _ctx):
+        before = tvm.IRModule({"f": func})
+        out = original()(before)
+        if tirx.analysis.verify_well_formed(out, assert_mode=False) or \
+                not tirx.analysis.verify_well_formed(before, assert_mode=False):
+            return out["f"]
+        skipped.append(str(func.attrs.get("global_symbol", "?")) if func.attrs else "?")
+        return func
+
+    # TVM's default TIR pipeline looks the pass factory up on the module when it builds its pass list.
+    tirx.transform.CommonSubexprElim = lambda: guarded
+    try:
+        yield skipped
+    finally:
+        tirx.transform.CommonSubexprElim = original
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """A temporary path beside `path`, renamed onto it when the block succeeds, removed when it fails."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes[-1:]), dir=path.parent)
     os.close(fd)
     try:
-        executable.export_library(tmp)
-        os.replace(tmp, output)
+        yield Path(tmp)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    phase(f"write {output}", t)
-    return output
+
+
+def find_cuda_module(module):
+    if module.kind == "cuda":
+        return module
+    for imported in module.imports:
+        found = find_cuda_module(imported)
+        if found is not None:
+            return found
+    return None
+
+
+def aot_cuda_kernels(executable, target, output: Path) -> dict[Path, bytes]:
+    """nvcc-compile the library's CUDA kernels for the target arch, as `LIB.fatbin` + `LIB.fatbin.json`.
+
+    TVM 0.27's CUDA codegen stores CUDA C in the library and compiles it when the library is loaded
+    (NVRTC through cuda-python by default). Compiling here instead means build errors surface on the
+    build machine, and the runtime (runtime.py) serves this fatbin to TVM's compile hook when the
+    kernel source matches, so a GPU machine needs neither NVRTC nor nvcc.
+    """
+    import hashlib
+
+    from tvm.support import nvcc
+
+    module = find_cuda_module(executable.mod)
+    if module is None:
+        raise GptbcError("internal: the CUDA build holds no CUDA module")
+    source = module.inspect_source("cuda")
+    try:
+        with target:
+            fatbin = nvcc.compile_cuda(source, target_format="fatbin", compiler="nvcc")
+    except Exception as err:
+        raise GptbcError(f"nvcc failed on the generated kernels for {target.attrs['arch']}: "
+                         f"{str(err).strip().splitlines()[-1][:300]}") from None
+    info = {"arch": str(target.attrs["arch"]), "source_sha256": hashlib.sha256(source.encode()).hexdigest()}
+    fat_path = output.with_name(output.name + ".fatbin")
+    return {fat_path: bytes(fatbin), fat_path.with_name(fat_path.name + ".json"): json.dumps(info).encode()}

@@ -208,16 +208,23 @@ class Scheduler:
                    and r.finish_reason is None]
         if running:
             self.stats.max_batch = max(self.stats.max_batch, len(running))
-            logits = engine.decode_batch([r.seq_id for r in running], [r.output_ids[-1] for r in running])
+            seq_ids, last = [r.seq_id for r in running], [r.output_ids[-1] for r in running]
             self.stats.decode_tokens += len(running)
-            events += [self._accept(r, row) for r, row in zip(running, logits)]
+            if not engine.on_cpu and all(_plain_greedy(r.params) for r in running):
+                # On a GPU, pick greedy tokens on the device instead of copying batch × vocab logits.
+                tokens = engine.decode_batch_greedy(seq_ids, last)
+                events += [self._accept(r, None, t) for r, t in zip(running, tokens)]
+            else:
+                logits = engine.decode_batch(seq_ids, last)
+                events += [self._accept(r, row) for r, row in zip(running, logits)]
         for req in [r for r in self.active if r.finish_reason is not None]:
             self._retire(req)
         return events
 
-    def _accept(self, req: Request, logits: np.ndarray) -> Event:
+    def _accept(self, req: Request, logits: np.ndarray | None, token: int | None = None) -> Event:
         p = req.params
-        token = sample(logits, p, req.rng, req.seen, req.counts)
+        if token is None:
+            token = sample(logits, p, req.rng, req.seen, req.counts)
         req.output_ids.append(token)
         if p.logprobs:
             req.logprobs.append(float(log_softmax(logits)[token]))
@@ -260,6 +267,11 @@ class Scheduler:
     def run_until_done(self, requests: Sequence[Request]) -> None:
         while any(r.finish_reason is None for r in requests):
             self.step()
+
+
+def _plain_greedy(p: SamplingParams) -> bool:
+    return p.greedy and not p.logprobs and p.repetition_penalty == 1.0 and not p.presence_penalty \
+        and not p.frequency_penalty
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

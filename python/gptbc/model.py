@@ -262,6 +262,34 @@ class GPTBigCodeForCausalLM(nn.Module):
     def batch_verify(self, input_embeds: Tensor, kv_cache: PagedKVCache):
         return self.logits(self.transformer(input_embeds, kv_cache)), kv_cache
 
+    # ---- on-device sampling helpers: a GPU run copies token ids or probabilities, not raw logits ----
+    def argmax(self, logits: Tensor) -> Tensor:
+        """(batch, vocab) float32 → (batch,) int32 greedy tokens (the first maximum, as numpy does).
+
+        Written as an int32 tuple reduction: relax's argmax indexes in int64, which WebGPU lacks.
+        """
+
+        def combine(a, b):
+            keep_a = tirx.Or(a[1] > b[1], tirx.And(a[1] == b[1], a[0] <= b[0]))
+            return tirx.Select(keep_a, a[0], b[0]), tirx.Select(keep_a, a[1], b[1])
+
+        def identity(t0, t1):
+            return tirx.const(-1, t0), tirx.min_value(t1)
+
+        reducer = te.comm_reducer(combine, identity, name="argmax")
+
+        def compute(x: te.Tensor):
+            k = te.reduce_axis((0, x.shape[1]), name="k")
+            # Both results are kernel outputs: GPUs cannot allocate the max values as a global temporary.
+            return list(te.compute((x.shape[0],), lambda i: reducer((tirx.Cast("int32", k), x[i, k]), axis=k),
+                                   name="argmax"))
+
+        return op.tensor_expr_op(compute, "argmax", [logits])[0]
+
+    def softmax_with_temperature(self, logits: Tensor, temperature: Tensor) -> Tensor:
+        """(batch, vocab) logits, (batch,) temperatures → probabilities."""
+        return op.softmax(logits / op.reshape(temperature, (-1, 1)), axis=-1)
+
     def create_paged_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
                               prefill_chunk_size: tirx.Var, page_size: tirx.Var,
                               support_sliding_window: tirx.Var) -> PagedKVCache:
@@ -308,6 +336,13 @@ class GPTBigCodeForCausalLM(nn.Module):
             },
             "batch_decode": {"input_embeds": nn.spec.Tensor(["batch_size", 1, e], dt), "kv_cache": kv, "$": packed},
             "batch_verify": {"input_embeds": nn.spec.Tensor([1, "seq_len", e], dt), "kv_cache": kv, "$": packed},
+            "argmax": {"logits": nn.spec.Tensor(["batch_size", self.cfg.vocab_size], "float32"),
+                       "$": {"param_mode": "none", "effect_mode": "none"}},
+            "softmax_with_temperature": {
+                "logits": nn.spec.Tensor(["batch_size", self.cfg.vocab_size], "float32"),
+                "temperature": nn.spec.Tensor(["batch_size"], "float32"),
+                "$": {"param_mode": "none", "effect_mode": "none"},
+            },
             "create_paged_kv_cache": {
                 "max_batch_size": int,
                 "max_total_seq_len": int,

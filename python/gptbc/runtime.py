@@ -22,13 +22,49 @@ from .tokenizer import Tokenizer, find_fim_tokens, has_tokenizer
 PAGE_SIZE = 16
 
 
+DEVICE_KINDS = {"cpu": "cpu", "llvm": "cpu", "cuda": "cuda", "metal": "metal", "vulkan": "vulkan", "rocm": "rocm",
+                "opencl": "opencl"}
+
+
 def parse_device(device: str):
+    """'cpu', 'cuda:0', 'metal', 'vulkan:1' → a TVM device that exists on this machine."""
     import tvm
 
     kind, _, index = device.partition(":")
-    if kind not in ("cpu", "llvm"):
-        raise GptbcError(f"device {device!r}: only 'cpu' is supported by this build of gptbc")
-    return tvm.cpu(int(index or 0))
+    if kind not in DEVICE_KINDS or (index and not index.isdigit()):
+        raise GptbcError(f"device {device!r}: expected one of {', '.join(sorted(set(DEVICE_KINDS)))}, "
+                         f"optionally with :INDEX")
+    try:
+        dev = tvm.device(DEVICE_KINDS[kind], int(index or 0))
+        exists = dev.exist
+    except Exception:  # this TVM build has no runtime for that kind
+        exists = False
+    if not exists:
+        raise GptbcError(f"device {device!r}: no such device on this machine (or this TVM has no runtime for it)")
+    return dev
+
+
+def serve_prebuilt_cuda_kernels(lib: Path) -> None:
+    """Answer TVM's load-time CUDA compile hook with the fatbin `gptbc compile` made, when it matches.
+
+    Other sources (another library, or a mismatch) go to TVM's own compiler (NVRTC, or nvcc with
+    TVM_CUDA_COMPILE_MODE=nvcc).
+    """
+    import hashlib
+
+    import tvm_ffi
+    from tvm.support import nvcc
+
+    fat = lib.with_name(lib.name + ".fatbin")
+    info_path = fat.with_name(fat.name + ".json")
+    prebuilt = {}
+    if fat.is_file() and info_path.is_file():
+        prebuilt[json.loads(info_path.read_text())["source_sha256"]] = fat.read_bytes()
+    previous = nvcc.tvm_callback_cuda_compile
+
+    @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
+    def compile_hook(code):
+        return prebuilt.get(hashlib.sha256(code.encode()).hexdigest()) or previous(code)
 
 
 def load_library(lib: str | Path, dev):
@@ -38,6 +74,8 @@ def load_library(lib: str | Path, dev):
     lib = Path(lib)
     if not lib.is_file():
         raise GptbcError(f"--lib {lib}: file not found")
+    if dev.dlpack_device_type() == tvm.cuda(0).dlpack_device_type():
+        serve_prebuilt_cuda_kernels(lib)
     try:
         vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), dev)
         meta = json.loads(str(vm["_metadata"]()))
@@ -111,6 +149,11 @@ class Engine:
         self.info = load_gptbc_config(self.model_dir)
         self.dev = parse_device(device)
         self.vm, self.meta = load_library(self.lib, self.dev)
+        kind = DEVICE_KINDS[device.partition(":")[0]]
+        if self.meta.get("device", "cpu") != kind:
+            raise GptbcError(f"--lib {self.lib} was built for {self.meta.get('device')} "
+                             f"(--target {self.meta.get('target')}), not for device {device!r}")
+        self.on_cpu = kind == "cpu"
         check_compatible(self.lib, self.meta, self.model_dir, self.info)
         self.config = GPTBigCodeConfig.from_dict(self.meta["model_config"], source=f"--lib {self.lib}")
         self.context_window_size = int(self.meta["context_window_size"])
@@ -209,9 +252,17 @@ class Engine:
 
     def decode_batch(self, seq_ids: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
         """One new token for each sequence; float32[batch, vocab]."""
+        return self._decode_batch(seq_ids, tokens).numpy().reshape(len(seq_ids), -1)
+
+    def decode_batch_greedy(self, seq_ids: Sequence[int], tokens: Sequence[int]) -> list[int]:
+        """decode_batch + argmax on the device: only the chosen ids come back to the host."""
+        logits = self._decode_batch(seq_ids, tokens)
+        return self.vm["argmax"](logits._create_view((len(seq_ids), self.config.vocab_size))).numpy().tolist()
+
+    def _decode_batch(self, seq_ids: Sequence[int], tokens: Sequence[int]):
         self.check_ids(tokens)
         embeds = self._embed(tokens)._create_view((len(tokens), 1, self.config.n_embd))
-        return self._forward("batch_decode", seq_ids, [1] * len(tokens), embeds).reshape(len(seq_ids), -1)
+        return self._forward("batch_decode", seq_ids, [1] * len(tokens), embeds, to_host=False)
 
     def verify(self, seq_id: int, ids: Sequence[int]) -> np.ndarray:
         """Append `ids` and return the logits after every one of them, float32[len(ids), vocab]."""
@@ -219,7 +270,7 @@ class Engine:
         embeds = self._embed(ids)._create_view((1, len(ids), self.config.n_embd))
         return self._forward("batch_verify", [seq_id], [len(ids)], embeds).reshape(len(ids), -1)
 
-    def _forward(self, func: str, seq_ids, lengths, embeds, *extra) -> np.ndarray:
+    def _forward(self, func: str, seq_ids, lengths, embeds, *extra, to_host: bool = True):
         seq_ids = [seq_ids] if isinstance(seq_ids, int) else list(seq_ids)
         lengths = [lengths] if isinstance(lengths, int) else list(lengths)
         self._begin(self.kv_cache, self._shape(seq_ids), self._shape(lengths))
@@ -227,7 +278,7 @@ class Engine:
             logits, self.kv_cache = self.vm[func](embeds, *extra, self.kv_cache, self.params)
         finally:
             self._end(self.kv_cache)
-        return logits.numpy().reshape(-1)
+        return logits.numpy().reshape(-1) if to_host else logits
 
     def check_ids(self, ids: Sequence[int]) -> None:
         vocab = self.config.vocab_size

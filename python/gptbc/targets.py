@@ -1,62 +1,169 @@
 """Every `--target` spelling in one table: the TVM target it means, what it produces, what it needs.
 
-Adding a target is adding a `TargetSpec` here; the compile driver and `gptbc targets` read this
-table and nothing else decides per-target behaviour.
+Adding a target is adding a `TargetSpec` here; the compile driver, the runtime and `gptbc targets`
+read this table and nothing else decides per-target behaviour.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import platform
+import re
+import shutil
+from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import GptbcError
+
+WASM_HOST = {"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"}
+MAC_HOST = {"kind": "llvm", "mtriple": "arm64-apple-macos", "mcpu": "apple-m1"}
+AARCH64_TRIPLE = "aarch64-linux-gnu"
+
+
+@dataclass(frozen=True)
+class Build:
+    """What `gptbc compile` makes for a target on this machine."""
+
+    target: dict  # TVM target JSON (host included where it differs from this machine)
+    suffix: str  # ".so", ".dylib" or ".tar"
+    system_lib: bool = False  # objects for static linking (.tar) rather than a shared library
+    cc: str | None = None  # cross compiler used to link a shared library
 
 
 @dataclass(frozen=True)
 class TargetSpec:
     name: str
-    aliases: tuple[str, ...]
     description: str
-    make: Callable[[], dict]  # → TVM target JSON (host included where it differs)
-    output_suffix: str  # ".so", ".tar", ...
+    device: str  # runtime device kind the library runs on: "cpu", "cuda", "metal", "vulkan", "webgpu"
     toolchain: str  # what building needs, in words
-    device: str  # runtime device this library runs on ("cpu", "cuda", ...)
+    plan: Callable[[str | None], Build]  # variant ("sm_86" in "cuda:sm_86") → what to build
+    aliases: tuple[str, ...] = ()
+    variant_pattern: str | None = None  # regex a ":variant" must match
+    unavailable: Callable[[], str | None] = field(default=lambda: None)  # why this machine cannot build it
+    runs_here: Callable[[], bool] = field(default=lambda: False)
 
 
-def host_cpu_target(num_cores: int | None = None, mcpu: str | None = None) -> dict:
-    """This machine's CPU: its LLVM cpu name (enables AVX2/AVX-512/NEON as present) and core count."""
+def host_cpu_target(mcpu: str | None = None, num_cores: int | None = None) -> dict:
+    """This machine's CPU: its LLVM cpu name (AVX2/AVX-512/NEON as present) and core count."""
     from tvm.target import codegen
 
-    return {
-        "kind": "llvm",
-        "mcpu": mcpu or str(codegen.llvm_get_system_cpu()),
-        "num-cores": int(num_cores or os.cpu_count() or 1),
-    }
+    return {"kind": "llvm", "mcpu": mcpu or str(codegen.llvm_get_system_cpu()),
+            "num-cores": int(num_cores or os.cpu_count() or 1)}
+
+
+def _cpu(variant: str | None) -> Build:
+    return Build(host_cpu_target(mcpu=variant), ".so")
+
+
+def _local_cuda_arch() -> str | None:
+    try:
+        import tvm
+
+        dev = tvm.cuda(0)
+        if dev.exist:
+            return "sm_" + dev.compute_version.replace(".", "")
+    except Exception:  # no CUDA runtime at all
+        return None
+    return None
+
+
+def _cuda(variant: str | None) -> Build:
+    arch = variant or _local_cuda_arch() or "sm_80"
+    # 48 KiB is the static shared-memory limit on every CUDA GPU; stating it keeps TVM from guessing.
+    return Build({"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152, "host": host_cpu_target()},
+                 ".so")
+
+
+def _metal(_variant: str | None) -> Build:
+    if platform.system() == "Darwin":
+        return Build({"kind": "metal", "host": host_cpu_target()}, ".dylib")
+    # Elsewhere: objects for an arm64 macOS app to link (its runtime registers the system library).
+    return Build({"kind": "metal", "host": MAC_HOST}, ".tar", system_lib=True)
+
+
+def _vulkan(_variant: str | None) -> Build:
+    return Build({"kind": "vulkan", "host": host_cpu_target()}, ".so")
+
+
+def _webgpu(_variant: str | None) -> Build:
+    return Build({"kind": "webgpu", "host": WASM_HOST}, ".tar", system_lib=True)
+
+
+def _aarch64(_variant: str | None) -> Build:
+    cpu = {"kind": "llvm", "mtriple": AARCH64_TRIPLE, "mattr": ["+neon"], "num-cores": 4}
+    cc = shutil.which(f"{AARCH64_TRIPLE}-gcc")
+    if cc:
+        return Build(cpu, ".so", cc=cc)
+    return Build(cpu, ".tar", system_lib=True)
+
+
+def _has_global(name: str) -> bool:
+    import tvm
+
+    return tvm.get_global_func(name, allow_missing=True) is not None
+
+
+def _no_nvcc() -> str | None:
+    return None if shutil.which("nvcc") else "nvcc not found on PATH (install the CUDA toolkit)"
+
+
+def _no_vulkan_codegen() -> str | None:
+    if _has_global("target.build.vulkan"):
+        return None
+    return ("the installed TVM has no Vulkan codegen (target.build.vulkan is missing: the apache-tvm wheel is "
+            "built without it); build TVM from source with USE_VULKAN=ON (needs the Vulkan SDK and SPIR-V "
+            "tools) and install that instead")
+
+
+def _device_exists(kind: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            import tvm
+
+            return bool(tvm.device(kind, 0).exist)
+        except Exception:
+            return False
+
+    return check
 
 
 TARGETS: list[TargetSpec] = [
-    TargetSpec(
-        name="cpu",
-        aliases=("llvm",),
-        description="this machine's CPU (LLVM, host CPU features), native shared library",
-        make=host_cpu_target,
-        output_suffix=".so",
-        toolchain="LLVM inside TVM + a C compiler to link (cc)",
-        device="cpu",
-    ),
+    TargetSpec("cpu", "this machine's CPU (LLVM with the host's features; `cpu:MCPU` overrides)", "cpu",
+               "LLVM (in TVM) and a C compiler to link", _cpu, aliases=("llvm",), variant_pattern=r"[\w.-]+",
+               runs_here=lambda: True),
+    TargetSpec("cuda", "NVIDIA GPU; `cuda:sm_XX` picks the architecture (default: the local GPU's, else sm_80)",
+               "cuda", "nvcc", _cuda, variant_pattern=r"sm_\d{2,3}a?", unavailable=_no_nvcc,
+               runs_here=_device_exists("cuda")),
+    TargetSpec("metal", "Apple silicon GPU: a .dylib on macOS, elsewhere a .tar of objects for a macOS build",
+               "metal", "LLVM (in TVM); on macOS the Xcode command line tools", _metal,
+               runs_here=_device_exists("metal")),
+    TargetSpec("vulkan", "Vulkan GPU (needs a TVM built with USE_VULKAN=ON)", "vulkan", "TVM with Vulkan codegen",
+               _vulkan, unavailable=_no_vulkan_codegen, runs_here=_device_exists("vulkan")),
+    TargetSpec("webgpu", "browsers (WGSL shaders, wasm32 host code), a .tar for a web runtime", "webgpu",
+               "LLVM (in TVM)", _webgpu),
+    TargetSpec("aarch64-linux", "64-bit ARM Linux boards (NEON): a .so with aarch64-linux-gnu-gcc, else a .tar",
+               "cpu", "LLVM (in TVM); aarch64-linux-gnu-gcc to link a .so", _aarch64,
+               runs_here=lambda: platform.machine() in ("aarch64", "arm64") and platform.system() == "Linux"),
 ]
 
 
-def get_target(name: str) -> TargetSpec:
+def get_target(spelling: str) -> tuple[TargetSpec, str | None]:
+    """`cuda:sm_86` → (the cuda entry, "sm_86"); unknown names and bad variants are one-line errors."""
+    name, _, variant = spelling.partition(":")
     for spec in TARGETS:
         if name == spec.name or name in spec.aliases:
-            return spec
+            if variant and not (spec.variant_pattern and re.fullmatch(spec.variant_pattern, variant)):
+                raise GptbcError(f"--target {spelling}: {spec.name} takes no variant {variant!r}"
+                                 + (f" (expected {spec.variant_pattern})" if spec.variant_pattern else ""))
+            return spec, variant or None
     known = ", ".join(n for s in TARGETS for n in (s.name, *s.aliases))
-    raise GptbcError(f"--target {name}: unknown target (choose from {known})")
+    raise GptbcError(f"--target {spelling}: unknown target (choose from {known})")
 
 
-def tvm_target(spec: TargetSpec):
-    import tvm
-
-    return tvm.target.Target(spec.make())
+def plan_build(spelling: str) -> tuple[TargetSpec, Build]:
+    """Resolve a target spelling and check this machine can build it, before any work is done."""
+    spec, variant = get_target(spelling)
+    why = spec.unavailable()
+    if why:
+        raise GptbcError(f"--target {spelling}: cannot build here: {why}")
+    return spec, spec.plan(variant)

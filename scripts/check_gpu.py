@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""Check a GPU install end to end: build a small random GPTBigCode checkpoint, convert it, compile it for
+the CPU and for your GPU, and check both give the same greedy tokens and nearly the same logits.
+
+    python scripts/check_gpu.py --target cuda --device cuda:0
+    python scripts/check_gpu.py --target metal --device metal   # on a Mac
+
+Needs only gptbc (no torch): the checkpoint is written with numpy in Hugging Face's safetensors layout.
+Exit status 0 when everything matches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from gptbc.compiler import compile_model
+from gptbc.config import resolve_model
+from gptbc.errors import GptbcError
+from gptbc.loader import convert_weight
+from gptbc.runtime import Engine
+from gptbc.targets import plan_build
+
+
+def random_checkpoint(directory: Path, n_embd=256, n_head=4, n_layer=2, vocab=1000, n_positions=256) -> Path:
+    rng = np.random.default_rng(0)
+    inner, kv = 4 * n_embd, n_embd // n_head
+    shapes = {"transformer.wte.weight": (vocab, n_embd), "transformer.wpe.weight": (n_positions, n_embd),
+              "transformer.ln_f.weight": (n_embd,), "transformer.ln_f.bias": (n_embd,)}
+    for i in range(n_layer):
+        p = f"transformer.h.{i}."
+        shapes.update({p + "ln_1.weight": (n_embd,), p + "ln_1.bias": (n_embd,), p + "ln_2.weight": (n_embd,),
+                       p + "ln_2.bias": (n_embd,), p + "attn.c_attn.weight": (n_embd + 2 * kv, n_embd),
+                       p + "attn.c_attn.bias": (n_embd + 2 * kv,), p + "attn.c_proj.weight": (n_embd, n_embd),
+                       p + "attn.c_proj.bias": (n_embd,), p + "mlp.c_fc.weight": (inner, n_embd),
+                       p + "mlp.c_fc.bias": (inner,), p + "mlp.c_proj.weight": (n_embd, inner),
+                       p + "mlp.c_proj.bias": (n_embd,)})
+    tensors = {k: (1.0 + 0.1 * rng.standard_normal(s) if "ln_" in k and k.endswith("weight")
+                   else 0.1 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps({
+        "model_type": "gpt_bigcode", "n_embd": n_embd, "n_head": n_head, "n_layer": n_layer, "vocab_size": vocab,
+        "n_positions": n_positions, "multi_query": True, "activation_function": "gelu_pytorch_tanh",
+        "bos_token_id": 0, "eos_token_id": 0}))
+    return directory
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="cuda")
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--quantization", default="q0f32")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        try:
+            out = convert_weight(random_checkpoint(root / "hf"), args.quantization, root / "out", progress=False)
+            source = resolve_model(str(out))
+            t = time.perf_counter()
+            suffix = plan_build(args.target)[1].suffix
+            gpu_lib = compile_model(source, args.target, args.quantization, root / f"gpu{suffix}", log=print)
+            print(f"compiled for {args.target} in {time.perf_counter() - t:.1f}s")
+            cpu_lib = compile_model(source, "cpu", args.quantization, root / "cpu.so", log=lambda _m: None)
+            gpu, cpu = Engine(out, gpu_lib, device=args.device), Engine(out, cpu_lib)
+        except GptbcError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        ids = list(range(1, 40))
+        seq_g, seq_c = gpu.add_sequence(), cpu.add_sequence()
+        lg, lc = gpu.verify(seq_g, ids), cpu.verify(seq_c, ids)
+        err = float(np.abs(lg - lc).max() / np.abs(lc).max())
+        t = time.perf_counter()
+        tokens_gpu = gpu.generate(ids, 32)
+        rate = 32 / (time.perf_counter() - t)
+        same = tokens_gpu == cpu.generate(ids, 32)
+        print(f"logits: max error relative to CPU {err:.2e}; greedy tokens {'equal' if same else 'DIFFER'}; "
+              f"{rate:.1f} tokens/s on {args.device}")
+        return 0 if same and err < 1e-2 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
