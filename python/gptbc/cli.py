@@ -40,9 +40,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     source = resolve_model(args.model, context_window_size=args.context_window_size,
                            prefill_chunk_size=args.prefill_chunk_size, max_batch_size=args.max_batch_size)
-    out = compile_model(source, args.target, args.quantization, args.output,
-                        log=lambda m: print(m, file=sys.stderr, flush=True),
-                        quantize_lm_head=not args.no_quantize_lm_head)
+    quantization, keep_head = args.quantization, args.no_quantize_lm_head
+    if quantization is None:  # a converted directory compiles for its own scheme; anything else for q0f32
+        from .config import GPTBC_CONFIG, load_gptbc_config
+
+        converted = source.directory is not None and (source.directory / GPTBC_CONFIG).is_file()
+        scheme = load_gptbc_config(source.directory)["quantization"] if converted else {"name": "q0f32"}
+        quantization = scheme["name"]
+        keep_head = keep_head or not scheme.get("quantize_lm_head", True)
+    out = compile_model(source, args.target, quantization, args.output,
+                        log=lambda m: print(m, file=sys.stderr, flush=True), quantize_lm_head=not keep_head)
     print(out)
     return 0
 
@@ -97,6 +104,18 @@ def cmd_targets(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    batches = tuple(int(b) for b in args.batch.split(",") if b) if args.batch else ()
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
+    result = run_bench(args.out_dir, args.lib, prefill=args.prefill, prompt=args.prompt, decode=args.decode,
+                       batches=batches, repeat=args.repeat, device=args.device, log=log)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
 KEEP_HEAD_HELP = "keep lm_head (and a tied wte) in the activation dtype under a grouped int scheme"
 
 
@@ -109,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="preset name, HF directory, gptbc weights directory or Hub id")
     c.add_argument("--target", default="cpu", help="cpu, cuda[:sm_XX], metal, vulkan, webgpu, aarch64-linux "
                                                     "(see `gptbc targets`)")
-    c.add_argument("--quantization", default="q0f32")
+    c.add_argument("--quantization", help="default: the scheme of a converted --model directory, else q0f32")
     c.add_argument("-o", "--output", help="library path (default dist/libs/<model>-<quant>-<target>.so)")
     c.add_argument("--no-quantize-lm-head", action="store_true", help=KEEP_HEAD_HELP)
     c.add_argument("--context-window-size", type=_positive_or_none("--context-window-size"))
@@ -150,6 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true",
                    help="print one JSON object: token_ids, text, logprobs, finish_reason, prompt_tokens")
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="measure prefill / decode / batched decode speed")
+    b.add_argument("out_dir", metavar="OUT_DIR")
+    b.add_argument("--lib", required=True)
+    b.add_argument("--prefill", type=int, default=512, help="prompt tokens for the prefill test (0: skip)")
+    b.add_argument("--prompt", type=int, default=32, help="prompt tokens before the decode tests")
+    b.add_argument("--decode", type=int, default=64, help="decode steps")
+    b.add_argument("--batch", default="4,16", help="comma-separated batch sizes for batched decode ('' to skip)")
+    b.add_argument("--repeat", type=int, default=3)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--json", action="store_true", help="print the results as JSON (progress goes to stderr)")
+    b.set_defaults(func=cmd_bench)
 
     t = sub.add_parser("targets", help="list the targets")
     t.set_defaults(func=cmd_targets)

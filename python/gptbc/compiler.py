@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
+from . import __version__, schedules
 from .config import GPTBigCodeConfig, ModelSource
 from .errors import GptbcError
 from .quantization import Quantization, get_quantization
@@ -91,45 +91,17 @@ def lowering_passes() -> list:
 
 
 def cpu_pipeline(target):
-    """TVM's CPU pipeline (legalize, fuse, lower) — the place where CPU schedules go."""
+    """TVM's CPU passes with our CPU schedules (schedules.py) between fusion and lowering."""
     import tvm
+    from tvm.s_tir import dlight as dl
 
     @tvm.transform.module_pass(opt_level=0, name="gptbc_cpu_pipeline")
     def pipeline(mod, _ctx):
         with target:
-            return tvm.transform.Sequential(fusion_passes() + lowering_passes())(mod)
+            schedule = dl.ApplyDefaultSchedule(*schedules.cpu_rules())
+            return tvm.transform.Sequential(fusion_passes() + [schedule] + lowering_passes())(mod)
 
     return pipeline
-
-
-def gpu_schedule_rules() -> list:
-    """dlight rules for GPU targets, most specific first; Fallback makes every kernel valid GPU code."""
-    import tvm
-    from tvm import tirx
-    from tvm.s_tir import dlight as dl
-
-    class Matmul(dl.gpu.Matmul):
-        """dl.gpu.Matmul without tensorization.
-
-        In the apache-tvm 0.27.0.post1 wheel `Schedule.tensorize` segfaults for every call (seen even on
-        a textbook x86 VNNI case), and dlight's Matmul tensorizes f16 matmuls on CUDA >= sm_70
-        (MatmulTensorization) and every matmul on Metal (MetalMatmul, simdgroup intrinsics): those are
-        the crashes behind "Metal segfaults in Tensorize". The crash happens in C++, so dlight's own
-        try/except around it cannot catch it. We keep dlight's tiled shared-memory matmul schedule and
-        only skip the tensorize paths: CUDA via the `dlight.do_not_tensorize` attribute that rule
-        honours; Metal by scheduling with a generic-GPU target (same default config Metal gets).
-        Cost: no tensor-core / simdgroup-matrix MMA for prefill matmuls (decode GEMVs never used them).
-        """
-
-        def apply(self, func, target, tunable):
-            if isinstance(func, tirx.PrimFunc):
-                func = func.with_attr("dlight.do_not_tensorize", True)
-            if target.kind.name == "metal":
-                target = tvm.target.Target({"kind": "opencl"})
-            return super().apply(func, target, tunable)
-
-    return [Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-            dl.gpu.Fallback()]
 
 
 def gpu_pipeline(target):
@@ -140,7 +112,7 @@ def gpu_pipeline(target):
     @tvm.transform.module_pass(opt_level=0, name="gptbc_gpu_pipeline")
     def pipeline(mod, _ctx):
         with target:
-            schedule = dl.ApplyDefaultSchedule(*gpu_schedule_rules())
+            schedule = dl.ApplyDefaultSchedule(*schedules.gpu_rules())
             return tvm.transform.Sequential(fusion_passes() + [schedule] + lowering_passes())(mod)
 
     return pipeline

@@ -1,0 +1,102 @@
+"""`gptbc bench`: prefill and decode speed of a compiled model on its converted weights.
+
+Workloads (token ids drawn at random, greedy, no sampling cost):
+  prefill   one P-token prompt (default 512), prefilled in the library's chunks; tokens/s
+  decode    a 32-token prompt, then D single-token steps (default 64, batch 1); tokens/s of the steps,
+            time to first token, and the weight bandwidth that rate implies
+  batched   B sequences decoding together (default B = 4 and 16); total tokens/s
+Each is run `repeat` times; min and median are reported. Peak RSS is the process's high-water mark.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .runtime import Engine
+from .tensorfile import SafetensorsFile
+
+
+@dataclass
+class Timing:
+    runs: list[float] = field(default_factory=list)  # seconds
+
+    def rate(self, tokens: int) -> dict:
+        return {"tokens_per_s_best": tokens / min(self.runs), "tokens_per_s_median": tokens / statistics.median(self.runs),
+                "seconds": self.runs}
+
+
+def weight_bytes(model_dir: Path) -> int:
+    info = json.loads((model_dir / "gptbc-config.json").read_text())
+    total = 0
+    for f in sorted({p["file"] for p in info["params"]}):
+        with SafetensorsFile(model_dir / f) as st:
+            total += sum(int(np.prod(st.info(k)[1])) * st.info(k)[0].itemsize for k in st.keys())
+    return total
+
+
+def run_bench(model_dir: str | Path, lib: str | Path, prefill: int = 512, prompt: int = 32, decode: int = 64,
+              batches: tuple[int, ...] = (4, 16), repeat: int = 3, device: str = "cpu", log=print) -> dict:
+    model_dir = Path(model_dir)
+    need = max(prefill, max(batches, default=1) * (prompt + decode), prompt + decode)
+    engine = Engine(model_dir, lib, device=device, max_total_seq_len=need + 64,
+                    max_batch_size=max((*batches, 1)), prefix_cache_size=0)
+    vocab = engine.config.vocab_size
+    rng = np.random.default_rng(0)
+    ids = lambda n: rng.integers(0, vocab, n).tolist()  # noqa: E731
+    result: dict = {"model_dir": str(model_dir), "lib": str(lib), "quantization": engine.meta["quantization"]["name"],
+                    "weight_bytes": weight_bytes(model_dir)}
+
+    if prefill:
+        t = Timing()
+        for _ in range(repeat):
+            seq = engine.add_sequence()
+            p = ids(prefill)
+            start = time.perf_counter()
+            engine.prefill(seq, p)
+            t.runs.append(time.perf_counter() - start)
+            engine.remove_sequence(seq)
+        result["prefill"] = {"tokens": prefill, **t.rate(prefill)}
+        log(f"prefill {prefill} tokens: {result['prefill']['tokens_per_s_best']:.1f} tok/s (best)")
+
+    t, ttft = Timing(), []
+    for _ in range(repeat):
+        seq = engine.add_sequence()
+        start = time.perf_counter()
+        token = int(np.argmax(engine.prefill(seq, ids(prompt))))
+        ttft.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in range(decode):
+            token = int(np.argmax(engine.decode(seq, token)))
+        t.runs.append(time.perf_counter() - start)
+        engine.remove_sequence(seq)
+    rate = t.rate(decode)
+    result["decode"] = {"prompt": prompt, "tokens": decode, **rate, "time_to_first_token_s": min(ttft),
+                        "weight_GBps_best": result["weight_bytes"] * rate["tokens_per_s_best"] / 1e9}
+    log(f"decode {decode} tokens after {prompt}: {rate['tokens_per_s_best']:.2f} tok/s (best), "
+        f"{result['decode']['weight_GBps_best']:.1f} GB/s of weights, TTFT {min(ttft) * 1e3:.0f} ms")
+
+    for b in batches:
+        t = Timing()
+        for _ in range(repeat):
+            seqs = [engine.add_sequence() for _ in range(b)]
+            tokens = [int(np.argmax(engine.prefill(s, ids(prompt)))) for s in seqs]
+            start = time.perf_counter()
+            for _ in range(decode):
+                tokens = engine.decode_batch(seqs, tokens).argmax(-1).tolist()
+            t.runs.append(time.perf_counter() - start)
+            for s in seqs:
+                engine.remove_sequence(s)
+        result[f"batch{b}"] = {"batch": b, "steps": decode, **t.rate(b * decode)}
+        log(f"batch {b} decode: {result[f'batch{b}']['tokens_per_s_best']:.1f} tok/s total (best)")
+
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    log(f"peak RSS {result['peak_rss_bytes'] / 1e9:.2f} GB ({result['peak_rss_bytes'] / result['weight_bytes']:.2f}x "
+        f"the weights)")
+    return result
