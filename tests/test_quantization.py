@@ -28,7 +28,7 @@ def weights(rows: int, cols: int, seed: int = 0) -> np.ndarray:
 def test_round_trip_error_within_scheme_bound(q, cols):
     w = weights(9, cols)
     packed, scale = quantize(w, q)
-    assert packed.dtype == np.uint32 and packed.shape == (9, -(-cols // q.per_word))
+    assert packed.dtype == np.dtype(q.storage_dtype) and packed.shape == (9, -(-cols // q.per_word))
     assert scale.dtype == numpy_dtype(q.model_dtype) and scale.shape == (9, -(-cols // 32))
     back = dequantize(packed, scale, cols, q)
     s = np.repeat(scale.astype(np.float32), 32, axis=1)[:, :cols]
@@ -60,8 +60,11 @@ def test_packing_is_bit_exact_against_reference(q):
     w = weights(5, 70, seed=3)
     packed, scale = quantize(w, q)
     s = np.repeat(scale.astype(np.float32), 32, axis=1)[:, :70]
-    ints = np.clip(np.rint(w / np.where(s == 0, 1, s)), -q.max_int, q.max_int).astype(np.int64) + q.max_int
-    ints = np.pad(ints, ((0, 0), (0, -70 % q.per_word)), constant_values=q.max_int)  # padding = zero weights
+    ints = np.clip(np.rint(w / np.where(s == 0, 1, s)), -q.max_int, q.max_int).astype(np.int64)
+    if q.bits == 8:  # stored unpacked, signed
+        np.testing.assert_array_equal(packed, ints.astype(np.int8))
+        return
+    ints = np.pad(ints + q.max_int, ((0, 0), (0, -70 % q.per_word)), constant_values=q.max_int)  # pad: zeros
     np.testing.assert_array_equal(packed, pack_reference(ints, q.bits))
 
 

@@ -24,11 +24,14 @@ from .quantization import Quantization, is_quantized
 
 
 def _dequant(w: te.Tensor, s: te.Tensor, row, col, q: Quantization):
-    """float32 value of packed weight (row, col): unpack the int, remove the offset, scale its group."""
+    """float32 value of weight (row, col): unpack the int (int4), remove the offset, scale its group."""
+    scale = tirx.Cast("float32", s[row, col // q.group_size])
+    if q.bits == 8:
+        return tirx.Cast("float32", w[row, col]) * scale
     word = w[row, col // q.per_word]
     shift = tirx.Cast("uint32", (col % q.per_word) * q.bits)
     bits = (word >> shift) & tirx.const((1 << q.bits) - 1, "uint32")
-    return (tirx.Cast("float32", bits) - float(q.max_int)) * tirx.Cast("float32", s[row, col // q.group_size])
+    return (tirx.Cast("float32", bits) - float(q.max_int)) * scale
 
 
 def dequant_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: int, q: Quantization,
@@ -56,7 +59,7 @@ class QuantizedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, q: Quantization):
         self.in_features, self.q = in_features, q
         wshape, sshape = q.packed_shape((out_features, in_features))
-        self.q_weight = nn.Parameter(wshape, "uint32")
+        self.q_weight = nn.Parameter(wshape, q.storage_dtype)
         self.q_scale = nn.Parameter(sshape, q.model_dtype)
         self.bias = nn.Parameter((out_features,), q.model_dtype) if bias else None
 
@@ -71,7 +74,7 @@ class QuantizedEmbedding(nn.Module):
     def __init__(self, num: int, dim: int, q: Quantization):
         self.dim, self.q = dim, q
         wshape, sshape = q.packed_shape((num, dim))
-        self.q_weight = nn.Parameter(wshape, "uint32")
+        self.q_weight = nn.Parameter(wshape, q.storage_dtype)
         self.q_scale = nn.Parameter(sshape, q.model_dtype)
 
     def forward(self, ids: Tensor) -> Tensor:

@@ -4,10 +4,12 @@ Grouped schemes (`q8*_1`, `q4*_1`) are symmetric with one scale per 32 consecuti
     scale = max|w[group]| / max_int          (max_int = 127 for int8, 7 for int4)
     q     = round(w / scale) + max_int       (stored unsigned: 0..254 or 0..14)
     w'    = (q - max_int) * scale
-and packed little-end-first into uint32 words along the input dimension (4 int8 or 8 int4 per word),
-scales in the activation dtype. A weight of shape (out, in) becomes
-    q_weight uint32[out, ceil(in / per_word)]   and   q_scale dtype[out, ceil(in / 32)]
-with the tail of the last group padded with zero weights (stored as max_int, which dequantizes to 0). The same layout serves the token embedding (rows are
+int4 values are packed little-end-first into uint32 words along the input dimension (8 per word);
+int8 values are stored as they are, signed (int8[out, in]): a vector load then needs no unpacking,
+which on the CPU is the difference between a compute-bound and a bandwidth-bound int8 GEMV.
+Scales are in the activation dtype. A weight of shape (out, in) becomes
+    q_weight uint32[out, ceil(in / 8)] (int4) or int8[out, in] (int8),  q_scale dtype[out, ceil(in / 32)]
+with the tail of the last int4 word padded with zero weights (stored as max_int, which dequantizes to 0). The same layout serves the token embedding (rows are
 tokens) and so a tied lm_head. The numpy functions here are the converter and the test reference;
 `model.py` holds the matching dequantize-in-the-matmul compute.
 """
@@ -33,7 +35,12 @@ class Quantization:
 
     @property
     def per_word(self) -> int:
-        return 32 // self.bits
+        """Values per stored element: 8 int4 per uint32 word; int8 is stored unpacked."""
+        return 1 if self.bits == 8 else 32 // self.bits
+
+    @property
+    def storage_dtype(self) -> str:
+        return "int8" if self.bits == 8 else "uint32"
 
     @property
     def max_int(self) -> int:
@@ -108,7 +115,7 @@ def quantize(w: np.ndarray, q: Quantization) -> tuple[np.ndarray, np.ndarray]:
     """(rows, cols) float → (uint32 packed, scales) as described in the module docstring."""
     rows, cols = w.shape
     packed_shape, scale_shape = q.packed_shape((rows, cols))
-    packed = np.empty(packed_shape, np.uint32)
+    packed = np.empty(packed_shape, q.storage_dtype)
     scale = np.empty(scale_shape, numpy_dtype(q.model_dtype))
     for r in range(0, rows, ROWS_PER_CHUNK):
         packed[r:r + ROWS_PER_CHUNK], scale[r:r + ROWS_PER_CHUNK] = _quantize_rows(w[r:r + ROWS_PER_CHUNK], q)
@@ -139,6 +146,8 @@ def _quantize_rows(w: np.ndarray, q: Quantization) -> tuple[np.ndarray, np.ndarr
             i2, s2, e2 = _round_to(groups, amax, ratio, q)
             better = e2 < err
             ints[better], scale[better], err[better] = i2[better], s2[better], e2[better]
+    if q.bits == 8:
+        return ints.reshape(rows, padded)[:, :cols].astype(np.int8), scale
     ints = (ints.astype(np.int32) + q.max_int).reshape(rows, padded).astype(np.uint32)
     words = -(-padded // q.per_word)
     if words * q.per_word != padded:
@@ -153,8 +162,11 @@ def _quantize_rows(w: np.ndarray, q: Quantization) -> tuple[np.ndarray, np.ndarr
 def dequantize(packed: np.ndarray, scale: np.ndarray, cols: int, q: Quantization) -> np.ndarray:
     """The inverse of `quantize`, float32[rows, cols]."""
     rows = packed.shape[0]
-    shifts = (np.arange(q.per_word, dtype=np.uint32) * q.bits)[None, None, :]
-    mask = np.uint32((1 << q.bits) - 1)
-    ints = ((packed[:, :, None] >> shifts) & mask).reshape(rows, -1)[:, :cols].astype(np.float32) - q.max_int
+    if q.bits == 8:
+        ints = packed[:, :cols].astype(np.float32)
+    else:
+        shifts = (np.arange(q.per_word, dtype=np.uint32) * q.bits)[None, None, :]
+        mask = np.uint32((1 << q.bits) - 1)
+        ints = ((packed[:, :, None] >> shifts) & mask).reshape(rows, -1)[:, :cols].astype(np.float32) - q.max_int
     s = np.repeat(scale.astype(np.float32), q.group_size, axis=1)[:, :cols]
     return ints * s

@@ -127,6 +127,7 @@ def load_params(model_dir: Path, info: dict, meta: dict, dev) -> list:
                                  f"expected {p['dtype']}{p['shape']}")
             params.append(tvm.runtime.tensor(arr, dev))
             del arr
+            f.release(p["name"])  # copied: the mapped file pages need not stay resident too
     finally:
         for f in files.values():
             f.close()
