@@ -34,10 +34,8 @@ class CPUMatmul(dl.ScheduleRule):
     """
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
-            return None
-        sch = s_tir.Schedule(func)
-        if not _has_root(sch):
+        sch = _cpu_schedule(func, target)
+        if sch is None:
             return None
         try:
             return self._schedule(sch)
@@ -125,10 +123,8 @@ class CPUParallel(dl.ScheduleRule):
     """Any other kernel: its first block's outermost spatial loops run in parallel."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
-            return None
-        sch = s_tir.Schedule(func)
-        if not _has_root(sch):
+        sch = _cpu_schedule(func, target)
+        if sch is None:
             return None
         changed = False
         for block in sch.get_child_blocks(sch.get_sblock("root")):
@@ -142,6 +138,14 @@ class CPUParallel(dl.ScheduleRule):
             except Exception:  # noqa: BLE001 - a loop that cannot be parallel stays serial
                 continue
         return sch if changed else None
+
+
+def _cpu_schedule(func, target: Target) -> s_tir.Schedule | None:
+    """A schedule of `func` if it is a CPU kernel with a root block (hand-written kernels have none)."""
+    if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        return None
+    sch = s_tir.Schedule(func)
+    return sch if _has_root(sch) else None
 
 
 def _has_root(sch: s_tir.Schedule) -> bool:
