@@ -25,25 +25,31 @@ import time
 from pathlib import Path
 
 PREFILL, PROMPT, STEPS, REPEAT = 512, 32, 63, 3
-SANTACODER = dict(n_embd=2048, n_layer=24, n_head=16, n_inner=8192, n_positions=2048, vocab_size=49280,
-                  multi_query=True, activation_function="gelu_pytorch_tanh", layer_norm_epsilon=1e-5,
-                  bos_token_id=49152, eos_token_id=49152)
+SHAPES = {
+    "santacoder": dict(n_embd=2048, n_layer=24, n_head=16, n_inner=8192, n_positions=2048, vocab_size=49280,
+                       multi_query=True, activation_function="gelu_pytorch_tanh", layer_norm_epsilon=1e-5,
+                       bos_token_id=49152, eos_token_id=49152),
+    # a few seconds end to end: for checking the script itself (tests/test_bench.py)
+    "tiny": dict(n_embd=64, n_layer=2, n_head=4, n_positions=1024, vocab_size=500, multi_query=True,
+                 bos_token_id=0, eos_token_id=0),
+}
+VOCAB = SHAPES["santacoder"]["vocab_size"]
 
 
 def ids(n: int, seed: int) -> list[int]:
     import numpy as np
 
-    return np.random.default_rng(seed).integers(0, SANTACODER["vocab_size"], n).tolist()
+    return np.random.default_rng(seed).integers(0, VOCAB, n).tolist()
 
 
-def make_checkpoint(path: Path) -> None:
+def make_checkpoint(path: Path, shape: str) -> None:
     if (path / "model.safetensors").is_file():
         return
     import torch
     from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
     torch.manual_seed(0)
-    model = GPTBigCodeForCausalLM(GPTBigCodeConfig(**SANTACODER)).eval()
+    model = GPTBigCodeForCausalLM(GPTBigCodeConfig(**SHAPES[shape])).eval()
     model.save_pretrained(path, safe_serialization=True)
 
 
@@ -142,20 +148,21 @@ def run_worker(args: argparse.Namespace) -> None:
 
 
 def main() -> int:
-    global REPEAT
+    global REPEAT, VOCAB
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="folder for the checkpoint and converted files")
     ap.add_argument("--peers", default="gptbc:q0f32,gptbc:q8f32_1,gptbc:q4f32_1,hf:fp32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=REPEAT, help="runs per measurement; the best is reported")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="santacoder")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    REPEAT = args.repeat
+    REPEAT, VOCAB = args.repeat, SHAPES[args.shape]["vocab_size"]
     if args.worker:
         run_worker(args)
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
-    make_checkpoint(args.work / "hf")
+    make_checkpoint(args.work / "hf", args.shape)
     env = {**os.environ, "TVM_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
     bw = float(subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                                                      f"import bench_peers as b; print(b.read_bandwidth({args.threads}))"],
@@ -164,7 +171,8 @@ def main() -> int:
     rows = []
     for peer in args.peers.split(","):
         run = subprocess.run([sys.executable, __file__, "--work", str(args.work), "--threads", str(args.threads),
-                              "--repeat", str(args.repeat), "--worker", peer], env=env, capture_output=True, text=True)
+                              "--repeat", str(args.repeat), "--shape", args.shape, "--worker", peer],
+                             env=env, capture_output=True, text=True)
         line = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
         if run.returncode or not line:
             print(f"{peer}: failed\n{run.stderr[-2000:]}", file=sys.stderr)
