@@ -25,7 +25,7 @@ def default_output(model_name: str, quant: str, spelling: str, build: Build) -> 
     return Path("dist") / "libs" / f"{model_name}-{quant}-{spelling.replace(':', '-')}{build.suffix}"
 
 
-def metadata(source: ModelSource, quant: Quantization, target: TargetSpec, target_json: dict,
+def metadata(source: ModelSource, quant: Quantization, target: TargetSpec, spelling: str, target_json: dict,
              params: list[tuple[str, tuple[int, ...], str]]) -> dict:
     """What the runtime checks before loading weights; served by the library's `_metadata` function."""
     cfg = source.config
@@ -34,7 +34,7 @@ def metadata(source: ModelSource, quant: Quantization, target: TargetSpec, targe
         "model_name": source.name,
         "model_config": cfg.to_dict(),
         "quantization": quant.describe(),
-        "target": target.name,
+        "target": spelling,
         "target_json": target_json,
         "device": target.device,
         "context_window_size": cfg.context_window_size,
@@ -156,9 +156,8 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
     t = time.perf_counter()
     target = tvm.target.Target(build.target)
     mod = export_relax(source.config, quant, target)
-    meta = metadata(source, quant, spec, build.target, model_params(source.config, quant))
-    meta["target"] = target_name
-    mod = attach_metadata(mod, meta)
+    mod = attach_metadata(mod, metadata(source, quant, spec, target_name, build.target,
+                                        model_params(source.config, quant)))
     t = phase(f"export {source.name} ({quant.name}) to Relax", t)
 
     pipeline = PIPELINES.get(target.kind.name)

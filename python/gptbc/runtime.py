@@ -179,7 +179,6 @@ class Engine:
         self._fork = get("vm.builtin.kv_state_fork_sequence")
         self._begin = get("vm.builtin.kv_state_begin_forward")
         self._end = get("vm.builtin.kv_state_end_forward")
-        self._seq_len = get("vm.builtin.attention_kv_cache_get_total_sequence_length")
         self._shape = shape
         self._next_seq_id = 0
         self._live: set[int] = set()
@@ -392,9 +391,6 @@ class Engine:
                         yield event.text
         finally:
             self.scheduler.cancel(req)  # a consumer that stops early frees the sequence
-
-    def check_request(self, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
-        self.fit_prompt(list(prompt_ids), SamplingParams(max_new_tokens=max_new_tokens))
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
