@@ -12,7 +12,7 @@ import gptbc.generation as generation
 from gptbc.errors import GptbcError
 from gptbc.runtime import Engine
 from gptbc.sampling import SamplingParams, apply_penalties, log_softmax, sample
-from gptbc.tokenizer import IncrementalDetokenizer, Tokenizer
+from gptbc.tokenizer import IncrementalDetokenizer
 from hf_models import make_tokenizer
 
 TEXT = "def fibonacci(n):\n    return fibonacci(n - 1) + fibonacci(n - 2)  # héllo 你好 🚀\n"

@@ -14,7 +14,7 @@ from . import __version__
 from .errors import GptbcError
 
 
-def _positive_or_none(flag: str):
+def _positive_int(flag: str):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -131,9 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quantization", help="default: the scheme of a converted --model directory, else q0f32")
     c.add_argument("-o", "--output", help="library path (default dist/libs/<model>-<quant>-<target>.so)")
     c.add_argument("--no-quantize-lm-head", action="store_true", help=KEEP_HEAD_HELP)
-    c.add_argument("--context-window-size", type=_positive_or_none("--context-window-size"))
-    c.add_argument("--prefill-chunk-size", type=_positive_or_none("--prefill-chunk-size"))
-    c.add_argument("--max-batch-size", type=_positive_or_none("--max-batch-size"))
+    c.add_argument("--context-window-size", type=_positive_int("--context-window-size"))
+    c.add_argument("--prefill-chunk-size", type=_positive_int("--prefill-chunk-size"))
+    c.add_argument("--max-batch-size", type=_positive_int("--max-batch-size"))
     c.set_defaults(func=cmd_compile)
 
     w = sub.add_parser("convert-weight", help="convert an HF safetensors checkpoint")

@@ -90,33 +90,26 @@ def lowering_passes() -> list:
     ]
 
 
-def cpu_pipeline(target):
-    """TVM's CPU passes with our CPU schedules (schedules.py) between fusion and lowering."""
-    import tvm
-    from tvm.s_tir import dlight as dl
+def scheduled_pipeline(rules: Callable[[], list]) -> Callable:
+    """target → our passes with the schedule `rules` (schedules.py) applied between fusion and lowering."""
 
-    @tvm.transform.module_pass(opt_level=0, name="gptbc_cpu_pipeline")
-    def pipeline(mod, _ctx):
-        with target:
-            schedule = dl.ApplyDefaultSchedule(*schedules.cpu_rules())
-            return tvm.transform.Sequential(fusion_passes() + [schedule] + lowering_passes())(mod)
+    def for_target(target):
+        import tvm
+        from tvm.s_tir import dlight as dl
 
-    return pipeline
+        @tvm.transform.module_pass(opt_level=0, name=f"gptbc_{target.kind.name}_pipeline")
+        def pipeline(mod, _ctx):
+            with target:
+                schedule = dl.ApplyDefaultSchedule(*rules())
+                return tvm.transform.Sequential(fusion_passes() + [schedule] + lowering_passes())(mod)
+
+        return pipeline
+
+    return for_target
 
 
-def gpu_pipeline(target):
-    """Our passes with dlight GPU schedules between fusion and lowering."""
-    import tvm
-    from tvm.s_tir import dlight as dl
-
-    @tvm.transform.module_pass(opt_level=0, name="gptbc_gpu_pipeline")
-    def pipeline(mod, _ctx):
-        with target:
-            schedule = dl.ApplyDefaultSchedule(*schedules.gpu_rules())
-            return tvm.transform.Sequential(fusion_passes() + [schedule] + lowering_passes())(mod)
-
-    return pipeline
-
+cpu_pipeline = scheduled_pipeline(schedules.cpu_rules)
+gpu_pipeline = scheduled_pipeline(schedules.gpu_rules)
 
 PIPELINES: dict[str, Callable] = {
     "llvm": cpu_pipeline,

@@ -98,7 +98,6 @@ class Stats:
     prefill_tokens: int = 0  # prompt tokens run through the model
     reused_prefix_tokens: int = 0  # prompt tokens taken from a cached prefix instead
     decode_tokens: int = 0
-    steps: int = 0
     max_batch: int = 0
 
 
@@ -148,9 +147,6 @@ class Scheduler:
             self.active.remove(req)
             self.engine.remove_sequence(req.seq_id)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.active)
-
     # ---- KV room ----
     def _pages(self, tokens: int) -> int:
         return -(-tokens // self.engine.page_size)
@@ -165,12 +161,15 @@ class Scheduler:
         self.engine.remove_sequence(seq_id)
         return True
 
+    def _fits(self, req: Request) -> bool:
+        return self._used_pages() + req.reserved <= self._pages(self.capacity)
+
     def _admit(self) -> None:
         while self.waiting and len(self.active) < self.engine.max_batch_size:
             req = self.waiting[0]
-            while self._used_pages() + req.reserved > self._pages(self.capacity) and self._evict_one():
+            while not self._fits(req) and self._evict_one():
                 pass
-            if self._used_pages() + req.reserved > self._pages(self.capacity):
+            if not self._fits(req):
                 return  # wait for running requests to finish
             self.waiting.pop(0)
             self._start(req)
@@ -196,7 +195,6 @@ class Scheduler:
         self._admit()
         events: list[Event] = []
         engine = self.engine
-        self.stats.steps += 1
         for req in [r for r in self.active if r.prefilled < len(r.prompt_ids)]:
             chunk = req.prompt_ids[req.prefilled:req.prefilled + engine.prefill_chunk_size]
             logits = engine.prefill_chunk(req.seq_id, chunk)

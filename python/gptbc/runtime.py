@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Sequence
@@ -15,7 +16,7 @@ import numpy as np
 
 from .config import GPTBC_CONFIG, GPTBigCodeConfig, load_gptbc_config
 from .errors import GptbcError
-from .sampling import SamplingParams, defaults_from_generation_config
+from .sampling import SamplingParams, generation_defaults
 from .tensorfile import SafetensorsFile
 from .tokenizer import Tokenizer, find_fim_tokens, has_tokenizer
 
@@ -160,8 +161,8 @@ class Engine:
         self.context_window_size = int(self.meta["context_window_size"])
         self.prefill_chunk_size = int(self.meta["prefill_chunk_size"])
         self.max_batch_size = int(max_batch_size or self.meta["max_batch_size"])
-        self.defaults = defaults_from_generation_config(self.model_dir)
-        self.eos_ids = set(self.info.get("eos_token_id") or self.config.eos_token_id) | _generation_eos(self.model_dir)
+        self.defaults, generation_eos = generation_defaults(self.model_dir)
+        self.eos_ids = set(self.info.get("eos_token_id") or self.config.eos_token_id) | generation_eos
         self.params = load_params(self.model_dir, self.info, self.meta, self.dev)
         self.tokenizer = Tokenizer(self.model_dir) if has_tokenizer(self.model_dir) else None
         self.fim = find_fim_tokens(self.model_dir) if self.tokenizer else None
@@ -403,13 +404,16 @@ class Engine:
         return self.tokenizer.decode([t for t in ids if t not in self.special_ids])
 
 
+@dataclasses.dataclass
 class Completion:
     """The result of one request."""
 
-    def __init__(self, token_ids: list[int], text: str | None, logprobs: list[float] | None, finish_reason: str,
-                 prompt_tokens: int, reused_prefix_tokens: int):
-        self.token_ids, self.text, self.logprobs = token_ids, text, logprobs
-        self.finish_reason, self.prompt_tokens, self.reused_prefix_tokens = finish_reason, prompt_tokens, reused_prefix_tokens
+    token_ids: list[int]
+    text: str | None
+    logprobs: list[float] | None
+    finish_reason: str
+    prompt_tokens: int
+    reused_prefix_tokens: int
 
     @classmethod
     def of(cls, req) -> "Completion":
@@ -418,19 +422,5 @@ class Completion:
                    len(req.prompt_ids), req.reused)
 
     def to_dict(self) -> dict:
-        return {"token_ids": self.token_ids, "text": self.text, "logprobs": self.logprobs,
-                "finish_reason": self.finish_reason, "prompt_tokens": self.prompt_tokens,
-                "reused_prefix_tokens": self.reused_prefix_tokens}
+        return dataclasses.asdict(self)
 
-
-def _generation_eos(model_dir: Path) -> set[int]:
-    path = model_dir / "generation_config.json"
-    if not path.is_file():
-        return set()
-    try:
-        eos = json.loads(path.read_text("utf-8")).get("eos_token_id")
-    except json.JSONDecodeError:
-        return set()
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, list) else [eos])}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,15 +80,15 @@ class SamplingParams:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def defaults_from_generation_config(directory: Path) -> SamplingParams:
-    """The model's own defaults (`generation_config.json`), greedy when it has none or do_sample is false."""
+def generation_defaults(directory: Path) -> tuple[SamplingParams, set[int]]:
+    """The model's own `generation_config.json`: sampling defaults (greedy when it has none or do_sample is
+    false) and any eos ids it adds."""
+    from .config import read_json
+
     path = Path(directory) / "generation_config.json"
     if not path.is_file():
-        return SamplingParams()
-    try:
-        cfg = json.loads(path.read_text("utf-8"))
-    except json.JSONDecodeError as err:
-        raise GptbcError(f"{path}: not valid JSON ({err})") from None
+        return SamplingParams(), set()
+    cfg = read_json(path)
     params: dict[str, Any] = {}
     if cfg.get("do_sample"):
         params["temperature"] = float(cfg.get("temperature", 1.0))
@@ -101,8 +100,10 @@ def defaults_from_generation_config(directory: Path) -> SamplingParams:
         params["repetition_penalty"] = float(cfg["repetition_penalty"])
     if cfg.get("max_new_tokens") is not None:
         params["max_new_tokens"] = int(cfg["max_new_tokens"])
+    eos = cfg.get("eos_token_id")
+    eos_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos])} if eos is not None else set()
     try:
-        return SamplingParams(**params)
+        return SamplingParams(**params), eos_ids
     except GptbcError as err:
         raise GptbcError(f"{path}: {err}") from None
 
