@@ -116,6 +116,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .runtime import Engine
+    from .server import serve
+
+    api_key = args.api_key or os.environ.get("GPTBC_API_KEY") or None
+    engine = Engine(args.out_dir, args.lib, device=args.device, max_batch_size=args.max_batch,
+                    max_total_seq_len=args.max_total_seq_len)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+
+    def ready(url: str) -> None:
+        print(f"gptbc serve: {engine.model_dir.name} on {url} (OpenAI API at {url}/v1)", flush=True)
+
+    serve(engine, host=args.host, port=args.port, model_name=args.model_name, api_key=api_key,
+          max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, on_ready=ready)
+    return 0
+
+
 KEEP_HEAD_HELP = "keep lm_head (and a tied wte) in the activation dtype under a grouped int scheme"
 
 
@@ -181,6 +202,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu")
     b.add_argument("--json", action="store_true", help="print the results as JSON (progress goes to stderr)")
     b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("serve", help="serve an OpenAI-compatible completions API (with FIM) and /infill")
+    s.add_argument("out_dir", metavar="OUT_DIR")
+    s.add_argument("--lib", required=True)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set GPTBC_API_KEY)")
+    s.add_argument("--model-name", help="the model id clients use (default: OUT_DIR's name)")
+    s.add_argument("--max-batch", type=_positive_int("--max-batch"),
+                   help="sequences decoded together (default: the library's max batch size)")
+    s.add_argument("--max-queue", type=int, default=64, help="sequences waiting beyond the batch before "
+                   "requests get 503 (default 64)")
+    s.add_argument("--max-total-seq-len", type=_positive_int("--max-total-seq-len"),
+                   help="KV-cache capacity in tokens over all sequences")
+    s.add_argument("--max-body-bytes", type=_positive_int("--max-body-bytes"), default=4 << 20)
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("targets", help="list the targets")
     t.set_defaults(func=cmd_targets)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from .errors import GptbcError
-from .sampling import SamplingParams, log_softmax, sample
+from .sampling import SamplingParams, log_softmax, sample, top_tokens
 from .tokenizer import IncrementalDetokenizer
 
 if TYPE_CHECKING:
@@ -76,6 +76,10 @@ class Request:
     reused: int = 0  # of those, tokens forked from a cached prefix
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per output token
+    prompt_logprobs: list[float | None] = field(default_factory=list)  # per prompt token (the first has none)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    last_logits: np.ndarray | None = None  # of the last prompt token scored so far (prompt_logprobs)
     text: str = ""
     finish_reason: str | None = None  # "stop" (eos or stop string), "length", "cancelled"
     seen: np.ndarray | None = None
@@ -182,7 +186,7 @@ class Scheduler:
             if n > best_len:
                 best, best_len = seq_id, n
         best_len = min(best_len, len(req.prompt_ids) - 1)  # the last prompt token must run: it gives the logits
-        if best is not None and best_len > 0:
+        if best is not None and best_len > 0 and not req.params.prompt_logprobs:
             req.seq_id = self.engine.fork_sequence(best, best_len)
             self.cached.move_to_end(best)
             req.prefilled = req.reused = best_len
@@ -197,7 +201,10 @@ class Scheduler:
         engine = self.engine
         for req in [r for r in self.active if r.prefilled < len(r.prompt_ids)]:
             chunk = req.prompt_ids[req.prefilled:req.prefilled + engine.prefill_chunk_size]
-            logits = engine.prefill_chunk(req.seq_id, chunk)
+            if req.params.prompt_logprobs:
+                logits = self._score_prompt(req, chunk)
+            else:
+                logits = engine.prefill_chunk(req.seq_id, chunk)
             req.prefilled += len(chunk)
             self.stats.prefill_tokens += len(chunk)
             if req.prefilled == len(req.prompt_ids):
@@ -219,13 +226,30 @@ class Scheduler:
             self._retire(req)
         return events
 
+    def _score_prompt(self, req: Request, chunk: list[int]) -> np.ndarray:
+        """Prefill a chunk keeping the logits of every position, to score each prompt token."""
+        rows = self.engine.verify(req.seq_id, chunk)
+        if req.prefilled == 0:
+            req.prompt_logprobs.append(None)
+            req.prompt_top_logprobs.append([])
+        before = rows[:-1] if req.last_logits is None else [req.last_logits, *rows[:-1]]
+        for logits, token in zip(before, chunk[1:] if req.last_logits is None else chunk):
+            lp = log_softmax(logits)
+            req.prompt_logprobs.append(float(lp[token]))
+            req.prompt_top_logprobs.append(top_tokens(lp, req.params.top_logprobs))
+        req.last_logits = rows[-1]
+        return rows[-1]
+
     def _accept(self, req: Request, logits: np.ndarray | None, token: int | None = None) -> Event:
         p = req.params
         if token is None:
             token = sample(logits, p, req.rng, req.seen, req.counts)
         req.output_ids.append(token)
         if p.logprobs:
-            req.logprobs.append(float(log_softmax(logits)[token]))
+            lp = log_softmax(logits)
+            req.logprobs.append(float(lp[token]))
+            if p.top_logprobs:
+                req.top_logprobs.append(top_tokens(lp, p.top_logprobs))
         if req.seen is not None:
             req.seen[token] = True
             req.counts[token] += 1

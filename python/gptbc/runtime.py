@@ -161,6 +161,9 @@ class Engine:
         self.context_window_size = int(self.meta["context_window_size"])
         self.prefill_chunk_size = int(self.meta["prefill_chunk_size"])
         self.max_batch_size = int(max_batch_size or self.meta["max_batch_size"])
+        if not 0 < self.max_batch_size <= int(self.meta["max_batch_size"]):
+            raise GptbcError(f"max batch size {self.max_batch_size}: --lib {self.lib} was compiled for 1.."
+                             f"{self.meta['max_batch_size']} (compile with a larger --max-batch-size)")
         self.defaults, generation_eos = generation_defaults(self.model_dir)
         self.eos_ids = set(self.info.get("eos_token_id") or self.config.eos_token_id) | generation_eos
         self.params = load_params(self.model_dir, self.info, self.meta, self.dev)
@@ -180,6 +183,8 @@ class Engine:
         self._fork = get("vm.builtin.kv_state_fork_sequence")
         self._begin = get("vm.builtin.kv_state_begin_forward")
         self._end = get("vm.builtin.kv_state_end_forward")
+        self._free_pages = get("vm.builtin.attention_kv_cache_get_num_available_pages")
+        self.kv_pages_total = self.kv_pages_free()
         self._shape = shape
         self._next_seq_id = 0
         self._live: set[int] = set()
@@ -210,6 +215,10 @@ class Engine:
 
     def sequence_count(self) -> int:
         return len(self._live)
+
+    def kv_pages_free(self) -> int:
+        """KV-cache pages not held by any sequence (the cache's own count, for leak checks and metrics)."""
+        return int(self._free_pages(self.kv_cache))
 
     # ---- forward passes ----
     def _embed(self, ids: Sequence[int]):

@@ -12,6 +12,8 @@ import numpy as np
 
 from .errors import GptbcError
 
+MAX_TOP_LOGPROBS = 20
+
 
 @dataclass
 class SamplingParams:
@@ -34,6 +36,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     logprobs: bool = False
+    top_logprobs: int = 0  # with logprobs: also the N most likely tokens at each step
+    prompt_logprobs: bool = False  # with logprobs: also score every prompt token (no prefix reuse then)
     stop: list[str] = field(default_factory=list)  # stop strings, not included in the output
     stop_token_ids: list[int] = field(default_factory=list)  # besides the model's eos ids
     ignore_eos: bool = False
@@ -63,6 +67,8 @@ class SamplingParams:
         need(number("repetition_penalty") > 0, "repetition_penalty", "> 0 (1 is off)")
         need(-2 <= number("presence_penalty") <= 2, "presence_penalty", "in [-2, 2]")
         need(-2 <= number("frequency_penalty") <= 2, "frequency_penalty", "in [-2, 2]")
+        need(isinstance(self.top_logprobs, int) and not isinstance(self.top_logprobs, bool)
+             and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs", f"an integer in [0, {MAX_TOP_LOGPROBS}]")
         need(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0),
              "seed", "a non-negative integer")
         if isinstance(self.stop, str):
@@ -122,6 +128,15 @@ def apply_penalties(logits: np.ndarray, p: SamplingParams, seen: np.ndarray, out
     if p.presence_penalty or p.frequency_penalty:
         logits -= p.presence_penalty * (output_counts > 0) + p.frequency_penalty * output_counts
     return logits
+
+
+def top_tokens(logprobs: np.ndarray, n: int) -> list[tuple[int, float]]:
+    """The n most likely (token, logprob) pairs, most likely first."""
+    if n <= 0:
+        return []
+    best = np.argpartition(-logprobs, n - 1)[:n]
+    best = best[np.argsort(-logprobs[best], kind="stable")]
+    return [(int(t), float(logprobs[t])) for t in best]
 
 
 def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator, seen: np.ndarray | None = None,
