@@ -7,7 +7,7 @@ Starts `gptbc serve` on 127.0.0.1 (a free port), then:
      single-client throughput);
   2. concurrent: --clients streaming clients at once over the same prompts, --disconnect of them
      closing their connection after a few chunks, while another thread polls /health;
-  3. checks: every finished concurrent response equals its sequential one (greedy), /health answered
+  3. checks: every finished concurrent response equals its sequential one (greedy; same text and tokens), /health answered
      throughout, and afterwards no sequence runs and the KV pages in use are exactly those of the prefix
      cache (none leaked by the disconnected clients), per /metrics.
 Prints a table (or --json) and exits 1 if any check fails. Loopback only; ends by itself.
@@ -39,7 +39,7 @@ def stream_completion(base: str, body: dict, stop_after: int | None = None, time
         out = {"status": resp.status, "error": resp.read().decode()[:300], "finished": False}
         conn.close()
         return out
-    text, chunks, finished, first = "", 0, False, None
+    text, tokens, chunks, finished, first = "", [], 0, False, None
     for raw in resp:
         line = raw.decode().strip()
         if not line.startswith("data: "):
@@ -54,10 +54,11 @@ def stream_completion(base: str, body: dict, stop_after: int | None = None, time
         chunks += 1
         for choice in chunk["choices"]:
             text += choice["text"]
+            tokens += (choice.get("logprobs") or {}).get("tokens") or []
         if stop_after is not None and chunks >= stop_after:
             break  # disconnect mid-stream
     conn.close()
-    return {"status": 200, "text": text, "chunks": chunks, "finished": finished,
+    return {"status": 200, "text": text, "tokens": tokens, "chunks": chunks, "finished": finished,
             "ttft": (first or time.perf_counter()) - began, "seconds": time.perf_counter() - began}
 
 
@@ -95,8 +96,9 @@ def run(base: str, args: argparse.Namespace) -> dict:
                for i in range(args.prompts)]
 
     def body(i: int) -> dict:
+        # logprobs 0: each chunk names its tokens, so answers compare even for a model without a tokenizer
         return {"prompt": prompts[i % len(prompts)], "max_tokens": args.max_tokens, "temperature": 0,
-                "ignore_eos": True}
+                "ignore_eos": True, "logprobs": 0}
 
     # 1. one client at a time
     began = time.perf_counter()
@@ -142,8 +144,8 @@ def run(base: str, args: argparse.Namespace) -> dict:
         want = reference[i % len(prompts)]
         if not r["finished"]:
             failures.append(f"client {i}: did not finish ({r.get('error')})")
-        elif r["text"] != want.get("text"):
-            failures.append(f"client {i}: text differs from the single-client answer")
+        elif (r["text"], r["tokens"]) != (want.get("text"), want.get("tokens")) or len(r["tokens"]) != args.max_tokens:
+            failures.append(f"client {i}: answer differs from the single-client one")
     deadline = time.time() + 30
     while True:  # the cancellations of the departed clients land within a step or two
         status, text = get(base, "/metrics")
