@@ -129,3 +129,25 @@ def test_tensorfile_rejects_plan_mismatch(tmp_path):
     with pytest.raises(GptbcError, match="tensor a: produced"):
         write_safetensors(tmp_path / "t.safetensors", [("a", (2,), np.dtype("float32"))],
                           iter([np.zeros(3, np.float32)]))
+
+
+def test_aligned_tensors_are_mapped_not_copied(tiny_model):
+    """Tensors whose size is a multiple of 64 bytes sit at 64-byte aligned offsets, and the CPU engine
+    views them in the mapped file; the others (n_inner 200: an 800-byte bias) are copied, and both load."""
+    from gptbc.runtime import Engine
+
+    for name, all_aligned in (("mqa64", True), ("mqa32", False)):
+        m = tiny_model(name)
+        aligned = total = 0
+        for path in m.out_dir.glob("params-*.safetensors"):
+            with SafetensorsFile(path) as f:
+                for key in f.keys():
+                    arr = f.get(key)
+                    total += arr.nbytes
+                    if arr.nbytes % 64 == 0:
+                        assert arr.ctypes.data % 64 == 0, key
+                        aligned += arr.nbytes
+        assert (aligned == total) == all_aligned
+        engine = Engine(m.out_dir, m.lib)
+        assert 0 < aligned <= engine.mapped_bytes  # (a misaligned size may still land on an aligned offset)
+        assert (engine.mapped_bytes == total) == all_aligned

@@ -24,7 +24,7 @@ from . import __version__
 from .config import GPTBC_CONFIG, GPTBigCodeConfig, load_hf_config
 from .errors import GptbcError
 from .quantization import Quantization, get_quantization, numpy_dtype, quantize
-from .tensorfile import SafetensorsFile, dtype_name, write_safetensors
+from .tensorfile import SafetensorsFile, aligned_order, dtype_name, write_safetensors
 from .tokenizer import TOKENIZER_FILES, find_fim_tokens
 
 SHARD_BYTES = 1 << 30  # 1 GiB shards: small enough to copy around, few enough to open quickly
@@ -231,6 +231,8 @@ def _write_output(tmp: Path, hf_dir: Path, cfg: GPTBigCodeConfig, quant: Quantiz
     bar = tqdm(total=len(plans), desc="convert", unit="tensor", disable=not progress)
     for k, shard in enumerate(shards):
         fname = f"params-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        sizes = [int(np.prod(p.shape, dtype=np.int64)) * numpy_dtype(p.dtype).itemsize for p in shard]
+        shard = [shard[i] for i in aligned_order(sizes)]  # aligned tensors load without a copy
 
         def arrays(shard: list[ParamPlan] = shard) -> Iterator[np.ndarray]:
             for p in shard:

@@ -107,18 +107,24 @@ def check_compatible(lib: Path, meta: dict, model_dir: Path, info: dict) -> None
                              f"{p['dtype']}{p['shape']} (were they built from different configs?)")
 
 
-def load_params(model_dir: Path, info: dict, meta: dict, dev) -> list:
-    """Weights in the library's load order, as device tensors."""
+def load_params(model_dir: Path, info: dict, meta: dict, dev) -> tuple[list, int]:
+    """Weights in the library's load order, as device tensors; and how many bytes are mapped, not copied.
+
+    On the CPU a tensor stored at a 64-byte aligned offset (gptbc writes them so) is handed to TVM as
+    a view of the memory-mapped file: no copy, no load time, and processes serving the same weights
+    share the page cache. Anything else is copied to the device.
+    """
     import tvm
 
+    on_cpu = dev.dlpack_device_type() == tvm.cpu(0).dlpack_device_type()
     files: dict[str, SafetensorsFile] = {}
     where = {p["name"]: p["file"] for p in info["params"]}
-    params = []
+    params, mapped = [], 0
     try:
         for p in meta["params"]:
             fname = where[p["name"]]
             if fname not in files:
-                files[fname] = SafetensorsFile(model_dir / fname)
+                files[fname] = SafetensorsFile(model_dir / fname, private=on_cpu)
             f = files[fname]
             if p["name"] not in f:
                 raise GptbcError(f"{f.path}: tensor {p['name']} is missing")
@@ -126,13 +132,30 @@ def load_params(model_dir: Path, info: dict, meta: dict, dev) -> list:
             if list(arr.shape) != p["shape"] or str(arr.dtype) != p["dtype"]:
                 raise GptbcError(f"{f.path}: tensor {p['name']} is {arr.dtype}{list(arr.shape)}, "
                                  f"expected {p['dtype']}{p['shape']}")
+            view = _mapped_tensor(arr) if on_cpu else None
+            if view is not None:
+                params.append(view)
+                mapped += arr.nbytes
+                continue
             params.append(tvm.runtime.tensor(arr, dev))
             del arr
             f.release(p["name"])  # copied: the mapped file pages need not stay resident too
     finally:
         for f in files.values():
-            f.close()
-    return params
+            f.close()  # the mapping itself lives on while tensors view it
+    return params, mapped
+
+
+def _mapped_tensor(arr: np.ndarray):
+    """A TVM tensor viewing `arr` (no copy), or None where TVM cannot take it (misaligned, bfloat16)."""
+    import tvm
+
+    if arr.size == 0 or arr.ctypes.data % 64:
+        return None
+    try:
+        return tvm.runtime.from_dlpack(arr)
+    except Exception:  # noqa: BLE001 - e.g. a dtype numpy cannot export through DLPack: copy instead
+        return None
 
 
 class Engine:
@@ -166,7 +189,7 @@ class Engine:
                              f"{self.meta['max_batch_size']} (compile with a larger --max-batch-size)")
         self.defaults, generation_eos = generation_defaults(self.model_dir)
         self.eos_ids = set(self.info.get("eos_token_id") or self.config.eos_token_id) | generation_eos
-        self.params = load_params(self.model_dir, self.info, self.meta, self.dev)
+        self.params, self.mapped_bytes = load_params(self.model_dir, self.info, self.meta, self.dev)
         self.tokenizer = Tokenizer(self.model_dir) if has_tokenizer(self.model_dir) else None
         self.fim = find_fim_tokens(self.model_dir) if self.tokenizer else None
         self.special_ids = set(self.eos_ids) | (self.tokenizer.special_ids() if self.tokenizer else set())

@@ -28,7 +28,10 @@ DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype("bool"),
 }
 NAMES = {v: k for k, v in DTYPES.items()}
-ALIGN = 8  # the header is padded so data starts 8-byte aligned (the format forbids gaps between tensors)
+# The header is padded so data starts 64-byte aligned: TVM takes CPU tensors without a copy only at 64-byte
+# aligned addresses. The format forbids gaps between tensors, so writers put sizes that are multiples of 64
+# first (`aligned_order`) to keep those tensors aligned too.
+ALIGN = 64
 MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -37,10 +40,19 @@ def dtype_name(dtype: np.dtype | str) -> str:
     return str(np.dtype(dtype))
 
 
-class SafetensorsFile:
-    """A memory-mapped safetensors file; `get(name)` returns a read-only view, not a copy."""
+def aligned_order(sizes: list[int]) -> list[int]:
+    """Indices in a write order that keeps every tensor whose byte size is a multiple of ALIGN aligned."""
+    return sorted(range(len(sizes)), key=lambda i: sizes[i] % ALIGN != 0)
 
-    def __init__(self, path: str | Path):
+
+class SafetensorsFile:
+    """A memory-mapped safetensors file; `get(name)` returns a view, not a copy.
+
+    Views are read-only unless `private=True`: a copy-on-write mapping, whose views are writable
+    arrays (what DLPack needs to hand them to TVM) while the file itself is never written.
+    """
+
+    def __init__(self, path: str | Path, private: bool = False):
         self.path = Path(path)
         try:
             self._file = open(self.path, "rb")
@@ -74,7 +86,8 @@ class SafetensorsFile:
                 raise GptbcError(f"{self.path}: tensor {name!r} data offsets do not match its shape/dtype "
                                  f"or the file size")
             self._entries[name] = (dtype, shape, start, end)
-        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        access = mmap.ACCESS_COPY if private else mmap.ACCESS_READ
+        self._map = mmap.mmap(self._file.fileno(), 0, access=access) if size else None
 
     def keys(self) -> list[str]:
         return list(self._entries)
