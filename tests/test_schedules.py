@@ -13,7 +13,10 @@ from gptbc.quantization import get_quantization
 from gptbc.schedules import CPUMatmul, CPUParallel
 
 TARGET = {"kind": "llvm", "num-cores": 2}
-SYMBOLS = {"seq_len": 7, "batch_size": 3, "total_seq_len": 7}  # odd, and not multiples of any tile
+# Odd, and not multiples of any tile. FEW rows run the row-tile layout of a multi-row matmul, MANY its GEMM
+# layout (the kernel picks at run time, at GEMM_MIN_ROWS rows), with a partial last tile of GEMM_ROWS.
+FEW = {"seq_len": 7, "batch_size": 3, "total_seq_len": 7}
+MANY = {"seq_len": 37, "batch_size": 19, "total_seq_len": 37}
 
 
 def kernels(quant: str, **shape):
@@ -27,13 +30,13 @@ def kernels(quant: str, **shape):
     return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
 
 
-def concrete(shape) -> tuple[int, ...]:
+def concrete(shape, symbols=FEW) -> tuple[int, ...]:
     out = []
     for d in shape:
         if isinstance(d, tirx.IntImm):
             out.append(int(d))
         else:
-            out.append(SYMBOLS[str(d)])
+            out.append(symbols[str(d)])
     return tuple(out)
 
 
@@ -46,12 +49,12 @@ def run(func: tirx.PrimFunc, inputs: list[np.ndarray]) -> list[np.ndarray]:
     return [a.numpy() for a in args]
 
 
-def random_inputs(func: tirx.PrimFunc, seed: int) -> list[np.ndarray]:
+def random_inputs(func: tirx.PrimFunc, seed: int, symbols=FEW) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     arrays = []
     for p in func.params:
         buf = p
-        shape, dtype = concrete(buf.shape), str(buf.dtype)
+        shape, dtype = concrete(buf.shape, symbols), str(buf.dtype)
         if dtype == "uint32":
             arrays.append(rng.integers(0, 2**32, shape, dtype=np.uint64).astype(np.uint32))
         elif dtype.startswith("int"):
@@ -68,7 +71,7 @@ def schedulable(quant: str, rule):
     out = []
     for name, func in kernels(quant).items():
         if not all(isinstance(p.ty, tirx.buffer.BufferType) for p in func.params) or any(
-                not isinstance(d, tirx.IntImm) and str(d) not in SYMBOLS for p in func.params for d in p.shape):
+                not isinstance(d, tirx.IntImm) and str(d) not in FEW for p in func.params for d in p.shape):
             continue  # scalar parameters or shape expressions: not fed by this harness
         with target:
             sch = rule.apply(func, target, False)
@@ -77,16 +80,28 @@ def schedulable(quant: str, rule):
     return out
 
 
+@pytest.mark.parametrize("symbols", [FEW, MANY], ids=["few_rows", "many_rows"])
 @pytest.mark.parametrize("quant", ["q0f32", "q0f16", "q4f32_1", "q8f16_1"])
-def test_scheduled_matmuls_equal_unscheduled(quant):
+def test_scheduled_matmuls_equal_unscheduled(quant, symbols):
     cases = schedulable(quant, CPUMatmul())
     assert len(cases) >= 5  # c_attn, c_proj, c_fc, mlp c_proj, lm_head — in decode and prefill forms
     for name, plain, scheduled in cases:
-        inputs = random_inputs(plain, seed=len(name))
+        inputs = random_inputs(plain, seed=len(name), symbols=symbols)
         want, got = run(plain, [a.copy() for a in inputs]), run(scheduled, [a.copy() for a in inputs])
         out = want[-1].astype(np.float32)
         np.testing.assert_allclose(got[-1].astype(np.float32), out, rtol=2e-3 if "16" in quant else 1e-5,
                                    atol=1e-3 * np.abs(out).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("quant", ["q0f32", "q4f32_1", "q8f32_1", "q0f16"])
+def test_multi_row_matmuls_have_gemm_layout(quant):
+    """Otherwise a GEMM layout that stopped applying (ScheduleError → row tiles only) would go unnoticed."""
+    cases = schedulable(quant, CPUMatmul())
+    multi_row = [(name, s) for name, plain, s in cases if any(str(d) in ("seq_len", "batch_size")
+                                                               for d in plain.params[0].shape)]
+    assert len(multi_row) >= 5
+    for name, scheduled in multi_row:
+        assert 'sblock("gemm")' in scheduled.script() and 'sblock("row_tiles")' in scheduled.script(), name
 
 
 @pytest.mark.parametrize("quant", ["q0f32", "q0f16"])

@@ -41,9 +41,12 @@ def dequant_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: in
     def compute(x: te.Tensor, w: te.Tensor, s: te.Tensor):
         *lead, _ = x.shape
         k = te.reduce_axis((0, in_features), name="k")
+        # A block of its own, so a schedule can either inline it into the matmul (decode: each weight is
+        # read once anyway) or dequantize a panel once and reuse it for many rows of x (prefill).
+        weight = te.compute((w.shape[0], in_features), lambda n, j: _dequant(w, s, n, j, q), name="dequantize")
 
         def dot(*idx):
-            return te.sum(tirx.Cast("float32", x[(*idx[:-1], k)]) * _dequant(w, s, idx[-1], k, q), axis=k)
+            return te.sum(tirx.Cast("float32", x[(*idx[:-1], k)]) * weight[idx[-1], k], axis=k)
 
         acc = te.compute((*lead, w.shape[0]), dot, name="dequant_matmul")
         if out_dtype == "float32":

@@ -16,7 +16,19 @@ from tvm.target import Target
 
 VECTOR_LANES = 16  # float32 lanes of a 512-bit register; LLVM splits it for 256-bit machines
 ROWS_PER_TASK = 16  # output features per parallel task: 16 weight rows stay in L1/L2 while rows of x stream
-ROWS_PER_TILE = 8  # rows of x that share each loaded weight vector (prefill); accumulators stay in L1
+ROWS_PER_TILE = 8  # rows of x that share each loaded weight vector (row tiles); accumulators stay in L1
+# Register tile of the GEMM layout: 7 rows of x by 32 output features = 14 accumulator registers, 2 weight
+# loads and 7 broadcasts per 14 FMAs. On Zen 5 (one thread, m=128, kernels built alone): 8x32 160 GFLOP/s,
+# 12x32 151-157, 6x64 146-152, 16x16 96, 7x32 the same as 8x32. 7 rather than 8 rows because the tile
+# must stay under TVM's 1024-byte limit for a stack buffer (7*32*4 = 896): a heap workspace tile, in the
+# model library (where LLVM gets no per-buffer alias info), was stored to memory on every k
+# (q4 2048x8192 kernel, 128 rows: 66 → 39 ms with the stack tile).
+GEMM_ROWS = 7
+GEMM_COLS = 32
+# Fewer rows than this run the row-tile layout: packing a weight panel costs about as much as reading the
+# weight, which only pays off over enough rows (one thread, 2048x2048 weight: 4 rows 0.66 vs 1.61 ms,
+# 8 rows 1.65 vs 2.23 ms, 16 rows 2.47 vs 2.22 ms, 32 rows 5.1 vs 3.0 ms for row tiles vs GEMM).
+GEMM_MIN_ROWS = 16
 
 
 def _extent(sch: s_tir.Schedule, loop) -> int | None:
@@ -25,12 +37,16 @@ def _extent(sch: s_tir.Schedule, loop) -> int | None:
 
 
 class CPUMatmul(dl.ScheduleRule):
-    """y[..., n] = sum_k x[..., k] * w(n, k) (+ injective epilogue), the weight read contiguously along k.
+    """y[..., n] = sum_k x[..., k] * w(n, k) (+ injective epilogue), the weight stored [n, k].
 
-    Loop nest: parallel over blocks of ROWS_PER_TASK output features; the k loop split into
-    VECTOR_LANES partial sums (rfactor) so the inner loop is a vector multiply-add over contiguous k,
-    then one horizontal sum per output; epilogues run right after each output is finished. A single
-    row of x (decode) and many rows (prefill, batched decode) get different tilings, see below.
+    Three layouts, all parallel over blocks of output features, epilogues run as soon as an output is done:
+    - one row of x (decode): `_one_row`, the k loop split into VECTOR_LANES partial sums (rfactor) so the
+      inner loop is a vector multiply-add over contiguous k, one horizontal sum per output;
+    - a few rows (batched decode, short prompts): `_row_tiles`, the same with ROWS_PER_TILE rows of x
+      sharing each loaded weight vector;
+    - many rows (prefill): `_gemm`, a register-blocked GEMM over a transposed copy of a weight panel
+      (dequantized once per panel for grouped-int weights).
+    With a symbolic row count the kernel holds both of the last two and picks one at run time.
     """
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
@@ -38,38 +54,44 @@ class CPUMatmul(dl.ScheduleRule):
         if sch is None:
             return None
         try:
-            return self._schedule(sch)
+            found = _find_matmul(sch)
+            if found is None:
+                return None
+            rows = found[1]
+            if isinstance(rows, tirx.IntImm) and int(rows) == 1:
+                return self._dots(sch, one_row=True)
+            dots = self._dots(s_tir.Schedule(func), one_row=False)
         except s_tir.ScheduleError:  # a shape this rule does not fit: leave the kernel to the next rule
             return None
+        try:
+            gemm = self._gemm(s_tir.Schedule(func))
+            if gemm is None or dots is None:
+                return gemm or dots
+            if isinstance(rows, tirx.IntImm):
+                return gemm if int(rows) >= GEMM_MIN_ROWS else dots
+            return _either(rows >= GEMM_MIN_ROWS, gemm, dots)
+        except Exception:  # noqa: BLE001 - no GEMM layout for this kernel (pad_einsum wants a plain x * w
+            return dots    # sum); row tiles are still correct. tests/test_schedules.py checks the usual ones.
 
-    def _schedule(self, sch: s_tir.Schedule):
+
+    def _dots(self, sch: s_tir.Schedule, one_row: bool):
+        """The rfactor layouts: producers (a cast, a dequantization) are inlined into the sum."""
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
-        reductions = [b for b in blocks if _is_reduction(sch, b)]
-        if len(reductions) != 1:
-            return None
-        red = reductions[0]
-        index = blocks.index(red)
-        for b in blocks[:index]:  # producers (e.g. a cast) go into the reduction
+        red, _ = _find_matmul(sch)
+        index = _index(sch, blocks, red)
+        for b in blocks[:index]:
             try:
                 sch.compute_inline(b)
             except Exception:  # noqa: BLE001 - not inlinable: leave this kernel to other rules
                 return None
-        loops = sch.get_loops(red)
-        iters = sch.get(red).iter_vars
-        if len(iters) != len(loops) or any(int(v.iter_type) not in (0, 2) for v in iters):
-            return None
-        kinds = [int(v.iter_type) for v in iters]  # 0 = spatial, 2 = reduction
-        if kinds.count(2) != 1 or kinds[-1] != 2 or len(loops) < 2:
-            return None
-        *lead, n, k = loops
+        *lead, n, k = sch.get_loops(red)
         n_ext, k_ext = _extent(sch, n), _extent(sch, k)
         if n_ext is None or k_ext is None or k_ext < 2 * VECTOR_LANES or k_ext % VECTOR_LANES:
             return None
         ko, ki = sch.split(k, [None, VECTOR_LANES])
         rf = sch.rfactor(ki, len(lead) + 1)
         rows = ROWS_PER_TASK if n_ext % ROWS_PER_TASK == 0 else 1
-        single_row = all(_extent(sch, loop) == 1 for loop in lead)
-        out_loop = self._one_row(sch, red, rf, rows) if single_row else self._row_tiles(sch, red, rf, rows)
+        out_loop = self._one_row(sch, red, rf, rows) if one_row else self._row_tiles(sch, red, rf, rows)
         # Epilogues (bias, GELU, residual, casts): fold the intermediate ones into the last, then run it
         # right after each output is summed. Moving independent blocks (a bias cast) under the loop
         # one by one instead miscomputed (tests/test_schedules.py caught it).
@@ -96,7 +118,7 @@ class CPUMatmul(dl.ScheduleRule):
 
     @staticmethod
     def _row_tiles(sch: s_tir.Schedule, red, rf, rows: int):
-        """Prefill / batched decode: tiles of ROWS_PER_TILE rows of x share each loaded weight vector.
+        """A few rows: tiles of ROWS_PER_TILE rows of x share each loaded weight vector.
 
         Measured on santacoder q4f32_1: a 64-token prefill 4.6 s → 3.2 s; for a single row this layout
         is 14% slower than `_one_row`, hence two layouts.
@@ -117,6 +139,109 @@ class CPUMatmul(dl.ScheduleRule):
         sch.vectorize(r_ki)
         sch.decompose_reduction(rf, r_ko)
         return m_i
+
+    @staticmethod
+    def _gemm(sch: s_tir.Schedule):
+        """Many rows: for each panel of GEMM_COLS output features (one parallel task), copy the weight
+        panel transposed (k-major, dequantized) into a local buffer, then sweep all rows of x in tiles of
+        GEMM_ROWS: accumulators hold a GEMM_ROWS x GEMM_COLS tile in registers while k runs, each step
+        broadcasting one x per row against two contiguous weight vectors. No horizontal sums.
+
+        Rows (and output features) are padded to whole tiles (`pad_einsum`): with the symbolic row count
+        of prefill, a guarded tile instead spilled its accumulators to memory on every k (56 → 160
+        GFLOP/s when padded). Only the copy of x into the padded buffer and the final store are guarded.
+        """
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        red, _ = _find_matmul(sch)
+        index = _index(sch, blocks, red)
+        epilogue = blocks[index + 1:]
+        *lead, n, _k = sch.get_loops(red)
+        rows_at = [i for i, loop in enumerate(lead) if _extent(sch, loop) != 1]
+        if len(rows_at) != 1:
+            return None
+        weight_at = _weight_read(sch, red)
+        if weight_at is None:
+            return None
+        padding = [1] * (len(lead) + 2)
+        padding[rows_at[0]], padding[-2] = GEMM_ROWS, GEMM_COLS
+        sch.pad_einsum(red, padding)  # raises unless the body is a plain x * w sum
+        panel = sch.cache_read(red, weight_at, "local")
+        *lead, n, k = sch.get_loops(red)
+        m = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+        n_o, n_i = sch.split(n, [None, GEMM_COLS])
+        m_o, m_i = sch.split(m, [None, GEMM_ROWS])
+        sch.reorder(n_o, m_o, k, m_i, n_i)
+        sch.compute_at(panel, n_o)
+        sch.transform_layout(red, ("read", weight_at), lambda i, j: (j, i))
+        while sch.get_producers(panel):  # the weight padding and the dequantization compute the panel
+            sch.compute_inline(sch.get_producers(panel)[0])
+        for p in sch.get_producers(red):  # the padded copy of x: one pass over x, parallel over rows
+            if not sch.get(p).same_as(sch.get(panel)):
+                sch.parallel(sch.fuse(*sch.get_loops(p)[:-1]))
+        # The padded sum lives only in the register tile (compacted to GEMM_ROWS x GEMM_COLS; left in
+        # "global" scope, as "local" buffers always get a heap workspace, see GEMM_ROWS); the copy out of
+        # it and the epilogue (bias, GELU, residual, casts) become one block that runs after each tile.
+        out = sch.get_consumers(red) + epilogue
+        for b in out[:-1]:
+            sch.compute_inline(b)
+        sch.reverse_compute_at(out[-1], m_o)
+        sch.vectorize(sch.get_loops(out[-1])[-1])
+        sch.parallel(n_o)
+        sch.unroll(m_i)
+        sch.vectorize(n_i)
+        sch.decompose_reduction(red, k)
+        return sch
+
+
+def _find_matmul(sch: s_tir.Schedule):
+    """(the one reduction block, its row count) if it sums over its last loop only, else None."""
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    reductions = [b for b in blocks if _is_reduction(sch, b)]
+    if len(reductions) != 1:
+        return None
+    red = reductions[0]
+    loops = sch.get_loops(red)
+    iters = sch.get(red).iter_vars
+    if len(iters) != len(loops) or any(int(v.iter_type) not in (0, 2) for v in iters):
+        return None
+    kinds = [int(v.iter_type) for v in iters]  # 0 = spatial, 2 = reduction
+    if kinds.count(2) != 1 or kinds[-1] != 2 or len(loops) < 2:
+        return None
+    rows = None
+    for loop in loops[:-2]:
+        ext = sch.get(loop).extent
+        if not (isinstance(ext, tirx.IntImm) and int(ext) == 1):
+            rows = ext if rows is None else rows * ext
+    return red, tirx.const(1, "int64") if rows is None else rows
+
+
+def _index(sch: s_tir.Schedule, blocks, block) -> int:
+    return [sch.get(b).same_as(sch.get(block)) for b in blocks].index(True)
+
+
+def _weight_read(sch: s_tir.Schedule, red) -> int | None:
+    """Index of the read of `red` indexed by the output feature (the weight), if there is exactly one."""
+    block = sch.get(red)
+    n_var = block.iter_vars[-2].var
+    hits = [i for i, r in enumerate(block.reads)
+            if any(v.same_as(n_var) for rng in r.region for v in tirx.analysis.undefined_vars(rng.min, []))]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _either(cond, gemm: s_tir.Schedule, row_tiles: s_tir.Schedule) -> s_tir.Schedule:
+    """One kernel running the `gemm` layout where `cond` holds (checked once per call), else `row_tiles`."""
+    a, b = gemm.mod["main"], row_tiles.mod["main"]
+    body = tirx.IfThenElse(cond, _renamed_root(a.body, "gemm"), _renamed_root(b.body, "row_tiles"))
+    root = s_tir.SBlock([], [], [], "root", body)
+    both = a.with_body(s_tir.SBlockRealize([], True, root))
+    # Both layouts came from one function, so they share loop and block variables, which TIR allows
+    # to be defined once only: a round trip through TVMScript gives each definition its own variable.
+    return s_tir.Schedule(tvm.script.from_source(both.script()))
+
+
+def _renamed_root(realize, name: str):
+    block = realize.block
+    return s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], name, block.body, alloc_buffers=block.alloc_buffers))
 
 
 class CPUParallel(dl.ScheduleRule):
