@@ -227,7 +227,7 @@ def _write_output(tmp: Path, hf_dir: Path, cfg: GPTBigCodeConfig, quant: Quantiz
                   plans: list[ParamPlan], ckpt: Checkpoint, progress: bool, shard_bytes: int) -> None:
     shards = _shard(plans, shard_bytes)
     make = Materializer(ckpt, quant)
-    param_index = []
+    files: dict[str, str] = {}  # param name → its shard
     bar = tqdm(total=len(plans), desc="convert", unit="tensor", disable=not progress)
     for k, shard in enumerate(shards):
         fname = f"params-{k + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -241,8 +241,10 @@ def _write_output(tmp: Path, hf_dir: Path, cfg: GPTBigCodeConfig, quant: Quantiz
                 bar.update(1)
 
         write_safetensors(tmp / fname, [(p.name, p.shape, numpy_dtype(p.dtype)) for p in shard], arrays())
-        param_index += [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "file": fname} for p in shard]
+        files.update({p.name: fname for p in shard})
     bar.close()
+    # listed in the model's order (the library's load order), whatever order the shards hold them in
+    param_index = [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "file": files[p.name]} for p in plans]
     tokenizer_files = [f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
     for f in tokenizer_files:
         shutil.copyfile(hf_dir / f, tmp / f)

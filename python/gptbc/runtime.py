@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -43,6 +44,29 @@ def parse_device(device: str):
     if not exists:
         raise GptbcError(f"device {device!r}: no such device on this machine (or this TVM has no runtime for it)")
     return dev
+
+
+def physical_cores() -> int:
+    """Cores (not SMT siblings) among the CPUs this process may run on."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:  # no sysfs topology (not Linux): count CPUs
+            cores.add(("", str(cpu)))
+    return max(len(cores), 1)
+
+
+def use_all_cores() -> None:
+    """One TVM worker thread per physical core, unless TVM_NUM_THREADS says otherwise.
+
+    TVM's pool assumes two hardware threads per core on x86 and starts half as many workers as CPUs:
+    on a 2-vCPU machine with one thread per core every kernel ran on 1 thread (santacoder q4f32_1 decode
+    82 ms/token, 41 ms with 2). The pool reads the variable when it starts, at the first parallel kernel.
+    """
+    os.environ.setdefault("TVM_NUM_THREADS", str(physical_cores()))
 
 
 def serve_prebuilt_cuda_kernels(lib: Path) -> None:
@@ -179,6 +203,8 @@ class Engine:
             raise GptbcError(f"--lib {self.lib} was built for {self.meta.get('device')} "
                              f"(--target {self.meta.get('target')}), not for device {device!r}")
         self.on_cpu = kind == "cpu"
+        if self.on_cpu:
+            use_all_cores()
         check_compatible(self.lib, self.meta, self.model_dir, self.info)
         self.config = GPTBigCodeConfig.from_dict(self.meta["model_config"], source=f"--lib {self.lib}")
         self.context_window_size = int(self.meta["context_window_size"])
