@@ -1,0 +1,352 @@
+// gptbc-run: generate with a compiled gptbc model library and converted weights, without Python.
+//
+//   gptbc-run --model OUT_DIR --lib LIB (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N]
+//             [--temperature T] [--top-p P] [--top-k K] [--seed S] [--ignore-eos] [--json]
+//
+// Text streams to stdout as it is decoded; --json prints one object at the end instead. Every failure is
+// one line "error: ..." on stderr and exit status 1.
+#include <sched.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <set>
+#include <map>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "error.h"
+#include "json.h"
+#include "model.h"
+#include "sampler.h"
+#include "tokenizer.h"
+
+namespace {
+
+using gptbc::Error;
+
+const char kUsage[] =
+    "usage: gptbc-run --model OUT_DIR --lib LIB (--prompt TEXT | --prompt-ids 1,2,3)\n"
+    "                 [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S]\n"
+    "                 [--ignore-eos] [--json]\n"
+    "\n"
+    "Generates with a model library from `gptbc compile` (CPU) and weights from `gptbc convert-weight`.\n"
+    "Sampling defaults come from the model's generation_config.json (greedy unless it says do_sample).\n"
+    "  --json        print one JSON object (token_ids, text, finish_reason, prompt_tokens, timings)\n"
+    "                instead of streaming text\n"
+    "  --ignore-eos  keep generating after an eos token (for benchmarks)\n";
+
+struct Args {
+  std::string model, lib;
+  std::optional<std::string> prompt, prompt_ids;
+  std::map<std::string, std::string> sampling;  // flag → value, applied over the model's defaults
+  bool json = false, ignore_eos = false, help = false;
+};
+
+Args parse_args(int argc, char** argv) {
+  Args a;
+  const std::vector<std::string> valued = {"--model", "--lib", "--prompt", "--prompt-ids", "--max-new-tokens",
+                                           "--temperature", "--top-p", "--top-k", "--seed"};
+  for (int i = 1; i < argc; ++i) {
+    std::string flag = argv[i], value;
+    bool inline_value = false;
+    if (size_t eq = flag.find('='); flag.rfind("--", 0) == 0 && eq != std::string::npos) {
+      value = flag.substr(eq + 1);
+      flag = flag.substr(0, eq);
+      inline_value = true;
+    }
+    if (flag == "--json" || flag == "--ignore-eos" || flag == "--help" || flag == "-h") {
+      if (inline_value) throw Error(flag + " takes no value");
+      (flag == "--json" ? a.json : flag == "--ignore-eos" ? a.ignore_eos : a.help) = true;
+      continue;
+    }
+    if (std::find(valued.begin(), valued.end(), flag) == valued.end())
+      throw Error("unknown option " + flag + " (see --help)");
+    if (!inline_value) {
+      if (i + 1 >= argc) throw Error(flag + " needs a value");
+      value = argv[++i];
+    }
+    if (flag == "--model") a.model = value;
+    else if (flag == "--lib") a.lib = value;
+    else if (flag == "--prompt") a.prompt = value;
+    else if (flag == "--prompt-ids") a.prompt_ids = value;
+    else a.sampling[flag] = value;
+  }
+  if (a.help) return a;
+  if (a.model.empty()) throw Error("--model is required (a directory from `gptbc convert-weight`)");
+  if (a.lib.empty()) throw Error("--lib is required (a library from `gptbc compile`)");
+  if (a.prompt.has_value() == a.prompt_ids.has_value()) throw Error("give exactly one of --prompt and --prompt-ids");
+  return a;
+}
+
+int64_t parse_int(const std::string& flag, const std::string& text) {
+  size_t used = 0;
+  long long v = 0;
+  try {
+    v = std::stoll(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != text.size()) throw Error(flag + " expects an integer, got '" + text + "'");
+  return v;
+}
+
+double parse_number(const std::string& flag, const std::string& text) {
+  size_t used = 0;
+  double v = 0;
+  try {
+    v = std::stod(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != text.size() || !std::isfinite(v))
+    throw Error(flag + " expects a number, got '" + text + "'");
+  return v;
+}
+
+gptbc::SamplingParams sampling_params(const Args& a) {
+  gptbc::SamplingParams p = gptbc::generation_defaults(a.model);
+  for (const auto& [flag, value] : a.sampling) {
+    if (flag == "--max-new-tokens") p.max_new_tokens = parse_int(flag, value);
+    else if (flag == "--temperature") p.temperature = parse_number(flag, value);
+    else if (flag == "--top-p") p.top_p = parse_number(flag, value);
+    else if (flag == "--top-k") p.top_k = parse_int(flag, value);
+    else if (flag == "--seed") {
+      int64_t s = parse_int(flag, value);
+      if (s < 0) throw Error("--seed must be a non-negative integer");
+      p.seed = static_cast<uint64_t>(s);
+    }
+  }
+  p.validate("--");
+  return p;
+}
+
+// "1,2, 3" → ids (as `gptbc generate --prompt-ids`).
+std::vector<int32_t> parse_ids(const std::string& text) {
+  std::vector<int32_t> ids;
+  std::string item;
+  std::stringstream in(text);
+  while (std::getline(in, item, ',')) {
+    item.erase(std::remove(item.begin(), item.end(), ' '), item.end());
+    if (item.empty()) continue;
+    size_t used = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used == 0 || used != item.size() || v < INT32_MIN || v > INT32_MAX)
+      throw Error("--prompt-ids '" + text + "': expected comma-separated integers like 1,2,3");
+    ids.push_back(static_cast<int32_t>(v));
+  }
+  return ids;
+}
+
+void check_prompt(const std::vector<int32_t>& ids, const gptbc::Model& model, int64_t max_new_tokens) {
+  if (ids.empty()) throw Error("prompt is empty: give at least one token");
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (ids[i] < 0 || ids[i] >= model.vocab_size()) {
+      throw Error("token id " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
+                  " is outside the vocabulary (0.." + std::to_string(model.vocab_size() - 1) + ")");
+    }
+  }
+  int64_t need = static_cast<int64_t>(ids.size()) + max_new_tokens;
+  if (need > model.context_window_size()) {
+    throw Error("prompt of " + std::to_string(ids.size()) + " tokens + max_new_tokens " +
+                std::to_string(max_new_tokens) + " = " + std::to_string(need) + " exceeds the context window of " +
+                std::to_string(model.context_window_size()) + " tokens (lower --max-new-tokens)");
+  }
+}
+
+// Writes text as tokens arrive, never half a UTF-8 character: bytes of an incomplete character wait for
+// the next token; what can never become valid is written as U+FFFD.
+class TextStream {
+ public:
+  explicit TextStream(bool echo) : echo_(echo) {}
+  void add(const std::string& bytes) {
+    pending_ += bytes;
+    size_t n = gptbc::utf8_complete_prefix(pending_);
+    emit(gptbc::utf8_lossy(pending_.substr(0, n)));
+    pending_.erase(0, n);
+  }
+  void finish() {
+    emit(gptbc::utf8_lossy(pending_));
+    pending_.clear();
+  }
+  const std::string& text() const { return text_; }
+
+ private:
+  void emit(const std::string& s) {
+    if (s.empty()) return;
+    text_ += s;
+    if (echo_) {
+      std::fwrite(s.data(), 1, s.size(), stdout);
+      std::fflush(stdout);
+    }
+  }
+  bool echo_;
+  std::string pending_, text_;
+};
+
+double seconds_since(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+
+std::string ids_json(const std::vector<int32_t>& ids) {
+  std::string out = "[";
+  for (size_t i = 0; i < ids.size(); ++i) out += (i ? ", " : "") + std::to_string(ids[i]);
+  return out + "]";
+}
+
+struct Generation {
+  std::vector<int32_t> ids;
+  std::string finish = "length";  // or "stop": an eos token ended it (and is the last id)
+  double prefill_s = 0, decode_s = 0;
+};
+
+// Prefill the prompt, then sample and decode until an eos token or max_new_tokens, as the Python engine's
+// loop does: the eos token is kept in the ids but not in the text, and no decode runs after the last token.
+Generation generate(gptbc::Model& model, const std::vector<int32_t>& prompt, const gptbc::SamplingParams& params,
+                    bool ignore_eos, const gptbc::Tokenizer* tok, TextStream* stream) {
+  Generation gen;
+  gptbc::Sampler sampler(params, model.vocab_size());
+  for (int32_t t : prompt) sampler.saw(t);
+  if (params.max_new_tokens > 0) {
+    model.start(static_cast<int64_t>(prompt.size()) + params.max_new_tokens);
+    auto t0 = std::chrono::steady_clock::now();
+    const std::vector<float>* logits = &model.prefill(prompt);
+    gen.prefill_s = seconds_since(t0);
+    auto t1 = std::chrono::steady_clock::now();
+    const auto& eos_ids = model.eos_ids();
+    while (true) {
+      int32_t token = sampler.next(*logits);
+      sampler.saw(token);
+      gen.ids.push_back(token);
+      bool eos = !ignore_eos && std::find(eos_ids.begin(), eos_ids.end(), token) != eos_ids.end();
+      if (tok && !eos && !tok->is_special(token)) stream->add(tok->token_bytes(token));
+      if (eos) {
+        gen.finish = "stop";
+        break;
+      }
+      if (static_cast<int64_t>(gen.ids.size()) >= params.max_new_tokens) break;
+      logits = &model.decode(token);
+    }
+    gen.decode_s = seconds_since(t1);
+  }
+  stream->finish();
+  return gen;
+}
+
+void print_json(const Generation& gen, const std::vector<int32_t>& prompt, const std::optional<std::string>& text,
+                double load_s, const gptbc::Model& model) {
+  size_t steps = gen.ids.empty() ? 0 : gen.ids.size() - 1;  // decode calls: the first token came from prefill
+  std::printf(
+      "{\"token_ids\": %s, \"text\": %s, \"finish_reason\": \"%s\", \"prompt_tokens\": %zu, \"prompt_ids\": %s, "
+      "\"load_s\": %.6f, \"prefill_s\": %.6f, \"decode_s\": %.6f, \"decode_steps\": %zu, "
+      "\"decode_tokens_per_s\": %.4f, \"mapped_weight_bytes\": %llu, \"copied_weight_bytes\": %llu}\n",
+      ids_json(gen.ids).c_str(), text ? gptbc::json::quote(*text).c_str() : "null", gen.finish.c_str(),
+      prompt.size(), ids_json(prompt).c_str(), load_s, gen.prefill_s, gen.decode_s, steps,
+      steps && gen.decode_s > 0 ? steps / gen.decode_s : 0.0, static_cast<unsigned long long>(model.mapped_bytes()),
+      static_cast<unsigned long long>(model.copied_bytes()));
+}
+
+// Cores (not SMT siblings) among the CPUs this process may run on, from sysfs; CPUs if that is missing.
+int physical_cores() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
+  std::set<std::string> cores;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (!CPU_ISSET(cpu, &set)) continue;
+    std::string topo = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
+    std::ifstream pkg(topo + "physical_package_id"), core(topo + "core_id");
+    std::string p, c;
+    if (pkg >> p && core >> c) {
+      cores.insert(p + ":" + c);
+    } else {
+      cores.insert("cpu" + std::to_string(cpu));
+    }
+  }
+  return std::max<int>(1, static_cast<int>(cores.size()));
+}
+
+// TVM's pool starts half as many workers as CPUs on x86 (it assumes SMT pairs): on a machine with one
+// thread per core that halves decode speed. One worker per physical core, unless TVM_NUM_THREADS is set;
+// the pool reads it when it starts, at the first parallel kernel (the same rule as runtime.py).
+void use_all_cores() {
+  if (std::getenv("TVM_NUM_THREADS") == nullptr)
+    setenv("TVM_NUM_THREADS", std::to_string(physical_cores()).c_str(), 0);
+}
+
+int run(int argc, char** argv) {
+  Args args = parse_args(argc, argv);
+  if (args.help) {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
+  use_all_cores();
+  auto start = std::chrono::steady_clock::now();
+  gptbc::SamplingParams params = sampling_params(args);
+  gptbc::Model model(args.model, args.lib);
+
+  std::string tok_path = args.model + "/tokenizer.json";
+  struct stat st {};
+  std::unique_ptr<gptbc::Tokenizer> tok;
+  if (stat(tok_path.c_str(), &st) == 0) tok = std::make_unique<gptbc::Tokenizer>(tok_path);
+  std::vector<int32_t> prompt;
+  if (args.prompt) {
+    if (!tok) throw Error(args.model + ": no tokenizer.json; pass --prompt-ids instead of text");
+    prompt = tok->encode(*args.prompt);
+  } else {
+    prompt = parse_ids(*args.prompt_ids);
+  }
+  check_prompt(prompt, model, params.max_new_tokens);
+  double load_s = seconds_since(start);
+
+  TextStream stream(tok && !args.json);
+  Generation gen = generate(model, prompt, params, args.ignore_eos, tok.get(), &stream);
+  if (args.json) {
+    print_json(gen, prompt, tok ? std::optional<std::string>(stream.text()) : std::nullopt, load_s, model);
+  } else if (tok) {
+    std::fputs("\n", stdout);
+  } else {
+    std::string line;
+    for (size_t i = 0; i < gen.ids.size(); ++i) line += (i ? "," : "") + std::to_string(gen.ids[i]);
+    std::puts(line.c_str());
+  }
+  return 0;
+}
+
+// One line, whatever the message held.
+int fail(std::string what) {
+  for (char& c : what)
+    if (c == '\n' || c == '\r') c = ' ';
+  std::fflush(stdout);
+  std::fprintf(stderr, "error: %s\n", what.c_str());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const Error& e) {
+    return fail(e.what());
+  } catch (const tvm::ffi::Error& e) {
+    std::string msg = e.message();
+    return fail("TVM: " + msg.substr(0, msg.find('\n')));
+  } catch (const std::bad_alloc&) {
+    return fail("out of memory");
+  } catch (const std::exception& e) {
+    return fail(e.what());
+  }
+}

@@ -1,0 +1,58 @@
+// A compiled gptbc model library with its converted weights, run through the Relax VM on the CPU: one
+// sequence in a paged KV cache, prefilled in the library's chunks, then decoded a token at a time.
+#pragma once
+
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/extra/module.h>
+#include <tvm/ffi/function.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "json.h"
+#include "safetensors.h"
+
+namespace gptbc {
+
+class Model {
+ public:
+  // Loads and checks everything up front: the library (is it a gptbc library for the CPU?) and the
+  // weights (same scheme and tensors as the library?). Throws Error.
+  Model(const std::string& model_dir, const std::string& lib);
+
+  // Create the KV cache for the one sequence, with room for `tokens` tokens (prompt + new tokens): memory
+  // for what the request needs, not for the whole context window.
+  void start(int64_t tokens);
+  // Append `ids` to the sequence (in prefill_chunk_size chunks); logits after the last, float32[vocab].
+  const std::vector<float>& prefill(const std::vector<int32_t>& ids);
+  // Append one token; logits for the next.
+  const std::vector<float>& decode(int32_t token);
+
+  int64_t vocab_size() const { return vocab_size_; }
+  int64_t context_window_size() const { return context_window_size_; }
+  const std::vector<int32_t>& eos_ids() const { return eos_ids_; }
+  // Weight bytes used in place from the memory-mapped files / copied into aligned memory.
+  uint64_t mapped_bytes() const { return mapped_bytes_; }
+  uint64_t copied_bytes() const { return copied_bytes_; }
+
+ private:
+  void load_library(const std::string& lib);
+  void check_compatible(const json::Object& info);
+  void load_params(const json::Object& info);
+  const std::vector<float>& forward(const tvm::ffi::Function& func, const std::vector<int32_t>& ids);
+
+  std::string model_dir_, lib_;
+  json::Object meta_;
+  tvm::ffi::Optional<tvm::ffi::Module> vm_;  // the VM the functions below belong to
+  tvm::ffi::Function embed_, prefill_, decode_, begin_forward_, end_forward_;
+  std::vector<SafetensorsFile> files_;  // mapped for as long as params in place point into them
+  tvm::ffi::Array<tvm::ffi::Tensor> params_;
+  tvm::ffi::Any kv_cache_;
+  int64_t vocab_size_ = 0, n_embd_ = 0, context_window_size_ = 0, prefill_chunk_size_ = 0, max_batch_size_ = 0;
+  std::vector<int32_t> eos_ids_;
+  std::vector<float> logits_;
+  uint64_t mapped_bytes_ = 0, copied_bytes_ = 0;
+};
+
+}  // namespace gptbc
