@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import __version__, schedules
+from . import __version__, kernels, schedules
 from .config import GPTBigCodeConfig, ModelSource
 from .errors import GptbcError
 from .quantization import Quantization, get_quantization
@@ -149,6 +149,9 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
     t = time.perf_counter()
     target = tvm.target.Target(build.target)
     mod = export_relax(source.config, quant, target)
+    if target.kind.name == "llvm":
+        cfg = source.config
+        mod = kernels.use_fast_cpu_attention(mod, cfg.n_kv_head, cfg.n_head, cfg.head_dim, quant.model_dtype)
     mod = attach_metadata(mod, metadata(source, quant, spec, target_name, build.target,
                                         model_params(source.config, quant)))
     t = phase(f"export {source.name} ({quant.name}) to Relax", t)
