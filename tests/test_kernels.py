@@ -1,4 +1,4 @@
-"""Our CPU prefill attention kernel against TVM's (the one it replaces) on ragged batches."""
+"""Our CPU prefill attention kernels: the ragged one against TVM's, the paged one against numpy."""
 
 from __future__ import annotations
 
@@ -52,6 +52,52 @@ def test_compiled_cpu_model_uses_our_kernel():
     q = get_quantization("q0f32")
     mod = export_relax(cfg, q, TARGET)
     swapped = use_fast_cpu_attention(mod, cfg.n_kv_head, cfg.n_head, cfg.head_dim, q.model_dtype)
-    name = "batch_prefill_ragged_kv"
-    assert "T.parallel" not in mod[name].script()  # TVM's kernel: serial loops
-    assert "T.parallel" in swapped[name].script()
+    for name in ("batch_prefill_ragged_kv", "batch_prefill_paged_kv_cpu"):
+        assert "T.parallel" not in mod[name].script()  # TVM's kernels: serial loops
+        assert "T.parallel" in swapped[name].script()
+
+
+def reference(q, k, v, causal, sm_scale):
+    """One sequence: softmax attention of q [n, h_q, d] over k, v [m, h_kv, d]; (output, lse in log2 units)."""
+    n, h_q, _ = q.shape
+    m, h_kv, _ = k.shape
+    kk, vv = np.repeat(k.astype(np.float64), h_q // h_kv, 1), np.repeat(v.astype(np.float64), h_q // h_kv, 1)
+    s = np.einsum("nhd,mhd->hnm", q.astype(np.float64), kk) * sm_scale
+    if causal:
+        s = np.where(np.arange(m)[None, :] <= m - n + np.arange(n)[:, None], s, -np.inf)
+    top = s.max(-1, keepdims=True)
+    p = np.exp(s - top)
+    out = np.einsum("hnm,mhd->nhd", p / p.sum(-1, keepdims=True), vv)
+    lse = (np.log(p.sum(-1)) + top[..., 0]) / np.log(2)
+    return out, lse.T
+
+
+@pytest.mark.parametrize("h_q, h_kv, d, dtype", [(4, 1, 32, "float32"), (2, 2, 16, "float32"), (4, 2, 16, "float16")])
+@pytest.mark.parametrize("causal", [1, 0])
+def test_paged_prefill_matches_reference(h_q, h_kv, d, dtype, causal):
+    from gptbc.kernels import paged_prefill_cpu
+
+    rng = np.random.default_rng(d + causal)
+    page = 16
+    q_lens, kv_lens = [3, 7, 1], [37, 7, 16]  # kv holds the q tokens too (last), as the KV cache calls it
+    n_pages = [-(-n // page) for n in kv_lens]
+    pages = rng.standard_normal((sum(n_pages) + 2, 2, h_kv, page, d)).astype(dtype)
+    order = rng.permutation(len(pages))[:sum(n_pages)].astype(np.int32)  # pages scattered in the pool
+    q = rng.standard_normal((sum(q_lens), h_q, d)).astype(dtype)
+    q_indptr = np.cumsum([0, *q_lens]).astype(np.int32)
+    page_indptr = np.cumsum([0, *n_pages]).astype(np.int32)
+    last_len = np.array([n - (p - 1) * page for n, p in zip(kv_lens, n_pages)], np.int32)
+    kernel = tvm.compile(tvm.IRModule({"main": paged_prefill_cpu(h_kv, h_q, d, dtype)}), target=TARGET)
+    t = lambda a: tvm.runtime.tensor(a, tvm.cpu())  # noqa: E731
+    out, lse = t(np.zeros_like(q)), t(np.zeros(q.shape[:2], np.float32))
+    kernel(t(q), t(q_indptr), t(pages), t(page_indptr), t(order), t(last_len), t(np.zeros(3, np.int32)),
+           t(np.zeros(len(q), np.int32)), out, lse, causal, 0, 1.0, 1e4, d ** -0.5)
+    tol = 3e-3 if dtype == "float16" else 1e-5
+    for b in range(3):
+        rows = order[page_indptr[b]:page_indptr[b + 1]]
+        k = pages[rows, 0].transpose(0, 2, 1, 3).reshape(-1, h_kv, d)[:kv_lens[b]]
+        v = pages[rows, 1].transpose(0, 2, 1, 3).reshape(-1, h_kv, d)[:kv_lens[b]]
+        want_out, want_lse = reference(q[q_indptr[b]:q_indptr[b + 1]], k, v, causal, d ** -0.5)
+        sl = slice(q_indptr[b], q_indptr[b + 1])
+        np.testing.assert_allclose(out.numpy()[sl].astype(np.float32), want_out, atol=tol, rtol=tol)
+        np.testing.assert_allclose(lse.numpy()[sl], want_lse, atol=tol, rtol=tol)

@@ -1,10 +1,10 @@
 """Hand-written TIR kernels that replace TVM's where TVM's are slow.
 
-TVM's CPU kernel for prefill attention over the new tokens (`tir_attention_prefill_ragged_cpu`, used by
-the paged KV cache for every prefill) is one serial scalar loop nest: at santacoder's shape it took 42%
-of a 512-token prefill (4.2 of 9.9 s, one thread). Ours computes the same output and log-sum-exp, with
-the (query, head) pairs in parallel, only the causally visible keys visited, an online softmax, and
-16-lane vector loops over the head dimension.
+TVM's CPU kernels for prefill attention — over the new tokens (ragged) and over a sequence's cached
+pages (paged) — are serial scalar loop nests that also compute every masked score: at santacoder's
+shape the ragged one took 42% of a 512-token prefill (4.2 of 9.9 s, one thread). Ours compute the same
+output and log-sum-exp with the (query, head) pairs in parallel, only the causally visible keys
+visited, an online softmax, and 16-lane vector loops over the head dimension.
 """
 
 from __future__ import annotations
@@ -14,7 +14,55 @@ import math
 from tvm.script import tirx as T
 
 LANES = 16  # float32 lanes of a 512-bit vector; LLVM splits it on narrower machines
-RAGGED_PREFILL_CPU = "batch_prefill_ragged_kv"  # TVM's kernel's name in the module, for a CPU target
+# TVM's CPU kernels we replace, by their names in the module (the paged KV cache adds them for llvm targets)
+RAGGED_PREFILL_CPU = "batch_prefill_ragged_kv"
+PAGED_PREFILL_CPU = "batch_prefill_paged_kv_cpu"
+
+
+def _at(buf, index: tuple, last):
+    """buf[*index, last], built while TVMScript parses (index tuples differ between the kernels)."""
+    return buf[(*index, last)]
+
+
+def _online_softmax(d: int):
+    """Macros shared by the kernels: `start` resets one (query, head)'s state; `visit` folds in one key
+    (its row of `k`/`v` given by index expressions); `finish` writes the output and lse."""
+    chunks = d // LANES
+    log2e = math.log2(math.e)
+
+    @T.macro
+    def start(acc, state):
+        state[0] = T.float32(-5e4)  # running max score (log2 domain)
+        state[1] = T.float32(0)  # running sum of exp2(score - max)
+        for i in T.vectorized(d):
+            acc[i] = T.float32(0)
+
+    @T.macro
+    def visit(acc, part, state, q, q_at, k, k_at, v, v_at, sm_scale):
+        for lane in T.vectorized(LANES):
+            part[lane] = T.float32(0)
+        for c in T.serial(chunks):
+            for lane in T.vectorized(LANES):
+                part[lane] = part[lane] + T.Cast("float32", _at(q, q_at, c * LANES + lane)) * T.Cast(
+                    "float32", _at(k, k_at, c * LANES + lane))
+        state[2] = T.float32(0)
+        for lane in T.serial(LANES):
+            state[2] = state[2] + part[lane]
+        state[2] = state[2] * sm_scale * T.float32(log2e)  # this key's score
+        state[3] = T.exp2(state[0] - T.max(state[0], state[2]))  # rescale of what was summed so far
+        state[0] = T.max(state[0], state[2])
+        state[2] = T.exp2(state[2] - state[0])
+        state[1] = state[1] * state[3] + state[2]
+        for i in T.vectorized(d):
+            acc[i] = acc[i] * state[3] + state[2] * T.Cast("float32", _at(v, v_at, i))
+
+    @T.macro
+    def finish(acc, state, output, lse, row, h, dtype):
+        for i in T.vectorized(d):
+            output[row, h, i] = T.Cast(dtype, T.if_then_else(state[1] > 0, acc[i] / state[1], T.float32(0)))
+        lse[row, h] = T.if_then_else(state[1] > 0, state[0] + T.log2(state[1]), T.float32(-5e4))
+
+    return start, visit, finish
 
 
 def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
@@ -25,8 +73,7 @@ def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
     Rotary embedding is not applied: gptbc's models use learned positions (RopeMode.NONE).
     """
     group = h_q // h_kv
-    chunks = d // LANES
-    log2e = math.log2(math.e)
+    start, visit, finish = _online_softmax(d)
 
     @T.prim_func(s_tir=True)
     def ragged_prefill(
@@ -69,47 +116,89 @@ def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
                     # tokens being the last qo_n of the kv_n
                     visible: T.let[T.int32] = T.if_then_else(
                         causal > 0, T.min(kv_n - (q_indptr[b + 1] - q_indptr[b]) + qi + 1, kv_n), kv_n)
-                    state[0] = T.float32(-5e4)
-                    state[1] = T.float32(0)
-                    for i in T.vectorized(d):
-                        acc[i] = T.float32(0)
+                    start(acc, state)
                     for j in T.serial(T.max(visible, 0)):
-                        for lane in T.vectorized(LANES):
-                            part[lane] = T.float32(0)
-                        for c in T.serial(chunks):
-                            for lane in T.vectorized(LANES):
-                                part[lane] = part[lane] + T.Cast("float32", q[row, h, c * LANES + lane]) * T.Cast(
-                                    "float32", k[kv_indptr[b] + j, h // group, c * LANES + lane])
-                        state[2] = T.float32(0)
-                        for lane in T.serial(LANES):
-                            state[2] = state[2] + part[lane]
-                        state[2] = state[2] * sm_scale * T.float32(log2e)
-                        state[3] = T.exp2(state[0] - T.max(state[0], state[2]))
-                        state[0] = T.max(state[0], state[2])
-                        state[2] = T.exp2(state[2] - state[0])
-                        state[1] = state[1] * state[3] + state[2]
-                        for i in T.vectorized(d):
-                            acc[i] = acc[i] * state[3] + state[2] * T.Cast("float32", v[kv_indptr[b] + j, h // group, i])
-                    for i in T.vectorized(d):
-                        output[row, h, i] = T.Cast(dtype, T.if_then_else(state[1] > 0, acc[i] / state[1], T.float32(0)))
-                    lse[row, h] = T.if_then_else(state[1] > 0, state[0] + T.log2(state[1]), T.float32(-5e4))
+                        at = (kv_indptr[b] + j, h // group)
+                        visit(acc, part, state, q, (row, h), k, at, v, at, sm_scale)
+                    finish(acc, state, output, lse, row, h, dtype)
 
     return ragged_prefill
 
 
-def use_fast_cpu_attention(mod, h_kv: int, h_q: int, d: int, dtype: str):
-    """`mod` with our ragged prefill kernel in place of TVM's (when the module has it and d fits)."""
-    import tvm
-    from tvm import tirx
+def paged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 16):
+    """Attention of new tokens to a sequence's cached pages, TVM's `batch_prefill_paged_kv_cpu` signature
+    (no sliding window). The KV cache calls it for tokens whose sequence already holds KV: a prompt
+    longer than one prefill chunk, a prompt forked from a cached prefix, speculative verification."""
+    group = h_q // h_kv
+    start, visit, finish = _online_softmax(d)
 
-    if RAGGED_PREFILL_CPU not in [g.name_hint for g in mod.get_global_vars()] or d % LANES:
+    @T.prim_func(s_tir=True)
+    def paged_prefill(
+        var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle, var_page_indptr: T.handle,
+        var_page_values: T.handle, var_length_info: T.handle, var_k_rope_pos_offset: T.handle,
+        var_q_rope_position: T.handle, var_output: T.handle, var_lse: T.handle,
+        causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
+    ):
+        batch_size = T.int32()
+        total_len = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        q_indptr_offset = T.int32()
+        page_indptr_offset = T.int32()
+        page_values_offset = T.int32()
+        k_rope_offset = T.int32()
+        q_rope_offset = T.int32()
+        length_info_offset = T.int32()
+        q = T.match_buffer(var_q, (total_len, h_q, d), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_offset)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, page_size, d), dtype)
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=page_indptr_offset)
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_offset)
+        last_page_len = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=length_info_offset)
+        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_offset)
+        q_rope_position = T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=q_rope_offset)
+        output = T.match_buffer(var_output, (total_len, h_q, d), dtype)
+        lse = T.match_buffer(var_lse, (total_len, h_q), "float32")
+
+        for b in T.serial(batch_size):
+            for task in T.parallel((q_indptr[b + 1] - q_indptr[b]) * h_q):
+                with T.sblock("attn"):
+                    T.reads(q[0:total_len, 0:h_q, 0:d], pages[0:max_num_pages, 0:2, 0:h_kv, 0:page_size, 0:d],
+                            q_indptr[0:batch_size + 1], page_indptr[0:batch_size + 1], page_values[0:nnz_pages],
+                            last_page_len[0:batch_size])
+                    T.writes(output[0:total_len, 0:h_q, 0:d], lse[0:total_len, 0:h_q])
+                    acc = T.sblock_alloc_buffer((d,), "float32")
+                    part = T.sblock_alloc_buffer((LANES,), "float32")
+                    state = T.sblock_alloc_buffer((4,), "float32")
+                    qi: T.let[T.int32] = task // h_q
+                    h: T.let[T.int32] = task % h_q
+                    row: T.let[T.int32] = q_indptr[b] + qi
+                    n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
+                    kv_n: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
+                    visible: T.let[T.int32] = T.if_then_else(
+                        causal > 0, T.min(kv_n - (q_indptr[b + 1] - q_indptr[b]) + qi + 1, kv_n), kv_n)
+                    start(acc, state)
+                    for j in T.serial(T.max(visible, 0)):
+                        page: T.let[T.int32] = page_values[page_indptr[b] + j // page_size]
+                        visit(acc, part, state, q, (row, h), pages, (page, 0, h // group, j % page_size),
+                              pages, (page, 1, h // group, j % page_size), sm_scale)
+                    finish(acc, state, output, lse, row, h, dtype)
+
+    return paged_prefill
+
+
+def use_fast_cpu_attention(mod, h_kv: int, h_q: int, d: int, dtype: str):
+    """`mod` with our prefill attention kernels in place of TVM's CPU ones (where `mod` has them)."""
+    import tvm
+
+    if d % LANES:
         return mod
     mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)  # a copy: the caller's module stays as it was
-    gv = mod.get_global_var(RAGGED_PREFILL_CPU)
-    old = mod[gv]
-    new = ragged_prefill_cpu(h_kv, h_q, d, dtype)
-    if "global_symbol" in (old.attrs or {}):
-        new = new.with_attr("global_symbol", old.attrs["global_symbol"])
-    assert isinstance(new, tirx.PrimFunc)
-    mod[gv] = new
+    names = [g.name_hint for g in mod.get_global_vars()]
+    for name, make in ((RAGGED_PREFILL_CPU, ragged_prefill_cpu), (PAGED_PREFILL_CPU, paged_prefill_cpu)):
+        if name in names:
+            gv = mod.get_global_var(name)
+            new = make(h_kv, h_q, d, dtype)
+            symbol = (mod[gv].attrs or {}).get("global_symbol")
+            mod[gv] = new.with_attr("global_symbol", symbol) if symbol is not None else new
     return mod
