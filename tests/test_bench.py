@@ -86,3 +86,16 @@ def test_bench_peers_llamacpp_and_ctranslate2(tmp_path):
         assert rows[peer][-1] == "8/8", (peer, rows[peer])  # full precision: same greedy tokens as hf fp32
     if "llamacpp:f32" in rows:
         assert rows["ct2:float32"][-3].endswith("x")  # ratio to llama.cpp f32
+
+
+def test_profile_kernels_script(tiny_model):
+    m = tiny_model("mqa64")
+    for tokens in ("1", "20"):
+        run = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_kernels.py"), str(m.out_dir), "--lib",
+                              str(m.lib), "--tokens", tokens, "--repeat", "1"], capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        lines = run.stdout.splitlines()
+        assert lines[0].startswith("decode step" if tokens == "1" else "prefill of 20 tokens")
+        assert any("attention_with_fused_qkv" in line for line in lines[1:])
+        assert any("matmul" in line for line in lines[1:])
