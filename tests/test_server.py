@@ -204,6 +204,7 @@ def test_models_and_health(served, client):
     ({"prompt": "x " * 200, "max_tokens": 4}, 400, "prompt"),
     ({"prompt": "x", "max_tokens": 500}, 400, "prompt"),
     ({"prompt": "x", "logprobs": 99}, 400, "logprobs"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"max_tokens": 3}, 400, "prompt"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
 ])

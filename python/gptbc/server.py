@@ -314,7 +314,7 @@ class Server:
     # ---- request parsing ----
     def sampling(self, f: Fields, max_tokens: int, n_choices: int, seed: int | None, logprobs: int | None,
                  echo: bool) -> list[SamplingParams]:
-        base = self.engine.defaults.replace(
+        fields = dict(
             max_new_tokens=max_tokens, temperature=f.number("temperature", None, 0, 2),
             top_p=f.number("top_p", None, 0, 1), top_k=f.integer("top_k", None, 0),
             min_p=f.number("min_p", None, 0, 1),
@@ -323,10 +323,8 @@ class Server:
             frequency_penalty=f.number("frequency_penalty", None, -2, 2),
             ignore_eos=f.boolean("ignore_eos"), stop=f.stops(),
             logprobs=logprobs is not None, top_logprobs=logprobs or 0, prompt_logprobs=echo and logprobs is not None)
-        if base.top_p == 0:
-            raise bad("top_p", "must be > 0")
         try:
-            base.validate()
+            base = self.engine.defaults.replace(**fields)  # validates: e.g. top_p 0 passes the range above
         except GptbcError as err:
             name = str(err).split(" ", 1)[0]
             raise bad(name, str(err).split(": ", 1)[-1]) from None
