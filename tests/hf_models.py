@@ -121,3 +121,11 @@ def make_trained_checkpoint(directory: Path, steps: int = 300, seed: int = 0, **
         opt.step()
     model.eval().save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+if __name__ == "__main__":  # python tests/hf_models.py trained DIR: regenerate the shipped trained model
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "trained":
+        sys.exit("usage: python tests/hf_models.py trained DIR")
+    make_trained_checkpoint(Path(sys.argv[2]))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -155,12 +157,22 @@ def test_no_full_size_dequantized_weight_in_compiled_module(name):
     assert float_buffers_of_shape(lowered(cfg, "q0f32"), shapes)
 
 
+# The briefly trained tiny model is shipped in tests/data/trained-tiny (1.6 MB), not trained at test time:
+# training is chaotic in floating point (300 AdamW steps from the same seed end with weights up to 1e-2
+# apart when only the thread count or the CPU's GEMM kernels change, even in float64), so a model trained
+# on an Intel CPU and one trained on a Zen 5 CPU are different models with different quantization error
+# (q4 KL 0.0120 against 0.0046). Shipped, every CPU measures the same network. Made with
+# `python tests/hf_models.py trained tests/data/trained-tiny` (hf_models.make_trained_checkpoint).
+TRAINED = Path(__file__).parent / "data" / "trained-tiny"
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A briefly trained tiny model, its HF fp32 greedy continuations and their logits."""
-    from hf_models import load_hf, make_trained_checkpoint
+    """The shipped trained tiny model, its HF fp32 greedy continuations and their logits."""
+    from hf_models import load_hf
 
-    hf_dir = make_trained_checkpoint(tmp_path_factory.mktemp("trained") / "hf")
+    hf_dir = tmp_path_factory.mktemp("trained") / "hf"
+    shutil.copytree(TRAINED, hf_dir)
     hf = load_hf(hf_dir)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, hf.config.vocab_size, 8).tolist() for _ in range(4)]
@@ -174,6 +186,8 @@ def trained(tmp_path_factory):
 
 
 def run_scheme(trained, name: str, tmp_path):
+    """Convert + compile the trained model for `name`; teacher-forced logits of ours and HF fp32's, and the
+    converted directory."""
     from gptbc.compiler import compile_model
     from gptbc.loader import convert_weight
     from gptbc.runtime import Engine
@@ -188,32 +202,81 @@ def run_scheme(trained, name: str, tmp_path):
         got = engine.verify(s, seq)  # logits after every token, teacher-forced on HF's greedy tokens
         engine.remove_sequence(s)
         results.append((got[7:71], ref[7:71]))  # the 64 generated steps
-    return results
+    return results, out
 
 
-def kl(ref: np.ndarray, got: np.ndarray) -> float:
-    lp, lq = torch.log_softmax(torch.tensor(ref), -1), torch.log_softmax(torch.tensor(got), -1)
-    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+def dequantized_hf(out, name: str, hf_dir):
+    """HF fp32 with the weights gptbc converted, dequantized in numpy: the network our kernels must compute."""
+    from safetensors.numpy import load_file
+
+    from hf_models import load_hf
+
+    q = get_quantization(name)
+    hf = load_hf(hf_dir)
+    shapes = {k: v.shape for k, v in hf.state_dict().items()}
+    tensors = {}
+    for f in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    state = {}
+    for key, value in tensors.items():
+        if key.endswith(".q_scale"):
+            continue
+        if key.endswith(".q_weight"):
+            base = key[:-len(".q_weight")]
+            cols = shapes[base + ".weight"][1]
+            state[base + ".weight"] = torch.from_numpy(dequantize(value, tensors[base + ".q_scale"], cols, q))
+        else:
+            state[key] = torch.from_numpy(value.astype(np.float32))
+    hf.load_state_dict(state, strict=False)
+    if "lm_head.weight" not in state:
+        hf.tie_weights()
+    return hf
+
+
+@pytest.mark.parametrize("name", ["q8f32_1", "q4f32_1"])
+def test_quantized_kernels_compute_the_dequantized_network(trained, name, tmp_path):
+    """Our fused dequantize-in-the-matmul kernels against the same weights dequantized in numpy and run
+    in HF fp32. Both sides compute in float32 on the same numbers, so they differ only by summation
+    order (measured <= 8e-7 relative); 1e-4 holds on any CPU and still fails on a wrong scale,
+    a wrong nibble or a dropped group, which move logits by far more."""
+    results, out = run_scheme(trained, name, tmp_path)
+    hf_dir, refs = trained
+    hf = dequantized_hf(out, name, hf_dir)
+    for (got, _), (seq, _) in zip(results, refs):
+        with torch.no_grad():
+            want = hf(torch.tensor([seq])).logits[0].numpy()[7:71]
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err <= 1e-4, f"{name}: relative logit error against the dequantized network {err:.2e}"
 
 
 @pytest.mark.parametrize("name", ["q0f16", "q0bf16"])
 def test_half_precision_logits_within_1e_2(trained, name, tmp_path):
-    for got, ref in run_scheme(trained, name, tmp_path):
+    results, _ = run_scheme(trained, name, tmp_path)
+    for got, ref in results:
         err = np.abs(got - ref).max() / np.abs(ref).max()
         assert err <= 1e-2, f"{name}: relative logit error {err:.2e}"
 
 
-@pytest.mark.parametrize("name, min_top1", [("q8f32_1", 0.95), ("q8f16_1", 0.95), ("q4f32_1", 0.80),
-                                            ("q4f16_1", 0.80)])
-def test_quantized_greedy_agreement(trained, name, min_top1, tmp_path, record_property):
-    results = run_scheme(trained, name, tmp_path)
+# Accuracy of each scheme on the shipped model (measured values in BENCHMARKS.md). The thresholds have
+# at least 2x margin on KL and several agreeing steps on top-1 over what was measured; since the model is
+# shipped and the kernels compute the dequantized network to ~1e-7 (test above), the only thing that varies
+# between CPUs is float32 summation order in HF and in our kernels, which moves KL by ~1e-6, far inside it.
+@pytest.mark.parametrize("name, min_top1, max_kl", [("q8f32_1", 0.98, 1e-3), ("q8f16_1", 0.98, 1e-3),
+                                                    ("q4f32_1", 0.93, 0.015), ("q4f16_1", 0.93, 0.015)])
+def test_quantized_greedy_agreement(trained, name, min_top1, max_kl, tmp_path, record_property):
+    results, _ = run_scheme(trained, name, tmp_path)
     top1 = np.mean([np.mean(g.argmax(-1) == r.argmax(-1)) for g, r in results])
     divergence = np.mean([kl(r, g) for g, r in results])
     record_property("top1", top1)
     record_property("kl", divergence)
     print(f"{name}: top-1 agreement {top1:.3f} over 4x64 steps, KL(hf || ours) {divergence:.2e} nats")
     assert top1 >= min_top1
-    assert divergence < (0.01 if name.startswith("q4") else 1e-3)
+    assert divergence < max_kl
+
+
+def kl(ref: np.ndarray, got: np.ndarray) -> float:
+    lp, lq = torch.log_softmax(torch.tensor(ref), -1), torch.log_softmax(torch.tensor(got), -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 
 def test_library_and_weights_of_different_schemes(trained, tmp_path, capsys):
