@@ -167,8 +167,12 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
 
     sidecars: dict[Path, bytes] = {}
     if target.kind.name == "cuda":
-        sidecars = aot_cuda_kernels(executable, target, output)
-        t = phase(f"compile CUDA kernels with nvcc for {target.attrs['arch']}", t)
+        from .cuda import aot_cuda_kernels
+        from .targets import cuda_archs
+
+        archs = cuda_archs(target_name.partition(":")[2] or None)
+        sidecars = aot_cuda_kernels(executable, target, archs, output)
+        t = phase(f"compile CUDA kernels with nvcc for {','.join(archs)} (+ PTX)", t)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(output) as tmp:
@@ -235,40 +239,3 @@ def atomic_path(path: Path):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def find_cuda_module(module):
-    if module.kind == "cuda":
-        return module
-    for imported in module.imports:
-        found = find_cuda_module(imported)
-        if found is not None:
-            return found
-    return None
-
-
-def aot_cuda_kernels(executable, target, output: Path) -> dict[Path, bytes]:
-    """nvcc-compile the library's CUDA kernels for the target arch, as `LIB.fatbin` + `LIB.fatbin.json`.
-
-    TVM 0.27's CUDA codegen stores CUDA C in the library and compiles it when the library is loaded
-    (NVRTC through cuda-python by default). Compiling here instead means build errors surface on the
-    build machine, and the runtime (runtime.py) serves this fatbin to TVM's compile hook when the
-    kernel source matches, so a GPU machine needs neither NVRTC nor nvcc.
-    """
-    import hashlib
-
-    from tvm.support import nvcc
-
-    module = find_cuda_module(executable.mod)
-    if module is None:
-        raise GptbcError("internal: the CUDA build holds no CUDA module")
-    source = module.inspect_source("cuda")
-    try:
-        with target:
-            fatbin = nvcc.compile_cuda(source, target_format="fatbin", compiler="nvcc")
-    except Exception as err:
-        raise GptbcError(f"nvcc failed on the generated kernels for {target.attrs['arch']}: "
-                         f"{str(err).strip().splitlines()[-1][:300]}") from None
-    info = {"arch": str(target.attrs["arch"]), "source_sha256": hashlib.sha256(source.encode()).hexdigest()}
-    fat_path = output.with_name(output.name + ".fatbin")
-    return {fat_path: bytes(fatbin), fat_path.with_name(fat_path.name + ".json"): json.dumps(info).encode()}

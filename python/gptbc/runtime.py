@@ -69,29 +69,6 @@ def use_all_cores() -> None:
     os.environ.setdefault("TVM_NUM_THREADS", str(physical_cores()))
 
 
-def serve_prebuilt_cuda_kernels(lib: Path) -> None:
-    """Answer TVM's load-time CUDA compile hook with the fatbin `gptbc compile` made, when it matches.
-
-    Other sources (another library, or a mismatch) go to TVM's own compiler (NVRTC, or nvcc with
-    TVM_CUDA_COMPILE_MODE=nvcc).
-    """
-    import hashlib
-
-    import tvm_ffi
-    from tvm.support import nvcc
-
-    fat = lib.with_name(lib.name + ".fatbin")
-    info_path = fat.with_name(fat.name + ".json")
-    prebuilt = {}
-    if fat.is_file() and info_path.is_file():
-        prebuilt[json.loads(info_path.read_text())["source_sha256"]] = fat.read_bytes()
-    previous = nvcc.tvm_callback_cuda_compile
-
-    @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
-    def compile_hook(code):
-        return prebuilt.get(hashlib.sha256(code.encode()).hexdigest()) or previous(code)
-
-
 def load_library(lib: str | Path, dev):
     import tvm
     from tvm import relax
@@ -100,7 +77,9 @@ def load_library(lib: str | Path, dev):
     if not lib.is_file():
         raise GptbcError(f"--lib {lib}: file not found")
     if dev.dlpack_device_type() == tvm.cuda(0).dlpack_device_type():
-        serve_prebuilt_cuda_kernels(lib)
+        from .cuda import serve_prebuilt_kernels
+
+        serve_prebuilt_kernels(lib)
     try:
         vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), dev)
         meta = json.loads(str(vm["_metadata"]()))

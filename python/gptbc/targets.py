@@ -67,8 +67,16 @@ def _local_cuda_arch() -> str | None:
     return None
 
 
+def cuda_archs(variant: str | None) -> list[str]:
+    """`sm_80,sm_90` → ["sm_80", "sm_90"] (sorted); no variant: the local GPU's arch, else sm_80."""
+    archs = variant.split(",") if variant else [_local_cuda_arch() or "sm_80"]
+    return sorted(set(archs), key=lambda a: (int(a[3:].rstrip("a")), a))
+
+
 def _cuda(variant: str | None) -> Build:
-    arch = variant or _local_cuda_arch() or "sm_80"
+    # Kernels are generated for the lowest arch (so they use nothing a listed GPU lacks); nvcc then
+    # writes SASS for every listed arch and PTX for the highest (compiler.aot_cuda_kernels).
+    arch = cuda_archs(variant)[0]
     # 48 KiB is the static shared-memory limit on every CUDA GPU; stating it keeps TVM from guessing.
     return Build({"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152, "host": host_cpu_target()},
                  ".so")
@@ -131,8 +139,9 @@ TARGETS: list[TargetSpec] = [
     TargetSpec("cpu", "this machine's CPU (LLVM with the host's features; `cpu:MCPU` overrides)", "cpu",
                "LLVM (in TVM) and a C compiler to link", _cpu, aliases=("llvm",), variant_pattern=r"[\w.-]+",
                runs_here=lambda: True),
-    TargetSpec("cuda", "NVIDIA GPU; `cuda:sm_XX` picks the architecture (default: the local GPU's, else sm_80)",
-               "cuda", "nvcc", _cuda, variant_pattern=r"sm_\d{2,3}a?", unavailable=_no_nvcc,
+    TargetSpec("cuda", "NVIDIA GPU; `cuda:sm_XX[,sm_YY...]` picks the architectures (default: the local GPU's, "
+               "else sm_80); PTX of the highest is embedded for newer GPUs", "cuda", "nvcc", _cuda,
+               variant_pattern=r"sm_\d{2,3}a?(,sm_\d{2,3}a?)*", unavailable=_no_nvcc,
                runs_here=_device_exists("cuda")),
     TargetSpec("metal", "Apple silicon GPU: a .dylib on macOS, elsewhere a .tar of objects for a macOS build",
                "metal", "LLVM (in TVM); on macOS the Xcode command line tools", _metal,
