@@ -15,7 +15,10 @@ namespace {
 
 int run(int argc, char** argv) {
   std::string mode = argc == 3 ? argv[2] : "";
-  if (mode != "encode" && mode != "decode") throw gptbc::Error("usage: gptbc-tokenize TOKENIZER_JSON encode|decode");
+  if (mode != "encode" && mode != "decode")
+    throw gptbc::Error(
+        "usage: gptbc-tokenize TOKENIZER_JSON encode|decode (encode: stdin lines are JSON strings, e.g. \"def f():\\n\", "
+        "ids out; decode: stdin lines are space-separated ids, JSON strings out)");
   gptbc::Tokenizer tok(argv[1]);
   std::string line;
   for (size_t n = 1; std::getline(std::cin, line); ++n) {

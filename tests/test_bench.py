@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gptbc_bench_json(tiny_model):
     m = tiny_model("mqa64")
-    run = subprocess.run(["gptbc", "bench", str(m.out_dir), "--lib", str(m.lib), "--prefill", "40", "--prompt", "8",
+    run = subprocess.run(["gptbc", "bench", str(m.out_dir), "--lib", str(m.lib), "--prefill-tokens", "40", "--prompt-tokens", "8",
                           "--decode", "6", "--batch", "2,3", "--repeat", "2", "--json"],
                          capture_output=True, text=True, check=True)
     r = json.loads(run.stdout)

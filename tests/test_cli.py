@@ -49,8 +49,29 @@ def test_checkpoint_to_text_walkthrough(tmp_path):
     assert result["token_ids"] == want
     assert result["text"] == tok.decode([t for t in want if t != 0], skip_special_tokens=False)
 
-    plain = gptbc("generate", out_dir, "--lib", lib, "--prompt-ids", ",".join(map(str, ids)), "--max-new-tokens", "10")
+    timings = result["timings"]
+    assert timings["prompt_tokens"] == len(ids) and timings["generated_tokens"] == 10
+    assert timings["prefill_s"] > 0 and timings["decode_tokens_per_s"] > 0
+
+    plain = gptbc("generate", out_dir, "--lib", lib, "--prompt-ids", ",".join(map(str, ids)), "--max-new-tokens", "10",
+                  "--threads", "1")
     assert plain.stdout.rstrip("\n") == result["text"]
+    assert "tok/s" in plain.stderr.splitlines()[-1]  # the summary goes to stderr, the text alone to stdout
+
+
+def test_help_shows_defaults_and_describes_every_option():
+    import re
+
+    for command in ("compile", "convert-weight", "generate", "bench", "serve"):
+        text = gptbc(command, "--help").stdout
+        options = re.findall(r"^  (-[-\w]+|-o, --output)(?: [A-Z_]+)?(?:\n {10,}| +)(\S*)", text, re.M)
+        assert options, text
+        for flag, first_word in options:
+            assert first_word, f"gptbc {command} {flag} has no description"
+    assert "(default: cpu)" in " ".join(gptbc("compile", "--help").stdout.split())
+    assert "q4f16_1" in gptbc("compile", "--help").stdout and "q8f32_1" in gptbc("convert-weight", "--help").stdout
+    bench = " ".join(gptbc("bench", "--help").stdout.split())  # argparse wraps lines at the terminal width
+    assert "--prompt-tokens" in bench and "(default: 512)" in bench and "(default: 4,16)" in bench
 
 
 def test_library_exports_every_function_and_metadata(tiny_model):

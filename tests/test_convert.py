@@ -151,3 +151,47 @@ def test_aligned_tensors_are_mapped_not_copied(tiny_model):
         engine = Engine(m.out_dir, m.lib)
         assert 0 < aligned <= engine.mapped_bytes  # (a misaligned size may still land on an aligned offset)
         assert (engine.mapped_bytes == total) == all_aligned
+
+
+def test_progress_reaches_every_tensor_and_releases_the_last_of_each_shard(tmp_path, capsys):
+    """The writer drives each shard's producer to its end: the code after the last yield (release, progress)."""
+    from gptbc.loader import Checkpoint
+
+    hf = make_checkpoint(tmp_path / "hf", n_embd=32, n_head=2, n_layer=2)
+    released = []
+    original = Checkpoint.release
+    Checkpoint.release = lambda self, name: (released.append(name), original(self, name))[1]
+    try:
+        convert_weight(hf, "q4f32_1", tmp_path / "out", progress=True, shard_bytes=20_000)
+    finally:
+        Checkpoint.release = original
+    index = json.loads((tmp_path / "out" / "gptbc-config.json").read_text())["params"]
+    assert len({p["file"] for p in index}) > 1  # several shards
+    assert len(released) == len(index)
+    total = len(index)
+    assert f"{total}/{total}" in capsys.readouterr().err
+
+
+def test_write_safetensors_runs_the_generator_to_its_end(tmp_path):
+    finished = []
+
+    def arrays():
+        yield np.zeros(3, np.float32)
+        finished.append(True)
+
+    write_safetensors(tmp_path / "a.safetensors", [("a", (3,), np.float32)], arrays())
+    assert finished == [True]
+
+
+def test_converted_directory_is_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    hf = make_checkpoint(tmp_path / "hf", n_embd=32, n_head=2, n_layer=1)
+    old = os.umask(0o022)
+    try:
+        out = convert_weight(hf, "q0f32", tmp_path / "out", progress=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044 for f in out.iterdir())

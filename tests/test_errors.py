@@ -47,6 +47,13 @@ def test_wrong_model_type(capsys, ckpt, tmp_path):
     assert_nothing_written(tmp_path, "out")
 
 
+def test_convert_weight_takes_a_hub_id(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = run(capsys, "convert-weight", "bigcode/not-in-the-cache", "--quantization", "q0f32", "-o", tmp_path / "o")
+    assert "bigcode/not-in-the-cache" in err and "HF_HUB_OFFLINE" in err
+    assert_nothing_written(tmp_path, "o")
+
+
 def test_missing_tensor(capsys, ckpt, tmp_path):
     from safetensors.numpy import load_file, save_file
 
@@ -121,6 +128,50 @@ def test_prompt_longer_than_context_window(capsys, tiny_model):
     ids = ",".join(["5"] * 130)
     err = run(capsys, "generate", m.out_dir, "--lib", m.lib, "--prompt-ids", ids, "--max-new-tokens", "4")
     assert "130 tokens" in err and "context window of 128" in err
+    assert "--truncate-prompt" in err and "--max-new-tokens 4" in err  # the CLI names its own flags
+
+
+def test_converted_directory_compiles_only_for_its_scheme(capsys, ckpt, tmp_path):
+    out = tmp_path / "q4"
+    assert main(["convert-weight", str(ckpt), "--quantization", "q4f32_1", "-o", str(out), "--quiet"]) == 0
+    err = run(capsys, "compile", "--model", out, "--quantization", "q8f32_1", "-o", tmp_path / "x.so")
+    assert "q8f32_1" in err and "q4f32_1" in err and str(out) in err
+    err = run(capsys, "compile", "--model", out, "--no-quantize-lm-head", "-o", tmp_path / "x.so")
+    assert "--no-quantize-lm-head" in err
+    assert_nothing_written(tmp_path, "x.so")
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "proc"])
+def test_unwritable_outputs_are_one_line(capsys, ckpt, tmp_path, where):
+    blocker = tmp_path / "some_file.py"
+    blocker.write_text("")
+    parent = blocker if where == "under_a_file" else Path("/proc/nope")
+    err = run(capsys, "convert-weight", ckpt, "--quantization", "q0f32", "-o", parent / "out")
+    assert str(parent / "out") in err and "-o" in err
+    err = run(capsys, "compile", "--model", ckpt, "-o", parent / "x.so")
+    assert str(parent / "x.so") in err and "-o" in err
+
+
+def test_ctrl_c_is_one_line_and_leaves_nothing(tmp_path):
+    """SIGINT in the middle of a compile (inside TVM's passes, which wrap the KeyboardInterrupt)."""
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "lib"
+    out.mkdir()
+    proc = subprocess.Popen(["gptbc", "compile", "--model", "santacoder", "-o", str(out / "x.so")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    line = ""
+    while "export" not in line and time.time() < deadline:  # interrupt once lowering has started
+        line = proc.stderr.readline()
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "error: interrupted"
+    assert list(out.iterdir()) == []
 
 
 def test_token_id_outside_vocabulary(capsys, tiny_model):

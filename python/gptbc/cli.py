@@ -63,9 +63,21 @@ def cmd_convert_weight(args: argparse.Namespace) -> int:
     return 0
 
 
+def use_threads(args: argparse.Namespace) -> None:
+    """--threads: TVM's CPU worker count, read when its thread pool starts (the first parallel kernel)."""
+    import os
+
+    if getattr(args, "threads", None):
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    from .errors import ContextWindowError
     from .runtime import Completion, Engine
 
+    use_threads(args)
     engine = Engine(args.out_dir, args.lib, device=args.device)
     sampling = {k: getattr(args, k) for k in (
         "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
@@ -74,21 +86,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              truncate_prompt=args.truncate_prompt or None)
     prompt = parse_ids(args.prompt_ids) if args.prompt_ids is not None else args.prompt
     fim = args.prefix is not None or args.suffix is not None
-    req = engine.submit(None if fim else prompt, prefix=args.prefix, suffix=args.suffix, params=params)
+    try:
+        req = engine.submit(None if fim else prompt, prefix=args.prefix, suffix=args.suffix, params=params)
+    except ContextWindowError as err:
+        raise GptbcError(err.render("--max-new-tokens", "--truncate-prompt")) from None
     stream = not args.json and engine.tokenizer is not None
+    start = time.perf_counter()
+    first = None  # when the first new token arrived: the prompt's prefill ends there
     while req.finish_reason is None:
         for event in engine.step():
-            if stream and event.text:
+            if event.request is req and event.token is not None and first is None:
+                first = time.perf_counter()
+            if stream and event.request is req and event.text:
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
+    end = time.perf_counter()
     done = Completion.of(req)
+    timings = generation_timings(done, start, first or end, end)
     if args.json:
-        print(json.dumps(done.to_dict()))
-    elif stream:
-        sys.stdout.write("\n")
+        print(json.dumps({**done.to_dict(), "timings": timings}))
     else:
-        print(",".join(map(str, done.token_ids)))
+        print("\n" if stream else ",".join(map(str, done.token_ids)), end="" if stream else "\n")
+        print(f"[gptbc] prompt {timings['prompt_tokens']} tokens ({timings['reused_prefix_tokens']} reused) in "
+              f"{timings['prefill_s'] * 1e3:.0f} ms, {timings['generated_tokens']} new tokens at "
+              f"{timings['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr)
     return 0
+
+
+def generation_timings(done, start: float, first: float, end: float) -> dict:
+    """Prefill = up to the first new token (time to first token); decode = the tokens after it."""
+    decoded = max(len(done.token_ids) - 1, 0)
+    prefill_s, decode_s = first - start, end - first
+    return {"prompt_tokens": done.prompt_tokens, "reused_prefix_tokens": done.reused_prefix_tokens,
+            "generated_tokens": len(done.token_ids), "prefill_s": prefill_s,
+            "prefill_tokens_per_s": (done.prompt_tokens - done.reused_prefix_tokens) / prefill_s if prefill_s else 0.0,
+            "decode_s": decode_s, "decode_tokens_per_s": decoded / decode_s if decode_s > 0 else 0.0}
 
 
 def cmd_targets(_args: argparse.Namespace) -> int:
@@ -107,9 +139,11 @@ def cmd_targets(_args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
+    use_threads(args)
     batches = tuple(int(b) for b in args.batch.split(",") if b) if args.batch else ()
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
-    result = run_bench(args.out_dir, args.lib, prefill=args.prefill, prompt=args.prompt, decode=args.decode,
+    result = run_bench(args.out_dir, args.lib, prefill=args.prefill_tokens, prompt=args.prompt_tokens,
+                       decode=args.decode,
                        batches=batches, repeat=args.repeat, device=args.device, log=log)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -122,6 +156,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .runtime import Engine
     from .server import serve
 
+    use_threads(args)
     api_key = args.api_key or os.environ.get("GPTBC_API_KEY") or None
     engine = Engine(args.out_dir, args.lib, device=args.device, max_batch_size=args.max_batch,
                     max_total_seq_len=args.max_total_seq_len)
@@ -138,100 +173,160 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 KEEP_HEAD_HELP = "keep lm_head (and a tied wte) in the activation dtype under a grouped int scheme"
+LIB_HELP = "the model library made by `gptbc compile` for these weights"
+DEVICE_HELP = "where to run: cpu, cuda[:N], metal, vulkan[:N] (must match the library's target)"
+THREADS_HELP = "CPU worker threads (default: one per physical core; TVM_NUM_THREADS also sets it)"
+
+
+def quantization_help(default: str) -> str:
+    from .quantization import QUANTIZATIONS
+
+    return f"weight scheme, one of {', '.join(QUANTIZATIONS)} (see README); {default}"
+
+
+class _ShowDefaults(argparse.HelpFormatter):
+    """--help shows each option's default where it has one (not "None" for options without)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gptbc", description="Compile and run GPTBigCode models with TVM Relax.")
+    fmt = _ShowDefaults
+    p = argparse.ArgumentParser(prog="gptbc", description="Compile and run GPTBigCode models with TVM Relax.",
+                                formatter_class=fmt)
     p.add_argument("--version", action="version", version=f"gptbc {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compile", help="compile a model library for a target")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=fmt)
+
+    c = command("compile", "compile a model library for a target")
     c.add_argument("--model", required=True, help="preset name, HF directory, gptbc weights directory or Hub id")
-    c.add_argument("--target", default="cpu", help="cpu, cuda[:sm_XX], metal, vulkan, webgpu, aarch64-linux "
-                                                    "(see `gptbc targets`)")
-    c.add_argument("--quantization", help="default: the scheme of a converted --model directory, else q0f32")
+    c.add_argument("--target", default="cpu", help="cpu, cuda[:sm_XX[,sm_YY]], metal, vulkan, webgpu, "
+                                                    "aarch64-linux (see `gptbc targets`)")
+    c.add_argument("--quantization", help=quantization_help(
+        "default: the scheme of a converted --model directory (which compiles only for it), else q0f32"))
     c.add_argument("-o", "--output", help="library path (default dist/libs/<model>-<quant>-<target>.so)")
     c.add_argument("--no-quantize-lm-head", action="store_true", help=KEEP_HEAD_HELP)
-    c.add_argument("--context-window-size", type=_positive_int("--context-window-size"))
-    c.add_argument("--prefill-chunk-size", type=_positive_int("--prefill-chunk-size"))
-    c.add_argument("--max-batch-size", type=_positive_int("--max-batch-size"))
+    c.add_argument("--context-window-size", type=_positive_int("--context-window-size"),
+                   help="longest sequence (prompt + new tokens) the library serves (default: the model's n_positions)")
+    c.add_argument("--prefill-chunk-size", type=_positive_int("--prefill-chunk-size"),
+                   help="most tokens one prefill call takes; longer prompts go in chunks (default: min(context, 2048))")
+    c.add_argument("--max-batch-size", type=_positive_int("--max-batch-size"),
+                   help="most sequences decoded together (default: 16)")
     c.set_defaults(func=cmd_compile)
 
-    w = sub.add_parser("convert-weight", help="convert an HF safetensors checkpoint")
-    w.add_argument("hf_dir", metavar="HF_DIR")
-    w.add_argument("--quantization", required=True)
-    w.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
+    w = command("convert-weight", "convert (and quantize) an HF safetensors checkpoint")
+    w.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face model directory or Hub id")
+    w.add_argument("--quantization", required=True, help=quantization_help("required"))
+    w.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="the converted weights directory")
     w.add_argument("--no-quantize-lm-head", action="store_true", help=KEEP_HEAD_HELP)
     w.add_argument("--quiet", action="store_true", help="no progress bar")
     w.set_defaults(func=cmd_convert_weight)
 
-    g = sub.add_parser("generate", help="generate tokens with a compiled library and converted weights")
-    g.add_argument("out_dir", metavar="OUT_DIR")
-    g.add_argument("--lib", required=True)
+    g = command("generate", "generate tokens with a compiled library and converted weights")
+    g.add_argument("out_dir", metavar="OUT_DIR", help="converted weights directory")
+    g.add_argument("--lib", required=True, help=LIB_HELP)
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt")
-    src.add_argument("--prompt-ids", help="comma-separated token ids")
+    src.add_argument("--prompt", help="the prompt, as text")
+    src.add_argument("--prompt-ids", help="the prompt, as comma-separated token ids")
     src.add_argument("--prefix", help="fill-in-the-middle: the code before the cursor")
     g.add_argument("--suffix", help="fill-in-the-middle: the code after the cursor (with --prefix)")
-    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--max-new-tokens", type=int,
+                   help="tokens to generate at most (default: generation_config.json's, else 64)")
     g.add_argument("--temperature", type=float, help="0 = greedy (the default unless generation_config.json "
                                                      "says do_sample)")
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--min-p", type=float)
-    g.add_argument("--repetition-penalty", type=float)
-    g.add_argument("--presence-penalty", type=float)
-    g.add_argument("--frequency-penalty", type=float)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (0: all)")
+    g.add_argument("--top-p", type=float, help="sample within this probability mass (nucleus)")
+    g.add_argument("--min-p", type=float, help="drop tokens below this fraction of the top probability")
+    g.add_argument("--repetition-penalty", type=float, help="divide the logits of seen tokens (CTRL style)")
+    g.add_argument("--presence-penalty", type=float, help="subtract from the logits of generated tokens")
+    g.add_argument("--frequency-penalty", type=float, help="subtract per occurrence of a generated token")
+    g.add_argument("--seed", type=int, help="sampling seed (reproducible output)")
     g.add_argument("--stop", action="append", help="stop string (repeatable); not included in the output")
     g.add_argument("--truncate-prompt", action="store_true",
                    help="drop the oldest prompt tokens when prompt + max-new-tokens exceeds the context window")
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    g.add_argument("--threads", type=_positive_int("--threads"), help=THREADS_HELP)
     g.add_argument("--json", action="store_true",
-                   help="print one JSON object: token_ids, text, logprobs, finish_reason, prompt_tokens")
+                   help="print one JSON object: token_ids, text, logprobs, finish_reason, prompt_tokens, timings")
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("bench", help="measure prefill / decode / batched decode speed")
-    b.add_argument("out_dir", metavar="OUT_DIR")
-    b.add_argument("--lib", required=True)
-    b.add_argument("--prefill", type=int, default=512, help="prompt tokens for the prefill test (0: skip)")
-    b.add_argument("--prompt", type=int, default=32, help="prompt tokens before the decode tests")
+    b = command("bench", "measure prefill / decode / batched decode speed")
+    b.add_argument("out_dir", metavar="OUT_DIR", help="converted weights directory")
+    b.add_argument("--lib", required=True, help=LIB_HELP)
+    b.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill test (0: skip)")
+    b.add_argument("--prompt-tokens", type=int, default=32, help="prompt length before the decode tests")
     b.add_argument("--decode", type=int, default=64, help="decode steps")
     b.add_argument("--batch", default="4,16", help="comma-separated batch sizes for batched decode ('' to skip)")
-    b.add_argument("--repeat", type=int, default=3)
-    b.add_argument("--device", default="cpu")
+    b.add_argument("--repeat", type=int, default=3, help="runs of each test (best and median reported)")
+    b.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    b.add_argument("--threads", type=_positive_int("--threads"), help=THREADS_HELP)
     b.add_argument("--json", action="store_true", help="print the results as JSON (progress goes to stderr)")
     b.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser("serve", help="serve an OpenAI-compatible completions API (with FIM) and /infill")
-    s.add_argument("out_dir", metavar="OUT_DIR")
-    s.add_argument("--lib", required=True)
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s = command("serve", "serve an OpenAI-compatible completions API (with FIM) and /infill")
+    s.add_argument("out_dir", metavar="OUT_DIR", help="converted weights directory")
+    s.add_argument("--lib", required=True, help=LIB_HELP)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (loopback: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set GPTBC_API_KEY)")
     s.add_argument("--model-name", help="the model id clients use (default: OUT_DIR's name)")
     s.add_argument("--max-batch", type=_positive_int("--max-batch"),
                    help="sequences decoded together (default: the library's max batch size)")
     s.add_argument("--max-queue", type=int, default=64, help="sequences waiting beyond the batch before "
-                   "requests get 503 (default 64)")
+                   "requests get 503")
     s.add_argument("--max-total-seq-len", type=_positive_int("--max-total-seq-len"),
-                   help="KV-cache capacity in tokens over all sequences")
-    s.add_argument("--max-body-bytes", type=_positive_int("--max-body-bytes"), default=4 << 20)
-    s.add_argument("--device", default="cpu")
+                   help="KV-cache capacity in tokens over all sequences (default: context window x min(4, batch))")
+    s.add_argument("--max-body-bytes", type=_positive_int("--max-body-bytes"), default=4 << 20,
+                   help="largest request body accepted (413 beyond)")
+    s.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    s.add_argument("--threads", type=_positive_int("--threads"), help=THREADS_HELP)
     s.set_defaults(func=cmd_serve)
 
-    t = sub.add_parser("targets", help="list the targets")
+    t = command("targets", "list the targets, and what this machine can build and run")
     t.set_defaults(func=cmd_targets)
     return p
 
 
+class _Interrupts:
+    """Remembers a Ctrl-C: TVM turns a KeyboardInterrupt raised inside one of its passes into a RuntimeError
+    carrying a long traceback, so the exception alone does not say the user interrupted."""
+
+    seen = False
+
+    @classmethod
+    def handler(cls, _signum, _frame):
+        cls.seen = True
+        raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _Interrupts.handler)
     try:
         return args.func(args)
     except GptbcError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # a file-system failure not already named by the code that met it
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, Exception):
+        if not _Interrupts.seen:
+            raise
+        # outputs are written under temporary names and removed on the way out: nothing half-written remains
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

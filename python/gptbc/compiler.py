@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__, kernels, schedules
-from .config import GPTBigCodeConfig, ModelSource
+from .config import GPTBC_CONFIG, GPTBigCodeConfig, ModelSource, load_gptbc_config
 from .errors import GptbcError
 from .quantization import Quantization, get_quantization
 from .targets import Build, TargetSpec, plan_build
@@ -118,6 +118,19 @@ PIPELINES: dict[str, Callable] = {
 }
 
 
+def check_own_scheme(source: ModelSource, quant: Quantization) -> None:
+    """A converted weights directory compiles only for the scheme its weights are in."""
+    if source.directory is None or not (source.directory / GPTBC_CONFIG).is_file():
+        return
+    have = load_gptbc_config(source.directory)["quantization"]
+    keep = lambda d: d.get("kind") == "group" and not d.get("quantize_lm_head", True)  # noqa: E731
+    if have["name"] != quant.name or keep(have) != keep(quant.describe()):
+        held = have["name"] + (" with an unquantized lm_head" if keep(have) else "")
+        raise GptbcError(f"--quantization {quant.name}{' --no-quantize-lm-head' if keep(quant.describe()) else ''}: "
+                         f"{source.directory} holds {held} weights, and a converted directory compiles for its "
+                         f"own scheme (leave out --quantization, or convert the HF checkpoint again)")
+
+
 def export_relax(cfg: GPTBigCodeConfig, quant: Quantization, target):
     """The model's Relax IRModule (all exported functions, parameters packed), before any pass."""
     from .model import GPTBigCodeForCausalLM
@@ -132,9 +145,14 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
     """Build the model library for `source` and return its path."""
     spec, build = plan_build(target_name)
     quant = get_quantization(quantization, quantize_lm_head)
+    check_own_scheme(source, quant)
     output = Path(output) if output else default_output(source.name, quant.name, target_name, build)
     if "".join(output.suffixes[-1:]) != build.suffix:
         raise GptbcError(f"-o {output}: target {target_name} produces a {build.suffix} file here")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise GptbcError(f"-o {output}: cannot create its directory ({err.strerror})") from None
 
     import tvm
     from tvm import relax
@@ -174,7 +192,6 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
         sidecars = aot_cuda_kernels(executable, target, archs, output)
         t = phase(f"compile CUDA kernels with nvcc for {','.join(archs)} (+ PTX)", t)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(output) as tmp:
         if build.cc:
             from tvm.contrib import cc
@@ -231,7 +248,10 @@ def guarded_tir_cse():
 @contextlib.contextmanager
 def atomic_path(path: Path):
     """A temporary path beside `path`, renamed onto it when the block succeeds, removed when it fails."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes[-1:]), dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes[-1:]), dir=path.parent)
+    except OSError as err:
+        raise GptbcError(f"-o {path}: cannot write there ({err.strerror})") from None
     os.close(fd)
     try:
         yield Path(tmp)

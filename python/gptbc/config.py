@@ -97,7 +97,9 @@ class GPTBigCodeConfig:
     def from_dict(cls, raw: dict[str, Any], source: str = "config", **overrides: Any) -> "GPTBigCodeConfig":
         model_type = raw.get("model_type")
         if model_type != "gpt_bigcode":
-            raise GptbcError(f"{source}: model_type is {model_type!r}, expected 'gpt_bigcode'")
+            hint = (" (the original bigcode/santacoder layout; use its gpt_bigcode conversion, "
+                    "bigcode/gpt_bigcode-santacoder)" if model_type == "gpt2" else "")
+            raise GptbcError(f"{source}: model_type is {model_type!r}, expected 'gpt_bigcode'{hint}")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in raw.items() if k in names}
         kwargs.update({k: v for k, v in overrides.items() if v is not None})

@@ -7,3 +7,21 @@ class GptbcError(Exception):
     The CLI prints ``error: <message>`` and exits with status 1; anything else is a bug and
     keeps its traceback.
     """
+
+
+class ContextWindowError(GptbcError):
+    """A prompt that does not fit the context window together with its new tokens.
+
+    Each front end names its own knobs (`--max-new-tokens` in the CLI, `max_tokens` in the server), so the
+    numbers are kept and `render` words the message.
+    """
+
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, window: int):
+        self.prompt_tokens, self.max_new_tokens, self.window = prompt_tokens, max_new_tokens, window
+        super().__init__(self.render())
+
+    def render(self, new_tokens: str = "max_new_tokens", truncate: str = "truncate_prompt") -> str:
+        need = self.prompt_tokens + self.max_new_tokens
+        return (f"prompt of {self.prompt_tokens} tokens + {new_tokens} {self.max_new_tokens} = {need} exceeds the "
+                f"context window of {self.window} tokens (lower {new_tokens}, or set {truncate} to drop the oldest "
+                f"prompt tokens)")

@@ -11,6 +11,7 @@ leaves nothing half-written.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import __version__
-from .config import GPTBC_CONFIG, GPTBigCodeConfig, load_hf_config
+from .config import GPTBC_CONFIG, GPTBigCodeConfig, fetch_from_hub, load_hf_config, looks_like_hub_id
 from .errors import GptbcError
 from .quantization import Quantization, get_quantization, numpy_dtype, quantize
 from .tensorfile import SafetensorsFile, aligned_order, dtype_name, write_safetensors
@@ -200,9 +201,7 @@ class Materializer:
 def convert_weight(hf_dir: str | Path, quantization: str, out_dir: str | Path, progress: bool = True,
                    shard_bytes: int = SHARD_BYTES, quantize_lm_head: bool = True) -> Path:
     """Convert (and quantize) an HF GPTBigCode checkpoint, one tensor at a time; returns the output directory."""
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    if not hf_dir.is_dir():
-        raise GptbcError(f"{hf_dir}: not a directory")
+    hf_dir, out_dir = checkpoint_dir(str(hf_dir)), Path(out_dir)
     quant = get_quantization(quantization, quantize_lm_head)
     cfg = load_hf_config(hf_dir)
     if out_dir.exists() and not (out_dir / GPTBC_CONFIG).is_file() and any(out_dir.iterdir()):
@@ -210,10 +209,14 @@ def convert_weight(hf_dir: str | Path, quantization: str, out_dir: str | Path, p
     ckpt = Checkpoint(hf_dir)
     try:
         plans = plan_conversion(cfg, quant, ckpt)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        try:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        except OSError as err:
+            raise GptbcError(f"-o {out_dir}: cannot create it ({err.strerror})") from None
         try:
             _write_output(tmp, hf_dir, cfg, quant, plans, ckpt, progress, shard_bytes)
+            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700: readable by its owner only
             _replace_dir(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -221,6 +224,24 @@ def convert_weight(hf_dir: str | Path, quantization: str, out_dir: str | Path, p
     finally:
         ckpt.close()
     return out_dir
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def checkpoint_dir(spec: str) -> Path:
+    """A local HF directory, or a Hub id fetched (safetensors, config, tokenizer) into the HF cache."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise GptbcError(f"{spec}: is a file, expected a Hugging Face model directory or a Hub id")
+    if looks_like_hub_id(spec):
+        return fetch_from_hub(spec)
+    raise GptbcError(f"{spec}: not a directory (nor a Hub id like bigcode/gpt_bigcode-santacoder)")
 
 
 def _write_output(tmp: Path, hf_dir: Path, cfg: GPTBigCodeConfig, quant: Quantization,

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from .config import GPTBC_CONFIG, GPTBigCodeConfig, load_gptbc_config
-from .errors import GptbcError
+from .errors import ContextWindowError, GptbcError
 from .sampling import SamplingParams, generation_defaults
 from .tensorfile import SafetensorsFile
 from .tokenizer import Tokenizer, find_fim_tokens, has_tokenizer
@@ -380,9 +380,7 @@ class Engine:
             room = self.context_window_size - params.max_new_tokens
             if params.truncate_prompt and room > 0:
                 return ids[-room:]
-            raise GptbcError(f"prompt of {len(ids)} tokens + max_new_tokens {params.max_new_tokens} = {need} exceeds "
-                             f"the context window of {self.context_window_size} tokens "
-                             f"(lower max_new_tokens, or set truncate_prompt to drop the oldest prompt tokens)")
+            raise ContextWindowError(len(ids), params.max_new_tokens, self.context_window_size)
         return ids
 
     def submit(self, prompt: str | Sequence[int] | None = None, *, prefix: str | None = None,

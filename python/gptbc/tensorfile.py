@@ -160,8 +160,12 @@ def write_safetensors(path: str | Path, specs: list[tuple[str, tuple[int, ...], 
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
+        # Drive the producer to its end (no zip): a generator's code after its last yield must run too.
         count = 0
-        for (name, shape, dtype), arr in zip(specs, arrays):
+        for arr in arrays:
+            if count == len(specs):
+                raise GptbcError(f"{path}: got more tensors than the {len(specs)} header entries")
+            name, shape, dtype = specs[count]
             _write_array(f, name, shape, np.dtype(dtype), arr)
             count += 1
         if count != len(specs):
