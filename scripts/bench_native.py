@@ -20,20 +20,20 @@ from pathlib import Path
 
 import numpy as np
 
-from gptbc.runtime import Engine
+from gptbc.engine import Engine
 
 
 def python_round(engine: Engine, ids: list[int], decode: int) -> tuple[float, list[int]]:
     """Decode tokens/s of the Python engine (as gptbc bench measures it) and the tokens it chose."""
-    seq = engine.add_sequence()
+    seq = engine.runner.add_sequence()
     try:
-        tokens = [int(np.argmax(engine.prefill(seq, ids)))]
+        tokens = [int(np.argmax(engine.runner.prefill(seq, ids)))]
         start = time.perf_counter()
         for _ in range(decode):
-            tokens.append(int(np.argmax(engine.decode(seq, tokens[-1]))))
+            tokens.append(int(np.argmax(engine.runner.decode(seq, tokens[-1]))))
         return decode / (time.perf_counter() - start), tokens
     finally:
-        engine.remove_sequence(seq)
+        engine.runner.remove_sequence(seq)
 
 
 def native_round(runner: Path, model: Path, lib: Path, ids: list[int], decode: int) -> tuple[float, list[int], float]:

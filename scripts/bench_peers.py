@@ -179,7 +179,7 @@ def prepare_gptbc(work: Path, scheme: str) -> dict:
 
 def worker_gptbc(work: Path, scheme: str) -> dict:
     from gptbc.bench import weight_bytes
-    from gptbc.runtime import Engine
+    from gptbc.engine import Engine
 
     out = work / f"gptbc-{scheme}"
     engine = Engine(out, work / f"gptbc-{scheme}.so", max_total_seq_len=PREFILL + 128, max_batch_size=1,
@@ -187,18 +187,18 @@ def worker_gptbc(work: Path, scheme: str) -> dict:
     seq = None
 
     def prefill(prompt):
-        s = engine.add_sequence()
-        engine.prefill(s, prompt)
-        engine.remove_sequence(s)
+        s = engine.runner.add_sequence()
+        engine.runner.prefill(s, prompt)
+        engine.runner.remove_sequence(s)
 
     def start(prompt):
         nonlocal seq
         if seq is not None:
-            engine.remove_sequence(seq)
-        seq = engine.add_sequence()
-        return int(engine.prefill(seq, prompt).argmax())
+            engine.runner.remove_sequence(seq)
+        seq = engine.runner.add_sequence()
+        return int(engine.runner.prefill(seq, prompt).argmax())
 
-    result = measure(prefill, start, lambda token: int(engine.decode(seq, token).argmax()))
+    result = measure(prefill, start, lambda token: int(engine.runner.decode(seq, token).argmax()))
     return {**result, "weight_bytes": weight_bytes(out)}
 
 

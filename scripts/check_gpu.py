@@ -25,7 +25,7 @@ from gptbc.compiler import compile_model
 from gptbc.config import resolve_model
 from gptbc.errors import GptbcError
 from gptbc.loader import convert_weight
-from gptbc.runtime import Engine
+from gptbc.engine import Engine
 from gptbc.targets import plan_build
 
 

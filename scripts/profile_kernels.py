@@ -13,7 +13,7 @@ import argparse
 import collections
 import time
 
-from gptbc.runtime import Engine
+from gptbc.engine import Engine
 
 
 def profile(engine: Engine, tokens: int) -> tuple[float, dict[str, float], dict[str, int]]:
@@ -29,21 +29,21 @@ def profile(engine: Engine, tokens: int) -> tuple[float, dict[str, float], dict[
             calls[name] += 1
         return 0  # 0: keep running the call as usual
 
-    seq = engine.add_sequence()
+    seq = engine.runner.add_sequence()
     if tokens == 1:
-        engine.prefill(seq, list(range(1, 9)))
+        engine.runner.prefill(seq, list(range(1, 9)))
     ids = list(range(1, tokens + 1))
-    embeds = engine._embed(ids)._create_view((1, tokens, engine.config.n_embd))
-    engine.vm.set_instrument(instrument)
-    engine._begin(engine.kv_cache, engine._shape([seq]), engine._shape([tokens]))
+    embeds = engine.runner._embed(ids)._create_view((1, tokens, engine.config.n_embd))
+    engine.runner.vm.set_instrument(instrument)
+    engine.runner._begin(engine.runner.kv_cache, engine.runner._shape([seq]), engine.runner._shape([tokens]))
     start = time.perf_counter()
     try:
-        engine.vm["decode" if tokens == 1 else "prefill"](embeds, engine.kv_cache, engine.params)
+        engine.runner.vm["decode" if tokens == 1 else "prefill"](embeds, engine.runner.kv_cache, engine.runner.params)
     finally:
         total = time.perf_counter() - start
-        engine._end(engine.kv_cache)
-        engine.vm.set_instrument(None)
-        engine.remove_sequence(seq)
+        engine.runner._end(engine.runner.kv_cache)
+        engine.runner.vm.set_instrument(None)
+        engine.runner.remove_sequence(seq)
     return total, times, calls
 
 

@@ -58,7 +58,7 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def engine_of(tiny_model):
     """engine_of(name) → a loaded Engine for that tiny model (one per session)."""
-    from gptbc.runtime import Engine
+    from gptbc.engine import Engine
 
     engines = {}
 

@@ -110,6 +110,6 @@ def test_max_new_tokens_zero_and_eos_stop(engine_of):
         assert engine.generate(logits_prompt, 20) == [first]
     finally:
         engine.eos_ids = set(engine.config.eos_token_id)
-    seq = engine.add_sequence()
-    assert np.all(np.isfinite(engine.prefill(seq, [1])))
-    engine.remove_sequence(seq)
+    seq = engine.runner.add_sequence()
+    assert np.all(np.isfinite(engine.runner.prefill(seq, [1])))
+    engine.runner.remove_sequence(seq)

@@ -134,7 +134,7 @@ def test_tensorfile_rejects_plan_mismatch(tmp_path):
 def test_aligned_tensors_are_mapped_not_copied(tiny_model):
     """Tensors whose size is a multiple of 64 bytes sit at 64-byte aligned offsets, and the CPU engine
     views them in the mapped file; the others (n_inner 200: an 800-byte bias) are copied, and both load."""
-    from gptbc.runtime import Engine
+    from gptbc.engine import Engine
 
     for name, all_aligned in (("mqa64", True), ("mqa32", False)):
         m = tiny_model(name)
@@ -149,8 +149,8 @@ def test_aligned_tensors_are_mapped_not_copied(tiny_model):
                         aligned += arr.nbytes
         assert (aligned == total) == all_aligned
         engine = Engine(m.out_dir, m.lib)
-        assert 0 < aligned <= engine.mapped_bytes  # (a misaligned size may still land on an aligned offset)
-        assert (engine.mapped_bytes == total) == all_aligned
+        assert 0 < aligned <= engine.runner.mapped_bytes  # (a misaligned size may still land on an aligned offset)
+        assert (engine.runner.mapped_bytes == total) == all_aligned
 
 
 def test_progress_reaches_every_tensor_and_releases_the_last_of_each_shard(tmp_path, capsys):

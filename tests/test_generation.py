@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-import gptbc.generation as generation
+import gptbc.scheduler as scheduler
 from gptbc.errors import GptbcError
-from gptbc.runtime import Engine
+from gptbc.engine import Engine
 from gptbc.sampling import SamplingParams, apply_penalties, log_softmax, sample
 from gptbc.tokenizer import IncrementalDetokenizer
 from hf_models import make_tokenizer
@@ -28,7 +28,7 @@ def scripted(monkeypatch):
 
     def script(tokens: list[int]):
         it = iter(tokens)
-        monkeypatch.setattr(generation, "sample", lambda *a, **k: next(it))
+        monkeypatch.setattr(scheduler, "sample", lambda *a, **k: next(it))
 
     return script
 
@@ -139,9 +139,9 @@ def test_logprobs_are_the_models(engine_of):
     engine = engine_of("mqa64")
     p = ids_of(5, engine.config.vocab_size, 9)
     done = engine.complete(p, max_new_tokens=6, logprobs=True, greedy=False, temperature=0.8, seed=1)
-    seq = engine.add_sequence()
-    logits = engine.verify(seq, p + done.token_ids[:-1])
-    engine.remove_sequence(seq)
+    seq = engine.runner.add_sequence()
+    logits = engine.runner.verify(seq, p + done.token_ids[:-1])
+    engine.runner.remove_sequence(seq)
     want = [log_softmax(row)[t] for row, t in zip(logits[len(p) - 1:], done.token_ids)]
     np.testing.assert_allclose(done.logprobs, want, rtol=1e-4, atol=1e-5)
 
@@ -250,16 +250,16 @@ def test_request_joins_mid_batch_and_long_prompt_is_chunked(engine_of):
 def test_kv_pages_are_freed(engine_of):
     engine = engine_of("mha64")
     engine.scheduler.clear_prefix_cache()
-    before = engine.sequence_count()
+    before = engine.runner.sequence_count()
     engine.generate_batch([[1, 2, 3], [4, 5], [6]], 5)
-    assert engine.sequence_count() == before + 3  # finished sequences stay as reusable prefixes...
+    assert engine.runner.sequence_count() == before + 3  # finished sequences stay as reusable prefixes...
     engine.scheduler.clear_prefix_cache()
-    assert engine.sequence_count() == before == 0  # ...until evicted
+    assert engine.runner.sequence_count() == before == 0  # ...until evicted
     # A consumer that stops streaming early cancels its request and frees its sequence.
     stream = engine.scheduler.submit([1, 2, 3], engine.sampling(max_new_tokens=50))
     engine.step()
     engine.scheduler.cancel(stream)
-    assert stream.finish_reason == "cancelled" and engine.sequence_count() == 0
+    assert stream.finish_reason == "cancelled" and engine.runner.sequence_count() == 0
 
 
 def test_prefix_reuse_skips_the_shared_prefill(engine_of):

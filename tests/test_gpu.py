@@ -28,7 +28,7 @@ def test_cuda_matches_hf_and_cpu(name, quant, rtol, tiny_model, tmp_path):
     from gptbc.compiler import compile_model
     from gptbc.config import resolve_model
     from gptbc.loader import convert_weight
-    from gptbc.runtime import Engine
+    from gptbc.engine import Engine
 
     m = tiny_model(name)
     out = m.out_dir if quant == "q0f32" else convert_weight(m.hf_dir, quant, tmp_path / quant, progress=False)

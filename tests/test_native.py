@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptbc.runtime import Engine
+from gptbc.engine import Engine
 from gptbc.sampling import SamplingParams
 from hf_models import CORPUS, make_tokenizer
 
@@ -220,9 +220,9 @@ def test_sampling(native, model_files):
     assert hot[0] == hot[1] and len({tuple(h) for h in hot}) == 3
     assert all(0 <= t < engine.config.vocab_size for h in hot for t in h)
     # Every first token drawn with top-p lies in the nucleus of the engine's own logits.
-    seq = engine.add_sequence()
-    allowed = nucleus(engine.prefill(seq, ids), 2.0, 0.6)
-    engine.remove_sequence(seq)
+    seq = engine.runner.add_sequence()
+    allowed = nucleus(engine.runner.prefill(seq, ids), 2.0, 0.6)
+    engine.runner.remove_sequence(seq)
     firsts = {run_json(native, out_dir, lib, "--prompt-ids", ids_arg(ids), "--max-new-tokens", "1", "--temperature",
                        "2", "--top-p", "0.6", "--seed", str(s))["token_ids"][0] for s in range(12)}
     assert firsts <= allowed and (len(firsts) > 1 or len(allowed) == 1)

@@ -35,15 +35,15 @@ def hf_models(tiny_model):
 def test_logits_and_greedy_tokens_match_hf(name, length, engine_of, hf_models):
     engine, hf = engine_of(name), hf_models(name)
     ids = prompt(length, engine.config.vocab_size, seed=length)
-    seq = engine.add_sequence()
+    seq = engine.runner.add_sequence()
     try:
-        steps = [engine.prefill(seq, ids)]
+        steps = [engine.runner.prefill(seq, ids)]
         tokens = [int(np.argmax(steps[-1]))]
         for _ in range(DECODE_STEPS):
-            steps.append(engine.decode(seq, tokens[-1]))
+            steps.append(engine.runner.decode(seq, tokens[-1]))
             tokens.append(int(np.argmax(steps[-1])))
     finally:
-        engine.remove_sequence(seq)
+        engine.runner.remove_sequence(seq)
 
     with torch.no_grad():
         full = torch.tensor([ids + tokens[:-1]])
@@ -71,15 +71,15 @@ def test_sequences_are_independent(engine_of):
     engine = engine_of("mha64")
     a, b = prompt(5, engine.config.vocab_size, 1), prompt(21, engine.config.vocab_size, 2)
     alone = [engine.generate(a, 6), engine.generate(b, 6)]
-    sa, sb = engine.add_sequence(), engine.add_sequence()
-    la, lb = engine.prefill(sa, a), engine.prefill(sb, b)
+    sa, sb = engine.runner.add_sequence(), engine.runner.add_sequence()
+    la, lb = engine.runner.prefill(sa, a), engine.runner.prefill(sb, b)
     got = [[], []]
     for _ in range(6):
         got[0].append(int(np.argmax(la)))
         got[1].append(int(np.argmax(lb)))
-        la, lb = engine.decode(sa, got[0][-1]), engine.decode(sb, got[1][-1])
-    engine.remove_sequence(sa)
-    engine.remove_sequence(sb)
+        la, lb = engine.runner.decode(sa, got[0][-1]), engine.runner.decode(sb, got[1][-1])
+    engine.runner.remove_sequence(sa)
+    engine.runner.remove_sequence(sb)
     assert got == alone
 
 
@@ -88,28 +88,28 @@ def test_batch_functions_equal_single_sequence(engine_of, hf_models):
     engine, hf = engine_of("mqa32"), hf_models("mqa32")
     vocab = engine.config.vocab_size
     prompts = [prompt(n, vocab, 10 + n) for n in (3, 1, 9)]  # 13 tokens: fits the 16-token prefill chunk
-    seqs = [engine.add_sequence() for _ in prompts]
+    seqs = [engine.runner.add_sequence() for _ in prompts]
     try:
-        logits = engine.prefill_batch(seqs, prompts)
+        logits = engine.runner.prefill_batch(seqs, prompts)
         for _ in range(3):
             tokens = logits.argmax(-1).tolist()
             for p, t in zip(prompts, tokens):
                 p.append(t)
-            logits = engine.decode_batch(seqs, tokens)
+            logits = engine.runner.decode_batch(seqs, tokens)
     finally:
         for s in seqs:
-            engine.remove_sequence(s)
+            engine.runner.remove_sequence(s)
     with torch.no_grad():
         for p, got in zip(prompts, logits):
             want = hf(torch.tensor([p])).logits[0, -1].numpy()
             assert np.abs(got - want).max() <= RTOL * np.abs(want).max()
 
     ids = prompt(12, vocab, 99)
-    seq = engine.add_sequence()
+    seq = engine.runner.add_sequence()
     try:
-        got = engine.verify(seq, ids)
+        got = engine.runner.verify(seq, ids)
     finally:
-        engine.remove_sequence(seq)
+        engine.runner.remove_sequence(seq)
     with torch.no_grad():
         want = hf(torch.tensor([ids])).logits[0].numpy()
     assert got.shape == want.shape and np.abs(got - want).max() <= RTOL * np.abs(want).max()

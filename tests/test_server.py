@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import openai
 import pytest
 
-from gptbc.runtime import Engine
+from gptbc.engine import Engine
 from gptbc.server import Server, build_app
 
 ROOT = Path(__file__).resolve().parents[1]

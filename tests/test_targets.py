@@ -167,10 +167,10 @@ def test_device_helpers_on_cpu(engine_of):
 
     engine = engine_of("mqa64")
     logits = np.random.default_rng(0).standard_normal((3, engine.config.vocab_size)).astype(np.float32)
-    t = tvm.runtime.tensor(logits, engine.dev)
-    assert engine.vm["argmax"](t).numpy().tolist() == logits.argmax(-1).tolist()
+    t = tvm.runtime.tensor(logits, engine.runner.dev)
+    assert engine.runner.vm["argmax"](t).numpy().tolist() == logits.argmax(-1).tolist()
     temps = np.array([0.5, 1.0, 2.0], np.float32)
-    probs = engine.vm["softmax_with_temperature"](t, tvm.runtime.tensor(temps, engine.dev)).numpy()
+    probs = engine.runner.vm["softmax_with_temperature"](t, tvm.runtime.tensor(temps, engine.runner.dev)).numpy()
     x = logits / temps[:, None]
     want = np.exp(x - x.max(-1, keepdims=True))
     np.testing.assert_allclose(probs, want / want.sum(-1, keepdims=True), rtol=1e-5, atol=1e-7)
@@ -181,12 +181,12 @@ def test_device_greedy_path_equals_host_path(engine_of):
     prompts = [[1, 2, 3], [7, 8, 9, 10, 11]]
     engine.scheduler.clear_prefix_cache()
     want = engine.generate_batch(prompts, 8)
-    engine.on_cpu = False  # take the GPU branch: argmax on the device
+    engine.runner.on_cpu = False  # take the GPU branch: argmax on the device
     try:
         engine.scheduler.clear_prefix_cache()
         assert engine.generate_batch(prompts, 8) == want
     finally:
-        engine.on_cpu = True
+        engine.runner.on_cpu = True
 
 
 def test_library_for_another_device(tiny_model, capsys):

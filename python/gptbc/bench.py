@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runtime import Engine
+from .engine import Engine
 from .tensorfile import SafetensorsFile
 
 
@@ -51,32 +51,32 @@ def run_bench(model_dir: str | Path, lib: str | Path, prefill: int = 512, prompt
     vocab = engine.config.vocab_size
     rng = np.random.default_rng(0)
     ids = lambda n: rng.integers(0, vocab, n).tolist()  # noqa: E731
-    result: dict = {"model_dir": str(model_dir), "lib": str(lib), "quantization": engine.meta["quantization"]["name"],
+    result: dict = {"model_dir": str(model_dir), "lib": str(lib), "quantization": engine.runner.meta["quantization"]["name"],
                     "weight_bytes": weight_bytes(model_dir)}
 
     if prefill:
         t = Timing()
         for _ in range(repeat):
-            seq = engine.add_sequence()
+            seq = engine.runner.add_sequence()
             p = ids(prefill)
             start = time.perf_counter()
-            engine.prefill(seq, p)
+            engine.runner.prefill(seq, p)
             t.runs.append(time.perf_counter() - start)
-            engine.remove_sequence(seq)
+            engine.runner.remove_sequence(seq)
         result["prefill"] = {"tokens": prefill, **t.rate(prefill)}
         log(f"prefill {prefill} tokens: {result['prefill']['tokens_per_s_best']:.1f} tok/s (best)")
 
     t, ttft = Timing(), []
     for _ in range(repeat):
-        seq = engine.add_sequence()
+        seq = engine.runner.add_sequence()
         start = time.perf_counter()
-        token = int(np.argmax(engine.prefill(seq, ids(prompt))))
+        token = int(np.argmax(engine.runner.prefill(seq, ids(prompt))))
         ttft.append(time.perf_counter() - start)
         start = time.perf_counter()
         for _ in range(decode):
-            token = int(np.argmax(engine.decode(seq, token)))
+            token = int(np.argmax(engine.runner.decode(seq, token)))
         t.runs.append(time.perf_counter() - start)
-        engine.remove_sequence(seq)
+        engine.runner.remove_sequence(seq)
     rate = t.rate(decode)
     result["decode"] = {"prompt": prompt, "tokens": decode, **rate, "time_to_first_token_s": min(ttft),
                         "weight_GBps_best": result["weight_bytes"] * rate["tokens_per_s_best"] / 1e9}
@@ -86,14 +86,14 @@ def run_bench(model_dir: str | Path, lib: str | Path, prefill: int = 512, prompt
     for b in batches:
         t = Timing()
         for _ in range(repeat):
-            seqs = [engine.add_sequence() for _ in range(b)]
-            tokens = [int(np.argmax(engine.prefill(s, ids(prompt)))) for s in seqs]
+            seqs = [engine.runner.add_sequence() for _ in range(b)]
+            tokens = [int(np.argmax(engine.runner.prefill(s, ids(prompt)))) for s in seqs]
             start = time.perf_counter()
             for _ in range(decode):
-                tokens = engine.decode_batch(seqs, tokens).argmax(-1).tolist()
+                tokens = engine.runner.decode_batch(seqs, tokens).argmax(-1).tolist()
             t.runs.append(time.perf_counter() - start)
             for s in seqs:
-                engine.remove_sequence(s)
+                engine.runner.remove_sequence(s)
         result[f"batch{b}"] = {"batch": b, "steps": decode, **t.rate(b * decode)}
         log(f"batch {b} decode: {result[f'batch{b}']['tokens_per_s_best']:.1f} tok/s total (best)")
 
@@ -102,7 +102,7 @@ def run_bench(model_dir: str | Path, lib: str | Path, prefill: int = 512, prompt
     log(f"peak RSS while running the model {result['peak_rss_bytes'] / 1e9:.2f} GB "
         f"({result['peak_rss_bytes'] / result['weight_bytes']:.2f}x the weights; the process's whole high-water "
         f"mark, before the bandwidth probe)")
-    if engine.on_cpu:
+    if engine.runner.on_cpu:
         bw = read_bandwidth()
         result["peak_rss_with_probe_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         limit = bw * 1e9 / result["weight_bytes"]

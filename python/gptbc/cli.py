@@ -75,7 +75,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
     from .errors import ContextWindowError
-    from .runtime import Completion, Engine
+    from .engine import Completion, Engine
 
     use_threads(args)
     engine = Engine(args.out_dir, args.lib, device=args.device)
@@ -153,7 +153,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from .runtime import Engine
+    from .engine import Engine
     from .server import serve
 
     use_threads(args)

@@ -1,4 +1,4 @@
-"""The one error type users see: its message is a single line that names the thing at fault."""
+"""User-facing errors: each message is a single line that names the thing at fault."""
 
 
 class GptbcError(Exception):
@@ -20,8 +20,8 @@ class ContextWindowError(GptbcError):
         self.prompt_tokens, self.max_new_tokens, self.window = prompt_tokens, max_new_tokens, window
         super().__init__(self.render())
 
-    def render(self, new_tokens: str = "max_new_tokens", truncate: str = "truncate_prompt") -> str:
+    def render(self, new_tokens: str = "max_new_tokens", truncate: str | None = "truncate_prompt") -> str:
         need = self.prompt_tokens + self.max_new_tokens
+        fix = f"set {truncate} to drop the oldest prompt tokens" if truncate else "shorten the prompt"
         return (f"prompt of {self.prompt_tokens} tokens + {new_tokens} {self.max_new_tokens} = {need} exceeds the "
-                f"context window of {self.window} tokens (lower {new_tokens}, or set {truncate} to drop the oldest "
-                f"prompt tokens)")
+                f"context window of {self.window} tokens (lower {new_tokens}, or {fix})")

@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import GptbcError
-from .generation import Event, Request
+from .async_engine import AsyncEngine
+from .errors import ContextWindowError
+from .scheduler import Request
 from .sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 log = logging.getLogger("gptbc.serve")
@@ -116,111 +118,6 @@ class Fields:
 
 
 # ---------------------------------------------------------------------------------------------
-# the engine thread
-# ---------------------------------------------------------------------------------------------
-
-class EngineLoop:
-    """Owns the Engine on one thread; everything else reaches it through `call`."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self.sinks: dict[int, Callable[[Event | Exception], None]] = {}  # request id → deliver
-        self.gauges = {"running": 0, "waiting": 0, "batch_size": 0, "kv_pages_free": engine.kv_pages_total,
-                       "kv_sequences": 0,
-                       "prefix_cache_sequences": 0, "prefix_cache_pages": 0}
-        self.steps = 0
-        self.thread = threading.Thread(target=self._run, name="gptbc-engine", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.commands.put(None)
-        self.thread.join(timeout=30)
-
-    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
-        """Run `fn` on the engine thread, between steps."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-
-        def command():
-            try:
-                fut.set_result(fn())
-            except BaseException as err:  # noqa: BLE001 - handed to the caller
-                fut.set_exception(err)
-
-        self.commands.put(command)
-        return fut
-
-    def submit(self, ids: list[int], params: SamplingParams, deliver: Callable) -> concurrent.futures.Future:
-        def start() -> Request:
-            req = self.engine.scheduler.submit(ids, params)
-            if req.finish_reason is not None:  # max_tokens 0: nothing to run
-                deliver(Event(req, None, "", True))
-            else:
-                self.sinks[req.id] = deliver
-            return req
-
-        return self.call(start)
-
-    def cancel(self, req: Request) -> None:
-        def stop():
-            self.sinks.pop(req.id, None)
-            self.engine.scheduler.cancel(req)
-
-        self.commands.put(stop)
-
-    def _busy(self) -> bool:
-        s = self.engine.scheduler
-        return bool(s.waiting or s.active)
-
-    def _run(self) -> None:
-        while True:
-            try:
-                command = self.commands.get(block=not self._busy())
-                while True:
-                    if command is None:
-                        return
-                    command()
-                    command = self.commands.get_nowait()
-            except queue.Empty:
-                pass
-            if self._busy():
-                self._step()
-            self._update_gauges()
-
-    def _step(self) -> None:
-        sched = self.engine.scheduler
-        try:
-            events = self.engine.step()
-        except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the server
-            log.exception("engine step failed")
-            for req in list(sched.active) + list(sched.waiting):
-                sched.cancel(req)
-                deliver = self.sinks.pop(req.id, None)
-                if deliver is not None:
-                    deliver(err)
-            return
-        self.steps += 1
-        for event in events:
-            deliver = self.sinks.get(event.request.id)
-            if deliver is not None:
-                deliver(event)
-                if event.finished:
-                    del self.sinks[event.request.id]
-        self.gauges["batch_size"] = sum(1 for r in sched.active if r.output_ids and r.finish_reason is None)
-
-    def _update_gauges(self) -> None:
-        s, e = self.engine.scheduler, self.engine
-        self.gauges.update(running=len(s.active), waiting=len(s.waiting), kv_pages_free=e.kv_pages_free(),
-                           kv_sequences=e.sequence_count(),
-                           prefix_cache_sequences=len(s.cached),
-                           prefix_cache_pages=sum(-(-len(t) // e.page_size) for t in s.cached.values()))
-        if not s.active:
-            self.gauges["batch_size"] = 0
-
-
-# ---------------------------------------------------------------------------------------------
 # metrics
 # ---------------------------------------------------------------------------------------------
 
@@ -244,8 +141,8 @@ class Metrics:
         self.latency_counts[i] += 1
         self.latency_sum += seconds
 
-    def render(self, loop: EngineLoop) -> str:
-        g, total = loop.gauges, loop.engine.kv_pages_total
+    def render(self, loop: AsyncEngine) -> str:
+        g, total = loop.gauges, loop.gauges["kv_pages_total"]
         lines = ["# HELP gptbc_requests_total HTTP requests answered, by endpoint and status.",
                  "# TYPE gptbc_requests_total counter"]
         lines += [f'gptbc_requests_total{{endpoint="{ep}",status="{st}"}} {n}'
@@ -306,7 +203,7 @@ class Server:
                  max_body_bytes: int = DEFAULT_MAX_BODY):
         self.engine, self.model_name, self.api_key = engine, model_name, api_key
         self.max_queue, self.max_body_bytes = max_queue, max_body_bytes
-        self.loop = EngineLoop(engine)
+        self.loop = AsyncEngine(engine)
         self.metrics = Metrics()
         self.inflight = 0  # choices accepted and not finished (event-loop thread only)
         self.created = int(time.time())
@@ -357,16 +254,16 @@ class Server:
                 raise bad(param, str(err)) from None
         return ids, texts
 
-    def fit(self, job: Job, param: str = "prompt") -> Job:
-        """Each prompt plus its max_tokens must fit the context window."""
-        window = self.engine.context_window_size
+    def fit(self, job: Job, param: str = "prompt", max_tokens: str = "max_tokens") -> Job:
+        """Each prompt plus its max_tokens must fit the context window (the engine decides)."""
         for i, ids in enumerate(job.prompts):
-            need = len(ids) + job.params[i * job.n].max_new_tokens
-            if not ids:
-                raise bad(param, "is empty: give at least one token")
-            if need > window:
-                raise ApiError(400, f"{param}: {len(ids)} tokens + max_tokens {need - len(ids)} exceeds the "
-                                    f"context window of {window} tokens", param=param, code="context_length_exceeded")
+            try:
+                self.engine.fit_prompt(ids, job.params[i * job.n])
+            except ContextWindowError as err:
+                raise ApiError(400, f"{param}: {err.render(max_tokens, None)}", param=param,
+                               code="context_length_exceeded") from None
+            except GptbcError as err:
+                raise bad(param, str(err)) from None
         return job
 
     def parse_completion(self, body: Any) -> Job:
@@ -417,7 +314,7 @@ class Server:
         if n_predict == -1:  # llama.cpp's default: until eos or the end of the context window
             n_predict = max(self.engine.context_window_size - len(ids), 0)
         params = self.sampling(f, n_predict, 1, f.integer("seed", None, 0), None, False)
-        return self.fit(Job([ids], [prefix], params, 1, f.boolean("stream")), "input_prefix")
+        return self.fit(Job([ids], [prefix], params, 1, f.boolean("stream")), "input_prefix", "n_predict")
 
     # ---- running a job ----
     async def start(self, job: Job) -> tuple[list[Request], asyncio.Queue]:
@@ -681,7 +578,7 @@ def build_app(server: Server):
         return JSONResponse({"object": "list", "data": [{
             "id": server.model_name, "object": "model", "created": server.created, "owned_by": "gptbc",
             "context_window": server.engine.context_window_size,
-            "quantization": server.engine.info["quantization"]["name"]}]})
+            "quantization": server.engine.quantization}]})
 
     async def health(_request: HttpRequest):
         return JSONResponse({"status": "ok", "model": server.model_name})

@@ -1,13 +1,11 @@
-"""Runtime: load a model library and converted weights, own the paged KV cache, generate tokens.
+"""ModelRunner: a model library, its converted weights and the paged KV cache on one device.
 
-`Engine` has two layers: model calls on KV-cache sequences (`add_sequence`, `prefill`, `decode`,
-`decode_batch`, ...) and generation on top of them (`generate`, `stream`, `generate_batch`,
-`complete`, `submit` + `step`), which goes through the continuous-batching loop in generation.py.
+Model calls on KV-cache sequences (add / fork / remove a sequence, prefill a chunk, decode, decode a
+batch, verify) and nothing else: no text, no requests, no sampling. The scheduler drives it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -16,12 +14,10 @@ from typing import Sequence
 import numpy as np
 
 from .config import GPTBC_CONFIG, GPTBigCodeConfig, load_gptbc_config
-from .errors import ContextWindowError, GptbcError
-from .sampling import SamplingParams, generation_defaults
+from .errors import GptbcError
 from .tensorfile import SafetensorsFile
-from .tokenizer import Tokenizer, find_fim_tokens, has_tokenizer
 
-PAGE_SIZE = 16
+PAGE_SIZE = 16  # tokens per KV-cache page
 
 
 DEVICE_KINDS = {"cpu": "cpu", "llvm": "cpu", "cuda": "cuda", "metal": "metal", "vulkan": "vulkan", "rocm": "rocm",
@@ -161,14 +157,13 @@ def _mapped_tensor(arr: np.ndarray):
         return None
 
 
-class Engine:
-    """A loaded model: `generate` for one sequence; the KV-cache methods are the building blocks."""
+class ModelRunner:
+    """One loaded model on one device, with its KV cache."""
 
     def __init__(self, model_dir: str | Path, lib: str | Path, device: str = "cpu",
-                 max_total_seq_len: int | None = None, max_batch_size: int | None = None,
-                 prefix_cache_size: int = 8):
+                 max_total_seq_len: int | None = None, max_batch_size: int | None = None):
         """`max_total_seq_len`: tokens the KV cache holds over all sequences (default: context window ×
-        min(4, max_batch_size)); `prefix_cache_size`: finished sequences kept for prefix reuse."""
+        min(4, max_batch_size))."""
         import tvm
 
         self.model_dir, self.lib = Path(model_dir), Path(lib)
@@ -192,19 +187,18 @@ class Engine:
         if not 0 < self.max_batch_size <= int(self.meta["max_batch_size"]):
             raise GptbcError(f"max batch size {self.max_batch_size}: --lib {self.lib} was compiled for 1.."
                              f"{self.meta['max_batch_size']} (compile with a larger --max-batch-size)")
-        self.defaults, generation_eos = generation_defaults(self.model_dir)
-        self.eos_ids = set(self.info.get("eos_token_id") or self.config.eos_token_id) | generation_eos
         self.params, self.mapped_bytes = load_params(self.model_dir, self.info, self.meta, self.dev)
-        self.tokenizer = Tokenizer(self.model_dir) if has_tokenizer(self.model_dir) else None
-        self.fim = find_fim_tokens(self.model_dir) if self.tokenizer else None
-        self.special_ids = set(self.eos_ids) | (self.tokenizer.special_ids() if self.tokenizer else set())
         self.page_size = PAGE_SIZE
+        # On a GPU, greedy tokens are picked on the device (decode_batch_greedy) instead of copying
+        # batch x vocab logits back; on the CPU a lone sequence decodes through the single-row kernels.
+        self.samples_on_device = not self.on_cpu
+        self.single_row_decode = self.on_cpu
 
         shape = tvm.runtime.ShapeTuple
-        total = int(max_total_seq_len or self.context_window_size * min(4, self.max_batch_size))
+        self.capacity_tokens = int(max_total_seq_len or self.context_window_size * min(4, self.max_batch_size))
         self.kv_cache = self.vm["create_paged_kv_cache"](
-            shape([self.max_batch_size]), shape([total]), shape([self.prefill_chunk_size]), shape([PAGE_SIZE]),
-            shape([0]))
+            shape([self.max_batch_size]), shape([self.capacity_tokens]), shape([self.prefill_chunk_size]),
+            shape([PAGE_SIZE]), shape([0]))
         get = tvm.get_global_func
         self._add = get("vm.builtin.kv_state_add_sequence")
         self._remove = get("vm.builtin.kv_state_remove_sequence")
@@ -216,9 +210,6 @@ class Engine:
         self._shape = shape
         self._next_seq_id = 0
         self._live: set[int] = set()
-        from .generation import Scheduler
-
-        self.scheduler = Scheduler(self, total, prefix_cache_size)
 
     # ---- KV cache: sequences ----
     def add_sequence(self) -> int:
@@ -323,139 +314,3 @@ class Engine:
         for i, t in enumerate(ids):
             if not 0 <= int(t) < vocab:
                 raise GptbcError(f"token id {int(t)} at position {i} is outside the vocabulary (0..{vocab - 1})")
-
-    # ---- generation ----
-    def sampling(self, greedy: bool | None = None, **overrides) -> SamplingParams:
-        """Sampling parameters: the model's generation_config.json defaults, then `overrides`.
-
-        greedy=True forces temperature 0; greedy=False samples (temperature 1 unless given).
-        """
-        params = self.defaults.replace(**overrides)
-        if greedy is True:
-            params = params.replace(temperature=0.0)
-        elif greedy is False and "temperature" not in overrides and params.temperature == 0:
-            params = params.replace(temperature=1.0)
-        params.validate()
-        return params
-
-    def prompt_ids(self, prompt: str | Sequence[int] | None = None, prefix: str | None = None,
-                   suffix: str | None = None, params: SamplingParams | None = None) -> list[int]:
-        """Token ids of a plain prompt (text or ids) or of a fill-in-the-middle request."""
-        if prefix is not None or suffix is not None:
-            if prompt is not None:
-                raise GptbcError("give either a prompt or prefix/suffix (fill-in-the-middle), not both")
-            return self.fim_prompt(prefix or "", suffix or "", params)
-        if prompt is None:
-            raise GptbcError("prompt is empty: give at least one token")
-        return self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-
-    def fim_prompt(self, prefix: str, suffix: str, params: SamplingParams | None = None) -> list[int]:
-        """<fim-prefix> prefix <fim-suffix> suffix <fim-middle> (PSM order, with the tokenizer's own spelling).
-
-        With truncate_prompt, a prefix/suffix too long for the window loses its far ends: the start of
-        the prefix and the end of the suffix, keeping the text around the cursor.
-        """
-        if self.tokenizer is None or self.fim is None:
-            raise GptbcError(f"{self.model_dir}: the tokenizer has no fill-in-the-middle tokens "
-                             f"(<fim-prefix>/<fim-suffix>/<fim-middle> or <fim_prefix>/<fim_suffix>/<fim_middle>)")
-        pre, suf = self.encode(prefix), self.encode(suffix)
-        if params is not None and params.truncate_prompt:
-            budget = self.context_window_size - params.max_new_tokens - 3
-            if budget < 0:
-                raise GptbcError(f"max_new_tokens {params.max_new_tokens} leaves no room for a FIM prompt in the "
-                                 f"context window of {self.context_window_size} tokens")
-            keep_suf = min(len(suf), max(budget // 2, budget - len(pre)))
-            suf = suf[:keep_suf]
-            pre = pre[max(0, len(pre) - (budget - keep_suf)):]
-        f = self.fim
-        return [f["prefix"]["id"], *pre, f["suffix"]["id"], *suf, f["middle"]["id"]]
-
-    def fit_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
-        """Check a prompt against the vocabulary and the context window (truncating it only if asked)."""
-        if len(ids) == 0:
-            raise GptbcError("prompt is empty: give at least one token")
-        self.check_ids(ids)
-        need = len(ids) + params.max_new_tokens
-        if need > self.context_window_size:
-            room = self.context_window_size - params.max_new_tokens
-            if params.truncate_prompt and room > 0:
-                return ids[-room:]
-            raise ContextWindowError(len(ids), params.max_new_tokens, self.context_window_size)
-        return ids
-
-    def submit(self, prompt: str | Sequence[int] | None = None, *, prefix: str | None = None,
-               suffix: str | None = None, params: SamplingParams | None = None):
-        """Queue a request for the engine loop (`step`); bad input raises here and nothing is queued."""
-        params = params or self.sampling()
-        return self.scheduler.submit(self.prompt_ids(prompt, prefix, suffix, params), params)
-
-    def step(self):
-        """One engine-loop step over every queued and running request; returns the per-request events."""
-        return self.scheduler.step()
-
-    def complete(self, prompt: str | Sequence[int] | None = None, *, prefix: str | None = None,
-                 suffix: str | None = None, greedy: bool | None = None, **sampling) -> "Completion":
-        req = self.submit(prompt, prefix=prefix, suffix=suffix, params=self.sampling(greedy, **sampling))
-        self.scheduler.run_until_done([req])
-        return Completion.of(req)
-
-    def generate(self, prompt_ids: str | Sequence[int] | None = None, max_new_tokens: int | None = None,
-                 greedy: bool | None = True, *, prefix: str | None = None, suffix: str | None = None,
-                 **sampling) -> list[int]:
-        """New token ids (an eos that ended generation is included, as HF does). Greedy by default."""
-        return self.complete(prompt_ids, prefix=prefix, suffix=suffix, greedy=greedy,
-                             max_new_tokens=max_new_tokens, **sampling).token_ids
-
-    def generate_batch(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int | None = None,
-                       greedy: bool | None = True, **sampling) -> list[list[int]]:
-        """Several prompts decoded together (continuous batching); same ids as one at a time."""
-        params = self.sampling(greedy, max_new_tokens=max_new_tokens, **sampling)
-        reqs = [self.submit(p, params=params) for p in prompts]
-        self.scheduler.run_until_done(reqs)
-        return [r.output_ids for r in reqs]
-
-    def stream(self, prompt: str | Sequence[int] | None = None, *, prefix: str | None = None,
-               suffix: str | None = None, greedy: bool | None = None, **sampling):
-        """Yield text pieces as they are decoded (never half a UTF-8 character, never part of a stop string)."""
-        if self.tokenizer is None:
-            raise GptbcError(f"{self.model_dir}: no tokenizer files; streaming text needs one")
-        req = self.submit(prompt, prefix=prefix, suffix=suffix, params=self.sampling(greedy, **sampling))
-        try:
-            while req.finish_reason is None:
-                for event in self.step():
-                    if event.request is req and event.text:
-                        yield event.text
-        finally:
-            self.scheduler.cancel(req)  # a consumer that stops early frees the sequence
-
-    def encode(self, text: str) -> list[int]:
-        if self.tokenizer is None:
-            raise GptbcError(f"{self.model_dir}: no tokenizer files; pass token ids instead of text")
-        return self.tokenizer.encode(text)
-
-    def decode_text(self, ids: Sequence[int]) -> str:
-        if self.tokenizer is None:
-            raise GptbcError(f"{self.model_dir}: no tokenizer files; cannot turn ids into text")
-        return self.tokenizer.decode([t for t in ids if t not in self.special_ids])
-
-
-@dataclasses.dataclass
-class Completion:
-    """The result of one request."""
-
-    token_ids: list[int]
-    text: str | None
-    logprobs: list[float] | None
-    finish_reason: str
-    prompt_tokens: int
-    reused_prefix_tokens: int
-
-    @classmethod
-    def of(cls, req) -> "Completion":
-        return cls(list(req.output_ids), req.text if req.detok is not None else None,
-                   list(req.logprobs) if req.params.logprobs else None, req.finish_reason or "length",
-                   len(req.prompt_ids), req.reused)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-

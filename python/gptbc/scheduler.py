@@ -1,13 +1,16 @@
-"""Requests and the engine loop: continuous batching over the paged KV cache, with prefix reuse.
+"""Scheduler: requests over a model runner — continuous batching, prefix reuse, sampling, stop rules.
 
 Each `Scheduler.step()`:
   1. admits waiting requests while batch slots and KV-cache room allow (forking a cached sequence
      that shares the longest prefix with the prompt, so those tokens are not prefilled again);
-  2. prefills one chunk (≤ prefill_chunk_size tokens) of every request still reading its prompt;
-  3. decodes one token for every running request in a single `batch_decode` call;
+  2. prefills one chunk of every request still reading its prompt — several requests' chunks in one
+     `prefill_batch` call when they fit in prefill_chunk_size together;
+  3. decodes one token for every running request in a single `decode_batch` call;
   4. samples, applies stop rules, emits text deltas, and frees (or keeps as a reusable prefix) the
      KV pages of finished requests.
-Requests join and leave between steps; a bad request fails alone, at submission.
+Requests join and leave between steps. The runner is anything with the `Runner` methods (runner.py's
+ModelRunner, or a fake in tests): this module imports no TVM. Prompts arrive as checked token ids
+(the engine turns text, FIM and truncation into ids).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -23,8 +26,25 @@ from .errors import GptbcError
 from .sampling import SamplingParams, log_softmax, sample, top_tokens
 from .tokenizer import IncrementalDetokenizer
 
-if TYPE_CHECKING:
-    from .runtime import Engine
+
+class Runner(Protocol):
+    """What the scheduler needs from a model runner (runner.ModelRunner implements it)."""
+
+    page_size: int  # tokens per KV-cache page
+    prefill_chunk_size: int  # most tokens one prefill call takes
+    max_batch_size: int  # most sequences in one call
+    samples_on_device: bool  # decode_batch_greedy is cheaper than copying logits (GPU)
+    single_row_decode: bool  # a lone sequence is faster through decode than decode_batch (CPU)
+
+    def add_sequence(self) -> int: ...
+    def fork_sequence(self, parent: int, length: int) -> int: ...
+    def remove_sequence(self, seq_id: int) -> None: ...
+    def prefill_chunk(self, seq_id: int, chunk: Sequence[int]) -> np.ndarray: ...
+    def prefill_batch(self, seq_ids: Sequence[int], id_lists: Sequence[Sequence[int]]) -> np.ndarray: ...
+    def decode(self, seq_id: int, token: int) -> np.ndarray: ...
+    def decode_batch(self, seq_ids: Sequence[int], tokens: Sequence[int]) -> np.ndarray: ...
+    def decode_batch_greedy(self, seq_ids: Sequence[int], tokens: Sequence[int]) -> list[int]: ...
+    def verify(self, seq_id: int, ids: Sequence[int]) -> np.ndarray: ...
 
 
 class StopMatcher:
@@ -106,9 +126,15 @@ class Stats:
 
 
 class Scheduler:
-    def __init__(self, engine: "Engine", capacity_tokens: int, prefix_cache_size: int = 8):
-        self.engine = engine
+    def __init__(self, runner: Runner, capacity_tokens: int, vocab_size: int, eos_ids: set[int],
+                 make_detokenizer: Callable[[], IncrementalDetokenizer] | None = None, prefix_cache_size: int = 8):
+        """`capacity_tokens`: KV-cache tokens over all sequences; `make_detokenizer`: a new incremental
+        detokenizer per request (None: ids only, no text or stop strings)."""
+        self.runner = runner
         self.capacity = capacity_tokens
+        self.eos_ids = eos_ids
+        self.make_detokenizer = make_detokenizer
+        self.vocab_size = vocab_size
         self.prefix_cache_size = prefix_cache_size
         self.waiting: list[Request] = []
         self.active: list[Request] = []
@@ -118,13 +144,13 @@ class Scheduler:
 
     # ---- submission ----
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> Request:
-        engine = self.engine
-        ids = engine.fit_prompt(list(prompt_ids), params)
-        vocab = engine.config.vocab_size
+        """Queue a request (ids already checked against the vocabulary and the context window)."""
+        ids = list(prompt_ids)
+        vocab = self.vocab_size
         req = Request(
             id=next(self._ids), prompt_ids=ids, params=params,
             rng=np.random.default_rng(params.seed),
-            detok=IncrementalDetokenizer(engine.tokenizer, engine.special_ids) if engine.tokenizer else None,
+            detok=self.make_detokenizer() if self.make_detokenizer else None,
             stop=StopMatcher(params.stop),
         )
         if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
@@ -149,11 +175,17 @@ class Scheduler:
             req.finish_reason = "cancelled"
         if req in self.active:
             self.active.remove(req)
-            self.engine.remove_sequence(req.seq_id)
+            self.runner.remove_sequence(req.seq_id)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    def prefix_cache_pages(self) -> int:
+        return sum(self._pages(len(t)) for t in self.cached.values())
 
     # ---- KV room ----
     def _pages(self, tokens: int) -> int:
-        return -(-tokens // self.engine.page_size)
+        return -(-tokens // self.runner.page_size)
 
     def _used_pages(self) -> int:
         return sum(r.reserved for r in self.active) + sum(self._pages(len(t)) for t in self.cached.values())
@@ -162,21 +194,21 @@ class Scheduler:
         if not self.cached:
             return False
         seq_id, _ = self.cached.popitem(last=False)
-        self.engine.remove_sequence(seq_id)
+        self.runner.remove_sequence(seq_id)
         return True
 
     def _fits(self, req: Request) -> bool:
         return self._used_pages() + req.reserved <= self._pages(self.capacity)
 
     def _admit(self) -> None:
-        while self.waiting and len(self.active) < self.engine.max_batch_size:
+        while self.waiting and len(self.active) < self.runner.max_batch_size:
             req = self.waiting[0]
             while not self._fits(req) and self._evict_one():
                 pass
             if not self._fits(req):
                 return  # wait for running requests to finish
+            self._start(req)  # raises with the request still waiting: it is never in neither list
             self.waiting.pop(0)
-            self._start(req)
             self.active.append(req)
 
     def _start(self, req: Request) -> None:
@@ -187,52 +219,73 @@ class Scheduler:
                 best, best_len = seq_id, n
         best_len = min(best_len, len(req.prompt_ids) - 1)  # the last prompt token must run: it gives the logits
         if best is not None and best_len > 0 and not req.params.prompt_logprobs:
-            req.seq_id = self.engine.fork_sequence(best, best_len)
+            req.seq_id = self.runner.fork_sequence(best, best_len)
             self.cached.move_to_end(best)
             req.prefilled = req.reused = best_len
             self.stats.reused_prefix_tokens += best_len
         else:
-            req.seq_id = self.engine.add_sequence()
+            req.seq_id = self.runner.add_sequence()
 
     # ---- the loop ----
     def step(self) -> list[Event]:
         self._admit()
-        events: list[Event] = []
-        engine = self.engine
-        for req in [r for r in self.active if r.prefilled < len(r.prompt_ids)]:
-            chunk = req.prompt_ids[req.prefilled:req.prefilled + engine.prefill_chunk_size]
-            if req.params.prompt_logprobs:
-                logits = self._score_prompt(req, chunk)
-            else:
-                logits = engine.prefill_chunk(req.seq_id, chunk)
-            req.prefilled += len(chunk)
-            self.stats.prefill_tokens += len(chunk)
-            if req.prefilled == len(req.prompt_ids):
-                events.append(self._accept(req, logits))
+        events = self._prefill()
         running = [r for r in self.active if r.prefilled == len(r.prompt_ids) and r.output_ids
                    and r.finish_reason is None]
         if running:
-            self.stats.max_batch = max(self.stats.max_batch, len(running))
-            seq_ids, last = [r.seq_id for r in running], [r.output_ids[-1] for r in running]
-            self.stats.decode_tokens += len(running)
-            if not engine.on_cpu and all(_plain_greedy(r.params) for r in running):
-                # On a GPU, pick greedy tokens on the device instead of copying batch × vocab logits.
-                tokens = engine.decode_batch_greedy(seq_ids, last)
-                events += [self._accept(r, None, t) for r, t in zip(running, tokens)]
-            elif len(running) == 1 and engine.on_cpu:
-                # One sequence: the single-row kernels (santacoder q4f32_1 on 2 cores: 41 ms a step,
-                # against 107 ms through batch_decode's multi-row layout at batch 1).
-                events.append(self._accept(running[0], engine.decode(seq_ids[0], last[0])))
-            else:
-                logits = engine.decode_batch(seq_ids, last)
-                events += [self._accept(r, row) for r, row in zip(running, logits)]
+            events += self._decode(running)
         for req in [r for r in self.active if r.finish_reason is not None]:
             self._retire(req)
         return events
 
+    def _prefill(self) -> list[Event]:
+        """One chunk of every request still reading its prompt; chunks that fit together share one call."""
+        runner, events = self.runner, []
+        reading = [r for r in self.active if r.prefilled < len(r.prompt_ids)]
+        batch, room = [], runner.prefill_chunk_size
+        for req in reading:
+            chunk = req.prompt_ids[req.prefilled:req.prefilled + runner.prefill_chunk_size]
+            if req.params.prompt_logprobs:
+                logits = self._score_prompt(req, chunk)
+            elif len(chunk) <= room and len(batch) < runner.max_batch_size:
+                batch.append((req, chunk))
+                room -= len(chunk)
+                continue
+            else:
+                logits = runner.prefill_chunk(req.seq_id, chunk)
+            events += self._prefilled(req, chunk, logits)
+        if len(batch) == 1:
+            req, chunk = batch[0]
+            events += self._prefilled(req, chunk, runner.prefill_chunk(req.seq_id, chunk))
+        elif batch:
+            rows = runner.prefill_batch([r.seq_id for r, _ in batch], [c for _, c in batch])
+            for (req, chunk), logits in zip(batch, rows):
+                events += self._prefilled(req, chunk, logits)
+        return events
+
+    def _prefilled(self, req: Request, chunk: list[int], logits: np.ndarray) -> list[Event]:
+        req.prefilled += len(chunk)
+        self.stats.prefill_tokens += len(chunk)
+        return [self._accept(req, logits)] if req.prefilled == len(req.prompt_ids) else []
+
+    def _decode(self, running: list[Request]) -> list[Event]:
+        runner = self.runner
+        self.stats.max_batch = max(self.stats.max_batch, len(running))
+        self.stats.decode_tokens += len(running)
+        seq_ids, last = [r.seq_id for r in running], [r.output_ids[-1] for r in running]
+        if runner.samples_on_device and all(_plain_greedy(r.params) for r in running):
+            tokens = runner.decode_batch_greedy(seq_ids, last)
+            return [self._accept(r, None, t) for r, t in zip(running, tokens)]
+        if len(running) == 1 and runner.single_row_decode:
+            # One sequence: the single-row kernels (santacoder q4f32_1 on 2 cores: 41 ms a step,
+            # against 107 ms through batch_decode's multi-row layout at batch 1).
+            return [self._accept(running[0], runner.decode(seq_ids[0], last[0]))]
+        logits = runner.decode_batch(seq_ids, last)
+        return [self._accept(r, row) for r, row in zip(running, logits)]
+
     def _score_prompt(self, req: Request, chunk: list[int]) -> np.ndarray:
         """Prefill a chunk keeping the logits of every position, to score each prompt token."""
-        rows = self.engine.verify(req.seq_id, chunk)
+        rows = self.runner.verify(req.seq_id, chunk)
         if req.prefilled == 0:
             req.prompt_logprobs.append(None)
             req.prompt_top_logprobs.append([])
@@ -257,7 +310,7 @@ class Scheduler:
         if req.seen is not None:
             req.seen[token] = True
             req.counts[token] += 1
-        is_eos = token in self.engine.eos_ids and not p.ignore_eos
+        is_eos = token in self.eos_ids and not p.ignore_eos
         text = ""
         if req.detok is not None and not is_eos:
             text = req.detok.add(token)
@@ -284,7 +337,7 @@ class Scheduler:
             while len(self.cached) > self.prefix_cache_size:
                 self._evict_one()
         else:
-            self.engine.remove_sequence(req.seq_id)
+            self.runner.remove_sequence(req.seq_id)
 
     def clear_prefix_cache(self) -> None:
         while self._evict_one():

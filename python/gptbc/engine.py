@@ -1,0 +1,211 @@
+"""Engine: the user-facing facade — text, fill-in-the-middle and truncation into token ids; generate /
+complete / stream / generate_batch; submit + step for callers that drive the loop themselves.
+
+It owns a ModelRunner (the model on its device) and a Scheduler (requests over that runner), and is
+the only thing the CLI and the server use. Whether a prompt fits the context window is decided here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+from .errors import ContextWindowError, GptbcError
+from .runner import ModelRunner
+from .sampling import SamplingParams, generation_defaults
+from .scheduler import Request, Scheduler
+from .tokenizer import IncrementalDetokenizer, Tokenizer, find_fim_tokens, has_tokenizer
+
+
+class Engine:
+    """A loaded model and its request loop."""
+
+    def __init__(self, model_dir: str | Path, lib: str | Path, device: str = "cpu",
+                 max_total_seq_len: int | None = None, max_batch_size: int | None = None,
+                 prefix_cache_size: int = 8):
+        """`max_total_seq_len`: tokens the KV cache holds over all sequences (default: context window ×
+        min(4, max_batch_size)); `prefix_cache_size`: finished sequences kept for prefix reuse."""
+        self.runner = ModelRunner(model_dir, lib, device, max_total_seq_len, max_batch_size)
+        r = self.runner
+        self.model_dir, self.lib, self.config = r.model_dir, r.lib, r.config
+        self.context_window_size, self.max_batch_size = r.context_window_size, r.max_batch_size
+        self.quantization = r.info["quantization"]["name"]
+        self.defaults, generation_eos = generation_defaults(self.model_dir)
+        eos_ids = set(r.info.get("eos_token_id") or self.config.eos_token_id) | generation_eos
+        self.tokenizer = Tokenizer(self.model_dir) if has_tokenizer(self.model_dir) else None
+        self.fim = find_fim_tokens(self.model_dir) if self.tokenizer else None
+        self.special_ids = eos_ids | (self.tokenizer.special_ids() if self.tokenizer else set())
+        detok = (lambda: IncrementalDetokenizer(self.tokenizer, self.special_ids)) if self.tokenizer else None
+        self.scheduler = Scheduler(r, r.capacity_tokens, self.config.vocab_size, eos_ids, detok, prefix_cache_size)
+
+    @property
+    def eos_ids(self) -> set[int]:
+        """Token ids that end generation (the model's, plus generation_config.json's); the scheduler applies them."""
+        return self.scheduler.eos_ids
+
+    @eos_ids.setter
+    def eos_ids(self, ids: set[int]) -> None:
+        self.scheduler.eos_ids = set(ids)
+
+    def check_ids(self, ids: Sequence[int]) -> None:
+        self.runner.check_ids(ids)
+
+    def sampling(self, greedy: bool | None = None, **overrides) -> SamplingParams:
+        """Sampling parameters: the model's generation_config.json defaults, then `overrides`.
+
+        greedy=True forces temperature 0; greedy=False samples (temperature 1 unless given).
+        """
+        params = self.defaults.replace(**overrides)
+        if greedy is True:
+            params = params.replace(temperature=0.0)
+        elif greedy is False and "temperature" not in overrides and params.temperature == 0:
+            params = params.replace(temperature=1.0)
+        params.validate()
+        return params
+
+    def prompt_ids(self, prompt: str | Sequence[int] | None = None, prefix: str | None = None,
+                   suffix: str | None = None, params: SamplingParams | None = None) -> list[int]:
+        """Token ids of a plain prompt (text or ids) or of a fill-in-the-middle request."""
+        if prefix is not None or suffix is not None:
+            if prompt is not None:
+                raise GptbcError("give either a prompt or prefix/suffix (fill-in-the-middle), not both")
+            return self.fim_prompt(prefix or "", suffix or "", params)
+        if prompt is None:
+            raise GptbcError("prompt is empty: give at least one token")
+        return self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+
+    def fim_prompt(self, prefix: str, suffix: str, params: SamplingParams | None = None) -> list[int]:
+        """<fim-prefix> prefix <fim-suffix> suffix <fim-middle> (PSM order, with the tokenizer's own spelling).
+
+        With truncate_prompt, a prefix/suffix too long for the window loses its far ends: the start of
+        the prefix and the end of the suffix, keeping the text around the cursor.
+        """
+        if self.tokenizer is None or self.fim is None:
+            raise GptbcError(f"{self.model_dir}: the tokenizer has no fill-in-the-middle tokens "
+                             f"(<fim-prefix>/<fim-suffix>/<fim-middle> or <fim_prefix>/<fim_suffix>/<fim_middle>)")
+        pre, suf = self.encode(prefix), self.encode(suffix)
+        if params is not None and params.truncate_prompt:
+            budget = self.context_window_size - params.max_new_tokens - 3
+            if budget < 0:
+                raise GptbcError(f"max_new_tokens {params.max_new_tokens} leaves no room for a FIM prompt in the "
+                                 f"context window of {self.context_window_size} tokens")
+            keep_suf = min(len(suf), max(budget // 2, budget - len(pre)))
+            suf = suf[:keep_suf]
+            pre = pre[max(0, len(pre) - (budget - keep_suf)):]
+        f = self.fim
+        return [f["prefix"]["id"], *pre, f["suffix"]["id"], *suf, f["middle"]["id"]]
+
+    def fit_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
+        """Check a prompt against the vocabulary and the context window (truncating it only if asked)."""
+        if len(ids) == 0:
+            raise GptbcError("prompt is empty: give at least one token")
+        self.check_ids(ids)
+        need = len(ids) + params.max_new_tokens
+        if need > self.context_window_size:
+            room = self.context_window_size - params.max_new_tokens
+            if params.truncate_prompt and room > 0:
+                return ids[-room:]
+            raise ContextWindowError(len(ids), params.max_new_tokens, self.context_window_size)
+        return ids
+
+    def submit(self, prompt: str | Sequence[int] | None = None, *, prefix: str | None = None,
+               suffix: str | None = None, params: SamplingParams | None = None):
+        """Queue a request for the engine loop (`step`); bad input raises here and nothing is queued."""
+        params = params or self.sampling()
+        return self.scheduler.submit(self.fit_prompt(self.prompt_ids(prompt, prefix, suffix, params), params), params)
+
+    def step(self):
+        """One engine-loop step over every queued and running request; returns the per-request events."""
+        return self.scheduler.step()
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request now and free its KV pages."""
+        self.scheduler.cancel(req)
+
+    def cancel_all(self) -> list[Request]:
+        """Cancel every running and waiting request; returns them."""
+        reqs = list(self.scheduler.active) + list(self.scheduler.waiting)
+        for req in reqs:
+            self.scheduler.cancel(req)
+        return reqs
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def status(self) -> dict:
+        """Gauges for metrics and leak checks: requests, batch, KV pages, sequences, prefix cache."""
+        s, r = self.scheduler, self.runner
+        return {"running": len(s.active), "waiting": len(s.waiting),
+                "batch_size": sum(1 for q in s.active if q.output_ids and q.finish_reason is None),
+                "kv_pages_total": r.kv_pages_total, "kv_pages_free": r.kv_pages_free(),
+                "kv_sequences": r.sequence_count(), "prefix_cache_sequences": len(s.cached),
+                "prefix_cache_pages": s.prefix_cache_pages(), "reused_prefix_tokens": s.stats.reused_prefix_tokens,
+                "prefill_tokens": s.stats.prefill_tokens, "decode_tokens": s.stats.decode_tokens}
+
+    def complete(self, prompt: str | Sequence[int] | None = None, *, prefix: str | None = None,
+                 suffix: str | None = None, greedy: bool | None = None, **sampling) -> "Completion":
+        req = self.submit(prompt, prefix=prefix, suffix=suffix, params=self.sampling(greedy, **sampling))
+        self.scheduler.run_until_done([req])
+        return Completion.of(req)
+
+    def generate(self, prompt_ids: str | Sequence[int] | None = None, max_new_tokens: int | None = None,
+                 greedy: bool | None = True, *, prefix: str | None = None, suffix: str | None = None,
+                 **sampling) -> list[int]:
+        """New token ids (an eos that ended generation is included, as HF does). Greedy by default."""
+        return self.complete(prompt_ids, prefix=prefix, suffix=suffix, greedy=greedy,
+                             max_new_tokens=max_new_tokens, **sampling).token_ids
+
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int | None = None,
+                       greedy: bool | None = True, **sampling) -> list[list[int]]:
+        """Several prompts decoded together (continuous batching); same ids as one at a time."""
+        params = self.sampling(greedy, max_new_tokens=max_new_tokens, **sampling)
+        reqs = [self.submit(p, params=params) for p in prompts]
+        self.scheduler.run_until_done(reqs)
+        return [r.output_ids for r in reqs]
+
+    def stream(self, prompt: str | Sequence[int] | None = None, *, prefix: str | None = None,
+               suffix: str | None = None, greedy: bool | None = None, **sampling):
+        """Yield text pieces as they are decoded (never half a UTF-8 character, never part of a stop string)."""
+        if self.tokenizer is None:
+            raise GptbcError(f"{self.model_dir}: no tokenizer files; streaming text needs one")
+        req = self.submit(prompt, prefix=prefix, suffix=suffix, params=self.sampling(greedy, **sampling))
+        try:
+            while req.finish_reason is None:
+                for event in self.step():
+                    if event.request is req and event.text:
+                        yield event.text
+        finally:
+            self.scheduler.cancel(req)  # a consumer that stops early frees the sequence
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise GptbcError(f"{self.model_dir}: no tokenizer files; pass token ids instead of text")
+        return self.tokenizer.encode(text)
+
+    def decode_text(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            raise GptbcError(f"{self.model_dir}: no tokenizer files; cannot turn ids into text")
+        return self.tokenizer.decode([t for t in ids if t not in self.special_ids])
+
+
+@dataclasses.dataclass
+class Completion:
+    """The result of one request."""
+
+    token_ids: list[int]
+    text: str | None
+    logprobs: list[float] | None
+    finish_reason: str
+    prompt_tokens: int
+    reused_prefix_tokens: int
+
+    @classmethod
+    def of(cls, req) -> "Completion":
+        return cls(list(req.output_ids), req.text if req.detok is not None else None,
+                   list(req.logprobs) if req.params.logprobs else None, req.finish_reason or "length",
+                   len(req.prompt_ids), req.reused)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+

@@ -1,0 +1,230 @@
+"""The scheduler over a fake runner: admission, chunked prefill, batching, cancellation, prefix reuse, stop
+rules. Nothing is compiled and TVM is never imported, so these run in milliseconds."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gptbc.sampling import SamplingParams
+from gptbc.scheduler import Scheduler
+
+VOCAB = 50
+EOS = 0
+
+
+def next_token(history: list[int]) -> int:
+    """The fake model: the greedy next token depends on the whole sequence (so a wrong KV fork shows)."""
+    return 1 + (sum(history) * 31 + len(history) * 7) % (VOCAB - 1)  # never eos unless a test says so
+
+
+def logits_for(history: list[int]) -> np.ndarray:
+    row = np.zeros(VOCAB, np.float32)
+    row[next_token(history)] = 10.0
+    return row
+
+
+class FakeRunner:
+    """A KV cache of token lists; records every call."""
+
+    page_size = 4
+    samples_on_device = False
+    single_row_decode = True
+
+    def __init__(self, prefill_chunk_size: int = 8, max_batch_size: int = 4):
+        self.prefill_chunk_size, self.max_batch_size = prefill_chunk_size, max_batch_size
+        self.seqs: dict[int, list[int]] = {}
+        self.calls: list[tuple] = []
+        self.next_id = 0
+        self.fail_add = False
+
+    def add_sequence(self) -> int:
+        if self.fail_add:
+            raise RuntimeError("no KV slot")
+        self.next_id += 1
+        self.seqs[self.next_id] = []
+        return self.next_id
+
+    def fork_sequence(self, parent: int, length: int) -> int:
+        self.calls.append(("fork", parent, length))
+        child = self.add_sequence()
+        self.seqs[child] = self.seqs[parent][:length]
+        return child
+
+    def remove_sequence(self, seq_id: int) -> None:
+        del self.seqs[seq_id]
+
+    def prefill_chunk(self, seq_id: int, chunk) -> np.ndarray:
+        assert 0 < len(chunk) <= self.prefill_chunk_size
+        self.calls.append(("prefill", len(chunk)))
+        self.seqs[seq_id] += list(chunk)
+        return logits_for(self.seqs[seq_id])
+
+    def prefill_batch(self, seq_ids, id_lists) -> np.ndarray:
+        assert sum(map(len, id_lists)) <= self.prefill_chunk_size and len(seq_ids) <= self.max_batch_size
+        self.calls.append(("prefill_batch", [len(c) for c in id_lists]))
+        rows = []
+        for s, chunk in zip(seq_ids, id_lists):
+            self.seqs[s] += list(chunk)
+            rows.append(logits_for(self.seqs[s]))
+        return np.stack(rows)
+
+    def decode(self, seq_id: int, token: int) -> np.ndarray:
+        self.calls.append(("decode", 1))
+        self.seqs[seq_id].append(token)
+        return logits_for(self.seqs[seq_id])
+
+    def decode_batch(self, seq_ids, tokens) -> np.ndarray:
+        assert len(seq_ids) <= self.max_batch_size
+        self.calls.append(("decode_batch", len(seq_ids)))
+        for s, t in zip(seq_ids, tokens):
+            self.seqs[s].append(t)
+        return np.stack([logits_for(self.seqs[s]) for s in seq_ids])
+
+    def decode_batch_greedy(self, seq_ids, tokens) -> list[int]:
+        return self.decode_batch(seq_ids, tokens).argmax(-1).tolist()
+
+    def verify(self, seq_id: int, ids) -> np.ndarray:
+        rows = []
+        for t in ids:
+            self.seqs[seq_id].append(t)
+            rows.append(logits_for(self.seqs[seq_id]))
+        return np.stack(rows)
+
+
+class CharDetokenizer:
+    """Token t is the letter chr(ord('a') + t % 26): enough to test stop strings."""
+
+    def add(self, token: int) -> str:
+        return chr(ord("a") + token % 26)
+
+    def flush(self) -> str:
+        return ""
+
+
+def reference(prompt: list[int], n: int) -> list[int]:
+    seq, out = list(prompt), []
+    for _ in range(n):
+        t = next_token(seq)
+        out.append(t)
+        seq.append(t)
+    return out
+
+
+def make(capacity: int = 256, prefix_cache_size: int = 0, detok: bool = False, **runner) -> tuple[Scheduler, FakeRunner]:
+    r = FakeRunner(**runner)
+    return Scheduler(r, capacity, VOCAB, {EOS}, CharDetokenizer if detok else None, prefix_cache_size), r
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0, **kw)
+
+
+def test_scheduler_imports_no_tvm():
+    code = "import sys, gptbc.scheduler, gptbc.engine; assert 'tvm' not in sys.modules, 'tvm imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_chunked_prefill_then_single_row_decode():
+    s, r = make(prefill_chunk_size=4)
+    req = s.submit(list(range(1, 11)), greedy(5))
+    s.run_until_done([req])
+    assert req.output_ids == reference(list(range(1, 11)), 5) and req.finish_reason == "length"
+    assert [c for c in r.calls if c[0] == "prefill"] == [("prefill", 4), ("prefill", 4), ("prefill", 2)]
+    assert [c[0] for c in r.calls].count("decode") == 4  # the 5th token comes from the last one's logits
+    assert r.seqs == {}  # no prefix cache: the sequence is freed
+
+
+def test_requests_prefill_together_and_decode_in_one_batch():
+    s, r = make(prefill_chunk_size=16, max_batch_size=4)
+    prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11]]
+    reqs = [s.submit(p, greedy(6)) for p in prompts]
+    s.run_until_done(reqs)
+    assert [q.output_ids for q in reqs] == [reference(p, 6) for p in prompts]
+    assert ("prefill_batch", [3, 2, 4]) in r.calls
+    assert ("decode_batch", 3) in r.calls and s.stats.max_batch == 3
+
+
+def test_admission_waits_for_batch_slots_and_kv_room():
+    s, r = make(capacity=16, max_batch_size=2)  # 4 pages of 4 tokens
+    a, b, c = (s.submit([i + 1] * 3, greedy(4)) for i in range(3))  # 7 tokens -> 2 pages each
+    s.step()
+    assert s.active == [a, b] and s.waiting == [c]
+    s.run_until_done([a, b])
+    s.step()
+    assert c in s.active
+    s.run_until_done([c])
+    assert c.output_ids == reference([3] * 3, 4)
+    with pytest.raises(Exception, match="KV cache capacity"):
+        s.submit([1] * 20, greedy(4))
+
+
+def test_a_request_joining_mid_batch_gets_the_same_tokens():
+    s, _ = make()
+    a = s.submit([5, 6, 7], greedy(12))
+    for _ in range(4):
+        s.step()
+    b = s.submit([9, 9], greedy(6))
+    s.run_until_done([a, b])
+    assert a.output_ids == reference([5, 6, 7], 12) and b.output_ids == reference([9, 9], 6)
+
+
+def test_cancel_frees_running_and_drops_waiting():
+    s, r = make(max_batch_size=1)
+    a, b = s.submit([1, 2], greedy(50)), s.submit([3, 4], greedy(5))
+    s.step()
+    s.step()
+    s.cancel(a)
+    s.cancel(b)
+    assert a.finish_reason == b.finish_reason == "cancelled" and r.seqs == {}
+    assert not s.has_work()
+
+
+def test_prefix_reuse_forks_and_gives_identical_tokens():
+    s, r = make(prefix_cache_size=2)
+    first = s.submit([1, 2, 3, 4, 5, 6], greedy(3))
+    s.run_until_done([first])
+    assert len(r.seqs) == 1  # kept as a reusable prefix
+    second = s.submit([1, 2, 3, 4, 5, 6, 7, 8], greedy(4))
+    s.run_until_done([second])
+    assert [c for c in r.calls if c[0] == "fork"] == [("fork", 1, 6)]
+    assert second.reused == 6 and s.stats.reused_prefix_tokens == 6
+    assert second.output_ids == reference([1, 2, 3, 4, 5, 6, 7, 8], 4)
+    s.clear_prefix_cache()
+    assert r.seqs == {}
+
+
+def test_stop_rules():
+    s, _ = make(detok=True)
+    ref = reference([7, 7], 10)
+    eos_at = s.submit([7, 7], greedy(10, stop_token_ids=[ref[2]]))
+    s.run_until_done([eos_at])
+    assert eos_at.output_ids == ref[:3] and eos_at.finish_reason == "stop"
+    letters = "".join(chr(ord("a") + t % 26) for t in ref)
+    stop = letters[4:6]
+    by_text = s.submit([7, 7], greedy(10, stop=[stop]))
+    s.run_until_done([by_text])
+    assert by_text.text == letters[:letters.index(stop)] and by_text.finish_reason == "stop"
+
+    s.eos_ids = {ref[1]}
+    eos = s.submit([7, 7], greedy(10))
+    s.run_until_done([eos])
+    assert eos.output_ids == ref[:2] and eos.finish_reason == "stop" and eos.text == letters[:1]
+    ignored = s.submit([7, 7], greedy(5, ignore_eos=True))
+    s.run_until_done([ignored])
+    assert ignored.output_ids == ref[:5] and ignored.finish_reason == "length"
+
+
+def test_a_start_failure_leaves_the_request_waiting_not_lost():
+    s, r = make()
+    req = s.submit([1, 2], greedy(3))
+    r.fail_add = True
+    with pytest.raises(RuntimeError):
+        s.step()
+    assert s.waiting == [req] and s.active == []
+    r.fail_add = False
+    s.run_until_done([req])
+    assert req.output_ids == reference([1, 2], 3)
