@@ -206,6 +206,8 @@ def _common(m: dict, r: _Reader, redo: str) -> None:
         r.positive(cfg, key, f"model_config.{key}")
     eos = cfg.get("eos_token_id")  # HF's spellings: absent, null, an id or a list of ids
     if eos is not None and _kind(eos) != "integer":
+        if _kind(eos) != "array":
+            raise r.fail(f"model_config.eos_token_id must be an integer or an array, got {_kind(eos)}")
         r.ints(eos, "model_config.eos_token_id")
     q = r.field(m, "quantization", "object")
     r.field(q, "name", "string", "quantization.name")
@@ -227,7 +229,7 @@ def _params(m: dict, r: _Reader, with_file: bool) -> None:
             if not f or "/" in f or "\\" in f or f in (".", ".."):
                 raise r.fail(f"{at}.file must name a file in the directory, got {json.dumps(f)}")
         if name in seen:
-            raise r.fail(f"{at}.name {name} is listed twice")
+            raise r.fail(f"{at}: tensor {name} is listed twice")
         seen.add(name)
 
 
