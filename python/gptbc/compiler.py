@@ -19,7 +19,7 @@ from .config import GPTBC_CONFIG, GPTBigCodeConfig, ModelSource, load_gptbc_conf
 from .errors import GptbcError
 from .manifest import library_manifest
 from .quantization import Quantization, get_quantization
-from .targets import Build, TargetSpec, plan_build
+from .targets import Build, plan_build
 
 
 def default_output(model_name: str, quant: str, spelling: str, build: Build) -> Path:
