@@ -46,14 +46,16 @@ Value parse(const std::string& text, const std::string& where) {
   return v;
 }
 
-Value parse_file(const std::string& path) {
+std::string read_file(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) throw Error(path + ": file not found");
   std::stringstream buf;
   buf << f.rdbuf();
   if (f.bad()) throw Error(path + ": cannot read");
-  return parse(buf.str(), path);
+  return buf.str();
 }
+
+Value parse_file(const std::string& path) { return parse(read_file(path), path); }
 
 bool is_null(const Value& v) { return v.type_index() == ffi::TypeIndex::kTVMFFINone; }
 

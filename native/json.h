@@ -17,6 +17,8 @@ using Array = tvm::ffi::json::Array;
 
 // Parse `text`; `where` (usually a path) starts the error message.
 Value parse(const std::string& text, const std::string& where);
+// A whole file's bytes: "PATH: file not found" / "PATH: cannot read".
+std::string read_file(const std::string& path);
 // Read and parse a file: "PATH: file not found" / "PATH: not valid JSON (...)".
 Value parse_file(const std::string& path);
 

@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "error.h"
+#include "json.h"
 
 namespace gptbc {
 
@@ -17,17 +18,15 @@ namespace ffi = tvm::ffi;
 
 namespace {
 
-constexpr int64_t kPageSize = 16;  // tokens per KV-cache page, as the Python engine
-// TVM's kernels take their buffers as 64-byte aligned (its kAllocAlignment) and may use aligned vector
-// loads on them: a tensor used in place must start on such a boundary.
-constexpr uintptr_t kAlignment = 64;
 constexpr DLDevice kCpu{kDLCPU, 0};
 
-// Tensors we allocate (token ids, copied weights): 64-byte aligned host memory.
+// Tensors we allocate (token ids, copied weights): host memory aligned as the library's manifest says its
+// kernels assume (TVM's kAllocAlignment: they may use aligned vector loads).
 struct HostAlloc {
+  size_t alignment;
   void AllocData(DLTensor* t) {
-    size_t n = (ffi::GetDataSize(*t) + kAlignment - 1) / kAlignment * kAlignment;
-    t->data = std::aligned_alloc(kAlignment, n ? n : kAlignment);
+    size_t n = (ffi::GetDataSize(*t) + alignment - 1) / alignment * alignment;
+    t->data = std::aligned_alloc(alignment, n ? n : alignment);
     if (!t->data) throw Error("out of memory allocating a " + std::to_string(n) + "-byte tensor");
   }
   void FreeData(DLTensor* t) { std::free(t->data); }
@@ -64,27 +63,14 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   return out.str() + "]";
 }
 
-std::vector<int64_t> int_list(const json::Value& v, const std::string& where) {
-  std::vector<int64_t> out;
-  for (const auto& x : json::as_array(v, where)) out.push_back(json::as_int(x, where));
-  return out;
-}
-
-// How a quantization description reads in messages; equal strings mean compatible weights.
-std::string scheme(const json::Object& q, const std::string& where) {
-  std::string name = json::as_string(json::need(q, "name", where), where);
-  auto keep = json::find(q, "quantize_lm_head");
-  auto kind = json::find(q, "kind");
-  bool quantized_head = !keep || keep->as<bool>().value_or(true);
-  bool none = kind && kind->as<ffi::String>().value_or("") == "none";
-  return quantized_head || none ? name : name + " (lm_head unquantized)";
-}
-
-// eos ids: an int or a list of ints (absent or null: none).
+// eos ids of generation_config.json: an int or a list of ints (absent or null: none).
 void add_ids(const std::optional<json::Value>& v, const std::string& where, std::vector<int32_t>* out) {
   if (!v) return;
-  std::vector<int64_t> ids = v->as<json::Array>() ? int_list(*v, where) : std::vector<int64_t>{json::as_int(*v, where)};
-  for (int64_t id : ids) out->push_back(static_cast<int32_t>(id));
+  if (!v->as<json::Array>()) {
+    out->push_back(static_cast<int32_t>(json::as_int(*v, where)));
+    return;
+  }
+  for (const auto& x : json::as_array(*v, where)) out->push_back(static_cast<int32_t>(json::as_int(x, where)));
 }
 
 ffi::Function global(const char* name) {
@@ -96,34 +82,27 @@ ffi::Function global(const char* name) {
 }  // namespace
 
 Model::Model(const std::string& model_dir, const std::string& lib) : model_dir_(model_dir), lib_(lib) {
-  std::string config_path = model_dir + "/gptbc-config.json";
-  if (!is_file(config_path))
-    throw Error(model_dir + ": no gptbc-config.json (convert weights with `gptbc convert-weight`)");
-  json::Object info = json::as_object(json::parse_file(config_path), config_path);
+  manifest::Weights weights = manifest::read_weights(model_dir);
   load_library(lib);
-  check_compatible(info);
+  manifest::check_compatible(meta_, weights);
+  vocab_size_ = meta_.vocab_size;
+  n_embd_ = meta_.n_embd;
+  context_window_size_ = meta_.context_window_size;
+  prefill_chunk_size_ = meta_.prefill_chunk_size;
+  max_batch_size_ = meta_.max_batch_size;
+  page_size_ = meta_.page_size;
+  alignment_ = static_cast<size_t>(meta_.alignment);
 
-  std::string where = "--lib " + lib + " metadata";
-  json::Object cfg = json::as_object(json::need(meta_, "model_config", where), where);
-  vocab_size_ = json::as_int(json::need(cfg, "vocab_size", where), where);
-  n_embd_ = json::as_int(json::need(cfg, "n_embd", where), where);
-  context_window_size_ = json::as_int(json::need(meta_, "context_window_size", where), where);
-  prefill_chunk_size_ = json::as_int(json::need(meta_, "prefill_chunk_size", where), where);
-  max_batch_size_ = json::as_int(json::need(meta_, "max_batch_size", where), where);
-  for (int64_t size : {vocab_size_, n_embd_, context_window_size_, prefill_chunk_size_, max_batch_size_})
-    if (size <= 0) throw Error(where + ": sizes must be positive");
-
-  // The Python engine's eos set: the converted config's ids (else the model config's) plus
+  // The Python engine's eos set: the converted config's ids (else the library's model config's) plus
   // generation_config.json's.
-  add_ids(json::find(info, "eos_token_id"), config_path + ": eos_token_id", &eos_ids_);
-  if (eos_ids_.empty()) add_ids(json::find(cfg, "eos_token_id"), where + ": eos_token_id", &eos_ids_);
+  eos_ids_ = weights.eos_ids.empty() ? meta_.config_eos_ids : weights.eos_ids;
   std::string gen_path = model_dir + "/generation_config.json";
   if (is_file(gen_path)) {
     json::Object gen = json::as_object(json::parse_file(gen_path), gen_path);
     add_ids(json::find(gen, "eos_token_id"), gen_path + ": eos_token_id", &eos_ids_);
   }
 
-  load_params(info);
+  load_params(weights);
 }
 
 void Model::load_library(const std::string& lib) {
@@ -136,20 +115,19 @@ void Model::load_library(const std::string& lib) {
     if (!f) throw Error("--lib " + lib + ": not a gptbc model library (no " + name + " function)");
     return *f;
   };
-  std::string where = "--lib " + lib + " metadata";
+  std::string text;
   try {
     vm_ = get(ffi::Module::LoadFromFile(path), "vm_load_executable")().cast<ffi::Module>();
     // As tvm.relax.VirtualMachine(mod, tvm.cpu()) does: device type, device id, pooled allocator (2).
     get(*vm_, "vm_initialization")(static_cast<int>(kDLCPU), 0, 2);
-    meta_ = json::as_object(json::parse(get(*vm_, "_metadata")().cast<ffi::String>(), where), where);
+    text = get(*vm_, "_metadata")().cast<ffi::String>();
   } catch (const ffi::Error& err) {  // dlopen or the VM loader refused the file
     throw Error("--lib " + lib + ": not a gptbc model library (" + first_line(err.message()).substr(0, 200) + ")");
   }
-  auto device = json::find(meta_, "device");
-  if (device && json::as_string(*device, where) != "cpu") {
-    auto target = json::find(meta_, "target");
-    throw Error("--lib " + lib + " was built for " + json::as_string(*device, where) + " (--target " +
-                (target ? json::as_string(*target, where) : "?") + "); gptbc-run runs CPU libraries only");
+  meta_ = manifest::parse_library(text, lib);
+  if (meta_.device != "cpu") {
+    throw Error("--lib " + lib + " was built for " + meta_.device + " (--target " + meta_.target +
+                "); gptbc-run runs CPU libraries only");
   }
   embed_ = get(*vm_, "embed");
   prefill_ = get(*vm_, "prefill");
@@ -158,58 +136,16 @@ void Model::load_library(const std::string& lib) {
   end_forward_ = global("vm.builtin.kv_state_end_forward");
 }
 
-// The library and the weights must describe the same model and scheme; fail before computing.
-void Model::check_compatible(const json::Object& info) {
-  std::string config_path = model_dir_ + "/gptbc-config.json";
-  std::string lq = scheme(json::as_object(json::need(meta_, "quantization", lib_), lib_), "--lib " + lib_);
-  std::string wq = scheme(json::as_object(json::need(info, "quantization", config_path), config_path), config_path);
-  if (lq != wq) {
-    throw Error("--lib " + lib_ + " was compiled for quantization " + lq + ", but the weights in " + model_dir_ +
-                " are " + wq +
-                "; compile and convert with the same --quantization (and --no-quantize-lm-head) settings");
-  }
-  std::map<std::string, json::Object> have;
-  for (const auto& p : json::as_array(json::need(info, "params", config_path), config_path)) {
-    json::Object o = json::as_object(p, config_path + ": params");
-    have[json::as_string(json::need(o, "name", config_path), config_path)] = o;
-  }
-  for (const auto& p : json::as_array(json::need(meta_, "params", lib_), "--lib " + lib_ + " metadata")) {
-    json::Object want = json::as_object(p, lib_);
-    std::string name = json::as_string(json::need(want, "name", lib_), lib_);
-    auto it = have.find(name);
-    if (it == have.end()) {
-      throw Error(config_path + ": no tensor " + name + ", which --lib " + lib_ +
-                  " needs (were they built from different configs?)");
-    }
-    auto ws = int_list(json::need(it->second, "shape", config_path), config_path);
-    auto ls = int_list(json::need(want, "shape", lib_), lib_);
-    std::string wd = json::as_string(json::need(it->second, "dtype", config_path), config_path);
-    std::string ld = json::as_string(json::need(want, "dtype", lib_), lib_);
-    if (ws != ls || wd != ld) {
-      throw Error(model_dir_ + ": tensor " + name + " is " + wd + shape_str(ws) + ", --lib " + lib_ + " expects " + ld +
-                  shape_str(ls) + " (were they built from different configs?)");
-    }
-  }
-}
-
 // Weights in the library's load order. On the CPU a weight is used where it lies in the mapped file
 // (no copy) when it is aligned as the kernels assume; otherwise it is copied into aligned memory.
-void Model::load_params(const json::Object& info) {
-  std::string config_path = model_dir_ + "/gptbc-config.json";
-  std::map<std::string, std::string> file_of;
-  for (const auto& p : json::as_array(json::need(info, "params", config_path), config_path)) {
-    json::Object o = json::as_object(p, config_path);
-    file_of[json::as_string(json::need(o, "name", config_path), config_path)] =
-        json::as_string(json::need(o, "file", config_path), config_path + ": file");
-  }
+void Model::load_params(const manifest::Weights& weights) {
+  std::map<std::string, std::string> file_of;  // file names are plain names in the directory (checked)
+  for (const auto& p : weights.params) file_of[p.name] = p.file;
   std::map<std::string, size_t> opened;  // file name → index in files_
   files_.reserve(file_of.size());
-  for (const auto& p : json::as_array(json::need(meta_, "params", lib_), lib_)) {
-    json::Object want = json::as_object(p, lib_);
-    std::string name = json::as_string(json::need(want, "name", lib_), lib_);
+  for (const auto& want : meta_.params) {
+    const std::string& name = want.name;
     std::string fname = file_of.at(name);  // present: check_compatible saw it
-    if (fname.find('/') != std::string::npos || fname == ".." || fname.empty())
-      throw Error(config_path + ": tensor " + name + " names a file outside the directory (" + fname + ")");
     if (!opened.count(fname)) {
       files_.emplace_back(model_dir_ + "/" + fname);
       opened[fname] = files_.size() - 1;
@@ -217,18 +153,16 @@ void Model::load_params(const json::Object& info) {
     SafetensorsFile& file = files_[opened[fname]];
     const TensorEntry* e = file.find(name);
     if (!e) throw Error(file.path() + ": tensor " + name + " is missing");
-    std::vector<int64_t> shape = int_list(json::need(want, "shape", lib_), lib_);
-    std::string dtype = json::as_string(json::need(want, "dtype", lib_), lib_);
-    if (e->shape != shape || e->dtype != dtype) {
-      throw Error(file.path() + ": tensor " + name + " is " + e->dtype + shape_str(e->shape) + ", expected " + dtype +
-                  shape_str(shape));
+    if (e->shape != want.shape || e->dtype != want.dtype) {
+      throw Error(file.path() + ": tensor " + name + " is " + e->dtype + shape_str(e->shape) + ", expected " +
+                  want.dtype + shape_str(want.shape));
     }
-    DLDataType dt = ffi::StringToDLDataType(dtype);
-    if (reinterpret_cast<uintptr_t>(e->data) % kAlignment == 0) {
-      params_.push_back(ffi::Tensor::FromNDAlloc(MappedData{e->data}, ffi::Shape(shape), dt, kCpu));
+    DLDataType dt = ffi::StringToDLDataType(want.dtype);
+    if (reinterpret_cast<uintptr_t>(e->data) % alignment_ == 0) {
+      params_.push_back(ffi::Tensor::FromNDAlloc(MappedData{e->data}, ffi::Shape(want.shape), dt, kCpu));
       mapped_bytes_ += e->nbytes;
     } else {
-      ffi::Tensor t = ffi::Tensor::FromNDAlloc(HostAlloc{}, ffi::Shape(shape), dt, kCpu);
+      ffi::Tensor t = ffi::Tensor::FromNDAlloc(HostAlloc{alignment_}, ffi::Shape(want.shape), dt, kCpu);
       std::memcpy(t.data_ptr(), e->data, e->nbytes);
       file.release(*e);  // copied: the mapped pages need not stay resident too
       params_.push_back(t);
@@ -240,9 +174,9 @@ void Model::load_params(const json::Object& info) {
 void Model::start(int64_t tokens) {
   auto create = vm_.value()->GetFunction("create_paged_kv_cache", false);
   if (!create) throw Error("--lib " + lib_ + ": not a gptbc model library (no create_paged_kv_cache function)");
-  int64_t total = (std::max<int64_t>(tokens, 1) + kPageSize - 1) / kPageSize * kPageSize;  // whole pages
+  int64_t total = (std::max<int64_t>(tokens, 1) + page_size_ - 1) / page_size_ * page_size_;  // whole pages
   kv_cache_ = (*create)(ffi::Shape({max_batch_size_}), ffi::Shape({total}), ffi::Shape({prefill_chunk_size_}),
-                        ffi::Shape({kPageSize}), ffi::Shape({0}));
+                        ffi::Shape({page_size_}), ffi::Shape({0}));
   global("vm.builtin.kv_state_add_sequence")(kv_cache_, static_cast<int64_t>(0));
 }
 
@@ -259,7 +193,7 @@ const std::vector<float>& Model::decode(int32_t token) { return forward(decode_,
 // One call of `prefill` or `decode` (they take the same arguments) between the KV cache's begin and end.
 const std::vector<float>& Model::forward(const ffi::Function& func, const std::vector<int32_t>& ids) {
   const int64_t n = static_cast<int64_t>(ids.size());
-  ffi::Tensor id_tensor = ffi::Tensor::FromNDAlloc(HostAlloc{}, ffi::Shape({n}), DLDataType{kDLInt, 32, 1}, kCpu);
+  ffi::Tensor id_tensor = ffi::Tensor::FromNDAlloc(HostAlloc{alignment_}, ffi::Shape({n}), DLDataType{kDLInt, 32, 1}, kCpu);
   std::memcpy(id_tensor.data_ptr(), ids.data(), ids.size() * sizeof(int32_t));
   ffi::Tensor flat = embed_(id_tensor, params_).cast<ffi::Tensor>();  // [n, n_embd]
   ffi::Tensor embeds = ffi::Tensor::FromNDAlloc(ViewOf{flat}, ffi::Shape({1, n, n_embd_}), flat.dtype(), flat.device());

@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "json.h"
+#include "manifest.h"
 #include "safetensors.h"
 
 namespace gptbc {
@@ -38,18 +38,20 @@ class Model {
 
  private:
   void load_library(const std::string& lib);
-  void check_compatible(const json::Object& info);
-  void load_params(const json::Object& info);
+  void load_params(const manifest::Weights& weights);
   const std::vector<float>& forward(const tvm::ffi::Function& func, const std::vector<int32_t>& ids);
 
   std::string model_dir_, lib_;
-  json::Object meta_;
+  manifest::Library meta_;
   tvm::ffi::Optional<tvm::ffi::Module> vm_;  // the VM the functions below belong to
   tvm::ffi::Function embed_, prefill_, decode_, begin_forward_, end_forward_;
   std::vector<SafetensorsFile> files_;  // mapped for as long as params in place point into them
   tvm::ffi::Array<tvm::ffi::Tensor> params_;
   tvm::ffi::Any kv_cache_;
+  // From the library's manifest: sizes it was compiled for, its KV-cache page size, the alignment its kernels assume.
   int64_t vocab_size_ = 0, n_embd_ = 0, context_window_size_ = 0, prefill_chunk_size_ = 0, max_batch_size_ = 0;
+  int64_t page_size_ = 0;
+  size_t alignment_ = 0;
   std::vector<int32_t> eos_ids_;
   std::vector<float> logits_;
   uint64_t mapped_bytes_ = 0, copied_bytes_ = 0;

@@ -9,7 +9,6 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,26 +17,12 @@ import pytest
 from gptbc.engine import Engine
 from gptbc.sampling import SamplingParams
 from hf_models import CORPUS, make_tokenizer
+from native_build import REPO, build, cmake
 
-REPO = Path(__file__).resolve().parents[1]
 MAX_NEW = 24
 
 
 # ---- building ----
-
-def cmake(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["cmake", *args], cwd=cwd, env=env, capture_output=True, text=True)
-
-
-def build(build_dir: Path, *options: str) -> Path:
-    """`cmake -S . -B build && cmake --build build -j2`, with the Python running the tests first on PATH
-    (the wheel CMake finds is that Python's)."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for args in (["-S", ".", "-B", str(build_dir), *options], ["--build", str(build_dir), "-j2"]):
-        done = cmake(*args, cwd=REPO, env=env)
-        assert done.returncode == 0, f"cmake {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return build_dir
-
 
 @pytest.fixture(scope="module")
 def native(tmp_path_factory) -> Path:
@@ -468,6 +453,8 @@ def bad_inputs(model_files, tmp_path_factory):
             normalizer={"type": "NFC"})), "a normalizer is not supported by gptbc-run"),
         ("wrong tensor shape", lambda d: edited(d / "gptbc-config.json", d / "gptbc-config.json", lambda c: c[
             "params"][0].update(shape=[1, 2])), "expects float32[320, 128]"),
+        ("newer weights", lambda d: edited(d / "gptbc-config.json", d / "gptbc-config.json", lambda c: c.update(
+            schema_version=99)), "with schema_version 99; this gptbc reads schema version 1"),
     ]:
         d = root / name.replace(" ", "-")
         shutil.copytree(out_dir, d)
@@ -479,7 +466,7 @@ def bad_inputs(model_files, tmp_path_factory):
 BAD = ["missing model dir", "missing lib", "not a library", "other quantization", "other model", "bad token id",
        "bad ids", "empty ids", "too long", "two prompts", "no prompt", "unknown flag", "missing value", "bad number",
        "negative temperature", "zero top-p", "text without tokenizer", "config not json", "tokenizer not json",
-       "unsupported tokenizer", "tokenizer normalizer", "wrong tensor shape"] + [
+       "unsupported tokenizer", "tokenizer normalizer", "wrong tensor shape", "newer weights"] + [
     f"safetensors {h}" for h in ["huge-length", "garbage-header", "nested-header", "truncated", "tiny", "missing",
                                  "bad-offsets"]]
 

@@ -14,34 +14,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import __version__, kernels, schedules
+from . import kernels, schedules
 from .config import GPTBC_CONFIG, GPTBigCodeConfig, ModelSource, load_gptbc_config
 from .errors import GptbcError
+from .manifest import library_manifest
 from .quantization import Quantization, get_quantization
-from .targets import Build, TargetSpec, plan_build
+from .targets import Build, plan_build
 
 
 def default_output(model_name: str, quant: str, spelling: str, build: Build) -> Path:
     return Path("dist") / "libs" / f"{model_name}-{quant}-{spelling.replace(':', '-')}{build.suffix}"
-
-
-def metadata(source: ModelSource, quant: Quantization, target: TargetSpec, spelling: str, target_json: dict,
-             params: list[tuple[str, tuple[int, ...], str]]) -> dict:
-    """What the runtime checks before loading weights; served by the library's `_metadata` function."""
-    cfg = source.config
-    return {
-        "gptbc_version": __version__,
-        "model_name": source.name,
-        "model_config": cfg.to_dict(),
-        "quantization": quant.describe(),
-        "target": spelling,
-        "target_json": target_json,
-        "device": target.device,
-        "context_window_size": cfg.context_window_size,
-        "prefill_chunk_size": cfg.prefill_chunk_size,
-        "max_batch_size": cfg.max_batch_size,
-        "params": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in params],
-    }
 
 
 def attach_metadata(mod, meta: dict):
@@ -170,8 +152,7 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
     if target.kind.name == "llvm":
         cfg = source.config
         mod = kernels.use_fast_cpu_attention(mod, cfg.n_kv_head, cfg.n_head, cfg.head_dim, quant.model_dtype)
-    mod = attach_metadata(mod, metadata(source, quant, spec, target_name, build.target,
-                                        model_params(source.config, quant)))
+    mod = attach_metadata(mod, library_manifest(source, quant, spec, target_name, model_params(source.config, quant)))
     t = phase(f"export {source.name} ({quant.name}) to Relax", t)
 
     pipeline = PIPELINES.get(target.kind.name)

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import GptbcError
+from .manifest import WEIGHTS_FILE, read_weights
 
-GPTBC_CONFIG = "gptbc-config.json"
+GPTBC_CONFIG = WEIGHTS_FILE
 HF_CONFIG = "config.json"
 
 # Activation names HF uses for GPTBigCode checkpoints → how we compute them.
@@ -153,8 +154,8 @@ def load_hf_config(directory: Path, **overrides: Any) -> GPTBigCodeConfig:
 
 
 def load_gptbc_config(directory: Path) -> dict[str, Any]:
-    """The whole `gptbc-config.json` of a converted-weights directory."""
-    return read_json(Path(directory) / GPTBC_CONFIG)
+    """The whole `gptbc-config.json` of a converted-weights directory, validated (see manifest.py)."""
+    return read_weights(Path(directory))
 
 
 def looks_like_hub_id(spec: str) -> bool:

@@ -1,7 +1,8 @@
 """HF safetensors checkpoint → converted weights directory (`gptbc convert-weight`).
 
 Output layout (everything the runtime and the native runner need, nothing else):
-  OUT/gptbc-config.json          model config, quantization, eos/bos, FIM tokens, the param list
+  OUT/gptbc-config.json          the weights manifest (manifest.py): model config, quantization, eos ids,
+                                 the param list
   OUT/params-0000K-of-0000N.safetensors
   OUT/<tokenizer files that exist in the HF directory>
 The directory is built under a temporary name beside OUT and renamed at the end, so a failure
@@ -21,12 +22,12 @@ from typing import Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__
 from .config import GPTBC_CONFIG, GPTBigCodeConfig, fetch_from_hub, load_hf_config, looks_like_hub_id
 from .errors import GptbcError
+from .manifest import weights_manifest
 from .quantization import Quantization, get_quantization, numpy_dtype, quantize
 from .tensorfile import SafetensorsFile, aligned_order, dtype_name, write_safetensors
-from .tokenizer import TOKENIZER_FILES, find_fim_tokens
+from .tokenizer import TOKENIZER_FILES
 
 SHARD_BYTES = 1 << 30  # 1 GiB shards: small enough to copy around, few enough to open quickly
 
@@ -266,20 +267,10 @@ def _write_output(tmp: Path, hf_dir: Path, cfg: GPTBigCodeConfig, quant: Quantiz
     bar.close()
     # listed in the model's order (the library's load order), whatever order the shards hold them in
     param_index = [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "file": files[p.name]} for p in plans]
-    tokenizer_files = [f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
-    for f in tokenizer_files:
-        shutil.copyfile(hf_dir / f, tmp / f)
-    meta = {
-        "gptbc_version": __version__,
-        "model_name": hf_dir.resolve().name,
-        "model_config": cfg.to_dict(),
-        "quantization": quant.describe(),
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id,
-        "fim_tokens": find_fim_tokens(tmp),
-        "tokenizer_files": tokenizer_files,
-        "params": param_index,
-    }
+    for f in TOKENIZER_FILES:
+        if (hf_dir / f).is_file():
+            shutil.copyfile(hf_dir / f, tmp / f)
+    meta = weights_manifest(hf_dir.resolve().name, cfg, quant, param_index)
     (tmp / GPTBC_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
 

@@ -19,6 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from .errors import GptbcError
+from .manifest import ALIGNMENT
 
 # safetensors dtype name ↔ numpy dtype
 DTYPES: dict[str, np.dtype] = {
@@ -28,10 +29,10 @@ DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype("bool"),
 }
 NAMES = {v: k for k, v in DTYPES.items()}
-# The header is padded so data starts 64-byte aligned: TVM takes CPU tensors without a copy only at 64-byte
-# aligned addresses. The format forbids gaps between tensors, so writers put sizes that are multiples of 64
-# first (`aligned_order`) to keep those tensors aligned too.
-ALIGN = 64
+# The header is padded so data starts ALIGN-byte aligned (the manifest's alignment: TVM takes CPU tensors without
+# a copy only at such addresses). The format forbids gaps between tensors, so writers put sizes that are
+# multiples of ALIGN first (`aligned_order`) to keep those tensors aligned too.
+ALIGN = ALIGNMENT
 MAX_HEADER = 100 * 1024 * 1024
 
 

@@ -1,0 +1,245 @@
+#include "manifest.h"
+
+#include <sys/stat.h>
+
+#include <map>
+#include <set>
+
+#include "error.h"
+#include "json.h"
+
+namespace gptbc::manifest {
+
+namespace ffi = tvm::ffi;
+
+namespace {
+
+// A JSON value's type, as messages name it (manifest.py `_kind`).
+std::string kind_of(const json::Value& v) {
+  switch (v.type_index()) {
+    case ffi::TypeIndex::kTVMFFINone: return "null";
+    case ffi::TypeIndex::kTVMFFIBool: return "boolean";
+    case ffi::TypeIndex::kTVMFFIInt: return "integer";
+    case ffi::TypeIndex::kTVMFFIFloat: return "number";
+    default: break;
+  }
+  if (v.as<ffi::String>()) return "string";
+  if (v.as<json::Array>()) return "array";
+  if (v.as<json::Object>()) return "object";
+  return "unknown";
+}
+
+// Typed field access whose errors read "WHERE: FIELD must be ..., got TYPE" / "WHERE: missing field FIELD".
+struct Reader {
+  std::string where;
+
+  Error fail(const std::string& what) const { return Error(where + ": " + what); }
+
+  static bool has(const json::Object& o, const std::string& key) { return o.find(ffi::String(key)) != o.end(); }
+
+  json::Value need(const json::Object& o, const std::string& key, const std::string& path) const {
+    auto it = o.find(ffi::String(key));
+    if (it == o.end()) throw fail("missing field " + path);
+    return (*it).second;
+  }
+
+  const json::Value& typed(const json::Value& v, const std::string& kind, const std::string& path) const {
+    std::string got = kind_of(v);
+    if (got != kind) {
+      std::string article = std::string("aeiou").find(kind[0]) != std::string::npos ? "an " : "a ";
+      throw fail(path + " must be " + article + kind + ", got " + got);
+    }
+    return v;
+  }
+
+  json::Value field(const json::Object& o, const std::string& key, const std::string& kind,
+                    const std::string& path = "") const {
+    std::string p = path.empty() ? key : path;
+    return typed(need(o, key, p), kind, p);
+  }
+
+  std::string str(const json::Object& o, const std::string& key, const std::string& path = "") const {
+    return std::string(field(o, key, "string", path).cast<ffi::String>());
+  }
+
+  json::Object object(const json::Object& o, const std::string& key, const std::string& path = "") const {
+    return field(o, key, "object", path).cast<json::Object>();
+  }
+
+  int64_t positive(const json::Object& o, const std::string& key, const std::string& path = "") const {
+    std::string p = path.empty() ? key : path;
+    int64_t v = field(o, key, "integer", p).cast<int64_t>();
+    if (v <= 0) throw fail(p + " must be positive, got " + std::to_string(v));
+    return v;
+  }
+
+  std::vector<int64_t> ints(const json::Value& v, const std::string& path, bool non_negative = false) const {
+    std::vector<int64_t> out;
+    json::Array a = typed(v, "array", path).cast<json::Array>();
+    for (size_t i = 0; i < a.size(); ++i) {
+      std::string at = path + "[" + std::to_string(i) + "]";
+      int64_t x = typed(a[i], "integer", at).cast<int64_t>();
+      if (non_negative && x < 0) throw fail(at + " must be at least 0, got " + std::to_string(x));
+      out.push_back(x);
+    }
+    return out;
+  }
+};
+
+std::vector<int32_t> narrow(const std::vector<int64_t>& ids) { return {ids.begin(), ids.end()}; }
+
+std::string supported() {
+  if (kMinSchemaVersion == kSchemaVersion) return "schema version " + std::to_string(kSchemaVersion);
+  return "schema versions " + std::to_string(kMinSchemaVersion) + " to " + std::to_string(kSchemaVersion);
+}
+
+// The parser's errors ("WHERE: not valid JSON (Expecting value: line 1 column 2 (char 1))") are worded as
+// Python's json module words them.
+json::Object as_manifest(const json::Value& v, const Reader& r) {
+  return r.typed(v, "object", "the manifest").cast<json::Object>();
+}
+
+// The header both manifests share, schema version first (manifest.py `_common`).
+void read_common(const json::Object& m, const Reader& r, const std::string& redo, Header* h) {
+  std::string made_by = "an unknown gptbc";
+  if (auto v = m.find(ffi::String("gptbc_version")); v != m.end())
+    if (auto s = (*v).second.as<ffi::String>()) made_by = "gptbc " + std::string(*s);
+  if (!Reader::has(m, "schema_version")) {
+    throw r.fail("written by " + made_by + " without a schema_version (before schema version " +
+                 std::to_string(kMinSchemaVersion) + "); this gptbc reads " + supported() + " (" + redo +
+                 " with this gptbc)");
+  }
+  h->schema_version = r.field(m, "schema_version", "integer").cast<int64_t>();
+  if (h->schema_version < kMinSchemaVersion || h->schema_version > kSchemaVersion) {
+    std::string hint = h->schema_version > kSchemaVersion ? "upgrade gptbc, or " + redo + " with this one"
+                                                          : redo + " with this gptbc";
+    throw r.fail("written by " + made_by + " with schema_version " + std::to_string(h->schema_version) +
+                 "; this gptbc reads " + supported() + " (" + hint + ")");
+  }
+  h->gptbc_version = r.str(m, "gptbc_version");
+  h->page_size = r.positive(m, "page_size");
+  h->alignment = r.positive(m, "alignment");
+  if (h->alignment & (h->alignment - 1))
+    throw r.fail("alignment must be a power of two, got " + std::to_string(h->alignment));
+  json::Object cfg = r.object(m, "model_config");
+  for (const char* key : {"n_embd", "n_head", "n_layer", "n_positions", "vocab_size"}) {
+    int64_t v = r.positive(cfg, key, std::string("model_config.") + key);
+    if (std::string(key) == "n_embd") h->n_embd = v;
+    if (std::string(key) == "vocab_size") h->vocab_size = v;
+  }
+  if (auto eos = json::find(cfg, "eos_token_id")) {  // HF's spellings: absent, null, an id or a list of ids
+    std::string kind = kind_of(*eos);
+    if (kind == "integer") {
+      h->config_eos_ids = {static_cast<int32_t>(eos->cast<int64_t>())};
+    } else if (kind == "array") {
+      h->config_eos_ids = narrow(r.ints(*eos, "model_config.eos_token_id"));
+    } else {
+      throw r.fail("model_config.eos_token_id must be an integer or an array, got " + kind);
+    }
+  }
+  json::Object q = r.object(m, "quantization");
+  std::string name = r.str(q, "name", "quantization.name");
+  std::string kind = r.str(q, "kind", "quantization.kind");
+  bool quantized_head = true;
+  if (Reader::has(q, "quantize_lm_head"))
+    quantized_head = r.field(q, "quantize_lm_head", "boolean", "quantization.quantize_lm_head").cast<bool>();
+  h->quantization = quantized_head || kind == "none" ? name : name + " (lm_head unquantized)";
+}
+
+void read_params(const json::Object& m, const Reader& r, bool with_file, Header* h) {
+  std::set<std::string> seen;
+  json::Array params = r.field(m, "params", "array").cast<json::Array>();
+  for (size_t i = 0; i < params.size(); ++i) {
+    std::string at = "params[" + std::to_string(i) + "]";
+    json::Object p = r.typed(params[i], "object", at).cast<json::Object>();
+    Param param;
+    param.name = r.str(p, "name", at + ".name");
+    param.shape = r.ints(r.need(p, "shape", at + ".shape"), at + ".shape", true);
+    param.dtype = r.str(p, "dtype", at + ".dtype");
+    if (with_file) {
+      param.file = r.str(p, "file", at + ".file");
+      const std::string& f = param.file;
+      if (f.empty() || f.find('/') != std::string::npos || f.find('\\') != std::string::npos || f == "." || f == "..")
+        throw r.fail(at + ".file must name a file in the directory, got " + json::quote(f));
+    }
+    if (!seen.insert(param.name).second) throw r.fail(at + ": tensor " + param.name + " is listed twice");
+    h->params.push_back(std::move(param));
+  }
+}
+
+bool is_file(const std::string& path) {
+  struct stat st {};
+  return stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
+}  // namespace
+
+Weights read_weights(const std::string& directory) {
+  Weights w;
+  w.directory = directory;
+  while (w.directory.size() > 1 && w.directory.back() == '/') w.directory.pop_back();  // as Python's Path
+  w.path = w.directory + "/" + kWeightsFile;
+  if (!is_file(w.path))
+    throw Error(directory + ": no " + kWeightsFile + " (convert weights with `gptbc convert-weight`)");
+  Reader r{w.path};
+  json::Object m = as_manifest(json::parse_file(w.path), r);
+  read_common(m, r, "convert the weights again", &w);
+  w.model_name = r.str(m, "model_name");
+  w.eos_ids = narrow(r.ints(r.need(m, "eos_token_id", "eos_token_id"), "eos_token_id"));
+  read_params(m, r, true, &w);
+  return w;
+}
+
+Library parse_library(const std::string& text, const std::string& lib) {
+  Library l;
+  l.lib = lib;
+  Reader r{"--lib " + lib + " metadata"};
+  json::Object m = as_manifest(json::parse(text, r.where), r);
+  read_common(m, r, "compile the library again", &l);
+  l.target = r.str(m, "target");
+  l.device = r.str(m, "device");
+  l.context_window_size = r.positive(m, "context_window_size");
+  l.prefill_chunk_size = r.positive(m, "prefill_chunk_size");
+  l.max_batch_size = r.positive(m, "max_batch_size");
+  read_params(m, r, false, &l);
+  return l;
+}
+
+void check_compatible(const Library& lib, const Weights& weights) {
+  const std::pair<const char*, int64_t Header::*> layout[] = {{"a KV-cache page size", &Header::page_size},
+                                                              {"a tensor alignment", &Header::alignment}};
+  for (const auto& [what, member] : layout) {
+    if (lib.*member != weights.*member) {
+      throw Error("--lib " + lib.lib + " was built with " + what + " of " + std::to_string(lib.*member) + " (gptbc " +
+                  lib.gptbc_version + "), but " + weights.path + " says " + std::to_string(weights.*member) +
+                  " (gptbc " + weights.gptbc_version + "); compile and convert with the same gptbc");
+    }
+  }
+  if (lib.quantization != weights.quantization) {
+    throw Error("--lib " + lib.lib + " was compiled for quantization " + lib.quantization + ", but the weights in " +
+                weights.directory + " are " + weights.quantization +
+                "; compile and convert with the same --quantization (and --no-quantize-lm-head) settings");
+  }
+  std::map<std::string, const Param*> have;
+  for (const Param& p : weights.params) have[p.name] = &p;
+  for (const Param& p : lib.params) {
+    auto it = have.find(p.name);
+    if (it == have.end()) {
+      throw Error(weights.path + ": no tensor " + p.name + ", which --lib " + lib.lib +
+                  " needs (were they built from different configs?)");
+    }
+    const Param& w = *it->second;
+    if (w.shape != p.shape || w.dtype != p.dtype) {
+      throw Error(weights.directory + ": tensor " + p.name + " is " + w.dtype + shape_str(w.shape) + ", --lib " +
+                  lib.lib + " expects " + p.dtype + shape_str(p.shape) + " (were they built from different configs?)");
+    }
+  }
+}
+
+}  // namespace gptbc::manifest

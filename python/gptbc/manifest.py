@@ -1,0 +1,301 @@
+"""The artifact contract: what `gptbc-config.json` (converted weights) and a library's `_metadata` hold.
+
+Both manifests are built here and read here, and nowhere else in Python; `native/manifest.cc` is the C++
+reader of the same files and must say the same thing, word for word, about a bad one (tests/test_manifest.py
+runs both on the fixtures in tests/data/manifests/). Changing a field: bump SCHEMA_VERSION, change both
+readers and the fixtures together.
+
+Weights (`gptbc-config.json`):
+  schema_version, gptbc_version, page_size, alignment   the common header (the writer's values)
+  model_name            shown for the model (read by config.resolve_model)
+  model_config          GPTBigCodeConfig.to_dict()
+  quantization          Quantization.describe(): name, kind, quantize_lm_head, ...
+  eos_token_id          [int]: the ids generation stops at
+  params                [{name, shape, dtype, file}] in the library's load order
+Library (`_metadata`):
+  the common header, model_config, quantization, target (the --target spelling), device (cpu, cuda, ...),
+  context_window_size, prefill_chunk_size, max_batch_size, params [{name, shape, dtype}]
+
+Imports no TVM: the compiler, the loader, the runtime and the tests all read it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .errors import GptbcError
+
+if TYPE_CHECKING:
+    from .config import GPTBigCodeConfig, ModelSource
+    from .quantization import Quantization
+    from .targets import TargetSpec
+
+# The manifest layout this gptbc writes, and the oldest it still reads.
+SCHEMA_VERSION = 1
+MIN_SCHEMA_VERSION = 1
+# Tokens per KV-cache page: the paged attention kernels are compiled for it and the runtime creates the cache with it.
+PAGE_SIZE = 16
+# Byte alignment of tensor data: TVM's kernels assume 64-byte aligned buffers (its kAllocAlignment), so the
+# converter places tensors at multiples of it and a runtime uses such a tensor in place, without a copy.
+ALIGNMENT = 64
+WEIGHTS_FILE = "gptbc-config.json"
+
+_CONFIG_SIZES = ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size")
+_LIBRARY_SIZES = ("context_window_size", "prefill_chunk_size", "max_batch_size")
+
+
+# ---- building ----
+
+def _header() -> dict[str, Any]:
+    # gptbc_version first: tests find a library's metadata in its binary by this opening.
+    return {"gptbc_version": __version__, "schema_version": SCHEMA_VERSION, "page_size": PAGE_SIZE,
+            "alignment": ALIGNMENT}
+
+
+def weights_manifest(model_name: str, config: "GPTBigCodeConfig", quant: "Quantization",
+                     params: list[dict[str, Any]]) -> dict[str, Any]:
+    """The `gptbc-config.json` of a converted directory; `params`: {name, shape, dtype, file} in load order."""
+    return {
+        **_header(),
+        "model_name": model_name,
+        "model_config": config.to_dict(),
+        "quantization": quant.describe(),
+        "eos_token_id": list(config.eos_token_id),
+        "params": [{"name": p["name"], "shape": [int(n) for n in p["shape"]], "dtype": p["dtype"], "file": p["file"]}
+                   for p in params],
+    }
+
+
+def library_manifest(source: "ModelSource", quant: "Quantization", target: "TargetSpec", spelling: str,
+                     params: list[tuple[str, tuple[int, ...], str]]) -> dict[str, Any]:
+    """A library's `_metadata`: what a runtime checks against the weights before computing anything."""
+    cfg = source.config
+    return {
+        **_header(),
+        "model_config": cfg.to_dict(),
+        "quantization": quant.describe(),
+        "target": spelling,
+        "device": target.device,
+        "context_window_size": cfg.context_window_size,
+        "prefill_chunk_size": cfg.prefill_chunk_size,
+        "max_batch_size": cfg.max_batch_size,
+        "params": [{"name": n, "shape": [int(x) for x in s], "dtype": d} for n, s, d in params],
+    }
+
+
+# ---- reading: every check below has its twin, with the same message, in native/manifest.cc ----
+
+def _kind(v: Any) -> str:
+    """A JSON value's type, as messages name it."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int):
+        return "integer"
+    if isinstance(v, float):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, list):
+        return "array"
+    return "object"
+
+
+class _Reader:
+    """Typed field access whose errors read `WHERE: FIELD must be ..., got TYPE` / `WHERE: missing field FIELD`."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, what: str) -> GptbcError:
+        return GptbcError(f"{self.where}: {what}")
+
+    def need(self, obj: dict, key: str, path: str) -> Any:
+        if key not in obj:
+            raise self.fail(f"missing field {path}")
+        return obj[key]
+
+    def typed(self, v: Any, kind: str, path: str) -> Any:
+        if _kind(v) != kind:
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise self.fail(f"{path} must be {article} {kind}, got {_kind(v)}")
+        return v
+
+    def field(self, obj: dict, key: str, kind: str, path: str | None = None) -> Any:
+        path = path or key
+        return self.typed(self.need(obj, key, path), kind, path)
+
+    def positive(self, obj: dict, key: str, path: str | None = None) -> int:
+        path = path or key
+        v = self.field(obj, key, "integer", path)
+        if v <= 0:
+            raise self.fail(f"{path} must be positive, got {v}")
+        return v
+
+    def ints(self, v: Any, path: str, minimum: int | None = None) -> list[int]:
+        for i, x in enumerate(self.typed(v, "array", path)):
+            self.typed(x, "integer", f"{path}[{i}]")
+            if minimum is not None and x < minimum:
+                raise self.fail(f"{path}[{i}] must be at least {minimum}, got {x}")
+        return v
+
+
+def _supported() -> str:
+    if MIN_SCHEMA_VERSION == SCHEMA_VERSION:
+        return f"schema version {SCHEMA_VERSION}"
+    return f"schema versions {MIN_SCHEMA_VERSION} to {SCHEMA_VERSION}"
+
+
+MAX_DEPTH = 128  # as native/json.cc: deeper nesting is refused before parsing (the C++ parser recurses)
+
+
+def _too_deep(text: str) -> bool:
+    depth, in_string, i = 0, False, 0
+    while i < len(text):
+        c = text[i]
+        if in_string:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif c in "]}":
+            depth -= 1
+        i += 1
+    return False
+
+
+def _parse(text: str, r: _Reader) -> dict:
+    if _too_deep(text):
+        raise r.fail(f"not valid JSON (nested deeper than {MAX_DEPTH})")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise r.fail(f"not valid JSON ({err})") from None
+    return r.typed(data, "object", "the manifest")
+
+
+def _common(m: dict, r: _Reader, redo: str) -> None:
+    """The header both manifests share; the schema version first, since another version may lay out the rest
+    differently (or, before versions existed, lack it)."""
+    made_by = m.get("gptbc_version")
+    made_by = f"gptbc {made_by}" if isinstance(made_by, str) else "an unknown gptbc"
+    if "schema_version" not in m:
+        raise r.fail(f"written by {made_by} without a schema_version (before schema version {MIN_SCHEMA_VERSION}); "
+                     f"this gptbc reads {_supported()} ({redo} with this gptbc)")
+    version = r.field(m, "schema_version", "integer")
+    if not MIN_SCHEMA_VERSION <= version <= SCHEMA_VERSION:
+        hint = f"upgrade gptbc, or {redo} with this one" if version > SCHEMA_VERSION else f"{redo} with this gptbc"
+        raise r.fail(f"written by {made_by} with schema_version {version}; this gptbc reads {_supported()} ({hint})")
+    r.field(m, "gptbc_version", "string")
+    r.positive(m, "page_size")
+    alignment = r.positive(m, "alignment")
+    if alignment & (alignment - 1):
+        raise r.fail(f"alignment must be a power of two, got {alignment}")
+    cfg = r.field(m, "model_config", "object")
+    for key in _CONFIG_SIZES:
+        r.positive(cfg, key, f"model_config.{key}")
+    eos = cfg.get("eos_token_id")  # HF's spellings: absent, null, an id or a list of ids
+    if eos is not None and _kind(eos) != "integer":
+        if _kind(eos) != "array":
+            raise r.fail(f"model_config.eos_token_id must be an integer or an array, got {_kind(eos)}")
+        r.ints(eos, "model_config.eos_token_id")
+    q = r.field(m, "quantization", "object")
+    r.field(q, "name", "string", "quantization.name")
+    r.field(q, "kind", "string", "quantization.kind")
+    if "quantize_lm_head" in q:
+        r.field(q, "quantize_lm_head", "boolean", "quantization.quantize_lm_head")
+
+
+def _params(m: dict, r: _Reader, with_file: bool) -> None:
+    seen: set[str] = set()
+    for i, p in enumerate(r.field(m, "params", "array")):
+        at = f"params[{i}]"
+        r.typed(p, "object", at)
+        name = r.field(p, "name", "string", f"{at}.name")
+        r.ints(r.need(p, "shape", f"{at}.shape"), f"{at}.shape", minimum=0)
+        r.field(p, "dtype", "string", f"{at}.dtype")
+        if with_file:
+            f = r.field(p, "file", "string", f"{at}.file")
+            if not f or "/" in f or "\\" in f or f in (".", ".."):
+                raise r.fail(f"{at}.file must name a file in the directory, got {json.dumps(f)}")
+        if name in seen:
+            raise r.fail(f"{at}: tensor {name} is listed twice")
+        seen.add(name)
+
+
+def read_weights(directory: Path) -> dict[str, Any]:
+    """The validated `gptbc-config.json` of a converted-weights directory."""
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise GptbcError(f"{directory}: no {WEIGHTS_FILE} (convert weights with `gptbc convert-weight`)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise GptbcError(f"{path}: cannot read ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise GptbcError(f"{path}: not valid UTF-8") from None
+    r = _Reader(str(path))
+    m = _parse(text, r)
+    _common(m, r, "convert the weights again")
+    r.field(m, "model_name", "string")
+    r.ints(r.need(m, "eos_token_id", "eos_token_id"), "eos_token_id")
+    _params(m, r, with_file=True)
+    return m
+
+
+def parse_library(text: str, lib: Path) -> dict[str, Any]:
+    """The validated `_metadata` of library `lib` (its JSON text)."""
+    r = _Reader(f"--lib {lib} metadata")
+    m = _parse(text, r)
+    _common(m, r, "compile the library again")
+    r.field(m, "target", "string")
+    r.field(m, "device", "string")
+    for key in _LIBRARY_SIZES:
+        r.positive(m, key)
+    _params(m, r, with_file=False)
+    return m
+
+
+# ---- compatibility ----
+
+def scheme(quantization: dict) -> str:
+    """A quantization description as messages show it; equal strings mean compatible weights."""
+    keep = quantization.get("quantize_lm_head", True) or quantization.get("kind") == "none"
+    return quantization["name"] + ("" if keep else " (lm_head unquantized)")
+
+
+def _shape(shape: list[int]) -> str:
+    return "[" + ", ".join(str(n) for n in shape) + "]"
+
+
+def check_compatible(lib_meta: dict, weights_meta: dict, lib: Path, model_dir: Path) -> None:
+    """Library and weights (both as read above) describe the same model, scheme and layout; fail before computing."""
+    weights = Path(model_dir) / WEIGHTS_FILE
+    for key, what in (("page_size", "a KV-cache page size"), ("alignment", "a tensor alignment")):
+        if lib_meta[key] != weights_meta[key]:
+            raise GptbcError(f"--lib {lib} was built with {what} of {lib_meta[key]} "
+                             f"(gptbc {lib_meta['gptbc_version']}), but {weights} says {weights_meta[key]} "
+                             f"(gptbc {weights_meta['gptbc_version']}); compile and convert with the same gptbc")
+    lq, wq = scheme(lib_meta["quantization"]), scheme(weights_meta["quantization"])
+    if lq != wq:
+        raise GptbcError(f"--lib {lib} was compiled for quantization {lq}, but the weights in {model_dir} are {wq}; "
+                         f"compile and convert with the same --quantization (and --no-quantize-lm-head) settings")
+    have = {p["name"]: p for p in weights_meta["params"]}
+    for p in lib_meta["params"]:
+        w = have.get(p["name"])
+        if w is None:
+            raise GptbcError(f"{weights}: no tensor {p['name']}, which --lib {lib} needs "
+                             f"(were they built from different configs?)")
+        if w["shape"] != p["shape"] or w["dtype"] != p["dtype"]:
+            raise GptbcError(f"{model_dir}: tensor {p['name']} is {w['dtype']}{_shape(w['shape'])}, --lib {lib} "
+                             f"expects {p['dtype']}{_shape(p['shape'])} (were they built from different configs?)")

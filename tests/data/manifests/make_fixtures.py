@@ -1,0 +1,146 @@
+"""Writes the golden manifest fixtures beside this file: `good/` (a converted directory's gptbc-config.json and
+its library's _metadata, as gptbc writes them for a tiny q4f32_1 model) and one directory per way of being wrong,
+each holding both files with one thing changed. tests/test_manifest.py feeds every directory to the Python
+reader and to `gptbc-check-manifest` and says what each must answer.
+
+Run it only when the manifest schema changes (python tests/data/manifests/make_fixtures.py), and review the diff:
+the files are the contract. It needs TVM (for the parameter list of the tiny model).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from gptbc.config import GPTBigCodeConfig, ModelSource
+from gptbc.loader import model_params
+from gptbc.manifest import library_manifest, weights_manifest
+from gptbc.quantization import get_quantization
+from gptbc.targets import plan_build
+
+HERE = Path(__file__).parent
+LIB = "library.json"
+WEIGHTS = "gptbc-config.json"
+
+
+def good() -> tuple[dict, dict]:
+    cfg = GPTBigCodeConfig(n_embd=32, n_head=2, n_layer=1, n_positions=64, vocab_size=320, bos_token_id=0,
+                           eos_token_id=[0], prefill_chunk_size=32, max_batch_size=4)
+    quant = get_quantization("q4f32_1")
+    params = model_params(cfg, quant)
+    weights = weights_manifest("tiny", cfg, quant, [
+        {"name": n, "shape": list(s), "dtype": d, "file": "params-00001-of-00001.safetensors"} for n, s, d in params])
+    spec, _ = plan_build("cpu")
+    return weights, library_manifest(ModelSource("tiny", cfg, None), quant, spec, "cpu", params)
+
+
+def param(m: dict, name: str) -> dict:
+    return next(p for p in m["params"] if p["name"] == name)
+
+
+def nested(depth: int) -> list:
+    v: list = []
+    for _ in range(depth - 1):
+        v = [v]
+    return v
+
+
+Edit = Callable[[dict], None]
+# case → (edit of the weights manifest, edit of the library manifest); None: keep the good one.
+CASES: dict[str, tuple[Edit | None, Edit | None]] = {
+    "good": (None, None),
+    # optional spellings: model_config.eos_token_id as one id, no quantize_lm_head (default: quantized), extra
+    # tensors in the weights that the library does not take
+    "good-optional-fields": (
+        lambda w: (w["model_config"].update(eos_token_id=0), w["quantization"].pop("quantize_lm_head"),
+                   w["params"].append({**w["params"][0], "name": "unused.weight"})),
+        lambda m: (m["model_config"].update(eos_token_id=None), m["quantization"].pop("quantize_lm_head"))),
+    # ---- the schema version ----
+    "weights-schema-too-new": (lambda w: w.update(schema_version=2, gptbc_version="9.0.0"), None),
+    "weights-before-schema": (  # a gptbc-config.json as gptbc wrote it before manifests were versioned
+        lambda w: ([w.pop(k) for k in ("schema_version", "page_size", "alignment")],
+                   w.update(bos_token_id=0, fim_tokens=None, tokenizer_files=[])), None),
+    "weights-schema-not-int": (lambda w: w.update(schema_version="1"), None),
+    "library-schema-too-new": (None, lambda m: m.update(schema_version=3, gptbc_version="2.0.0")),
+    "library-schema-too-old": (None, lambda m: m.update(schema_version=0)),
+    "library-schema-unknown-writer": (None, lambda m: (m.pop("gptbc_version"), m.update(schema_version=2))),
+    # ---- missing fields ----
+    "weights-missing-params": (lambda w: w.pop("params"), None),
+    "weights-missing-quantization-name": (lambda w: w["quantization"].pop("name"), None),
+    "weights-missing-param-file": (lambda w: w["params"][3].pop("file"), None),
+    "library-missing-prefill-chunk-size": (None, lambda m: m.pop("prefill_chunk_size")),
+    "library-missing-vocab-size": (None, lambda m: m["model_config"].pop("vocab_size")),
+    "library-missing-gptbc-version": (None, lambda m: m.pop("gptbc_version")),
+    # ---- wrong types and values ----
+    "weights-page-size-string": (lambda w: w.update(page_size="16"), None),
+    "weights-eos-not-a-list": (lambda w: w.update(eos_token_id=0), None),
+    "weights-shape-string": (lambda w: param(w, "transformer.wpe.weight").update(shape=["64", 32]), None),
+    "weights-shape-negative": (lambda w: param(w, "transformer.wpe.weight").update(shape=[64, -32]), None),
+    "weights-param-not-object": (lambda w: w["params"].__setitem__(2, "transformer.wpe.weight"), None),
+    "weights-file-outside": (lambda w: w["params"][0].update(file="../secret.safetensors"), None),
+    "weights-duplicate-param": (lambda w: w["params"].append(copy.deepcopy(w["params"][1])), None),
+    "weights-alignment-not-power-of-two": (lambda w: w.update(alignment=48), None),
+    "weights-zero-vocab": (lambda w: w["model_config"].update(vocab_size=0), None),
+    "weights-config-eos-string": (lambda w: w["model_config"].update(eos_token_id="0"), None),
+    "library-window-float": (None, lambda m: m.update(context_window_size=64.0)),
+    "library-batch-boolean": (None, lambda m: m.update(max_batch_size=True)),
+    "library-lm-head-flag-string": (None, lambda m: m["quantization"].update(quantize_lm_head="no")),
+    "library-device-null": (None, lambda m: m.update(device=None)),
+    "library-params-object": (None, lambda m: m.update(params={})),
+    "library-nested-too-deep": (None, lambda m: m["model_config"].update(extra=nested(200))),
+    # ---- compatibility ----
+    "quantization-mismatch": (None, lambda m: m["quantization"].update(name="q8f32_1", bits=8)),
+    "lm-head-mismatch": (None, lambda m: m["quantization"].update(quantize_lm_head=False)),
+    "param-shape-mismatch": (lambda w: param(w, "transformer.wpe.weight").update(shape=[128, 32]), None),
+    "param-dtype-mismatch": (lambda w: param(w, "transformer.ln_f.weight").update(dtype="float16"), None),
+    "missing-param": (lambda w: w["params"].remove(param(w, "transformer.ln_f.bias")), None),
+    "page-size-mismatch": (None, lambda m: m.update(page_size=32)),
+    "alignment-mismatch": (lambda w: w.update(alignment=32), None),
+}
+# Written by hand (not JSON of a manifest, or no file at all): case → (weights text or None, library text or None).
+RAW = {
+    "weights-not-json": ('{"schema_version": 1,\n  "params": [\n', None),
+    "library-not-json": (None, '{"schema_version": 1, "page_size": 16,}'),
+    "library-not-object": (None, '[1, 2, 3]\n'),
+    "weights-missing-file": (None, None),  # a directory without gptbc-config.json
+}
+
+
+def dump(path: Path, data: dict) -> None:
+    """One top-level field a line, one parameter a line: small files whose diffs read well."""
+    def line(key: str, v) -> str:
+        if key == "params" and isinstance(v, list) and v:
+            return f'"params": [\n    ' + ",\n    ".join(json.dumps(p) for p in v) + "\n  ]"
+        return f"{json.dumps(key)}: {json.dumps(v)}"
+
+    path.write_text("{\n  " + ",\n  ".join(line(k, v) for k, v in data.items()) + "\n}\n")
+
+
+def main() -> None:
+    weights, lib = good()
+    for case in [*CASES, *RAW]:
+        shutil.rmtree(HERE / case, ignore_errors=True)
+        (HERE / case).mkdir()
+    for case, (edit_w, edit_l) in CASES.items():
+        w, m = copy.deepcopy(weights), copy.deepcopy(lib)
+        for edit, data in ((edit_w, w), (edit_l, m)):
+            if edit:
+                edit(data)
+        dump(HERE / case / WEIGHTS, w)
+        dump(HERE / case / LIB, m)
+    for case, (w_text, l_text) in RAW.items():
+        if w_text is not None:
+            (HERE / case / WEIGHTS).write_text(w_text)
+        elif case != "weights-missing-file":
+            dump(HERE / case / WEIGHTS, weights)
+        if l_text is not None:
+            (HERE / case / LIB).write_text(l_text)
+        else:
+            dump(HERE / case / LIB, lib)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The artifact manifests (manifest.py, native/manifest.cc): the Python reader and `gptbc-check-manifest` read the
+same golden fixtures (tests/data/manifests/, written by make_fixtures.py there), accept the good ones and refuse
+each bad one with the same one-line message; the builders still write what the good fixture holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gptbc import __version__, manifest
+from gptbc.config import GPTBigCodeConfig, ModelSource, resolve_model
+from gptbc.errors import GptbcError
+from gptbc.quantization import get_quantization
+from native_build import build
+
+FIXTURES = Path(__file__).resolve().parent / "data" / "manifests"
+LIB = "library.json"
+
+# case → what both readers answer: "ok", or a piece of the one-line error ({dir}: the case's directory,
+# {lib}: its library.json). Each message names the file and the field at fault.
+CASES = {
+    "good": "ok",
+    "good-optional-fields": "ok",
+    "weights-schema-too-new": "{dir}/gptbc-config.json: written by gptbc 9.0.0 with schema_version 2; this gptbc "
+                              "reads schema version 1 (upgrade gptbc, or convert the weights again with this one)",
+    "weights-before-schema": "{dir}/gptbc-config.json: written by gptbc 0.1.0 without a schema_version (before schema "
+                             "version 1); this gptbc reads schema version 1 (convert the weights again with this gptbc)",
+    "weights-schema-not-int": "{dir}/gptbc-config.json: schema_version must be an integer, got string",
+    "library-schema-too-new": "--lib {lib} metadata: written by gptbc 2.0.0 with schema_version 3; this gptbc reads "
+                              "schema version 1 (upgrade gptbc, or compile the library again with this one)",
+    "library-schema-too-old": "--lib {lib} metadata: written by gptbc 0.1.0 with schema_version 0; this gptbc reads "
+                              "schema version 1 (compile the library again with this gptbc)",
+    "library-schema-unknown-writer": "--lib {lib} metadata: written by an unknown gptbc with schema_version 2",
+    "weights-missing-params": "{dir}/gptbc-config.json: missing field params",
+    "weights-missing-quantization-name": "{dir}/gptbc-config.json: missing field quantization.name",
+    "weights-missing-param-file": "{dir}/gptbc-config.json: missing field params[3].file",
+    "library-missing-prefill-chunk-size": "--lib {lib} metadata: missing field prefill_chunk_size",
+    "library-missing-vocab-size": "--lib {lib} metadata: missing field model_config.vocab_size",
+    "library-missing-gptbc-version": "--lib {lib} metadata: missing field gptbc_version",
+    "weights-page-size-string": "{dir}/gptbc-config.json: page_size must be an integer, got string",
+    "weights-eos-not-a-list": "{dir}/gptbc-config.json: eos_token_id must be an array, got integer",
+    "weights-shape-string": "{dir}/gptbc-config.json: params[2].shape[0] must be an integer, got string",
+    "weights-shape-negative": "{dir}/gptbc-config.json: params[2].shape[1] must be at least 0, got -32",
+    "weights-param-not-object": "{dir}/gptbc-config.json: params[2] must be an object, got string",
+    "weights-file-outside": '{dir}/gptbc-config.json: params[0].file must name a file in the directory, got '
+                            '"../secret.safetensors"',
+    "weights-duplicate-param": "{dir}/gptbc-config.json: params[21]: tensor transformer.wte.q_scale is listed twice",
+    "weights-alignment-not-power-of-two": "{dir}/gptbc-config.json: alignment must be a power of two, got 48",
+    "weights-zero-vocab": "{dir}/gptbc-config.json: model_config.vocab_size must be positive, got 0",
+    "weights-config-eos-string": "{dir}/gptbc-config.json: model_config.eos_token_id must be an integer or an array, "
+                                 "got string",
+    "library-window-float": "--lib {lib} metadata: context_window_size must be an integer, got number",
+    "library-batch-boolean": "--lib {lib} metadata: max_batch_size must be an integer, got boolean",
+    "library-lm-head-flag-string": "--lib {lib} metadata: quantization.quantize_lm_head must be a boolean, got string",
+    "library-device-null": "--lib {lib} metadata: device must be a string, got null",
+    "library-params-object": "--lib {lib} metadata: params must be an array, got object",
+    "library-nested-too-deep": "--lib {lib} metadata: not valid JSON (nested deeper than 128)",
+    "weights-not-json": "{dir}/gptbc-config.json: not valid JSON (Expecting value: line 3 column 1 (char 36))",
+    "library-not-json": "--lib {lib} metadata: not valid JSON (Expecting property name enclosed in double quotes: "
+                        "line 1 column 39 (char 38))",
+    "library-not-object": "--lib {lib} metadata: the manifest must be an object, got array",
+    "weights-missing-file": "{dir}: no gptbc-config.json (convert weights with `gptbc convert-weight`)",
+    "quantization-mismatch": "--lib {lib} was compiled for quantization q8f32_1, but the weights in {dir} are "
+                             "q4f32_1; compile and convert with the same --quantization",
+    "lm-head-mismatch": "--lib {lib} was compiled for quantization q4f32_1 (lm_head unquantized), but the weights in "
+                        "{dir} are q4f32_1;",
+    "param-shape-mismatch": "{dir}: tensor transformer.wpe.weight is float32[128, 32], --lib {lib} expects "
+                            "float32[64, 32] (were they built from different configs?)",
+    "param-dtype-mismatch": "{dir}: tensor transformer.ln_f.weight is float16[32], --lib {lib} expects float32[32]",
+    "missing-param": "{dir}/gptbc-config.json: no tensor transformer.ln_f.bias, which --lib {lib} needs",
+    "page-size-mismatch": "--lib {lib} was built with a KV-cache page size of 32 (gptbc 0.1.0), but "
+                          "{dir}/gptbc-config.json says 16 (gptbc 0.1.0); compile and convert with the same gptbc",
+    "alignment-mismatch": "--lib {lib} was built with a tensor alignment of 64 (gptbc 0.1.0), but "
+                          "{dir}/gptbc-config.json says 32 (gptbc 0.1.0)",
+}
+
+
+def python_answer(case: Path) -> str:
+    """What the Python reader says, as the CLI prints it."""
+    try:
+        weights = manifest.read_weights(case)
+        lib = manifest.parse_library((case / LIB).read_text("utf-8"), case / LIB)
+        manifest.check_compatible(lib, weights, case / LIB, case)
+    except GptbcError as err:
+        return f"error: {err}"
+    return "ok"
+
+
+@pytest.fixture(scope="module")
+def check_manifest(tmp_path_factory) -> Path:
+    """gptbc-check-manifest alone (three source files), under AddressSanitizer: the reader takes untrusted files."""
+    build_dir = build(tmp_path_factory.mktemp("manifest") / "build", "-DGPTBC_ASAN=ON", "-DCMAKE_BUILD_TYPE=Debug",
+                      target="gptbc-check-manifest")
+    return build_dir / "gptbc-check-manifest"
+
+
+def native_answer(exe: Path, case: Path) -> str:
+    done = subprocess.run([str(exe), str(case), str(case / LIB)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "ASAN_OPTIONS": "abort_on_error=0:exitcode=99"})
+    if done.returncode == 0:
+        assert done.stdout == "ok\n" and done.stderr == "", done
+        return "ok"
+    lines = done.stderr.splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and done.stdout == "", done
+    return lines[0]
+
+
+def test_every_fixture_has_an_expected_answer():
+    on_disk = {p.name for p in FIXTURES.iterdir() if p.is_dir()}
+    assert on_disk == CASES.keys()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_python_and_native_readers_agree(name, check_manifest):
+    case = FIXTURES / name
+    want = CASES[name].format(dir=case, lib=case / LIB)
+    py, native = python_answer(case), native_answer(check_manifest, case)
+    assert py == native
+    if want == "ok":
+        assert py == "ok"
+    else:
+        assert py.startswith("error: ") and want in py, py
+
+
+def test_builders_write_the_good_fixture():
+    """weights_manifest / library_manifest of the good fixture's model reproduce it: the fixture is what gptbc
+    writes (a change to the builders must come with new fixtures and, if incompatible, a schema version)."""
+    weights = json.loads((FIXTURES / "good" / manifest.WEIGHTS_FILE).read_text())
+    lib = json.loads((FIXTURES / "good" / LIB).read_text())
+    cfg = GPTBigCodeConfig.from_dict(weights["model_config"])
+    quant = get_quantization(weights["quantization"]["name"], weights["quantization"]["quantize_lm_head"])
+    built_weights = manifest.weights_manifest(weights["model_name"], cfg, quant, weights["params"])
+    params = [(p["name"], tuple(p["shape"]), p["dtype"]) for p in lib["params"]]
+
+    class Cpu:  # the one TargetSpec field the builder reads
+        device = "cpu"
+
+    built_lib = manifest.library_manifest(ModelSource("tiny", cfg, None), quant, Cpu(), "cpu", params)
+    for built, fixture in ((built_weights, weights), (built_lib, lib)):
+        assert built.pop("gptbc_version") == __version__
+        fixture.pop("gptbc_version")
+        assert built == fixture
+        assert (built["schema_version"], built["page_size"], built["alignment"]) == (
+            manifest.SCHEMA_VERSION, manifest.PAGE_SIZE, manifest.ALIGNMENT)
+
+
+def test_commands_refuse_weights_from_another_schema(tmp_path):
+    """`--model` of compile / generate reads the weights through the manifest reader too."""
+    case = FIXTURES / "weights-schema-too-new"
+    with pytest.raises(GptbcError) as err:
+        resolve_model(str(case))
+    assert str(err.value) == CASES["weights-schema-too-new"].format(dir=case)
+
