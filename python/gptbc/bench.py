@@ -11,7 +11,6 @@ the model (read before the bandwidth probe, whose 1 GiB buffer is reported apart
 
 from __future__ import annotations
 
-import json
 import resource
 import statistics
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine import Engine
+from .manifest import read_weights
 from .tensorfile import SafetensorsFile
 
 
@@ -34,7 +34,7 @@ class Timing:
 
 
 def weight_bytes(model_dir: Path) -> int:
-    info = json.loads((model_dir / "gptbc-config.json").read_text())
+    info = read_weights(model_dir)
     total = 0
     for f in sorted({p["file"] for p in info["params"]}):
         with SafetensorsFile(model_dir / f) as st:

@@ -6,18 +6,17 @@ batch, verify) and nothing else: no text, no requests, no sampling. The schedule
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .config import GPTBC_CONFIG, GPTBigCodeConfig, load_gptbc_config
+from . import manifest
+from .config import GPTBC_CONFIG, GPTBigCodeConfig
 from .errors import GptbcError
 from .tensorfile import SafetensorsFile
 
-PAGE_SIZE = 16  # tokens per KV-cache page
 
 
 DEVICE_KINDS = {"cpu": "cpu", "llvm": "cpu", "cuda": "cuda", "metal": "metal", "vulkan": "vulkan", "rocm": "rocm",
@@ -78,38 +77,16 @@ def load_library(lib: str | Path, dev):
         serve_prebuilt_kernels(lib)
     try:
         vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), dev)
-        meta = json.loads(str(vm["_metadata"]()))
+        text = str(vm["_metadata"]())
     except Exception as err:  # TVM raises its own error types for a foreign or broken file
         raise GptbcError(f"--lib {lib}: not a gptbc model library ({str(err).splitlines()[0][:200]})") from None
-    return vm, meta
-
-
-def _scheme(desc: dict) -> str:
-    keep = "" if desc.get("quantize_lm_head", True) or desc.get("kind") == "none" else " (lm_head unquantized)"
-    return desc["name"] + keep
-
-
-def check_compatible(lib: Path, meta: dict, model_dir: Path, info: dict) -> None:
-    """The library and the weights must describe the same model and scheme; fail before computing."""
-    lq, wq = _scheme(meta["quantization"]), _scheme(info["quantization"])
-    if lq != wq:
-        raise GptbcError(f"--lib {lib} was compiled for quantization {lq}, but the weights in {model_dir} are {wq}; "
-                         f"compile and convert with the same --quantization (and --no-quantize-lm-head) settings")
-    have = {p["name"]: p for p in info["params"]}
-    for p in meta["params"]:
-        w = have.get(p["name"])
-        if w is None:
-            raise GptbcError(f"{model_dir / GPTBC_CONFIG}: no tensor {p['name']}, which --lib {lib} needs "
-                             f"(were they built from different configs?)")
-        if w["shape"] != p["shape"] or w["dtype"] != p["dtype"]:
-            raise GptbcError(f"{model_dir}: tensor {p['name']} is {w['dtype']}{w['shape']}, --lib {lib} expects "
-                             f"{p['dtype']}{p['shape']} (were they built from different configs?)")
+    return vm, manifest.parse_library(text, lib)
 
 
 def load_params(model_dir: Path, info: dict, meta: dict, dev) -> tuple[list, int]:
     """Weights in the library's load order, as device tensors; and how many bytes are mapped, not copied.
 
-    On the CPU a tensor stored at a 64-byte aligned offset (gptbc writes them so) is handed to TVM as
+    On the CPU a tensor stored at the library's alignment (64 bytes; gptbc writes them so) is handed to TVM as
     a view of the memory-mapped file: no copy, no load time, and processes serving the same weights
     share the page cache. Anything else is copied to the device.
     """
@@ -131,7 +108,7 @@ def load_params(model_dir: Path, info: dict, meta: dict, dev) -> tuple[list, int
             if list(arr.shape) != p["shape"] or str(arr.dtype) != p["dtype"]:
                 raise GptbcError(f"{f.path}: tensor {p['name']} is {arr.dtype}{list(arr.shape)}, "
                                  f"expected {p['dtype']}{p['shape']}")
-            view = _mapped_tensor(arr) if on_cpu else None
+            view = _mapped_tensor(arr, int(meta["alignment"])) if on_cpu else None
             if view is not None:
                 params.append(view)
                 mapped += arr.nbytes
@@ -145,11 +122,11 @@ def load_params(model_dir: Path, info: dict, meta: dict, dev) -> tuple[list, int
     return params, mapped
 
 
-def _mapped_tensor(arr: np.ndarray):
+def _mapped_tensor(arr: np.ndarray, alignment: int):
     """A TVM tensor viewing `arr` (no copy), or None where TVM cannot take it (misaligned, bfloat16)."""
     import tvm
 
-    if arr.size == 0 or arr.ctypes.data % 64:
+    if arr.size == 0 or arr.ctypes.data % alignment:
         return None
     try:
         return tvm.runtime.from_dlpack(arr)
@@ -169,7 +146,7 @@ class ModelRunner:
         self.model_dir, self.lib = Path(model_dir), Path(lib)
         if not (self.model_dir / GPTBC_CONFIG).is_file():
             raise GptbcError(f"{self.model_dir}: no {GPTBC_CONFIG} (convert weights with `gptbc convert-weight`)")
-        self.info = load_gptbc_config(self.model_dir)
+        self.info = manifest.read_weights(self.model_dir)
         self.dev = parse_device(device)
         self.vm, self.meta = load_library(self.lib, self.dev)
         kind = DEVICE_KINDS[device.partition(":")[0]]
@@ -179,7 +156,7 @@ class ModelRunner:
         self.on_cpu = kind == "cpu"
         if self.on_cpu:
             use_all_cores()
-        check_compatible(self.lib, self.meta, self.model_dir, self.info)
+        manifest.check_compatible(self.meta, self.info, self.lib, self.model_dir)
         self.config = GPTBigCodeConfig.from_dict(self.meta["model_config"], source=f"--lib {self.lib}")
         self.context_window_size = int(self.meta["context_window_size"])
         self.prefill_chunk_size = int(self.meta["prefill_chunk_size"])
@@ -188,7 +165,7 @@ class ModelRunner:
             raise GptbcError(f"max batch size {self.max_batch_size}: --lib {self.lib} was compiled for 1.."
                              f"{self.meta['max_batch_size']} (compile with a larger --max-batch-size)")
         self.params, self.mapped_bytes = load_params(self.model_dir, self.info, self.meta, self.dev)
-        self.page_size = PAGE_SIZE
+        self.page_size = int(self.meta["page_size"])  # the paged-attention kernels are built for it
         # On a GPU, greedy tokens are picked on the device (decode_batch_greedy) instead of copying
         # batch x vocab logits back; on the CPU a lone sequence decodes through the single-row kernels.
         self.samples_on_device = not self.on_cpu
@@ -198,7 +175,7 @@ class ModelRunner:
         self.capacity_tokens = int(max_total_seq_len or self.context_window_size * min(4, self.max_batch_size))
         self.kv_cache = self.vm["create_paged_kv_cache"](
             shape([self.max_batch_size]), shape([self.capacity_tokens]), shape([self.prefill_chunk_size]),
-            shape([PAGE_SIZE]), shape([0]))
+            shape([self.page_size]), shape([0]))
         get = tvm.get_global_func
         self._add = get("vm.builtin.kv_state_add_sequence")
         self._remove = get("vm.builtin.kv_state_remove_sequence")
