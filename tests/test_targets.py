@@ -15,7 +15,7 @@ import pytest
 from gptbc.compiler import compile_model
 from gptbc.config import resolve_model
 from gptbc.errors import GptbcError
-from gptbc.targets import TARGETS, get_target, plan_build
+from gptbc.targets import DEVICE_KINDS, TARGETS, get_target, parse_device_kind, plan_build
 from test_cli import MODEL_FUNCTIONS
 
 EM_AARCH64, EM_CUDA = 183, 190
@@ -146,6 +146,28 @@ def test_vulkan_fails_fast_when_tvm_lacks_it(tiny, tmp_path):
 def test_bad_target_spellings(spelling, fragment):
     with pytest.raises(GptbcError, match=fragment):
         plan_build(spelling)
+
+
+@pytest.mark.parametrize("spelling, want", [("cpu", ("cpu", 0)), ("llvm", ("cpu", 0)), ("cuda:1", ("cuda", 1)),
+                                            ("metal", ("metal", 0)), ("vulkan:0", ("vulkan", 0)),
+                                            ("rocm:2", ("rocm", 2)), ("opencl", ("opencl", 0))])
+def test_device_spellings(spelling, want):
+    assert parse_device_kind(spelling) == want
+
+
+@pytest.mark.parametrize("spelling", ["gpu", "cuda:x", "cuda:-1", "cuda:\u00b2", "webgpu", "CPU"])
+def test_bad_device_spellings_are_one_line(spelling):
+    with pytest.raises(GptbcError) as info:
+        parse_device_kind(spelling)
+    assert str(info.value) == (f"device {spelling!r}: expected one of cpu, cuda, llvm, metal, opencl, rocm, vulkan, "
+                               f"optionally with :INDEX")
+
+
+def test_every_runnable_target_names_a_runtime_device_kind():
+    """The two tables agree: a library's recorded device is one the runtime can be asked for."""
+    for spec in TARGETS:
+        assert spec.device in set(DEVICE_KINDS.values()) or spec.device == "webgpu", spec.name
+        assert spec.pipeline.name == ("cpu" if spec.device == "cpu" else "gpu"), spec.name
 
 
 def test_quantized_gpu_build(tiny, tmp_path):
