@@ -12,7 +12,7 @@ import torch
 from hf_models import load_hf, make_checkpoint
 
 MODEL_FUNCTIONS = ["embed", "prefill", "decode", "batch_prefill", "batch_decode", "batch_verify",
-                   "create_paged_kv_cache", "argmax", "softmax_with_temperature", "_metadata"]
+                   "create_paged_kv_cache", "argmax", "_metadata"]
 
 
 def gptbc(*args, check: bool = True) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ import pytest
 import tvm
 from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
 
-from gptbc.kernels import ragged_prefill_cpu, use_fast_cpu_attention
+from gptbc.kernels import ragged_prefill_cpu
 
 TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
 
@@ -43,18 +43,22 @@ def test_ragged_prefill_matches_tvm(h_q, h_kv, d, dtype, causal):
     np.testing.assert_allclose(got_lse, want_lse, atol=tol, rtol=tol)
 
 
-def test_compiled_cpu_model_uses_our_kernel():
+@pytest.mark.parametrize("spelling", ["cpu", "aarch64-linux"])
+def test_compiled_cpu_model_uses_our_kernel(spelling):
+    """The target table's CPU pipeline swaps our kernels in (the compile driver applies that hook)."""
     from gptbc.compiler import export_relax
     from gptbc.config import GPTBigCodeConfig
     from gptbc.quantization import get_quantization
+    from gptbc.targets import get_target
 
     cfg = GPTBigCodeConfig(n_embd=64, n_head=2, n_layer=1, n_positions=32, vocab_size=50)
     q = get_quantization("q0f32")
-    mod = export_relax(cfg, q, TARGET)
-    swapped = use_fast_cpu_attention(mod, cfg.n_kv_head, cfg.n_head, cfg.head_dim, q.model_dtype)
+    mod, _ = export_relax(cfg, q, TARGET)
+    swapped = get_target(spelling)[0].pipeline.replace_kernels(mod, cfg, q)
     for name in ("batch_prefill_ragged_kv", "batch_prefill_paged_kv_cpu"):
         assert "T.parallel" not in mod[name].script()  # TVM's kernels: serial loops
         assert "T.parallel" in swapped[name].script()
+    assert get_target("cuda")[0].pipeline.replace_kernels(mod, cfg, q) is mod  # GPUs keep TVM's attention
 
 
 def reference(q, k, v, causal, sm_scale):

@@ -142,9 +142,9 @@ def lowered(cfg, quant_name: str):
     from gptbc.compiler import export_relax, fusion_passes
 
     target = tvm.target.Target({"kind": "llvm"})
-    mod = export_relax(cfg, get_quantization(quant_name), target)
+    mod, _ = export_relax(cfg, get_quantization(quant_name), target)
     with target:
-        return tvm.transform.Sequential(fusion_passes())(mod)
+        return tvm.transform.Sequential(fusion_passes(target))(mod)
 
 
 @pytest.mark.parametrize("name", ["q4f32_1", "q8f16_1"])

@@ -1,7 +1,9 @@
-"""The compile driver: config → Relax module → our pipeline for the target → model library.
+"""The compile driver: config → Relax module → the pass list → model library, written atomically.
 
-Phases (each reported): export the nn.Module to Relax, attach `_metadata`, lower with the
-pipeline below, build, write the library under a temporary name and rename it.
+Phases (each reported): export the nn.Module to Relax, attach `_metadata`, lower with the passes
+below and the target's schedules, build, write the library (and any sidecar files the target makes)
+under a temporary name and rename it. Which schedules, kernels and sidecars a target gets is decided
+in its `TargetSpec` (targets.py), not here.
 """
 
 from __future__ import annotations
@@ -14,12 +16,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import kernels, schedules
 from .config import GPTBC_CONFIG, GPTBigCodeConfig, ModelSource, load_gptbc_config
 from .errors import GptbcError
 from .manifest import library_manifest
 from .quantization import Quantization, get_quantization
-from .targets import Build, plan_build
+from .targets import Build, Pipeline, get_target, plan_build
 
 
 def default_output(model_name: str, quant: str, spelling: str, build: Build) -> Path:
@@ -36,68 +37,49 @@ def attach_metadata(mod, meta: dict):
     return bb.get()
 
 
-def fusion_passes() -> list:
+# The pass list is TVM's default Relax pipeline for CPUs (`relax.backend.cpu_generic.pipeline`), imported, for
+# every target, with these additions, each for a reason:
+# - FuseTransposeMatmul before legalization: x @ permute_dims(W) becomes one NT-matmul kernel; otherwise every
+#   call materializes W transposed.
+# - the target's schedule rules (`TargetSpec.pipeline.schedule_rules`) between fusion and lowering: TVM's CPU
+#   pipeline schedules nothing (single-threaded naive loops); GPU targets get dlight's rules kept off the
+#   tensorize paths that crash TVM 0.27 (schedules.gpu_rules) instead of TVM's GPU list, which tensorizes.
+# - the target's kernel replacements (`TargetSpec.pipeline.replace_kernels`) before any pass: on CPUs our
+#   prefill attention in place of TVM's serial scalar kernels (kernels.py).
+# - TIR CSE guarded per kernel (`guarded_tir_cse`) during the build: TVM 0.27's CSE breaks some kernels.
+# Left out of TVM's list: library dispatch (DispatchSampling, DispatchSortScan), as the model has no sampling,
+# sort or scan op for them to dispatch. TVM's generic-GPU lists equal the CPU ones apart from their schedules;
+# its CUDA list also has RewriteCUDAGraph, which gptbc has not adopted.
+
+
+def fusion_passes(target) -> list:
     """Legalize Relax ops to TIR and fuse them into kernels (dequantization already sits inside the
-    matmul/lookup compute of a quantized weight, see model.py, so fusion never separates them)."""
+    matmul/lookup compute of a quantized weight, see quantization/layers.py, so fusion never separates them)."""
     from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as tvm_default
 
-    return [
-        # x @ permute_dims(W) as one NT-matmul kernel; otherwise every call materializes W transposed.
-        relax.transform.FuseTransposeMatmul(),
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-        relax.transform.DeadCodeElimination(),
-    ]
+    return [relax.transform.FuseTransposeMatmul()] + tvm_default.legalize_passes(target)
 
 
-def lowering_passes() -> list:
-    """Relax → VM: memory planning and shape lowering, as TVM's default pipeline does."""
-    from tvm import relax
+def lowering_passes(target) -> list:
+    """Relax → VM: memory planning and shape lowering, TVM's default lists."""
+    from tvm.relax.backend.cpu_generic import pipeline as tvm_default
 
-    return [
-        relax.transform.RewriteDataflowReshape(),
-        relax.transform.ToNonDataflow(),
-        relax.transform.RemovePurityChecking(),
-        relax.transform.CallTIRRewrite(),
-        relax.transform.StaticPlanBlockMemory(),
-        relax.transform.LowerAllocTensor(),
-        relax.transform.KillAfterLastUse(),
-        relax.transform.LowerRuntimeBuiltin(),
-        relax.transform.ComputePrimValue(),
-        relax.transform.VMShapeLower(),
-        relax.transform.AttachGlobalSymbol(),
-    ]
+    return tvm_default.dataflow_lower_passes(target) + tvm_default.finalize_passes(target)
 
 
-def scheduled_pipeline(rules: Callable[[], list]) -> Callable:
-    """target → our passes with the schedule `rules` (schedules.py) applied between fusion and lowering."""
+def relax_pipeline(pipeline: Pipeline, target):
+    """The module pass `relax.build` runs: fusion, `pipeline`'s schedule rules, lowering."""
+    import tvm
+    from tvm.s_tir import dlight as dl
 
-    def for_target(target):
-        import tvm
-        from tvm.s_tir import dlight as dl
+    @tvm.transform.module_pass(opt_level=0, name=f"gptbc_{pipeline.name}_pipeline")
+    def run(mod, _ctx):
+        with target:
+            schedule = dl.ApplyDefaultSchedule(*pipeline.schedule_rules())
+            return tvm.transform.Sequential(fusion_passes(target) + [schedule] + lowering_passes(target))(mod)
 
-        @tvm.transform.module_pass(opt_level=0, name=f"gptbc_{target.kind.name}_pipeline")
-        def pipeline(mod, _ctx):
-            with target:
-                schedule = dl.ApplyDefaultSchedule(*rules())
-                return tvm.transform.Sequential(fusion_passes() + [schedule] + lowering_passes())(mod)
-
-        return pipeline
-
-    return for_target
-
-
-cpu_pipeline = scheduled_pipeline(schedules.cpu_rules)
-gpu_pipeline = scheduled_pipeline(schedules.gpu_rules)
-
-PIPELINES: dict[str, Callable] = {
-    "llvm": cpu_pipeline,
-    "cuda": gpu_pipeline, "metal": gpu_pipeline, "vulkan": gpu_pipeline, "webgpu": gpu_pipeline,
-    "rocm": gpu_pipeline, "opencl": gpu_pipeline,
-}
+    return run
 
 
 def check_own_scheme(source: ModelSource, quant: Quantization) -> None:
@@ -114,12 +96,13 @@ def check_own_scheme(source: ModelSource, quant: Quantization) -> None:
 
 
 def export_relax(cfg: GPTBigCodeConfig, quant: Quantization, target):
-    """The model's Relax IRModule (all exported functions, parameters packed), before any pass."""
-    from .model import GPTBigCodeForCausalLM
+    """The model's Relax IRModule (all exported functions, parameters packed), before any pass, and its
+    parameters as (name, shape, dtype) in the order the functions take them."""
+    from .model import GPTBigCodeForCausalLM, param_list
 
     model = GPTBigCodeForCausalLM(cfg, target, quant)
-    mod, _ = model.export_tvm(spec=model.get_default_spec())
-    return mod
+    mod, named_params = model.export_tvm(spec=model.get_default_spec())
+    return mod, param_list(named_params)
 
 
 def compile_model(source: ModelSource, target_name: str, quantization: str, output: str | Path | None = None,
@@ -139,8 +122,6 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
     import tvm
     from tvm import relax
 
-    from .loader import model_params
-
     def phase(name: str, start: float) -> float:
         now = time.perf_counter()
         log(f"[gptbc] {name}: {now - start:.1f}s")
@@ -148,30 +129,22 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
 
     t = time.perf_counter()
     target = tvm.target.Target(build.target)
-    mod = export_relax(source.config, quant, target)
-    if target.kind.name == "llvm":
-        cfg = source.config
-        mod = kernels.use_fast_cpu_attention(mod, cfg.n_kv_head, cfg.n_head, cfg.head_dim, quant.model_dtype)
-    mod = attach_metadata(mod, library_manifest(source, quant, spec, target_name, model_params(source.config, quant)))
+    mod, params = export_relax(source.config, quant, target)
+    mod = spec.pipeline.replace_kernels(mod, source.config, quant)
+    mod = attach_metadata(mod, library_manifest(source, quant, spec, target_name, params))
     t = phase(f"export {source.name} ({quant.name}) to Relax", t)
 
-    pipeline = PIPELINES.get(target.kind.name)
-    if pipeline is None:
-        raise GptbcError(f"--target {target_name}: no compile pipeline for TVM target kind {target.kind.name}")
     with tvm.transform.PassContext(opt_level=3), guarded_tir_cse() as cse_skipped:
-        executable = relax.build(mod, target, relax_pipeline=pipeline(target), system_lib=build.system_lib)
+        executable = relax.build(mod, target, relax_pipeline=relax_pipeline(spec.pipeline, target),
+                                 system_lib=build.system_lib)
     if cse_skipped:
         log(f"[gptbc] TIR CSE left out of {len(cse_skipped)} kernel(s) it would break: {', '.join(cse_skipped)}")
     t = phase(f"lower and build for {target_name}", t)
 
     sidecars: dict[Path, bytes] = {}
-    if target.kind.name == "cuda":
-        from .cuda import aot_cuda_kernels
-        from .targets import cuda_archs
-
-        archs = cuda_archs(target_name.partition(":")[2] or None)
-        sidecars = aot_cuda_kernels(executable, target, archs, output)
-        t = phase(f"compile CUDA kernels with nvcc for {','.join(archs)} (+ PTX)", t)
+    if spec.sidecars is not None:
+        sidecars, what = spec.sidecars(executable, target, get_target(target_name)[1], output)
+        t = phase(what, t)
 
     with atomic_path(output) as tmp:
         if build.cc:

@@ -1,4 +1,5 @@
-"""Hand-written TIR kernels that replace TVM's where TVM's are slow.
+"""Hand-written TIR kernels that replace TVM's where TVM's are slow (the CPU pipeline in targets.py swaps
+them in before lowering).
 
 TVM's CPU kernels for prefill attention — over the new tokens (ragged) and over a sequence's cached
 pages (paged) — are serial scalar loop nests that also compute every masked score: at santacoder's

@@ -106,10 +106,9 @@ class ParamPlan:
 
 def model_params(cfg: GPTBigCodeConfig, quant: Quantization) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, dtype) of every parameter, in the order the compiled library takes them."""
-    from .model import GPTBigCodeForCausalLM  # imports TVM; keep `gptbc --help` fast
+    from .model import GPTBigCodeForCausalLM, param_list  # imports TVM; keep `gptbc --help` fast
 
-    model = GPTBigCodeForCausalLM(cfg, target=None, quant=quant)
-    return [(n, tuple(int(d) for d in p.shape), str(p.dtype)) for n, p in model.named_parameters()]
+    return param_list(GPTBigCodeForCausalLM(cfg, target=None, quant=quant).named_parameters())
 
 
 def mha_qkv_to_fused(cfg: GPTBigCodeConfig) -> Callable[[np.ndarray], np.ndarray]:

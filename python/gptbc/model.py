@@ -1,4 +1,4 @@
-"""GPTBigCode (SantaCoder, StarCoder) as a Relax `nn.Module`, read top to bottom like the HF model.
+"""GPTBigCode (SantaCoder, StarCoder) as a Relax `nn.Module`: the network, read top to bottom like the HF model.
 
 Differences from HF that are layout only:
 - attention runs through the paged KV cache (`attention_with_fused_qkv`), which wants the fused
@@ -6,12 +6,13 @@ Differences from HF that are layout only:
   that way; MHA checkpoints are per-head (q, k, v) and the loader reorders them (`loader.py`).
 - positions come from the KV cache, so a decode step gets the position of its sequence.
 - with tied embeddings there is no `lm_head` parameter: logits reuse `wte` (as HF does).
-- with a grouped quantization scheme, linear weights and the embedding are packed ints plus
-  scales (`quantization.py`), dequantized inside the matmul / lookup kernel itself: no full-size
-  float copy of a weight ever exists.
+- the quantization scheme picks the Linear / Embedding layers (`quantization/layers.py`): with a
+  grouped scheme their weights are packed ints plus scales, dequantized inside the kernel.
 """
 
 from __future__ import annotations
+
+from typing import Iterable
 
 from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
@@ -21,81 +22,7 @@ from tvm.target import Target
 
 from .config import ACTIVATIONS, GPTBigCodeConfig
 from .quantization import Quantization, is_quantized
-
-
-def _dequant(w: te.Tensor, s: te.Tensor, row, col, q: Quantization):
-    """float32 value of weight (row, col): unpack the int (int4), remove the offset, scale its group."""
-    scale = tirx.Cast("float32", s[row, col // q.group_size])
-    if q.bits == 8:
-        return tirx.Cast("float32", w[row, col]) * scale
-    word = w[row, col // q.per_word]
-    shift = tirx.Cast("uint32", (col % q.per_word) * q.bits)
-    bits = (word >> shift) & tirx.const((1 << q.bits) - 1, "uint32")
-    return (tirx.Cast("float32", bits) - float(q.max_int)) * scale
-
-
-def dequant_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: int, q: Quantization,
-                   out_dtype: str) -> Tensor:
-    """x @ dequantize(q_weight, q_scale).T in one kernel, accumulating in float32."""
-
-    def compute(x: te.Tensor, w: te.Tensor, s: te.Tensor):
-        *lead, _ = x.shape
-        k = te.reduce_axis((0, in_features), name="k")
-        # A block of its own, so a schedule can either inline it into the matmul (decode: each weight is
-        # read once anyway) or dequantize a panel once and reuse it for many rows of x (prefill).
-        weight = te.compute((w.shape[0], in_features), lambda n, j: _dequant(w, s, n, j, q), name="dequantize")
-
-        def dot(*idx):
-            return te.sum(tirx.Cast("float32", x[(*idx[:-1], k)]) * weight[idx[-1], k], axis=k)
-
-        acc = te.compute((*lead, w.shape[0]), dot, name="dequant_matmul")
-        if out_dtype == "float32":
-            return acc
-        return te.compute(acc.shape, lambda *i: tirx.Cast(out_dtype, acc(*i)), name="dequant_matmul_cast")
-
-    return op.tensor_expr_op(compute, "dequant_matmul", [x, q_weight, q_scale])
-
-
-class QuantizedLinear(nn.Module):
-    """nn.Linear with a grouped-int weight: parameters q_weight, q_scale (and bias)."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, q: Quantization):
-        self.in_features, self.q = in_features, q
-        wshape, sshape = q.packed_shape((out_features, in_features))
-        self.q_weight = nn.Parameter(wshape, q.storage_dtype)
-        self.q_scale = nn.Parameter(sshape, q.model_dtype)
-        self.bias = nn.Parameter((out_features,), q.model_dtype) if bias else None
-
-    def forward(self, x: Tensor, out_dtype: str | None = None) -> Tensor:
-        y = dequant_matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype or self.q.model_dtype)
-        return y + self.bias if self.bias is not None else y
-
-
-class QuantizedEmbedding(nn.Module):
-    """nn.Embedding with grouped-int rows; `weight_matmul` serves a tied lm_head."""
-
-    def __init__(self, num: int, dim: int, q: Quantization):
-        self.dim, self.q = dim, q
-        wshape, sshape = q.packed_shape((num, dim))
-        self.q_weight = nn.Parameter(wshape, q.storage_dtype)
-        self.q_scale = nn.Parameter(sshape, q.model_dtype)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        q, dim = self.q, self.dim
-
-        def compute(ids: te.Tensor, w: te.Tensor, s: te.Tensor):
-            last = w.shape[0] - 1
-
-            def row(i):  # clamp: see take_rows
-                return tirx.max(tirx.min(ids[i], tirx.Cast(ids.dtype, last)), tirx.const(0, ids.dtype))
-
-            return te.compute((ids.shape[0], dim),
-                              lambda i, k: tirx.Cast(q.model_dtype, _dequant(w, s, row(i), k, q)), name="dequant_take")
-
-        return op.tensor_expr_op(compute, "dequant_take", [ids, self.q_weight, self.q_scale])
-
-    def weight_matmul(self, x: Tensor) -> Tensor:
-        return dequant_matmul(x, self.q_weight, self.q_scale, self.dim, self.q, "float32")
+from .quantization.layers import QuantizedEmbedding, make_linear
 
 
 class LayerNorm(nn.Module):
@@ -115,28 +42,6 @@ class LayerNorm(nn.Module):
         y = op.layer_norm(x.astype("float32"), [x.shape[-1]], self.weight.astype("float32"),
                           self.bias.astype("float32"), eps=self.eps)
         return y.astype(self.dtype)
-
-
-class Linear(nn.Module):
-    """nn.Linear whose half-precision matmul accumulates in float32 (a K=8192 bf16 sum loses digits)."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str):
-        self.dtype = dtype
-        self.weight = nn.Parameter((out_features, in_features), dtype)
-        self.bias = nn.Parameter((out_features,), dtype) if bias else None
-
-    def forward(self, x: Tensor, out_dtype: str | None = None) -> Tensor:
-        out_dtype = out_dtype or self.dtype
-        y = op.matmul(x, op.permute_dims(self.weight), out_dtype="float32" if self.dtype != "float32" else None)
-        if self.bias is not None:
-            y = y + (self.bias if self.dtype == "float32" else self.bias.astype("float32"))
-        return y if y.dtype == out_dtype else y.astype(out_dtype)
-
-
-def make_linear(in_features: int, out_features: int, bias: bool, q: Quantization, quantized: bool) -> nn.Module:
-    if quantized:
-        return QuantizedLinear(in_features, out_features, bias, q)
-    return Linear(in_features, out_features, bias, q.model_dtype)
 
 
 class Attention(nn.Module):
@@ -268,7 +173,8 @@ class GPTBigCodeForCausalLM(nn.Module):
     def batch_verify(self, input_embeds: Tensor, kv_cache: PagedKVCache):
         return self.logits(self.transformer(input_embeds, kv_cache)), kv_cache
 
-    # ---- on-device sampling helpers: a GPU run copies token ids or probabilities, not raw logits ----
+    # ---- on the device: a GPU step whose requests are all greedy copies back token ids, not batch × vocab
+    # logits (the runtime's decode_batch_greedy); any sampled request still copies the logits ----
     def argmax(self, logits: Tensor) -> Tensor:
         """(batch, vocab) float32 → (batch,) int32 greedy tokens (the first maximum, as numpy does).
 
@@ -292,38 +198,20 @@ class GPTBigCodeForCausalLM(nn.Module):
 
         return op.tensor_expr_op(compute, "argmax", [logits])[0]
 
-    def softmax_with_temperature(self, logits: Tensor, temperature: Tensor) -> Tensor:
-        """(batch, vocab) logits, (batch,) temperatures → probabilities."""
-        return op.softmax(logits / op.reshape(temperature, (-1, 1)), axis=-1)
-
     def create_paged_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
                               prefill_chunk_size: tirx.Var, page_size: tirx.Var,
                               support_sliding_window: tirx.Var) -> PagedKVCache:
         cfg = self.cfg
         return TIRPagedKVCache(
-            attn_kind="mha",
-            max_batch_size=max_batch_size,
-            max_total_seq_len=max_total_seq_len,
-            prefill_chunk_size=prefill_chunk_size,
-            page_size=page_size,
-            support_sliding_window=support_sliding_window,
-            layer_partition=_relax_shape([0, cfg.n_layer]),
-            num_hidden_layers=cfg.n_layer,
-            num_attention_heads=cfg.n_head,
-            num_key_value_heads=cfg.n_kv_head,
-            qk_head_dim=cfg.head_dim,
-            v_head_dim=cfg.head_dim,
-            mla_original_qk_head_dim=0,
-            mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NONE,  # GPTBigCode has learned absolute positions (wpe), no RoPE
-            rope_scale=1,
-            rope_theta=10000,
-            rope_scaling={},
-            rope_ext_factors=_relax_shape([]),
-            rotary_dim=cfg.head_dim,
-            enable_disaggregation=False,
-            dtype=self.dtype,
-            target=self.target,
+            attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size, page_size=page_size, support_sliding_window=support_sliding_window,
+            layer_partition=relax.ShapeExpr([0, cfg.n_layer]), num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, qk_head_dim=cfg.head_dim,
+            v_head_dim=cfg.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
+            # GPTBigCode has learned absolute positions (wpe), no RoPE
+            rope_mode=RopeMode.NONE, rope_scale=1, rope_theta=10000, rope_scaling={},
+            rope_ext_factors=relax.ShapeExpr([]), rotary_dim=cfg.head_dim,
+            enable_disaggregation=False, dtype=self.dtype, target=self.target,
         )
 
     def get_default_spec(self) -> dict:
@@ -344,11 +232,6 @@ class GPTBigCodeForCausalLM(nn.Module):
             "batch_verify": {"input_embeds": nn.spec.Tensor([1, "seq_len", e], dt), "kv_cache": kv, "$": packed},
             "argmax": {"logits": nn.spec.Tensor(["batch_size", self.cfg.vocab_size], "float32"),
                        "$": {"param_mode": "none", "effect_mode": "none"}},
-            "softmax_with_temperature": {
-                "logits": nn.spec.Tensor(["batch_size", self.cfg.vocab_size], "float32"),
-                "temperature": nn.spec.Tensor(["batch_size"], "float32"),
-                "$": {"param_mode": "none", "effect_mode": "none"},
-            },
             "create_paged_kv_cache": {
                 "max_batch_size": int,
                 "max_total_seq_len": int,
@@ -360,7 +243,6 @@ class GPTBigCodeForCausalLM(nn.Module):
         }
 
 
-def _relax_shape(values: list[int]):
-    from tvm import relax
-
-    return relax.ShapeExpr(values)
+def param_list(named: Iterable[tuple[str, nn.Parameter]]) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, dtype) of `named` parameters (`export_tvm`'s, or `named_parameters()`, in the same order)."""
+    return [(n, tuple(int(d) for d in p.shape), str(p.dtype)) for n, p in named]

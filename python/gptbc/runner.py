@@ -15,24 +15,18 @@ import numpy as np
 from . import manifest
 from .config import GPTBC_CONFIG, GPTBigCodeConfig
 from .errors import GptbcError
+from .targets import parse_device_kind
 from .tensorfile import SafetensorsFile
 
-
-
-DEVICE_KINDS = {"cpu": "cpu", "llvm": "cpu", "cuda": "cuda", "metal": "metal", "vulkan": "vulkan", "rocm": "rocm",
-                "opencl": "opencl"}
 
 
 def parse_device(device: str):
     """'cpu', 'cuda:0', 'metal', 'vulkan:1' → a TVM device that exists on this machine."""
     import tvm
 
-    kind, _, index = device.partition(":")
-    if kind not in DEVICE_KINDS or (index and not index.isdigit()):
-        raise GptbcError(f"device {device!r}: expected one of {', '.join(sorted(set(DEVICE_KINDS)))}, "
-                         f"optionally with :INDEX")
+    kind, index = parse_device_kind(device)
     try:
-        dev = tvm.device(DEVICE_KINDS[kind], int(index or 0))
+        dev = tvm.device(kind, index)
         exists = dev.exist
     except Exception:  # this TVM build has no runtime for that kind
         exists = False
@@ -149,7 +143,7 @@ class ModelRunner:
         self.info = manifest.read_weights(self.model_dir)
         self.dev = parse_device(device)
         self.vm, self.meta = load_library(self.lib, self.dev)
-        kind = DEVICE_KINDS[device.partition(":")[0]]
+        kind = parse_device_kind(device)[0]
         if self.meta.get("device", "cpu") != kind:
             raise GptbcError(f"--lib {self.lib} was built for {self.meta.get('device')} "
                              f"(--target {self.meta.get('target')}), not for device {device!r}")

@@ -1,7 +1,10 @@
-"""Every `--target` spelling in one table: the TVM target it means, what it produces, what it needs.
+"""Every per-target decision in one table: for each `--target` spelling the TVM target it means, the
+compile pipeline it gets, what it produces and needs, and the runtime device it runs on; and for each
+runtime device spelling (`--device`, `Engine(device=...)`) the TVM device kind it means.
 
 Adding a target is adding a `TargetSpec` here; the compile driver, the runtime and `gptbc targets`
-read this table and nothing else decides per-target behaviour.
+read these tables and nothing else decides per-target behaviour. Importing this module imports no TVM
+(the hooks import what they need when called).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import platform
 import re
 import shutil
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 from .errors import GptbcError
 
@@ -30,17 +34,63 @@ class Build:
     cc: str | None = None  # cross compiler used to link a shared library
 
 
+def _cpu_rules() -> list:
+    from .schedules import cpu_rules
+
+    return cpu_rules()
+
+
+def _gpu_rules() -> list:
+    from .schedules import gpu_rules
+
+    return gpu_rules()
+
+
+def _fast_cpu_attention(mod, cfg, quant):
+    from .kernels import use_fast_cpu_attention
+
+    return use_fast_cpu_attention(mod, cfg.n_kv_head, cfg.n_head, cfg.head_dim, quant.model_dtype)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """How the compile driver lowers the model for a family of targets (the passes around these: compiler.py)."""
+
+    name: str
+    schedule_rules: Callable[[], list]  # dlight rules applied to every fused kernel (schedules.py)
+    # (Relax module, config, quantization) → the module with hand-written kernels swapped in, before any pass
+    replace_kernels: Callable[[Any, Any, Any], Any] = field(default=lambda mod, _cfg, _quant: mod)
+
+
+# CPU: our matmul / parallel schedules, and our prefill attention in place of TVM's serial CPU kernels.
+CPU_PIPELINE = Pipeline("cpu", _cpu_rules, _fast_cpu_attention)
+# GPU: dlight's rules (kept off the tensorize paths that crash TVM 0.27, see schedules.gpu_rules).
+GPU_PIPELINE = Pipeline("gpu", _gpu_rules)
+
+
+def _nvcc_fatbin(executable, target, variant: str | None, output: Path) -> tuple[dict[Path, bytes], str]:
+    """CUDA: the kernels compiled by nvcc, written beside the library (see cuda.py)."""
+    from .cuda import aot_cuda_kernels
+
+    archs = cuda_archs(variant)
+    return (aot_cuda_kernels(executable, target, archs, output),
+            f"compile CUDA kernels with nvcc for {','.join(archs)} (+ PTX)")
+
+
 @dataclass(frozen=True)
 class TargetSpec:
     name: str
     description: str
     device: str  # runtime device kind the library runs on: "cpu", "cuda", "metal", "vulkan", "webgpu"
+    pipeline: Pipeline  # CPU_PIPELINE or GPU_PIPELINE
     toolchain: str  # what building needs, in words
     plan: Callable[[str | None], Build]  # variant ("sm_86" in "cuda:sm_86") → what to build
     aliases: tuple[str, ...] = ()
     variant_pattern: str | None = None  # regex a ":variant" must match
     unavailable: Callable[[], str | None] = field(default=lambda: None)  # why this machine cannot build it
     runs_here: Callable[[], bool] = field(default=lambda: False)
+    # (built executable, TVM target, variant, library path) → (files to write beside the library, what it did)
+    sidecars: Callable[[Any, Any, str | None, Path], tuple[dict[Path, bytes], str]] | None = None
 
 
 def host_cpu_target(mcpu: str | None = None, num_cores: int | None = None) -> dict:
@@ -75,7 +125,7 @@ def cuda_archs(variant: str | None) -> list[str]:
 
 def _cuda(variant: str | None) -> Build:
     # Kernels are generated for the lowest arch (so they use nothing a listed GPU lacks); nvcc then
-    # writes SASS for every listed arch and PTX for the highest (compiler.aot_cuda_kernels).
+    # writes SASS for every listed arch and PTX for the highest (the sidecars hook: cuda.aot_cuda_kernels).
     arch = cuda_archs(variant)[0]
     # 48 KiB is the static shared-memory limit on every CUDA GPU; stating it keeps TVM from guessing.
     return Build({"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152, "host": host_cpu_target()},
@@ -137,21 +187,21 @@ def _device_exists(kind: str) -> Callable[[], bool]:
 
 TARGETS: list[TargetSpec] = [
     TargetSpec("cpu", "this machine's CPU (LLVM with the host's features; `cpu:MCPU` overrides)", "cpu",
-               "LLVM (in TVM) and a C compiler to link", _cpu, aliases=("llvm",), variant_pattern=r"[\w.-]+",
-               runs_here=lambda: True),
+               CPU_PIPELINE, "LLVM (in TVM) and a C compiler to link", _cpu, aliases=("llvm",),
+               variant_pattern=r"[\w.-]+", runs_here=lambda: True),
     TargetSpec("cuda", "NVIDIA GPU; `cuda:sm_XX[,sm_YY...]` picks the architectures (default: the local GPU's, "
-               "else sm_80); PTX of the highest is embedded for newer GPUs", "cuda", "nvcc", _cuda,
+               "else sm_80); PTX of the highest is embedded for newer GPUs", "cuda", GPU_PIPELINE, "nvcc", _cuda,
                variant_pattern=r"sm_\d{2,3}a?(,sm_\d{2,3}a?)*", unavailable=_no_nvcc,
-               runs_here=_device_exists("cuda")),
+               runs_here=_device_exists("cuda"), sidecars=_nvcc_fatbin),
     TargetSpec("metal", "Apple silicon GPU: a .dylib on macOS, elsewhere a .tar of objects for a macOS build",
-               "metal", "LLVM (in TVM); on macOS the Xcode command line tools", _metal,
+               "metal", GPU_PIPELINE, "LLVM (in TVM); on macOS the Xcode command line tools", _metal,
                runs_here=_device_exists("metal")),
-    TargetSpec("vulkan", "Vulkan GPU (needs a TVM built with USE_VULKAN=ON)", "vulkan", "TVM with Vulkan codegen",
-               _vulkan, unavailable=_no_vulkan_codegen, runs_here=_device_exists("vulkan")),
+    TargetSpec("vulkan", "Vulkan GPU (needs a TVM built with USE_VULKAN=ON)", "vulkan", GPU_PIPELINE,
+               "TVM with Vulkan codegen", _vulkan, unavailable=_no_vulkan_codegen, runs_here=_device_exists("vulkan")),
     TargetSpec("webgpu", "browsers (WGSL shaders, wasm32 host code), a .tar for a web runtime", "webgpu",
-               "LLVM (in TVM)", _webgpu),
+               GPU_PIPELINE, "LLVM (in TVM)", _webgpu),
     TargetSpec("aarch64-linux", "64-bit ARM Linux boards (NEON): a .so with aarch64-linux-gnu-gcc, else a .tar",
-               "cpu", "LLVM (in TVM); aarch64-linux-gnu-gcc to link a .so", _aarch64,
+               "cpu", CPU_PIPELINE, "LLVM (in TVM); aarch64-linux-gnu-gcc to link a .so", _aarch64,
                runs_here=lambda: platform.machine() in ("aarch64", "arm64") and platform.system() == "Linux"),
 ]
 
@@ -176,3 +226,17 @@ def plan_build(spelling: str) -> tuple[TargetSpec, Build]:
     if why:
         raise GptbcError(f"--target {spelling}: cannot build here: {why}")
     return spec, spec.plan(variant)
+
+
+# Runtime device spellings → TVM device kind (the kind a library's `device` must equal to run there).
+DEVICE_KINDS = {"cpu": "cpu", "llvm": "cpu", "cuda": "cuda", "metal": "metal", "vulkan": "vulkan", "rocm": "rocm",
+                "opencl": "opencl"}
+
+
+def parse_device_kind(spelling: str) -> tuple[str, int]:
+    """'cpu', 'cuda:0', 'metal', 'vulkan:1' → (TVM device kind, index); anything else is a one-line error."""
+    kind, _, index = spelling.partition(":")
+    if kind not in DEVICE_KINDS or (index and not (index.isascii() and index.isdigit())):
+        raise GptbcError(f"device {spelling!r}: expected one of {', '.join(sorted(set(DEVICE_KINDS)))}, "
+                         f"optionally with :INDEX")
+    return DEVICE_KINDS[kind], int(index or 0)

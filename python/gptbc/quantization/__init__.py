@@ -1,17 +1,19 @@
-"""Weight quantization schemes: one table, one entry per `--quantization` name.
+"""Weight quantization schemes: one table, one entry per `--quantization` name, and the numpy
+quantize / dequantize that the converter writes with and the tests check against. Imports no TVM.
 
 Grouped schemes (`q8*_1`, `q4*_1`) are symmetric with one scale per 32 consecutive input features:
-    scale = max|w[group]| / max_int          (max_int = 127 for int8, 7 for int4)
-    q     = round(w / scale) + max_int       (stored unsigned: 0..254 or 0..14)
-    w'    = (q - max_int) * scale
-int4 values are packed little-end-first into uint32 words along the input dimension (8 per word);
+    scale = max|w[group]| / max_int          (max_int = 127 for int8, 7 for int4; int4 may clip, see below)
+    q     = round(w / scale)                 (-max_int..max_int)
+    w'    = q * scale
 int8 values are stored as they are, signed (int8[out, in]): a vector load then needs no unpacking,
 which on the CPU is the difference between a compute-bound and a bandwidth-bound int8 GEMV.
+int4 values are stored unsigned as q + max_int (0..14), packed little-end-first into uint32 words along
+the input dimension (8 per word).
 Scales are in the activation dtype. A weight of shape (out, in) becomes
     q_weight uint32[out, ceil(in / 8)] (int4) or int8[out, in] (int8),  q_scale dtype[out, ceil(in / 32)]
-with the tail of the last int4 word padded with zero weights (stored as max_int, which dequantizes to 0). The same layout serves the token embedding (rows are
-tokens) and so a tied lm_head. The numpy functions here are the converter and the test reference;
-`model.py` holds the matching dequantize-in-the-matmul compute.
+with the tail of the last int4 word padded with zero weights (stored as max_int, which dequantizes to 0).
+The same layout serves the token embedding (rows are tokens) and so a tied lm_head.
+`layers.py` holds the matching nn.Modules, which dequantize inside the matmul / lookup kernel.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from .errors import GptbcError
+from ..errors import GptbcError
 
 
 @dataclass(frozen=True)
@@ -54,12 +56,6 @@ class Quantization:
         rows, cols = shape
         return (rows, -(-cols // self.per_word)), (rows, -(-cols // self.group_size))
 
-    def bytes_per_weight(self) -> float:
-        """Average stored bytes per weight element, scales included."""
-        if self.kind == "none":
-            return float(np.dtype(numpy_dtype(self.model_dtype)).itemsize)
-        return self.bits / 8 + np.dtype(numpy_dtype(self.model_dtype)).itemsize / self.group_size
-
 
 QUANTIZATIONS: dict[str, Quantization] = {
     q.name: q for q in [
@@ -82,10 +78,6 @@ def get_quantization(name: str, quantize_lm_head: bool = True) -> Quantization:
     if q.kind == "group" and not quantize_lm_head:
         q = Quantization(q.name, q.kind, q.model_dtype, q.bits, q.group_size, quantize_lm_head=False)
     return q
-
-
-def quantization_from_description(desc: dict) -> Quantization:
-    return get_quantization(desc["name"], quantize_lm_head=desc.get("quantize_lm_head", True))
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -112,7 +104,8 @@ ROWS_PER_CHUNK = 2048  # quantize in row blocks: temporaries stay a few MB whate
 
 
 def quantize(w: np.ndarray, q: Quantization) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, cols) float → (uint32 packed, scales) as described in the module docstring."""
+    """(rows, cols) float → (q_weight, q_scale): int8[rows, cols] or uint32[rows, ceil(cols / 8)] packed int4,
+    and scales in model_dtype, laid out as the module docstring describes."""
     rows, cols = w.shape
     packed_shape, scale_shape = q.packed_shape((rows, cols))
     packed = np.empty(packed_shape, q.storage_dtype)
