@@ -50,7 +50,23 @@ def cmd_compile(args: argparse.Namespace) -> int:
         keep_head = keep_head or not scheme.get("quantize_lm_head", True)
     out = compile_model(source, args.target, quantization, args.output,
                         log=lambda m: print(m, file=sys.stderr, flush=True), quantize_lm_head=not keep_head)
+    _print_memory_plan(source.config, quantization, keep_head)
     print(out)
+    return 0
+
+
+def _print_memory_plan(cfg, quantization: str, keep_head: bool) -> None:
+    from .memory import compile_report
+    from .quantization import get_quantization
+
+    for line in compile_report(cfg, get_quantization(quantization, not keep_head)):
+        print(f"[gptbc] memory plan: {line}", file=sys.stderr)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .memory import models_table
+
+    print(models_table(as_json=args.json))
     return 0
 
 
@@ -64,8 +80,10 @@ def cmd_convert_weight(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .memory import check_converted_run
     from .runtime import Completion, Engine
 
+    check_converted_run(args.out_dir, args.lib, args.device, None, None)  # refuse before allocating
     engine = Engine(args.out_dir, args.lib, device=args.device)
     sampling = {k: getattr(args, k) for k in (
         "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
@@ -122,7 +140,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .runtime import Engine
     from .server import serve
 
+    from .memory import check_converted_run
+
     api_key = args.api_key or os.environ.get("GPTBC_API_KEY") or None
+    check_converted_run(args.out_dir, args.lib, args.device, args.max_total_seq_len, args.max_batch)
     engine = Engine(args.out_dir, args.lib, device=args.device, max_batch_size=args.max_batch,
                     max_total_seq_len=args.max_total_seq_len)
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
@@ -219,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=_positive_int("--max-body-bytes"), default=4 << 20)
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("models", help="list the bundled presets: parameters, weight bytes per quantization, "
+                                      "KV-cache bytes per token, the Hub id each stands for")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
 
     t = sub.add_parser("targets", help="list the targets")
     t.set_defaults(func=cmd_targets)
