@@ -50,7 +50,23 @@ def cmd_compile(args: argparse.Namespace) -> int:
         keep_head = keep_head or not scheme.get("quantize_lm_head", True)
     out = compile_model(source, args.target, quantization, args.output,
                         log=lambda m: print(m, file=sys.stderr, flush=True), quantize_lm_head=not keep_head)
+    _print_memory_plan(source.config, quantization, keep_head)
     print(out)
+    return 0
+
+
+def _print_memory_plan(cfg, quantization: str, keep_head: bool) -> None:
+    from .memory import compile_report
+    from .quantization import get_quantization
+
+    for line in compile_report(cfg, get_quantization(quantization, not keep_head)):
+        print(f"[gptbc] memory plan: {line}", file=sys.stderr)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .memory import models_table
+
+    print(models_table(as_json=args.json))
     return 0
 
 
@@ -287,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help=DEVICE_HELP)
     s.add_argument("--threads", type=_positive_int("--threads"), help=THREADS_HELP)
     s.set_defaults(func=cmd_serve)
+
+    m = command("models", "list the bundled presets: parameters, weight bytes per quantization, KV-cache bytes "
+                          "per token, the Hub id each stands for")
+    m.add_argument("--json", action="store_true", help="print the table as JSON")
+    m.set_defaults(func=cmd_models)
 
     t = command("targets", "list the targets, and what this machine can build and run")
     t.set_defaults(func=cmd_targets)

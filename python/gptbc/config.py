@@ -150,7 +150,9 @@ def load_hf_config(directory: Path, **overrides: Any) -> GPTBigCodeConfig:
     path = Path(directory) / HF_CONFIG
     if not path.is_file():
         raise GptbcError(f"{directory}: no config.json here (expected a Hugging Face model directory)")
-    return GPTBigCodeConfig.from_dict(read_json(path), source=str(path), **overrides)
+    from .layouts import normalize_config  # the original SantaCoder layout reads as gpt_bigcode
+
+    return GPTBigCodeConfig.from_dict(normalize_config(read_json(path), str(path)), source=str(path), **overrides)
 
 
 def load_gptbc_config(directory: Path) -> dict[str, Any]:
@@ -203,7 +205,10 @@ def resolve_model(spec: str, with_weights: bool = False, **overrides: Any) -> Mo
             return ModelSource(raw.get("model_name", name), cfg, path)
         return ModelSource(name, load_hf_config(path, **overrides), path)
     if spec in preset_names():
-        raw = json.loads(resources.files("gptbc.presets").joinpath(f"{spec}.json").read_text("utf-8"))
+        from .layouts import normalize_config
+
+        raw = normalize_config(json.loads(resources.files("gptbc.presets").joinpath(f"{spec}.json").read_text("utf-8")),
+                               f"preset {spec}")
         return ModelSource(spec, GPTBigCodeConfig.from_dict(raw, source=f"preset {spec}", **overrides), None)
     if path.exists():
         raise GptbcError(f"--model {spec}: is a file, expected a preset name or a model directory")

@@ -206,7 +206,9 @@ def convert_weight(hf_dir: str | Path, quantization: str, out_dir: str | Path, p
     cfg = load_hf_config(hf_dir)
     if out_dir.exists() and not (out_dir / GPTBC_CONFIG).is_file() and any(out_dir.iterdir()):
         raise GptbcError(f"-o {out_dir}: exists and is not a gptbc weights directory; refusing to overwrite it")
-    ckpt = Checkpoint(hf_dir)
+    from .layouts import wrap_checkpoint  # original SantaCoder layout → gpt_bigcode tensors, on the fly
+
+    ckpt = wrap_checkpoint(Checkpoint(hf_dir), hf_dir, cfg)
     try:
         plans = plan_conversion(cfg, quant, ckpt)
         try:

@@ -7,6 +7,7 @@ batch, verify) and nothing else: no text, no requests, no sampling. The schedule
 from __future__ import annotations
 
 import os
+import dataclasses
 from pathlib import Path
 from typing import Sequence
 
@@ -15,6 +16,8 @@ import numpy as np
 from . import manifest
 from .config import GPTBC_CONFIG, GPTBigCodeConfig
 from .errors import GptbcError
+from .memory import check_fits
+from .quantization import get_quantization, numpy_dtype
 from .targets import parse_device_kind
 from .tensorfile import SafetensorsFile
 
@@ -75,6 +78,11 @@ def load_library(lib: str | Path, dev):
     except Exception as err:  # TVM raises its own error types for a foreign or broken file
         raise GptbcError(f"--lib {lib}: not a gptbc model library ({str(err).splitlines()[0][:200]})") from None
     return vm, manifest.parse_library(text, lib)
+
+
+def weight_bytes(info: dict) -> int:
+    """Bytes of the converted weights, from their manifest."""
+    return sum(int(np.prod(p["shape"], dtype=np.int64)) * numpy_dtype(p["dtype"]).itemsize for p in info["params"])
 
 
 def load_params(model_dir: Path, info: dict, meta: dict, dev) -> tuple[list, int]:
@@ -158,6 +166,11 @@ class ModelRunner:
         if not 0 < self.max_batch_size <= int(self.meta["max_batch_size"]):
             raise GptbcError(f"max batch size {self.max_batch_size}: --lib {self.lib} was compiled for 1.."
                              f"{self.meta['max_batch_size']} (compile with a larger --max-batch-size)")
+        self.capacity_tokens = int(max_total_seq_len or self.context_window_size * min(4, self.max_batch_size))
+        self.memory_plan = check_fits(dataclasses.replace(self.config, max_batch_size=self.max_batch_size),
+                                      get_quantization(self.info["quantization"]["name"],
+                                                       self.info["quantization"].get("quantize_lm_head", True)),
+                                      device, self.capacity_tokens, weight_bytes(self.info))  # before allocating
         self.params, self.mapped_bytes = load_params(self.model_dir, self.info, self.meta, self.dev)
         self.page_size = int(self.meta["page_size"])  # the paged-attention kernels are built for it
         # On a GPU, greedy tokens are picked on the device (decode_batch_greedy) instead of copying
@@ -166,7 +179,6 @@ class ModelRunner:
         self.single_row_decode = self.on_cpu
 
         shape = tvm.runtime.ShapeTuple
-        self.capacity_tokens = int(max_total_seq_len or self.context_window_size * min(4, self.max_batch_size))
         self.kv_cache = self.vm["create_paged_kv_cache"](
             shape([self.max_batch_size]), shape([self.capacity_tokens]), shape([self.prefill_chunk_size]),
             shape([self.page_size]), shape([0]))

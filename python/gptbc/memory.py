@@ -1,0 +1,214 @@
+"""Memory arithmetic: parameter counts, weight bytes per quantization, KV-cache and activation bytes, and the
+check that refuses a run that cannot fit the device before anything is allocated.
+
+Everything here is computed from the config alone (no TVM, no weights), so `gptbc models` is instant and
+offline; `tests/test_presets.py` checks `weight_bytes` against the parameter list the compiled model takes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import GPTBigCodeConfig
+from .errors import GptbcError
+from .manifest import PAGE_SIZE
+from .quantization import Quantization, is_quantized, numpy_dtype
+
+
+
+def hf_shapes(cfg: GPTBigCodeConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every parameter in gpt_bigcode naming, Linear weights [out, in]; lm_head only if untied."""
+    e, inner, qkv = cfg.n_embd, cfg.n_inner, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+    out = [("transformer.wte.weight", (cfg.vocab_size, e)), ("transformer.wpe.weight", (cfg.n_positions, e))]
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}."
+        out += [(p + "ln_1.weight", (e,)), (p + "ln_1.bias", (e,)),
+                (p + "attn.c_attn.weight", (qkv, e)), (p + "attn.c_attn.bias", (qkv,)),
+                (p + "attn.c_proj.weight", (e, e)), (p + "attn.c_proj.bias", (e,)),
+                (p + "ln_2.weight", (e,)), (p + "ln_2.bias", (e,)),
+                (p + "mlp.c_fc.weight", (inner, e)), (p + "mlp.c_fc.bias", (inner,)),
+                (p + "mlp.c_proj.weight", (e, inner)), (p + "mlp.c_proj.bias", (e,))]
+    out += [("transformer.ln_f.weight", (e,)), ("transformer.ln_f.bias", (e,))]
+    if not cfg.tie_word_embeddings:
+        out.append(("lm_head.weight", (cfg.vocab_size, e)))
+    return out
+
+
+def parameter_count(cfg: GPTBigCodeConfig) -> int:
+    return sum(int(np.prod(s)) for _, s in hf_shapes(cfg))
+
+
+def weight_bytes(cfg: GPTBigCodeConfig, quant: Quantization) -> int:
+    """Bytes of the converted weights (packed ints + scales for quantized weights, the rest in model_dtype)."""
+    item = numpy_dtype(quant.model_dtype).itemsize
+    total = 0
+    for name, shape in hf_shapes(cfg):
+        if is_quantized(quant, name, cfg.tie_word_embeddings):
+            (rows, words), (_, groups) = quant.packed_shape(shape)
+            total += rows * words * np.dtype(quant.storage_dtype).itemsize + rows * groups * item
+        else:
+            total += int(np.prod(shape)) * item
+    return total
+
+
+def kv_bytes_per_token(cfg: GPTBigCodeConfig, quant: Quantization, n_kv_head: int | None = None) -> int:
+    """K and V of every layer for one token, in the activation dtype."""
+    kv = cfg.n_kv_head if n_kv_head is None else n_kv_head
+    return 2 * cfg.n_layer * kv * cfg.head_dim * numpy_dtype(quant.model_dtype).itemsize
+
+
+def kv_cache_bytes(cfg: GPTBigCodeConfig, quant: Quantization, tokens: int) -> int:
+    """The paged cache for `tokens` tokens over all sequences (whole pages)."""
+    return -(-tokens // PAGE_SIZE) * PAGE_SIZE * kv_bytes_per_token(cfg, quant)
+
+
+def activation_bytes(cfg: GPTBigCodeConfig, quant: Quantization, prefill_chunk: int, batch: int) -> int:
+    """Estimate of the largest intermediates live in one model call: a prefill chunk's hidden state, residual,
+    fused qkv, attention output and MLP activation, plus float32 logits for a full decode batch.
+
+    An estimate (TVM's memory planner decides the exact buffers); it is small next to weights and KV cache.
+    """
+    item = numpy_dtype(quant.model_dtype).itemsize
+    qkv = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+    rows = max(prefill_chunk, batch)
+    return rows * (3 * cfg.n_embd + qkv + cfg.n_inner) * item + max(batch, 1) * cfg.vocab_size * 4
+
+
+def engine_kv_tokens(context_window: int, max_batch: int, max_total_seq_len: int | None = None) -> int:
+    """Tokens the engine's KV cache holds by default (runtime.Engine: context window × min(4, batch))."""
+    return int(max_total_seq_len or context_window * min(4, max_batch))
+
+
+@dataclass
+class Plan:
+    weights: int
+    kv_cache: int
+    activations: int
+    kv_tokens: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations
+
+
+def plan(cfg: GPTBigCodeConfig, quant: Quantization, kv_tokens: int, weights: int | None = None) -> Plan:
+    return Plan(weight_bytes(cfg, quant) if weights is None else weights, kv_cache_bytes(cfg, quant, kv_tokens),
+                activation_bytes(cfg, quant, cfg.prefill_chunk_size, cfg.max_batch_size), kv_tokens)
+
+
+def fmt(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def compile_report(cfg: GPTBigCodeConfig, quant: Quantization) -> list[str]:
+    """What `gptbc compile` prints: the memory a library built for these sizes needs at run time."""
+    per_tok = kv_bytes_per_token(cfg, quant)
+    mha = kv_bytes_per_token(cfg, quant, n_kv_head=cfg.n_head)
+    full = cfg.context_window_size * cfg.max_batch_size
+    default = engine_kv_tokens(cfg.context_window_size, cfg.max_batch_size)
+    lines = [
+        f"weights: {fmt(weight_bytes(cfg, quant))} ({quant.name}, {parameter_count(cfg) / 1e9:.3f}B parameters)",
+        f"KV cache: {fmt(per_tok)} per token ({quant.model_dtype}"
+        + (f"; multi-query: {cfg.n_head}x smaller than multi-head's {fmt(mha)})" if cfg.multi_query else ")"),
+        f"KV cache for context {cfg.context_window_size} x batch {cfg.max_batch_size}: {fmt(kv_cache_bytes(cfg, quant, full))}"
+        f"; the engine's default ({default} tokens, context x min(4, batch)): {fmt(kv_cache_bytes(cfg, quant, default))}",
+        f"activations (estimate, prefill chunk {cfg.prefill_chunk_size}, batch {cfg.max_batch_size}): "
+        f"{fmt(activation_bytes(cfg, quant, cfg.prefill_chunk_size, cfg.max_batch_size))}",
+    ]
+    return lines
+
+
+def device_memory(device: str) -> tuple[int, str] | None:
+    """(bytes usable, what was measured) for a device, or None where it cannot be told.
+
+    GPTBC_DEVICE_MEMORY (bytes) overrides the measurement (for a shared device, or to test the check).
+    """
+    override = os.environ.get("GPTBC_DEVICE_MEMORY")
+    if override:
+        try:
+            return int(float(override)), "GPTBC_DEVICE_MEMORY"
+        except ValueError:
+            raise GptbcError(f"GPTBC_DEVICE_MEMORY={override!r}: expected a number of bytes") from None
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available RAM (MemAvailable)"
+        except OSError:
+            return None
+        return None
+    if kind in ("cuda", "rocm", "vulkan", "metal"):
+        try:
+            import tvm
+
+            dev = tvm.device(kind, int(index or 0))
+            total = dev.total_global_memory if dev.exist else None
+        except Exception:  # noqa: BLE001 - an unknown device attribute means: cannot tell
+            return None
+        return (int(total), f"{kind} total memory") if total else None
+    return None
+
+
+def check_fits(cfg: GPTBigCodeConfig, quant: Quantization, device: str, kv_tokens: int, weights: int) -> Plan:
+    """Raise a one-line error with the numbers if weights + KV cache + activations exceed the device."""
+    p = plan(cfg, quant, kv_tokens, weights)
+    have = device_memory(device)
+    if have is not None and p.total > have[0]:
+        raise GptbcError(
+            f"this configuration needs {fmt(p.total)} on {device} (weights {fmt(p.weights)} + KV cache "
+            f"{fmt(p.kv_cache)} for {p.kv_tokens} tokens + activations ~{fmt(p.activations)}) but the device has "
+            f"{fmt(have[0])} ({have[1]}); lower --max-total-seq-len / --max-batch, or use a smaller quantization")
+    return p
+
+
+def models_table(as_json: bool = False) -> str:
+    """`gptbc models`: every bundled preset with its size figures (offline: presets only)."""
+    import json
+    from importlib import resources
+
+    from .config import preset_names, resolve_model
+    from .quantization import QUANTIZATIONS
+
+    rows = []
+    for name in preset_names():
+        raw = json.loads(resources.files("gptbc.presets").joinpath(f"{name}.json").read_text("utf-8"))
+        cfg = resolve_model(name).config
+        f16 = QUANTIZATIONS["q0f16"]
+        rows.append({
+            "preset": name, "hub_id": raw.get("_hub_id"), "parameters": parameter_count(cfg),
+            "card_parameters": raw.get("_card_params"), "layout": raw.get("model_type"),
+            "attention": "multi-query" if cfg.multi_query else "multi-head",
+            "context": cfg.n_positions,
+            "weight_bytes": {q: weight_bytes(cfg, QUANTIZATIONS[q]) for q in QUANTIZATIONS},
+            "kv_bytes_per_token_f16": kv_bytes_per_token(cfg, f16),
+            "mha_kv_bytes_per_token_f16": kv_bytes_per_token(cfg, f16, n_kv_head=cfg.n_head),
+            "unverified": raw.get("_unverified", []),
+        })
+    if as_json:
+        return json.dumps(rows, indent=2)
+    quants = list(QUANTIZATIONS)
+    head = (f"{'preset':<20} {'hub id':<36} {'params':>7} {'ctx':>5} "
+            + " ".join(f"{q:>8}" for q in quants) + f" {'KV/token f16':>13} {'MHA would be':>13}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        kv, mha = r["kv_bytes_per_token_f16"], r["mha_kv_bytes_per_token_f16"]
+        lines.append(
+            f"{r['preset']:<20} {r['hub_id'] or '-':<36} {r['parameters'] / 1e9:6.2f}B {r['context']:>5} "
+            + " ".join(f"{r['weight_bytes'][q] / (1 << 30):8.2f}" for q in quants)
+            + f" {fmt(kv):>13} {fmt(mha) + f' ({mha // kv}x)':>13}" + (" *" if r["unverified"] else ""))
+    lines.append("Columns q0f32..q4f32_1: converted weight bytes (GiB) per quantization, scales included.")
+    lines.append("KV/token: K and V of every layer for one token in float16 (double for the f32 schemes); "
+                 "'MHA would be': the same model with one K/V head per query head.")
+    if any(r["unverified"] for r in rows):
+        lines.append("*: some config values could not be read from the model's published config.json; see the "
+                     "preset's _source / _unverified fields.")
+    return "\n".join(lines)

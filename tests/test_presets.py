@@ -1,0 +1,124 @@
+"""The family presets, `gptbc models`, and the memory plan (compile report, generate/serve refusal)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from importlib import resources
+
+import pytest
+
+from gptbc.cli import main
+from gptbc.config import GPTBigCodeConfig, preset_names, resolve_model
+from gptbc.memory import kv_bytes_per_token, parameter_count, weight_bytes
+from gptbc.quantization import QUANTIZATIONS, get_quantization, numpy_dtype
+
+FAMILY = {"tiny_starcoder_py", "starcoderbase-1b", "starcoderbase-3b", "starcoderbase-7b", "starcoder",
+          "starcoderbase", "starcoderplus", "wizardcoder-15b", "octocoder", "sqlcoder", "santacoder",
+          "santacoder-original"}
+
+
+def raw_preset(name: str) -> dict:
+    return json.loads(resources.files("gptbc.presets").joinpath(f"{name}.json").read_text("utf-8"))
+
+
+def test_every_family_preset_resolves_and_cites_its_source():
+    assert FAMILY <= set(preset_names())
+    for name in preset_names():
+        raw = raw_preset(name)
+        assert raw.get("_source") and raw.get("_hub_id") and raw.get("_card_params") and raw.get("_card_source"), name
+        cfg = resolve_model(name).config
+        assert cfg.multi_query and cfg.n_positions in (2048, 8192), name
+
+
+def card_figure_matches(count: int, figure: str) -> bool:
+    """'15.5B' / '164M': the count, in the figure's unit, rounds or truncates to the figure at its precision.
+
+    Model cards quote sizes rounded (santacoder 1.118B → "1.1B") or truncated (starcoderbase-7b 7.33B → "7B").
+    """
+    m = re.fullmatch(r"(\d+(?:\.(\d+))?)([MB])", figure)
+    assert m, figure
+    value, decimals = float(m.group(1)), len(m.group(2) or "")
+    scaled = count / (1e9 if m.group(3) == "B" else 1e6)
+    step = 10 ** -decimals
+    return math.isclose(round(scaled, decimals), value) or math.isclose(math.floor(scaled / step) * step, value)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_parameter_count_matches_the_model_card(name):
+    """Figures from each model card, cited in the preset's _card_source (e.g. tiny_starcoder_py: "This is a
+    164M parameters model"; starcoder: "15.5B parameter models"; santacoder: "1.1B parameter models")."""
+    count = parameter_count(resolve_model(name).config)
+    assert card_figure_matches(count, raw_preset(name)["_card_params"]), (name, count)
+
+
+def test_card_check_can_fail():
+    assert not card_figure_matches(2_400_000_000, "3B") and not card_figure_matches(170_000_000, "164M")
+    assert card_figure_matches(15_517_456_384, "15.5B") and card_figure_matches(7_327_505_408, "7B")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_weight_bytes_equal_the_compiled_parameter_list(tied):
+    """memory.weight_bytes (pure arithmetic) against the parameter list the Relax model really takes."""
+    from gptbc.loader import model_params
+
+    cfg = GPTBigCodeConfig(n_embd=96, n_head=3, n_layer=2, n_positions=64, vocab_size=301, n_inner=200,
+                           multi_query=not tied, tie_word_embeddings=tied)
+    for name in QUANTIZATIONS:
+        for keep_head in (False, True):
+            q = get_quantization(name, quantize_lm_head=not keep_head)
+            real = sum(math.prod(s) * numpy_dtype(d).itemsize for _, s, d in model_params(cfg, q))
+            assert weight_bytes(cfg, q) == real, (name, keep_head)
+
+
+def test_mqa_kv_cache_is_n_head_times_smaller():
+    cfg = resolve_model("starcoder").config
+    f16 = QUANTIZATIONS["q4f16_1"]
+    assert kv_bytes_per_token(cfg, f16) == 2 * 40 * 1 * 128 * 2  # 20 KiB
+    assert kv_bytes_per_token(cfg, f16, n_kv_head=cfg.n_head) == 48 * kv_bytes_per_token(cfg, f16)
+
+
+def test_gptbc_models_lists_every_preset(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in preset_names():
+        assert re.search(rf"^{re.escape(name)}\s+{re.escape(raw_preset(name)['_hub_id'])}\s", out, re.M), name
+    assert main(["models", "--json"]) == 0
+    rows = {r["preset"]: r for r in json.loads(capsys.readouterr().out)}
+    sc = rows["starcoder"]
+    assert sc["kv_bytes_per_token_f16"] * 48 == sc["mha_kv_bytes_per_token_f16"]
+    assert sc["weight_bytes"]["q4f16_1"] < sc["weight_bytes"]["q8f16_1"] < sc["weight_bytes"]["q0f16"]
+    assert rows["octocoder"]["unverified"] and not rows["starcoder"]["unverified"]
+
+
+@pytest.mark.parametrize("preset", ["tiny_starcoder_py", "santacoder-original"])
+def test_compile_small_presets_offline_reports_memory(preset, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lib = tmp_path / "m.so"
+    assert main(["compile", "--model", preset, "--target", "cpu", "--context-window-size", "256",
+                 "--max-batch-size", "4", "-o", str(lib)]) == 0
+    assert lib.is_file()
+    err = capsys.readouterr().err
+    cfg = resolve_model(preset, context_window_size=256, max_batch_size=4).config
+    per_tok = kv_bytes_per_token(cfg, QUANTIZATIONS["q0f32"])
+    assert f"KV cache: {per_tok / 1024:.2f} KiB per token" in err
+    assert f"{cfg.n_head}x smaller than multi-head" in err
+    assert "KV cache for context 256 x batch 4: " + f"{256 * 4 * per_tok / (1 << 20):.2f} MiB" in err
+
+
+def test_generate_and_serve_refuse_what_cannot_fit_before_allocating(tiny_model, capsys, monkeypatch):
+    m = tiny_model("mqa64")
+    capsys.readouterr()  # building the fixture prints progress bars
+    # 10^9 tokens of KV cache is ~1 TB for this model: allocating it would fail or swap; the check refuses first.
+    code = main(["serve", str(m.out_dir), "--lib", str(m.lib), "--max-total-seq-len", "1000000000", "--port", "0"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: this configuration needs ") and err.count("\n") == 1
+    assert "KV cache" in err and "1000000000 tokens" in err and "available RAM" in err
+    monkeypatch.setenv("GPTBC_DEVICE_MEMORY", "1000")
+    code = main(["generate", str(m.out_dir), "--lib", str(m.lib), "--prompt-ids", "1,2", "--max-new-tokens", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "the device has 1000 B (GPTBC_DEVICE_MEMORY)" in err
+    monkeypatch.setenv("GPTBC_DEVICE_MEMORY", str(1 << 40))
+    assert main(["generate", str(m.out_dir), "--lib", str(m.lib), "--prompt-ids", "1,2", "--max-new-tokens",
+                 "2"]) == 0
