@@ -36,6 +36,11 @@ def parse_device(device: str):
     if kind not in DEVICE_KINDS or (index and not index.isdigit()):
         raise GptbcError(f"device {device!r}: expected one of {', '.join(sorted(set(DEVICE_KINDS)))}, "
                          f"optionally with :INDEX")
+    if kind == "vulkan" and tvm.get_global_func("device_api.vulkan", allow_missing=True) is None:
+        # No TVM Vulkan runtime (the PyPI wheel): Vulkan runs WGSL libraries on gptbc's WebGPU runtime.
+        from . import webgpu
+
+        return webgpu.device(int(index or 0))
     try:
         dev = tvm.device(DEVICE_KINDS[kind], int(index or 0))
         exists = dev.exist
@@ -102,8 +107,19 @@ def load_library(lib: str | Path, dev):
     if dev.dlpack_device_type() == tvm.cuda(0).dlpack_device_type():
         serve_prebuilt_cuda_kernels(lib)
     try:
-        vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), dev)
+        try:
+            module = tvm.runtime.load_module(str(lib))
+        except Exception as err:
+            if "load_from_bytes.webgpu" not in str(err):
+                raise
+            from . import webgpu  # a WGSL library (--target vulkan): load the runtime it needs, then retry
+
+            webgpu.load_runtime()
+            module = tvm.runtime.load_module(str(lib))
+        vm = relax.VirtualMachine(module, dev)
         meta = json.loads(str(vm["_metadata"]()))
+    except GptbcError:
+        raise
     except Exception as err:  # TVM raises its own error types for a foreign or broken file
         raise GptbcError(f"--lib {lib}: not a gptbc model library ({str(err).splitlines()[0][:200]})") from None
     return vm, meta
@@ -206,6 +222,10 @@ class Engine:
         if self.on_cpu:
             use_all_cores()
         check_compatible(self.lib, self.meta, self.model_dir, self.info)
+        if self.dev.dlpack_device_type() == 15:  # WebGPU runtime (Vulkan): binding limits, shader-f16
+            from . import webgpu
+
+            webgpu.check_model(self.meta, self.dev, self.lib)
         self.config = GPTBigCodeConfig.from_dict(self.meta["model_config"], source=f"--lib {self.lib}")
         self.context_window_size = int(self.meta["context_window_size"])
         self.prefill_chunk_size = int(self.meta["prefill_chunk_size"])
