@@ -226,6 +226,9 @@ class Engine:
             from . import webgpu
 
             webgpu.check_model(self.meta, self.dev, self.lib)
+            # Reusing a cached prefix prefills onto existing KV history, which is wrong on this path
+            # (docs/targets.md, Problem 3): never fork cached prefixes here.
+            prefix_cache_size = 0
         self.config = GPTBigCodeConfig.from_dict(self.meta["model_config"], source=f"--lib {self.lib}")
         self.context_window_size = int(self.meta["context_window_size"])
         self.prefill_chunk_size = int(self.meta["prefill_chunk_size"])
