@@ -268,4 +268,23 @@ def test_weight_over_binding_limit_is_refused(tmp_path):
     comp = gptbc("compile", "--model", tmp_path / "out", "--target", "vulkan", "-o", lib)
     assert comp.returncode == 0, comp.stderr
     run = gptbc("generate", tmp_path / "out", "--lib", lib, "--device", "vulkan", "--prompt-ids", "1,2")
-    assert_one_line_error(run, "tensor wte", f"{vocab * 128 * 4} bytes", f"{limit} bytes")
+    assert_one_line_error(run, "tensor transformer.wte.weight", f"{vocab * 128 * 4} bytes", f"{limit} bytes")
+
+
+def test_gptbc_run_on_vulkan(tiny_model, vulkan_lib, tmp_path_factory):
+    """The native runner, built with the README's CMake commands, loads libgptbc_webgpu from beside itself."""
+    from test_native import build
+
+    m = tiny_model("mqa64")
+    out, vk, cpu = vulkan_lib("mqa64")
+    exe = build(tmp_path_factory.mktemp("native-vulkan") / "build") / "gptbc-run"
+    assert (exe.parent / "libgptbc_webgpu.so").is_file()
+    run = subprocess.run([exe, "--model", out, "--lib", vk, "--device", "vulkan", "--prompt-ids",
+                          ",".join(map(str, PROMPT)), "--max-new-tokens", str(STEPS), "--json"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["token_ids"] == hf_greedy(m.hf_dir, PROMPT)
+    for args, needle in ((["--lib", vk], "run it with --device vulkan"),
+                         (["--lib", cpu, "--device", "vulkan"], "built for cpu")):
+        bad = subprocess.run([exe, "--model", out, *args, "--prompt-ids", "1,2"], capture_output=True, text=True)
+        assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and needle in bad.stderr, bad.stderr
