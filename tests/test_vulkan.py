@@ -171,6 +171,11 @@ def test_prefill_onto_existing_history(tiny_model, engines):
         want = load_hf(tiny_model("mha64").hf_dir)(torch.tensor([PROMPT[:21]])).logits[0, -4:].numpy()
     seq = gpu.add_sequence()
     gpu.prefill(seq, PROMPT[:17])
+    from gptbc.errors import GptbcError
+
+    with pytest.raises(GptbcError, match="already holds KV entries.*Problem 3"):  # the engine refuses it ...
+        gpu.verify(seq, PROMPT[17:21])
+    gpu._with_history.discard(seq)  # ... so run the kernels anyway, to see whether they are still wrong
     got = gpu.verify(seq, PROMPT[17:21])
     gpu.remove_sequence(seq)
     assert close(got, want, 1e-4), float(np.abs(got - want).max())

@@ -219,6 +219,8 @@ class Engine:
             raise GptbcError(f"--lib {self.lib} was built for {self.meta.get('device')} "
                              f"(--target {self.meta.get('target')}), not for device {device!r}")
         self.on_cpu = kind == "cpu"
+        self.webgpu = self.dev.dlpack_device_type() == 15
+        self._with_history: set[int] = set()  # sequences holding KV entries (WebGPU: see _forward)
         if self.on_cpu:
             use_all_cores()
         check_compatible(self.lib, self.meta, self.model_dir, self.info)
@@ -276,6 +278,7 @@ class Engine:
         if seq_id in self._live:
             self._remove(self.kv_cache, seq_id)
             self._live.discard(seq_id)
+            self._with_history.discard(seq_id)
 
     def fork_sequence(self, parent: int, length: int) -> int:
         """A new sequence sharing the first `length` tokens of `parent` (pages shared, not recomputed)."""
@@ -283,6 +286,8 @@ class Engine:
         self._next_seq_id += 1
         self._fork(self.kv_cache, parent, child, length)
         self._live.add(child)
+        if length > 0:
+            self._with_history.add(child)
         return child
 
     def sequence_count(self) -> int:
@@ -355,6 +360,14 @@ class Engine:
     def _forward(self, func: str, seq_ids, lengths, embeds, *extra, to_host: bool = True):
         seq_ids = [seq_ids] if isinstance(seq_ids, int) else list(seq_ids)
         lengths = [lengths] if isinstance(lengths, int) else list(lengths)
+        if self.webgpu:  # refuse the one path known to compute wrong attention there (docs/targets.md, Problem 3)
+            for sid, n in zip(seq_ids, lengths):
+                if n > 1 and sid in self._with_history:
+                    raise GptbcError(f"{func} of {n} tokens onto sequence {sid}, which already holds KV entries, "
+                                     f"computes wrong attention on the Vulkan (WebGPU) runtime (docs/targets.md, "
+                                     f"Problem 3); prompts must fit one prefill chunk (compile with a larger "
+                                     f"--prefill-chunk-size)")
+            self._with_history.update(seq_ids)
         self._begin(self.kv_cache, self._shape(seq_ids), self._shape(lengths))
         try:
             logits, self.kv_cache = self.vm[func](embeds, *extra, self.kv_cache, self.params)
