@@ -185,6 +185,10 @@ def check_model(meta: dict, dev, lib) -> None:
     if "float16" in dtypes and not a["shader_f16"]:
         raise GptbcError(f"--lib {lib} computes in float16 ({meta['quantization']['name']}), but the Vulkan adapter "
                          f"{a['name']} has no shader-f16 support; use a float32 scheme (q0f32, q4f32_1, q8f32_1)")
+    narrow = sorted(d for d in dtypes if _itemsize(d) == 1 or d == "bfloat16")
+    if narrow:
+        raise GptbcError(f"--lib {lib} ({meta['quantization']['name']}) has {', '.join(narrow)} weights, which WGSL "
+                         f"cannot address (no 8-bit or bfloat16 types); on Vulkan use q0f32, q0f16, q4f32_1 or q4f16_1")
     for p in meta["params"]:
         nbytes = _itemsize(p["dtype"])
         for d in p["shape"]:
