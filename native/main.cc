@@ -35,16 +35,18 @@ using gptbc::Error;
 const char kUsage[] =
     "usage: gptbc-run --model OUT_DIR --lib LIB (--prompt TEXT | --prompt-ids 1,2,3)\n"
     "                 [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S]\n"
-    "                 [--ignore-eos] [--json]\n"
+    "                 [--ignore-eos] [--json] [--device cpu|vulkan[:N]]\n"
     "\n"
     "Generates with a model library from `gptbc compile` (CPU) and weights from `gptbc convert-weight`.\n"
     "Sampling defaults come from the model's generation_config.json (greedy unless it says do_sample).\n"
+    "  --device      cpu (default) or vulkan[:N]: a --target vulkan library on gptbc's WebGPU runtime\n"
+    "                (libgptbc_webgpu.so beside gptbc-run, or GPTBC_WEBGPU_LIB)\n"
     "  --json        print one JSON object (token_ids, text, finish_reason, prompt_tokens, timings)\n"
     "                instead of streaming text\n"
     "  --ignore-eos  keep generating after an eos token (for benchmarks)\n";
 
 struct Args {
-  std::string model, lib;
+  std::string model, lib, device = "cpu";
   std::optional<std::string> prompt, prompt_ids;
   std::map<std::string, std::string> sampling;  // flag → value, applied over the model's defaults
   bool json = false, ignore_eos = false, help = false;
@@ -52,7 +54,7 @@ struct Args {
 
 Args parse_args(int argc, char** argv) {
   Args a;
-  const std::vector<std::string> valued = {"--model", "--lib", "--prompt", "--prompt-ids", "--max-new-tokens",
+  const std::vector<std::string> valued = {"--model", "--lib", "--device", "--prompt", "--prompt-ids", "--max-new-tokens",
                                            "--temperature", "--top-p", "--top-k", "--seed"};
   for (int i = 1; i < argc; ++i) {
     std::string flag = argv[i], value;
@@ -75,6 +77,7 @@ Args parse_args(int argc, char** argv) {
     }
     if (flag == "--model") a.model = value;
     else if (flag == "--lib") a.lib = value;
+    else if (flag == "--device") a.device = value;
     else if (flag == "--prompt") a.prompt = value;
     else if (flag == "--prompt-ids") a.prompt_ids = value;
     else a.sampling[flag] = value;
@@ -295,7 +298,7 @@ int run(int argc, char** argv) {
   use_all_cores();
   auto start = std::chrono::steady_clock::now();
   gptbc::SamplingParams params = sampling_params(args);
-  gptbc::Model model(args.model, args.lib);
+  gptbc::Model model(args.model, args.lib, args.device);
 
   std::string tok_path = args.model + "/tokenizer.json";
   struct stat st {};

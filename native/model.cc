@@ -1,5 +1,7 @@
 #include "model.h"
 
+#include <dlfcn.h>
+#include <unistd.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -81,10 +83,13 @@ ffi::Function global(const char* name) {
 
 }  // namespace
 
-Model::Model(const std::string& model_dir, const std::string& lib) : model_dir_(model_dir), lib_(lib) {
+Model::Model(const std::string& model_dir, const std::string& lib, const std::string& device)
+    : model_dir_(model_dir), lib_(lib) {
   manifest::Weights weights = manifest::read_weights(model_dir);
+  open_device(device);
   load_library(lib);
   manifest::check_compatible(meta_, weights);
+  if (dev_.device_type == kDLWebGPU) check_device_limits();
   vocab_size_ = meta_.vocab_size;
   n_embd_ = meta_.n_embd;
   context_window_size_ = meta_.context_window_size;
@@ -105,6 +110,71 @@ Model::Model(const std::string& model_dir, const std::string& lib) : model_dir_(
   load_params(weights);
 }
 
+// An uninitialized tensor on a (GPU) device, through TVM's allocator (the runtime's C++ Tensor header
+// needs TVM headers the wheel does not ship).
+ffi::Tensor device_tensor(ffi::Shape shape, DLDataType dtype, DLDevice dev) {
+  return global("runtime.TVMTensorAllocWithScope")(shape, dtype, dev, ffi::Optional<ffi::String>()).cast<ffi::Tensor>();
+}
+
+// "cpu" or "vulkan[:N]". Vulkan without a TVM Vulkan runtime means gptbc's WebGPU runtime: load it (it
+// registers the webgpu device and WGSL module loader with TVM) before the model library needs it.
+void Model::open_device(const std::string& device) {
+  std::string kind = device.substr(0, device.find(':'));
+  std::string index = device.find(':') == std::string::npos ? "" : device.substr(device.find(':') + 1);
+  if ((kind != "cpu" && kind != "vulkan") || (!index.empty() && index.find_first_not_of("0123456789") != std::string::npos) ||
+      index.size() > 6) {
+    throw Error("--device " + device + ": expected cpu or vulkan, optionally with :INDEX");
+  }
+  if (kind == "cpu") return;
+  std::string path;
+  if (const char* env = std::getenv("GPTBC_WEBGPU_LIB")) {
+    path = env;
+  } else {
+    char exe[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    std::string self = n > 0 ? std::string(exe, n) : "";
+    path = self.substr(0, self.rfind('/') + 1) + "libgptbc_webgpu.so";
+  }
+  if (!is_file(path)) {
+    throw Error("--device " + device + ": the Vulkan runtime " + path + " is missing (build it with the project's "
+                "CMake after pip install wgpu, or set GPTBC_WEBGPU_LIB to libgptbc_webgpu.so)");
+  }
+  if (!dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL)) {
+    throw Error("--device " + device + ": cannot load the Vulkan runtime " + path + ": " + first_line(dlerror()));
+  }
+  json::Array adapters = json::as_array(
+      json::parse(global("gptbc.webgpu.adapters")().cast<ffi::String>(), "webgpu adapters"), "webgpu adapters");
+  if (adapters.empty()) {
+    throw Error("no Vulkan adapter found: install a Vulkan driver (Debian/Ubuntu: apt-get install "
+                "mesa-vulkan-drivers, which includes lavapipe, a CPU Vulkan device; or your GPU vendor's driver)");
+  }
+  int64_t i = index.empty() ? 0 : std::stoll(index);
+  if (i >= static_cast<int64_t>(adapters.size()))
+    throw Error("--device " + device + ": no such adapter (" + std::to_string(adapters.size()) + " found)");
+  adapter_ = json::as_object(adapters[i], "webgpu adapter");
+  dev_ = DLDevice{kDLWebGPU, static_cast<int32_t>(i)};
+}
+
+// Before any weight is copied: each tensor fits one storage-buffer binding, and float16 needs shader-f16.
+void Model::check_device_limits() {
+  std::string name = json::as_string(json::need(adapter_, "name", "adapter"), "adapter");
+  int64_t limit = json::as_int(json::need(adapter_, "max_storage_buffer_binding_size", "adapter"), "adapter");
+  bool f16 = json::need(adapter_, "shader_f16", "adapter").as<bool>().value_or(false);
+  for (const auto& p : meta_.params) {
+    DLDataType dt = ffi::StringToDLDataType(p.dtype);
+    if (dt.code == kDLFloat && dt.bits == 16 && !f16) {
+      throw Error("--lib " + lib_ + " computes in float16, but the Vulkan adapter " + name +
+                  " has no shader-f16 support; use a float32 scheme (q0f32, q4f32_1, q8f32_1)");
+    }
+    int64_t nbytes = (dt.bits * dt.lanes + 7) / 8;
+    for (int64_t d : p.shape) nbytes *= d;
+    if (nbytes > limit) {
+      throw Error("tensor " + p.name + " (" + p.dtype + ") is " + std::to_string(nbytes) + " bytes, over the Vulkan adapter " +
+                  name + "'s max storage-buffer binding of " + std::to_string(limit) + " bytes");
+    }
+  }
+}
+
 void Model::load_library(const std::string& lib) {
   if (!is_file(lib)) throw Error("--lib " + lib + ": file not found");
   // dlopen searches the library path for a name without a slash: give it the real path, as Python does.
@@ -118,16 +188,24 @@ void Model::load_library(const std::string& lib) {
   std::string text;
   try {
     vm_ = get(ffi::Module::LoadFromFile(path), "vm_load_executable")().cast<ffi::Module>();
-    // As tvm.relax.VirtualMachine(mod, tvm.cpu()) does: device type, device id, pooled allocator (2).
-    get(*vm_, "vm_initialization")(static_cast<int>(kDLCPU), 0, 2);
+    // As tvm.relax.VirtualMachine(mod, dev) does: device type, device id, pooled allocator (2); a GPU
+    // device is followed by the CPU as host device.
+    if (dev_.device_type == kDLCPU) {
+      get(*vm_, "vm_initialization")(static_cast<int>(kDLCPU), 0, 2);
+    } else {
+      get(*vm_, "vm_initialization")(static_cast<int>(dev_.device_type), dev_.device_id, 2, static_cast<int>(kDLCPU), 0, 2);
+    }
     text = get(*vm_, "_metadata")().cast<ffi::String>();
   } catch (const ffi::Error& err) {  // dlopen or the VM loader refused the file
+    if (err.message().find("load_from_bytes.webgpu") != std::string::npos)
+      throw Error("--lib " + lib + " was built for vulkan (WGSL kernels), not for device cpu: run it with --device vulkan");
     throw Error("--lib " + lib + ": not a gptbc model library (" + first_line(err.message()).substr(0, 200) + ")");
   }
   meta_ = manifest::parse_library(text, lib);
-  if (meta_.device != "cpu") {
+  std::string want = dev_.device_type == kDLCPU ? "cpu" : "vulkan";
+  if (meta_.device != want) {
     throw Error("--lib " + lib + " was built for " + meta_.device + " (--target " + meta_.target +
-                "); gptbc-run runs CPU libraries only");
+                "), not for device " + want + "; gptbc-run runs CPU libraries and WGSL Vulkan libraries");
   }
   embed_ = get(*vm_, "embed");
   prefill_ = get(*vm_, "prefill");
@@ -158,6 +236,15 @@ void Model::load_params(const manifest::Weights& weights) {
                   want.dtype + shape_str(want.shape));
     }
     DLDataType dt = ffi::StringToDLDataType(want.dtype);
+    if (dev_.device_type != kDLCPU) {
+      ffi::Tensor t = device_tensor(ffi::Shape(want.shape), dt, dev_);
+      global("runtime.TVMTensorCopyFromBytes")(t, const_cast<void*>(static_cast<const void*>(e->data)),
+                                                static_cast<int64_t>(e->nbytes));
+      file.release(*e);
+      params_.push_back(t);
+      copied_bytes_ += e->nbytes;
+      continue;
+    }
     if (reinterpret_cast<uintptr_t>(e->data) % alignment_ == 0) {
       params_.push_back(ffi::Tensor::FromNDAlloc(MappedData{e->data}, ffi::Shape(want.shape), dt, kCpu));
       mapped_bytes_ += e->nbytes;
@@ -181,6 +268,12 @@ void Model::start(int64_t tokens) {
 }
 
 const std::vector<float>& Model::prefill(const std::vector<int32_t>& ids) {
+  if (dev_.device_type == kDLWebGPU && static_cast<int64_t>(ids.size()) > prefill_chunk_size_) {
+    // A second chunk prefills onto KV history: wrong attention on the WebGPU path (docs/targets.md, Problem 3).
+    throw Error("a prompt of " + std::to_string(ids.size()) + " tokens needs chunked prefill, which computes wrong "
+                "attention on the Vulkan (WebGPU) runtime (docs/targets.md, Problem 3); compile with "
+                "--prefill-chunk-size >= " + std::to_string(ids.size()));
+  }
   for (size_t start = 0; start < ids.size(); start += prefill_chunk_size_) {
     size_t end = std::min(ids.size(), start + static_cast<size_t>(prefill_chunk_size_));
     forward(prefill_, std::vector<int32_t>(ids.begin() + start, ids.begin() + end));
@@ -195,6 +288,12 @@ const std::vector<float>& Model::forward(const ffi::Function& func, const std::v
   const int64_t n = static_cast<int64_t>(ids.size());
   ffi::Tensor id_tensor = ffi::Tensor::FromNDAlloc(HostAlloc{alignment_}, ffi::Shape({n}), DLDataType{kDLInt, 32, 1}, kCpu);
   std::memcpy(id_tensor.data_ptr(), ids.data(), ids.size() * sizeof(int32_t));
+  if (dev_.device_type != kDLCPU) {
+    ffi::Tensor on_dev = device_tensor(ffi::Shape({n}), DLDataType{kDLInt, 32, 1}, dev_);
+    global("runtime.TVMTensorCopyFromBytes")(on_dev, static_cast<void*>(id_tensor.data_ptr()),
+                                              static_cast<int64_t>(ids.size() * sizeof(int32_t)));
+    id_tensor = on_dev;
+  }
   ffi::Tensor flat = embed_(id_tensor, params_).cast<ffi::Tensor>();  // [n, n_embd]
   ffi::Tensor embeds = ffi::Tensor::FromNDAlloc(ViewOf{flat}, ffi::Shape({1, n, n_embd_}), flat.dtype(), flat.device());
 
@@ -211,6 +310,12 @@ const std::vector<float>& Model::forward(const ffi::Function& func, const std::v
   ffi::Tensor logits = out[0].cast<ffi::Tensor>();  // float32[1, 1, vocab]: the last position's
   if (logits.dtype() != DLDataType{kDLFloat, 32, 1} || logits.numel() != vocab_size_)
     throw Error("--lib " + lib_ + ": logits are not float32[" + std::to_string(vocab_size_) + "]");
+  if (dev_.device_type != kDLCPU) {
+    logits_.resize(vocab_size_);
+    global("runtime.TVMTensorCopyToBytes")(logits, static_cast<void*>(logits_.data()),
+                                            static_cast<int64_t>(vocab_size_ * sizeof(float)));
+    return logits_;
+  }
   const auto* data = reinterpret_cast<const float*>(static_cast<const char*>(logits.data_ptr()) + logits.byte_offset());
   logits_.assign(data, data + vocab_size_);
   return logits_;

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "json.h"
 #include "manifest.h"
 #include "safetensors.h"
 
@@ -19,7 +20,8 @@ class Model {
  public:
   // Loads and checks everything up front: the library (is it a gptbc library for the CPU?) and the
   // weights (same scheme and tensors as the library?). Throws Error.
-  Model(const std::string& model_dir, const std::string& lib);
+  // device: "cpu", or "vulkan[:N]" for a --target vulkan (WGSL) library on gptbc's WebGPU runtime.
+  Model(const std::string& model_dir, const std::string& lib, const std::string& device = "cpu");
 
   // Create the KV cache for the one sequence, with room for `tokens` tokens (prompt + new tokens): memory
   // for what the request needs, not for the whole context window.
@@ -38,10 +40,14 @@ class Model {
 
  private:
   void load_library(const std::string& lib);
+  void open_device(const std::string& device);
+  void check_device_limits();
   void load_params(const manifest::Weights& weights);
   const std::vector<float>& forward(const tvm::ffi::Function& func, const std::vector<int32_t>& ids);
 
   std::string model_dir_, lib_;
+  DLDevice dev_{kDLCPU, 0};
+  json::Object adapter_;  // the WebGPU adapter's description (device vulkan), as gptbc.webgpu.adapters gives it
   manifest::Library meta_;
   tvm::ffi::Optional<tvm::ffi::Module> vm_;  // the VM the functions below belong to
   tvm::ffi::Function embed_, prefill_, decode_, begin_forward_, end_forward_;

@@ -84,7 +84,7 @@ def tensors(out_dir):
 
 @pytest.mark.parametrize("name", ["mqa64", "mha32"])
 def test_original_layout_converts_to_the_same_weights_and_hf_greedy_tokens(name, tiny_model, tmp_path):
-    from gptbc.runtime import Engine
+    from gptbc.engine import Engine
 
     m = tiny_model(name)
     orig = to_original_layout(m.hf_dir, tmp_path / "orig")

@@ -149,7 +149,30 @@ def cmd_targets(_args: argparse.Namespace) -> int:
         output = t.plan(None).suffix if why is None else "-"
         print(f"{names:<16} {output:<7} {'yes' if why is None else 'no':<11} {'yes' if t.runs_here() else 'no':<9} "
               f"{t.description}; needs {t.toolchain}" + (f" [{why}]" if why else ""))
+    print_vulkan_adapters()
     return 0
+
+
+def print_vulkan_adapters() -> None:
+    """Which way --target vulkan goes here, and the adapters `--device vulkan[:N]` chooses from."""
+    from .targets import vulkan_codegen, vulkan_path
+
+    print(f"\nvulkan path: {vulkan_path()}")
+    if vulkan_codegen():
+        return
+    from . import webgpu
+
+    try:
+        found = webgpu.adapters()
+    except GptbcError as err:
+        print(f"vulkan adapters: unknown ({err})")
+        return
+    if not found:
+        print(f"vulkan adapters: none ({webgpu.NO_ADAPTER})")
+    for a in found:
+        print(f"vulkan:{a['index']}  {a['name']} [{a['type']}, {a['backend']}] shader-f16 "
+              f"{'yes' if a['shader_f16'] else 'no'}, max storage binding {a['max_storage_buffer_binding_size']} B, "
+              f"max buffer {a['max_buffer_size']} B" + ("  (default for --device vulkan)" if a['index'] == 0 else ""))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -23,11 +23,19 @@ from .tensorfile import SafetensorsFile
 
 
 
+WEBGPU_DEVICE_TYPE = 15  # DLPack's kDLWebGPU: gptbc's WebGPU runtime (the Vulkan path without TVM's Vulkan)
+
+
 def parse_device(device: str):
     """'cpu', 'cuda:0', 'metal', 'vulkan:1' → a TVM device that exists on this machine."""
     import tvm
 
     kind, index = parse_device_kind(device)
+    if kind == "vulkan" and tvm.get_global_func("device_api.vulkan", allow_missing=True) is None:
+        # No TVM Vulkan runtime (the PyPI wheel): Vulkan runs WGSL libraries on gptbc's WebGPU runtime.
+        from . import webgpu
+
+        return webgpu.device(index)
     try:
         dev = tvm.device(kind, index)
         exists = dev.exist
@@ -73,8 +81,19 @@ def load_library(lib: str | Path, dev):
 
         serve_prebuilt_kernels(lib)
     try:
-        vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), dev)
+        try:
+            module = tvm.runtime.load_module(str(lib))
+        except Exception as err:
+            if "load_from_bytes.webgpu" not in str(err):
+                raise
+            from . import webgpu  # a WGSL library (--target vulkan): load the runtime it needs, then retry
+
+            webgpu.load_runtime()
+            module = tvm.runtime.load_module(str(lib))
+        vm = relax.VirtualMachine(module, dev)
         text = str(vm["_metadata"]())
+    except GptbcError:
+        raise
     except Exception as err:  # TVM raises its own error types for a foreign or broken file
         raise GptbcError(f"--lib {lib}: not a gptbc model library ({str(err).splitlines()[0][:200]})") from None
     return vm, manifest.parse_library(text, lib)
@@ -159,6 +178,16 @@ class ModelRunner:
         if self.on_cpu:
             use_all_cores()
         manifest.check_compatible(self.meta, self.info, self.lib, self.model_dir)
+        self.webgpu = self.dev.dlpack_device_type() == WEBGPU_DEVICE_TYPE
+        self._with_history: set[int] = set()  # sequences holding KV entries (WebGPU: see _forward)
+        # A forward of several tokens onto a sequence that already holds KV entries (a second prefill chunk, a
+        # forked prefix's remainder) computes wrong attention on the WebGPU path (docs/targets.md, Problem 3):
+        # there the engine keeps no prefix cache and takes only prompts that fit one prefill chunk.
+        self.kv_history_forwards = not self.webgpu
+        if self.webgpu:  # binding limits, shader-f16, WGSL-addressable dtypes: before any weight is copied
+            from . import webgpu
+
+            webgpu.check_model(self.meta, self.dev, self.lib)
         self.config = GPTBigCodeConfig.from_dict(self.meta["model_config"], source=f"--lib {self.lib}")
         self.context_window_size = int(self.meta["context_window_size"])
         self.prefill_chunk_size = int(self.meta["prefill_chunk_size"])
@@ -206,6 +235,7 @@ class ModelRunner:
         if seq_id in self._live:
             self._remove(self.kv_cache, seq_id)
             self._live.discard(seq_id)
+            self._with_history.discard(seq_id)
 
     def fork_sequence(self, parent: int, length: int) -> int:
         """A new sequence sharing the first `length` tokens of `parent` (pages shared, not recomputed)."""
@@ -213,6 +243,8 @@ class ModelRunner:
         self._next_seq_id += 1
         self._fork(self.kv_cache, parent, child, length)
         self._live.add(child)
+        if length > 0:
+            self._with_history.add(child)
         return child
 
     def sequence_count(self) -> int:
@@ -285,6 +317,14 @@ class ModelRunner:
     def _forward(self, func: str, seq_ids, lengths, embeds, *extra, to_host: bool = True):
         seq_ids = [seq_ids] if isinstance(seq_ids, int) else list(seq_ids)
         lengths = [lengths] if isinstance(lengths, int) else list(lengths)
+        if self.webgpu:  # refuse the one path known to compute wrong attention there (docs/targets.md, Problem 3)
+            for sid, n in zip(seq_ids, lengths):
+                if n > 1 and sid in self._with_history:
+                    raise GptbcError(f"{func} of {n} tokens onto sequence {sid}, which already holds KV entries, "
+                                     f"computes wrong attention on the Vulkan (WebGPU) runtime (docs/targets.md, "
+                                     f"Problem 3); prompts must fit one prefill chunk (compile with a larger "
+                                     f"--prefill-chunk-size)")
+            self._with_history.update(seq_ids)
         self._begin(self.kv_cache, self._shape(seq_ids), self._shape(lengths))
         try:
             logits, self.kv_cache = self.vm[func](embeds, *extra, self.kv_cache, self.params)

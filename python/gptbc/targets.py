@@ -139,8 +139,35 @@ def _metal(_variant: str | None) -> Build:
     return Build({"kind": "metal", "host": MAC_HOST}, ".tar", system_lib=True)
 
 
+def vulkan_codegen() -> bool:
+    """Does this TVM have SPIR-V (Vulkan) codegen? The apache-tvm wheel does not."""
+    return _has_global("target.build.vulkan")
+
+
 def _vulkan(_variant: str | None) -> Build:
-    return Build({"kind": "vulkan", "host": host_cpu_target()}, ".so")
+    if vulkan_codegen():
+        return Build({"kind": "vulkan", "host": host_cpu_target()}, ".so")
+    # WGSL kernels in a native .so, run by gptbc's WebGPU runtime on wgpu-native over Vulkan (webgpu.py).
+    return Build({"kind": "webgpu", "host": host_cpu_target()}, ".so")
+
+
+def vulkan_path() -> str:
+    """Which way --target vulkan builds and runs on this machine, in words (for `gptbc targets`)."""
+    if vulkan_codegen():
+        return "SPIR-V: this TVM has Vulkan codegen (USE_VULKAN=ON); TVM's Vulkan runtime runs it"
+    return ("WGSL: this TVM has no Vulkan codegen, so kernels are WGSL in a native .so, run by gptbc's WebGPU "
+            "runtime on wgpu-native over Vulkan")
+
+
+def _vulkan_runs_here() -> bool:
+    if vulkan_codegen():
+        return _device_exists("vulkan")()
+    try:
+        from . import webgpu
+
+        return bool(webgpu.adapters())
+    except Exception:  # noqa: BLE001 - no wgpu, no compiler, no driver: it does not run here
+        return False
 
 
 def _webgpu(_variant: str | None) -> Build:
@@ -163,14 +190,6 @@ def _has_global(name: str) -> bool:
 
 def _no_nvcc() -> str | None:
     return None if shutil.which("nvcc") else "nvcc not found on PATH (install the CUDA toolkit)"
-
-
-def _no_vulkan_codegen() -> str | None:
-    if _has_global("target.build.vulkan"):
-        return None
-    return ("the installed TVM has no Vulkan codegen (target.build.vulkan is missing: the apache-tvm wheel is "
-            "built without it); build TVM from source with USE_VULKAN=ON (needs the Vulkan SDK and SPIR-V "
-            "tools) and install that instead")
 
 
 def _device_exists(kind: str) -> Callable[[], bool]:
@@ -196,8 +215,10 @@ TARGETS: list[TargetSpec] = [
     TargetSpec("metal", "Apple silicon GPU: a .dylib on macOS, elsewhere a .tar of objects for a macOS build",
                "metal", GPU_PIPELINE, "LLVM (in TVM); on macOS the Xcode command line tools", _metal,
                runs_here=_device_exists("metal")),
-    TargetSpec("vulkan", "Vulkan GPU (needs a TVM built with USE_VULKAN=ON)", "vulkan", GPU_PIPELINE,
-               "TVM with Vulkan codegen", _vulkan, unavailable=_no_vulkan_codegen, runs_here=_device_exists("vulkan")),
+    TargetSpec("vulkan", "Vulkan GPU: SPIR-V with a TVM built with USE_VULKAN=ON, else WGSL kernels in a .so run "
+               "by gptbc's WebGPU runtime (wgpu-native)", "vulkan", GPU_PIPELINE,
+               "LLVM (in TVM) and a C compiler; running needs the vulkan extra (wgpu) and a Vulkan driver", _vulkan,
+               runs_here=_vulkan_runs_here),
     TargetSpec("webgpu", "browsers (WGSL shaders, wasm32 host code), a .tar for a web runtime", "webgpu",
                GPU_PIPELINE, "LLVM (in TVM)", _webgpu),
     TargetSpec("aarch64-linux", "64-bit ARM Linux boards (NEON): a .so with aarch64-linux-gnu-gcc, else a .tar",
