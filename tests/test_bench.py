@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gptbc_bench_json(tiny_model):
     m = tiny_model("mqa64")
     run = subprocess.run(["gptbc", "bench", str(m.out_dir), "--lib", str(m.lib), "--prefill-tokens", "40", "--prompt-tokens", "8",
-                          "--decode", "6", "--batch", "2,3", "--repeat", "2", "--json"],
+                          "--decode", "6", "--batch", "2,3", "--repeat", "2", "--prompt-lookup", "4", "--json"],
                          capture_output=True, text=True, check=True)
     r = json.loads(run.stdout)
     assert r["quantization"] == "q0f32" and r["weight_bytes"] > 0
@@ -28,6 +28,9 @@ def test_gptbc_bench_json(tiny_model):
     assert r["peak_rss_bytes"] > r["weight_bytes"]
     assert r["read_GBps"] > 0 and r["decode_limit_tokens_per_s"] == r["read_GBps"] * 1e9 / r["weight_bytes"]
     assert "decode 6 tokens" in run.stderr  # progress goes to stderr with --json
+    lookup = r["prompt_lookup"]
+    assert lookup["same_tokens"] and lookup["speedup"] > 0 and 0 <= lookup["prompt_lookup"]["acceptance_rate"] <= 1
+    assert lookup["plain"]["tokens_per_step"] == 1.0 and lookup["prompt_lookup"]["tokens_per_step"] >= 1.0
 
 
 def bench_peers(work: Path, peers: str, env: dict | None = None, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:

@@ -34,8 +34,9 @@ class FakeRunner:
     samples_on_device = False
     single_row_decode = True
 
-    def __init__(self, prefill_chunk_size: int = 8, max_batch_size: int = 4):
+    def __init__(self, prefill_chunk_size: int = 8, max_batch_size: int = 4, model=None):
         self.prefill_chunk_size, self.max_batch_size = prefill_chunk_size, max_batch_size
+        self.logits_for = model or logits_for
         self.seqs: dict[int, list[int]] = {}
         self.calls: list[tuple] = []
         self.next_id = 0
@@ -61,7 +62,7 @@ class FakeRunner:
         assert 0 < len(chunk) <= self.prefill_chunk_size
         self.calls.append(("prefill", len(chunk)))
         self.seqs[seq_id] += list(chunk)
-        return logits_for(self.seqs[seq_id])
+        return self.logits_for(self.seqs[seq_id])
 
     def prefill_batch(self, seq_ids, id_lists) -> np.ndarray:
         assert sum(map(len, id_lists)) <= self.prefill_chunk_size and len(seq_ids) <= self.max_batch_size
@@ -69,20 +70,20 @@ class FakeRunner:
         rows = []
         for s, chunk in zip(seq_ids, id_lists):
             self.seqs[s] += list(chunk)
-            rows.append(logits_for(self.seqs[s]))
+            rows.append(self.logits_for(self.seqs[s]))
         return np.stack(rows)
 
     def decode(self, seq_id: int, token: int) -> np.ndarray:
         self.calls.append(("decode", 1))
         self.seqs[seq_id].append(token)
-        return logits_for(self.seqs[seq_id])
+        return self.logits_for(self.seqs[seq_id])
 
     def decode_batch(self, seq_ids, tokens) -> np.ndarray:
         assert len(seq_ids) <= self.max_batch_size
         self.calls.append(("decode_batch", len(seq_ids)))
         for s, t in zip(seq_ids, tokens):
             self.seqs[s].append(t)
-        return np.stack([logits_for(self.seqs[s]) for s in seq_ids])
+        return np.stack([self.logits_for(self.seqs[s]) for s in seq_ids])
 
     def decode_batch_greedy(self, seq_ids, tokens) -> list[int]:
         return self.decode_batch(seq_ids, tokens).argmax(-1).tolist()
@@ -91,8 +92,17 @@ class FakeRunner:
         rows = []
         for t in ids:
             self.seqs[seq_id].append(t)
-            rows.append(logits_for(self.seqs[seq_id]))
+            rows.append(self.logits_for(self.seqs[seq_id]))
         return np.stack(rows)
+
+    def verify_batch(self, seq_ids, id_lists) -> list[np.ndarray]:
+        assert sum(map(len, id_lists)) <= self.prefill_chunk_size
+        self.calls.append(("verify_batch", [len(c) for c in id_lists]))
+        return [self.verify(s, ids) for s, ids in zip(seq_ids, id_lists)]
+
+    def pop_tokens(self, seq_id: int, n: int) -> None:
+        assert 0 < n <= len(self.seqs[seq_id])
+        del self.seqs[seq_id][-n:]
 
 
 class CharDetokenizer:
@@ -114,9 +124,10 @@ def reference(prompt: list[int], n: int) -> list[int]:
     return out
 
 
-def make(capacity: int = 256, prefix_cache_size: int = 0, detok: bool = False, **runner) -> tuple[Scheduler, FakeRunner]:
+def make(capacity: int = 256, prefix_cache_size: int = 0, detok: bool = False, speculation=None,
+         **runner) -> tuple[Scheduler, FakeRunner]:
     r = FakeRunner(**runner)
-    return Scheduler(r, capacity, VOCAB, {EOS}, CharDetokenizer if detok else None, prefix_cache_size), r
+    return Scheduler(r, capacity, VOCAB, {EOS}, CharDetokenizer if detok else None, prefix_cache_size, speculation), r
 
 
 def greedy(n: int, **kw) -> SamplingParams:

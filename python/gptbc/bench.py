@@ -21,6 +21,7 @@ import numpy as np
 
 from .engine import Engine
 from .manifest import read_weights
+from .speculation import PromptLookup
 from .tensorfile import SafetensorsFile
 
 
@@ -43,7 +44,8 @@ def weight_bytes(model_dir: Path) -> int:
 
 
 def run_bench(model_dir: str | Path, lib: str | Path, prefill: int = 512, prompt: int = 32, decode: int = 64,
-              batches: tuple[int, ...] = (4, 16), repeat: int = 3, device: str = "cpu", log=print) -> dict:
+              batches: tuple[int, ...] = (4, 16), repeat: int = 3, device: str = "cpu", log=print,
+              prompt_lookup: PromptLookup | None = None) -> dict:
     model_dir = Path(model_dir)
     need = max(prefill, max(batches, default=1) * (prompt + decode), prompt + decode)
     engine = Engine(model_dir, lib, device=device, max_total_seq_len=need + 64,
@@ -83,6 +85,9 @@ def run_bench(model_dir: str | Path, lib: str | Path, prefill: int = 512, prompt
     log(f"decode {decode} tokens after {prompt}: {rate['tokens_per_s_best']:.2f} tok/s (best), "
         f"{result['decode']['weight_GBps_best']:.1f} GB/s of weights, TTFT {min(ttft) * 1e3:.0f} ms")
 
+    if prompt_lookup is not None:
+        result["prompt_lookup"] = bench_prompt_lookup(engine, ids(prompt), decode, repeat, prompt_lookup, log)
+
     for b in batches:
         t = Timing()
         for _ in range(repeat):
@@ -111,6 +116,38 @@ def run_bench(model_dir: str | Path, lib: str | Path, prefill: int = 512, prompt
             f"{100 * result['decode']['tokens_per_s_best'] / limit:.0f}% (process peak RSS with the probe's buffer "
             f"{result['peak_rss_with_probe_bytes'] / 1e9:.2f} GB)")
     return result
+
+
+def bench_prompt_lookup(engine: Engine, prompt_ids: list[int], decode: int, repeat: int, lookup: PromptLookup,
+                        log) -> dict:
+    """Greedy generation through the engine loop, plain and with prompt-lookup drafts, on one prompt: the
+    workload repeats the prompt (it is the prompt twice, the model continuing the second copy), as an
+    edit of a file in the prompt does. On a random-weight model the drafts are mostly rejected: then this
+    measures what drafting costs."""
+    prompt = prompt_ids + prompt_ids[:len(prompt_ids) // 2]
+    out: dict = {}
+    for name, spec in (("plain", None), ("prompt_lookup", lookup)):
+        engine.speculation = spec
+        t = Timing()
+        for _ in range(repeat):
+            before = engine.status()
+            start = time.perf_counter()
+            tokens = engine.generate(prompt, decode, ignore_eos=True)
+            t.runs.append(time.perf_counter() - start)
+            after = engine.status()
+        steps = after["decode_steps"] - before["decode_steps"]
+        drafted = after["drafted_tokens"] - before["drafted_tokens"]
+        out[name] = {**t.rate(len(tokens)), "tokens_per_step": (len(tokens) - 1) / steps if steps else 0.0,
+                     "acceptance_rate": (after["accepted_tokens"] - before["accepted_tokens"]) / drafted
+                     if drafted else 0.0, "tokens": tokens}
+    engine.speculation = None
+    same = out["plain"].pop("tokens") == out["prompt_lookup"].pop("tokens")
+    out["same_tokens"] = same
+    out["speedup"] = out["prompt_lookup"]["tokens_per_s_best"] / out["plain"]["tokens_per_s_best"]
+    log(f"prompt lookup ({len(prompt)}-token prompt, {decode} tokens): {out['speedup']:.2f}x plain, "
+        f"{out['prompt_lookup']['tokens_per_step']:.2f} tokens/step, acceptance "
+        f"{out['prompt_lookup']['acceptance_rate']:.0%}, same tokens: {same}")
+    return out
 
 
 def read_bandwidth(nbytes: int = 1 << 30, repeat: int = 5) -> float:

@@ -87,6 +87,15 @@ def use_threads(args: argparse.Namespace) -> None:
         os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
 
+def prompt_lookup(args: argparse.Namespace):
+    """--prompt-lookup [N]: speculative decoding with drafts of up to N tokens copied from the text so far."""
+    if not getattr(args, "prompt_lookup", None):
+        return None
+    from .speculation import PromptLookup
+
+    return PromptLookup(num_draft=args.prompt_lookup)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
@@ -94,7 +103,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .engine import Completion, Engine
 
     use_threads(args)
-    engine = Engine(args.out_dir, args.lib, device=args.device)
+    engine = Engine(args.out_dir, args.lib, device=args.device, speculation=prompt_lookup(args))
     sampling = {k: getattr(args, k) for k in (
         "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
         "frequency_penalty", "seed")}
@@ -182,7 +191,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     batches = tuple(int(b) for b in args.batch.split(",") if b) if args.batch else ()
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
     result = run_bench(args.out_dir, args.lib, prefill=args.prefill_tokens, prompt=args.prompt_tokens,
-                       decode=args.decode,
+                       decode=args.decode, prompt_lookup=prompt_lookup(args),
                        batches=batches, repeat=args.repeat, device=args.device, log=log)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -198,7 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     use_threads(args)
     api_key = args.api_key or os.environ.get("GPTBC_API_KEY") or None
     engine = Engine(args.out_dir, args.lib, device=args.device, max_batch_size=args.max_batch,
-                    max_total_seq_len=args.max_total_seq_len)
+                    max_total_seq_len=args.max_total_seq_len, speculation=prompt_lookup(args))
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
@@ -214,6 +223,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 KEEP_HEAD_HELP = "keep lm_head (and a tied wte) in the activation dtype under a grouped int scheme"
 LIB_HELP = "the model library made by `gptbc compile` for these weights"
 DEVICE_HELP = "where to run: cpu, cuda[:N], metal, vulkan[:N] (must match the library's target)"
+PROMPT_LOOKUP_HELP = ("speculative decoding: draft up to N tokens (8 if N is left out) by copying what followed the "
+                      "latest n-gram match in the text so far, verify them in one call; same output, faster when the "
+                      "text repeats the prompt (code editing)")
 THREADS_HELP = "CPU worker threads (default: one per physical core; TVM_NUM_THREADS also sets it)"
 
 
@@ -291,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop the oldest prompt tokens when prompt + max-new-tokens exceeds the context window")
     g.add_argument("--device", default="cpu", help=DEVICE_HELP)
     g.add_argument("--threads", type=_positive_int("--threads"), help=THREADS_HELP)
+    g.add_argument("--prompt-lookup", nargs="?", const=8, type=_positive_int("--prompt-lookup"), metavar="N",
+                   help=PROMPT_LOOKUP_HELP)
     g.add_argument("--json", action="store_true",
                    help="print one JSON object: token_ids, text, logprobs, finish_reason, prompt_tokens, timings")
     g.set_defaults(func=cmd_generate)
@@ -305,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=3, help="runs of each test (best and median reported)")
     b.add_argument("--device", default="cpu", help=DEVICE_HELP)
     b.add_argument("--threads", type=_positive_int("--threads"), help=THREADS_HELP)
+    b.add_argument("--prompt-lookup", nargs="?", const=8, type=_positive_int("--prompt-lookup"), metavar="N",
+                   help="also time greedy generation with prompt-lookup drafts of up to N tokens (8 if N is left "
+                        "out) against plain, on a prompt the output repeats; reports acceptance and tokens/step")
     b.add_argument("--json", action="store_true", help="print the results as JSON (progress goes to stderr)")
     b.set_defaults(func=cmd_bench)
 
@@ -325,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body accepted (413 beyond)")
     s.add_argument("--device", default="cpu", help=DEVICE_HELP)
     s.add_argument("--threads", type=_positive_int("--threads"), help=THREADS_HELP)
+    s.add_argument("--prompt-lookup", nargs="?", const=8, type=_positive_int("--prompt-lookup"), metavar="N",
+                   help=PROMPT_LOOKUP_HELP)
     s.set_defaults(func=cmd_serve)
 
     m = command("models", "list the bundled presets: parameters, weight bytes per quantization, KV-cache bytes "

@@ -15,6 +15,7 @@ from .errors import ContextWindowError, GptbcError
 from .runner import ModelRunner
 from .sampling import SamplingParams, generation_defaults
 from .scheduler import Request, Scheduler
+from .speculation import PromptLookup
 from .tokenizer import IncrementalDetokenizer, Tokenizer, find_fim_tokens, has_tokenizer
 
 
@@ -23,9 +24,11 @@ class Engine:
 
     def __init__(self, model_dir: str | Path, lib: str | Path, device: str = "cpu",
                  max_total_seq_len: int | None = None, max_batch_size: int | None = None,
-                 prefix_cache_size: int = 8):
+                 prefix_cache_size: int = 8, speculation: PromptLookup | None = None):
         """`max_total_seq_len`: tokens the KV cache holds over all sequences (default: context window ×
-        min(4, max_batch_size)); `prefix_cache_size`: finished sequences kept for prefix reuse."""
+        min(4, max_batch_size)); `prefix_cache_size`: finished sequences kept for prefix reuse;
+        `speculation`: prompt-lookup drafts verified in one multi-row call (same output, fewer steps when
+        the text repeats the prompt, e.g. code editing)."""
         self.runner = ModelRunner(model_dir, lib, device, max_total_seq_len, max_batch_size)
         r = self.runner
         self.model_dir, self.lib, self.config = r.model_dir, r.lib, r.config
@@ -37,8 +40,20 @@ class Engine:
         self.fim = find_fim_tokens(self.model_dir) if self.tokenizer else None
         self.special_ids = eos_ids | (self.tokenizer.special_ids() if self.tokenizer else set())
         detok = (lambda: IncrementalDetokenizer(self.tokenizer, self.special_ids)) if self.tokenizer else None
+        # Both prefix reuse and draft verification forward several tokens onto KV history (runner.py).
+        history_ok = r.kv_history_forwards
         self.scheduler = Scheduler(r, r.capacity_tokens, self.config.vocab_size, eos_ids, detok,
-                                   prefix_cache_size if r.kv_history_forwards else 0)
+                                   prefix_cache_size if history_ok else 0, speculation if history_ok else None)
+
+    @property
+    def speculation(self) -> PromptLookup | None:
+        """Prompt-lookup drafting for requests from now on (None: off); always off where the runner cannot
+        forward several tokens onto KV history."""
+        return self.scheduler.speculation
+
+    @speculation.setter
+    def speculation(self, lookup: PromptLookup | None) -> None:
+        self.scheduler.speculation = lookup if self.runner.kv_history_forwards else None
 
     @property
     def eos_ids(self) -> set[int]:
@@ -146,7 +161,9 @@ class Engine:
                 "kv_pages_total": r.kv_pages_total, "kv_pages_free": r.kv_pages_free(),
                 "kv_sequences": r.sequence_count(), "prefix_cache_sequences": len(s.cached),
                 "prefix_cache_pages": s.prefix_cache_pages(), "reused_prefix_tokens": s.stats.reused_prefix_tokens,
-                "prefill_tokens": s.stats.prefill_tokens, "decode_tokens": s.stats.decode_tokens}
+                "prefill_tokens": s.stats.prefill_tokens, "decode_tokens": s.stats.decode_tokens,
+                "decode_steps": s.stats.decode_steps, "drafted_tokens": s.stats.drafted_tokens,
+                "accepted_tokens": s.stats.accepted_tokens}
 
     def complete(self, prompt: str | Sequence[int] | None = None, *, prefix: str | None = None,
                  suffix: str | None = None, greedy: bool | None = None, **sampling) -> "Completion":

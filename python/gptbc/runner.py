@@ -215,6 +215,7 @@ class ModelRunner:
         self._add = get("vm.builtin.kv_state_add_sequence")
         self._remove = get("vm.builtin.kv_state_remove_sequence")
         self._fork = get("vm.builtin.kv_state_fork_sequence")
+        self._popn = get("vm.builtin.kv_state_popn")
         self._begin = get("vm.builtin.kv_state_begin_forward")
         self._end = get("vm.builtin.kv_state_end_forward")
         self._free_pages = get("vm.builtin.attention_kv_cache_get_num_available_pages")
@@ -313,6 +314,19 @@ class ModelRunner:
         self.check_ids(ids)
         embeds = self._embed(ids)._create_view((1, len(ids), self.config.n_embd))
         return self._forward("batch_verify", [seq_id], [len(ids)], embeds).reshape(len(ids), -1)
+
+    def verify_batch(self, seq_ids: Sequence[int], id_lists: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """`verify` for several sequences in one call: per sequence, float32[len(ids), vocab]."""
+        flat = [int(t) for ids in id_lists for t in ids]
+        self.check_ids(flat)
+        lengths = [len(ids) for ids in id_lists]
+        embeds = self._embed(flat)._create_view((1, len(flat), self.config.n_embd))
+        rows = self._forward("batch_verify", seq_ids, lengths, embeds).reshape(len(flat), -1)
+        return np.split(rows, np.cumsum(lengths)[:-1])
+
+    def pop_tokens(self, seq_id: int, n: int) -> None:
+        """Drop the newest `n` tokens of a sequence from the KV cache (rejected speculative drafts)."""
+        self._popn(self.kv_cache, seq_id, n)
 
     def _forward(self, func: str, seq_ids, lengths, embeds, *extra, to_host: bool = True):
         seq_ids = [seq_ids] if isinstance(seq_ids, int) else list(seq_ids)

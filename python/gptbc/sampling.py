@@ -142,11 +142,20 @@ def top_tokens(logprobs: np.ndarray, n: int) -> list[tuple[int, float]]:
 def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator, seen: np.ndarray | None = None,
            output_counts: np.ndarray | None = None) -> int:
     """The next token id."""
+    if p.greedy:
+        x = logits if seen is None or output_counts is None else apply_penalties(
+            logits.astype(np.float64), p, seen, output_counts)
+        return int(np.argmax(x))
+    probs = probabilities(logits, p, seen, output_counts)
+    return int(rng.choice(probs.size, p=probs))
+
+
+def probabilities(logits: np.ndarray, p: SamplingParams, seen: np.ndarray | None = None,
+                  output_counts: np.ndarray | None = None) -> np.ndarray:
+    """The distribution a sampling (non-greedy) request draws from: penalties, temperature, top-k, min-p, top-p."""
     x = logits.astype(np.float64)  # a copy: penalties edit it
     if seen is not None and output_counts is not None:
         x = apply_penalties(x, p, seen, output_counts)
-    if p.greedy:
-        return int(np.argmax(x))
     x = x / p.temperature
     if 0 < p.top_k < x.size:
         kth = np.partition(x, -p.top_k)[-p.top_k]
@@ -161,5 +170,4 @@ def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator, seen
         cum = np.cumsum(probs[order])
         cut = int(np.searchsorted(cum, p.top_p * cum[-1])) + 1  # smallest prefix reaching top_p
         probs[order[cut:]] = 0.0
-    probs /= probs.sum()
-    return int(rng.choice(probs.size, p=probs))
+    return probs / probs.sum()

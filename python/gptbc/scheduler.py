@@ -23,7 +23,8 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from .errors import GptbcError
-from .sampling import SamplingParams, log_softmax, sample, top_tokens
+from .sampling import SamplingParams, log_softmax, probabilities, sample, top_tokens
+from .speculation import DraftState, PromptLookup, accept
 from .tokenizer import IncrementalDetokenizer
 
 
@@ -45,6 +46,8 @@ class Runner(Protocol):
     def decode_batch(self, seq_ids: Sequence[int], tokens: Sequence[int]) -> np.ndarray: ...
     def decode_batch_greedy(self, seq_ids: Sequence[int], tokens: Sequence[int]) -> list[int]: ...
     def verify(self, seq_id: int, ids: Sequence[int]) -> np.ndarray: ...
+    def verify_batch(self, seq_ids: Sequence[int], id_lists: Sequence[Sequence[int]]) -> list[np.ndarray]: ...
+    def pop_tokens(self, seq_id: int, n: int) -> None: ...
 
 
 class StopMatcher:
@@ -105,6 +108,7 @@ class Request:
     seen: np.ndarray | None = None
     counts: np.ndarray | None = None
     reserved: int = 0  # KV tokens booked for this request
+    drafts: DraftState = field(default_factory=DraftState)  # prompt-lookup speculation (when enabled)
 
 
 @dataclass
@@ -121,15 +125,27 @@ class Event:
 class Stats:
     prefill_tokens: int = 0  # prompt tokens run through the model
     reused_prefix_tokens: int = 0  # prompt tokens taken from a cached prefix instead
-    decode_tokens: int = 0
+    decode_tokens: int = 0  # tokens generated after each request's first
+    decode_steps: int = 0  # per-request decode steps (one verify of a draft counts one)
+    drafted_tokens: int = 0  # prompt-lookup draft tokens proposed
+    accepted_tokens: int = 0  # of those, kept
     max_batch: int = 0
+
+    def tokens_per_step(self) -> float:
+        return self.decode_tokens / self.decode_steps if self.decode_steps else 0.0
+
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
 
 class Scheduler:
     def __init__(self, runner: Runner, capacity_tokens: int, vocab_size: int, eos_ids: set[int],
-                 make_detokenizer: Callable[[], IncrementalDetokenizer] | None = None, prefix_cache_size: int = 8):
+                 make_detokenizer: Callable[[], IncrementalDetokenizer] | None = None, prefix_cache_size: int = 8,
+                 speculation: PromptLookup | None = None):
         """`capacity_tokens`: KV-cache tokens over all sequences; `make_detokenizer`: a new incremental
-        detokenizer per request (None: ids only, no text or stop strings)."""
+        detokenizer per request (None: ids only, no text or stop strings); `speculation`: prompt-lookup
+        drafting (speculation.py), verified in one multi-row call."""
+        self.speculation = speculation
         self.runner = runner
         self.capacity = capacity_tokens
         self.eos_ids = eos_ids
@@ -271,17 +287,74 @@ class Scheduler:
     def _decode(self, running: list[Request]) -> list[Event]:
         runner = self.runner
         self.stats.max_batch = max(self.stats.max_batch, len(running))
+        drafts = self._drafts(running) if self.speculation is not None else {}
+        events = self._verify_drafts([r for r in running if r.id in drafts], drafts) if drafts else []
+        running = [r for r in running if r.id not in drafts]
+        if not running:
+            return events
         self.stats.decode_tokens += len(running)
+        self.stats.decode_steps += len(running)
         seq_ids, last = [r.seq_id for r in running], [r.output_ids[-1] for r in running]
         if runner.samples_on_device and all(_plain_greedy(r.params) for r in running):
             tokens = runner.decode_batch_greedy(seq_ids, last)
-            return [self._accept(r, None, t) for r, t in zip(running, tokens)]
+            return events + [self._accept(r, None, t) for r, t in zip(running, tokens)]
         if len(running) == 1 and runner.single_row_decode:
             # One sequence: the single-row kernels (santacoder q4f32_1 on 2 cores: 41 ms a step,
             # against 107 ms through batch_decode's multi-row layout at batch 1).
-            return [self._accept(running[0], runner.decode(seq_ids[0], last[0]))]
+            return events + [self._accept(running[0], runner.decode(seq_ids[0], last[0]))]
         logits = runner.decode_batch(seq_ids, last)
-        return [self._accept(r, row) for r, row in zip(running, logits)]
+        return events + [self._accept(r, row) for r, row in zip(running, logits)]
+
+    def _drafts(self, running: list[Request]) -> dict[int, list[int]]:
+        """Prompt-lookup drafts for this step, request id → tokens, within one verify call's token budget."""
+        spec, budget, drafts = self.speculation, self.runner.prefill_chunk_size, {}
+        for r in running:
+            p = r.params
+            if r.seen is not None or p.prompt_logprobs:  # penalties depend on each token in turn: decode plainly
+                continue
+            if r.drafts.skip > 0:
+                r.drafts.skip -= 1
+                continue
+            # Room: the bonus token after the draft must still fit max_new_tokens (and so the booked KV pages).
+            draft = spec.draft(r.prompt_ids + r.output_ids, min(p.max_new_tokens - len(r.output_ids) - 1,
+                                                              budget - 1))
+            if draft:
+                drafts[r.id] = draft
+                budget -= len(draft) + 1
+        return drafts
+
+    def _verify_drafts(self, reqs: list[Request], drafts: dict[int, list[int]]) -> list[Event]:
+        """Feed each request's last token + draft in one multi-row call; keep what the model agrees with."""
+        rows_of = self.runner.verify_batch([r.seq_id for r in reqs], [[r.output_ids[-1], *drafts[r.id]] for r in reqs])
+        events = []
+        for r, rows in zip(reqs, rows_of):
+            draft, before, kept = drafts[r.id], len(r.output_ids), 0
+            for i, row in enumerate(rows):
+                # The last row (every draft token kept) gives a bonus token, sampled as in plain decoding.
+                token, agreed = (None, False) if i == len(draft) else self._against_draft(r, row, draft[i])
+                events.append(self._accept(r, row, token))
+                kept += agreed
+                if r.finish_reason is not None or not agreed:
+                    break
+            new = len(r.output_ids) - before
+            # The KV cache now holds the last token and the whole draft; keep only what was accepted
+            # (prompt + outputs but the newest, exactly as after plain decoding).
+            if len(draft) + 1 - new:
+                self.runner.pop_tokens(r.seq_id, len(draft) + 1 - new)
+            r.drafts.update(len(draft), kept, self.speculation.max_backoff)
+            self.stats.decode_tokens += new
+            self.stats.decode_steps += 1
+            self.stats.drafted_tokens += len(draft)
+            self.stats.accepted_tokens += kept
+        return events
+
+    def _against_draft(self, req: Request, logits: np.ndarray, drafted: int) -> tuple[int, bool]:
+        """The token this row gives, and whether it is the drafted one (greedy: the argmax; sampling: the
+        accept/reject rule, which leaves the output distribution unchanged)."""
+        if req.params.greedy:
+            token = int(np.argmax(logits))
+            return token, token == drafted
+        return accept(probabilities(logits, req.params), drafted, req.rng)
 
     def _score_prompt(self, req: Request, chunk: list[int]) -> np.ndarray:
         """Prefill a chunk keeping the logits of every position, to score each prompt token."""

@@ -1,0 +1,85 @@
+"""Prompt-lookup speculative decoding: drafts copied from the text so far, verified in one multi-row call.
+
+Code editing repeats what the prompt holds (the file being rewritten), so the tokens that followed the
+last occurrence of the newest n-gram are a good guess for what comes next. The scheduler appends the
+last token plus the draft to the sequence in one `verify` call and keeps the longest prefix the model
+agrees with, plus one token of its own: greedy output is identical to plain decoding, and sampling
+follows the standard accept/reject rule (a draft token d is kept with probability p(d), otherwise the
+next token is drawn from p with d removed), so the output distribution is unchanged too. A request whose
+drafts keep failing drafts less often (exponential back-off), so open-ended text costs little.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PromptLookup:
+    """`max_ngram`..`min_ngram`: the suffix lengths matched (longest first); `num_draft`: tokens proposed."""
+
+    max_ngram: int = 3
+    min_ngram: int = 1
+    num_draft: int = 8
+    max_backoff: int = 16  # steps without drafting, at most, after drafts that were all rejected
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_ngram <= self.max_ngram or self.num_draft < 1 or self.max_backoff < 0:
+            raise ValueError(f"prompt lookup: need 1 <= min_ngram <= max_ngram and num_draft >= 1, got {self}")
+
+    def draft(self, tokens: Sequence[int], limit: int) -> list[int]:
+        """Up to min(num_draft, limit) tokens that followed the latest earlier occurrence of the longest
+        matching suffix of `tokens`; [] when nothing matches."""
+        limit = min(limit, self.num_draft)
+        if limit <= 0:
+            return []
+        seq = np.asarray(tokens)
+        n_tokens = seq.size
+        for n in range(min(self.max_ngram, n_tokens - 1), self.min_ngram - 1, -1):
+            tail = seq[n_tokens - n:]
+            # candidate starts whose first token matches, latest first; the suffix itself is excluded
+            starts = np.flatnonzero(seq[:n_tokens - n] == tail[0])[::-1]
+            for i in starts:
+                if np.array_equal(seq[i:i + n], tail):
+                    follow = seq[i + n:i + n + limit]
+                    if follow.size:
+                        return [int(t) for t in follow]
+        return []
+
+
+@dataclass
+class DraftState:
+    """Per request: back-off after rejected drafts, and what was drafted / accepted (for metrics)."""
+
+    skip: int = 0  # steps left without drafting
+    backoff: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    verify_calls: int = 0
+
+    def update(self, proposed: int, kept: int, max_backoff: int) -> None:
+        self.drafted += proposed
+        self.accepted += kept
+        self.verify_calls += 1
+        if kept == 0:
+            self.backoff = min(max(1, 2 * self.backoff), max_backoff)
+            self.skip = self.backoff
+        else:
+            self.backoff = 0
+
+
+def accept(probs: np.ndarray, drafted: int, rng: np.random.Generator) -> tuple[int, bool]:
+    """The standard rule for a deterministic draft (q(drafted) = 1): keep it with probability p(drafted),
+    else draw from p without it. Returns (token, kept)."""
+    p = float(probs[drafted])
+    if p > 0 and rng.random() < p:
+        return drafted, True
+    rest = probs.copy()
+    rest[drafted] = 0.0
+    total = rest.sum()
+    if total <= 0:  # p(drafted) was 1 within rounding
+        return drafted, True
+    return int(rng.choice(rest.size, p=rest / total)), False
