@@ -17,27 +17,10 @@ import ml_dtypes
 import numpy as np
 
 from gptbc.config import resolve_model
+from gptbc.memory import hf_shapes
 from gptbc.tensorfile import write_safetensors
 
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
-
-
-def hf_tensors(cfg) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every tensor of an HF GPTBigCodeForCausalLM checkpoint with this config."""
-    e, inner, qkv = cfg.n_embd, cfg.n_inner, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
-    out = [("transformer.wte.weight", (cfg.vocab_size, e)), ("transformer.wpe.weight", (cfg.n_positions, e))]
-    for i in range(cfg.n_layer):
-        p = f"transformer.h.{i}."
-        out += [(p + "ln_1.weight", (e,)), (p + "ln_1.bias", (e,)),
-                (p + "attn.c_attn.weight", (qkv, e)), (p + "attn.c_attn.bias", (qkv,)),
-                (p + "attn.c_proj.weight", (e, e)), (p + "attn.c_proj.bias", (e,)),
-                (p + "ln_2.weight", (e,)), (p + "ln_2.bias", (e,)),
-                (p + "mlp.c_fc.weight", (inner, e)), (p + "mlp.c_fc.bias", (inner,)),
-                (p + "mlp.c_proj.weight", (e, inner)), (p + "mlp.c_proj.bias", (e,))]
-    out += [("transformer.ln_f.weight", (e,)), ("transformer.ln_f.bias", (e,))]
-    if not cfg.tie_word_embeddings:
-        out.append(("lm_head.weight", (cfg.vocab_size, e)))
-    return out
 
 
 def main(argv=None) -> int:
@@ -51,7 +34,7 @@ def main(argv=None) -> int:
     cfg = resolve_model(args.preset).config
     dtype, out = DTYPES[args.dtype], Path(args.output)
     out.mkdir(parents=True, exist_ok=False)
-    specs = hf_tensors(cfg)
+    specs = hf_shapes(cfg)
     shards, size, limit = [[]], 0, int(args.shard_gb * (1 << 30))
     for name, shape in specs:
         nbytes = int(np.prod(shape)) * dtype.itemsize
