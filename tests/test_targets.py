@@ -137,7 +137,7 @@ def test_vulkan_builds_wgsl_into_a_native_library_without_vulkan_codegen(tiny, t
     assert_model_functions_and_metadata(blob, "vulkan")
     assert elf_machine(blob) in (62, EM_AARCH64)  # x86-64 or aarch64 host code: a native library
     if not vulkan_codegen():
-        assert b"@compute @workgroup_size" in blob and b'"kind": "webgpu"' in blob
+        assert b"@compute @workgroup_size" in blob  # WGSL compute shaders in the device module
 
 
 @pytest.mark.parametrize("spelling, fragment", [("cuda:sm80", "sm_"), ("metal:m3", "no variant"),
