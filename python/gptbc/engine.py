@@ -38,7 +38,7 @@ class Engine:
         self.special_ids = eos_ids | (self.tokenizer.special_ids() if self.tokenizer else set())
         detok = (lambda: IncrementalDetokenizer(self.tokenizer, self.special_ids)) if self.tokenizer else None
         self.scheduler = Scheduler(r, r.capacity_tokens, self.config.vocab_size, eos_ids, detok,
-                                   prefix_cache_size if r.kv_history_forwards else 0)
+                                   prefix_cache_size)
 
     @property
     def eos_ids(self) -> set[int]:
@@ -102,10 +102,6 @@ class Engine:
         if len(ids) == 0:
             raise GptbcError("prompt is empty: give at least one token")
         self.check_ids(ids)
-        if not self.runner.kv_history_forwards and len(ids) > self.runner.prefill_chunk_size:
-            raise GptbcError(f"a prompt of {len(ids)} tokens needs chunked prefill, which computes wrong attention on "
-                             f"the Vulkan (WebGPU) runtime (docs/targets.md, Problem 3); compile with "
-                             f"--prefill-chunk-size >= {len(ids)}")
         need = len(ids) + params.max_new_tokens
         if need > self.context_window_size:
             room = self.context_window_size - params.max_new_tokens
