@@ -260,7 +260,8 @@ def merge_state_inplace(num_heads: int, head_dim: int, dtype: str, max_threads: 
                             for i in T.vectorized(vec):
                                 v_other_vec[i] = V_other[bx, ty + by * bdy, tx * vec + i]
                             for i in T.serial(vec):
-                                v_vec[i] = v_vec[i] * T.Cast(dtype, state[3]) + v_other_vec[i] * T.Cast(dtype, state[4])
+                                v_vec[i] = T.Cast(dtype, T.Cast("float32", v_vec[i]) * state[3]
+                                                  + T.Cast("float32", v_other_vec[i]) * state[4])
                             for i in T.vectorized(vec):
                                 V[bx, ty + by * bdy, tx * vec + i] = v_vec[i]
                             if tx == 0:
