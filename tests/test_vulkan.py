@@ -348,6 +348,13 @@ def test_gptbc_run_on_vulkan(tiny_model, vulkan_lib, tmp_path_factory):
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["token_ids"] == hf_greedy(m.hf_dir, PROMPT)
+    # mqa32's prefill chunk is 16 tokens: gptbc-run prefills PROMPT in 3 chunks, each onto the KV of the last.
+    out32, vk32, _ = vulkan_lib("mqa32")
+    run = subprocess.run([exe, "--model", out32, "--lib", vk32, "--device", "vulkan", "--prompt-ids",
+                          ",".join(map(str, PROMPT)), "--max-new-tokens", "8", "--json"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["token_ids"] == hf_greedy(tiny_model("mqa32").hf_dir, PROMPT, 8)
     for args, needle in ((["--lib", vk], "run it with --device vulkan"),
                          (["--lib", cpu, "--device", "vulkan"], "built for cpu")):
         bad = subprocess.run([exe, "--model", out, *args, "--prompt-ids", "1,2"], capture_output=True, text=True)
