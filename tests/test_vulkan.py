@@ -207,7 +207,8 @@ def test_merge_state_kernel_is_race_free(dtype, tmp_path):
     from tvm.relax.frontend.nn.llm.kv_cache import _merge_state_inplace
 
     from gptbc import webgpu
-    from gptbc.kernels import merge_state_inplace
+    from gptbc.errors import GptbcError
+    from gptbc.kernels import MERGE_STATE, merge_state_inplace
     from gptbc.targets import host_cpu_target
 
     webgpu.load_runtime()
@@ -224,10 +225,15 @@ def test_merge_state_kernel_is_race_free(dtype, tmp_path):
     errors = {}
     for which, func in (("tvm", _merge_state_inplace(h, d, dtype, target)),
                         ("ours", merge_state_inplace(h, d, dtype, 256))):
-        func = func.with_attr("global_symbol", "merge")
+        func = func.with_attr("global_symbol", MERGE_STATE)
         path = tmp_path / f"merge-{which}-{dtype}.so"
-        tvm.compile(tvm.IRModule({"merge": func}), target=target).mod.export_library(str(path))
-        kernel = tvm.runtime.load_module(str(path))["merge"]
+        tvm.compile(tvm.IRModule({MERGE_STATE: func}), target=target).mod.export_library(str(path))
+        kernel = tvm.runtime.load_module(str(path))[MERGE_STATE]
+        if which == "tvm":  # the engine refuses a library built with TVM's kernel (before the fix)
+            with pytest.raises(GptbcError, match="Problem 3.*rebuild"):
+                webgpu.check_merge_kernel(path)
+        else:
+            webgpu.check_merge_kernel(path)
         dev = tvm.device("webgpu", 0)
         args = [tvm.runtime.tensor(a, dev) for a in (v, s, v_other, s_other)]
         kernel(*args)
