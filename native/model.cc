@@ -268,12 +268,6 @@ void Model::start(int64_t tokens) {
 }
 
 const std::vector<float>& Model::prefill(const std::vector<int32_t>& ids) {
-  if (dev_.device_type == kDLWebGPU && static_cast<int64_t>(ids.size()) > prefill_chunk_size_) {
-    // A second chunk prefills onto KV history: wrong attention on the WebGPU path (docs/targets.md, Problem 3).
-    throw Error("a prompt of " + std::to_string(ids.size()) + " tokens needs chunked prefill, which computes wrong "
-                "attention on the Vulkan (WebGPU) runtime (docs/targets.md, Problem 3); compile with "
-                "--prefill-chunk-size >= " + std::to_string(ids.size()));
-  }
   for (size_t start = 0; start < ids.size(); start += prefill_chunk_size_) {
     size_t end = std::min(ids.size(), start + static_cast<size_t>(prefill_chunk_size_));
     forward(prefill_, std::vector<int32_t>(ids.begin() + start, ids.begin() + end));

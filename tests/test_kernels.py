@@ -105,3 +105,22 @@ def test_paged_prefill_matches_reference(h_q, h_kv, d, dtype, causal):
         sl = slice(q_indptr[b], q_indptr[b + 1])
         np.testing.assert_allclose(out.numpy()[sl].astype(np.float32), want_out, atol=tol, rtol=tol)
         np.testing.assert_allclose(lse.numpy()[sl], want_lse, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("spelling", ["vulkan", "webgpu"])
+def test_wgpu_targets_compile_the_race_free_merge(spelling):
+    """Vulkan/WebGPU get kernels.merge_state_inplace for TVM's attention-state merge (docs/targets.md, Problem 3):
+    a barrier between every thread's read of the lse and its one write. CUDA keeps TVM's."""
+    from gptbc.compiler import export_relax
+    from gptbc.config import GPTBigCodeConfig
+    from gptbc.kernels import MERGE_STATE
+    from gptbc.quantization import get_quantization
+    from gptbc.targets import get_target
+
+    cfg = GPTBigCodeConfig(n_embd=64, n_head=2, n_layer=1, n_positions=32, vocab_size=50)
+    q = get_quantization("q0f32")
+    mod, _ = export_relax(cfg, q, tvm.target.Target({"kind": "webgpu", "host": TARGET}))
+    swapped = get_target(spelling)[0].pipeline.replace_kernels(mod, cfg, q)
+    assert "tvm_storage_sync" not in mod[MERGE_STATE].script()
+    assert "tvm_storage_sync" in swapped[MERGE_STATE].script()
+    assert get_target("cuda")[0].pipeline.replace_kernels(mod, cfg, q) is mod

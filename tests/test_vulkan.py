@@ -153,7 +153,7 @@ def test_batch_prefill_decode_verify(engines):
         for s in seqs:
             eng.runner.remove_sequence(s)
         seqs = [eng.runner.add_sequence()]
-        verified = eng.runner.verify(seqs[0], PROMPT[:21])  # batch_verify on a fresh sequence (see the xfail below)
+        verified = eng.runner.verify(seqs[0], PROMPT[:21])  # batch_verify on a fresh sequence
         for s in seqs:
             eng.runner.remove_sequence(s)
         results.append((first, steps[0], greedy, verified))
@@ -162,23 +162,88 @@ def test_batch_prefill_decode_verify(engines):
     assert g_greedy == c_greedy
 
 
-@pytest.mark.xfail(strict=True, reason="known bug, docs/targets.md 'Problem 3': a prefill onto a sequence that "
-                   "already has KV history (chunked prefill, prefix reuse, verify after decode) is wrong on the WebGPU "
-                   "path (batch_prefill_paged_kv); strict: passes loudly once fixed")
 def test_prefill_onto_existing_history(tiny_model, engines):
+    """Several tokens onto a sequence holding KV entries: TVM's paged prefill kernel over the cached pages, then
+    the attention-state merge with the new tokens' own attention (docs/targets.md, Problem 3, fixed)."""
     gpu, _cpu = engines("mha64")
     with torch.no_grad():
-        want = load_hf(tiny_model("mha64").hf_dir)(torch.tensor([PROMPT[:21]])).logits[0, -4:].numpy()
+        want = load_hf(tiny_model("mha64").hf_dir)(torch.tensor([PROMPT])).logits[0].numpy()
     seq = gpu.runner.add_sequence()
     gpu.runner.prefill(seq, PROMPT[:17])
-    from gptbc.errors import GptbcError
+    got = gpu.runner.verify(seq, PROMPT[17:21])  # verify after a prefill
+    last = gpu.runner.prefill(seq, PROMPT[21:])  # a second prefill, onto 21 entries, across a page boundary
+    gpu.runner.remove_sequence(seq)
+    assert close(got, want[17:21], 1e-4), float(np.abs(got - want[17:21]).max())
+    assert close(last, want[-1], 1e-4), float(np.abs(last - want[-1]).max())
 
-    with pytest.raises(GptbcError, match="already holds KV entries.*Problem 3"):  # the engine refuses it ...
-        gpu.runner.verify(seq, PROMPT[17:21])
-    gpu._with_history.discard(seq)  # ... so run the kernels anyway, to see whether they are still wrong
-    got = gpu.runner.verify(seq, PROMPT[17:21])
+
+def test_chunked_prompt_and_prefix_reuse_match_hf(tiny_model, engines):
+    gpu, _cpu = engines("mqa32")  # prefill_chunk_size 16: PROMPT (35 tokens) is prefilled in 3 chunks
+    m = tiny_model("mqa32")
+    assert gpu.runner.prefill_chunk_size == 16 < len(PROMPT)
+    with torch.no_grad():
+        want = load_hf(m.hf_dir)(torch.tensor([PROMPT])).logits[0, -1].numpy()
+    seq = gpu.runner.add_sequence()
+    got = gpu.runner.prefill(seq, PROMPT)
     gpu.runner.remove_sequence(seq)
     assert close(got, want, 1e-4), float(np.abs(got - want).max())
+    # Through the engine: the long prompt, then one sharing its first 30 tokens, forked from the cached prefix
+    # (its remainder is prefilled onto those 30 entries).
+    gpu.scheduler.clear_prefix_cache()
+    assert gpu.generate(PROMPT, 8) == hf_greedy(m.hf_dir, PROMPT, 8)
+    other = PROMPT[:30] + [60, 61, 62, 63]
+    reused = gpu.scheduler.stats.reused_prefix_tokens
+    assert gpu.generate(other, 8) == hf_greedy(m.hf_dir, other, 8)
+    assert gpu.scheduler.stats.reused_prefix_tokens > reused
+    gpu.scheduler.clear_prefix_cache()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_merge_state_kernel_is_race_free(dtype, tmp_path):
+    """The cause of Problem 3: TVM's `tir_attention_merge_state` has each thread read a head's lse and then
+    write it, no barrier between; lavapipe runs a block's threads in 8-lane groups one after another, so later
+    groups merged with the already-merged lse. gptbc compiles kernels.merge_state_inplace in its place."""
+    import tvm
+    from tvm.relax.frontend.nn.llm.kv_cache import _merge_state_inplace
+
+    from gptbc import webgpu
+    from gptbc.errors import GptbcError
+    from gptbc.kernels import MERGE_STATE, merge_state_inplace
+    from gptbc.targets import host_cpu_target
+
+    webgpu.load_runtime()
+    n, h, d = 5, 2, 64
+    target = tvm.target.Target({"kind": "webgpu", "host": host_cpu_target()})
+    rng = np.random.default_rng(0)
+    v, v_other = rng.standard_normal((2, n, h, d)).astype(dtype)
+    s, s_other = (3 * rng.standard_normal((2, n, h))).astype("float32")
+    top = np.maximum(s, s_other)
+    w, w_other = np.exp2(s - top), np.exp2(s_other - top)
+    v32, v_other32 = v.astype("float32"), v_other.astype("float32")
+    want_v = (v32 * w[..., None] + v_other32 * w_other[..., None]) / (w + w_other)[..., None]
+    want_s = np.log2(w + w_other) + top
+    errors = {}
+    for which, func in (("tvm", _merge_state_inplace(h, d, dtype, target)),
+                        ("ours", merge_state_inplace(h, d, dtype, 256))):
+        func = func.with_attr("global_symbol", MERGE_STATE)
+        path = tmp_path / f"merge-{which}-{dtype}.so"
+        tvm.compile(tvm.IRModule({MERGE_STATE: func}), target=target).mod.export_library(str(path))
+        kernel = tvm.runtime.load_module(str(path))[MERGE_STATE]
+        if which == "tvm":  # the engine refuses a library built with TVM's kernel (before the fix)
+            with pytest.raises(GptbcError, match="Problem 3.*rebuild"):
+                webgpu.check_merge_kernel(path)
+        else:
+            webgpu.check_merge_kernel(path)
+        dev = tvm.device("webgpu", 0)
+        args = [tvm.runtime.tensor(a, dev) for a in (v, s, v_other, s_other)]
+        kernel(*args)
+        errors[which] = max(float(np.abs(args[0].numpy().astype("float32") - want_v).max()),
+                            float(np.abs(args[1].numpy() - want_s).max()))
+    assert errors["ours"] < (1e-5 if dtype == "float32" else 5e-3), errors
+    # TVM's kernel is right only where a head's 16 threads run in lockstep (one SIMT warp); on lavapipe it is not.
+    adapter = webgpu.adapter_of(tvm.device("webgpu", 0))
+    if adapter["type"] == "cpu":
+        assert errors["tvm"] > 1e-2, errors
 
 
 def test_continuous_batching_and_submits(engines):
@@ -289,6 +354,13 @@ def test_gptbc_run_on_vulkan(tiny_model, vulkan_lib, tmp_path_factory):
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["token_ids"] == hf_greedy(m.hf_dir, PROMPT)
+    # mqa32's prefill chunk is 16 tokens: gptbc-run prefills PROMPT in 3 chunks, each onto the KV of the last.
+    out32, vk32, _ = vulkan_lib("mqa32")
+    run = subprocess.run([exe, "--model", out32, "--lib", vk32, "--device", "vulkan", "--prompt-ids",
+                          ",".join(map(str, PROMPT)), "--max-new-tokens", "8", "--json"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["token_ids"] == hf_greedy(tiny_model("mqa32").hf_dir, PROMPT, 8)
     for args, needle in ((["--lib", vk], "run it with --device vulkan"),
                          (["--lib", cpu, "--device", "vulkan"], "built for cpu")):
         bad = subprocess.run([exe, "--model", out, *args, "--prompt-ids", "1,2"], capture_output=True, text=True)

@@ -40,20 +40,17 @@ class Engine:
         self.fim = find_fim_tokens(self.model_dir) if self.tokenizer else None
         self.special_ids = eos_ids | (self.tokenizer.special_ids() if self.tokenizer else set())
         detok = (lambda: IncrementalDetokenizer(self.tokenizer, self.special_ids)) if self.tokenizer else None
-        # Both prefix reuse and draft verification forward several tokens onto KV history (runner.py).
-        history_ok = r.kv_history_forwards
         self.scheduler = Scheduler(r, r.capacity_tokens, self.config.vocab_size, eos_ids, detok,
-                                   prefix_cache_size if history_ok else 0, speculation if history_ok else None)
+                                   prefix_cache_size, speculation)
 
     @property
     def speculation(self) -> PromptLookup | None:
-        """Prompt-lookup drafting for requests from now on (None: off); always off where the runner cannot
-        forward several tokens onto KV history."""
+        """Prompt-lookup drafting for requests from now on (None: off)."""
         return self.scheduler.speculation
 
     @speculation.setter
     def speculation(self, lookup: PromptLookup | None) -> None:
-        self.scheduler.speculation = lookup if self.runner.kv_history_forwards else None
+        self.scheduler.speculation = lookup
 
     @property
     def eos_ids(self) -> set[int]:
@@ -117,10 +114,6 @@ class Engine:
         if len(ids) == 0:
             raise GptbcError("prompt is empty: give at least one token")
         self.check_ids(ids)
-        if not self.runner.kv_history_forwards and len(ids) > self.runner.prefill_chunk_size:
-            raise GptbcError(f"a prompt of {len(ids)} tokens needs chunked prefill, which computes wrong attention on "
-                             f"the Vulkan (WebGPU) runtime (docs/targets.md, Problem 3); compile with "
-                             f"--prefill-chunk-size >= {len(ids)}")
         need = len(ids) + params.max_new_tokens
         if need > self.context_window_size:
             room = self.context_window_size - params.max_new_tokens

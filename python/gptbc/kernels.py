@@ -203,3 +203,82 @@ def use_fast_cpu_attention(mod, h_kv: int, h_q: int, d: int, dtype: str):
             symbol = (mod[gv].attrs or {}).get("global_symbol")
             mod[gv] = new.with_attr("global_symbol", symbol) if symbol is not None else new
     return mod
+
+
+# TVM's state-merge kernel, by its name in the module (the paged KV cache adds it for GPU targets).
+MERGE_STATE = "tir_attention_merge_state"
+
+
+def merge_state_inplace(num_heads: int, head_dim: int, dtype: str, max_threads: int):
+    """TVM's `_merge_state_inplace` (kv_cache's `tir_attention_merge_state`) without its data race.
+
+    It merges two attention results (V, S) ← (V, S) ⊕ (V_other, S_other) in place: each of a block's
+    `head_dim / 4` threads per head reads the head's log-sum-exp S[n, h], merges its 4 lanes of V, and
+    writes S[n, h]. TVM's version has every thread write S[n, h] with no barrier after the reads, so it
+    is right only where all threads of a head run in lockstep (one 32-wide warp on CUDA). Where they do
+    not (lavapipe runs 8-lane subgroups one after the other), later threads read the already merged S
+    and merge their lanes with the wrong weights: a prefill onto KV history was wrong (docs/targets.md,
+    Problem 3). Here every thread reads, a barrier, then one thread per head writes S.
+    """
+    vec = min(max(8 // 2, head_dim // 32), 4)  # TVM's lane count (it assumes 2-byte values)
+    bdx, bdy = head_dim // vec, num_heads
+    while bdx * bdy > max_threads and bdy > 1:
+        bdy //= 2
+    gdy = num_heads // bdy
+
+    @T.prim_func(s_tir=True)
+    def merge_state_inplace(v: T.handle, s: T.handle, v_other: T.handle, s_other: T.handle):
+        T.func_attr({"tirx.is_scheduled": True})
+        N = T.int32()
+        H = T.int32()
+        D = T.int32()
+        V = T.match_buffer(v, (N, H, D), dtype)
+        S = T.match_buffer(s, (N, H), "float32")
+        V_other = T.match_buffer(v_other, (N, H, D), dtype)
+        S_other = T.match_buffer(s_other, (N, H), "float32")
+        for bx in T.thread_binding(N, thread="blockIdx.x"):
+            for by in T.thread_binding(gdy, thread="blockIdx.y"):
+                for ty in T.thread_binding(bdy, thread="threadIdx.y"):
+                    for tx in T.thread_binding(bdx, thread="threadIdx.x"):
+                        with T.sblock("merge"):
+                            T.reads()
+                            T.writes()
+                            state = T.sblock_alloc_buffer((5,), "float32", scope="local")
+                            v_vec = T.sblock_alloc_buffer((vec,), dtype, scope="local")
+                            v_other_vec = T.sblock_alloc_buffer((vec,), dtype, scope="local")
+                            state[0] = S[bx, ty + by * bdy]
+                            state[1] = S_other[bx, ty + by * bdy]
+                            # Every thread of the block has read S before any thread writes it.
+                            T.tvm_storage_sync("shared")
+                            state[2] = T.max(state[0], state[1])
+                            state[0] = T.exp2(state[0] - state[2])
+                            state[1] = T.exp2(state[1] - state[2])
+                            state[3] = state[0] / (state[0] + state[1])
+                            state[4] = state[1] / (state[0] + state[1])
+                            for i in T.vectorized(vec):
+                                v_vec[i] = V[bx, ty + by * bdy, tx * vec + i]
+                            for i in T.vectorized(vec):
+                                v_other_vec[i] = V_other[bx, ty + by * bdy, tx * vec + i]
+                            for i in T.serial(vec):
+                                v_vec[i] = T.Cast(dtype, T.Cast("float32", v_vec[i]) * state[3]
+                                                  + T.Cast("float32", v_other_vec[i]) * state[4])
+                            for i in T.vectorized(vec):
+                                V[bx, ty + by * bdy, tx * vec + i] = v_vec[i]
+                            if tx == 0:
+                                S[bx, ty + by * bdy] = T.log2(state[0] + state[1]) + state[2]
+
+    return merge_state_inplace
+
+
+def use_race_free_merge(mod, n_head: int, head_dim: int, dtype: str, max_threads: int):
+    """`mod` with `merge_state_inplace` in place of TVM's `tir_attention_merge_state` (where `mod` has it)."""
+    import tvm
+
+    if MERGE_STATE not in [g.name_hint for g in mod.get_global_vars()]:
+        return mod
+    mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)  # a copy: the caller's module stays as it was
+    gv = mod.get_global_var(MERGE_STATE)
+    new = merge_state_inplace(n_head, head_dim, dtype, max_threads)
+    symbol = (mod[gv].attrs or {}).get("global_symbol")
+    mod[gv] = new.with_attr("global_symbol", symbol) if symbol is not None else new
+    return mod

@@ -179,11 +179,6 @@ class ModelRunner:
             use_all_cores()
         manifest.check_compatible(self.meta, self.info, self.lib, self.model_dir)
         self.webgpu = self.dev.dlpack_device_type() == WEBGPU_DEVICE_TYPE
-        self._with_history: set[int] = set()  # sequences holding KV entries (WebGPU: see _forward)
-        # A forward of several tokens onto a sequence that already holds KV entries (a second prefill chunk, a
-        # forked prefix's remainder) computes wrong attention on the WebGPU path (docs/targets.md, Problem 3):
-        # there the engine keeps no prefix cache and takes only prompts that fit one prefill chunk.
-        self.kv_history_forwards = not self.webgpu
         if self.webgpu:  # binding limits, shader-f16, WGSL-addressable dtypes: before any weight is copied
             from . import webgpu
 
@@ -236,7 +231,6 @@ class ModelRunner:
         if seq_id in self._live:
             self._remove(self.kv_cache, seq_id)
             self._live.discard(seq_id)
-            self._with_history.discard(seq_id)
 
     def fork_sequence(self, parent: int, length: int) -> int:
         """A new sequence sharing the first `length` tokens of `parent` (pages shared, not recomputed)."""
@@ -244,8 +238,6 @@ class ModelRunner:
         self._next_seq_id += 1
         self._fork(self.kv_cache, parent, child, length)
         self._live.add(child)
-        if length > 0:
-            self._with_history.add(child)
         return child
 
     def sequence_count(self) -> int:
@@ -331,14 +323,6 @@ class ModelRunner:
     def _forward(self, func: str, seq_ids, lengths, embeds, *extra, to_host: bool = True):
         seq_ids = [seq_ids] if isinstance(seq_ids, int) else list(seq_ids)
         lengths = [lengths] if isinstance(lengths, int) else list(lengths)
-        if self.webgpu:  # refuse the one path known to compute wrong attention there (docs/targets.md, Problem 3)
-            for sid, n in zip(seq_ids, lengths):
-                if n > 1 and sid in self._with_history:
-                    raise GptbcError(f"{func} of {n} tokens onto sequence {sid}, which already holds KV entries, "
-                                     f"computes wrong attention on the Vulkan (WebGPU) runtime (docs/targets.md, "
-                                     f"Problem 3); prompts must fit one prefill chunk (compile with a larger "
-                                     f"--prefill-chunk-size)")
-            self._with_history.update(seq_ids)
         self._begin(self.kv_cache, self._shape(seq_ids), self._shape(lengths))
         try:
             logits, self.kv_cache = self.vm[func](embeds, *extra, self.kv_cache, self.params)

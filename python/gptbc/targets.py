@@ -68,6 +68,19 @@ CPU_PIPELINE = Pipeline("cpu", _cpu_rules, _fast_cpu_attention)
 GPU_PIPELINE = Pipeline("gpu", _gpu_rules)
 
 
+def _race_free_merge(mod, cfg, quant):
+    from .kernels import use_race_free_merge
+
+    # 256: the threads per block TVM's webgpu and vulkan targets allow, which TVM's kernel is sized by
+    return use_race_free_merge(mod, cfg.n_head, cfg.head_dim, quant.model_dtype, 256)
+
+
+# Vulkan and WebGPU: the GPU pipeline, and TVM's attention-state merge kernel replaced by one without its
+# data race (kernels.merge_state_inplace): their devices need not run a block's threads in lockstep
+# (lavapipe does not), and TVM's kernel is wrong there (docs/targets.md, Problem 3).
+WGPU_PIPELINE = Pipeline("gpu", _gpu_rules, _race_free_merge)
+
+
 def _nvcc_fatbin(executable, target, variant: str | None, output: Path) -> tuple[dict[Path, bytes], str]:
     """CUDA: the kernels compiled by nvcc, written beside the library (see cuda.py)."""
     from .cuda import aot_cuda_kernels
@@ -216,11 +229,11 @@ TARGETS: list[TargetSpec] = [
                "metal", GPU_PIPELINE, "LLVM (in TVM); on macOS the Xcode command line tools", _metal,
                runs_here=_device_exists("metal")),
     TargetSpec("vulkan", "Vulkan GPU: SPIR-V with a TVM built with USE_VULKAN=ON, else WGSL kernels in a .so run "
-               "by gptbc's WebGPU runtime (wgpu-native)", "vulkan", GPU_PIPELINE,
+               "by gptbc's WebGPU runtime (wgpu-native)", "vulkan", WGPU_PIPELINE,
                "LLVM (in TVM) and a C compiler; running needs the vulkan extra (wgpu) and a Vulkan driver", _vulkan,
                runs_here=_vulkan_runs_here),
     TargetSpec("webgpu", "browsers (WGSL shaders, wasm32 host code), a .tar for a web runtime", "webgpu",
-               GPU_PIPELINE, "LLVM (in TVM)", _webgpu),
+               WGPU_PIPELINE, "LLVM (in TVM)", _webgpu),
     TargetSpec("aarch64-linux", "64-bit ARM Linux boards (NEON): a .so with aarch64-linux-gnu-gcc, else a .tar",
                "cpu", CPU_PIPELINE, "LLVM (in TVM); aarch64-linux-gnu-gcc to link a .so", _aarch64,
                runs_here=lambda: platform.machine() in ("aarch64", "arm64") and platform.system() == "Linux"),

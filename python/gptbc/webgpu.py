@@ -174,6 +174,7 @@ def stats(dev) -> dict:
 def check_model(meta: dict, dev, lib) -> None:
     """Before any weight is copied or kernel run: every tensor fits the adapter's storage-binding limit,
     and a float16 model has an adapter with shader-f16."""
+    check_merge_kernel(lib)
     a = adapter_of(dev)
     limit = int(a["max_storage_buffer_binding_size"])
     dtypes = {p["dtype"] for p in meta["params"]}
@@ -192,6 +193,21 @@ def check_model(meta: dict, dev, lib) -> None:
             raise GptbcError(f"tensor {p['name']} ({p['dtype']}{p['shape']}) is {nbytes} bytes, over the Vulkan "
                              f"adapter {a['name']}'s max storage-buffer binding of {limit} bytes; quantize it "
                              f"(e.g. --quantization q4f16_1) or use an adapter with a larger limit")
+
+
+def check_merge_kernel(lib) -> None:
+    """Refuse a library whose attention-state merge is TVM's racy kernel (built before docs/targets.md's Problem 3
+    was fixed): on adapters that do not run a block's threads in lockstep it computes wrong attention for every
+    forward onto KV history (chunked prompts, prefix reuse, verify). Ours has a barrier; TVM's has none."""
+    blob = Path(lib).read_bytes()
+    start = blob.find(b"fn tir_attention_merge_state_kernel(")
+    if start < 0:
+        return
+    end = blob.find(b"\n}\n", start)
+    if b"workgroupBarrier()" not in blob[start:end if end > 0 else len(blob)]:
+        raise GptbcError(f"--lib {lib} was built with TVM's attention-state merge kernel, which computes wrong "
+                         f"attention on this runtime (docs/targets.md, Problem 3); rebuild it with this gptbc "
+                         f"(gptbc compile ... --target vulkan)")
 
 
 def _itemsize(dtype: str) -> int:
