@@ -147,6 +147,7 @@ class Engine:
                  suffix: str | None = None, greedy: bool | None = None, **sampling) -> "Completion":
         req = self.submit(prompt, prefix=prefix, suffix=suffix, params=self.sampling(greedy, **sampling))
         self.scheduler.run_until_done([req])
+        _raise_if_failed(req)
         return Completion.of(req)
 
     def generate(self, prompt_ids: str | Sequence[int] | None = None, max_new_tokens: int | None = None,
@@ -162,6 +163,8 @@ class Engine:
         params = self.sampling(greedy, max_new_tokens=max_new_tokens, **sampling)
         reqs = [self.submit(p, params=params) for p in prompts]
         self.scheduler.run_until_done(reqs)
+        for req in reqs:
+            _raise_if_failed(req)
         return [r.output_ids for r in reqs]
 
     def stream(self, prompt: str | Sequence[int] | None = None, *, prefix: str | None = None,
@@ -173,6 +176,8 @@ class Engine:
         try:
             while req.finish_reason is None:
                 for event in self.step():
+                    if event.request is req and event.error is not None:
+                        raise event.error
                     if event.request is req and event.text:
                         yield event.text
         finally:
@@ -187,6 +192,12 @@ class Engine:
         if self.tokenizer is None:
             raise GptbcError(f"{self.model_dir}: no tokenizer files; cannot turn ids into text")
         return self.tokenizer.decode([t for t in ids if t not in self.special_ids])
+
+
+def _raise_if_failed(req: Request) -> None:
+    """A request the scheduler ended with its own error (e.g. sampling failed) raises that error here."""
+    if req.error is not None:
+        raise req.error
 
 
 @dataclasses.dataclass
