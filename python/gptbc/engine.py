@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
+from .chat_template import ChatTemplate, load_chat_template
 from .errors import ContextWindowError, GptbcError
 from .runner import ModelRunner
 from .sampling import SamplingParams, generation_defaults
@@ -35,6 +36,7 @@ class Engine:
         eos_ids = set(r.info.get("eos_token_id") or self.config.eos_token_id) | generation_eos
         self.tokenizer = Tokenizer(self.model_dir) if has_tokenizer(self.model_dir) else None
         self.fim = find_fim_tokens(self.model_dir) if self.tokenizer else None
+        self.chat_template: ChatTemplate | None = load_chat_template(self.model_dir) if self.tokenizer else None
         self.special_ids = eos_ids | (self.tokenizer.special_ids() if self.tokenizer else set())
         detok = (lambda: IncrementalDetokenizer(self.tokenizer, self.special_ids)) if self.tokenizer else None
         self.scheduler = Scheduler(r, r.capacity_tokens, self.config.vocab_size, eos_ids, detok, prefix_cache_size)
