@@ -37,7 +37,7 @@ from .scheduler import Event, Request
 log = logging.getLogger("gptbc.serve")
 
 DEFAULT_MAX_BODY = 4 << 20  # bytes: a long source file as text or token ids fits easily
-INLINE_PARSE_BYTES = 16 << 10  # smaller bodies are parsed on the event loop (a thread hop costs more)
+
 CHAT_DEFAULT_MAX_TOKENS = 256
 # Extra repository context for a tokenizer without StarCoder's <repo_name>/<file_sep> tokens: each chunk of
 # input_extra becomes this header and its text, at the start of the FIM prefix.
@@ -803,7 +803,7 @@ def build_app(server: Server):
         def work():
             return parse(parse_json(raw))
 
-        return work() if len(raw) <= INLINE_PARSE_BYTES else await run_in_threadpool(work)
+        return await run_in_threadpool(work)
 
     def body_doc(path: str, streams: bool = True) -> dict:
         model = ENDPOINTS[path][0]
