@@ -591,7 +591,7 @@ class Server:
             if choice is None or choice.finish_reason is None:
                 self.metrics.cancelled.inc()
                 self.loop.cancel(req)
-            self.metrics.generation_tokens.inc(len(choice.ids) if choice else 0)
+            self.metrics.generation_tokens.inc(len(choice.ids) if choice and not job.warm_up else 0)
         self.inflight -= len(reqs)
         self.metrics.latency.observe(time.perf_counter() - job.began)
 
