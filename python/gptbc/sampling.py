@@ -46,7 +46,8 @@ RANGES: dict[str, Range] = {
     "top_k": Range(True, ge=0, rule="an integer >= 0 (0 is off)"),
     "top_p": Range(False, gt=0, le=1, rule="in (0, 1]"),
     "min_p": Range(False, ge=0, le=1, rule="in [0, 1]"),
-    "repetition_penalty": Range(False, gt=0, le=10, rule="in (0, 10] (1 is off)"),
+    # >= 0.01: a positive logit divided by less could overflow (1e-300 made it inf, then NaN)
+    "repetition_penalty": Range(False, ge=0.01, le=10, rule="in [0.01, 10] (1 is off)"),
     "presence_penalty": Range(False, ge=-2, le=2, rule="in [-2, 2]"),
     "frequency_penalty": Range(False, ge=-2, le=2, rule="in [-2, 2]"),
     "top_logprobs": Range(True, ge=0, le=MAX_TOP_LOGPROBS, rule=f"an integer in [0, {MAX_TOP_LOGPROBS}]"),
