@@ -232,20 +232,43 @@ class FakeEngine:
 
 
 def test_async_engine_survives_what_escapes_its_loop():
-    """A failure outside a step (here: freeing a sequence raises) kills the loop: it is answered, not silent."""
+    """A failure outside a step (here: freeing a cancelled sequence raises) kills the loop: answered, not silent."""
     fake = FakeEngine()
     fatal = []
     loop = AsyncEngine(fake, on_fatal=fatal.append)
+    decode = fake.runner.decode
+    fake.runner.decode = lambda seq_id, token: (time.sleep(0.01), decode(seq_id, token))[1]  # keep it running
     loop.start()
     try:
         got = []
-        req = loop.submit([1, 2, 3], SamplingParams(max_new_tokens=50), got.append).result(10)
+        req = loop.submit([1, 2, 3], SamplingParams(max_new_tokens=200), got.append).result(10)
+        other = []
+        loop.submit([4, 5], SamplingParams(max_new_tokens=200), other.append).result(10)
         fake.runner.remove_sequence = lambda seq_id: (_ for _ in ()).throw(RuntimeError("KV state corrupt"))
         loop.cancel(req)
         loop.thread.join(10)
         assert not loop.thread.is_alive() and not loop.healthy and len(fatal) == 1
+        assert isinstance(other[-1], EngineDead)  # the other request is answered, not left waiting
         with pytest.raises(EngineDead):
             loop.submit([1, 2], SamplingParams(max_new_tokens=2), got.append).result(1)
+    finally:
+        loop.stop()
+
+
+def test_a_step_that_fails_after_finishing_a_request_still_answers_it():
+    fake = FakeEngine()
+    loop = AsyncEngine(fake)
+    remove = fake.runner.remove_sequence
+    failures = iter([True])
+    fake.runner.remove_sequence = lambda seq_id: (next(failures, False) and (_ for _ in ()).throw(
+        RuntimeError("free failed"))) or remove(seq_id)
+    loop.start()
+    try:
+        got, done = [], threading.Event()
+        loop.submit([1, 2, 3], SamplingParams(max_new_tokens=2), lambda e: (got.append(e), (isinstance(e, Exception) or e.finished) and done.set())).result(10)
+        assert done.wait(10)  # retiring it raised inside the step, after its last event was made
+        assert any(isinstance(e, Exception) and "free failed" in str(e) for e in got)
+        assert loop.healthy
     finally:
         loop.stop()
 

@@ -49,7 +49,7 @@ class AsyncEngine:
         # (command, future or None); None alone stops the thread
         self.commands: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future | None] | None] = \
             queue.SimpleQueue()
-        self.sinks: dict[int, Callable[[Event | Exception], None]] = {}  # request id → deliver
+        self.sinks: dict[int, tuple[Request, Callable[[Event | Exception], None]]] = {}  # id → (request, deliver)
         self.gauges: dict[str, int] = engine.status()  # read by other threads: replaced whole, never mutated
         self.steps = 0
         self.step_failures = 0  # steps that raised (recovered or not)
@@ -86,7 +86,7 @@ class AsyncEngine:
             if req.finish_reason is not None:  # max_tokens 0: nothing to run
                 _send(deliver, Event(req, None, "", True, req.finish_reason))
             else:
-                self.sinks[req.id] = deliver
+                self.sinks[req.id] = (req, deliver)
             return req
 
         return self.call(start)
@@ -137,13 +137,15 @@ class AsyncEngine:
             self.step_failures += 1
             self._consecutive += 1
             log.exception("engine step failed (%d in a row)", self._consecutive)
-            concerned = list(engine.scheduler.active)
+            # Every request the step may have touched: all but those still waiting for a batch slot (one that
+            # finished in the failed step never got its last event, so it is failed here too).
+            waiting = {id(r) for r in engine.scheduler.waiting}
+            concerned = [(req, deliver) for req, deliver in self.sinks.values() if id(req) not in waiting]
             answer = EngineStepError(f"the engine step running this request failed: {type(err).__name__}: {err}")
-            for req in concerned:
-                deliver = self.sinks.pop(req.id, None)
+            for req, deliver in concerned:
+                del self.sinks[req.id]
+                _send(deliver, answer)  # answered first: if cancelling fails too, it is not left waiting
                 engine.cancel(req)  # raising here escapes to _run: dead
-                if deliver is not None:
-                    _send(deliver, answer)
             if self._consecutive >= self.max_consecutive_failures:
                 raise EngineDead(f"{self._consecutive} engine steps failed in a row; last: "
                                  f"{type(err).__name__}: {err}") from err
@@ -151,11 +153,11 @@ class AsyncEngine:
         self._consecutive = 0
         self.steps += 1
         for event in events:
-            deliver = self.sinks.get(event.request.id)
-            if deliver is not None:
+            sink = self.sinks.get(event.request.id)
+            if sink is not None:
                 if event.finished:
                     del self.sinks[event.request.id]
-                _send(deliver, event)
+                _send(sink[1], event)
 
     def _dead(self) -> EngineDead:
         err = self.fatal
@@ -165,7 +167,7 @@ class AsyncEngine:
         self.fatal = err
         dead = self._dead()
         sinks, self.sinks = self.sinks, {}
-        for deliver in sinks.values():
+        for _req, deliver in sinks.values():
             _send(deliver, dead)
         self._drain()
         self.gauges = dict(self.gauges)
