@@ -116,10 +116,12 @@ def test_schemathesis_fuzzing_from_the_openapi_document(tiny_model, tmp_path):
     assert st, "schemathesis's `st` is missing: pip install -e '.[test]'"
     with live_server(Engine(m.out_dir, m.lib), max_queue=256) as (base, _):
         before = settle(base)
+        # One worker: with two, hypothesis's lambda descriptions (ast.parse) raced in CPython 3.11 threads and
+        # schemathesis reported its own SystemError.
         run = subprocess.run(
             [st, "run", f"{base}/openapi.json", "--url", base, "--checks", "not_a_server_error",
              "--phases", "examples,coverage,fuzzing", "--max-examples", os.environ.get("GPTBC_FUZZ_EXAMPLES", "25"),
-             "--max-time", "90", "--request-timeout", "60", "--workers", "2", "--seed", "15",
+             "--max-time", "90", "--request-timeout", "60", "--workers", "1", "--seed", "15",
              "--generation-database", "none"],
             capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
