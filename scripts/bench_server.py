@@ -10,6 +10,12 @@ Starts `gptbc serve` on 127.0.0.1 (a free port), then:
   3. checks: every finished concurrent response equals its sequential one (greedy; same text and tokens), /health answered
      throughout, and afterwards no sequence runs and the KV pages in use are exactly those of the prefix
      cache (none leaked by the disconnected clients), per /metrics.
+With --mix, the clients are editors of four kinds in turn: plain completions (/v1/completions), FIM
+(/v1/fim/completions, Continue), llama.cpp infill with repository context (/infill, llama.vim) and chat
+(/v1/chat/completions, when the model has a chat template; otherwise that share goes to plain), while
+another thread keeps sending hostile requests (tiny temperatures, NaN, nested JSON, huge integers, bad
+UTF-8, 100k-id prompts, huge n/logprobs/stop) that must all be answered below 500. Reports throughput and
+the p50/p99 time to first token.
 Prints a table (or --json) and exits 1 if any check fails. Loopback only; ends by itself.
 """
 
@@ -60,6 +66,180 @@ def stream_completion(base: str, body: dict, stop_after: int | None = None, time
     conn.close()
     return {"status": 200, "text": text, "tokens": tokens, "chunks": chunks, "finished": finished,
             "ttft": (first or time.perf_counter()) - began, "seconds": time.perf_counter() - began}
+
+
+SNIPPETS = ["def fibonacci(n):\n    ", "class Stack:\n    def push(self, x):\n        ", "import os\n\ndef main():\n",
+            "for i in range(10):\n    ", "def parse(line):\n    parts = ", "# read a file\nwith open(path) as f:\n"]
+KINDS = ["plain", "fim", "infill", "chat"]
+
+
+def mixed_request(kind: str, i: int, max_tokens: int) -> tuple[str, dict]:
+    """(path, body) of client i of a kind; the same i always asks the same thing (greedy: same answer)."""
+    prefix, suffix = SNIPPETS[i % len(SNIPPETS)], f"\n    return x{i % 3}\n"
+    common = {"temperature": 0, "ignore_eos": True, "stream": True}
+    if kind == "plain":
+        return "/v1/completions", common | {"prompt": prefix, "max_tokens": max_tokens}
+    if kind == "fim":
+        return "/v1/fim/completions", common | {"prompt": prefix, "suffix": suffix, "max_tokens": max_tokens}
+    if kind == "infill":
+        extra = [{"filename": f"mod{j}.py", "text": SNIPPETS[(i + j) % len(SNIPPETS)], "time": [0, j]}
+                 for j in range(2)]
+        return "/infill", common | {"input_prefix": prefix, "input_suffix": suffix, "input_extra": extra,
+                                    "prompt": "", "n_predict": max_tokens, "cache_prompt": True}
+    return "/v1/chat/completions", common | {"messages": [{"role": "user", "content": prefix}],
+                                             "max_tokens": max_tokens}
+
+
+def stream_mixed(base: str, path: str, body: dict, stop_after: int | None = None, timeout: float = 300) -> dict:
+    """POST a streaming request of any kind; text, whether it finished, time to first text."""
+    url = urlparse(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+    began = time.perf_counter()
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        out = {"status": resp.status, "error": resp.read().decode()[:300], "finished": False}
+        conn.close()
+        return out
+    text, chunks, finished, first = "", 0, False, None
+    for raw in resp:
+        line = raw.decode().strip()
+        if not line.startswith("data: "):
+            continue
+        if line == "data: [DONE]":
+            finished = True
+            break
+        chunk = json.loads(line[6:])
+        if "error" in chunk:
+            return {"status": 500, "error": chunk["error"], "finished": False}
+        first = first or time.perf_counter()
+        chunks += 1
+        if path == "/infill":
+            text += chunk.get("content", "")
+            if chunk.get("stop"):
+                finished = True
+                break
+        else:
+            for choice in chunk["choices"]:
+                text += choice["text"] if "text" in choice else choice["delta"].get("content", "")
+        if stop_after is not None and chunks >= stop_after:
+            break
+    conn.close()
+    return {"status": 200, "text": text, "finished": finished, "ttft": (first or time.perf_counter()) - began,
+            "seconds": time.perf_counter() - began}
+
+
+def hostile_requests() -> list[tuple[str, bytes]]:
+    big = json.dumps({"prompt": [1] * 100_000, "max_tokens": 1}).encode()
+    return [("/v1/completions", json.dumps({"prompt": "x", "temperature": 1e-308, "max_tokens": 2}).encode()),
+            ("/v1/completions", b'{"prompt": "x", "temperature": NaN}'),
+            ("/v1/completions", b'{"prompt": "x", "top_p": Infinity}'),
+            ("/v1/completions", b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),
+            ("/v1/completions", b'{"prompt": "x", "n": 1' + b"0" * 5000 + b"}"),
+            ("/v1/completions", json.dumps({"prompt": "x", "max_tokens": 10 ** 30}).encode()),
+            ("/v1/completions", b'{"prompt": "\xff\xfe"}'),  # not UTF-8
+            ("/v1/completions", big),
+            ("/v1/completions", json.dumps({"prompt": "x", "n": 10 ** 6, "logprobs": 10 ** 6}).encode()),
+            ("/v1/completions", json.dumps({"prompt": "x", "stop": ["a"] * 10_000}).encode()),
+            ("/infill", json.dumps({"input_prefix": "x", "n_indent": 10 ** 12, "n_predict": 2}).encode()),
+            ("/v1/fim/completions", json.dumps({"prompt": "x", "suffix": None, "max_tokens": -5}).encode())]
+
+
+def post_raw(base: str, path: str, data: bytes, timeout: float = 60) -> int:
+    url = urlparse(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+    try:
+        conn.request("POST", path, data, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def run_mix(base: str, args: argparse.Namespace) -> dict:
+    rng = random.Random(args.seed)
+    kinds = list(KINDS)
+    probe = post_raw(base, "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}],
+                                                               "max_tokens": 1}).encode())
+    chat = probe == 200
+    if not chat:
+        kinds = ["plain", "fim", "infill", "plain"]  # no chat template: that share goes to plain
+    jobs = [(kinds[i % 4], i % args.prompts) for i in range(args.clients)]
+    failures: list[str] = []
+    reference = {}
+    for kind, i in sorted(set(jobs)):
+        r = stream_mixed(base, *mixed_request(kind, i, args.max_tokens))
+        if not r["finished"]:
+            failures.append(f"sequential {kind} {i}: {r.get('error')}")
+        reference[(kind, i)] = r
+
+    hostile, stop = {"answered": 0, "5xx": []}, threading.Event()
+
+    def attack():
+        requests = hostile_requests()
+        k = 0
+        while not stop.is_set():
+            path, data = requests[k % len(requests)]
+            status = post_raw(base, path, data)
+            hostile["answered"] += 1
+            if status >= 500:
+                hostile["5xx"].append((path, data[:60], status))
+            k += 1
+
+    leaving = set(rng.sample(range(args.clients), args.disconnect))
+    results: list[dict | None] = [None] * args.clients
+
+    def client(n: int):
+        kind, i = jobs[n]
+        results[n] = stream_mixed(base, *mixed_request(kind, i, args.max_tokens),
+                                  stop_after=2 if n in leaving else None)
+
+    attacker = threading.Thread(target=attack)
+    attacker.start()
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(args.clients)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - began
+    stop.set()
+    attacker.join()
+    for n, r in enumerate(results):
+        if n in leaving:
+            continue
+        want = reference[jobs[n]]
+        if not r["finished"]:
+            failures.append(f"client {n} ({jobs[n][0]}): did not finish ({r.get('error')})")
+        elif r["text"] != want.get("text"):
+            failures.append(f"client {n} ({jobs[n][0]}): answer differs from the single-client one")
+    if hostile["5xx"]:
+        failures.append(f"hostile requests answered 5xx: {hostile['5xx'][:3]}")
+    deadline = time.time() + 30
+    while True:
+        _, text = get(base, "/metrics")
+        settled = metric(text, "gptbc_requests_running") == 0 and metric(text, "gptbc_requests_waiting") == 0
+        if settled or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    sequences, kept = metric(text, "gptbc_kv_sequences"), metric(text, "gptbc_prefix_cache_sequences")
+    in_use, cached = metric(text, "gptbc_kv_pages_in_use"), metric(text, "gptbc_kv_pages_prefix_cache")
+    if sequences != kept or in_use > cached:
+        failures.append(f"KV leaked: {sequences:.0f} sequences / {in_use:.0f} pages held after the run")
+    if get(base, "/health")[0] != 200:
+        failures.append("/health is not 200 after the run")
+    finished = [r for n, r in enumerate(results) if n not in leaving and r["finished"]]
+    ttfts = sorted(r["ttft"] for r in finished)
+
+    def pct(q):
+        return ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))] if ttfts else None
+
+    return {"mode": "mix", "clients": args.clients, "disconnected": args.disconnect, "max_tokens": args.max_tokens,
+            "kinds": {k: sum(1 for j in jobs if j[0] == k) for k in set(kinds)}, "chat_template": chat,
+            "tokens_per_s": len(finished) * args.max_tokens / seconds, "seconds": seconds,
+            "ttft_p50_s": pct(0.5), "ttft_p99_s": pct(0.99), "hostile_answered": hostile["answered"],
+            "kv_sequences_after": sequences, "prefix_cache_sequences_after": kept, "failures": failures}
 
 
 def get(base: str, path: str, timeout: float = 10) -> tuple[int, str]:
@@ -198,15 +378,21 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.add_argument("--serve-args", default="", help="extra `gptbc serve` flags, e.g. '--max-batch 8'")
+    p.add_argument("--mix", action="store_true", help="plain, FIM, infill and chat clients plus hostile requests")
     args = p.parse_args()
     proc, base = start_server(args.out_dir, args.lib, shlex.split(args.serve_args))
     try:
-        result = run(base, args)
+        result = run_mix(base, args) if args.mix else run(base, args)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     if args.json:
         print(json.dumps(result, indent=2))
+    elif args.mix:
+        print(f"| clients (kinds) | leave early | tokens/s | TTFT p50 | TTFT p99 | hostile answered |\n"
+              f"|---|---|---|---|---|---|\n| {args.clients} ({', '.join(f'{k} {n}' for k, n in result['kinds'].items())})"
+              f" | {args.disconnect} | {result['tokens_per_s']:.1f} | {result['ttft_p50_s'] * 1e3:.0f} ms | "
+              f"{result['ttft_p99_s'] * 1e3:.0f} ms | {result['hostile_answered']} |")
     else:
         print(f"| clients | tokens/s | vs one client |\n|---|---|---|\n"
               f"| 1 (sequential) | {result['single_client_tokens_per_s']:.1f} | 1.00× |\n"

@@ -229,13 +229,92 @@ def test_stop_rules():
     assert ignored.output_ids == ref[:5] and ignored.finish_reason == "length"
 
 
-def test_a_start_failure_leaves_the_request_waiting_not_lost():
+def test_a_start_failure_ends_that_request_with_its_error_not_lost():
     s, r = make()
-    req = s.submit([1, 2], greedy(3))
+    bad = s.submit([1, 2], greedy(3))
     r.fail_add = True
-    with pytest.raises(RuntimeError):
-        s.step()
-    assert s.waiting == [req] and s.active == []
+    events = s.step()  # the start failure is answered, never raised out of the step
+    assert [(e.request, e.finished, e.finish_reason) for e in events] == [(bad, True, "error")]
+    assert isinstance(events[0].error, RuntimeError) and bad.error is events[0].error
+    assert s.waiting == [] and s.active == [] and r.seqs == {}
     r.fail_add = False
-    s.run_until_done([req])
-    assert req.output_ids == reference([1, 2], 3)
+    good = s.submit([1, 2], greedy(3))
+    s.run_until_done([good])
+    assert good.output_ids == reference([1, 2], 3)
+
+
+class NaNRunner(FakeRunner):
+    """Logits turn NaN for sequences whose prompt starts with 13 (a model fault that concerns one request)."""
+
+    def _poison(self, seq_id, row):
+        return np.full_like(row, np.nan) if self.seqs[seq_id][:1] == [13] else row
+
+    def decode(self, seq_id, token):
+        return self._poison(seq_id, super().decode(seq_id, token))
+
+    def decode_batch(self, seq_ids, tokens):
+        rows = super().decode_batch(seq_ids, tokens)
+        return np.stack([self._poison(s, row) for s, row in zip(seq_ids, rows)])
+
+
+@pytest.mark.parametrize("poison", ["sampling", "temperature 1e-308", "scoring"])
+def test_a_failing_request_ends_alone_and_the_batch_goes_on(poison):
+    r = NaNRunner()
+    s = Scheduler(r, 256, VOCAB, {EOS}, None, 0)
+    others = [s.submit([3, 4, i], greedy(6)) for i in range(2)]
+    sampled = [s.submit([5, 6], SamplingParams(max_new_tokens=6, temperature=0.7, seed=1, logprobs=True))]
+    if poison == "sampling":
+        bad = s.submit([13, 1], SamplingParams(max_new_tokens=6, temperature=0.9, seed=0))
+    elif poison == "temperature 1e-308":  # greedy now: NaN logits argmax without raising, so use a sane model
+        bad = s.submit([1, 13], SamplingParams(max_new_tokens=6, temperature=1e-308))
+    else:
+        bad = s.submit([13, 1, 2], SamplingParams(max_new_tokens=6, logprobs=True, prompt_logprobs=True))
+        r.verify = lambda seq_id, ids: (_ for _ in ()).throw(FloatingPointError("scoring failed"))
+    events = []
+    while s.has_work():
+        events += s.step()
+    for req in others:
+        assert req.output_ids == reference(req.prompt_ids, 6) and req.finish_reason == "length"
+    assert sampled[0].finish_reason == "length" and len(sampled[0].output_ids) == 6
+    if poison == "temperature 1e-308":
+        assert bad.finish_reason == "length" and bad.output_ids == reference([1, 13], 6)  # greedy
+    else:
+        assert bad.finish_reason == "error" and bad.error is not None
+        last = [e for e in events if e.request is bad][-1]
+        assert last.finished and last.finish_reason == "error" and last.error is bad.error
+    assert r.seqs == {}  # the failed request's sequence was freed too
+
+
+def test_events_are_snapshots_of_one_token():
+    s, _ = make()
+    req = s.submit([2, 3], SamplingParams(max_new_tokens=4, logprobs=True, top_logprobs=2))
+    events = []
+    while s.has_work():
+        events += s.step()
+    assert [e.token for e in events] == req.output_ids and [e.position for e in events] == [0, 1, 2, 3]
+    assert [e.logprob for e in events] == req.logprobs
+    assert all(isinstance(e.top_logprobs, tuple) and e.top_logprobs[0][0] == e.token for e in events)
+    with pytest.raises(Exception):
+        events[0].text = "changed"  # frozen
+
+
+def test_tiny_temperatures_are_greedy():
+    from gptbc.sampling import sample
+
+    logits = np.array([1.0, 3.0, 2.0, -1.0], np.float32)
+    for t in (1e-308, 5e-324, 1e-6):
+        p = SamplingParams(temperature=t)
+        assert p.greedy and sample(logits, p, np.random.default_rng(0)) == 1
+
+
+def test_sampling_ranges_come_from_one_table_and_errors_name_the_field():
+    from gptbc.sampling import RANGES, SamplingError
+
+    for name, value in [("temperature", 2.5), ("top_p", 0.0), ("top_logprobs", 21), ("seed", -1),
+                        ("temperature", float("nan")), ("max_new_tokens", 1.5), ("repetition_penalty", 0)]:
+        with pytest.raises(SamplingError) as err:
+            SamplingParams(**{name: value})
+        assert err.value.field == name and err.value.rule == RANGES[name].rule
+    with pytest.raises(SamplingError) as err:
+        SamplingParams(stop=["", "x"])
+    assert err.value.field == "stop"

@@ -308,6 +308,24 @@ def test_load_32_streaming_clients_5_disconnecting(tiny_model):
     assert r["kv_sequences_after"] == r["prefix_cache_sequences_after"]
 
 
+def test_load_mixed_editors_with_hostile_requests(tiny_model, tmp_path):
+    import shutil
+
+    m = tiny_model("mqa64")
+    out = tmp_path / "chat"
+    shutil.copytree(m.out_dir, out)
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    cfg_path.write_text(json.dumps(cfg | {"chat_template": "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"}))
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_server.py"), str(out), "--lib", str(m.lib),
+                          "--mix", "--clients", "16", "--disconnect", "2", "--max-tokens", "12", "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    r = json.loads(run.stdout)
+    assert r["failures"] == [] and r["chat_template"] and r["hostile_answered"] > 0
+    assert set(r["kinds"]) == {"plain", "fim", "infill", "chat"} and r["ttft_p99_s"] >= r["ttft_p50_s"]
+
+
 def test_cli_serve_starts_and_stops(tiny_model):
     m = tiny_model("mqa64")
     proc = subprocess.Popen(["gptbc", "serve", str(m.out_dir), "--lib", str(m.lib), "--port", "0",

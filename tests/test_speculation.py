@@ -178,3 +178,44 @@ def test_generate_flag(trained_engines):
                            "--max-new-tokens", "20", "--json", *flag], capture_output=True, text=True, check=True)
            for flag in ((), ("--prompt-lookup", "4"))]
     assert json.loads(run[0].stdout)["token_ids"] == json.loads(run[1].stdout)["token_ids"]
+
+
+def test_a_failing_drafted_request_ends_alone():
+    """Sampling on broken logits inside a verified draft fails that request only; the other keeps its tokens."""
+    def model(history: list[int]) -> np.ndarray:
+        row = periodic(history)
+        if history[0] == 9 and len(history) > 12:
+            row[:] = np.nan
+        return row
+
+    prompt = [3, 1, 4, 1, 5, 3, 1, 4, 1, 5]
+    spec, runner = make(model=model, speculation=PromptLookup(num_draft=4), prefill_chunk_size=32)
+    bad = spec.submit([9, *prompt], SamplingParams(max_new_tokens=20, temperature=0.5, seed=1))
+    good = spec.submit(prompt, greedy(20))
+    spec.run_until_done([bad, good])
+    assert bad.finish_reason == "error" and good.output_ids == periodic_reference(prompt, 20)
+    assert runner.seqs == {}
+
+
+def test_server_with_prompt_lookup_streams_the_plain_tokens_and_reports_drafts(trained_engines):
+    """The server's engine with drafts on: a streamed completion (several tokens may arrive per engine step)
+    equals plain greedy decoding, and /metrics counts the drafts."""
+    import json
+    import urllib.request
+
+    from test_server import live_server
+
+    plain, spec = trained_engines[0], trained_engines[1][5]
+    ids = plain.encode(TRAINED_TEXT)[:20]
+    want = plain.generate(ids, 24)
+    with live_server(spec) as (base, _server):
+        body = json.dumps({"prompt": ids, "max_tokens": 24, "temperature": 0, "stream": True}).encode()
+        req = urllib.request.Request(base + "/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            chunks = [json.loads(line[6:]) for line in resp.read().decode().splitlines()
+                      if line.startswith("data: {")]
+        text = "".join(c["choices"][0]["text"] for c in chunks)
+        metrics = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
+    assert text == plain.decode_text(want)
+    drafted = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("gptbc_draft_tokens_total")]
+    assert drafted and drafted[0] > 0 and "gptbc_tokens_per_decode_step" in metrics

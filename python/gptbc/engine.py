@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
+from .chat_template import ChatTemplate, load_chat_template
 from .errors import ContextWindowError, GptbcError
 from .runner import ModelRunner
 from .sampling import SamplingParams, generation_defaults
@@ -38,6 +39,7 @@ class Engine:
         eos_ids = set(r.info.get("eos_token_id") or self.config.eos_token_id) | generation_eos
         self.tokenizer = Tokenizer(self.model_dir) if has_tokenizer(self.model_dir) else None
         self.fim = find_fim_tokens(self.model_dir) if self.tokenizer else None
+        self.chat_template: ChatTemplate | None = load_chat_template(self.model_dir) if self.tokenizer else None
         self.special_ids = eos_ids | (self.tokenizer.special_ids() if self.tokenizer else set())
         detok = (lambda: IncrementalDetokenizer(self.tokenizer, self.special_ids)) if self.tokenizer else None
         self.scheduler = Scheduler(r, r.capacity_tokens, self.config.vocab_size, eos_ids, detok,
@@ -162,6 +164,7 @@ class Engine:
                  suffix: str | None = None, greedy: bool | None = None, **sampling) -> "Completion":
         req = self.submit(prompt, prefix=prefix, suffix=suffix, params=self.sampling(greedy, **sampling))
         self.scheduler.run_until_done([req])
+        _raise_if_failed(req)
         return Completion.of(req)
 
     def generate(self, prompt_ids: str | Sequence[int] | None = None, max_new_tokens: int | None = None,
@@ -177,6 +180,8 @@ class Engine:
         params = self.sampling(greedy, max_new_tokens=max_new_tokens, **sampling)
         reqs = [self.submit(p, params=params) for p in prompts]
         self.scheduler.run_until_done(reqs)
+        for req in reqs:
+            _raise_if_failed(req)
         return [r.output_ids for r in reqs]
 
     def stream(self, prompt: str | Sequence[int] | None = None, *, prefix: str | None = None,
@@ -188,6 +193,8 @@ class Engine:
         try:
             while req.finish_reason is None:
                 for event in self.step():
+                    if event.request is req and event.error is not None:
+                        raise event.error
                     if event.request is req and event.text:
                         yield event.text
         finally:
@@ -202,6 +209,12 @@ class Engine:
         if self.tokenizer is None:
             raise GptbcError(f"{self.model_dir}: no tokenizer files; cannot turn ids into text")
         return self.tokenizer.decode([t for t in ids if t not in self.special_ids])
+
+
+def _raise_if_failed(req: Request) -> None:
+    """A request the scheduler ended with its own error (e.g. sampling failed) raises that error here."""
+    if req.error is not None:
+        raise req.error
 
 
 @dataclasses.dataclass

@@ -13,17 +13,66 @@ import numpy as np
 from .errors import GptbcError
 
 MAX_TOP_LOGPROBS = 20
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy: logits / 1e-308 would overflow to inf, then NaN
+
+
+@dataclass(frozen=True)
+class Range:
+    """What one sampling field accepts. The one table both SamplingParams and the server's schema read."""
+
+    integer: bool
+    ge: float | None = None  # lowest allowed value (inclusive)
+    gt: float | None = None  # exclusive lower bound
+    le: float | None = None  # highest allowed value (inclusive)
+    rule: str = ""  # how the error words it
+
+    def bounds(self) -> dict[str, float]:
+        return {k: v for k, v in (("ge", self.ge), ("gt", self.gt), ("le", self.le)) if v is not None}
+
+    def accepts(self, v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        if self.integer and not isinstance(v, int):
+            return False
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le))
+
+
+RANGES: dict[str, Range] = {
+    "max_new_tokens": Range(True, ge=0, rule="an integer >= 0"),
+    "temperature": Range(False, ge=0, le=2, rule=f"in [0, 2] (0, or anything below {GREEDY_BELOW}, is greedy)"),
+    "top_k": Range(True, ge=0, rule="an integer >= 0 (0 is off)"),
+    "top_p": Range(False, gt=0, le=1, rule="in (0, 1]"),
+    "min_p": Range(False, ge=0, le=1, rule="in [0, 1]"),
+    # >= 0.01: a positive logit divided by less could overflow (1e-300 made it inf, then NaN)
+    "repetition_penalty": Range(False, ge=0.01, le=10, rule="in [0.01, 10] (1 is off)"),
+    "presence_penalty": Range(False, ge=-2, le=2, rule="in [-2, 2]"),
+    "frequency_penalty": Range(False, ge=-2, le=2, rule="in [-2, 2]"),
+    "top_logprobs": Range(True, ge=0, le=MAX_TOP_LOGPROBS, rule=f"an integer in [0, {MAX_TOP_LOGPROBS}]"),
+    "seed": Range(True, ge=0, le=2**64 - 1, rule="an integer in [0, 2**64 - 1]"),
+}
+
+
+class SamplingError(GptbcError):
+    """A sampling field out of its range; `field` names it (SamplingParams' name), `rule` says what it takes."""
+
+    def __init__(self, field: str, value: Any, rule: str):
+        self.field, self.value, self.rule = field, value, rule
+        super().__init__(f"{field} {value!r}: must be {rule}")
 
 
 @dataclass
 class SamplingParams:
     """How one request picks its tokens and when it stops.
 
-    temperature 0 means greedy. Penalties follow their usual definitions: `repetition_penalty` (HF/CTRL)
-    divides positive logits and multiplies negative ones of every token seen in the prompt or output;
-    `presence_penalty` / `frequency_penalty` (OpenAI) subtract a constant / a per-occurrence amount for
-    tokens already generated. `logprobs` returns the log-probability of each chosen token under the
-    model's own distribution (before penalties and temperature).
+    temperature 0 means greedy (so does any temperature below GREEDY_BELOW). Penalties follow their usual
+    definitions: `repetition_penalty` (HF/CTRL) divides positive logits and multiplies negative ones of every
+    token seen in the prompt or output; `presence_penalty` / `frequency_penalty` (OpenAI) subtract a constant /
+    a per-occurrence amount for tokens already generated. `logprobs` returns the log-probability of each chosen
+    token under the model's own distribution (before penalties and temperature). Every numeric field's range
+    is in RANGES.
     """
 
     max_new_tokens: int = 64
@@ -47,40 +96,20 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        def need(ok: bool, name: str, rule: str) -> None:
-            if not ok:
-                raise GptbcError(f"{name} {getattr(self, name)!r}: must be {rule}")
-
-        def number(name: str) -> float:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise GptbcError(f"{name} {v!r}: must be a finite number")
-            return float(v)
-
-        need(isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool)
-             and self.max_new_tokens >= 0, "max_new_tokens", "an integer >= 0")
-        need(number("temperature") >= 0, "temperature", ">= 0 (0 is greedy)")
-        need(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0, "top_k",
-             "an integer >= 0 (0 is off)")
-        need(0 < number("top_p") <= 1, "top_p", "in (0, 1]")
-        need(0 <= number("min_p") <= 1, "min_p", "in [0, 1]")
-        need(number("repetition_penalty") > 0, "repetition_penalty", "> 0 (1 is off)")
-        need(-2 <= number("presence_penalty") <= 2, "presence_penalty", "in [-2, 2]")
-        need(-2 <= number("frequency_penalty") <= 2, "frequency_penalty", "in [-2, 2]")
-        need(isinstance(self.top_logprobs, int) and not isinstance(self.top_logprobs, bool)
-             and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs", f"an integer in [0, {MAX_TOP_LOGPROBS}]")
-        need(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0),
-             "seed", "a non-negative integer")
+        for name, rng in RANGES.items():
+            value = getattr(self, name)
+            if not (name == "seed" and value is None) and not rng.accepts(value):
+                raise SamplingError(name, value, rng.rule)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        need(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop), "stop",
-             "a list of non-empty strings")
-        need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-             "a list of token ids")
+        if not (isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop)):
+            raise SamplingError("stop", self.stop, "a list of non-empty strings")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            raise SamplingError("stop_token_ids", self.stop_token_ids, "a list of token ids")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     def replace(self, **changes: Any) -> "SamplingParams":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -156,7 +185,9 @@ def probabilities(logits: np.ndarray, p: SamplingParams, seen: np.ndarray | None
     x = logits.astype(np.float64)  # a copy: penalties edit it
     if seen is not None and output_counts is not None:
         x = apply_penalties(x, p, seen, output_counts)
-    x = x / p.temperature
+    x = x / p.temperature  # finite: temperature >= GREEDY_BELOW and logits are float32-sized
+    if not np.isfinite(x.max()):
+        raise GptbcError(f"sampling: logits are not finite (max {x.max()}) at temperature {p.temperature}")
     if 0 < p.top_k < x.size:
         kth = np.partition(x, -p.top_k)[-p.top_k]
         x[x < kth] = -np.inf

@@ -8,6 +8,10 @@ Each `Scheduler.step()`:
   3. decodes one token for every running request in a single `decode_batch` call;
   4. samples, applies stop rules, emits text deltas, and frees (or keeps as a reusable prefix) the
      KV pages of finished requests.
+A failure that belongs to one request (its sampling, its prompt scoring, its detokenizing, starting its
+sequence) finishes that request alone with finish_reason "error" and the exception in its last event; every
+other request continues unchanged. A runner call failing for a whole batch raises out of `step()`: the
+caller (async_engine.AsyncEngine) decides what that means for the requests concerned.
 Requests join and leave between steps. The runner is anything with the `Runner` methods (runner.py's
 ModelRunner, or a fake in tests): this module imports no TVM. Prompts arrive as checked token ids
 (the engine turns text, FIM and truncation into ids).
@@ -104,21 +108,33 @@ class Request:
     prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     last_logits: np.ndarray | None = None  # of the last prompt token scored so far (prompt_logprobs)
     text: str = ""
-    finish_reason: str | None = None  # "stop" (eos or stop string), "length", "cancelled"
+    finish_reason: str | None = None  # "stop" (eos or stop string), "length", "cancelled", "error"
+    error: Exception | None = None  # why it ended, when finish_reason is "error"
     seen: np.ndarray | None = None
     counts: np.ndarray | None = None
     reserved: int = 0  # KV tokens booked for this request
     drafts: DraftState = field(default_factory=DraftState)  # prompt-lookup speculation (when enabled)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Event:
-    """What one step produced for one request."""
+    """What one step produced for one request: an immutable snapshot, safe to read on another thread while
+    the scheduler goes on mutating the Request (read `request` itself only for its identity).
+
+    `token`, `logprob` and `top_logprobs` describe the same new token; `position` is its index in the
+    output. The first event of a request with prompt_logprobs also carries the prompt's scores."""
 
     request: Request
-    token: int | None  # the new token (None when the step only finished or flushed)
+    token: int | None  # the new token (None when the step only finished or failed)
     text: str  # new text, possibly ''
     finished: bool
+    finish_reason: str | None = None  # set when finished
+    logprob: float | None = None  # of `token`, with params.logprobs
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # with params.top_logprobs
+    position: int = -1  # index of `token` in the output ids
+    prompt_logprobs: tuple[float | None, ...] | None = None  # first event only, with params.prompt_logprobs
+    prompt_top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
+    error: Exception | None = None  # finish_reason "error": what failed
 
 
 @dataclass
@@ -216,16 +232,30 @@ class Scheduler:
     def _fits(self, req: Request) -> bool:
         return self._used_pages() + req.reserved <= self._pages(self.capacity)
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[Event]:
+        """Move waiting requests into the batch. One whose sequence cannot be started ends with its error
+        (it is never in neither list without an answer); the next in line is then tried."""
+        events = []
         while self.waiting and len(self.active) < self.runner.max_batch_size:
             req = self.waiting[0]
             while not self._fits(req) and self._evict_one():
                 pass
             if not self._fits(req):
-                return  # wait for running requests to finish
-            self._start(req)  # raises with the request still waiting: it is never in neither list
+                break  # wait for running requests to finish
+            try:
+                self._start(req)
+            except Exception as err:  # noqa: BLE001 - this request's failure, answered to it alone
+                self.waiting.pop(0)
+                events.append(self._fail(req, err))
+                continue
             self.waiting.pop(0)
             self.active.append(req)
+        return events
+
+    def _fail(self, req: Request, err: Exception) -> Event:
+        """End one request with an error; its sequence is freed when it retires (or now, if not running)."""
+        req.finish_reason, req.error = "error", err
+        return Event(req, None, "", True, "error", error=err)
 
     def _start(self, req: Request) -> None:
         best, best_len = None, 0
@@ -244,8 +274,8 @@ class Scheduler:
 
     # ---- the loop ----
     def step(self) -> list[Event]:
-        self._admit()
-        events = self._prefill()
+        events = self._admit()
+        events += self._prefill()
         running = [r for r in self.active if r.prefilled == len(r.prompt_ids) and r.output_ids
                    and r.finish_reason is None]
         if running:
@@ -262,7 +292,11 @@ class Scheduler:
         for req in reading:
             chunk = req.prompt_ids[req.prefilled:req.prefilled + runner.prefill_chunk_size]
             if req.params.prompt_logprobs:
-                logits = self._score_prompt(req, chunk)
+                try:
+                    logits = self._score_prompt(req, chunk)
+                except Exception as err:  # noqa: BLE001 - scoring this prompt failed: this request alone
+                    events.append(self._fail(req, err))
+                    continue
             elif len(chunk) <= room and len(batch) < runner.max_batch_size:
                 batch.append((req, chunk))
                 room -= len(chunk)
@@ -328,24 +362,31 @@ class Scheduler:
         rows_of = self.runner.verify_batch([r.seq_id for r in reqs], [[r.output_ids[-1], *drafts[r.id]] for r in reqs])
         events = []
         for r, rows in zip(reqs, rows_of):
-            draft, before, kept = drafts[r.id], len(r.output_ids), 0
-            for i, row in enumerate(rows):
-                # The last row (every draft token kept) gives a bonus token, sampled as in plain decoding.
-                token, agreed = (None, False) if i == len(draft) else self._against_draft(r, row, draft[i])
-                events.append(self._accept(r, row, token))
-                kept += agreed
-                if r.finish_reason is not None or not agreed:
-                    break
-            new = len(r.output_ids) - before
-            # The KV cache now holds the last token and the whole draft; keep only what was accepted
-            # (prompt + outputs but the newest, exactly as after plain decoding).
-            if len(draft) + 1 - new:
-                self.runner.pop_tokens(r.seq_id, len(draft) + 1 - new)
-            r.drafts.update(len(draft), kept, self.speculation.max_backoff)
-            self.stats.decode_tokens += new
-            self.stats.decode_steps += 1
-            self.stats.drafted_tokens += len(draft)
-            self.stats.accepted_tokens += kept
+            try:
+                events += self._take_drafted(r, drafts[r.id], rows)
+            except Exception as err:  # noqa: BLE001 - this request's failure alone (its KV goes when it retires)
+                events.append(self._fail(r, err))
+        return events
+
+    def _take_drafted(self, r: Request, draft: list[int], rows: np.ndarray) -> list[Event]:
+        events, before, kept = [], len(r.output_ids), 0
+        for i, row in enumerate(rows):
+            # The last row (every draft token kept) gives a bonus token, sampled as in plain decoding.
+            token, agreed = (None, False) if i == len(draft) else self._against_draft(r, row, draft[i])
+            events.append(self._accept(r, row, token))
+            kept += agreed
+            if r.finish_reason is not None or not agreed:
+                break
+        new = len(r.output_ids) - before
+        # The KV cache now holds the last token and the whole draft; keep only what was accepted
+        # (prompt + outputs but the newest, exactly as after plain decoding).
+        if len(draft) + 1 - new:
+            self.runner.pop_tokens(r.seq_id, len(draft) + 1 - new)
+        r.drafts.update(len(draft), kept, self.speculation.max_backoff)
+        self.stats.decode_tokens += new
+        self.stats.decode_steps += 1
+        self.stats.drafted_tokens += len(draft)
+        self.stats.accepted_tokens += kept
         return events
 
     def _against_draft(self, req: Request, logits: np.ndarray, drafted: int) -> tuple[int, bool]:
@@ -371,15 +412,29 @@ class Scheduler:
         return rows[-1]
 
     def _accept(self, req: Request, logits: np.ndarray | None, token: int | None = None) -> Event:
+        """Take one new token for `req` (sampled from `logits` unless given); any failure here is this
+        request's alone."""
+        try:
+            return self._take(req, logits, token)
+        except Exception as err:  # noqa: BLE001 - e.g. sampling on NaN logits: fail this request, not the batch
+            return self._fail(req, err)
+
+    def _take(self, req: Request, logits: np.ndarray | None, token: int | None) -> Event:
         p = req.params
         if token is None:
             token = sample(logits, p, req.rng, req.seen, req.counts)
-        req.output_ids.append(token)
+        logprob, top = None, ()
         if p.logprobs:
             lp = log_softmax(logits)
-            req.logprobs.append(float(lp[token]))
+            logprob = float(lp[token])
             if p.top_logprobs:
-                req.top_logprobs.append(top_tokens(lp, p.top_logprobs))
+                top = tuple(top_tokens(lp, p.top_logprobs))
+        first = not req.output_ids
+        req.output_ids.append(token)
+        if p.logprobs:
+            req.logprobs.append(logprob)
+            if p.top_logprobs:
+                req.top_logprobs.append(list(top))
         if req.seen is not None:
             req.seen[token] = True
             req.counts[token] += 1
@@ -400,11 +455,16 @@ class Scheduler:
         elif req.finish_reason is not None:
             text += req.stop.flush()
         req.text += text
-        return Event(req, token, text, req.finish_reason is not None)
+        prompt_lps = prompt_tops = None
+        if first and p.prompt_logprobs:
+            prompt_lps = tuple(req.prompt_logprobs)
+            prompt_tops = tuple(tuple(t) for t in req.prompt_top_logprobs)
+        return Event(req, token, text, req.finish_reason is not None, req.finish_reason, logprob, top,
+                     len(req.output_ids) - 1, prompt_lps, prompt_tops)
 
     def _retire(self, req: Request) -> None:
         self.active.remove(req)
-        if self.prefix_cache_size > 0 and req.finish_reason != "cancelled":
+        if self.prefix_cache_size > 0 and req.finish_reason not in ("cancelled", "error"):
             # The KV holds the prompt and every output token but the last (sampled, never fed back).
             self.cached[req.seq_id] = req.prompt_ids + req.output_ids[:-1]
             while len(self.cached) > self.prefix_cache_size:
