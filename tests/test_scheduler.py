@@ -34,9 +34,10 @@ class FakeRunner:
     samples_on_device = False
     single_row_decode = True
 
-    def __init__(self, prefill_chunk_size: int = 8, max_batch_size: int = 4, model=None):
+    def __init__(self, prefill_chunk_size: int = 8, max_batch_size: int = 4, model=None, verify_cost: float = 1.5):
         self.prefill_chunk_size, self.max_batch_size = prefill_chunk_size, max_batch_size
         self.logits_for = model or logits_for
+        self.time, self.verify_cost = 0.0, verify_cost  # a fake clock: a decode call costs 1, a verify verify_cost
         self.seqs: dict[int, list[int]] = {}
         self.calls: list[tuple] = []
         self.next_id = 0
@@ -74,12 +75,14 @@ class FakeRunner:
         return np.stack(rows)
 
     def decode(self, seq_id: int, token: int) -> np.ndarray:
+        self.time += 1.0
         self.calls.append(("decode", 1))
         self.seqs[seq_id].append(token)
         return self.logits_for(self.seqs[seq_id])
 
     def decode_batch(self, seq_ids, tokens) -> np.ndarray:
         assert len(seq_ids) <= self.max_batch_size
+        self.time += 1.0
         self.calls.append(("decode_batch", len(seq_ids)))
         for s, t in zip(seq_ids, tokens):
             self.seqs[s].append(t)
@@ -97,6 +100,7 @@ class FakeRunner:
 
     def verify_batch(self, seq_ids, id_lists) -> list[np.ndarray]:
         assert sum(map(len, id_lists)) <= self.prefill_chunk_size
+        self.time += self.verify_cost
         self.calls.append(("verify_batch", [len(c) for c in id_lists]))
         return [self.verify(s, ids) for s, ids in zip(seq_ids, id_lists)]
 
@@ -127,7 +131,8 @@ def reference(prompt: list[int], n: int) -> list[int]:
 def make(capacity: int = 256, prefix_cache_size: int = 0, detok: bool = False, speculation=None,
          **runner) -> tuple[Scheduler, FakeRunner]:
     r = FakeRunner(**runner)
-    return Scheduler(r, capacity, VOCAB, {EOS}, CharDetokenizer if detok else None, prefix_cache_size, speculation), r
+    return Scheduler(r, capacity, VOCAB, {EOS}, CharDetokenizer if detok else None, prefix_cache_size, speculation,
+                     clock=lambda: r.time), r
 
 
 def greedy(n: int, **kw) -> SamplingParams:

@@ -219,3 +219,19 @@ def test_server_with_prompt_lookup_streams_the_plain_tokens_and_reports_drafts(t
     assert text == plain.decode_text(want)
     drafted = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("gptbc_draft_tokens_total")]
     assert drafted and drafted[0] > 0 and "gptbc_tokens_per_decode_step" in metrics
+
+
+def test_drafting_stops_where_verifying_costs_more_than_it_wins():
+    """A verify call that costs as much as 8 decode steps (CPU kernels whose cost grows with rows): after the
+    first verifies show it, drafting pauses and is probed again only every 32 steps; output unchanged."""
+    prompt = [3, 1, 4, 1, 5, 3, 1, 4, 1, 5]
+    cheap, cheap_runner = make(model=periodic, speculation=PromptLookup(num_draft=4), prefill_chunk_size=16)
+    dear, dear_runner = make(model=periodic, speculation=PromptLookup(num_draft=4), prefill_chunk_size=16,
+                             verify_cost=8.0)
+    a, b = cheap.submit(prompt, greedy(120)), dear.submit(prompt, greedy(120))
+    cheap.run_until_done([a])
+    dear.run_until_done([b])
+    assert a.output_ids == b.output_ids == periodic_reference(prompt, 120)
+    verifies = lambda r: sum(1 for c in r.calls if c[0] == "verify_batch")  # noqa: E731
+    assert verifies(cheap_runner) > 20 and verifies(dear_runner) <= 6
+    assert not dear.costs.pays() and cheap.costs.pays()

@@ -20,6 +20,7 @@ ModelRunner, or a fake in tests): this module imports no TVM. Prompts arrive as 
 from __future__ import annotations
 
 import itertools
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
@@ -28,7 +29,7 @@ import numpy as np
 
 from .errors import GptbcError
 from .sampling import SamplingParams, log_softmax, probabilities, sample, top_tokens
-from .speculation import DraftState, PromptLookup, accept
+from .speculation import CostGate, DraftState, PromptLookup, accept
 from .tokenizer import IncrementalDetokenizer
 
 
@@ -157,11 +158,13 @@ class Stats:
 class Scheduler:
     def __init__(self, runner: Runner, capacity_tokens: int, vocab_size: int, eos_ids: set[int],
                  make_detokenizer: Callable[[], IncrementalDetokenizer] | None = None, prefix_cache_size: int = 8,
-                 speculation: PromptLookup | None = None):
+                 speculation: PromptLookup | None = None, clock: Callable[[], float] = time.perf_counter):
         """`capacity_tokens`: KV-cache tokens over all sequences; `make_detokenizer`: a new incremental
         detokenizer per request (None: ids only, no text or stop strings); `speculation`: prompt-lookup
-        drafting (speculation.py), verified in one multi-row call."""
+        drafting (speculation.py), verified in one multi-row call, kept only while it pays (`clock` times the
+        model calls for that)."""
         self.speculation = speculation
+        self.costs, self.clock = CostGate(), clock
         self.runner = runner
         self.capacity = capacity_tokens
         self.eos_ids = eos_ids
@@ -319,25 +322,31 @@ class Scheduler:
         return [self._accept(req, logits)] if req.prefilled == len(req.prompt_ids) else []
 
     def _decode(self, running: list[Request]) -> list[Event]:
-        runner = self.runner
         self.stats.max_batch = max(self.stats.max_batch, len(running))
-        drafts = self._drafts(running) if self.speculation is not None else {}
+        drafts = self._drafts(running) if self.speculation is not None and self.costs.allow() else {}
         events = self._verify_drafts([r for r in running if r.id in drafts], drafts) if drafts else []
         running = [r for r in running if r.id not in drafts]
         if not running:
             return events
         self.stats.decode_tokens += len(running)
         self.stats.decode_steps += len(running)
+        start = self.clock()
+        events += self._decode_plain(running)
+        self.costs.note("decode", self.clock() - start, len(running))
+        return events
+
+    def _decode_plain(self, running: list[Request]) -> list[Event]:
+        runner = self.runner
         seq_ids, last = [r.seq_id for r in running], [r.output_ids[-1] for r in running]
         if runner.samples_on_device and all(_plain_greedy(r.params) for r in running):
             tokens = runner.decode_batch_greedy(seq_ids, last)
-            return events + [self._accept(r, None, t) for r, t in zip(running, tokens)]
+            return [self._accept(r, None, t) for r, t in zip(running, tokens)]
         if len(running) == 1 and runner.single_row_decode:
             # One sequence: the single-row kernels (santacoder q4f32_1 on 2 cores: 41 ms a step,
             # against 107 ms through batch_decode's multi-row layout at batch 1).
-            return events + [self._accept(running[0], runner.decode(seq_ids[0], last[0]))]
+            return [self._accept(running[0], runner.decode(seq_ids[0], last[0]))]
         logits = runner.decode_batch(seq_ids, last)
-        return events + [self._accept(r, row) for r, row in zip(running, logits)]
+        return [self._accept(r, row) for r, row in zip(running, logits)]
 
     def _drafts(self, running: list[Request]) -> dict[int, list[int]]:
         """Prompt-lookup drafts for this step, request id → tokens, within one verify call's token budget."""
@@ -359,6 +368,7 @@ class Scheduler:
 
     def _verify_drafts(self, reqs: list[Request], drafts: dict[int, list[int]]) -> list[Event]:
         """Feed each request's last token + draft in one multi-row call; keep what the model agrees with."""
+        start, produced = self.clock(), self.stats.decode_tokens
         rows_of = self.runner.verify_batch([r.seq_id for r in reqs], [[r.output_ids[-1], *drafts[r.id]] for r in reqs])
         events = []
         for r, rows in zip(reqs, rows_of):
@@ -366,6 +376,7 @@ class Scheduler:
                 events += self._take_drafted(r, drafts[r.id], rows)
             except Exception as err:  # noqa: BLE001 - this request's failure alone (its KV goes when it retires)
                 events.append(self._fail(r, err))
+        self.costs.note("verify", self.clock() - start, self.stats.decode_tokens - produced)
         return events
 
     def _take_drafted(self, r: Request, draft: list[int], rows: np.ndarray) -> list[Event]:

@@ -71,6 +71,38 @@ class DraftState:
             self.backoff = 0
 
 
+@dataclass
+class CostGate:
+    """Drafting must pay for itself: seconds per generated token through verify calls against plain decode
+    calls (moving averages, timed by the scheduler). Where a multi-row verify costs more than the tokens it
+    wins (e.g. CPU kernels whose cost grows with rows x weights), drafting stops, and one verify is tried again
+    every `probe_every` steps in case the text became more repetitive."""
+
+    probe_every: int = 32
+    decode: float | None = None  # seconds per token, plain decode calls
+    verify: float | None = None  # seconds per token, verify calls (rejected drafts included)
+    wait: int = 0  # steps before the next probe while drafting does not pay
+
+    def note(self, kind: str, seconds: float, tokens: int) -> None:
+        per = seconds / max(tokens, 1)
+        old = getattr(self, kind)
+        setattr(self, kind, per if old is None else 0.7 * old + 0.3 * per)
+        if kind == "verify" and not self.pays():
+            self.wait = self.probe_every
+
+    def pays(self) -> bool:
+        return self.decode is None or self.verify is None or self.verify < self.decode
+
+    def allow(self) -> bool:
+        """Whether this step may draft (after a verify, one plain step first if decode is not timed yet)."""
+        if self.verify is not None and self.decode is None:
+            return False
+        if self.pays():
+            return True
+        self.wait -= 1
+        return self.wait <= 0
+
+
 def accept(probs: np.ndarray, drafted: int, rng: np.random.Generator) -> tuple[int, bool]:
     """The standard rule for a deterministic draft (q(drafted) = 1): keep it with probability p(drafted),
     else draw from p without it. Returns (token, kept)."""
