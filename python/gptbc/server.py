@@ -811,9 +811,16 @@ def build_app(server: Server):
         responses = {"400": {"description": "a bad field (named in error.param)",
                              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}},
                      "503": {"description": "busy (Retry-After) or the engine failed"}}
+        schema = {"$ref": f"#/components/schemas/{S.RESPONSE_MODELS[path].__name__}"}
+        if path in ("/completion", "/infill"):  # with response_fields: only the fields asked for, by path
+            schema = {"anyOf": [schema, {"type": "object", "description": "response_fields given: {path: value} "
+                                                                          "for each path found"}]}
+        answer = {"application/json": {"schema": schema}}
         if streams:
-            responses["200"] = {"description": "JSON, or server-sent events with stream: true",
-                                "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+            answer["text/event-stream"] = {"schema": {  # each event; its data is one JSON chunk (or [DONE])
+                "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}}
+        responses["200"] = {"description": "the answer (server-sent events with stream: true)" if streams
+                            else "the answer", "content": answer}
         return {"requestBody": {"required": True, "content": content}, "responses": responses}
 
     def sse_response(job: Job, reqs: list[Request], chunks: AsyncIterator[dict], done_line: str | None):
@@ -1018,7 +1025,7 @@ def build_app(server: Server):
     async def infill(request: HttpRequest):
         return await llama(request, server.parse_infill)
 
-    @app.post("/tokenize", openapi_extra=body_doc("/tokenize", False), response_model=S.TokenizeResponse,
+    @app.post("/tokenize", openapi_extra=body_doc("/tokenize", False), response_model=None,
               summary=ENDPOINTS["/tokenize"][1])
     async def tokenize(request: HttpRequest):
         def parse(body):
@@ -1028,7 +1035,7 @@ def build_app(server: Server):
 
         return JSONResponse(await prepare(request, parse))
 
-    @app.post("/detokenize", openapi_extra=body_doc("/detokenize", False), response_model=S.DetokenizeResponse,
+    @app.post("/detokenize", openapi_extra=body_doc("/detokenize", False), response_model=None,
               summary=ENDPOINTS["/detokenize"][1])
     async def detokenize(request: HttpRequest):
         def parse(body):
@@ -1066,7 +1073,7 @@ def build_app(server: Server):
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in [*S.REQUEST_MODELS, S.ErrorResponse]:
+            for model in [*S.REQUEST_MODELS, *set(S.RESPONSE_MODELS.values()), S.ErrorResponse]:
                 js = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(js.pop("$defs", {}))
                 components[model.__name__] = js
