@@ -1077,6 +1077,11 @@ def build_app(server: Server):
                 js = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(js.pop("$defs", {}))
                 components[model.__name__] = js
+            for js in components.values():  # the one model name the OpenAI endpoints accept (else 404)
+                if "model" in js.get("properties", {}) and js.get("title", "").endswith("Request"):
+                    js["properties"]["model"] = {
+                        "anyOf": [{"type": "string", "enum": [server.model_name]}, {"type": "null"}],
+                        "description": "the served model (GET /v1/models); another name is answered 404"}
             app.openapi_schema = schema
         return app.openapi_schema
 
