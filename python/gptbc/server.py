@@ -1077,11 +1077,30 @@ def build_app(server: Server):
                 js = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(js.pop("$defs", {}))
                 components[model.__name__] = js
-            for js in components.values():  # the one model name the OpenAI endpoints accept (else 404)
-                if "model" in js.get("properties", {}) and js.get("title", "").endswith("Request"):
-                    js["properties"]["model"] = {
-                        "anyOf": [{"type": "string", "enum": [server.model_name]}, {"type": "null"}],
-                        "description": "the served model (GET /v1/models); another name is answered 404"}
+            vocab, window = server.engine.config.vocab_size, server.engine.context_window_size
+
+            def token_ids(node):  # every integer inside a prompt/tokens field is a token id
+                if isinstance(node, dict):
+                    if node.get("type") == "integer":
+                        node.update(minimum=0, maximum=vocab - 1)
+                    for v in node.values():
+                        token_ids(v)
+                elif isinstance(node, list):
+                    for v in node:
+                        token_ids(v)
+
+            for js in components.values():  # this server's own limits: its model name, vocabulary, window
+                props = js.get("properties", {}) if js.get("title", "").endswith("Request") else {}
+                if "model" in props:  # the one name the OpenAI endpoints accept (else 404)
+                    props["model"] = {"anyOf": [{"type": "string", "enum": [server.model_name]}, {"type": "null"}],
+                                      "description": "the served model (GET /v1/models); another name is a 404"}
+                for name in ("prompt", "tokens"):
+                    if name in props:
+                        token_ids(props[name])
+                for name in ("max_tokens", "max_completion_tokens", "n_predict"):
+                    for alt in props.get(name, {}).get("anyOf", [props.get(name, {})]):
+                        if alt.get("type") == "integer":
+                            alt["maximum"] = window  # prompt + new tokens must fit the context window
             app.openapi_schema = schema
         return app.openapi_schema
 
