@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 import pytest
 
+from gptbc import api_schema as S
 from gptbc.engine import Engine
 from gptbc.sampling import RANGES
 from gptbc.server import PLAIN_EXTRA_HEADER, IndentStop
@@ -137,6 +138,7 @@ def test_llama_vscode_infill(served):
     assert answer["content"] == want and answer["tokens"] == ids
     assert answer["stop"] is True and answer["stop_type"] in ("eos", "limit") and answer["id_slot"] == -1
     assert answer["tokens_evaluated"] == len(infill_ids(engine, PREFIX, SUFFIX, "", EXTRA))
+    S.LlamaResponse.model_validate(answer)  # exactly the declared shape
 
 
 # ---- Tabby (crates/http-api-bindings/src/completion/llama.rs and openai.rs) ----
@@ -152,6 +154,8 @@ def test_tabby_llama_cpp_binding(served):
     assert "".join(e["content"] for e in events) == want
     status, _, answer = call(base, "POST", "/completion", body | {"stream": False})  # next_edit_suggestion mode
     assert status == 200 and answer["content"] == want
+    S.LlamaResponse.model_validate(answer)
+    S.LlamaResponse.model_validate(events[-1])  # the last streamed event carries the whole answer
 
 
 def test_tabby_openai_binding(served):
@@ -176,6 +180,7 @@ def test_continue_openai_fim_provider(served):
     assert text == want.split("\n\n\n")[0]
     status, _, answer = call(base, "POST", "/v1/fim/completions", body | {"stream": False})
     assert status == 200 and answer["choices"][0]["message"]["content"] == text
+    S.ChatResponse.model_validate(answer)
 
 
 def test_continue_llama_cpp_provider(served):
@@ -209,6 +214,7 @@ def test_completion_with_ids_n_probs_and_unknown_fields(served):
     assert status == 200 and answer["id_slot"] == 2
     want, out = greedy(engine, ids, 6)
     assert answer["content"] == want or answer["tokens"] == out[:6]
+    S.LlamaResponse.model_validate(answer)
     probs = answer["completion_probabilities"]
     assert [p["id"] for p in probs] == answer["tokens"]
     assert all(len(p["top_logprobs"]) == 3 and p["top_logprobs"][0]["id"] == p["id"] for p in probs)  # greedy
@@ -244,6 +250,7 @@ def test_chat_completions_with_a_template(tiny_model, tmp_path):
         assert status == 200, body
         assert body["object"] == "chat.completion" and body["choices"][0]["message"] == {"role": "assistant",
                                                                                         "content": want}
+        S.ChatResponse.model_validate(body)
         events = sse(base, "/v1/chat/completions", {"model": "tiny", "messages": messages, "max_tokens": 10,
                                                     "temperature": 0, "stream": True})
         assert events[0]["choices"][0]["delta"]["role"] == "assistant"
@@ -275,6 +282,7 @@ def test_tokenize_detokenize(served):
     base, _, engine = served
     status, _, body = call(base, "POST", "/tokenize", {"content": PREFIX})
     assert status == 200 and body["tokens"] == engine.encode(PREFIX)
+    S.TokenizeResponse.model_validate(body)
     status, _, body = call(base, "POST", "/tokenize", {"content": "ab", "with_pieces": True})
     assert "".join(t["piece"] for t in body["tokens"]) == "ab"
     status, _, body = call(base, "POST", "/detokenize", {"tokens": engine.encode(PREFIX)})
@@ -295,3 +303,8 @@ def test_openapi_declares_every_endpoint_with_the_engine_ranges(served):
     assert temperature["maximum"] == RANGES["temperature"].le and temperature["minimum"] == RANGES["temperature"].ge
     assert schemas["InfillRequest"]["properties"]["n_probs"]["maximum"] == RANGES["top_logprobs"].le
     assert call(base, "GET", "/docs")[0] == 200
+    answer = doc["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert answer["$ref"].endswith("/CompletionResponse") and "CompletionResponse" in schemas
+    status, _, body = call(base, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 3, "logprobs": 2,
+                                                             "echo": True})
+    S.CompletionResponse.model_validate(body)

@@ -349,3 +349,36 @@ def test_streamed_logprobs_are_consistent_across_chunks(model):
             assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]  # one running offset
             assert "".join(tokens) == text
             assert lps[len(lps) - 16:] == pytest.approx(whole["logprobs"]["token_logprobs"], abs=1e-4)  # echo scores via verify
+
+
+def test_tokenization_runs_off_the_event_loop_and_the_key_is_compared_in_constant_time(model, monkeypatch):
+    import asyncio as aio
+    import hmac
+
+    import gptbc.server as srv
+
+    m, _ = model
+    engine = Engine(m.out_dir, m.lib)
+    where, real_encode = [], engine.encode
+
+    def encode(text):
+        try:
+            aio.get_running_loop()
+            where.append("event loop")
+        except RuntimeError:
+            where.append("worker")
+        return real_encode(text)
+
+    engine.encode = encode
+    compared, real_compare = [], hmac.compare_digest
+    monkeypatch.setattr(srv.hmac, "compare_digest", lambda a, b: (compared.append((a, b)), real_compare(a, b))[1])
+    with live_server(engine, api_key="k3y") as (base, _):
+        auth = {"Authorization": "Bearer k3y"}
+        for path, body in [("/v1/completions", {"prompt": "x" * 100_000, "max_tokens": 2}),
+                           ("/v1/completions", {"prompt": PROMPT, "max_tokens": 2}),
+                           ("/infill", {"input_prefix": "a", "input_suffix": "b", "n_predict": 2}),
+                           ("/tokenize", {"content": PROMPT})]:
+            assert call(base, "POST", path, body, auth)[0] in (200, 400)
+        assert where and set(where) == {"worker"}
+        assert call(base, "POST", "/v1/completions", {"prompt": "x"}, {"Authorization": "Bearer nope"})[0] == 401
+        assert (b"Bearer nope", b"Bearer k3y") in compared

@@ -8,7 +8,7 @@ Infinity, and accepts unknown fields and ignores them (as OpenAI-compatible serv
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,7 +35,7 @@ class Closed(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-Stop = str | list[str]
+Stop = str | Annotated[list[str], Field(max_length=MAX_STOPS)]
 
 
 class SamplingFields(Strict):
@@ -277,4 +277,9 @@ class Health(Closed):
 
 REQUEST_MODELS = [CompletionRequest, FimRequest, ChatRequest, LlamaCompletionRequest, InfillRequest,
                   TokenizeRequest, DetokenizeRequest]
+# path → the model of its (non-streamed) JSON answer
+RESPONSE_MODELS = {"/v1/completions": CompletionResponse, "/completions": CompletionResponse,
+                   "/v1/fim/completions": ChatResponse, "/v1/chat/completions": ChatResponse,
+                   "/completion": LlamaResponse, "/infill": LlamaResponse, "/tokenize": TokenizeResponse,
+                   "/detokenize": DetokenizeResponse}
 MAX_LOGPROBS = MAX_TOP_LOGPROBS

@@ -825,9 +825,16 @@ def build_app(server: Server):
         responses = {"400": {"description": "a bad field (named in error.param)",
                              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}},
                      "503": {"description": "busy (Retry-After) or the engine failed"}}
+        schema = {"$ref": f"#/components/schemas/{S.RESPONSE_MODELS[path].__name__}"}
+        if path in ("/completion", "/infill"):  # with response_fields: only the fields asked for, by path
+            schema = {"anyOf": [schema, {"type": "object", "description": "response_fields given: {path: value} "
+                                                                          "for each path found"}]}
+        answer = {"application/json": {"schema": schema}}
         if streams:
-            responses["200"] = {"description": "JSON, or server-sent events with stream: true",
-                                "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+            answer["text/event-stream"] = {"schema": {  # each event; its data is one JSON chunk (or [DONE])
+                "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}}
+        responses["200"] = {"description": "the answer (server-sent events with stream: true)" if streams
+                            else "the answer", "content": answer}
         return {"requestBody": {"required": True, "content": content}, "responses": responses}
 
     def sse_response(job: Job, reqs: list[Request], chunks: AsyncIterator[dict], done_line: str | None):
@@ -1032,7 +1039,7 @@ def build_app(server: Server):
     async def infill(request: HttpRequest):
         return await llama(request, server.parse_infill)
 
-    @app.post("/tokenize", openapi_extra=body_doc("/tokenize", False), response_model=S.TokenizeResponse,
+    @app.post("/tokenize", openapi_extra=body_doc("/tokenize", False), response_model=None,
               summary=ENDPOINTS["/tokenize"][1])
     async def tokenize(request: HttpRequest):
         def parse(body):
@@ -1042,7 +1049,7 @@ def build_app(server: Server):
 
         return JSONResponse(await prepare(request, parse))
 
-    @app.post("/detokenize", openapi_extra=body_doc("/detokenize", False), response_model=S.DetokenizeResponse,
+    @app.post("/detokenize", openapi_extra=body_doc("/detokenize", False), response_model=None,
               summary=ENDPOINTS["/detokenize"][1])
     async def detokenize(request: HttpRequest):
         def parse(body):
@@ -1080,10 +1087,34 @@ def build_app(server: Server):
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in [*S.REQUEST_MODELS, S.ErrorResponse]:
+            for model in [*S.REQUEST_MODELS, *set(S.RESPONSE_MODELS.values()), S.ErrorResponse]:
                 js = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(js.pop("$defs", {}))
                 components[model.__name__] = js
+            vocab, window = server.engine.config.vocab_size, server.engine.context_window_size
+
+            def token_ids(node):  # every integer inside a prompt/tokens field is a token id
+                if isinstance(node, dict):
+                    if node.get("type") == "integer":
+                        node.update(minimum=0, maximum=vocab - 1)
+                    for v in node.values():
+                        token_ids(v)
+                elif isinstance(node, list):
+                    for v in node:
+                        token_ids(v)
+
+            for js in components.values():  # this server's own limits: its model name, vocabulary, window
+                props = js.get("properties", {}) if js.get("title", "").endswith("Request") else {}
+                if "model" in props:  # the one name the OpenAI endpoints accept (else 404)
+                    props["model"] = {"anyOf": [{"type": "string", "enum": [server.model_name]}, {"type": "null"}],
+                                      "description": "the served model (GET /v1/models); another name is a 404"}
+                for name in ("prompt", "tokens"):
+                    if name in props:
+                        token_ids(props[name])
+                for name in ("max_tokens", "max_completion_tokens", "n_predict"):
+                    for alt in props.get(name, {}).get("anyOf", [props.get(name, {})]):
+                        if alt.get("type") == "integer":
+                            alt["maximum"] = window  # prompt + new tokens must fit the context window
             app.openapi_schema = schema
         return app.openapi_schema
 
