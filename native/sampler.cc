@@ -17,11 +17,14 @@ void SamplingParams::validate(const std::string& where) const {
     if (!ok) throw Error(where + flag + " " + rule);
   };
   need(max_new_tokens >= 0, "max-new-tokens", "must be an integer >= 0");
-  need(std::isfinite(temperature) && temperature >= 0, "temperature", "must be >= 0 (0 is greedy)");
+  // The ranges of python/gptbc/sampling.py's RANGES, with its wording (tests/test_native.py compares them).
+  need(std::isfinite(temperature) && temperature >= 0 && temperature <= 2, "temperature",
+       "must be in [0, 2] (0, or anything below 1e-05, is greedy)");
   need(top_k >= 0, "top-k", "must be an integer >= 0 (0 is off)");
   need(std::isfinite(top_p) && top_p > 0 && top_p <= 1, "top-p", "must be in (0, 1]");
   need(std::isfinite(min_p) && min_p >= 0 && min_p <= 1, "min-p", "must be in [0, 1]");
-  need(std::isfinite(repetition_penalty) && repetition_penalty > 0, "repetition-penalty", "must be > 0 (1 is off)");
+  need(std::isfinite(repetition_penalty) && repetition_penalty >= 0.01 && repetition_penalty <= 10, "repetition-penalty",
+       "must be in [0.01, 10] (1 is off)");
 }
 
 SamplingParams generation_defaults(const std::string& model_dir) {

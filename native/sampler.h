@@ -12,14 +12,16 @@ namespace gptbc {
 
 struct SamplingParams {
   int64_t max_new_tokens = 64;
-  double temperature = 0.0;  // 0: greedy
+  double temperature = 0.0;  // below kGreedyBelow: greedy
   int64_t top_k = 0;         // 0: off
   double top_p = 1.0;
   double min_p = 0.0;
   double repetition_penalty = 1.0;  // 1: off
   std::optional<uint64_t> seed;     // none: a random one
 
-  bool greedy() const { return temperature == 0.0 || top_k == 1; }
+  // As sampling.py's GREEDY_BELOW: logits / 1e-308 would overflow to inf, then NaN.
+  static constexpr double kGreedyBelow = 1e-5;
+  bool greedy() const { return temperature < kGreedyBelow || top_k == 1; }
   // Error naming the first out-of-range value (the same rules as SamplingParams.validate in Python).
   void validate(const std::string& where) const;
 };

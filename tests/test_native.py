@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from gptbc.engine import Engine
-from gptbc.sampling import SamplingParams
+from gptbc.sampling import RANGES, SamplingParams
 from hf_models import CORPUS, make_tokenizer
 from native_build import REPO, build, cmake
 
@@ -200,8 +200,9 @@ def test_sampling(native, model_files):
     assert sample("--temperature", "0", "--seed", "1") == greedy
     assert sample("--temperature", "1", "--top-p", "1e-9", "--seed", "2") == greedy
     assert sample("--temperature", "1", "--top-k", "1", "--seed", "3") == greedy
+    assert sample("--temperature", "1e-300", "--seed", "4") == greedy  # tiny temperatures are greedy, as in Python
     # A seed fixes the tokens; different seeds at a high temperature give different ones.
-    hot = [sample("--temperature", "5", "--seed", str(s)) for s in (11, 11, 12, 13)]
+    hot = [sample("--temperature", "2", "--seed", str(s)) for s in (11, 11, 12, 13)]
     assert hot[0] == hot[1] and len({tuple(h) for h in hot}) == 3
     assert all(0 <= t < engine.config.vocab_size for h in hot for t in h)
     # Every first token drawn with top-p lies in the nucleus of the engine's own logits.
@@ -432,8 +433,11 @@ def bad_inputs(model_files, tmp_path_factory):
         "unknown flag": ([*ok, *ids, "--frobnicate"], "unknown option --frobnicate"),
         "missing value": ([*ok, *ids, "--max-new-tokens"], "--max-new-tokens needs a value"),
         "bad number": ([*ok, *ids, "--max-new-tokens", "ten"], "--max-new-tokens expects an integer"),
-        "negative temperature": ([*ok, *ids, "--temperature", "-1"], "temperature must be >= 0"),
-        "zero top-p": ([*ok, *ids, "--top-p", "0"], "top-p must be in (0, 1]"),
+        # The same ranges and wording as the Python engine's (sampling.RANGES).
+        "negative temperature": ([*ok, *ids, "--temperature", "-1"], "temperature must be " + RANGES["temperature"].rule),
+        "temperature above 2": ([*ok, *ids, "--temperature", "2.5"], "temperature must be " + RANGES["temperature"].rule),
+        "zero top-p": ([*ok, *ids, "--top-p", "0"], "top-p must be " + RANGES["top_p"].rule),
+        "negative top-k": ([*ok, *ids, "--top-k", "-1"], "top-k must be " + RANGES["top_k"].rule),
         "text without tokenizer": (["--model", str(mha_dir), "--lib", str(mha_lib), "--prompt", "x"],
                                    "no tokenizer.json"),
     }
@@ -465,7 +469,7 @@ def bad_inputs(model_files, tmp_path_factory):
 
 BAD = ["missing model dir", "missing lib", "not a library", "other quantization", "other model", "bad token id",
        "bad ids", "empty ids", "too long", "two prompts", "no prompt", "unknown flag", "missing value", "bad number",
-       "negative temperature", "zero top-p", "text without tokenizer", "config not json", "tokenizer not json",
+       "negative temperature", "temperature above 2", "zero top-p", "negative top-k", "text without tokenizer", "config not json", "tokenizer not json",
        "unsupported tokenizer", "tokenizer normalizer", "wrong tensor shape", "newer weights"] + [
     f"safetensors {h}" for h in ["huge-length", "garbage-header", "nested-header", "truncated", "tiny", "missing",
                                  "bad-offsets"]]
