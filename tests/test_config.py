@@ -65,3 +65,12 @@ def test_hub_id_offline_says_what_to_do(monkeypatch, tmp_path):
     msg = str(info.value)
     assert "bigcode/gpt_bigcode-santacoder" in msg and "HF_HUB_OFFLINE" in msg and "local directory" in msg
     assert "\n" not in msg
+
+
+def test_a_lowered_window_resizes_the_recorded_prefill_chunk(tmp_path):
+    """A converted directory records prefill_chunk_size 2048; compiling it for a 512-token window must not fail."""
+    recorded = resolve_model("santacoder").config.to_dict()
+    cfg = GPTBigCodeConfig.from_dict(recorded, source="x", context_window_size=512)
+    assert cfg.context_window_size == 512 and cfg.prefill_chunk_size == 512
+    cfg = GPTBigCodeConfig.from_dict(recorded, source="x", context_window_size=512, prefill_chunk_size=128)
+    assert cfg.prefill_chunk_size == 128

@@ -104,6 +104,9 @@ class GPTBigCodeConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in raw.items() if k in names}
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        if overrides.get("context_window_size") is not None and overrides.get("prefill_chunk_size") is None:
+            # A new window: the recorded chunk (sized for the old one) gives way to the default for the new one.
+            kwargs.pop("prefill_chunk_size", None)
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                    and f.name not in kwargs]
