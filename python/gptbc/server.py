@@ -951,11 +951,15 @@ def build_app(server: Server):
     @app.post("/v1/fim/completions", openapi_extra=body_doc("/v1/fim/completions"), response_model=None,
               summary=ENDPOINTS["/v1/fim/completions"][1])
     async def fim(request: HttpRequest):
-        job = await prepare(request, server.parse_fim)
+        return await chat_shaped(request, server.parse_fim, "fim", role=False)
+
+    async def chat_shaped(request: HttpRequest, parse, id_prefix: str, role: bool):
+        """/v1/fim/completions and /v1/chat/completions answer alike: chat.completion (chunks with a delta)."""
+        job = await prepare(request, parse)
         reqs, events = await server.start(job)
-        rid = ident("fim")
+        rid = ident(id_prefix)
         if job.stream:
-            return sse_response(job, reqs, delta_chunks(job, reqs, events, rid, role=False), "data: [DONE]\n\n")
+            return sse_response(job, reqs, delta_chunks(job, reqs, events, rid, role=role), "data: [DONE]\n\n")
         await run_to_end(request, job, reqs, events)
         return JSONResponse(chat_body(job, rid))
 
@@ -1003,13 +1007,7 @@ def build_app(server: Server):
     @app.post("/v1/chat/completions", openapi_extra=body_doc("/v1/chat/completions"), response_model=None,
               summary=ENDPOINTS["/v1/chat/completions"][1])
     async def chat(request: HttpRequest):
-        job = await prepare(request, server.parse_chat)
-        reqs, events = await server.start(job)
-        rid = ident("chatcmpl")
-        if job.stream:
-            return sse_response(job, reqs, delta_chunks(job, reqs, events, rid, role=True), "data: [DONE]\n\n")
-        await run_to_end(request, job, reqs, events)
-        return JSONResponse(chat_body(job, rid))
+        return await chat_shaped(request, server.parse_chat, "chatcmpl", role=True)
 
     # ---- llama.cpp ----
     async def llama(request: HttpRequest, parse):
