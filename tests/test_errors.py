@@ -220,3 +220,24 @@ def test_corrupt_converted_shard(capsys, tiny_model, tmp_path):
     shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     err = run(capsys, "generate", copy, "--lib", m.lib, "--prompt-ids", "1")
     assert shard.name in err and "corrupt" in err
+
+
+def test_an_interrupt_swallowed_on_the_way_still_cancels_the_output(ckpt, tmp_path):
+    """TVM can lose a KeyboardInterrupt raised inside a pass (dlight catches the error it becomes); the flag the
+    Ctrl-C handler sets still stops the converter and the compiler from publishing their outputs."""
+    from gptbc import errors
+    from gptbc.compiler import compile_model
+    from gptbc.config import resolve_model
+    from gptbc.loader import convert_weight
+
+    source = resolve_model(str(ckpt))
+    errors.interrupt_requested.set()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            convert_weight(ckpt, "q0f32", tmp_path / "out", progress=False)
+        with pytest.raises(KeyboardInterrupt):
+            compile_model(source, "cpu", "q0f32", tmp_path / "x.so", log=lambda _m: None)
+    finally:
+        errors.interrupt_requested.clear()
+    assert_nothing_written(tmp_path, "out")
+    assert_nothing_written(tmp_path, "x.so")

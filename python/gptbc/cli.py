@@ -11,7 +11,7 @@ import sys
 from typing import Sequence
 
 from . import __version__
-from .errors import GptbcError
+from .errors import GptbcError, interrupt_requested
 
 
 def _positive_int(flag: str):
@@ -356,16 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _Interrupts:
-    """Remembers a Ctrl-C: TVM turns a KeyboardInterrupt raised inside one of its passes into a RuntimeError
-    carrying a long traceback, so the exception alone does not say the user interrupted."""
-
-    seen = False
-
-    @classmethod
-    def handler(cls, _signum, _frame):
-        cls.seen = True
-        raise KeyboardInterrupt
+def _on_ctrl_c(_signum, _frame) -> None:
+    """Ctrl-C: remember it (TVM turns a KeyboardInterrupt raised inside one of its passes into a RuntimeError with
+    a long traceback, or loses it: errors.interrupt_requested keeps outputs from appearing), then interrupt."""
+    interrupt_requested.set()
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -374,7 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _Interrupts.handler)
+        interrupt_requested.clear()
+        signal.signal(signal.SIGINT, _on_ctrl_c)
     try:
         return args.func(args)
     except GptbcError as err:
@@ -385,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {where}{err.strerror or err}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Exception):
-        if not _Interrupts.seen:
+        if not interrupt_requested.is_set():
             raise
         # outputs are written under temporary names and removed on the way out: nothing half-written remains
         print("error: interrupted", file=sys.stderr)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import GPTBC_CONFIG, GPTBigCodeConfig, ModelSource, load_gptbc_config
-from .errors import GptbcError
+from .errors import GptbcError, raise_if_interrupted
 from .manifest import library_manifest
 from .quantization import Quantization, get_quantization
 from .targets import Build, Pipeline, get_target, plan_build
@@ -209,6 +209,7 @@ def atomic_path(path: Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        raise_if_interrupted()  # a Ctrl-C that TVM swallowed still cancels the output
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

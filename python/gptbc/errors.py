@@ -1,5 +1,17 @@
 """User-facing errors: each message is a single line that names the thing at fault."""
 
+import threading
+
+# Set by the CLI's Ctrl-C handler. The KeyboardInterrupt it raises can be swallowed on its way out of TVM (a
+# Python callback inside a pass turns it into a TVM error, which dlight's rule loop catches), so whatever publishes
+# an output (a rename from a temporary name) asks `raise_if_interrupted` first: after a Ctrl-C, nothing appears.
+interrupt_requested = threading.Event()
+
+
+def raise_if_interrupted() -> None:
+    if interrupt_requested.is_set():
+        raise KeyboardInterrupt
+
 
 class GptbcError(Exception):
     """A user-facing failure (bad input, missing file, unsupported option).

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import GPTBC_CONFIG, GPTBigCodeConfig, fetch_from_hub, load_hf_config, looks_like_hub_id
-from .errors import GptbcError
+from .errors import GptbcError, raise_if_interrupted
 from .manifest import weights_manifest
 from .quantization import Quantization, get_quantization, numpy_dtype, quantize
 from .tensorfile import SafetensorsFile, aligned_order, dtype_name, write_safetensors
@@ -219,6 +219,7 @@ def convert_weight(hf_dir: str | Path, quantization: str, out_dir: str | Path, p
         try:
             _write_output(tmp, hf_dir, cfg, quant, plans, ckpt, progress, shard_bytes)
             os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700: readable by its owner only
+            raise_if_interrupted()  # a Ctrl-C swallowed on the way still cancels the output
             _replace_dir(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
