@@ -156,6 +156,7 @@ void read_params(const json::Object& m, const Reader& r, bool with_file, Header*
     param.name = r.str(p, "name", at + ".name");
     param.shape = r.ints(r.need(p, "shape", at + ".shape"), at + ".shape", true);
     param.dtype = r.str(p, "dtype", at + ".dtype");
+    if (Reader::has(p, "repack")) param.repack = r.str(p, "repack", at + ".repack");
     if (with_file) {
       param.file = r.str(p, "file", at + ".file");
       const std::string& f = param.file;

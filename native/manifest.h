@@ -11,14 +11,15 @@ namespace gptbc::manifest {
 
 // The manifest schema versions this build reads (manifest.MIN_SCHEMA_VERSION .. SCHEMA_VERSION).
 constexpr int64_t kMinSchemaVersion = 1;
-constexpr int64_t kSchemaVersion = 1;
+constexpr int64_t kSchemaVersion = 2;
 constexpr const char* kWeightsFile = "gptbc-config.json";
 
 struct Param {
   std::string name;
   std::vector<int64_t> shape;
   std::string dtype;
-  std::string file;  // weights only: the shard, a file name in the directory
+  std::string file;    // weights only: the shard, a file name in the directory
+  std::string repack;  // library only, optional: the library function that makes the loaded tensor (int8 activations)
 };
 
 // What both manifests start with.

@@ -236,6 +236,21 @@ void Model::load_params(const manifest::Weights& weights) {
                   want.dtype + shape_str(want.shape));
     }
     DLDataType dt = ffi::StringToDLDataType(want.dtype);
+    if (!want.repack.empty()) {  // int8 activations: the library's function makes the tensor its kernels read
+      ffi::Tensor src;
+      if (reinterpret_cast<uintptr_t>(e->data) % alignment_ == 0) {
+        src = ffi::Tensor::FromNDAlloc(MappedData{e->data}, ffi::Shape(want.shape), dt, kCpu);
+      } else {
+        src = ffi::Tensor::FromNDAlloc(HostAlloc{alignment_}, ffi::Shape(want.shape), dt, kCpu);
+        std::memcpy(src.data_ptr(), e->data, e->nbytes);
+      }
+      auto repack = vm_.value()->GetFunction(want.repack, false);
+      if (!repack) throw Error("--lib " + lib_ + ": no function " + want.repack + " (named by its manifest for " + name + ")");
+      params_.push_back((*repack)(src).cast<ffi::Tensor>());
+      file.release(*e);  // the repacked copy is what stays
+      copied_bytes_ += e->nbytes;
+      continue;
+    }
     if (dev_.device_type != kDLCPU) {
       ffi::Tensor t = device_tensor(ffi::Shape(want.shape), dt, dev_);
       global("runtime.TVMTensorCopyFromBytes")(t, const_cast<void*>(static_cast<const void*>(e->data)),

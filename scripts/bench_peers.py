@@ -54,12 +54,16 @@ SHAPES = {
 VOCAB = SHAPES["santacoder"]["vocab_size"]
 THREADS = 2
 
-DEFAULT_PEERS = ("gptbc:q0f32,gptbc:q8f32_1,gptbc:q4f32_1,llamacpp:f32,llamacpp:q8_0,llamacpp:q4_0,"
+# gptbc:SCHEME is compiled with --activations auto (int8 activations where the CPU has VNNI); SCHEME-float
+# with float activations (the kernels before issue 14), from the same converted weights.
+DEFAULT_PEERS = ("gptbc:q0f32,gptbc:q8f32_1,gptbc:q4f32_1,gptbc:q8f32_1-float,gptbc:q4f32_1-float,"
+                 "llamacpp:f32,llamacpp:q8_0,llamacpp:q4_0,"
                  "ct2:float32,ct2:int8,hf:fp32")
 # peer -> (module, pip name) for the peers that are not installed with gptbc's test extra
 OPTIONAL = {"llamacpp": ("llama_cpp", "llama-cpp-python"), "ct2": ("ctranslate2", "ctranslate2")}
 INSTALL = "pip install -r scripts/requirements-peers.txt"
-SAME_BITS = {"gptbc:q0f32": "f32", "gptbc:q8f32_1": "q8_0", "gptbc:q4f32_1": "q4_0", "hf:fp32": "f32",
+SAME_BITS = {"gptbc:q0f32": "f32", "gptbc:q8f32_1": "q8_0", "gptbc:q4f32_1": "q4_0", "gptbc:q8f32_1-float": "q8_0",
+             "gptbc:q4f32_1-float": "q4_0", "hf:fp32": "f32",
              "ct2:float32": "f32", "ct2:int8": "q8_0", "llamacpp:f32": "f32", "llamacpp:q8_0": "q8_0",
              "llamacpp:q4_0": "q4_0"}
 LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose convert_hf_to_gguf.py is used (the installed version wins)
@@ -164,25 +168,27 @@ def measure(prefill, start, step) -> dict:
     return {"prefill": best(pre, PREFILL), "decode": best(dec, STEPS), "greedy": greedy}
 
 
-def prepare_gptbc(work: Path, scheme: str) -> dict:
+def prepare_gptbc(work: Path, precision: str) -> dict:
     from gptbc.compiler import compile_model
     from gptbc.config import resolve_model
     from gptbc.loader import convert_weight
 
+    scheme, _, activations = precision.partition("-")
     out = work / f"gptbc-{scheme}"
     if not (out / "gptbc-config.json").is_file():
         convert_weight(work / "hf", scheme, out, progress=False)
     t = time.perf_counter()
-    compile_model(resolve_model(str(out)), "cpu", scheme, work / f"gptbc-{scheme}.so", log=lambda _m: None)
+    compile_model(resolve_model(str(out)), "cpu", scheme, work / f"gptbc-{precision}.so", log=lambda _m: None,
+                  activations=activations or "auto")
     return {"compile_s": time.perf_counter() - t}
 
 
-def worker_gptbc(work: Path, scheme: str) -> dict:
+def worker_gptbc(work: Path, precision: str) -> dict:
     from gptbc.bench import weight_bytes
     from gptbc.engine import Engine
 
-    out = work / f"gptbc-{scheme}"
-    engine = Engine(out, work / f"gptbc-{scheme}.so", max_total_seq_len=PREFILL + 128, max_batch_size=1,
+    out = work / f"gptbc-{precision.partition('-')[0]}"
+    engine = Engine(out, work / f"gptbc-{precision}.so", max_total_seq_len=PREFILL + 128, max_batch_size=1,
                     prefix_cache_size=0)
     seq = None
 

@@ -53,12 +53,12 @@ def test_compiled_cpu_model_uses_our_kernel(spelling):
 
     cfg = GPTBigCodeConfig(n_embd=64, n_head=2, n_layer=1, n_positions=32, vocab_size=50)
     q = get_quantization("q0f32")
-    mod, _ = export_relax(cfg, q, TARGET)
-    swapped = get_target(spelling)[0].pipeline.replace_kernels(mod, cfg, q)
+    mod, _, _ = export_relax(cfg, q, TARGET)
+    swapped = get_target(spelling)[0].pipeline.replace_kernels(mod, cfg, q, TARGET)
     for name in ("batch_prefill_ragged_kv", "batch_prefill_paged_kv_cpu"):
         assert "T.parallel" not in mod[name].script()  # TVM's kernels: serial loops
         assert "T.parallel" in swapped[name].script()
-    assert get_target("cuda")[0].pipeline.replace_kernels(mod, cfg, q) is mod  # GPUs keep TVM's attention
+    assert get_target("cuda")[0].pipeline.replace_kernels(mod, cfg, q, TARGET) is mod  # GPUs keep TVM's attention
 
 
 def reference(q, k, v, causal, sm_scale):
@@ -119,8 +119,8 @@ def test_wgpu_targets_compile_the_race_free_merge(spelling):
 
     cfg = GPTBigCodeConfig(n_embd=64, n_head=2, n_layer=1, n_positions=32, vocab_size=50)
     q = get_quantization("q0f32")
-    mod, _ = export_relax(cfg, q, tvm.target.Target({"kind": "webgpu", "host": TARGET}))
-    swapped = get_target(spelling)[0].pipeline.replace_kernels(mod, cfg, q)
+    mod, _, _ = export_relax(cfg, q, tvm.target.Target({"kind": "webgpu", "host": TARGET}))
+    swapped = get_target(spelling)[0].pipeline.replace_kernels(mod, cfg, q, None)
     assert "tvm_storage_sync" not in mod[MERGE_STATE].script()
     assert "tvm_storage_sync" in swapped[MERGE_STATE].script()
-    assert get_target("cuda")[0].pipeline.replace_kernels(mod, cfg, q) is mod
+    assert get_target("cuda")[0].pipeline.replace_kernels(mod, cfg, q, None) is mod

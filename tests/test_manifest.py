@@ -25,16 +25,17 @@ LIB = "library.json"
 CASES = {
     "good": "ok",
     "good-optional-fields": "ok",
-    "weights-schema-too-new": "{dir}/gptbc-config.json: written by gptbc 9.0.0 with schema_version 2; this gptbc "
-                              "reads schema version 1 (upgrade gptbc, or convert the weights again with this one)",
+    "good-int8-activations": "ok",
+    "weights-schema-too-new": "{dir}/gptbc-config.json: written by gptbc 9.0.0 with schema_version 3; this gptbc "
+                              "reads schema versions 1 to 2 (upgrade gptbc, or convert the weights again with this one)",
     "weights-before-schema": "{dir}/gptbc-config.json: written by gptbc 0.1.0 without a schema_version (before schema "
-                             "version 1); this gptbc reads schema version 1 (convert the weights again with this gptbc)",
+                             "version 1); this gptbc reads schema versions 1 to 2 (convert the weights again with this gptbc)",
     "weights-schema-not-int": "{dir}/gptbc-config.json: schema_version must be an integer, got string",
-    "library-schema-too-new": "--lib {lib} metadata: written by gptbc 2.0.0 with schema_version 3; this gptbc reads "
-                              "schema version 1 (upgrade gptbc, or compile the library again with this one)",
+    "library-schema-too-new": "--lib {lib} metadata: written by gptbc 2.0.0 with schema_version 4; this gptbc reads "
+                              "schema versions 1 to 2 (upgrade gptbc, or compile the library again with this one)",
     "library-schema-too-old": "--lib {lib} metadata: written by gptbc 0.1.0 with schema_version 0; this gptbc reads "
-                              "schema version 1 (compile the library again with this gptbc)",
-    "library-schema-unknown-writer": "--lib {lib} metadata: written by an unknown gptbc with schema_version 2",
+                              "schema versions 1 to 2 (compile the library again with this gptbc)",
+    "library-schema-unknown-writer": "--lib {lib} metadata: written by an unknown gptbc with schema_version 3",
     "weights-missing-params": "{dir}/gptbc-config.json: missing field params",
     "weights-missing-quantization-name": "{dir}/gptbc-config.json: missing field quantization.name",
     "weights-missing-param-file": "{dir}/gptbc-config.json: missing field params[3].file",
@@ -57,6 +58,7 @@ CASES = {
     "library-batch-boolean": "--lib {lib} metadata: max_batch_size must be an integer, got boolean",
     "library-lm-head-flag-string": "--lib {lib} metadata: quantization.quantize_lm_head must be a boolean, got string",
     "library-device-null": "--lib {lib} metadata: device must be a string, got null",
+    "library-repack-not-string": "--lib {lib} metadata: params[13].repack must be a string, got array",
     "library-params-object": "--lib {lib} metadata: params must be an array, got object",
     "library-nested-too-deep": "--lib {lib} metadata: not valid JSON (nested deeper than 128)",
     "weights-not-json": "{dir}/gptbc-config.json: not valid JSON (Expecting value: line 3 column 1 (char 36))",

@@ -142,7 +142,7 @@ def lowered(cfg, quant_name: str):
     from gptbc.compiler import export_relax, fusion_passes
 
     target = tvm.target.Target({"kind": "llvm"})
-    mod, _ = export_relax(cfg, get_quantization(quant_name), target)
+    mod, _, _ = export_relax(cfg, get_quantization(quant_name), target)
     with target:
         return tvm.transform.Sequential(fusion_passes(target))(mod)
 

@@ -24,7 +24,7 @@ def kernels(quant: str, **shape):
     cfg = GPTBigCodeConfig(**{**dict(n_embd=80, n_head=5, n_layer=1, n_positions=64, vocab_size=97, n_inner=176),
                               **shape})
     target = tvm.target.Target(TARGET)
-    mod, _ = export_relax(cfg, get_quantization(quant), target)
+    mod, _, _ = export_relax(cfg, get_quantization(quant), target)
     with target:
         mod = tvm.transform.Sequential(fusion_passes(target))(mod)
     return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}

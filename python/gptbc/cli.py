@@ -49,7 +49,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         quantization = scheme["name"]
         keep_head = keep_head or not scheme.get("quantize_lm_head", True)
     out = compile_model(source, args.target, quantization, args.output,
-                        log=lambda m: print(m, file=sys.stderr, flush=True), quantize_lm_head=not keep_head)
+                        log=lambda m: print(m, file=sys.stderr, flush=True), quantize_lm_head=not keep_head,
+                        activations=args.activations)
     _print_memory_plan(source.config, quantization, keep_head)
     print(out)
     return 0
@@ -263,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the scheme of a converted --model directory (which compiles only for it), else q0f32"))
     c.add_argument("-o", "--output", help="library path (default dist/libs/<model>-<quant>-<target>.so)")
     c.add_argument("--no-quantize-lm-head", action="store_true", help=KEEP_HEAD_HELP)
+    c.add_argument("--activations", choices=("auto", "int8", "float"), default="auto",
+                   help="grouped schemes on CPUs: int8 rounds each linear layer's input to int8 per group of 32 and "
+                        "uses integer dot products (weights repacked when loaded); float keeps float activations; "
+                        "auto is int8 where the CPU has VNNI")
     c.add_argument("--context-window-size", type=_positive_int("--context-window-size"),
                    help="longest sequence (prompt + new tokens) the library serves (default: the model's n_positions)")
     c.add_argument("--prefill-chunk-size", type=_positive_int("--prefill-chunk-size"),

@@ -96,21 +96,48 @@ def check_own_scheme(source: ModelSource, quant: Quantization) -> None:
 
 
 def export_relax(cfg: GPTBigCodeConfig, quant: Quantization, target):
-    """The model's Relax IRModule (all exported functions, parameters packed), before any pass, and its
-    parameters as (name, shape, dtype) in the order the functions take them."""
+    """The model's Relax IRModule (all exported functions, parameters packed), before any pass, its
+    parameters as (name, shape, dtype) in the order the functions take them, and which of them the runtime
+    repacks when loading ({name: kind}, layers.repack_plan)."""
     from .model import GPTBigCodeForCausalLM, param_list
+    from .quantization.layers import repack_plan
 
     model = GPTBigCodeForCausalLM(cfg, target, quant)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
-    return mod, param_list(named_params)
+    return mod, param_list(named_params), repack_plan(named_params)
+
+
+ACTIVATIONS = ("auto", "int8", "float")
+
+
+def choose_activations(option: str, quant: Quantization, target) -> Quantization:
+    """`quant` with int8 activations on or off (--activations): `auto` turns them on for grouped schemes on
+    CPUs with an integer dot-product instruction (VNNI), where they are faster; `int8` on any CPU (a
+    generic kernel where there is no VNNI); `float` keeps the float-activation kernels."""
+    import dataclasses
+
+    from .kernels_int8 import int8_isa
+
+    if option not in ACTIVATIONS:
+        raise GptbcError(f"--activations {option}: choose from {', '.join(ACTIVATIONS)}")
+    cpu = target.kind.name == "llvm"
+    if option == "int8" and not cpu:
+        raise GptbcError(f"--activations int8: only CPU targets have int8-activation kernels (target is {target.kind.name})")
+    if option == "int8" and quant.kind != "group":
+        raise GptbcError(f"--activations int8: {quant.name} has float weights; int8 activations need a grouped "
+                         f"scheme (q8*/q4*)")
+    on = quant.kind == "group" and cpu and (option == "int8" or (option == "auto" and int8_isa(target) == "vnni"))
+    return dataclasses.replace(quant, int8_activations=on)
 
 
 def compile_model(source: ModelSource, target_name: str, quantization: str, output: str | Path | None = None,
-                  log: Callable[[str], None] = print, quantize_lm_head: bool = True) -> Path:
+                  log: Callable[[str], None] = print, quantize_lm_head: bool = True, activations: str = "auto") -> Path:
     """Build the model library for `source` and return its path."""
     spec, build = plan_build(target_name)
     quant = get_quantization(quantization, quantize_lm_head)
     check_own_scheme(source, quant)
+    if activations not in ACTIVATIONS:
+        raise GptbcError(f"--activations {activations}: choose from {', '.join(ACTIVATIONS)}")
     output = Path(output) if output else default_output(source.name, quant.name, target_name, build)
     if "".join(output.suffixes[-1:]) != build.suffix:
         raise GptbcError(f"-o {output}: target {target_name} produces a {build.suffix} file here")
@@ -129,10 +156,17 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
 
     t = time.perf_counter()
     target = tvm.target.Target(build.target)
-    mod, params = export_relax(source.config, quant, target)
-    mod = spec.pipeline.replace_kernels(mod, source.config, quant)
-    mod = attach_metadata(mod, library_manifest(source, quant, spec, target_name, params))
-    t = phase(f"export {source.name} ({quant.name}) to Relax", t)
+    quant = choose_activations(activations, quant, target)
+    mod, params, plan = export_relax(source.config, quant, target)
+    mod = spec.pipeline.replace_kernels(mod, source.config, quant, target)
+    repack: dict[str, str] = {}
+    if plan:
+        from .kernels_int8 import add_repack_functions
+
+        mod, repack = add_repack_functions(mod, plan, params)
+    mod = attach_metadata(mod, library_manifest(source, quant, spec, target_name, params, repack))
+    t = phase(f"export {source.name} ({quant.name}, {'int8' if quant.int8_activations else 'float'} activations) "
+              f"to Relax", t)
 
     with tvm.transform.PassContext(opt_level=3), guarded_tir_cse() as cse_skipped:
         executable = relax.build(mod, target, relax_pipeline=relax_pipeline(spec.pipeline, target),

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .targets import TargetSpec
 
 # The manifest layout this gptbc writes, and the oldest it still reads.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a library's params may name a `repack` function (int8 activations)
 MIN_SCHEMA_VERSION = 1
 # Tokens per KV-cache page: the paged attention kernels are compiled for it and the runtime creates the cache with it.
 PAGE_SIZE = 16
@@ -70,19 +70,23 @@ def weights_manifest(model_name: str, config: "GPTBigCodeConfig", quant: "Quanti
 
 
 def library_manifest(source: "ModelSource", quant: "Quantization", target: "TargetSpec", spelling: str,
-                     params: list[tuple[str, tuple[int, ...], str]]) -> dict[str, Any]:
-    """A library's `_metadata`: what a runtime checks against the weights before computing anything."""
+                     params: list[tuple[str, tuple[int, ...], str]], repack: dict[str, str] | None = None) -> dict[str, Any]:
+    """A library's `_metadata`: what a runtime checks against the weights before computing anything.
+    `repack`: {parameter: library function} the runtime applies to that weight once it is loaded."""
+    repack = repack or {}
     cfg = source.config
     return {
         **_header(),
         "model_config": cfg.to_dict(),
         "quantization": quant.describe(),
+        "activations": "int8" if quant.int8_activations else "float",
         "target": spelling,
         "device": target.device,
         "context_window_size": cfg.context_window_size,
         "prefill_chunk_size": cfg.prefill_chunk_size,
         "max_batch_size": cfg.max_batch_size,
-        "params": [{"name": n, "shape": [int(x) for x in s], "dtype": d} for n, s, d in params],
+        "params": [{"name": n, "shape": [int(x) for x in s], "dtype": d, **({"repack": repack[n]} if n in repack else {})}
+                   for n, s, d in params],
     }
 
 
@@ -224,6 +228,8 @@ def _params(m: dict, r: _Reader, with_file: bool) -> None:
         name = r.field(p, "name", "string", f"{at}.name")
         r.ints(r.need(p, "shape", f"{at}.shape"), f"{at}.shape", minimum=0)
         r.field(p, "dtype", "string", f"{at}.dtype")
+        if "repack" in p:
+            r.field(p, "repack", "string", f"{at}.repack")
         if with_file:
             f = r.field(p, "file", "string", f"{at}.file")
             if not f or "/" in f or "\\" in f or f in (".", ".."):

@@ -68,14 +68,8 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[cfg.activation_function]
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.c_fc(x)
-        if self.act == "gelu_tanh":
-            h = op.gelu(h, approximate="tanh")  # HF "gelu_pytorch_tanh"; nn.op.gelu defaults to erf
-        elif self.act == "gelu_erf":
-            h = op.gelu(h)
-        else:
-            h = op.relu(h)
-        return self.c_proj(h)
+        # the linear layer applies the activation (inside its kernel with int8 activations)
+        return self.c_proj(self.c_fc(x, activation=self.act))
 
 
 class Block(nn.Module):

@@ -104,12 +104,14 @@ def weight_bytes(info: dict) -> int:
     return sum(int(np.prod(p["shape"], dtype=np.int64)) * numpy_dtype(p["dtype"]).itemsize for p in info["params"])
 
 
-def load_params(model_dir: Path, info: dict, meta: dict, dev) -> tuple[list, int]:
+def load_params(model_dir: Path, info: dict, meta: dict, dev, vm=None) -> tuple[list, int]:
     """Weights in the library's load order, as device tensors; and how many bytes are mapped, not copied.
 
     On the CPU a tensor stored at the library's alignment (64 bytes; gptbc writes them so) is handed to TVM as
     a view of the memory-mapped file: no copy, no load time, and processes serving the same weights
-    share the page cache. Anything else is copied to the device.
+    share the page cache. Anything else is copied to the device. A weight the library lists with a `repack`
+    function (int8 activations: the tiled layout of kernels_int8.py) is replaced by that function's output,
+    and its file pages are dropped.
     """
     import tvm
 
@@ -130,6 +132,12 @@ def load_params(model_dir: Path, info: dict, meta: dict, dev) -> tuple[list, int
                 raise GptbcError(f"{f.path}: tensor {p['name']} is {arr.dtype}{list(arr.shape)}, "
                                  f"expected {p['dtype']}{p['shape']}")
             view = _mapped_tensor(arr, int(meta["alignment"])) if on_cpu else None
+            if p.get("repack"):
+                src = view if view is not None else tvm.runtime.tensor(arr, dev)
+                params.append(vm[p["repack"]](src))
+                del src, view, arr
+                f.release(p["name"])
+                continue
             if view is not None:
                 params.append(view)
                 mapped += arr.nbytes
@@ -195,7 +203,7 @@ class ModelRunner:
                                       get_quantization(self.info["quantization"]["name"],
                                                        self.info["quantization"].get("quantize_lm_head", True)),
                                       device, self.capacity_tokens, weight_bytes(self.info))  # before allocating
-        self.params, self.mapped_bytes = load_params(self.model_dir, self.info, self.meta, self.dev)
+        self.params, self.mapped_bytes = load_params(self.model_dir, self.info, self.meta, self.dev, self.vm)
         self.page_size = int(self.meta["page_size"])  # the paged-attention kernels are built for it
         # On a GPU, greedy tokens are picked on the device (decode_batch_greedy) instead of copying
         # batch x vocab logits back; on the CPU a lone sequence decodes through the single-row kernels.

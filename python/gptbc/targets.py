@@ -46,10 +46,12 @@ def _gpu_rules() -> list:
     return gpu_rules()
 
 
-def _fast_cpu_attention(mod, cfg, quant):
+def _cpu_kernels(mod, cfg, quant, target):
     from .kernels import use_fast_cpu_attention
+    from .kernels_int8 import use_int8_kernels
 
-    return use_fast_cpu_attention(mod, cfg.n_kv_head, cfg.n_head, cfg.head_dim, quant.model_dtype)
+    mod = use_fast_cpu_attention(mod, cfg.n_kv_head, cfg.n_head, cfg.head_dim, quant.model_dtype)
+    return use_int8_kernels(mod, target) if quant.int8_activations else mod
 
 
 @dataclass(frozen=True)
@@ -58,17 +60,18 @@ class Pipeline:
 
     name: str
     schedule_rules: Callable[[], list]  # dlight rules applied to every fused kernel (schedules.py)
-    # (Relax module, config, quantization) → the module with hand-written kernels swapped in, before any pass
-    replace_kernels: Callable[[Any, Any, Any], Any] = field(default=lambda mod, _cfg, _quant: mod)
+    # (Relax module, config, quantization, target) → the module with hand-written kernels swapped in, before any pass
+    replace_kernels: Callable[[Any, Any, Any, Any], Any] = field(default=lambda mod, _cfg, _quant, _target: mod)
 
 
-# CPU: our matmul / parallel schedules, and our prefill attention in place of TVM's serial CPU kernels.
-CPU_PIPELINE = Pipeline("cpu", _cpu_rules, _fast_cpu_attention)
+# CPU: our matmul / parallel schedules, our prefill attention in place of TVM's serial CPU kernels, and
+# with int8 activations the integer dot-product matmuls (kernels_int8.py).
+CPU_PIPELINE = Pipeline("cpu", _cpu_rules, _cpu_kernels)
 # GPU: dlight's rules (kept off the tensorize paths that crash TVM 0.27, see schedules.gpu_rules).
 GPU_PIPELINE = Pipeline("gpu", _gpu_rules)
 
 
-def _race_free_merge(mod, cfg, quant):
+def _race_free_merge(mod, cfg, quant, _target):
     from .kernels import use_race_free_merge
 
     # 256: the threads per block TVM's webgpu and vulkan targets allow, which TVM's kernel is sized by

@@ -34,6 +34,10 @@ class Quantization:
     bits: int = 0
     group_size: int = 0
     quantize_lm_head: bool = True  # False keeps lm_head (and a tied wte) in model_dtype
+    # A compile-time choice, not a property of the weights (so not in describe()): linear layers quantize their
+    # input rows to int8 and use integer dot products on the CPU, their weights repacked when loaded
+    # (layers.int8_matmul, kernels_int8.py). Off: float activations, weights used as converted.
+    int8_activations: bool = False
 
     @property
     def per_word(self) -> int:

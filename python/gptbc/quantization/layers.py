@@ -4,6 +4,10 @@ A grouped scheme's weight is two parameters, `q_weight` (packed ints) and `q_sca
 `quantization/__init__.py` describes; `QuantizedLinear` and `QuantizedEmbedding` dequantize inside the
 matmul / row-lookup kernel itself, so no full-size float copy of a weight ever exists. An unquantized
 scheme gets `Linear`, whose half-precision matmul accumulates in float32.
+
+With int8 activations (`Quantization.int8_activations`, CPU targets) a grouped layer whose shape allows it
+reads its weight in the tiled layout of kernels_int8.py (the runner repacks it when loading) and computes
+`int8_matmul`: the input rows rounded to int8 per group of 32, integer products per group.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
+from .. import kernels_int8
 from . import Quantization
 
 
@@ -48,19 +53,101 @@ def dequant_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: in
     return op.tensor_expr_op(compute, "dequant_matmul", [x, q_weight, q_scale])
 
 
+def tiled(q: Quantization, out_features: int, in_features: int) -> bool:
+    """Whether a grouped weight of this shape is used through int8 activations (and so stored tiled)."""
+    return q.int8_activations and q.kind == "group" and kernels_int8.tileable(out_features, in_features)
+
+
+def int8_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: int, q: Quantization,
+                out_dtype: str, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
+    """activation(x @ W.T + bias) with x rounded to int8 per group of 32 (sx = max|x| / 127,
+    xq = round(x / sx)) and W tiled; `activation` one of kernels_int8.EPILOGUES or None.
+
+    This TE body is the reference semantics: sum over k of xq * sx * dequantized weight, which equals the
+    per-group integer sums times sw * sx up to float rounding. On CPUs the pipeline swaps in the integer
+    kernel (kernels_int8.int8_matmul_cpu), which applies the bias and activation before storing. Opaque, so
+    that fusion leaves that function alone; its attribute `gptbc_epilogue` names the activation."""
+    group = kernels_int8.GROUP
+
+    def compute(x: te.Tensor, w: te.Tensor, s: te.Tensor, *b: te.Tensor):
+        *lead, _ = x.shape
+        j = te.reduce_axis((0, group), name="j")
+        amax = te.compute((*lead, in_features // group), lambda *i: te.max(
+            tirx.abs(tirx.Cast("float32", x[(*i[:-1], i[-1] * group + j)])), axis=j), name="act_absmax")
+
+        def rounded(*i):  # xq * sx: x on its group's int8 grid
+            m = amax[(*i[:-1], i[-1] // group)]
+            inv = tirx.Select(m > 0.0, tirx.const(127.0, "float32") / m, tirx.const(0.0, "float32"))
+            return tirx.nearbyint(tirx.Cast("float32", x[i]) * inv) * (m / tirx.const(127.0, "float32"))
+
+        xr = te.compute(x.shape, rounded, name="act_quant")
+        weight = te.compute((w.shape[0], in_features), lambda n, kk: kernels_int8.tiled_dequant(
+            w, s, n, kk, in_features, q.bits), name="dequantize")
+        k = te.reduce_axis((0, in_features), name="k")
+        acc = te.compute((*lead, w.shape[0]), lambda *i: te.sum(xr[(*i[:-1], k)] * weight[i[-1], k], axis=k),
+                         name="int8_matmul")
+
+        def finish(*i):
+            v = acc(*i) + (tirx.Cast("float32", b[0][i[-1]]) if b else 0.0)
+            if activation == "gelu_tanh":
+                v = 0.5 * v * (1.0 + tirx.tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)))
+            elif activation == "relu":
+                v = tirx.max(v, 0.0)
+            return tirx.Cast(out_dtype, v)
+
+        return te.compute(acc.shape, finish, name="int8_matmul_out")
+
+    assert activation in (None, *kernels_int8.EPILOGUES)
+    args = [x, q_weight, q_scale] + ([bias] if bias is not None else [])
+    return op.tensor_expr_op(compute, "int8_matmul", args,
+                             attrs={"op_pattern": 8, "gptbc_epilogue": activation or ""})
+
+
+def activate(y: Tensor, activation: str | None) -> Tensor:
+    """The MLP's activation as its own op (`config.ACTIVATIONS` values)."""
+    if activation == "gelu_tanh":
+        return op.gelu(y, approximate="tanh")  # HF "gelu_pytorch_tanh"; nn.op.gelu defaults to erf
+    if activation == "gelu_erf":
+        return op.gelu(y)
+    if activation == "relu":
+        return op.relu(y)
+    return y
+
+
+REPACK = "gptbc_repack"  # attribute of a parameter the runner repacks when loading: "int4", "int8" or "scale"
+
+
+def _mark_tiled(q_weight: nn.Parameter, q_scale: nn.Parameter, q: Quantization) -> None:
+    setattr(q_weight, REPACK, "int4" if q.bits == 4 else "int8")
+    setattr(q_scale, REPACK, "scale")
+
+
+def repack_plan(named: list[tuple[str, nn.Parameter]]) -> dict[str, str]:
+    """{parameter name: what its repacking is} for the tiled parameters among `named` (export_tvm's list)."""
+    return {name: getattr(p, REPACK) for name, p in named if getattr(p, REPACK, None)}
+
+
 class QuantizedLinear(nn.Module):
     """nn.Linear with a grouped-int weight: parameters q_weight, q_scale (and bias)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, q: Quantization):
         self.in_features, self.q = in_features, q
+        self.tiled = tiled(q, out_features, in_features)
         wshape, sshape = q.packed_shape((out_features, in_features))
         self.q_weight = nn.Parameter(wshape, q.storage_dtype)
         self.q_scale = nn.Parameter(sshape, q.model_dtype)
         self.bias = nn.Parameter((out_features,), q.model_dtype) if bias else None
+        if self.tiled:
+            _mark_tiled(self.q_weight, self.q_scale, q)
 
-    def forward(self, x: Tensor, out_dtype: str | None = None) -> Tensor:
-        y = dequant_matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype or self.q.model_dtype)
-        return y + self.bias if self.bias is not None else y
+    def forward(self, x: Tensor, out_dtype: str | None = None, activation: str | None = None) -> Tensor:
+        out_dtype = out_dtype or self.q.model_dtype
+        if self.tiled and activation in (None, *kernels_int8.EPILOGUES):  # bias and activation in the kernel
+            return int8_matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype, self.bias,
+                               activation)
+        matmul = int8_matmul if self.tiled else dequant_matmul
+        y = matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype)
+        return activate(y + self.bias if self.bias is not None else y, activation)
 
 
 class QuantizedEmbedding(nn.Module):
@@ -68,12 +155,15 @@ class QuantizedEmbedding(nn.Module):
 
     def __init__(self, num: int, dim: int, q: Quantization):
         self.dim, self.q = dim, q
+        self.tiled = tiled(q, num, dim)
         wshape, sshape = q.packed_shape((num, dim))
         self.q_weight = nn.Parameter(wshape, q.storage_dtype)
         self.q_scale = nn.Parameter(sshape, q.model_dtype)
+        if self.tiled:
+            _mark_tiled(self.q_weight, self.q_scale, q)
 
     def forward(self, ids: Tensor) -> Tensor:
-        q, dim = self.q, self.dim
+        q, dim, tiled_rows = self.q, self.dim, self.tiled
 
         def compute(ids: te.Tensor, w: te.Tensor, s: te.Tensor):
             last = w.shape[0] - 1
@@ -82,12 +172,13 @@ class QuantizedEmbedding(nn.Module):
                 return tirx.max(tirx.min(ids[i], tirx.Cast(ids.dtype, last)), tirx.const(0, ids.dtype))
 
             return te.compute((ids.shape[0], dim),
-                              lambda i, k: tirx.Cast(q.model_dtype, _dequant(w, s, row(i), k, q)), name="dequant_take")
+                              lambda i, k: tirx.Cast(q.model_dtype, kernels_int8.tiled_dequant(w, s, row(i), k, dim, q.bits)
+                                                     if tiled_rows else _dequant(w, s, row(i), k, q)), name="dequant_take")
 
         return op.tensor_expr_op(compute, "dequant_take", [ids, self.q_weight, self.q_scale])
 
     def weight_matmul(self, x: Tensor) -> Tensor:
-        return dequant_matmul(x, self.q_weight, self.q_scale, self.dim, self.q, "float32")
+        return (int8_matmul if self.tiled else dequant_matmul)(x, self.q_weight, self.q_scale, self.dim, self.q, "float32")
 
 
 class Linear(nn.Module):
@@ -98,12 +189,12 @@ class Linear(nn.Module):
         self.weight = nn.Parameter((out_features, in_features), dtype)
         self.bias = nn.Parameter((out_features,), dtype) if bias else None
 
-    def forward(self, x: Tensor, out_dtype: str | None = None) -> Tensor:
+    def forward(self, x: Tensor, out_dtype: str | None = None, activation: str | None = None) -> Tensor:
         out_dtype = out_dtype or self.dtype
         y = op.matmul(x, op.permute_dims(self.weight), out_dtype="float32" if self.dtype != "float32" else None)
         if self.bias is not None:
             y = y + (self.bias if self.dtype == "float32" else self.bias.astype("float32"))
-        return y if y.dtype == out_dtype else y.astype(out_dtype)
+        return activate(y if y.dtype == out_dtype else y.astype(out_dtype), activation)
 
 
 def make_linear(in_features: int, out_features: int, bias: bool, q: Quantization, quantized: bool) -> nn.Module:

@@ -17,7 +17,7 @@ from typing import Callable
 
 from gptbc.config import GPTBigCodeConfig, ModelSource
 from gptbc.loader import model_params
-from gptbc.manifest import library_manifest, weights_manifest
+from gptbc.manifest import SCHEMA_VERSION, library_manifest, weights_manifest
 from gptbc.quantization import get_quantization
 from gptbc.targets import plan_build
 
@@ -58,15 +58,18 @@ CASES: dict[str, tuple[Edit | None, Edit | None]] = {
         lambda w: (w["model_config"].update(eos_token_id=0), w["quantization"].pop("quantize_lm_head"),
                    w["params"].append({**w["params"][0], "name": "unused.weight"})),
         lambda m: (m["model_config"].update(eos_token_id=None), m["quantization"].pop("quantize_lm_head"))),
+    # a library built with int8 activations: weights it repacks when loading (schema 2)
+    "good-int8-activations": (None, lambda m: (m.update(activations="int8"), param(m, "transformer.h.0.mlp.c_fc.q_weight")
+                                               .update(repack="repack_int4_128x4_uint32"))),
     # ---- the schema version ----
-    "weights-schema-too-new": (lambda w: w.update(schema_version=2, gptbc_version="9.0.0"), None),
+    "weights-schema-too-new": (lambda w: w.update(schema_version=SCHEMA_VERSION + 1, gptbc_version="9.0.0"), None),
     "weights-before-schema": (  # a gptbc-config.json as gptbc wrote it before manifests were versioned
         lambda w: ([w.pop(k) for k in ("schema_version", "page_size", "alignment")],
                    w.update(bos_token_id=0, fim_tokens=None, tokenizer_files=[])), None),
     "weights-schema-not-int": (lambda w: w.update(schema_version="1"), None),
-    "library-schema-too-new": (None, lambda m: m.update(schema_version=3, gptbc_version="2.0.0")),
+    "library-schema-too-new": (None, lambda m: m.update(schema_version=SCHEMA_VERSION + 2, gptbc_version="2.0.0")),
     "library-schema-too-old": (None, lambda m: m.update(schema_version=0)),
-    "library-schema-unknown-writer": (None, lambda m: (m.pop("gptbc_version"), m.update(schema_version=2))),
+    "library-schema-unknown-writer": (None, lambda m: (m.pop("gptbc_version"), m.update(schema_version=SCHEMA_VERSION + 1))),
     # ---- missing fields ----
     "weights-missing-params": (lambda w: w.pop("params"), None),
     "weights-missing-quantization-name": (lambda w: w["quantization"].pop("name"), None),
@@ -89,6 +92,7 @@ CASES: dict[str, tuple[Edit | None, Edit | None]] = {
     "library-batch-boolean": (None, lambda m: m.update(max_batch_size=True)),
     "library-lm-head-flag-string": (None, lambda m: m["quantization"].update(quantize_lm_head="no")),
     "library-device-null": (None, lambda m: m.update(device=None)),
+    "library-repack-not-string": (None, lambda m: param(m, "transformer.h.0.mlp.c_fc.q_weight").update(repack=["x"])),
     "library-params-object": (None, lambda m: m.update(params={})),
     "library-nested-too-deep": (None, lambda m: m["model_config"].update(extra=nested(200))),
     # ---- compatibility ----

@@ -1,0 +1,392 @@
+"""Integer dot-product matmul for grouped-int weights on CPUs (int8 activations; issue 14).
+
+    y[m, n] = sum_g sw[n, g] * sx[m, g] * sum_{j in g} xq[m, j] * wq[n, j]
+
+Each row of x is quantized to int8 per group of 32 (sx = max|x[group]| / 127, xq = round(x / sx)) once per
+call; a group's int8 x int8 products are summed exactly in int32 and the scale product is applied once per
+group, as llama.cpp does for q8_0/q4_0. layers.int8_matmul is the same computation in TE (the reference;
+schedules.CPUInt8Matmul swaps this kernel in for it).
+
+The instruction is VNNI's vpdpbusd: in each int32 lane, 4 unsigned bytes times 4 signed bytes, summed.
+The lanes are 8 *outputs*: one instruction multiplies 4 consecutive columns of 8 weight rows by the same
+4 activations (broadcast), so a group of 32 columns is 8 instructions into one int32 accumulator per
+(row, 8 outputs), then one convert and one multiply-add with the 8 outputs' scales — no horizontal sums,
+and the weight bytes need no shuffling because the converted weights are *repacked* once when a model is
+loaded (`repack_*`, run by the runner) into this order ("tiled" layout):
+
+    block b = outputs 8b .. 8b + 7, group g: int4: 128 bytes = 4 chunks of 32: chunk c, byte 4 o + t holds
+    column 4c + t of output 8b + o (low nibble) and column 4(c + 4) + t (high nibble); int8: 256 bytes =
+    8 chunks of 32, chunk c byte 4 o + t = column 4c + t of output 8b + o, stored + 128 (unsigned);
+    scales: 8 per (b, g), in output order.
+
+Weights are the unsigned operand (int4 nibbles are wq + 7; int8 are stored wq + 128), so each lane computes
+sum((wq + offset) * xq) and starts from -offset * sum(xq) of the group, which depends on the activations
+only and is computed once per row in the quantization pass (`nsum`).
+
+Work is tiled as ROWS rows x BLOCKS blocks of accumulators (int32 and float32 vectors) in registers: each
+unpacked weight vector serves ROWS rows and each activation broadcast BLOCKS blocks, so a step over many
+rows (batched decode, verification, prefill) costs far less than rows x one row. Tasks over output blocks
+run in parallel; rows run in chunks whose quantized activations stay in L2 while a task's weights stay in L1.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+GROUP = 32
+LANES = 8  # outputs per block = int32 lanes of a 256-bit vector
+ROWS, BLOCKS = 4, 2  # register tile (rows x blocks); `_row_tiles` spells out remainders of 1..3 rows
+TASK_BLOCKS = 4  # blocks per parallel task (32 outputs)
+ROW_CHUNK = 64  # rows whose quantized activations stay in L2 while a task walks its outputs
+
+
+def int8_isa(target) -> str:
+    """'vnni' where the target has a 256-bit vpdpbusd (AVX512-VNNI with VL, or AVX-VNNI), else 'generic'
+    (int32 multiply-adds, vectorized as LLVM can: correct everywhere, fast nowhere)."""
+    from tvm.target import codegen
+
+    if target is None or target.kind.name != "llvm":
+        return "generic"
+    try:
+        has = lambda f: bool(codegen.target_has_features(f, target))  # noqa: E731
+        if (has("avx512vnni") and has("avx512vl")) or has("avxvnni"):
+            return "vnni"
+    except Exception:  # noqa: BLE001 - not an x86 target
+        pass
+    return "generic"
+
+
+def _splat(f: float):
+    return tirx.Broadcast(tirx.const(f, "float32"), LANES)
+
+
+def _tanh(v):
+    """tanh of a float32x8 vector as a rational function (Eigen's; |error| ~1e-7): TVM lowers `tanh` to
+    scalar libm calls, which made a separate GELU kernel cost 19% of a prefill."""
+    c = _splat
+    x = tirx.max(tirx.min(v, c(9.0)), c(-9.0))
+    x2 = x * x
+    p = c(-2.76076847742355e-16)
+    for a in (2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08, 1.48572235717979e-05,
+              6.37261928875436e-04, 4.89352455891786e-03):
+        p = x2 * p + c(a)
+    q = c(1.19825839466702e-06)
+    for b in (1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03):
+        q = x2 * q + c(b)
+    return x * p / q
+
+
+def _gelu_tanh(v):
+    c = _splat
+    return c(0.5) * v * (c(1.0) + _tanh(c(0.7978845608028654) * (v + c(0.044715) * v * v * v)))
+
+
+# What int8_matmul_cpu can apply to its outputs before storing them (layers.EPILOGUE_OPS names the same)
+EPILOGUES = {"gelu_tanh": _gelu_tanh,
+             "relu": lambda v: tirx.max(v, _splat(0.0))}
+
+
+def tileable(n: int, k: int) -> bool:
+    """Whether an (n outputs, k inputs) weight can take the tiled layout."""
+    return n % LANES == 0 and k % GROUP == 0
+
+
+# ---- the tiled layout, as index arithmetic (ints or TIR expressions) ----
+
+def tiled_int4(n, k, in_features: int):
+    """(word index in the flat uint32 array, bit shift) of int4 weight (n, k) in the tiled layout."""
+    groups = in_features // GROUP
+    q = k % GROUP // 4
+    byte = ((n // LANES * groups + k // GROUP) * 128 + q % 4 * 32 + n % LANES * 4 + k % 4)
+    return byte // 4, byte % 4 * 8 + q // 4 * 4
+
+
+def tiled_int8(n, k, in_features: int):
+    """Byte index in the flat int8 array of int8 weight (n, k) in the tiled layout."""
+    groups = in_features // GROUP
+    return (n // LANES * groups + k // GROUP) * 256 + k % GROUP // 4 * 32 + n % LANES * 4 + k % 4
+
+
+def tiled_scale(n, g, groups: int):
+    """Index in the flat scale array of the scale of (output n, group g) in the tiled layout."""
+    return (n // LANES * groups + g) * LANES + n % LANES
+
+
+def _flat(index, cols: int):
+    return index // cols, index % cols
+
+
+def tiled_dequant(w, s, n, k, in_features: int, bits: int):
+    """float32 value of weight (n, k) read from tiled (w, s) in TE (layers' reference semantics)."""
+    groups = in_features // GROUP
+    scale = tirx.Cast("float32", s[_flat(tiled_scale(n, k // GROUP, groups), groups)])
+    if bits == 8:
+        stored = w[_flat(tiled_int8(n, k, in_features), in_features)]
+        return tirx.Cast("float32", tirx.Cast("int32", tirx.reinterpret("uint8", stored)) - 128) * scale
+    word, shift = tiled_int4(n, k, in_features)
+    nibble = (w[_flat(word, in_features // 8)] >> tirx.Cast("uint32", shift)) & tirx.const(15, "uint32")
+    return (tirx.Cast("float32", nibble) - 7.0) * scale
+
+
+# ---- load-time repacking: row layout (quantization/__init__.py) -> tiled ----
+
+def repack_int4(n: int, k: int):
+    """uint32 [n, k / 8] rows -> the same shape, tiled."""
+    words = k // 8
+
+    @T.prim_func(private=True)
+    def repack(src: T.Buffer((n, words), "uint32"), dst: T.Buffer((n, words), "uint32")):
+        T.func_attr({"tirx.noalias": True})
+        flat = T.decl_buffer((n * words * 4,), "uint8", data=dst.data)
+        for b in T.parallel(n // LANES):
+            for g, c, o, t in T.grid(k // GROUP, 4, LANES, 4):
+                lo = (src[b * LANES + o, (g * GROUP + c * 4 + t) // 8] >> T.uint32((c * 4 + t) % 8 * 4)) & T.uint32(15)
+                hi = (src[b * LANES + o, (g * GROUP + c * 4 + 16 + t) // 8] >> T.uint32((c * 4 + 16 + t) % 8 * 4)) & T.uint32(15)
+                flat[(b * (k // GROUP) + g) * 128 + c * 32 + o * 4 + t] = T.Cast("uint8", lo | (hi << T.uint32(4)))
+
+    return repack
+
+
+def repack_int8(n: int, k: int):
+    """int8 [n, k] rows -> the same shape, tiled, + 128 (read as unsigned)."""
+
+    @T.prim_func(private=True)
+    def repack(src: T.Buffer((n, k), "int8"), dst: T.Buffer((n, k), "int8")):
+        T.func_attr({"tirx.noalias": True})
+        flat = T.decl_buffer((n * k,), "int8", data=dst.data)
+        for b in T.parallel(n // LANES):
+            for g, c, o, t in T.grid(k // GROUP, 8, LANES, 4):
+                flat[(b * (k // GROUP) + g) * 256 + c * 32 + o * 4 + t] = src[b * LANES + o, g * GROUP + c * 4 + t] ^ T.int8(-128)
+
+    return repack
+
+
+def repack_scale(n: int, groups: int, dtype: str):
+    """Scales [n, groups] -> the same shape, tiled (8 outputs of a group side by side)."""
+
+    @T.prim_func(private=True)
+    def repack(src: T.Buffer((n, groups), dtype), dst: T.Buffer((n, groups), dtype)):
+        T.func_attr({"tirx.noalias": True})
+        flat = T.decl_buffer((n * groups,), dtype, data=dst.data)
+        for b in T.parallel(n // LANES):
+            for g, o in T.grid(groups, LANES):
+                flat[(b * groups + g) * LANES + o] = src[b * LANES + o, g]
+
+    return repack
+
+
+# ---- the matmul ----
+
+@functools.lru_cache(maxsize=None)  # parsing TVMScript takes a while; a model has a few distinct shapes
+def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dtype: str, out_dtype: str,
+                    bias: bool = False, act: str | None = None):
+    """y (b, s, n) = act(x (b, s, k) @ W.T + bias) for tiled grouped-int W (q8: int8 [n, k]; q4: uint32
+    [n, k / 8]) and tiled scales [n, k / 32]; activations quantized to int8 per group inside (module
+    docstring). `bias` adds a parameter (n,) in the scale dtype; `act` is None or one of EPILOGUES, applied
+    to each finished vector of 8 outputs (a separate elementwise kernel cost prefill 19% of its time)."""
+    assert act in (None, *EPILOGUES)
+    assert tileable(n, k) and bits in (4, 8)
+    groups = k // GROUP
+    blocks = n // LANES
+    chunks = 4 if bits == 4 else 8  # 32-byte weight vectors per (block, group)
+    per_block = chunks * 32  # weight bytes per (block, group)
+    offset = 7 if bits == 4 else 128
+    tasks = -(-blocks // TASK_BLOCKS)
+    vnni = isa == "vnni"
+    quads = [[4 * lane + t for lane in range(LANES)] for t in range(4)]
+
+    def epilogue(v):  # the activation, on one finished vector of 8 outputs (with its bias added)
+        return EPILOGUES[act](v) if act else v
+
+    @T.macro
+    def tile(xq4, xs, nsum, wb, sf, bvec, y, acci, accf, wv, m0, b0, nrows, nblocks):
+        for a in T.unroll(nrows * nblocks):
+            accf[a] = T.broadcast(T.float32(0), LANES)
+        for g in T.serial(groups):
+            for r in T.unroll(nrows):
+                for bb in T.unroll(nblocks):
+                    acci[r * nblocks + bb] = T.broadcast(nsum[m0 + r, g], LANES)
+            for c in T.unroll(chunks):
+                for bb in T.unroll(nblocks):
+                    if bits == 4:  # one 32-byte load holds chunk c (low nibbles) and chunk c + 4 (high)
+                        raw = wb[T.ramp(((b0 + bb) * groups + g) * per_block + c * 32, 1, 32)]
+                        wv[bb * 2] = raw & T.broadcast(T.uint8(15), 32)
+                        wv[bb * 2 + 1] = T.reinterpret("uint8x32", T.reinterpret("uint16x16", raw) >> T.broadcast(
+                            T.uint16(4), 16)) & T.broadcast(T.uint8(15), 32)
+                    else:
+                        wv[bb * 2] = wb[T.ramp(((b0 + bb) * groups + g) * per_block + c * 32, 1, 32)]
+                for r in T.unroll(nrows):
+                    for bb in T.unroll(nblocks):
+                        acci[r * nblocks + bb] = T.call_llvm_pure_intrin(
+                            "int32x8", "llvm.x86.avx512.vpdpbusd.256", acci[r * nblocks + bb], wv[bb * 2],
+                            T.reinterpret("int8x32", T.broadcast(xq4[m0 + r, g * 8 + c], LANES))) if vnni else (
+                            acci[r * nblocks + bb] + _quad_sums(wv[bb * 2], T.reinterpret(
+                                "int8x32", T.broadcast(xq4[m0 + r, g * 8 + c], LANES)), quads))
+                        if bits == 4:
+                            acci[r * nblocks + bb] = T.call_llvm_pure_intrin(
+                                "int32x8", "llvm.x86.avx512.vpdpbusd.256", acci[r * nblocks + bb], wv[bb * 2 + 1],
+                                T.reinterpret("int8x32", T.broadcast(xq4[m0 + r, g * 8 + c + 4], LANES))) if vnni else (
+                                acci[r * nblocks + bb] + _quad_sums(wv[bb * 2 + 1], T.reinterpret(
+                                    "int8x32", T.broadcast(xq4[m0 + r, g * 8 + c + 4], LANES)), quads))
+            for r in T.unroll(nrows):
+                for bb in T.unroll(nblocks):
+                    accf[r * nblocks + bb] = accf[r * nblocks + bb] + T.Cast("float32x8", acci[r * nblocks + bb]) * (
+                        T.Cast("float32x8", sf[T.ramp(((b0 + bb) * groups + g) * LANES, 1, LANES)])
+                        * T.broadcast(xs[m0 + r, g], LANES))
+        for r in T.unroll(nrows):
+            for bb in T.unroll(nblocks):
+                if bias:
+                    accf[r * nblocks + bb] = accf[r * nblocks + bb] + T.Cast(
+                        "float32x8", bvec[T.ramp((b0 + bb) * LANES, 1, LANES)])
+                y[m0 + r, T.ramp((b0 + bb) * LANES, 1, LANES)] = T.Cast(f"{out_dtype}x8", epilogue(
+                    accf[r * nblocks + bb]))
+
+    @T.macro
+    def row_tiles(xq4, xs, nsum, wb, sf, bvec, y, acci, accf, wv, r0, rn, b0, nblocks):
+        for t in T.serial(rn // ROWS):
+            tile(xq4, xs, nsum, wb, sf, bvec, y, acci, accf, wv, r0 + t * ROWS, b0, ROWS, nblocks)
+        if rn % ROWS == 1:
+            tile(xq4, xs, nsum, wb, sf, bvec, y, acci, accf, wv, r0 + rn // ROWS * ROWS, b0, 1, nblocks)
+        if rn % ROWS == 2:
+            tile(xq4, xs, nsum, wb, sf, bvec, y, acci, accf, wv, r0 + rn // ROWS * ROWS, b0, 2, nblocks)
+        if rn % ROWS == 3:
+            tile(xq4, xs, nsum, wb, sf, bvec, y, acci, accf, wv, r0 + rn // ROWS * ROWS, b0, 3, nblocks)
+
+    @T.macro
+    def compute(x3, w, scale, bvec, y3, b, s):
+        x = T.decl_buffer((b * s, k), x_dtype, data=x3.data)
+        y = T.decl_buffer((b * s, n), out_dtype, data=y3.data)
+        wb = T.decl_buffer((n * k // (8 // bits),), "uint8", data=w.data)
+        sf = T.decl_buffer((n * groups,), scale_dtype, data=scale.data)
+        bf = T.decl_buffer((n,), scale_dtype, data=bvec.data)
+        xq = T.alloc_buffer((b * s, k), "int8")
+        xq4 = T.decl_buffer((b * s, k // 4), "int32", data=xq.data)  # 4 activations as one broadcastable word
+        xs = T.alloc_buffer((b * s, groups), "float32")
+        nsum = T.alloc_buffer((b * s, groups), "int32")
+        # 1. quantize each row per group: xq = round(x / sx), sx = max|x| / 127, nsum = -offset * sum(xq)
+        for mg in T.parallel(b * s * groups):
+            v = T.Cast("float32x32", x[mg // groups, T.ramp(mg % groups * GROUP, 1, GROUP)])
+            amax = T.call_llvm_pure_intrin("float32", "llvm.vector.reduce.fmax.v32f32", T.fabs(v))
+            q = T.Cast("int32x32", T.nearbyint(v * T.broadcast(T.if_then_else(
+                amax > T.float32(0), T.float32(127) / amax, T.float32(0)), GROUP)))
+            xq[mg // groups, T.ramp(mg % groups * GROUP, 1, GROUP)] = T.Cast("int8x32", q)
+            xs[mg // groups, mg % groups] = amax / T.float32(127)
+            nsum[mg // groups, mg % groups] = T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add.v32i32", q) * T.int32(-offset)
+        # 2. the dots: output blocks in parallel tasks; rows in chunks; ROWS x BLOCKS register tiles
+        for task in T.parallel(tasks):
+            # "global", not "local": TVM 0.27 puts a CPU kernel's small *global* buffers on the stack (LLVM keeps
+            # them in registers) but every "local" one in a heap workspace, whose loads and stores LLVM keeps
+            # when the function is large (3x slower prefill in a whole model; not in a one-kernel module)
+            acci = T.alloc_buffer((ROWS * BLOCKS,), "int32x8")
+            accf = T.alloc_buffer((ROWS * BLOCKS,), "float32x8")
+            wv = T.alloc_buffer((BLOCKS * 2,), "uint8x32")
+            for chunk in T.serial((b * s + ROW_CHUNK - 1) // ROW_CHUNK):
+                for bt in T.serial(TASK_BLOCKS // BLOCKS):
+                    if task * TASK_BLOCKS + bt * BLOCKS + BLOCKS <= blocks:
+                        row_tiles(xq4, xs, nsum, wb, sf, bf, y, acci, accf, wv, chunk * ROW_CHUNK,
+                                  T.min(ROW_CHUNK, b * s - chunk * ROW_CHUNK), task * TASK_BLOCKS + bt * BLOCKS, BLOCKS)
+                    else:
+                        for bb in T.serial(BLOCKS):
+                            if task * TASK_BLOCKS + bt * BLOCKS + bb < blocks:
+                                row_tiles(xq4, xs, nsum, wb, sf, bf, y, acci, accf, wv, chunk * ROW_CHUNK,
+                                          T.min(ROW_CHUNK, b * s - chunk * ROW_CHUNK),
+                                          task * TASK_BLOCKS + bt * BLOCKS + bb, 1)
+
+
+    @T.prim_func(private=True)
+    def int8_matmul_bias(var_x: T.handle, var_w: T.handle, var_s: T.handle, var_b: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        b = T.int64()
+        s = T.int64()
+        x3 = T.match_buffer(var_x, (b, s, k), x_dtype)
+        w = T.match_buffer(var_w, (n, k) if bits == 8 else (n, k // 8), "int8" if bits == 8 else "uint32")
+        scale = T.match_buffer(var_s, (n, groups), scale_dtype)
+        bvec = T.match_buffer(var_b, (n,), scale_dtype)
+        y3 = T.match_buffer(var_y, (b, s, n), out_dtype)
+        compute(x3, w, scale, bvec, y3, b, s)
+
+    @T.prim_func(private=True)
+    def int8_matmul(var_x: T.handle, var_w: T.handle, var_s: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        b = T.int64()
+        s = T.int64()
+        x3 = T.match_buffer(var_x, (b, s, k), x_dtype)
+        w = T.match_buffer(var_w, (n, k) if bits == 8 else (n, k // 8), "int8" if bits == 8 else "uint32")
+        scale = T.match_buffer(var_s, (n, groups), scale_dtype)
+        y3 = T.match_buffer(var_y, (b, s, n), out_dtype)
+        compute(x3, w, scale, scale, y3, b, s)  # no bias: `epilogue` never reads its stand-in
+
+    return int8_matmul_bias if bias else int8_matmul
+
+
+def _quad_sums(wv, xv, quads):
+    """Per int32 lane, the sum of its 4 byte products (the generic stand-in for vpdpbusd)."""
+    prod = tirx.Cast("int32x32", wv) * tirx.Cast("int32x32", xv)
+    return (tirx.Shuffle([prod], quads[0]) + tirx.Shuffle([prod], quads[1]) + tirx.Shuffle([prod], quads[2])
+            + tirx.Shuffle([prod], quads[3]))
+
+
+# ---- wiring into a compiled module ----
+
+def _has_block(func, name: str) -> bool:
+    from tvm import s_tir
+
+    try:
+        s_tir.Schedule(func).get_sblock(name)
+        return True
+    except Exception:  # noqa: BLE001 - no such block (or not a block-structured function)
+        return False
+
+
+def use_int8_kernels(mod, target):
+    """`mod` with every `int8_matmul` op (layers.int8_matmul, still its TE reference) replaced by
+    int8_matmul_cpu for `target`'s instructions; the op's attributes (symbol, opaque pattern) kept."""
+    import tvm
+
+    isa = int8_isa(target)
+    mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    for gv, func in list(mod.functions.items()):
+        if not (isinstance(func, tirx.PrimFunc) and gv.name_hint.startswith("int8_matmul")
+                and _has_block(func, "int8_matmul")):
+            continue
+        x, w, s, *bias, y = func.params  # buffers: this TVM's PrimFunc keeps them as its parameters
+        k, n = int(x.shape[-1]), int(y.shape[-1])
+        act = str((func.attrs or {}).get("gptbc_epilogue", "")) or None
+        new = int8_matmul_cpu(k, n, 8 if str(w.dtype) == "int8" else 4, isa, str(x.dtype), str(s.dtype), str(y.dtype),
+                              bool(bias), act)
+        for key, value in (func.attrs or {}).items():
+            if key != "s_tir":  # ours is plain TIR (no blocks): the block-lowering pipeline would de-optimize it
+                new = new.with_attr(key, value)
+        mod[gv] = new.with_attr("tirx.is_scheduled", True)
+    return mod
+
+
+def add_repack_functions(mod, plan: dict[str, str], params: list[tuple[str, tuple[int, ...], str]]):
+    """Relax functions that repack each tiled parameter of `plan` ({name: "int4" | "int8" | "scale"}); returns
+    the module and {parameter name: function name} for the library manifest (the runners call them once)."""
+    from tvm import relax
+
+    makers = {"int4": lambda shape, _dt: repack_int4(shape[0], shape[1] * 8),
+              "int8": lambda shape, _dt: repack_int8(shape[0], shape[1]),
+              "scale": lambda shape, dt: repack_scale(shape[0], shape[1], dt)}
+    bb = relax.BlockBuilder(mod)
+    made: dict[tuple, str] = {}
+    names: dict[str, str] = {}
+    for name, shape, dtype in params:
+        kind = plan.get(name)
+        if kind is None:
+            continue
+        key = (kind, tuple(shape), dtype)
+        if key not in made:
+            fname = f"repack_{kind}_{'x'.join(map(str, shape))}_{dtype}"
+            prim = bb.add_func(makers[kind](shape, dtype).with_attr("tirx.is_scheduled", True), fname + "_kernel")
+            src = relax.Var("src", relax.TensorType(list(shape), dtype))
+            with bb.function(fname, [src]):
+                out = bb.emit(relax.call_tir(prim, [src], relax.TensorType(list(shape), dtype)))
+                bb.emit_func_output(out)
+            made[key] = fname
+        names[name] = made[key]
+    return bb.get(), names
