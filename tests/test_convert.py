@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+from gptbc import manifest
 from gptbc.loader import convert_weight
 from gptbc.tensorfile import SafetensorsFile, write_safetensors
 from hf_models import load_hf, make_checkpoint
@@ -94,7 +95,7 @@ def test_output_metadata_and_tokenizer(tmp_path):
     meta = json.loads((out_dir / "gptbc-config.json").read_text())
     assert meta["quantization"]["name"] == "q0f32" and meta["eos_token_id"] == [0]
     assert meta["model_config"]["n_embd"] == 32
-    assert meta["schema_version"] == 1 and meta["page_size"] == 16 and meta["alignment"] == 64
+    assert meta["schema_version"] == manifest.SCHEMA_VERSION and meta["page_size"] == 16 and meta["alignment"] == 64
     assert (out_dir / "tokenizer.json").is_file()
     assert not {"fim_tokens", "tokenizer_files", "bos_token_id"} & meta.keys()  # unread: the tokenizer files say it
 

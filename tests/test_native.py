@@ -50,7 +50,8 @@ def test_configure_fails_clearly_without_tvm(tmp_path):
 
 @pytest.fixture(scope="module")
 def model_files(tiny_model, tmp_path_factory):
-    """model_files(name, quant) → (converted dir, library); q0f32 from the session's tiny models."""
+    """model_files(name, quant) → (converted dir, library); q0f32 from the session's tiny models. A grouped
+    scheme compiles with int8 activations (weights repacked at load), or float ones with a ":float" suffix."""
     from gptbc.compiler import compile_model
     from gptbc.config import resolve_model
     from gptbc.loader import convert_weight
@@ -62,9 +63,11 @@ def model_files(tiny_model, tmp_path_factory):
         if quant == "q0f32":
             return m.out_dir, m.lib
         if (name, quant) not in built:
-            root = tmp_path_factory.mktemp(f"{name}-{quant}")
-            out = convert_weight(m.hf_dir, quant, root / "out", progress=False)
-            lib = compile_model(resolve_model(str(out)), "cpu", quant, root / "lib.so", log=lambda _m: None)
+            scheme, _, activations = quant.partition(":")
+            root = tmp_path_factory.mktemp(f"{name}-{scheme}-{activations or 'int8'}")
+            out = convert_weight(m.hf_dir, scheme, root / "out", progress=False)
+            lib = compile_model(resolve_model(str(out)), "cpu", scheme, root / "lib.so", log=lambda _m: None,
+                                activations=activations or "int8")
             built[name, quant] = (out, lib)
         return built[name, quant]
 
@@ -93,7 +96,7 @@ def prompt(length: int, vocab: int, seed: int) -> list[int]:
 # ---- generation: the same tokens as the Python engine ----
 
 CASES = [("mqa64", "q0f32"), ("mha64", "q0f32"), ("mqa32", "q0f32"), ("mha32", "q0f32"),
-         ("mqa64", "q4f32_1"), ("mha32", "q8f32_1")]
+         ("mqa64", "q4f32_1"), ("mha32", "q8f32_1"), ("mqa64", "q4f32_1:float")]
 
 
 @pytest.mark.parametrize("name,quant", CASES, ids=[f"{n}-{q}" for n, q in CASES])
@@ -458,7 +461,7 @@ def bad_inputs(model_files, tmp_path_factory):
         ("wrong tensor shape", lambda d: edited(d / "gptbc-config.json", d / "gptbc-config.json", lambda c: c[
             "params"][0].update(shape=[1, 2])), "expects float32[320, 128]"),
         ("newer weights", lambda d: edited(d / "gptbc-config.json", d / "gptbc-config.json", lambda c: c.update(
-            schema_version=99)), "with schema_version 99; this gptbc reads schema version 1"),
+            schema_version=99)), "with schema_version 99; this gptbc reads schema versions 1 to 2"),
     ]:
         d = root / name.replace(" ", "-")
         shutil.copytree(out_dir, d)

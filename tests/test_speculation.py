@@ -155,6 +155,28 @@ def test_compiled_model_same_greedy_tokens_with_prompt_lookup(trained_engines, n
     assert spec.runner.sequence_count() == 0
 
 
+def test_int8_activation_model_same_greedy_tokens_with_prompt_lookup(tmp_path):
+    """Verification rows go through the same integer kernel as decode rows (each row computed alike in a tile
+    of 4 rows or alone), so drafting changes no token with int8 activations either."""
+    import shutil
+    from pathlib import Path
+
+    from gptbc.compiler import compile_model
+    from gptbc.config import resolve_model
+    from gptbc.engine import Engine
+    from gptbc.loader import convert_weight
+
+    shutil.copytree(Path(__file__).parent / "data" / "trained-tiny", tmp_path / "hf")
+    out = convert_weight(tmp_path / "hf", "q4f32_1", tmp_path / "out", progress=False)
+    lib = compile_model(resolve_model(str(out), prefill_chunk_size=32), "cpu", "q4f32_1", tmp_path / "lib.so",
+                        log=lambda _m: None, activations="int8")
+    plain = Engine(out, lib, prefix_cache_size=0)
+    spec = Engine(out, lib, prefix_cache_size=0, speculation=PromptLookup(num_draft=5))
+    for prompt in [plain.encode(TRAINED_TEXT * 2)[:n] for n in (15, 17, 31)]:
+        assert spec.generate(prompt, 24) == plain.generate(prompt, 24)
+    assert spec.scheduler.stats.accepted_tokens > 0
+
+
 def test_compiled_model_request_joining_mid_batch(trained_engines):
     plain, spec = trained_engines[0], trained_engines[1][5]
     a_ids, b_ids = plain.encode(TRAINED_TEXT)[:20], plain.encode(TRAINED_TEXT)[5:12]

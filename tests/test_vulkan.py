@@ -49,8 +49,9 @@ def _compile(out_dir, target, quant, path, **overrides):
     from gptbc.compiler import compile_model
     from gptbc.config import resolve_model
 
-    if not path.exists():
-        compile_model(resolve_model(str(out_dir), **overrides), target, quant, path, log=lambda _m: None)
+    if not path.exists():  # float activations on the CPU too: the GPU kernels are compared with that network
+        compile_model(resolve_model(str(out_dir), **overrides), target, quant, path, log=lambda _m: None,
+                      activations="float")
     return path
 
 

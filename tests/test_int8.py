@@ -1,0 +1,207 @@
+"""int8 activations (issue 14): the integer dot-product kernel, the tiled weight layout and its repacking,
+the instruction it is built for, and how the compiled model wires them (kernels_int8.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tvm
+
+from gptbc import kernels_int8 as ki
+from gptbc.quantization import get_quantization, quantize
+from gptbc.targets import host_cpu_target
+
+HOST = tvm.target.Target(host_cpu_target())  # this CPU, as `gptbc compile --target cpu` builds
+VNNI_HERE = ki.int8_isa(HOST) == "vnni"
+
+
+def build(func):
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=HOST)
+
+
+def tensor(a):
+    return tvm.runtime.tensor(a)
+
+
+def integer_reference(x: np.ndarray, packed: np.ndarray, scale: np.ndarray, bits: int, bias, act) -> np.ndarray:
+    """What the kernel computes, in numpy from the row layout: int8 rows per group (round half to even),
+    exact integer group sums, scale products, then bias and activation; float64."""
+    m, k = x.shape[0] * x.shape[1], x.shape[2]
+    groups = x.reshape(m, k // 32, 32).astype(np.float32)
+    amax = np.abs(groups).max(-1)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    xq = np.rint(groups * inv[..., None]).astype(np.int64)
+    if bits == 8:
+        wq = packed.astype(np.int64)
+    else:
+        shifts = (np.arange(8, dtype=np.uint32) * 4)[None, None, :]
+        wq = ((packed[:, :, None] >> shifts) & np.uint32(15)).reshape(packed.shape[0], -1).astype(np.int64) - 7
+    n = wq.shape[0]
+    sums = np.einsum("mgj,ngj->mng", xq, wq.reshape(n, k // 32, 32))
+    y = (sums * (amax / np.float32(127)).astype(np.float64)[:, None, :]
+         * scale.astype(np.float32).astype(np.float64)[None]).sum(-1)
+    if bias is not None:
+        y = y + bias.astype(np.float32)
+    if act == "gelu_tanh":
+        y = 0.5 * y * (1 + np.tanh(0.7978845608028654 * (y + 0.044715 * y ** 3)))
+    elif act == "relu":
+        y = np.maximum(y, 0)
+    return y.reshape(*x.shape[:2], n)
+
+
+def repacked(packed: np.ndarray, scale: np.ndarray, bits: int):
+    """The weights and scales as the runner hands them to the kernel: through the library's repack kernels."""
+    n, k = packed.shape[0], packed.shape[1] * (8 if bits == 4 else 1)
+    fw = build(ki.repack_int4(n, k) if bits == 4 else ki.repack_int8(n, k))
+    fs = build(ki.repack_scale(n, k // 32, str(scale.dtype)))
+    w, s = tensor(np.zeros_like(packed)), tensor(np.zeros_like(scale))
+    fw["main"](tensor(packed), w)
+    fs["main"](tensor(scale), s)
+    return w, s
+
+
+ISAS = ["generic", pytest.param("vnni", marks=pytest.mark.skipif(not VNNI_HERE, reason="this CPU has no VNNI "
+                                                                "(AVX512-VNNI with VL, or AVX-VNNI) to run it"))]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("quant", ["q8f32_1", "q4f32_1", "q4f16_1"])
+@pytest.mark.parametrize("k, n, bias, act", [(96, 40, False, None), (128, 72, True, "gelu_tanh"), (64, 8, True, "relu")])
+def test_kernel_matches_the_integer_reference(isa, quant, k, n, bias, act):
+    """Odd shapes (3 groups; 5 and 9 blocks of 8 outputs, a task left partly empty), 1..70 rows (every
+    remainder of the 4-row tile, more rows than one chunk), negative weights and activations, an all-zero
+    group, bias and both fused activations."""
+    q = get_quantization(quant)
+    dtype = q.model_dtype
+    rng = np.random.default_rng(k + n)
+    packed, scale = quantize(rng.standard_normal((n, k)).astype(np.float32), q)
+    w, s = repacked(packed, scale, q.bits)
+    b = rng.standard_normal(n).astype(dtype) if bias else None
+    lib = build(ki.int8_matmul_cpu(k, n, q.bits, isa, dtype, dtype, dtype, bias, act))
+    for rows in (1, 2, 3, 5, 70):
+        x = (rng.standard_normal((1, rows, k)) * 3).astype(dtype)
+        x[0, 0, :32] = 0  # a group with max |x| = 0 quantizes to zeros
+        y = tensor(np.zeros((1, rows, n), dtype))
+        lib["main"](*([tensor(x), w, s] + ([tensor(b)] if bias else []) + [y]))
+        want = integer_reference(x, packed, scale, q.bits, b, act)
+        err = np.abs(y.numpy().astype(np.float64) - want).max() / np.abs(want).max()
+        assert err < (2e-3 if dtype == "float16" else 2e-6), f"{rows} rows: relative error {err:.1e}"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_repacking_follows_the_tiled_layout(bits):
+    """Every weight and scale lands where the layout's index functions (used by the TE reference) say."""
+    q = get_quantization("q4f32_1" if bits == 4 else "q8f32_1")
+    n, k = 24, 96
+    packed, scale = quantize(np.random.default_rng(bits).standard_normal((n, k)).astype(np.float32), q)
+    w, s = repacked(packed, scale, bits)
+    flat_w, flat_s = w.numpy().reshape(-1), s.numpy().reshape(-1)
+    for row in range(n):
+        for col in range(k):
+            if bits == 4:
+                word, shift = ki.tiled_int4(row, col, k)
+                got = (int(flat_w[word]) >> shift) & 15
+                want = (int(packed[row, col // 8]) >> (4 * (col % 8))) & 15
+            else:
+                got = int(flat_w.view(np.uint8)[ki.tiled_int8(row, col, k)]) - 128
+                want = int(packed[row, col])
+            assert got == want, (row, col)
+        for g in range(k // 32):
+            assert flat_s[ki.tiled_scale(row, g, k // 32)] == scale[row, g]
+
+
+def test_vnni_targets_get_vpdpbusd():
+    """The instruction is chosen from the target's features, and is in the code built for them."""
+    icelake = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})
+    haswell = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    assert ki.int8_isa(icelake) == "vnni" and ki.int8_isa(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})) == "vnni"
+    assert ki.int8_isa(tvm.target.Target({"kind": "llvm", "mcpu": "alderlake"})) == "vnni"  # AVX-VNNI, no AVX-512
+    assert ki.int8_isa(haswell) == "generic"
+    assert ki.int8_isa(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})) == "generic"
+    for bits in (4, 8):
+        for target, isa, present in ((icelake, "vnni", True), (haswell, "generic", False)):
+            lib = tvm.compile(tvm.IRModule({"main": ki.int8_matmul_cpu(256, 64, bits, isa, "float32", "float32",
+                                                                       "float32").with_attr("global_symbol", "main")}),
+                              target=target)
+            asm = lib.mod.inspect_source("asm") if not lib.mod.imports else lib.mod.imports[0].inspect_source("asm")
+            assert ("vpdpbusd" in asm) == present, (bits, target)
+
+
+def exported(quant: str, activation: str = "gelu_pytorch_tanh"):
+    from gptbc.compiler import export_relax
+    from gptbc.config import GPTBigCodeConfig
+
+    cfg = GPTBigCodeConfig(n_embd=64, n_head=2, n_layer=1, n_positions=64, vocab_size=72, n_inner=96,
+                           activation_function=activation)
+    q = dataclasses.replace(get_quantization(quant), int8_activations=True)
+    return export_relax(cfg, q, HOST)
+
+
+@pytest.mark.parametrize("quant", ["q4f32_1", "q8f16_1"])
+def test_every_int8_op_of_a_model_equals_its_kernel(quant):
+    """Each int8_matmul of an exported model (qkv with bias, fc with bias + GELU, the projections, the tied
+    LM head without bias) computes the same as the kernel the pipeline swaps in, on random inputs."""
+    mod, params, plan = exported(quant)
+    swapped = ki.use_int8_kernels(mod, HOST)
+    q = get_quantization(quant)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for gv, func in mod.functions.items():
+        if not gv.name_hint.startswith("int8_matmul"):
+            continue
+        x, wbuf, sbuf, *bbuf, ybuf = func.params
+        seen.add((bool(bbuf), str(func.attrs["gptbc_epilogue"])))
+        k, n = int(x.shape[-1]), int(ybuf.shape[-1])
+        rows = 1 if isinstance(x.shape[1], tvm.tirx.IntImm) else 6
+        packed, scale = quantize(rng.standard_normal((n, k)).astype(np.float32), q)
+        w, s = repacked(packed, scale, q.bits)
+        args = [tensor(rng.standard_normal((1, rows, k)).astype(str(x.dtype))), w, s]
+        args += [tensor(rng.standard_normal(n).astype(str(bbuf[0].dtype)))] if bbuf else []
+        outs = []
+        for f in (func, swapped[gv]):
+            y = tensor(np.zeros((1, rows, n), str(ybuf.dtype)))
+            build(f)["main"](*args, y)
+            outs.append(y.numpy().astype(np.float64))
+        err = np.abs(outs[0] - outs[1]).max() / np.abs(outs[0]).max()
+        assert err < (2e-3 if q.model_dtype == "float16" else 1e-5), f"{gv.name_hint}: {err:.1e}"
+    assert seen == {(True, ""), (True, "gelu_tanh"), (False, "")}  # qkv and projections, fc, the tied LM head
+
+
+def test_repack_plan_and_layers_agree():
+    """Every tiled parameter gets a repack function, and only those; an untileable shape stays as converted."""
+    _, params, plan = exported("q4f32_1")
+    assert set(plan) == {n for n, _, _ in params if n.endswith((".q_weight", ".q_scale"))}
+    assert {plan[n] for n in plan if n.endswith(".q_weight")} == {"int4"}
+    from gptbc.quantization.layers import tiled
+
+    q = dataclasses.replace(get_quantization("q4f32_1"), int8_activations=True)
+    assert tiled(q, 72, 64) and not tiled(q, 70, 64) and not tiled(q, 72, 48)
+    assert not tiled(get_quantization("q4f32_1"), 72, 64)  # float activations: nothing tiled
+
+
+def test_erf_gelu_stays_a_separate_op():
+    """An activation the kernel does not fuse (exact-erf GELU) runs after it, as with float activations."""
+    mod, _, _ = exported("q4f32_1", activation="gelu")
+    epilogues = {str(f.attrs.get("gptbc_epilogue")) for gv, f in mod.functions.items()
+                 if gv.name_hint.startswith("int8_matmul")}
+    assert epilogues == {""}
+    assert any("R.nn.gelu(" in f.script() for gv, f in mod.functions.items() if not isinstance(f, tvm.tirx.PrimFunc))
+
+
+def test_activation_option_errors():
+    from gptbc.compiler import choose_activations
+    from gptbc.errors import GptbcError
+
+    q4 = get_quantization("q4f32_1")
+    assert choose_activations("int8", q4, HOST).int8_activations
+    assert not choose_activations("float", q4, HOST).int8_activations
+    assert choose_activations("auto", q4, HOST).int8_activations == VNNI_HERE
+    assert not choose_activations("auto", get_quantization("q0f32"), HOST).int8_activations
+    with pytest.raises(GptbcError, match=r"^--activations int8: only CPU targets .*\(target is cuda\)$"):
+        choose_activations("int8", q4, tvm.target.Target({"kind": "cuda", "arch": "sm_80"}))
+    with pytest.raises(GptbcError, match=r"^--activations int8: q0f32 has float weights"):
+        choose_activations("int8", get_quantization("q0f32"), HOST)
+    with pytest.raises(GptbcError, match=r"^--activations fp8: choose from auto, int8, float$"):
+        choose_activations("fp8", q4, HOST)
