@@ -20,7 +20,7 @@ def test_gptbc_bench_json(tiny_model):
                           "--decode", "6", "--batch", "2,3", "--repeat", "2", "--prompt-lookup", "4", "--json"],
                          capture_output=True, text=True, check=True)
     r = json.loads(run.stdout)
-    assert r["quantization"] == "q0f32" and r["weight_bytes"] > 0
+    assert r["quantization"] == "q0f32" and r["activations"] == "float" and r["weight_bytes"] > 0
     assert r["prefill"]["tokens"] == 40 and len(r["prefill"]["seconds"]) == 2
     assert r["decode"]["tokens_per_s_best"] >= r["decode"]["tokens_per_s_median"] > 0
     assert r["decode"]["time_to_first_token_s"] > 0 and r["decode"]["weight_GBps_best"] > 0

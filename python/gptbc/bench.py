@@ -54,7 +54,8 @@ def run_bench(model_dir: str | Path, lib: str | Path, prefill: int = 512, prompt
     rng = np.random.default_rng(0)
     ids = lambda n: rng.integers(0, vocab, n).tolist()  # noqa: E731
     result: dict = {"model_dir": str(model_dir), "lib": str(lib), "quantization": engine.runner.meta["quantization"]["name"],
-                    "weight_bytes": weight_bytes(model_dir)}
+                    "activations": engine.runner.meta.get("activations", "float"), "weight_bytes": weight_bytes(model_dir)}
+    log(f"{result['quantization']}, {result['activations']} activations, {result['weight_bytes'] / 1e9:.3f} GB of weights")
 
     if prefill:
         t = Timing()
