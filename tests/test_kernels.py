@@ -55,7 +55,7 @@ def test_compiled_cpu_model_uses_our_kernel(spelling):
     q = get_quantization("q0f32")
     mod, _, _ = export_relax(cfg, q, TARGET)
     swapped = get_target(spelling)[0].pipeline.replace_kernels(mod, cfg, q, TARGET)
-    for name in ("batch_prefill_ragged_kv", "batch_prefill_paged_kv_cpu"):
+    for name in ("batch_prefill_ragged_kv", "batch_prefill_paged_kv_cpu", "batch_decode_paged_kv_cpu"):
         assert "T.parallel" not in mod[name].script()  # TVM's kernels: serial loops
         assert "T.parallel" in swapped[name].script()
     assert get_target("cuda")[0].pipeline.replace_kernels(mod, cfg, q, TARGET) is mod  # GPUs keep TVM's attention
@@ -105,6 +105,41 @@ def test_paged_prefill_matches_reference(h_q, h_kv, d, dtype, causal):
         sl = slice(q_indptr[b], q_indptr[b + 1])
         np.testing.assert_allclose(out.numpy()[sl].astype(np.float32), want_out, atol=tol, rtol=tol)
         np.testing.assert_allclose(lse.numpy()[sl], want_lse, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("h_q, h_kv, d, dtype", [(4, 1, 32, "float32"), (2, 2, 16, "float32"), (4, 2, 16, "float16")])
+def test_paged_decode_matches_reference_and_tvm(h_q, h_kv, d, dtype):
+    """One new token per sequence over its scattered pages (1 to 3 pages, a full last page, a one-token one)."""
+    from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
+
+    from gptbc.kernels import paged_decode_cpu
+
+    rng = np.random.default_rng(d)
+    page = 16
+    kv_lens = [37, 16, 1, 20]
+    n_pages = [-(-n // page) for n in kv_lens]
+    pages = rng.standard_normal((sum(n_pages) + 2, 2, h_kv, page, d)).astype(dtype)
+    order = rng.permutation(len(pages))[:sum(n_pages)].astype(np.int32)
+    q = rng.standard_normal((len(kv_lens), h_q, d)).astype(dtype)
+    page_indptr = np.cumsum([0, *n_pages]).astype(np.int32)
+    last_len = np.array([n - (p - 1) * page for n, p in zip(kv_lens, n_pages)], np.int32)
+    t = lambda a: tvm.runtime.tensor(a, tvm.cpu())  # noqa: E731
+    outs = []
+    for func in (paged_decode_cpu(h_kv, h_q, d, dtype), _attention_decode_cpu(h_kv, h_q, d, dtype, False, {})):
+        kernel = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET)
+        out, lse = t(np.zeros_like(q)), t(np.zeros(q.shape[:2], np.float32))
+        zeros = t(np.zeros(len(kv_lens), np.int32))
+        kernel(t(q), t(pages), t(page_indptr), t(order), t(last_len), zeros, zeros, out, lse, 0, 1.0, 1e4, d ** -0.5)
+        outs.append((out.numpy().astype(np.float32), lse.numpy()))
+    tol = 3e-3 if dtype == "float16" else 1e-5
+    np.testing.assert_allclose(outs[0][0], outs[1][0], atol=tol, rtol=tol)  # TVM's (it leaves lse unwritten)
+    for b in range(len(kv_lens)):
+        rows = order[page_indptr[b]:page_indptr[b + 1]]
+        k = pages[rows, 0].transpose(0, 2, 1, 3).reshape(-1, h_kv, d)[:kv_lens[b]]
+        v = pages[rows, 1].transpose(0, 2, 1, 3).reshape(-1, h_kv, d)[:kv_lens[b]]
+        want_out, want_lse = reference(q[b:b + 1], k, v, 0, d ** -0.5)
+        np.testing.assert_allclose(outs[0][0][b:b + 1], want_out, atol=tol, rtol=tol)
+        np.testing.assert_allclose(outs[0][1][b:b + 1], want_lse, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("spelling", ["vulkan", "webgpu"])
