@@ -206,13 +206,14 @@ def run_mix(base: str, args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - began
     stop.set()
     attacker.join()
+    exact = json.loads(get(base, "/v1/models")[1])["data"][0].get("activations", "float") == "float"  # see run()
     for n, r in enumerate(results):
         if n in leaving:
             continue
         want = reference[jobs[n]]
         if not r["finished"]:
             failures.append(f"client {n} ({jobs[n][0]}): did not finish ({r.get('error')})")
-        elif r["text"] != want.get("text"):
+        elif r["text"] != want.get("text") and exact:
             failures.append(f"client {n} ({jobs[n][0]}): answer differs from the single-client one")
     if hostile["5xx"]:
         failures.append(f"hostile requests answered 5xx: {hostile['5xx'][:3]}")
@@ -317,14 +318,21 @@ def run(base: str, args: argparse.Namespace) -> dict:
         t.join()
     con_seconds = time.perf_counter() - began
 
-    # 3. checks
+    # 3. checks. With float activations a batched step computes each row as a lone one up to float rounding
+    # (~1e-7), and greedy answers are equal; with int8 activations such a difference moves some activation
+    # across an int8 rounding boundary, which moves the logits by ~1e-3, so near-tied greedy choices (every
+    # step of a random-weight model) can differ: then answers are counted, not required equal.
+    exact = json.loads(get(base, "/v1/models")[1])["data"][0].get("activations", "float") == "float"
+    same = 0
     for i, r in enumerate(results):
         if i in leaving:
             continue
         want = reference[i % len(prompts)]
-        if not r["finished"]:
+        if not r["finished"] or len(r["tokens"]) != args.max_tokens:
             failures.append(f"client {i}: did not finish ({r.get('error')})")
-        elif (r["text"], r["tokens"]) != (want.get("text"), want.get("tokens")) or len(r["tokens"]) != args.max_tokens:
+        elif (r["text"], r["tokens"]) == (want.get("text"), want.get("tokens")):
+            same += 1
+        elif exact:
             failures.append(f"client {i}: answer differs from the single-client one")
     deadline = time.time() + 30
     while True:  # the cancellations of the departed clients land within a step or two
@@ -361,6 +369,7 @@ def run(base: str, args: argparse.Namespace) -> dict:
         "health_checks": health["ok"], "health_worst_s": health["worst"],
         "kv_pages_in_use_after": in_use, "kv_pages_prefix_cache_after": cached, "kv_sequences_after": sequences,
         "prefix_cache_sequences_after": kept, "cancelled": cancelled,
+        "answers_equal_to_single_client": same, "answers_checked": args.clients - len(leaving), "exact": exact,
         "failures": failures,
     }
 
@@ -398,6 +407,8 @@ def main() -> int:
               f"| 1 (sequential) | {result['single_client_tokens_per_s']:.1f} | 1.00× |\n"
               f"| {args.clients} concurrent ({args.disconnect} leave early) | "
               f"{result['concurrent_tokens_per_s']:.1f} | {result['speedup']:.2f}× |")
+        print(f"answers equal to the single-client ones: {result['answers_equal_to_single_client']}/"
+              f"{result['answers_checked']} ({'required' if result['exact'] else 'int8 activations: counted'})")
         print(f"health checks {result['health_checks']} (worst {result['health_worst_s'] * 1e3:.0f} ms); after: "
               f"{result['kv_sequences_after']:.0f} KV sequences ({result['prefix_cache_sequences_after']:.0f} in the "
               f"prefix cache), {result['kv_pages_in_use_after']:.0f} pages in use; "

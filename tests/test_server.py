@@ -187,6 +187,8 @@ def test_infill_like_llama_cpp(served):
 
 def test_models_and_health(served, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    card = call(served[0], "GET", "/v1/models")[2]["data"][0]
+    assert (card["quantization"], card["activations"]) == ("q0f32", "float")
     assert call(served[0], "GET", "/health")[:3:2] == (200, {"status": "ok", "model": "tiny"})
 
 

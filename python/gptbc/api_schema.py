@@ -262,6 +262,7 @@ class ModelCard(Closed):
     owned_by: str
     context_window: int
     quantization: str
+    activations: Literal["float", "int8"]
 
 
 class ModelList(Closed):

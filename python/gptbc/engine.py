@@ -35,6 +35,7 @@ class Engine:
         self.model_dir, self.lib, self.config = r.model_dir, r.lib, r.config
         self.context_window_size, self.max_batch_size = r.context_window_size, r.max_batch_size
         self.quantization = r.info["quantization"]["name"]
+        self.activations = r.meta.get("activations", "float")  # "int8": linear layers round their inputs to int8
         self.defaults, generation_eos = generation_defaults(self.model_dir)
         eos_ids = set(r.info.get("eos_token_id") or self.config.eos_token_id) | generation_eos
         self.tokenizer = Tokenizer(self.model_dir) if has_tokenizer(self.model_dir) else None

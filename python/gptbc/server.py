@@ -1065,7 +1065,8 @@ def build_app(server: Server):
     async def models():
         return {"object": "list", "data": [{
             "id": server.model_name, "object": "model", "created": server.created, "owned_by": "gptbc",
-            "context_window": server.engine.context_window_size, "quantization": server.engine.quantization}]}
+            "context_window": server.engine.context_window_size, "quantization": server.engine.quantization,
+            "activations": server.engine.activations}]}
 
     @app.get("/health", response_model=S.Health, responses={503: {"model": S.Health}})
     async def health():
