@@ -62,8 +62,11 @@ def repacked(packed: np.ndarray, scale: np.ndarray, bits: int):
     return w, s
 
 
-ISAS = ["generic", pytest.param("vnni", marks=pytest.mark.skipif(not VNNI_HERE, reason="this CPU has no VNNI "
-                                                                "(AVX512-VNNI with VL, or AVX-VNNI) to run it"))]
+AVX2_HERE = ki.int8_isa(HOST) in ("vnni", "avx2")
+ISAS = ["generic",
+        pytest.param("avx2", marks=pytest.mark.skipif(not AVX2_HERE, reason="this CPU has no AVX2 to run it")),
+        pytest.param("vnni", marks=pytest.mark.skipif(not VNNI_HERE, reason="this CPU has no VNNI "
+                                                      "(AVX512-VNNI with VL, or AVX-VNNI) to run it"))]
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -112,21 +115,23 @@ def test_repacking_follows_the_tiled_layout(bits):
             assert flat_s[ki.tiled_scale(row, g, k // 32)] == scale[row, g]
 
 
-def test_vnni_targets_get_vpdpbusd():
+def test_targets_get_their_dot_product_instruction():
     """The instruction is chosen from the target's features, and is in the code built for them."""
     icelake = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})
     haswell = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
     assert ki.int8_isa(icelake) == "vnni" and ki.int8_isa(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})) == "vnni"
     assert ki.int8_isa(tvm.target.Target({"kind": "llvm", "mcpu": "alderlake"})) == "vnni"  # AVX-VNNI, no AVX-512
-    assert ki.int8_isa(haswell) == "generic"
+    assert ki.int8_isa(haswell) == "avx2"
+    baseline = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})
+    assert ki.int8_isa(baseline) == "generic"
     assert ki.int8_isa(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})) == "generic"
     for bits in (4, 8):
-        for target, isa, present in ((icelake, "vnni", True), (haswell, "generic", False)):
-            lib = tvm.compile(tvm.IRModule({"main": ki.int8_matmul_cpu(256, 64, bits, isa, "float32", "float32",
-                                                                       "float32").with_attr("global_symbol", "main")}),
-                              target=target)
+        for target, want, absent in ((icelake, "vpdpbusd", "vpmaddubsw"), (haswell, "vpmaddubsw", "vpdpbusd"),
+                                     (baseline, None, "vpdpbusd")):
+            kernel = ki.int8_matmul_cpu(256, 64, bits, ki.int8_isa(target), "float32", "float32", "float32")
+            lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=target)
             asm = lib.mod.inspect_source("asm") if not lib.mod.imports else lib.mod.imports[0].inspect_source("asm")
-            assert ("vpdpbusd" in asm) == present, (bits, target)
+            assert (want is None or want in asm) and absent not in asm, (bits, str(target))
 
 
 def exported(quant: str, activation: str = "gelu_pytorch_tanh"):

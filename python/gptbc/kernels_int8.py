@@ -7,7 +7,8 @@ call; a group's int8 x int8 products are summed exactly in int32 and the scale p
 group, as llama.cpp does for q8_0/q4_0. layers.int8_matmul is the same computation in TE (the reference;
 schedules.CPUInt8Matmul swaps this kernel in for it).
 
-The instruction is VNNI's vpdpbusd: in each int32 lane, 4 unsigned bytes times 4 signed bytes, summed.
+The instruction is VNNI's vpdpbusd: in each int32 lane, 4 unsigned bytes times 4 signed bytes, summed (on
+AVX2 without VNNI the same sums take vpmaddubsw + vpmaddwd; elsewhere plain int32 arithmetic).
 The lanes are 8 *outputs*: one instruction multiplies 4 consecutive columns of 8 weight rows by the same
 4 activations (broadcast), so a group of 32 columns is 8 instructions into one int32 accumulator per
 (row, 8 outputs), then one convert and one multiply-add with the 8 outputs' scales — no horizontal sums,
@@ -47,8 +48,9 @@ ROW_CHUNK = 64  # rows whose quantized activations stay in L2 while a task walks
 
 
 def int8_isa(target) -> str:
-    """'vnni' where the target has a 256-bit vpdpbusd (AVX512-VNNI with VL, or AVX-VNNI), else 'generic'
-    (int32 multiply-adds, vectorized as LLVM can: correct everywhere, fast nowhere)."""
+    """'vnni' where the target has a 256-bit vpdpbusd (AVX512-VNNI with VL, or AVX-VNNI), 'avx2' for
+    vpmaddubsw + vpmaddwd, else 'generic' (int32 multiply-adds, vectorized as LLVM can: correct everywhere,
+    fast nowhere; aarch64's sdot is not written yet)."""
     from tvm.target import codegen
 
     if target is None or target.kind.name != "llvm":
@@ -57,6 +59,8 @@ def int8_isa(target) -> str:
         has = lambda f: bool(codegen.target_has_features(f, target))  # noqa: E731
         if (has("avx512vnni") and has("avx512vl")) or has("avxvnni"):
             return "vnni"
+        if has("avx2"):
+            return "avx2"
     except Exception:  # noqa: BLE001 - not an x86 target
         pass
     return "generic"
@@ -198,7 +202,23 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
     per_block = chunks * 32  # weight bytes per (block, group)
     offset = 7 if bits == 4 else 128
     tasks = -(-blocks // TASK_BLOCKS)
-    vnni = isa == "vnni"
+    if isa == "avx2" and bits == 8:  # avx2's dot takes signed weights (below): no offset to undo
+        offset = 0
+
+    def dot(acc, wv, xv):
+        """acc (int32x8) + per lane: its 4 weight bytes (unsigned, wq + offset) times 4 activations (int8)."""
+        if isa == "vnni":
+            return tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", acc, wv, xv)
+        if isa == "avx2":  # vpmaddubsw (pairs into int16) + vpmaddwd (pairs into int32)
+            a, b = wv, xv
+            if bits == 8:  # 255 x 127 x 2 would saturate int16: take |wq| and move its sign onto x instead
+                ws = tirx.reinterpret("int8x32", wv ^ tirx.Broadcast(tirx.const(128, "uint8"), 32))
+                a = tirx.reinterpret("uint8x32", tirx.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", ws, ws))
+                b = tirx.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", xv, ws)
+            pairs = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", a, b)
+            return acc + tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs,
+                                                    tirx.Broadcast(tirx.const(1, "int16"), 16))
+        return acc + _quad_sums(wv, xv, quads)
     quads = [[4 * lane + t for lane in range(LANES)] for t in range(4)]
 
     def epilogue(v):  # the activation, on one finished vector of 8 outputs (with its bias added)
@@ -223,17 +243,11 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
                         wv[bb * 2] = wb[T.ramp(((b0 + bb) * groups + g) * per_block + c * 32, 1, 32)]
                 for r in T.unroll(nrows):
                     for bb in T.unroll(nblocks):
-                        acci[r * nblocks + bb] = T.call_llvm_pure_intrin(
-                            "int32x8", "llvm.x86.avx512.vpdpbusd.256", acci[r * nblocks + bb], wv[bb * 2],
-                            T.reinterpret("int8x32", T.broadcast(xq4[m0 + r, g * 8 + c], LANES))) if vnni else (
-                            acci[r * nblocks + bb] + _quad_sums(wv[bb * 2], T.reinterpret(
-                                "int8x32", T.broadcast(xq4[m0 + r, g * 8 + c], LANES)), quads))
+                        acci[r * nblocks + bb] = dot(acci[r * nblocks + bb], wv[bb * 2], T.reinterpret(
+                            "int8x32", T.broadcast(xq4[m0 + r, g * 8 + c], LANES)))
                         if bits == 4:
-                            acci[r * nblocks + bb] = T.call_llvm_pure_intrin(
-                                "int32x8", "llvm.x86.avx512.vpdpbusd.256", acci[r * nblocks + bb], wv[bb * 2 + 1],
-                                T.reinterpret("int8x32", T.broadcast(xq4[m0 + r, g * 8 + c + 4], LANES))) if vnni else (
-                                acci[r * nblocks + bb] + _quad_sums(wv[bb * 2 + 1], T.reinterpret(
-                                    "int8x32", T.broadcast(xq4[m0 + r, g * 8 + c + 4], LANES)), quads))
+                            acci[r * nblocks + bb] = dot(acci[r * nblocks + bb], wv[bb * 2 + 1], T.reinterpret(
+                                "int8x32", T.broadcast(xq4[m0 + r, g * 8 + c + 4], LANES)))
             for r in T.unroll(nrows):
                 for bb in T.unroll(nblocks):
                     accf[r * nblocks + bb] = accf[r * nblocks + bb] + T.Cast("float32x8", acci[r * nblocks + bb]) * (
