@@ -6,7 +6,8 @@
     python scripts/bench_peers.py --work /tmp/gptbc-peers            # every peer that is installed
     python scripts/bench_peers.py --work /tmp/gptbc-peers --peers gptbc:q4f32_1,llamacpp:q4_0 --threads 2
 
-Peers: gptbc (q0f32, q8f32_1, q4f32_1), llama.cpp through llama-cpp-python (llamacpp: f32, q8_0, q4_0),
+Peers: gptbc (q0f32, q8f32_1, q4f32_1 and their `-float` builds by default; q8f16_1, q4f16_1 on request), llama.cpp
+through llama-cpp-python (llamacpp: f32, q8_0, q4_0),
 CTranslate2 (ct2: float32, int8) and transformers on torch CPU (hf: fp32). With the default --peers, a
 peer whose optional package is missing is shown as skipped; a peer named in --peers must run.
 
@@ -23,8 +24,8 @@ Workload (the same for every peer, greedy, random prompt ids): prefill of a 512-
 measured in another with the same thread count, so RSS and threads are its own. The read bandwidth of
 this machine is measured in the same run, and each decode rate is compared with the limit it implies:
 bandwidth / bytes of weights read per token (the converted files' sizes). "x llama.cpp" compares with
-llama.cpp at the same bits: f32 for gptbc q0f32, ct2 float32, hf fp32; q8_0 for gptbc q8f32_1, ct2 int8;
-q4_0 for gptbc q4f32_1. "first greedy tokens" is how many of the 8 first greedy tokens of the decode prompt
+llama.cpp at the same bits: f32 for gptbc q0f32, ct2 float32, hf fp32; q8_0 for gptbc q8*, ct2 int8;
+q4_0 for gptbc q4*. "first greedy tokens" is how many of the 8 first greedy tokens of the decode prompt
 match hf:fp32 (or the first full-precision peer that ran) before one differs; quantized peers may differ
 early: the weights are random, so the logits are close together.
 """
@@ -63,7 +64,7 @@ DEFAULT_PEERS = ("gptbc:q0f32,gptbc:q8f32_1,gptbc:q4f32_1,gptbc:q8f32_1-float,gp
 OPTIONAL = {"llamacpp": ("llama_cpp", "llama-cpp-python"), "ct2": ("ctranslate2", "ctranslate2")}
 INSTALL = "pip install -r scripts/requirements-peers.txt"
 SAME_BITS = {"gptbc:q0f32": "f32", "gptbc:q8f32_1": "q8_0", "gptbc:q4f32_1": "q4_0", "gptbc:q8f32_1-float": "q8_0",
-             "gptbc:q4f32_1-float": "q4_0", "hf:fp32": "f32",
+             "gptbc:q4f32_1-float": "q4_0", "gptbc:q8f16_1": "q8_0", "gptbc:q4f16_1": "q4_0", "hf:fp32": "f32",
              "ct2:float32": "f32", "ct2:int8": "q8_0", "llamacpp:f32": "f32", "llamacpp:q8_0": "q8_0",
              "llamacpp:q4_0": "q4_0"}
 LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose convert_hf_to_gguf.py is used (the installed version wins)
