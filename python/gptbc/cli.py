@@ -247,6 +247,8 @@ class _ShowDefaults(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .quantization import ACTIVATION_MODES
+
     fmt = _ShowDefaults
     p = argparse.ArgumentParser(prog="gptbc", description="Compile and run GPTBigCode models with TVM Relax.",
                                 formatter_class=fmt)
@@ -264,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the scheme of a converted --model directory (which compiles only for it), else q0f32"))
     c.add_argument("-o", "--output", help="library path (default dist/libs/<model>-<quant>-<target>.so)")
     c.add_argument("--no-quantize-lm-head", action="store_true", help=KEEP_HEAD_HELP)
-    c.add_argument("--activations", choices=("auto", "int8", "float"), default="auto",
+    c.add_argument("--activations", choices=ACTIVATION_MODES, default="auto",
                    help="grouped schemes on CPUs: int8 rounds each linear layer's input to int8 per group of 32 and "
                         "uses integer dot products (weights repacked when loaded); float keeps float activations; "
                         "auto is int8 where the CPU has VNNI")

@@ -19,7 +19,7 @@ from typing import Callable
 from .config import GPTBC_CONFIG, GPTBigCodeConfig, ModelSource, load_gptbc_config
 from .errors import GptbcError, raise_if_interrupted
 from .manifest import library_manifest
-from .quantization import Quantization, get_quantization
+from .quantization import Quantization, check_activation_mode, get_quantization
 from .targets import Build, Pipeline, get_target, plan_build
 
 
@@ -107,9 +107,6 @@ def export_relax(cfg: GPTBigCodeConfig, quant: Quantization, target):
     return mod, param_list(named_params), repack_plan(named_params)
 
 
-ACTIVATIONS = ("auto", "int8", "float")
-
-
 def choose_activations(option: str, quant: Quantization, target) -> Quantization:
     """`quant` with int8 activations on or off (--activations): `auto` turns them on for grouped schemes on
     CPUs with an integer dot-product instruction (VNNI), where they are faster; `int8` on any CPU (a
@@ -118,8 +115,7 @@ def choose_activations(option: str, quant: Quantization, target) -> Quantization
 
     from .kernels_int8 import int8_isa
 
-    if option not in ACTIVATIONS:
-        raise GptbcError(f"--activations {option}: choose from {', '.join(ACTIVATIONS)}")
+    check_activation_mode(option)
     cpu = target.kind.name == "llvm"
     if option == "int8" and not cpu:
         raise GptbcError(f"--activations int8: only CPU targets have int8-activation kernels (target is {target.kind.name})")
@@ -136,8 +132,7 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
     spec, build = plan_build(target_name)
     quant = get_quantization(quantization, quantize_lm_head)
     check_own_scheme(source, quant)
-    if activations not in ACTIVATIONS:
-        raise GptbcError(f"--activations {activations}: choose from {', '.join(ACTIVATIONS)}")
+    check_activation_mode(activations)  # before -o's directory is made (choose_activations needs the target)
     output = Path(output) if output else default_output(source.name, quant.name, target_name, build)
     if "".join(output.suffixes[-1:]) != build.suffix:
         raise GptbcError(f"-o {output}: target {target_name} produces a {build.suffix} file here")

@@ -204,6 +204,7 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
     tasks = -(-blocks // TASK_BLOCKS)
     if isa == "avx2" and bits == 8:  # avx2's dot takes signed weights (below): no offset to undo
         offset = 0
+    quads = [[4 * lane + t for lane in range(LANES)] for t in range(4)]  # each int32 lane's 4 byte products
 
     def dot(acc, wv, xv):
         """acc (int32x8) + per lane: its 4 weight bytes (unsigned, wq + offset) times 4 activations (int8)."""
@@ -219,7 +220,6 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
             return acc + tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs,
                                                     tirx.Broadcast(tirx.const(1, "int16"), 16))
         return acc + _quad_sums(wv, xv, quads)
-    quads = [[4 * lane + t for lane in range(LANES)] for t in range(4)]
 
     def epilogue(v):  # the activation, on one finished vector of 8 outputs (with its bias added)
         return EPILOGUES[act](v) if act else v

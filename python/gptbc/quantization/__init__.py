@@ -61,6 +61,15 @@ class Quantization:
         return (rows, -(-cols // self.per_word)), (rows, -(-cols // self.group_size))
 
 
+# `gptbc compile --activations`: int8 activations where the CPU has VNNI (auto), always, or never
+ACTIVATION_MODES = ("auto", "int8", "float")
+
+
+def check_activation_mode(option: str) -> None:
+    if option not in ACTIVATION_MODES:
+        raise GptbcError(f"--activations {option}: choose from {', '.join(ACTIVATION_MODES)}")
+
+
 QUANTIZATIONS: dict[str, Quantization] = {
     q.name: q for q in [
         Quantization("q0f32", "none", "float32"),
