@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptbc.engine import Engine
+from gptbc.runtime.engine import Engine
 
 
 def python_round(engine: Engine, ids: list[int], decode: int) -> tuple[float, list[int]]:

@@ -170,9 +170,9 @@ def measure(prefill, start, step) -> dict:
 
 
 def prepare_gptbc(work: Path, precision: str) -> dict:
-    from gptbc.compiler import compile_model
-    from gptbc.config import resolve_model
-    from gptbc.loader import convert_weight
+    from gptbc.compile.compiler import compile_model
+    from gptbc.artifact.config import resolve_model
+    from gptbc.artifact.convert import convert_weight
 
     scheme, _, activations = precision.partition("-")
     out = work / f"gptbc-{scheme}"
@@ -186,7 +186,7 @@ def prepare_gptbc(work: Path, precision: str) -> dict:
 
 def worker_gptbc(work: Path, precision: str) -> dict:
     from gptbc.bench import weight_bytes
-    from gptbc.engine import Engine
+    from gptbc.runtime.engine import Engine
 
     out = work / f"gptbc-{precision.partition('-')[0]}"
     engine = Engine(out, work / f"gptbc-{precision}.so", max_total_seq_len=PREFILL + 128, max_batch_size=1,

@@ -14,8 +14,8 @@ import argparse
 import json
 import time
 
-from gptbc.engine import Engine
-from gptbc.speculation import PromptLookup
+from gptbc.runtime.engine import Engine
+from gptbc.runtime.speculation import PromptLookup
 
 
 def main() -> None:

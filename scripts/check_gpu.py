@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from gptbc.compiler import compile_model
-from gptbc.config import resolve_model
+from gptbc.compile.compiler import compile_model
+from gptbc.artifact.config import resolve_model
 from gptbc.errors import GptbcError
-from gptbc.loader import convert_weight
-from gptbc.engine import Engine
-from gptbc.targets import plan_build
+from gptbc.artifact.convert import convert_weight
+from gptbc.runtime.engine import Engine
+from gptbc.compile.targets import plan_build
 
 
 def random_checkpoint(directory: Path, n_embd=256, n_head=4, n_layer=2, vocab=1000, n_positions=256) -> Path:

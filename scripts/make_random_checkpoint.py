@@ -16,9 +16,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from gptbc.config import resolve_model
-from gptbc.memory import hf_shapes
-from gptbc.tensorfile import write_safetensors
+from gptbc.artifact.config import resolve_model
+from gptbc.artifact.params import hf_shapes
+from gptbc.artifact.safetensors_io import write_safetensors
 
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
 

@@ -13,7 +13,7 @@ import argparse
 import collections
 import time
 
-from gptbc.engine import Engine
+from gptbc.runtime.engine import Engine
 
 
 def profile(engine: Engine, tokens: int) -> tuple[float, dict[str, float], dict[str, int]]:

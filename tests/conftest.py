@@ -35,9 +35,9 @@ class TinyModel:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model(name) → TinyModel: HF checkpoint, converted q0f32 weights and a CPU library (cached)."""
-    from gptbc.compiler import compile_model
-    from gptbc.config import resolve_model
-    from gptbc.loader import convert_weight
+    from gptbc.compile.compiler import compile_model
+    from gptbc.artifact.config import resolve_model
+    from gptbc.artifact.convert import convert_weight
 
     built: dict[str, TinyModel] = {}
 
@@ -58,7 +58,7 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def engine_of(tiny_model):
     """engine_of(name) → a loaded Engine for that tiny model (one per session)."""
-    from gptbc.engine import Engine
+    from gptbc.runtime.engine import Engine
 
     engines = {}
 

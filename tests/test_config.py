@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gptbc.config import GPTBigCodeConfig, preset_names, resolve_model
+from gptbc.artifact.config import GPTBigCodeConfig, preset_names, resolve_model
 from gptbc.errors import GptbcError
 from hf_models import make_checkpoint
 

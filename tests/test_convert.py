@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from gptbc import manifest
-from gptbc.loader import convert_weight
-from gptbc.tensorfile import SafetensorsFile, write_safetensors
+from gptbc.artifact import manifest
+from gptbc.artifact.convert import convert_weight
+from gptbc.artifact.safetensors_io import SafetensorsFile, write_safetensors
 from hf_models import load_hf, make_checkpoint
 
 
@@ -136,7 +136,7 @@ def test_tensorfile_rejects_plan_mismatch(tmp_path):
 def test_aligned_tensors_are_mapped_not_copied(tiny_model):
     """Tensors whose size is a multiple of 64 bytes sit at 64-byte aligned offsets, and the CPU engine
     views them in the mapped file; the others (n_inner 200: an 800-byte bias) are copied, and both load."""
-    from gptbc.engine import Engine
+    from gptbc.runtime.engine import Engine
 
     for name, all_aligned in (("mqa64", True), ("mqa32", False)):
         m = tiny_model(name)
@@ -157,7 +157,7 @@ def test_aligned_tensors_are_mapped_not_copied(tiny_model):
 
 def test_progress_reaches_every_tensor_and_releases_the_last_of_each_shard(tmp_path, capsys):
     """The writer drives each shard's producer to its end: the code after the last yield (release, progress)."""
-    from gptbc.loader import Checkpoint
+    from gptbc.artifact.convert import Checkpoint
 
     hf = make_checkpoint(tmp_path / "hf", n_embd=32, n_head=2, n_layer=2)
     released = []

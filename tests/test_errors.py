@@ -226,9 +226,9 @@ def test_an_interrupt_swallowed_on_the_way_still_cancels_the_output(ckpt, tmp_pa
     """TVM can lose a KeyboardInterrupt raised inside a pass (dlight catches the error it becomes); the flag the
     Ctrl-C handler sets still stops the converter and the compiler from publishing their outputs."""
     from gptbc import errors
-    from gptbc.compiler import compile_model
-    from gptbc.config import resolve_model
-    from gptbc.loader import convert_weight
+    from gptbc.compile.compiler import compile_model
+    from gptbc.artifact.config import resolve_model
+    from gptbc.artifact.convert import convert_weight
 
     source = resolve_model(str(ckpt))
     errors.interrupt_requested.set()

@@ -8,11 +8,11 @@ import shutil
 import numpy as np
 import pytest
 
-import gptbc.scheduler as scheduler
+import gptbc.runtime.scheduler as scheduler
 from gptbc.errors import GptbcError
-from gptbc.engine import Engine
-from gptbc.sampling import SamplingParams, apply_penalties, log_softmax, sample
-from gptbc.tokenizer import IncrementalDetokenizer
+from gptbc.runtime.engine import Engine
+from gptbc.runtime.sampling import SamplingParams, apply_penalties, log_softmax, sample
+from gptbc.runtime.tokenizer import IncrementalDetokenizer
 from hf_models import make_tokenizer
 
 TEXT = "def fibonacci(n):\n    return fibonacci(n - 1) + fibonacci(n - 2)  # héllo 你好 🚀\n"

@@ -25,10 +25,10 @@ pytestmark = [pytest.mark.gpu,
 @pytest.mark.parametrize("name", ["mqa64", "mha32"])
 @pytest.mark.parametrize("quant, rtol", [("q0f32", 1e-3), ("q4f16_1", None)])
 def test_cuda_matches_hf_and_cpu(name, quant, rtol, tiny_model, tmp_path):
-    from gptbc.compiler import compile_model
-    from gptbc.config import resolve_model
-    from gptbc.loader import convert_weight
-    from gptbc.engine import Engine
+    from gptbc.compile.compiler import compile_model
+    from gptbc.artifact.config import resolve_model
+    from gptbc.artifact.convert import convert_weight
+    from gptbc.runtime.engine import Engine
 
     m = tiny_model(name)
     out = m.out_dir if quant == "q0f32" else convert_weight(m.hf_dir, quant, tmp_path / quant, progress=False)

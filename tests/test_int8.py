@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tvm
 
-from gptbc import kernels_int8 as ki
-from gptbc.quantization import get_quantization, quantize
-from gptbc.targets import host_cpu_target
+from gptbc.compile import kernels_int8 as ki
+from gptbc.artifact.quantization import get_quantization, quantize
+from gptbc.compile.targets import host_cpu_target
 
 HOST = tvm.target.Target(host_cpu_target())  # this CPU, as `gptbc compile --target cpu` builds
 VNNI_HERE = ki.int8_isa(HOST) == "vnni"
@@ -135,8 +135,8 @@ def test_targets_get_their_dot_product_instruction():
 
 
 def exported(quant: str, activation: str = "gelu_pytorch_tanh"):
-    from gptbc.compiler import export_relax
-    from gptbc.config import GPTBigCodeConfig
+    from gptbc.compile.compiler import export_relax
+    from gptbc.artifact.config import GPTBigCodeConfig
 
     cfg = GPTBigCodeConfig(n_embd=64, n_head=2, n_layer=1, n_positions=64, vocab_size=72, n_inner=96,
                            activation_function=activation)
@@ -179,7 +179,7 @@ def test_repack_plan_and_layers_agree():
     _, params, plan = exported("q4f32_1")
     assert set(plan) == {n for n, _, _ in params if n.endswith((".q_weight", ".q_scale"))}
     assert {plan[n] for n in plan if n.endswith(".q_weight")} == {"int4"}
-    from gptbc.quantization.layers import tiled
+    from gptbc.compile.quantized_layers import tiled
 
     q = dataclasses.replace(get_quantization("q4f32_1"), int8_activations=True)
     assert tiled(q, 72, 64) and not tiled(q, 70, 64) and not tiled(q, 72, 48)
@@ -196,7 +196,7 @@ def test_erf_gelu_stays_a_separate_op():
 
 
 def test_activation_option_errors():
-    from gptbc.compiler import choose_activations
+    from gptbc.compile.compiler import choose_activations
     from gptbc.errors import GptbcError
 
     q4 = get_quantization("q4f32_1")

@@ -7,7 +7,7 @@ import pytest
 import tvm
 from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
 
-from gptbc.kernels import ragged_prefill_cpu
+from gptbc.compile.kernels import ragged_prefill_cpu
 
 TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
 
@@ -46,10 +46,10 @@ def test_ragged_prefill_matches_tvm(h_q, h_kv, d, dtype, causal):
 @pytest.mark.parametrize("spelling", ["cpu", "aarch64-linux"])
 def test_compiled_cpu_model_uses_our_kernel(spelling):
     """The target table's CPU pipeline swaps our kernels in (the compile driver applies that hook)."""
-    from gptbc.compiler import export_relax
-    from gptbc.config import GPTBigCodeConfig
-    from gptbc.quantization import get_quantization
-    from gptbc.targets import get_target
+    from gptbc.compile.compiler import export_relax
+    from gptbc.artifact.config import GPTBigCodeConfig
+    from gptbc.artifact.quantization import get_quantization
+    from gptbc.compile.targets import get_target
 
     cfg = GPTBigCodeConfig(n_embd=64, n_head=2, n_layer=1, n_positions=32, vocab_size=50)
     q = get_quantization("q0f32")
@@ -79,7 +79,7 @@ def reference(q, k, v, causal, sm_scale):
 @pytest.mark.parametrize("h_q, h_kv, d, dtype", [(4, 1, 32, "float32"), (2, 2, 16, "float32"), (4, 2, 16, "float16")])
 @pytest.mark.parametrize("causal", [1, 0])
 def test_paged_prefill_matches_reference(h_q, h_kv, d, dtype, causal):
-    from gptbc.kernels import paged_prefill_cpu
+    from gptbc.compile.kernels import paged_prefill_cpu
 
     rng = np.random.default_rng(d + causal)
     page = 16
@@ -112,7 +112,7 @@ def test_paged_decode_matches_reference_and_tvm(h_q, h_kv, d, dtype):
     """One new token per sequence over its scattered pages (1 to 3 pages, a full last page, a one-token one)."""
     from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
 
-    from gptbc.kernels import paged_decode_cpu
+    from gptbc.compile.kernels import paged_decode_cpu
 
     rng = np.random.default_rng(d)
     page = 16
@@ -146,11 +146,11 @@ def test_paged_decode_matches_reference_and_tvm(h_q, h_kv, d, dtype):
 def test_wgpu_targets_compile_the_race_free_merge(spelling):
     """Vulkan/WebGPU get kernels.merge_state_inplace for TVM's attention-state merge (docs/targets.md, Problem 3):
     a barrier between every thread's read of the lse and its one write. CUDA keeps TVM's."""
-    from gptbc.compiler import export_relax
-    from gptbc.config import GPTBigCodeConfig
-    from gptbc.kernels import MERGE_STATE
-    from gptbc.quantization import get_quantization
-    from gptbc.targets import get_target
+    from gptbc.compile.compiler import export_relax
+    from gptbc.artifact.config import GPTBigCodeConfig
+    from gptbc.compile.kernels import MERGE_STATE
+    from gptbc.artifact.quantization import get_quantization
+    from gptbc.compile.targets import get_target
 
     cfg = GPTBigCodeConfig(n_embd=64, n_head=2, n_layer=1, n_positions=32, vocab_size=50)
     q = get_quantization("q0f32")

@@ -1,7 +1,7 @@
 """The original SantaCoder layout (model_type gpt2, GPT2LMHeadCustomModel, q_attn/kv_attn, Conv1D weights).
 
 The checkpoints here are made from HF GPTBigCodeForCausalLM weights by applying the original layout's transposes
-and splits (the inverse of what gptbc reads; see gptbc/layouts.py for where that layout comes from), so the HF
+and splits (the inverse of what gptbc reads; see gptbc/artifact/checkpoint_layouts.py for where that layout comes from), so the HF
 model on the source weights is the reference for the converted one.
 """
 
@@ -16,10 +16,10 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from gptbc.cli import main
-from gptbc.config import load_hf_config, resolve_model
+from gptbc.artifact.config import load_hf_config, resolve_model
 from gptbc.errors import GptbcError
-from gptbc.layouts import normalize_config
-from gptbc.loader import convert_weight
+from gptbc.artifact.checkpoint_layouts import normalize_config
+from gptbc.artifact.convert import convert_weight
 from hf_models import load_hf
 
 CONV1D = ("attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -84,7 +84,7 @@ def tensors(out_dir):
 
 @pytest.mark.parametrize("name", ["mqa64", "mha32"])
 def test_original_layout_converts_to_the_same_weights_and_hf_greedy_tokens(name, tiny_model, tmp_path):
-    from gptbc.engine import Engine
+    from gptbc.runtime.engine import Engine
 
     m = tiny_model(name)
     orig = to_original_layout(m.hf_dir, tmp_path / "orig")

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from gptbc import __version__, manifest
-from gptbc.config import GPTBigCodeConfig, ModelSource, resolve_model
+from gptbc import __version__
+from gptbc.artifact import manifest
+from gptbc.artifact.config import GPTBigCodeConfig, ModelSource, resolve_model
 from gptbc.errors import GptbcError
-from gptbc.quantization import get_quantization
+from gptbc.artifact.quantization import get_quantization
 from native_build import build
 
 FIXTURES = Path(__file__).resolve().parent / "data" / "manifests"
@@ -137,11 +138,7 @@ def test_builders_write_the_good_fixture():
     quant = get_quantization(weights["quantization"]["name"], weights["quantization"]["quantize_lm_head"])
     built_weights = manifest.weights_manifest(weights["model_name"], cfg, quant, weights["params"])
     params = [(p["name"], tuple(p["shape"]), p["dtype"]) for p in lib["params"]]
-
-    class Cpu:  # the one TargetSpec field the builder reads
-        device = "cpu"
-
-    built_lib = manifest.library_manifest(ModelSource("tiny", cfg, None), quant, Cpu(), "cpu", params)
+    built_lib = manifest.library_manifest(ModelSource("tiny", cfg, None), quant, "cpu", "cpu", params)
     for built, fixture in ((built_weights, weights), (built_lib, lib)):
         assert built.pop("gptbc_version") == __version__
         fixture.pop("gptbc_version")

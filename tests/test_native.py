@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptbc.engine import Engine
-from gptbc.sampling import RANGES, SamplingParams
+from gptbc.runtime.engine import Engine
+from gptbc.runtime.sampling import RANGES, SamplingParams
 from hf_models import CORPUS, make_tokenizer
 from native_build import REPO, build, cmake
 
@@ -52,9 +52,9 @@ def test_configure_fails_clearly_without_tvm(tmp_path):
 def model_files(tiny_model, tmp_path_factory):
     """model_files(name, quant) → (converted dir, library); q0f32 from the session's tiny models. A grouped
     scheme compiles with int8 activations (weights repacked at load), or float ones with a ":float" suffix."""
-    from gptbc.compiler import compile_model
-    from gptbc.config import resolve_model
-    from gptbc.loader import convert_weight
+    from gptbc.compile.compiler import compile_model
+    from gptbc.artifact.config import resolve_model
+    from gptbc.artifact.convert import convert_weight
 
     built = {}
 

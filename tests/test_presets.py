@@ -10,9 +10,9 @@ from importlib import resources
 import pytest
 
 from gptbc.cli import main
-from gptbc.config import GPTBigCodeConfig, preset_names, resolve_model
-from gptbc.memory import kv_bytes_per_token, parameter_count, weight_bytes
-from gptbc.quantization import QUANTIZATIONS, get_quantization, numpy_dtype
+from gptbc.artifact.config import GPTBigCodeConfig, preset_names, resolve_model
+from gptbc.artifact.memory_plan import kv_bytes_per_token, parameter_count, weight_bytes
+from gptbc.artifact.quantization import QUANTIZATIONS, get_quantization, numpy_dtype
 
 FAMILY = {"tiny_starcoder_py", "starcoderbase-1b", "starcoderbase-3b", "starcoderbase-7b", "starcoder",
           "starcoderbase", "starcoderplus", "wizardcoder-15b", "octocoder", "sqlcoder", "santacoder",
@@ -60,15 +60,19 @@ def test_card_check_can_fail():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_weight_bytes_equal_the_compiled_parameter_list(tied):
-    """memory.weight_bytes (pure arithmetic) against the parameter list the Relax model really takes."""
-    from gptbc.loader import model_params
+    """memory_plan.weight_bytes (pure arithmetic) and the artifact's tensor list (what the converter writes)
+    against the parameter list the Relax model really takes, name by name and in order."""
+    from gptbc.artifact.params import converted_params
+    from gptbc.compile.model import GPTBigCodeForCausalLM, param_list
 
     cfg = GPTBigCodeConfig(n_embd=96, n_head=3, n_layer=2, n_positions=64, vocab_size=301, n_inner=200,
                            multi_query=not tied, tie_word_embeddings=tied)
     for name in QUANTIZATIONS:
         for keep_head in (False, True):
             q = get_quantization(name, quantize_lm_head=not keep_head)
-            real = sum(math.prod(s) * numpy_dtype(d).itemsize for _, s, d in model_params(cfg, q))
+            model = param_list(GPTBigCodeForCausalLM(cfg, target=None, quant=q).named_parameters())
+            assert converted_params(cfg, q) == model, (name, keep_head)
+            real = sum(math.prod(s) * numpy_dtype(d).itemsize for _, s, d in model)
             assert weight_bytes(cfg, q) == real, (name, keep_head)
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from gptbc.config import resolve_model
-from gptbc.quantization import QUANTIZATIONS, dequantize, get_quantization, numpy_dtype, quantize
+from gptbc.artifact.config import resolve_model
+from gptbc.artifact.quantization import QUANTIZATIONS, dequantize, get_quantization, numpy_dtype, quantize
 
 GROUPED = [q for q in QUANTIZATIONS.values() if q.kind == "group"]
 
@@ -87,11 +87,11 @@ def test_unquantized_half_schemes_round_to_their_dtype():
 
 
 def test_keep_lm_head_flag_changes_only_the_head():
-    from gptbc.loader import model_params
+    from gptbc.artifact.params import converted_params
 
     cfg = resolve_model("santacoder").config
-    packed = {n: d for n, _, d in model_params(cfg, get_quantization("q4f16_1"))}
-    kept = {n: d for n, _, d in model_params(cfg, get_quantization("q4f16_1", quantize_lm_head=False))}
+    packed = {n: d for n, _, d in converted_params(cfg, get_quantization("q4f16_1"))}
+    kept = {n: d for n, _, d in converted_params(cfg, get_quantization("q4f16_1", quantize_lm_head=False))}
     assert "transformer.wte.q_weight" in packed and "transformer.wte.weight" not in packed
     assert kept["transformer.wte.weight"] == "float16"  # tied: wte is the head
     assert {n for n in packed if "transformer.h." in n} == {n for n in kept if "transformer.h." in n}
@@ -100,9 +100,9 @@ def test_keep_lm_head_flag_changes_only_the_head():
 
 
 def converted_bytes(name: str, cfg) -> int:
-    from gptbc.loader import model_params
+    from gptbc.artifact.params import converted_params
 
-    return sum(int(np.prod(s)) * numpy_dtype(d).itemsize for _, s, d in model_params(cfg, get_quantization(name)))
+    return sum(int(np.prod(s)) * numpy_dtype(d).itemsize for _, s, d in converted_params(cfg, get_quantization(name)))
 
 
 def test_santacoder_converted_sizes():
@@ -139,7 +139,7 @@ def float_buffers_of_shape(mod, shapes: set[tuple[int, int]]) -> list[str]:
 def lowered(cfg, quant_name: str):
     import tvm
 
-    from gptbc.compiler import export_relax, fusion_passes
+    from gptbc.compile.compiler import export_relax, fusion_passes
 
     target = tvm.target.Target({"kind": "llvm"})
     mod, _, _ = export_relax(cfg, get_quantization(quant_name), target)
@@ -188,9 +188,9 @@ def trained(tmp_path_factory):
 def run_scheme(trained, name: str, tmp_path, activations: str = "auto"):
     """Convert + compile the trained model for `name` (and --activations); teacher-forced logits of ours and
     HF fp32's, and the converted directory."""
-    from gptbc.compiler import compile_model
-    from gptbc.loader import convert_weight
-    from gptbc.engine import Engine
+    from gptbc.compile.compiler import compile_model
+    from gptbc.artifact.convert import convert_weight
+    from gptbc.runtime.engine import Engine
 
     hf_dir, refs = trained
     out = convert_weight(hf_dir, name, tmp_path / name, progress=False)
@@ -288,8 +288,8 @@ def kl(ref: np.ndarray, got: np.ndarray) -> float:
 
 def test_library_and_weights_of_different_schemes(trained, tmp_path, capsys):
     from gptbc.cli import main
-    from gptbc.compiler import compile_model
-    from gptbc.loader import convert_weight
+    from gptbc.compile.compiler import compile_model
+    from gptbc.artifact.convert import convert_weight
 
     hf_dir, _ = trained
     out = convert_weight(hf_dir, "q4f32_1", tmp_path / "w", progress=False)

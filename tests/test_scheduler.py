@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from gptbc.sampling import SamplingParams
-from gptbc.scheduler import Scheduler
+from gptbc.runtime.sampling import SamplingParams
+from gptbc.runtime.scheduler import Scheduler
 
 VOCAB = 50
 EOS = 0
@@ -140,7 +140,7 @@ def greedy(n: int, **kw) -> SamplingParams:
 
 
 def test_scheduler_imports_no_tvm():
-    code = "import sys, gptbc.scheduler, gptbc.engine; assert 'tvm' not in sys.modules, 'tvm imported'"
+    code = "import sys, gptbc.runtime.scheduler, gptbc.runtime.engine; assert 'tvm' not in sys.modules, 'tvm imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -304,7 +304,7 @@ def test_events_are_snapshots_of_one_token():
 
 
 def test_tiny_temperatures_are_greedy():
-    from gptbc.sampling import sample
+    from gptbc.runtime.sampling import sample
 
     logits = np.array([1.0, 3.0, 2.0, -1.0], np.float32)
     for t in (1e-308, 5e-324, 1e-6):
@@ -313,7 +313,7 @@ def test_tiny_temperatures_are_greedy():
 
 
 def test_sampling_ranges_come_from_one_table_and_errors_name_the_field():
-    from gptbc.sampling import RANGES, SamplingError
+    from gptbc.runtime.sampling import RANGES, SamplingError
 
     for name, value in [("temperature", 2.5), ("top_p", 0.0), ("top_logprobs", 21), ("seed", -1),
                         ("temperature", float("nan")), ("max_new_tokens", 1.5), ("repetition_penalty", 0)]:

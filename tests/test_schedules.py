@@ -7,10 +7,10 @@ import pytest
 import tvm
 from tvm import tirx
 
-from gptbc.compiler import export_relax, fusion_passes
-from gptbc.config import GPTBigCodeConfig
-from gptbc.quantization import get_quantization
-from gptbc.schedules import CPUMatmul, CPUParallel
+from gptbc.compile.compiler import export_relax, fusion_passes
+from gptbc.artifact.config import GPTBigCodeConfig
+from gptbc.artifact.quantization import get_quantization
+from gptbc.compile.schedules import CPUMatmul, CPUParallel
 
 TARGET = {"kind": "llvm", "num-cores": 2}
 # Odd, and not multiples of any tile. FEW rows run the row-tile layout of a multi-row matmul, MANY its GEMM
@@ -60,7 +60,7 @@ def random_inputs(func: tirx.PrimFunc, seed: int, symbols=FEW) -> list[np.ndarra
         elif dtype.startswith("int"):
             arrays.append(rng.integers(0, 2, shape).astype(dtype))
         else:
-            from gptbc.quantization import numpy_dtype
+            from gptbc.artifact.quantization import numpy_dtype
 
             arrays.append((0.5 * rng.standard_normal(shape)).astype(numpy_dtype(dtype)))
     return arrays

@@ -17,8 +17,8 @@ from urllib.parse import urlparse
 import openai
 import pytest
 
-from gptbc.engine import Engine
-from gptbc.server import Server, build_app
+from gptbc.runtime.engine import Engine
+from gptbc.serve.app import Server, build_app
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "def fibonacci(n):\n    "

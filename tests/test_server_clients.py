@@ -11,10 +11,10 @@ from urllib.parse import urlparse
 
 import pytest
 
-from gptbc import api_schema as S
-from gptbc.engine import Engine
-from gptbc.sampling import RANGES
-from gptbc.server import PLAIN_EXTRA_HEADER, IndentStop
+from gptbc.serve import schema as S
+from gptbc.runtime.engine import Engine
+from gptbc.runtime.sampling import RANGES
+from gptbc.serve.app import PLAIN_EXTRA_HEADER, IndentStop
 from test_server import call, live_server, settle
 
 PREFIX = "def add(a, b):\n    "
@@ -267,7 +267,7 @@ def test_chat_completions_with_a_template(tiny_model, tmp_path):
 
 
 def test_sandboxed_template_cannot_reach_python(tiny_model, tmp_path):
-    from gptbc.chat_template import ChatTemplate
+    from gptbc.runtime.chat_template import ChatTemplate
     from gptbc.errors import GptbcError
 
     evil = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}", {})

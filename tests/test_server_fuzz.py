@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
-from gptbc.engine import Engine
+from gptbc.runtime.engine import Engine
 from test_server import PROMPT, call, live_server, reference_text, settle
 from test_server_isolation import PROMPTS, stream
 

@@ -14,11 +14,11 @@ import time
 import numpy as np
 import pytest
 
-from gptbc.async_engine import AsyncEngine, EngineDead
-from gptbc.engine import Engine
-from gptbc.sampling import SamplingParams
-from gptbc.scheduler import Scheduler
-from gptbc.server import Server
+from gptbc.runtime.async_engine import AsyncEngine, EngineDead
+from gptbc.runtime.engine import Engine
+from gptbc.runtime.sampling import SamplingParams
+from gptbc.runtime.scheduler import Scheduler
+from gptbc.serve.app import Server
 from test_scheduler import EOS, VOCAB, FakeRunner, reference
 from test_server import PROMPT, call, live_server, reference_text, settle
 
@@ -92,7 +92,7 @@ def test_tiny_temperature_is_greedy_and_harms_no_one(model):
 
 def test_a_request_whose_sampling_fails_ends_alone(model, monkeypatch):
     """The one request whose sampling raises gets its own 500; concurrent streams finish exactly."""
-    import gptbc.scheduler as sched
+    import gptbc.runtime.scheduler as sched
 
     real = sched.sample
 
@@ -181,9 +181,9 @@ def test_dead_engine_stops_the_process_with_exit_status_1(tiny_model):
     m = tiny_model("mqa64")
     script = textwrap.dedent(f"""
         import sys
-        from gptbc.engine import Engine
+        from gptbc.runtime.engine import Engine
         from gptbc.errors import GptbcError
-        from gptbc.server import serve
+        from gptbc.serve.app import serve
         engine = Engine({str(m.out_dir)!r}, {str(m.lib)!r})
         def broken():
             raise RuntimeError("device lost")
@@ -355,7 +355,7 @@ def test_tokenization_runs_off_the_event_loop_and_the_key_is_compared_in_constan
     import asyncio as aio
     import hmac
 
-    import gptbc.server as srv
+    import gptbc.serve.app as srv
 
     m, _ = model
     engine = Engine(m.out_dir, m.lib)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gptbc.sampling import SamplingParams
-from gptbc.speculation import PromptLookup, accept
+from gptbc.runtime.sampling import SamplingParams
+from gptbc.runtime.speculation import PromptLookup, accept
 from test_scheduler import VOCAB, greedy, make, reference
 
 
@@ -130,10 +130,10 @@ def trained_engines(tmp_path_factory):
     import shutil
     from pathlib import Path
 
-    from gptbc.compiler import compile_model
-    from gptbc.config import resolve_model
-    from gptbc.engine import Engine
-    from gptbc.loader import convert_weight
+    from gptbc.compile.compiler import compile_model
+    from gptbc.artifact.config import resolve_model
+    from gptbc.runtime.engine import Engine
+    from gptbc.artifact.convert import convert_weight
 
     root = tmp_path_factory.mktemp("spec")
     shutil.copytree(Path(__file__).parent / "data" / "trained-tiny", root / "hf")
@@ -161,10 +161,10 @@ def test_int8_activation_model_same_greedy_tokens_with_prompt_lookup(tmp_path):
     import shutil
     from pathlib import Path
 
-    from gptbc.compiler import compile_model
-    from gptbc.config import resolve_model
-    from gptbc.engine import Engine
-    from gptbc.loader import convert_weight
+    from gptbc.compile.compiler import compile_model
+    from gptbc.artifact.config import resolve_model
+    from gptbc.runtime.engine import Engine
+    from gptbc.artifact.convert import convert_weight
 
     shutil.copytree(Path(__file__).parent / "data" / "trained-tiny", tmp_path / "hf")
     out = convert_weight(tmp_path / "hf", "q4f32_1", tmp_path / "out", progress=False)

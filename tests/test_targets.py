@@ -12,10 +12,11 @@ import time
 import numpy as np
 import pytest
 
-from gptbc.compiler import compile_model
-from gptbc.config import resolve_model
+from gptbc.compile.compiler import compile_model
+from gptbc.artifact.config import resolve_model
 from gptbc.errors import GptbcError
-from gptbc.targets import DEVICE_KINDS, TARGETS, get_target, parse_device_kind, plan_build
+from gptbc.compile.targets import TARGETS, get_target, plan_build
+from gptbc.runtime.devices import DEVICE_KINDS, parse_device_kind
 from test_cli import MODEL_FUNCTIONS
 
 EM_AARCH64, EM_CUDA = 183, 190
@@ -58,7 +59,7 @@ def build(tiny, target, tmp_path, suffix, quant="q0f32"):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: cannot compile CUDA kernels")
 @pytest.mark.parametrize("variant, sass, ptx", [("sm_75", [75], [75]), ("sm_90,sm_80", [80, 90], [90])])
 def test_cuda_library_holds_sass_for_each_arch_and_ptx_for_newer_gpus(tiny, tmp_path, variant, sass, ptx):
-    from gptbc.cuda import can_run, fatbin_entries
+    from gptbc.artifact.fatbin import can_run, fatbin_entries
 
     lib = build(tiny, f"cuda:{variant}", tmp_path, ".so")
     blob = lib.read_bytes()
@@ -86,7 +87,7 @@ def test_cuda_library_holds_sass_for_each_arch_and_ptx_for_newer_gpus(tiny, tmp_
 def test_cuda_library_refused_on_a_gpu_it_cannot_run(tmp_path):
     """The load-time check, with the local GPU's arch faked (no GPU here): one line naming what the
     fatbin holds and the flag that fixes it."""
-    from gptbc.cuda import check_runnable
+    from gptbc.runtime.cuda import check_runnable
     from gptbc.errors import GptbcError
 
     lib = tmp_path / "lib.so"
@@ -130,7 +131,7 @@ def test_aarch64_objects(tiny, tmp_path):
 def test_vulkan_builds_wgsl_into_a_native_library_without_vulkan_codegen(tiny, tmp_path):
     """Without SPIR-V codegen (the wheel), --target vulkan is WGSL kernels in a .so for this CPU (run by gptbc's
     WebGPU runtime, tests/test_vulkan.py); with it, TVM's own Vulkan library."""
-    from gptbc.targets import vulkan_codegen
+    from gptbc.compile.targets import vulkan_codegen
 
     lib = build(tiny, "vulkan", tmp_path, ".so")
     blob = lib.read_bytes()

@@ -30,7 +30,7 @@ def _vulkan_unavailable() -> str | None:
     from gptbc.errors import GptbcError
 
     try:
-        from gptbc import webgpu
+        from gptbc.runtime import webgpu
 
         if not webgpu.adapters():
             return webgpu.NO_ADAPTER
@@ -46,8 +46,8 @@ pytestmark = [pytest.mark.vulkan, pytest.mark.skipif(WHY_NOT is not None, reason
 
 
 def _compile(out_dir, target, quant, path, **overrides):
-    from gptbc.compiler import compile_model
-    from gptbc.config import resolve_model
+    from gptbc.compile.compiler import compile_model
+    from gptbc.artifact.config import resolve_model
 
     if not path.exists():  # float activations on the CPU too: the GPU kernels are compared with that network
         compile_model(resolve_model(str(out_dir), **overrides), target, quant, path, log=lambda _m: None,
@@ -59,7 +59,7 @@ def _compile(out_dir, target, quant, path, **overrides):
 def vulkan_lib(tiny_model, tmp_path_factory):
     """vulkan_lib(name, quant="q0f32") → (converted dir, vulkan library, cpu library) for a tiny model."""
     from conftest import VARIANTS
-    from gptbc.loader import convert_weight
+    from gptbc.artifact.convert import convert_weight
 
     root = tmp_path_factory.mktemp("vulkan")
     built = {}
@@ -81,7 +81,7 @@ def vulkan_lib(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(vulkan_lib):
-    from gptbc.engine import Engine
+    from gptbc.runtime.engine import Engine
 
     made = {}
 
@@ -207,10 +207,10 @@ def test_merge_state_kernel_is_race_free(dtype, tmp_path):
     import tvm
     from tvm.relax.frontend.nn.llm.kv_cache import _merge_state_inplace
 
-    from gptbc import webgpu
+    from gptbc.runtime import webgpu
     from gptbc.errors import GptbcError
-    from gptbc.kernels import MERGE_STATE, merge_state_inplace
-    from gptbc.targets import host_cpu_target
+    from gptbc.compile.kernels import MERGE_STATE, merge_state_inplace
+    from gptbc.compile.targets import host_cpu_target
 
     webgpu.load_runtime()
     n, h, d = 5, 2, 64
@@ -248,7 +248,7 @@ def test_merge_state_kernel_is_race_free(dtype, tmp_path):
 
 
 def test_continuous_batching_and_submits(engines):
-    from gptbc import webgpu
+    from gptbc.runtime import webgpu
 
     gpu, cpu = engines("mqa64")
     prompts = [PROMPT[:5], PROMPT, PROMPT[10:27], PROMPT[:16]]
@@ -267,7 +267,7 @@ def test_continuous_batching_and_submits(engines):
 def test_server_answers_on_vulkan(vulkan_lib):
     import openai
 
-    from gptbc.engine import Engine
+    from gptbc.runtime.engine import Engine
     from test_server import live_server
 
     out, vk, cpu = vulkan_lib("mqa64")
@@ -315,9 +315,9 @@ def test_errors_no_adapter_wrong_device_and_f16(tiny_model, vulkan_lib, monkeypa
                           "built for cpu", "vulkan")
     assert_one_line_error(gptbc("generate", out, "--lib", vk, "--prompt-ids", ids), "built for vulkan", "cpu")
     # A float16 model on an adapter without shader-f16 (lavapipe has it: present the adapter without).
-    from gptbc import webgpu
+    from gptbc.runtime import webgpu
     from gptbc.errors import GptbcError
-    from gptbc.engine import Engine
+    from gptbc.runtime.engine import Engine
 
     f16_out, f16_lib, _ = vulkan_lib("mha32", "q0f16")
     real = webgpu.adapter_of
@@ -328,7 +328,7 @@ def test_errors_no_adapter_wrong_device_and_f16(tiny_model, vulkan_lib, monkeypa
 
 def test_weight_over_binding_limit_is_refused(tmp_path):
     """A real tensor over lavapipe's 128 MiB storage binding: wte of 263000 x 128 float32 (134.7 MB)."""
-    from gptbc import webgpu
+    from gptbc.runtime import webgpu
 
     limit = webgpu.adapters()[0]["max_storage_buffer_binding_size"]
     vocab = limit // (128 * 4) + 100

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import Engine
-from .manifest import read_weights
-from .speculation import PromptLookup
-from .tensorfile import SafetensorsFile
+from gptbc.runtime.engine import Engine
+from gptbc.artifact.manifest import read_weights
+from gptbc.runtime.speculation import PromptLookup
+from gptbc.artifact.safetensors_io import SafetensorsFile
 
 
 @dataclass

@@ -10,8 +10,8 @@ import json
 import sys
 from typing import Sequence
 
-from . import __version__
-from .errors import GptbcError, interrupt_requested
+from gptbc import __version__
+from gptbc.errors import GptbcError, interrupt_requested
 
 
 def _positive_int(flag: str):
@@ -35,14 +35,14 @@ def parse_ids(text: str) -> list[int]:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from .compiler import compile_model
-    from .config import resolve_model
+    from gptbc.compile.compiler import compile_model
+    from gptbc.artifact.config import resolve_model
 
     source = resolve_model(args.model, context_window_size=args.context_window_size,
                            prefill_chunk_size=args.prefill_chunk_size, max_batch_size=args.max_batch_size)
     quantization, keep_head = args.quantization, args.no_quantize_lm_head
     if quantization is None:  # a converted directory compiles for its own scheme; anything else for q0f32
-        from .config import GPTBC_CONFIG, load_gptbc_config
+        from gptbc.artifact.config import GPTBC_CONFIG, load_gptbc_config
 
         converted = source.directory is not None and (source.directory / GPTBC_CONFIG).is_file()
         scheme = load_gptbc_config(source.directory)["quantization"] if converted else {"name": "q0f32"}
@@ -57,22 +57,22 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _print_memory_plan(cfg, quantization: str, keep_head: bool) -> None:
-    from .memory import compile_report
-    from .quantization import get_quantization
+    from gptbc.artifact.memory_plan import compile_report
+    from gptbc.artifact.quantization import get_quantization
 
     for line in compile_report(cfg, get_quantization(quantization, not keep_head)):
         print(f"[gptbc] memory plan: {line}", file=sys.stderr)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .memory import models_table
+    from gptbc.artifact.memory_plan import models_table
 
     print(models_table(as_json=args.json))
     return 0
 
 
 def cmd_convert_weight(args: argparse.Namespace) -> int:
-    from .loader import convert_weight
+    from gptbc.artifact.convert import convert_weight
 
     out = convert_weight(args.hf_dir, args.quantization, args.output, progress=not args.quiet,
                          quantize_lm_head=not args.no_quantize_lm_head)
@@ -92,7 +92,7 @@ def prompt_lookup(args: argparse.Namespace):
     """--prompt-lookup [N]: speculative decoding with drafts of up to N tokens copied from the text so far."""
     if not getattr(args, "prompt_lookup", None):
         return None
-    from .speculation import PromptLookup
+    from gptbc.runtime.speculation import PromptLookup
 
     return PromptLookup(num_draft=args.prompt_lookup)
 
@@ -100,8 +100,8 @@ def prompt_lookup(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
-    from .errors import ContextWindowError
-    from .engine import Completion, Engine
+    from gptbc.errors import ContextWindowError
+    from gptbc.runtime.engine import Completion, Engine
 
     use_threads(args)
     engine = Engine(args.out_dir, args.lib, device=args.device, speculation=prompt_lookup(args))
@@ -150,14 +150,15 @@ def generation_timings(done, start: float, first: float, end: float) -> dict:
 
 
 def cmd_targets(_args: argparse.Namespace) -> int:
-    from .targets import TARGETS
+    from gptbc.compile.targets import TARGETS
+    from gptbc.runtime.devices import runs_here
 
     print(f"{'target':<16} {'output':<7} {'build here':<11} {'run here':<9} description")
     for t in TARGETS:
         names = ", ".join((t.name, *t.aliases))
         why = t.unavailable()
         output = t.plan(None).suffix if why is None else "-"
-        print(f"{names:<16} {output:<7} {'yes' if why is None else 'no':<11} {'yes' if t.runs_here() else 'no':<9} "
+        print(f"{names:<16} {output:<7} {'yes' if why is None else 'no':<11} {'yes' if runs_here(t.device, t.arch) else 'no':<9} "
               f"{t.description}; needs {t.toolchain}" + (f" [{why}]" if why else ""))
     print_vulkan_adapters()
     return 0
@@ -165,12 +166,12 @@ def cmd_targets(_args: argparse.Namespace) -> int:
 
 def print_vulkan_adapters() -> None:
     """Which way --target vulkan goes here, and the adapters `--device vulkan[:N]` chooses from."""
-    from .targets import vulkan_codegen, vulkan_path
+    from gptbc.compile.targets import vulkan_codegen, vulkan_path
 
     print(f"\nvulkan path: {vulkan_path()}")
     if vulkan_codegen():
         return
-    from . import webgpu
+    from gptbc.runtime import webgpu
 
     try:
         found = webgpu.adapters()
@@ -186,7 +187,7 @@ def print_vulkan_adapters() -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from gptbc.bench import run_bench
 
     use_threads(args)
     batches = tuple(int(b) for b in args.batch.split(",") if b) if args.batch else ()
@@ -202,8 +203,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from .engine import Engine
-    from .server import serve
+    from gptbc.runtime.engine import Engine
+    from gptbc.serve.app import serve
 
     use_threads(args)
     api_key = args.api_key or os.environ.get("GPTBC_API_KEY") or None
@@ -231,7 +232,7 @@ THREADS_HELP = "CPU worker threads (default: one per physical core; TVM_NUM_THRE
 
 
 def quantization_help(default: str) -> str:
-    from .quantization import QUANTIZATIONS
+    from gptbc.artifact.quantization import QUANTIZATIONS
 
     return f"weight scheme, one of {', '.join(QUANTIZATIONS)} (see README); {default}"
 
@@ -247,7 +248,7 @@ class _ShowDefaults(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .quantization import ACTIVATION_MODES
+    from gptbc.artifact.quantization import ACTIVATION_MODES
 
     fmt = _ShowDefaults
     p = argparse.ArgumentParser(prog="gptbc", description="Compile and run GPTBigCode models with TVM Relax.",

@@ -15,11 +15,11 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from gptbc.config import GPTBigCodeConfig, ModelSource
-from gptbc.loader import model_params
-from gptbc.manifest import SCHEMA_VERSION, library_manifest, weights_manifest
-from gptbc.quantization import get_quantization
-from gptbc.targets import plan_build
+from gptbc.artifact.config import GPTBigCodeConfig, ModelSource
+from gptbc.artifact.params import converted_params
+from gptbc.artifact.manifest import SCHEMA_VERSION, library_manifest, weights_manifest
+from gptbc.artifact.quantization import get_quantization
+from gptbc.compile.targets import plan_build
 
 HERE = Path(__file__).parent
 LIB = "library.json"
@@ -30,11 +30,11 @@ def good() -> tuple[dict, dict]:
     cfg = GPTBigCodeConfig(n_embd=32, n_head=2, n_layer=1, n_positions=64, vocab_size=320, bos_token_id=0,
                            eos_token_id=[0], prefill_chunk_size=32, max_batch_size=4)
     quant = get_quantization("q4f32_1")
-    params = model_params(cfg, quant)
+    params = converted_params(cfg, quant)
     weights = weights_manifest("tiny", cfg, quant, [
         {"name": n, "shape": list(s), "dtype": d, "file": "params-00001-of-00001.safetensors"} for n, s, d in params])
     spec, _ = plan_build("cpu")
-    return weights, library_manifest(ModelSource("tiny", cfg, None), quant, spec, "cpu", params)
+    return weights, library_manifest(ModelSource("tiny", cfg, None), quant, spec.device, "cpu", params)
 
 
 def param(m: dict, name: str) -> dict:

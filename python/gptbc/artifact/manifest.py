@@ -16,7 +16,7 @@ Library (`_metadata`):
   the common header, model_config, quantization, target (the --target spelling), device (cpu, cuda, ...),
   context_window_size, prefill_chunk_size, max_batch_size, params [{name, shape, dtype}]
 
-Imports no TVM: the compiler, the loader, the runtime and the tests all read it.
+Imports no TVM: the compiler, the converter, the runtime and the tests all read it.
 """
 
 from __future__ import annotations
@@ -25,13 +25,12 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .errors import GptbcError
+from gptbc import __version__
+from gptbc.errors import GptbcError
 
 if TYPE_CHECKING:
-    from .config import GPTBigCodeConfig, ModelSource
-    from .quantization import Quantization
-    from .targets import TargetSpec
+    from gptbc.artifact.config import GPTBigCodeConfig, ModelSource
+    from gptbc.artifact.quantization import Quantization
 
 # The manifest layout this gptbc writes, and the oldest it still reads.
 SCHEMA_VERSION = 2  # 2: a library's params may name a `repack` function (int8 activations)
@@ -69,7 +68,7 @@ def weights_manifest(model_name: str, config: "GPTBigCodeConfig", quant: "Quanti
     }
 
 
-def library_manifest(source: "ModelSource", quant: "Quantization", target: "TargetSpec", spelling: str,
+def library_manifest(source: "ModelSource", quant: "Quantization", device: str, spelling: str,
                      params: list[tuple[str, tuple[int, ...], str]], repack: dict[str, str] | None = None) -> dict[str, Any]:
     """A library's `_metadata`: what a runtime checks against the weights before computing anything.
     `repack`: {parameter: library function} the runtime applies to that weight once it is loaded."""
@@ -81,7 +80,7 @@ def library_manifest(source: "ModelSource", quant: "Quantization", target: "Targ
         "quantization": quant.describe(),
         "activations": "int8" if quant.int8_activations else "float",
         "target": spelling,
-        "device": target.device,
+        "device": device,
         "context_window_size": cfg.context_window_size,
         "prefill_chunk_size": cfg.prefill_chunk_size,
         "max_batch_size": cfg.max_batch_size,

@@ -28,11 +28,11 @@ from typing import Any, AsyncIterator, Callable
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request as HttpRequest  # module level: FastAPI resolves the annotations
 
-from . import api_schema as S
-from .async_engine import AsyncEngine, EngineDead, EngineStepError
-from .errors import ContextWindowError, GptbcError
-from .sampling import SamplingError, SamplingParams
-from .scheduler import Event, Request
+from gptbc.serve import schema as S
+from gptbc.runtime.async_engine import AsyncEngine, EngineDead, EngineStepError
+from gptbc.errors import ContextWindowError, GptbcError
+from gptbc.runtime.sampling import SamplingError, SamplingParams
+from gptbc.runtime.scheduler import Event, Request
 
 log = logging.getLogger("gptbc.serve")
 
@@ -294,7 +294,7 @@ class Server:
         tok = engine.tokenizer
         self.repo_tokens = None
         if tok is not None and engine.fim is not None:
-            from .tokenizer import vocabulary
+            from gptbc.runtime.tokenizer import vocabulary
 
             vocab = vocabulary(engine.model_dir)
             if "<repo_name>" in vocab and "<file_sep>" in vocab:

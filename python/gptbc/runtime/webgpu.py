@@ -23,7 +23,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import GptbcError
+from gptbc.errors import GptbcError
 
 DEVICE_TYPE = 15  # kDLWebGPU
 LIB_NAME = "libgptbc_webgpu.so"

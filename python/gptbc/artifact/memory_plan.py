@@ -2,7 +2,7 @@
 check that refuses a run that cannot fit the device before anything is allocated.
 
 Everything here is computed from the config alone (no TVM, no weights), so `gptbc models` is instant and
-offline; `tests/test_presets.py` checks `weight_bytes` against the parameter list the compiled model takes.
+offline; `tests/test_presets.py` checks `weight_bytes` against `params.converted_params`.
 """
 
 from __future__ import annotations
@@ -13,29 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import GPTBigCodeConfig
-from .errors import GptbcError
-from .manifest import PAGE_SIZE
-from .quantization import Quantization, is_quantized, numpy_dtype
+from gptbc.artifact.config import GPTBigCodeConfig
+from gptbc.errors import GptbcError
+from gptbc.artifact.manifest import PAGE_SIZE
+from gptbc.artifact.params import hf_shapes
+from gptbc.artifact.quantization import Quantization, is_quantized, numpy_dtype
 
-
-
-def hf_shapes(cfg: GPTBigCodeConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every parameter in gpt_bigcode naming, Linear weights [out, in]; lm_head only if untied."""
-    e, inner, qkv = cfg.n_embd, cfg.n_inner, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
-    out = [("transformer.wte.weight", (cfg.vocab_size, e)), ("transformer.wpe.weight", (cfg.n_positions, e))]
-    for i in range(cfg.n_layer):
-        p = f"transformer.h.{i}."
-        out += [(p + "ln_1.weight", (e,)), (p + "ln_1.bias", (e,)),
-                (p + "attn.c_attn.weight", (qkv, e)), (p + "attn.c_attn.bias", (qkv,)),
-                (p + "attn.c_proj.weight", (e, e)), (p + "attn.c_proj.bias", (e,)),
-                (p + "ln_2.weight", (e,)), (p + "ln_2.bias", (e,)),
-                (p + "mlp.c_fc.weight", (inner, e)), (p + "mlp.c_fc.bias", (inner,)),
-                (p + "mlp.c_proj.weight", (e, inner)), (p + "mlp.c_proj.bias", (e,))]
-    out += [("transformer.ln_f.weight", (e,)), ("transformer.ln_f.bias", (e,))]
-    if not cfg.tie_word_embeddings:
-        out.append(("lm_head.weight", (cfg.vocab_size, e)))
-    return out
 
 
 def parameter_count(cfg: GPTBigCodeConfig) -> int:
@@ -175,8 +158,8 @@ def models_table(as_json: bool = False) -> str:
     import json
     from importlib import resources
 
-    from .config import preset_names, resolve_model
-    from .quantization import QUANTIZATIONS
+    from gptbc.artifact.config import preset_names, resolve_model
+    from gptbc.artifact.quantization import QUANTIZATIONS
 
     rows = []
     for name in preset_names():

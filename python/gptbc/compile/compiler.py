@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .config import GPTBC_CONFIG, GPTBigCodeConfig, ModelSource, load_gptbc_config
-from .errors import GptbcError, raise_if_interrupted
-from .manifest import library_manifest
-from .quantization import Quantization, check_activation_mode, get_quantization
-from .targets import Build, Pipeline, get_target, plan_build
+from gptbc.artifact.config import GPTBC_CONFIG, GPTBigCodeConfig, ModelSource, load_gptbc_config
+from gptbc.errors import GptbcError, raise_if_interrupted
+from gptbc.artifact.manifest import library_manifest
+from gptbc.artifact.params import converted_params
+from gptbc.artifact.quantization import Quantization, check_activation_mode, get_quantization
+from gptbc.compile.targets import Build, Pipeline, get_target, plan_build
 
 
 def default_output(model_name: str, quant: str, spelling: str, build: Build) -> Path:
@@ -99,12 +100,15 @@ def export_relax(cfg: GPTBigCodeConfig, quant: Quantization, target):
     """The model's Relax IRModule (all exported functions, parameters packed), before any pass, its
     parameters as (name, shape, dtype) in the order the functions take them, and which of them the runtime
     repacks when loading ({name: kind}, layers.repack_plan)."""
-    from .model import GPTBigCodeForCausalLM, param_list
-    from .quantization.layers import repack_plan
+    from gptbc.compile.model import GPTBigCodeForCausalLM, param_list
+    from gptbc.compile.quantized_layers import repack_plan
 
     model = GPTBigCodeForCausalLM(cfg, target, quant)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
-    return mod, param_list(named_params), repack_plan(named_params)
+    params = param_list(named_params)
+    if params != converted_params(cfg, quant):  # the converter writes that list; a library must take the same
+        raise GptbcError(f"internal: the {quant.name} model's parameters differ from artifact.params.converted_params")
+    return mod, params, repack_plan(named_params)
 
 
 def choose_activations(option: str, quant: Quantization, target) -> Quantization:
@@ -113,7 +117,7 @@ def choose_activations(option: str, quant: Quantization, target) -> Quantization
     generic kernel where there is no VNNI); `float` keeps the float-activation kernels."""
     import dataclasses
 
-    from .kernels_int8 import int8_isa
+    from gptbc.compile.kernels_int8 import int8_isa
 
     check_activation_mode(option)
     cpu = target.kind.name == "llvm"
@@ -156,10 +160,10 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
     mod = spec.pipeline.replace_kernels(mod, source.config, quant, target)
     repack: dict[str, str] = {}
     if plan:
-        from .kernels_int8 import add_repack_functions
+        from gptbc.compile.kernels_int8 import add_repack_functions
 
         mod, repack = add_repack_functions(mod, plan, params)
-    mod = attach_metadata(mod, library_manifest(source, quant, spec, target_name, params, repack))
+    mod = attach_metadata(mod, library_manifest(source, quant, spec.device, target_name, params, repack))
     t = phase(f"export {source.name} ({quant.name}, {'int8' if quant.int8_activations else 'float'} activations) "
               f"to Relax", t)
 

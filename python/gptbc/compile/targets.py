@@ -1,9 +1,9 @@
 """Every per-target decision in one table: for each `--target` spelling the TVM target it means, the
-compile pipeline it gets, what it produces and needs, and the runtime device it runs on; and for each
-runtime device spelling (`--device`, `Engine(device=...)`) the TVM device kind it means.
+compile pipeline it gets, what it produces and needs, and the runtime device kind (and CPU architecture)
+it runs on. The runtime side of a device spelling (`--device`) is runtime/devices.py.
 
-Adding a target is adding a `TargetSpec` here; the compile driver, the runtime and `gptbc targets`
-read these tables and nothing else decides per-target behaviour. Importing this module imports no TVM
+Adding a target is adding a `TargetSpec` here; the compile driver and `gptbc targets` read this table
+and nothing else decides per-target behaviour at compile time. Importing this module imports no TVM
 (the hooks import what they need when called).
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import GptbcError
+from gptbc.errors import GptbcError
 
 WASM_HOST = {"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"}
 MAC_HOST = {"kind": "llvm", "mtriple": "arm64-apple-macos", "mcpu": "apple-m1"}
@@ -35,20 +35,20 @@ class Build:
 
 
 def _cpu_rules() -> list:
-    from .schedules import cpu_rules
+    from gptbc.compile.schedules import cpu_rules
 
     return cpu_rules()
 
 
 def _gpu_rules() -> list:
-    from .schedules import gpu_rules
+    from gptbc.compile.schedules import gpu_rules
 
     return gpu_rules()
 
 
 def _cpu_kernels(mod, cfg, quant, target):
-    from .kernels import use_fast_cpu_attention
-    from .kernels_int8 import use_int8_kernels
+    from gptbc.compile.kernels import use_fast_cpu_attention
+    from gptbc.compile.kernels_int8 import use_int8_kernels
 
     mod = use_fast_cpu_attention(mod, cfg.n_kv_head, cfg.n_head, cfg.head_dim, quant.model_dtype)
     return use_int8_kernels(mod, target) if quant.int8_activations else mod
@@ -72,7 +72,7 @@ GPU_PIPELINE = Pipeline("gpu", _gpu_rules)
 
 
 def _race_free_merge(mod, cfg, quant, _target):
-    from .kernels import use_race_free_merge
+    from gptbc.compile.kernels import use_race_free_merge
 
     # 256: the threads per block TVM's webgpu and vulkan targets allow, which TVM's kernel is sized by
     return use_race_free_merge(mod, cfg.n_head, cfg.head_dim, quant.model_dtype, 256)
@@ -86,7 +86,7 @@ WGPU_PIPELINE = Pipeline("gpu", _gpu_rules, _race_free_merge)
 
 def _nvcc_fatbin(executable, target, variant: str | None, output: Path) -> tuple[dict[Path, bytes], str]:
     """CUDA: the kernels compiled by nvcc, written beside the library (see cuda.py)."""
-    from .cuda import aot_cuda_kernels
+    from gptbc.compile.cuda import aot_cuda_kernels
 
     archs = cuda_archs(variant)
     return (aot_cuda_kernels(executable, target, archs, output),
@@ -104,7 +104,7 @@ class TargetSpec:
     aliases: tuple[str, ...] = ()
     variant_pattern: str | None = None  # regex a ":variant" must match
     unavailable: Callable[[], str | None] = field(default=lambda: None)  # why this machine cannot build it
-    runs_here: Callable[[], bool] = field(default=lambda: False)
+    arch: str | None = None  # the CPU architecture the library's host code is for; None: this machine's
     # (built executable, TVM target, variant, library path) → (files to write beside the library, what it did)
     sidecars: Callable[[Any, Any, str | None, Path], tuple[dict[Path, bytes], str]] | None = None
 
@@ -175,17 +175,6 @@ def vulkan_path() -> str:
             "runtime on wgpu-native over Vulkan")
 
 
-def _vulkan_runs_here() -> bool:
-    if vulkan_codegen():
-        return _device_exists("vulkan")()
-    try:
-        from . import webgpu
-
-        return bool(webgpu.adapters())
-    except Exception:  # noqa: BLE001 - no wgpu, no compiler, no driver: it does not run here
-        return False
-
-
 def _webgpu(_variant: str | None) -> Build:
     return Build({"kind": "webgpu", "host": WASM_HOST}, ".tar", system_lib=True)
 
@@ -208,38 +197,23 @@ def _no_nvcc() -> str | None:
     return None if shutil.which("nvcc") else "nvcc not found on PATH (install the CUDA toolkit)"
 
 
-def _device_exists(kind: str) -> Callable[[], bool]:
-    def check() -> bool:
-        try:
-            import tvm
-
-            return bool(tvm.device(kind, 0).exist)
-        except Exception:
-            return False
-
-    return check
-
-
 TARGETS: list[TargetSpec] = [
     TargetSpec("cpu", "this machine's CPU (LLVM with the host's features; `cpu:MCPU` overrides)", "cpu",
                CPU_PIPELINE, "LLVM (in TVM) and a C compiler to link", _cpu, aliases=("llvm",),
-               variant_pattern=r"[\w.-]+", runs_here=lambda: True),
+               variant_pattern=r"[\w.-]+"),
     TargetSpec("cuda", "NVIDIA GPU; `cuda:sm_XX[,sm_YY...]` picks the architectures (default: the local GPU's, "
                "else sm_80); PTX of the highest is embedded for newer GPUs", "cuda", GPU_PIPELINE, "nvcc", _cuda,
-               variant_pattern=r"sm_\d{2,3}a?(,sm_\d{2,3}a?)*", unavailable=_no_nvcc,
-               runs_here=_device_exists("cuda"), sidecars=_nvcc_fatbin),
+               variant_pattern=r"sm_\d{2,3}a?(,sm_\d{2,3}a?)*", unavailable=_no_nvcc, sidecars=_nvcc_fatbin),
     TargetSpec("metal", "Apple silicon GPU: a .dylib on macOS, elsewhere a .tar of objects for a macOS build",
-               "metal", GPU_PIPELINE, "LLVM (in TVM); on macOS the Xcode command line tools", _metal,
-               runs_here=_device_exists("metal")),
+               "metal", GPU_PIPELINE, "LLVM (in TVM); on macOS the Xcode command line tools", _metal),
     TargetSpec("vulkan", "Vulkan GPU: SPIR-V with a TVM built with USE_VULKAN=ON, else WGSL kernels in a .so run "
                "by gptbc's WebGPU runtime (wgpu-native)", "vulkan", WGPU_PIPELINE,
-               "LLVM (in TVM) and a C compiler; running needs the vulkan extra (wgpu) and a Vulkan driver", _vulkan,
-               runs_here=_vulkan_runs_here),
+               "LLVM (in TVM) and a C compiler; running needs the vulkan extra (wgpu) and a Vulkan driver", _vulkan),
     TargetSpec("webgpu", "browsers (WGSL shaders, wasm32 host code), a .tar for a web runtime", "webgpu",
                WGPU_PIPELINE, "LLVM (in TVM)", _webgpu),
     TargetSpec("aarch64-linux", "64-bit ARM Linux boards (NEON): a .so with aarch64-linux-gnu-gcc, else a .tar",
                "cpu", CPU_PIPELINE, "LLVM (in TVM); aarch64-linux-gnu-gcc to link a .so", _aarch64,
-               runs_here=lambda: platform.machine() in ("aarch64", "arm64") and platform.system() == "Linux"),
+               arch="aarch64"),
 ]
 
 
@@ -263,17 +237,3 @@ def plan_build(spelling: str) -> tuple[TargetSpec, Build]:
     if why:
         raise GptbcError(f"--target {spelling}: cannot build here: {why}")
     return spec, spec.plan(variant)
-
-
-# Runtime device spellings → TVM device kind (the kind a library's `device` must equal to run there).
-DEVICE_KINDS = {"cpu": "cpu", "llvm": "cpu", "cuda": "cuda", "metal": "metal", "vulkan": "vulkan", "rocm": "rocm",
-                "opencl": "opencl"}
-
-
-def parse_device_kind(spelling: str) -> tuple[str, int]:
-    """'cpu', 'cuda:0', 'metal', 'vulkan:1' → (TVM device kind, index); anything else is a one-line error."""
-    kind, _, index = spelling.partition(":")
-    if kind not in DEVICE_KINDS or (index and not (index.isascii() and index.isdigit())):
-        raise GptbcError(f"device {spelling!r}: expected one of {', '.join(sorted(set(DEVICE_KINDS)))}, "
-                         f"optionally with :INDEX")
-    return DEVICE_KINDS[kind], int(index or 0)

@@ -11,13 +11,13 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
-from .chat_template import ChatTemplate, load_chat_template
-from .errors import ContextWindowError, GptbcError
-from .runner import ModelRunner
-from .sampling import SamplingParams, generation_defaults
-from .scheduler import Request, Scheduler
-from .speculation import PromptLookup
-from .tokenizer import IncrementalDetokenizer, Tokenizer, find_fim_tokens, has_tokenizer
+from gptbc.runtime.chat_template import ChatTemplate, load_chat_template
+from gptbc.errors import ContextWindowError, GptbcError
+from gptbc.runtime.runner import ModelRunner
+from gptbc.runtime.sampling import SamplingParams, generation_defaults
+from gptbc.runtime.scheduler import Request, Scheduler
+from gptbc.runtime.speculation import PromptLookup
+from gptbc.runtime.tokenizer import IncrementalDetokenizer, Tokenizer, find_fim_tokens, has_tokenizer
 
 
 class Engine:

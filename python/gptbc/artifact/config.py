@@ -15,11 +15,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import GptbcError
-from .manifest import WEIGHTS_FILE, read_weights
+from gptbc.errors import GptbcError
+from gptbc.artifact.checkpoint_layouts import normalize_config  # the original SantaCoder layout reads as gpt_bigcode
+from gptbc.artifact.files import HF_CONFIG, read_json
+from gptbc.artifact.manifest import WEIGHTS_FILE, read_weights
 
 GPTBC_CONFIG = WEIGHTS_FILE
-HF_CONFIG = "config.json"
 
 # Activation names HF uses for GPTBigCode checkpoints → how we compute them.
 # "gelu" in HF is the exact (erf) GELU; santacoder/starcoder ship "gelu_pytorch_tanh".
@@ -136,25 +137,10 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("gptbc.presets").iterdir() if p.name.endswith(".json"))
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise GptbcError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise GptbcError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise GptbcError(f"{path}: expected a JSON object")
-    return data
-
-
 def load_hf_config(directory: Path, **overrides: Any) -> GPTBigCodeConfig:
     path = Path(directory) / HF_CONFIG
     if not path.is_file():
         raise GptbcError(f"{directory}: no config.json here (expected a Hugging Face model directory)")
-    from .layouts import normalize_config  # the original SantaCoder layout reads as gpt_bigcode
-
     return GPTBigCodeConfig.from_dict(normalize_config(read_json(path), str(path)), source=str(path), **overrides)
 
 
@@ -208,8 +194,6 @@ def resolve_model(spec: str, with_weights: bool = False, **overrides: Any) -> Mo
             return ModelSource(raw.get("model_name", name), cfg, path)
         return ModelSource(name, load_hf_config(path, **overrides), path)
     if spec in preset_names():
-        from .layouts import normalize_config
-
         raw = normalize_config(json.loads(resources.files("gptbc.presets").joinpath(f"{spec}.json").read_text("utf-8")),
                                f"preset {spec}")
         return ModelSource(spec, GPTBigCodeConfig.from_dict(raw, source=f"preset {spec}", **overrides), None)

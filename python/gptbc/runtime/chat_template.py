@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import GptbcError
+from gptbc.errors import GptbcError
 
 
 class ChatTemplate:

@@ -39,7 +39,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import GptbcError
+from gptbc.artifact.files import HF_CONFIG, read_json
+from gptbc.errors import GptbcError
 
 SANTACODER_ARCHITECTURES = ("GPT2LMHeadCustomModel", "GPT2CustomModel")
 ATTENTION_HEAD_TYPES = {"multiquery": True, "multihead": False}  # → gpt_bigcode multi_query
@@ -89,7 +90,7 @@ def normalize_config(raw: dict[str, Any], source: str) -> dict[str, Any]:
 class SantaCoderView:
     """A checkpoint in the original SantaCoder layout, seen under gpt_bigcode names, shapes and orders.
 
-    Implements the part of `loader.Checkpoint` the converter uses (`in`, `info`, `get`, `release`,
+    Implements the part of `convert.Checkpoint` the converter uses (`in`, `info`, `get`, `release`,
     `source_of`, `close`). Tensors are made one at a time on `get`, so conversion still streams.
     """
 
@@ -190,8 +191,6 @@ def _qkv_blocks_to_per_head(x: np.ndarray, h: int, d: int) -> np.ndarray:
 
 def wrap_checkpoint(ckpt, hf_dir: Path, cfg):
     """The converter's hook: the checkpoint as gpt_bigcode tensors, whatever layout the directory has."""
-    from .config import HF_CONFIG, read_json
-
     path = Path(hf_dir) / HF_CONFIG
     raw = read_json(path)
     if layout_of(raw, str(path)) != "santacoder":

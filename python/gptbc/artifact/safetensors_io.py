@@ -18,8 +18,8 @@ from typing import BinaryIO, Iterable
 import ml_dtypes
 import numpy as np
 
-from .errors import GptbcError
-from .manifest import ALIGNMENT
+from gptbc.errors import GptbcError
+from gptbc.artifact.manifest import ALIGNMENT
 
 # safetensors dtype name ↔ numpy dtype
 DTYPES: dict[str, np.dtype] = {

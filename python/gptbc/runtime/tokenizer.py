@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import GptbcError
+from gptbc.artifact.files import TOKENIZER_FILES
+from gptbc.errors import GptbcError
 
-TOKENIZER_FILES = [
-    "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "generation_config.json",
-]
 
 # SantaCoder spells its FIM tokens with dashes, StarCoder with underscores.
 FIM_SPELLINGS = [

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .sampling import MAX_TOP_LOGPROBS, RANGES
+from gptbc.runtime.sampling import MAX_TOP_LOGPROBS, RANGES
 
 MAX_CHOICES = 16  # n × number of prompts in one request
 MAX_STOPS = 16

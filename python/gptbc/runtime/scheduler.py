@@ -27,10 +27,10 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from .errors import GptbcError
-from .sampling import SamplingParams, log_softmax, probabilities, sample, top_tokens
-from .speculation import CostGate, DraftState, PromptLookup, accept
-from .tokenizer import IncrementalDetokenizer
+from gptbc.errors import GptbcError
+from gptbc.runtime.sampling import SamplingParams, log_softmax, probabilities, sample, top_tokens
+from gptbc.runtime.speculation import CostGate, DraftState, PromptLookup, accept
+from gptbc.runtime.tokenizer import IncrementalDetokenizer
 
 
 class Runner(Protocol):

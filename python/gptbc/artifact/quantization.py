@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from ..errors import GptbcError
+from gptbc.errors import GptbcError
 
 
 @dataclass(frozen=True)

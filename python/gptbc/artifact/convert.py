@@ -22,12 +22,13 @@ from typing import Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from .config import GPTBC_CONFIG, GPTBigCodeConfig, fetch_from_hub, load_hf_config, looks_like_hub_id
-from .errors import GptbcError, raise_if_interrupted
-from .manifest import weights_manifest
-from .quantization import Quantization, get_quantization, numpy_dtype, quantize
-from .tensorfile import SafetensorsFile, aligned_order, dtype_name, write_safetensors
-from .tokenizer import TOKENIZER_FILES
+from gptbc.artifact.files import TOKENIZER_FILES
+from gptbc.artifact.config import GPTBC_CONFIG, GPTBigCodeConfig, fetch_from_hub, load_hf_config, looks_like_hub_id
+from gptbc.errors import GptbcError, raise_if_interrupted
+from gptbc.artifact.manifest import weights_manifest
+from gptbc.artifact.params import converted_params
+from gptbc.artifact.quantization import Quantization, get_quantization, numpy_dtype, quantize
+from gptbc.artifact.safetensors_io import SafetensorsFile, aligned_order, dtype_name, write_safetensors
 
 SHARD_BYTES = 1 << 30  # 1 GiB shards: small enough to copy around, few enough to open quickly
 
@@ -104,13 +105,6 @@ class ParamPlan:
     part: str = ""  # "q_weight" / "q_scale" for a grouped-int weight, "" for a plain copy
 
 
-def model_params(cfg: GPTBigCodeConfig, quant: Quantization) -> list[tuple[str, tuple[int, ...], str]]:
-    """(name, shape, dtype) of every parameter, in the order the compiled library takes them."""
-    from .model import GPTBigCodeForCausalLM, param_list  # imports TVM; keep `gptbc --help` fast
-
-    return param_list(GPTBigCodeForCausalLM(cfg, target=None, quant=quant).named_parameters())
-
-
 def mha_qkv_to_fused(cfg: GPTBigCodeConfig) -> Callable[[np.ndarray], np.ndarray]:
     """HF MHA c_attn rows are per head (q, k, v); the KV cache wants all q, then all k, then all v."""
     h, d = cfg.n_head, cfg.head_dim
@@ -124,7 +118,7 @@ def mha_qkv_to_fused(cfg: GPTBigCodeConfig) -> Callable[[np.ndarray], np.ndarray
 
 def plan_conversion(cfg: GPTBigCodeConfig, quant: Quantization, ckpt: Checkpoint) -> list[ParamPlan]:
     plans = []
-    for name, shape, dtype in model_params(cfg, quant):
+    for name, shape, dtype in converted_params(cfg, quant):
         module, _, part = name.rpartition(".")
         source, source_shape = name, shape
         if part in ("q_weight", "q_scale"):
@@ -206,7 +200,7 @@ def convert_weight(hf_dir: str | Path, quantization: str, out_dir: str | Path, p
     cfg = load_hf_config(hf_dir)
     if out_dir.exists() and not (out_dir / GPTBC_CONFIG).is_file() and any(out_dir.iterdir()):
         raise GptbcError(f"-o {out_dir}: exists and is not a gptbc weights directory; refusing to overwrite it")
-    from .layouts import wrap_checkpoint  # original SantaCoder layout → gpt_bigcode tensors, on the fly
+    from gptbc.artifact.checkpoint_layouts import wrap_checkpoint  # original SantaCoder layout → gpt_bigcode tensors, on the fly
 
     ckpt = wrap_checkpoint(Checkpoint(hf_dir), hf_dir, cfg)
     try:

@@ -22,12 +22,12 @@ import queue
 import threading
 from typing import Any, Callable
 
-from .engine import Engine
-from .errors import GptbcError
-from .sampling import SamplingParams
-from .scheduler import Event, Request
+from gptbc.runtime.engine import Engine
+from gptbc.errors import GptbcError
+from gptbc.runtime.sampling import SamplingParams
+from gptbc.runtime.scheduler import Event, Request
 
-log = logging.getLogger("gptbc.engine")
+log = logging.getLogger("gptbc.runtime.engine")
 
 
 class EngineDead(GptbcError):

@@ -16,8 +16,8 @@ from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from .. import kernels_int8
-from . import Quantization
+from gptbc.compile import kernels_int8
+from gptbc.artifact.quantization import Quantization
 
 
 def _dequant(w: te.Tensor, s: te.Tensor, row, col, q: Quantization):

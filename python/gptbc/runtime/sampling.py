@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import GptbcError
+from gptbc.errors import GptbcError
 
 MAX_TOP_LOGPROBS = 20
 GREEDY_BELOW = 1e-5  # a temperature under this is greedy: logits / 1e-308 would overflow to inf, then NaN
@@ -118,7 +118,7 @@ class SamplingParams:
 def generation_defaults(directory: Path) -> tuple[SamplingParams, set[int]]:
     """The model's own `generation_config.json`: sampling defaults (greedy when it has none or do_sample is
     false) and any eos ids it adds."""
-    from .config import read_json
+    from gptbc.artifact.files import read_json
 
     path = Path(directory) / "generation_config.json"
     if not path.is_file():

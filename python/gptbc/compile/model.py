@@ -3,7 +3,7 @@
 Differences from HF that are layout only:
 - attention runs through the paged KV cache (`attention_with_fused_qkv`), which wants the fused
   c_attn output as [all q heads, all k heads, all v heads]. MQA checkpoints are already laid out
-  that way; MHA checkpoints are per-head (q, k, v) and the loader reorders them (`loader.py`).
+  that way; MHA checkpoints are per-head (q, k, v) and the converter reorders them (`artifact/convert.py`).
 - positions come from the KV cache, so a decode step gets the position of its sequence.
 - with tied embeddings there is no `lm_head` parameter: logits reuse `wte` (as HF does).
 - the quantization scheme picks the Linear / Embedding layers (`quantization/layers.py`): with a
@@ -20,9 +20,9 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
-from .config import ACTIVATIONS, GPTBigCodeConfig
-from .quantization import Quantization, is_quantized
-from .quantization.layers import QuantizedEmbedding, make_linear
+from gptbc.artifact.config import ACTIVATIONS, GPTBigCodeConfig
+from gptbc.artifact.quantization import Quantization, is_quantized
+from gptbc.compile.quantized_layers import QuantizedEmbedding, make_linear
 
 
 class LayerNorm(nn.Module):

@@ -13,37 +13,14 @@ from typing import Sequence
 
 import numpy as np
 
-from . import manifest
-from .config import GPTBC_CONFIG, GPTBigCodeConfig
-from .errors import GptbcError
-from .memory import check_fits
-from .quantization import get_quantization, numpy_dtype
-from .targets import parse_device_kind
-from .tensorfile import SafetensorsFile
+from gptbc.artifact import manifest
+from gptbc.artifact.config import GPTBC_CONFIG, GPTBigCodeConfig
+from gptbc.errors import GptbcError
+from gptbc.artifact.memory_plan import check_fits
+from gptbc.artifact.quantization import get_quantization, numpy_dtype
+from gptbc.runtime.devices import WEBGPU_DEVICE_TYPE, parse_device, parse_device_kind
+from gptbc.artifact.safetensors_io import SafetensorsFile
 
-
-
-WEBGPU_DEVICE_TYPE = 15  # DLPack's kDLWebGPU: gptbc's WebGPU runtime (the Vulkan path without TVM's Vulkan)
-
-
-def parse_device(device: str):
-    """'cpu', 'cuda:0', 'metal', 'vulkan:1' → a TVM device that exists on this machine."""
-    import tvm
-
-    kind, index = parse_device_kind(device)
-    if kind == "vulkan" and tvm.get_global_func("device_api.vulkan", allow_missing=True) is None:
-        # No TVM Vulkan runtime (the PyPI wheel): Vulkan runs WGSL libraries on gptbc's WebGPU runtime.
-        from . import webgpu
-
-        return webgpu.device(index)
-    try:
-        dev = tvm.device(kind, index)
-        exists = dev.exist
-    except Exception:  # this TVM build has no runtime for that kind
-        exists = False
-    if not exists:
-        raise GptbcError(f"device {device!r}: no such device on this machine (or this TVM has no runtime for it)")
-    return dev
 
 
 def physical_cores() -> int:
@@ -77,7 +54,7 @@ def load_library(lib: str | Path, dev):
     if not lib.is_file():
         raise GptbcError(f"--lib {lib}: file not found")
     if dev.dlpack_device_type() == tvm.cuda(0).dlpack_device_type():
-        from .cuda import serve_prebuilt_kernels
+        from gptbc.runtime.cuda import serve_prebuilt_kernels
 
         serve_prebuilt_kernels(lib)
     try:
@@ -86,7 +63,7 @@ def load_library(lib: str | Path, dev):
         except Exception as err:
             if "load_from_bytes.webgpu" not in str(err):
                 raise
-            from . import webgpu  # a WGSL library (--target vulkan): load the runtime it needs, then retry
+            from gptbc.runtime import webgpu  # a WGSL library (--target vulkan): load the runtime it needs, then retry
 
             webgpu.load_runtime()
             module = tvm.runtime.load_module(str(lib))
@@ -188,7 +165,7 @@ class ModelRunner:
         manifest.check_compatible(self.meta, self.info, self.lib, self.model_dir)
         self.webgpu = self.dev.dlpack_device_type() == WEBGPU_DEVICE_TYPE
         if self.webgpu:  # binding limits, shader-f16, WGSL-addressable dtypes: before any weight is copied
-            from . import webgpu
+            from gptbc.runtime import webgpu
 
             webgpu.check_model(self.meta, self.dev, self.lib)
         self.config = GPTBigCodeConfig.from_dict(self.meta["model_config"], source=f"--lib {self.lib}")

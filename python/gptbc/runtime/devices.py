@@ -1,0 +1,76 @@
+"""Runtime devices: what a `--device` spelling means (`cpu`, `cuda:1`, `vulkan`, ...), the TVM device for it,
+and whether a library for a given device kind and CPU architecture can run on this machine."""
+
+from __future__ import annotations
+
+import platform
+
+from gptbc.errors import GptbcError
+
+WEBGPU_DEVICE_TYPE = 15  # DLPack's kDLWebGPU: gptbc's WebGPU runtime (the Vulkan path without TVM's Vulkan)
+
+# Runtime device spellings → TVM device kind (the kind a library's `device` must equal to run there).
+DEVICE_KINDS = {"cpu": "cpu", "llvm": "cpu", "cuda": "cuda", "metal": "metal", "vulkan": "vulkan", "rocm": "rocm",
+                "opencl": "opencl"}
+
+
+def parse_device_kind(spelling: str) -> tuple[str, int]:
+    """'cpu', 'cuda:0', 'metal', 'vulkan:1' → (TVM device kind, index); anything else is a one-line error."""
+    kind, _, index = spelling.partition(":")
+    if kind not in DEVICE_KINDS or (index and not (index.isascii() and index.isdigit())):
+        raise GptbcError(f"device {spelling!r}: expected one of {', '.join(sorted(set(DEVICE_KINDS)))}, "
+                         f"optionally with :INDEX")
+    return DEVICE_KINDS[kind], int(index or 0)
+
+
+def _tvm_vulkan_runtime() -> bool:
+    import tvm
+
+    return tvm.get_global_func("device_api.vulkan", allow_missing=True) is not None
+
+
+def parse_device(device: str):
+    """'cpu', 'cuda:0', 'metal', 'vulkan:1' → a TVM device that exists on this machine."""
+    import tvm
+
+    kind, index = parse_device_kind(device)
+    if kind == "vulkan" and not _tvm_vulkan_runtime():
+        # No TVM Vulkan runtime (the PyPI wheel): Vulkan runs WGSL libraries on gptbc's WebGPU runtime.
+        from gptbc.runtime import webgpu
+
+        return webgpu.device(index)
+    try:
+        dev = tvm.device(kind, index)
+        exists = dev.exist
+    except Exception:  # this TVM build has no runtime for that kind
+        exists = False
+    if not exists:
+        raise GptbcError(f"device {device!r}: no such device on this machine (or this TVM has no runtime for it)")
+    return dev
+
+
+def host_arch() -> str:
+    """This machine's CPU architecture as targets name it: x86_64 or aarch64."""
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def runs_here(device: str, arch: str | None = None) -> bool:
+    """Can a library for device kind `device` (host code for `arch`; None: this machine's) run here?"""
+    if arch is not None and (arch != host_arch() or platform.system() != "Linux"):
+        return False
+    if device == "cpu":
+        return True
+    if device == "vulkan" and not _tvm_vulkan_runtime():
+        try:
+            from gptbc.runtime import webgpu
+
+            return bool(webgpu.adapters())
+        except Exception:  # noqa: BLE001 - no wgpu, no compiler, no driver: it does not run here
+            return False
+    try:
+        import tvm
+
+        return bool(tvm.device(device, 0).exist)
+    except Exception:  # noqa: BLE001 - this TVM has no runtime for that kind
+        return False
