@@ -18,7 +18,8 @@ import openai
 import pytest
 
 from gptbc.runtime.engine import Engine
-from gptbc.serve.app import Server, build_app
+from gptbc.serve.app import build_app
+from gptbc.serve.core import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "def fibonacci(n):\n    "

@@ -14,7 +14,8 @@ import pytest
 from gptbc.serve import schema as S
 from gptbc.runtime.engine import Engine
 from gptbc.runtime.sampling import RANGES
-from gptbc.serve.app import PLAIN_EXTRA_HEADER, IndentStop
+from gptbc.serve.llamacpp import PLAIN_EXTRA_HEADER
+from gptbc.serve.stops import IndentStop
 from test_server import call, live_server, settle
 
 PREFIX = "def add(a, b):\n    "

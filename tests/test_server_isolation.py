@@ -18,7 +18,7 @@ from gptbc.runtime.async_engine import AsyncEngine, EngineDead
 from gptbc.runtime.engine import Engine
 from gptbc.runtime.sampling import SamplingParams
 from gptbc.runtime.scheduler import Scheduler
-from gptbc.serve.app import Server
+from gptbc.serve.core import Server
 from test_scheduler import EOS, VOCAB, FakeRunner, reference
 from test_server import PROMPT, call, live_server, reference_text, settle
 

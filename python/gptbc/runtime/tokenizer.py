@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gptbc.artifact.files import TOKENIZER_FILES
 from gptbc.errors import GptbcError
 
 
