@@ -74,8 +74,10 @@ def main() -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
         ids = list(range(1, 40))
-        seq_g, seq_c = gpu.add_sequence(), cpu.add_sequence()
-        lg, lc = gpu.verify(seq_g, ids), cpu.verify(seq_c, ids)
+        seq_g, seq_c = gpu.runner.add_sequence(), cpu.runner.add_sequence()
+        lg, lc = gpu.runner.verify(seq_g, ids), cpu.runner.verify(seq_c, ids)  # logits after every prompt token
+        gpu.runner.remove_sequence(seq_g)
+        cpu.runner.remove_sequence(seq_c)
         err = float(np.abs(lg - lc).max() / np.abs(lc).max())
         t = time.perf_counter()
         tokens_gpu = gpu.generate(ids, 32)
