@@ -68,7 +68,9 @@ def main() -> int:
             suffix = plan_build(args.target)[1].suffix
             gpu_lib = compile_model(source, args.target, args.quantization, root / f"gpu{suffix}", log=print)
             print(f"compiled for {args.target} in {time.perf_counter() - t:.1f}s")
-            cpu_lib = compile_model(source, "cpu", args.quantization, root / "cpu.so", log=lambda _m: None)
+            # float activations on the CPU too (a grouped scheme would default to int8 there): the same network
+            cpu_lib = compile_model(source, "cpu", args.quantization, root / "cpu.so", log=lambda _m: None,
+                                    activations="float")
             gpu, cpu = Engine(out, gpu_lib, device=args.device), Engine(out, cpu_lib)
         except GptbcError as err:
             print(f"error: {err}", file=sys.stderr)
