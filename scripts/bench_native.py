@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gptbc.errors import GptbcError
 from gptbc.runtime.engine import Engine
 
 
@@ -53,15 +54,25 @@ def main() -> None:
     p.add_argument("model", type=Path, help="converted weights directory")
     p.add_argument("--lib", type=Path, required=True, help="CPU model library")
     p.add_argument("--runner", type=Path, default=Path("build/gptbc-run"), help="the gptbc-run executable")
-    p.add_argument("--prompt", type=int, default=32)
-    p.add_argument("--decode", type=int, default=64)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens (seeded random ids; default 32)")
+    p.add_argument("--decode", type=int, default=64, help="greedy decode steps timed (default 64)")
+    p.add_argument("--repeat", type=int, default=3, help="rounds of each runner (default 3)")
     args = p.parse_args()
+    for flag, value in (("--prompt", args.prompt), ("--decode", args.decode), ("--repeat", args.repeat)):
+        if value < 1:
+            raise SystemExit(f"error: {flag} {value}: must be at least 1")
+    if not args.runner.is_file():
+        raise SystemExit(f"error: --runner {args.runner}: no such file (build it: cmake -S . -B build && "
+                         f"cmake --build build -j2)")
 
     import tvm  # noqa: F401  (not counted in the Python engine's load time)
 
     start = time.perf_counter()
-    engine = Engine(args.model, args.lib, max_total_seq_len=args.prompt + args.decode + 64, prefix_cache_size=0)
+    try:
+        engine = Engine(args.model, args.lib, max_total_seq_len=args.prompt + args.decode + 64,
+                        prefix_cache_size=0)
+    except GptbcError as err:
+        raise SystemExit(f"error: {err}") from None
     python_load = time.perf_counter() - start
     ids = np.random.default_rng(0).integers(0, engine.config.vocab_size, args.prompt).tolist()
     rates: dict[str, list[float]] = {"gptbc-run (C++)": [], "Engine (Python)": []}
@@ -85,6 +96,8 @@ def main() -> None:
         print(f"| {name} | {max(v):.2f} | {statistics.median(v):.2f} | {load:.2f} |")
     print(f"\nload: library + weights + KV cache (Python: Engine(), with TVM already imported); "
           f"same greedy tokens: {'yes' if same else 'NO'}")
+    if not same:  # the two runners did not run the same computation: the speeds compare nothing
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

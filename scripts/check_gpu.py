@@ -4,6 +4,7 @@ the CPU and for your GPU, and check both give the same greedy tokens and nearly 
 
     python scripts/check_gpu.py --target cuda --device cuda:0
     python scripts/check_gpu.py --target metal --device metal   # on a Mac
+    python scripts/check_gpu.py --target vulkan --device vulkan --tokens 8   # e.g. on lavapipe (slow)
 
 Needs only gptbc (no torch): the checkpoint is written with numpy in Hugging Face's safetensors layout.
 Exit status 0 when everything matches.
@@ -27,6 +28,8 @@ from gptbc.errors import GptbcError
 from gptbc.artifact.convert import convert_weight
 from gptbc.runtime.engine import Engine
 from gptbc.compile.targets import plan_build
+from gptbc.artifact.quantization import get_quantization
+from gptbc.runtime.devices import parse_device, parse_device_kind
 
 
 def random_checkpoint(directory: Path, n_embd=256, n_head=4, n_layer=2, vocab=1000, n_positions=256) -> Path:
@@ -53,36 +56,63 @@ def random_checkpoint(directory: Path, n_embd=256, n_head=4, n_layer=2, vocab=10
     return directory
 
 
+def check_options(target: str, device: str, quantization: str, tokens: int) -> str:
+    """One-line errors for what cannot work, before anything is compiled; returns the library suffix."""
+    spec, build = plan_build(target)
+    if spec.device == "cpu":
+        raise GptbcError(f"--target {target}: a CPU target; this script checks a GPU target against the CPU "
+                         f"build (name one: cuda, metal, vulkan)")
+    if build.system_lib:
+        raise GptbcError(f"--target {target}: builds objects ({build.suffix}) for an app to link here, "
+                         f"nothing this machine can load and run")
+    kind = parse_device_kind(device)[0]
+    if kind != spec.device:
+        raise GptbcError(f"--device {device}: --target {target} builds for {spec.device} devices "
+                         f"(try --device {spec.device})")
+    get_quantization(quantization)
+    if tokens < 1:
+        raise GptbcError(f"--tokens {tokens}: must be at least 1")
+    parse_device(device)  # it exists here (a driver, an adapter, a TVM runtime for it)
+    return build.suffix
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", default="cuda")
-    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--target", default="cuda", help="the GPU target to check (cuda, metal, vulkan, ...)")
+    ap.add_argument("--device", default="cuda:0", help="the device it runs on (cuda:0, metal, vulkan, ...)")
     ap.add_argument("--quantization", default="q0f32")
+    ap.add_argument("--tokens", type=int, default=32,
+                    help="greedy tokens generated and compared after the 39-token prompt (default 32; fewer is "
+                         "quicker on slow devices such as lavapipe)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         try:
+            suffix = check_options(args.target, args.device, args.quantization, args.tokens)
             out = convert_weight(random_checkpoint(root / "hf"), args.quantization, root / "out", progress=False)
             source = resolve_model(str(out))
             t = time.perf_counter()
-            suffix = plan_build(args.target)[1].suffix
             gpu_lib = compile_model(source, args.target, args.quantization, root / f"gpu{suffix}", log=print)
             print(f"compiled for {args.target} in {time.perf_counter() - t:.1f}s")
-            cpu_lib = compile_model(source, "cpu", args.quantization, root / "cpu.so", log=lambda _m: None)
+            # float activations on the CPU too (a grouped scheme would default to int8 there): the same network
+            cpu_lib = compile_model(source, "cpu", args.quantization, root / "cpu.so", log=lambda _m: None,
+                                    activations="float")
             gpu, cpu = Engine(out, gpu_lib, device=args.device), Engine(out, cpu_lib)
         except GptbcError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
         ids = list(range(1, 40))
-        seq_g, seq_c = gpu.add_sequence(), cpu.add_sequence()
-        lg, lc = gpu.verify(seq_g, ids), cpu.verify(seq_c, ids)
+        seq_g, seq_c = gpu.runner.add_sequence(), cpu.runner.add_sequence()
+        lg, lc = gpu.runner.verify(seq_g, ids), cpu.runner.verify(seq_c, ids)  # logits after every prompt token
+        gpu.runner.remove_sequence(seq_g)
+        cpu.runner.remove_sequence(seq_c)
         err = float(np.abs(lg - lc).max() / np.abs(lc).max())
         t = time.perf_counter()
-        tokens_gpu = gpu.generate(ids, 32)
-        rate = 32 / (time.perf_counter() - t)
-        same = tokens_gpu == cpu.generate(ids, 32)
-        print(f"logits: max error relative to CPU {err:.2e}; greedy tokens {'equal' if same else 'DIFFER'}; "
-              f"{rate:.1f} tokens/s on {args.device}")
+        tokens_gpu = gpu.generate(ids, args.tokens, ignore_eos=True)
+        rate = args.tokens / (time.perf_counter() - t)
+        same = tokens_gpu == cpu.generate(ids, args.tokens, ignore_eos=True)
+        print(f"logits: max error relative to CPU {err:.2e}; {args.tokens} greedy tokens "
+              f"{'equal' if same else 'DIFFER'}; {rate:.1f} tokens/s on {args.device}")
         return 0 if same and err < 1e-2 else 1
 
 

@@ -4,6 +4,8 @@ For measuring the converter on real sizes without downloading: no torch, and at 
 (the writer streams each shard). Example (the starcoderbase-3b shape, bf16, 2 GB shards, ~6.1 GB):
 
     python scripts/make_random_checkpoint.py --preset starcoderbase-3b --dtype bfloat16 --shard-gb 2 -o /tmp/sc3b
+
+`--preset` also takes a model directory (or Hub id): its config.json gives the shape, e.g. a tiny one for tests.
 """
 
 from __future__ import annotations
@@ -19,21 +21,31 @@ import numpy as np
 from gptbc.artifact.config import resolve_model
 from gptbc.artifact.params import hf_shapes
 from gptbc.artifact.safetensors_io import write_safetensors
+from gptbc.errors import GptbcError
 
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", required=True)
+    ap.add_argument("--preset", "--model", required=True, dest="preset",
+                    help="the shape: a preset name, or a model directory / Hub id whose config.json gives it")
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    ap.add_argument("--shard-gb", type=float, default=2.0)
+    ap.add_argument("--shard-gb", type=float, default=2.0, help="shard size limit in GiB (default 2)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("-o", "--output", required=True)
+    ap.add_argument("-o", "--output", required=True, help="directory to create (must not exist)")
     args = ap.parse_args(argv)
-    cfg = resolve_model(args.preset).config
+    if not args.shard_gb > 0:
+        raise SystemExit(f"error: --shard-gb {args.shard_gb}: must be positive")
+    try:
+        cfg = resolve_model(args.preset).config
+    except GptbcError as err:
+        raise SystemExit(f"error: {err}") from None
     dtype, out = DTYPES[args.dtype], Path(args.output)
-    out.mkdir(parents=True, exist_ok=False)
+    try:
+        out.mkdir(parents=True, exist_ok=False)
+    except OSError as err:
+        raise SystemExit(f"error: -o {out}: {err.strerror}") from None
     specs = hf_shapes(cfg)
     shards, size, limit = [[]], 0, int(args.shard_gb * (1 << 30))
     for name, shape in specs:

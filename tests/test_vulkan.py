@@ -19,28 +19,15 @@ import pytest
 import torch
 
 from hf_models import load_hf, make_checkpoint
+from vulkan_device import REQUIRED, why_no_vulkan
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 24
 # 35 tokens: the prompt fills two 16-token KV pages and starts a third; decoding crosses the next boundary.
 PROMPT = list(range(5, 40))
 
-
-def _vulkan_unavailable() -> str | None:
-    from gptbc.errors import GptbcError
-
-    try:
-        from gptbc.runtime import webgpu
-
-        if not webgpu.adapters():
-            return webgpu.NO_ADAPTER
-    except GptbcError as err:
-        return str(err)
-    return None
-
-
-WHY_NOT = _vulkan_unavailable()
-if WHY_NOT and os.environ.get("GPTBC_REQUIRE_VULKAN") == "1":
+WHY_NOT = why_no_vulkan()
+if WHY_NOT and REQUIRED:
     raise RuntimeError(f"GPTBC_REQUIRE_VULKAN=1 but no Vulkan device: {WHY_NOT}")
 pytestmark = [pytest.mark.vulkan, pytest.mark.skipif(WHY_NOT is not None, reason=f"no Vulkan device: {WHY_NOT}")]
 

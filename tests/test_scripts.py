@@ -1,0 +1,166 @@
+"""Every script in scripts/ runs in a test, in its smallest mode, as a subprocess (as a user runs it), so an API
+change that breaks one fails here rather than on the next person to run it.
+
+Tested elsewhere: bench_peers.py and profile_kernels.py (test_bench.py), bench_server.py (test_server.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from native_build import build
+from vulkan_device import need_vulkan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def one_line_error(run: subprocess.CompletedProcess, *words: str) -> str:
+    """A bad-input run: exit 1, one `error: ...` line on stderr naming `words`, no traceback."""
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), run.stderr[-2000:]
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def test_every_script_is_run_by_a_test():
+    # a new script without a test fails here: name it in a test that runs it (ROOT / "scripts" / "NAME.py")
+    tests = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "tests").glob("test_*.py"))
+    scripts = sorted(p.name for p in (ROOT / "scripts").glob("*.py"))
+    assert len(scripts) >= 7
+    assert [s for s in scripts if f'"{s}"' not in tests] == []
+
+
+# ---- check_gpu.py: the GPU build against the CPU build of one random checkpoint ----
+
+@pytest.mark.vulkan
+def test_check_gpu_on_vulkan():
+    need_vulkan()  # lavapipe in CI: the GPU kernels run on the CPU
+    run = run_script("check_gpu.py", "--target", "vulkan", "--device", "vulkan", "--tokens", "8", timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "compiled for vulkan in" in run.stdout
+    found = re.search(r"max error relative to CPU (\S+); 8 greedy tokens equal; \S+ tokens/s on vulkan", run.stdout)
+    assert found, run.stdout
+    assert float(found.group(1)) < 1e-2
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--target", "cpu", "--device", "cpu"], ["--target cpu", "a CPU target"]),
+    (["--target", "webgpu", "--device", "vulkan"], ["--target webgpu", "nothing this machine can load"]),
+    (["--target", "vulkan", "--device", "cuda:0"], ["--device cuda:0", "builds for vulkan devices"]),
+    (["--target", "vulkan", "--device", "vulkan", "--tokens", "0"], ["--tokens 0"]),
+    (["--target", "vulkan", "--device", "vulkan:7"], []),  # no such adapter, or none (or no wgpu) at all
+])
+def test_check_gpu_bad_options_fail_before_compiling(args, words):
+    run = run_script("check_gpu.py", *args)
+    one_line_error(run, *words)
+    assert run.stdout == ""  # nothing converted or compiled first
+
+
+# ---- bench_native.py: gptbc-run and the Python engine on one model ----
+
+@pytest.fixture(scope="module")
+def gptbc_run(tmp_path_factory) -> Path:
+    return build(tmp_path_factory.mktemp("native") / "build", target="gptbc-run") / "gptbc-run"
+
+
+def test_bench_native(tiny_model, gptbc_run):
+    m = tiny_model("mqa64")
+    # two rounds: the order of the runners flips in the second
+    run = run_script("bench_native.py", m.out_dir, "--lib", m.lib, "--runner", gptbc_run, "--prompt", 8,
+                     "--decode", 4, "--repeat", 2)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "8-token prompt, 4 greedy decode steps, batch 1, 2 alternating rounds" in run.stdout
+    rows = {line.split("|")[1].strip(): line for line in run.stdout.splitlines() if line.startswith("| ")}
+    assert {"gptbc-run (C++)", "Engine (Python)"} <= set(rows)
+    assert run.stdout.rstrip().endswith("same greedy tokens: yes")
+
+
+def test_bench_native_bad_input(tiny_model, tmp_path):
+    m = tiny_model("mqa64")
+    one_line_error(run_script("bench_native.py", m.out_dir, "--lib", m.lib, "--runner", tmp_path / "gptbc-run"),
+                   "--runner", "no such file", "cmake")
+    one_line_error(run_script("bench_native.py", m.hf_dir, "--lib", m.lib, "--runner", sys.executable),
+                   "gptbc-config.json")
+
+
+# ---- bench_prompt_lookup.py: plain greedy and prompt lookup on an editing workload ----
+
+def test_bench_prompt_lookup(tiny_model, tmp_path):
+    m = tiny_model("mqa64")
+    source = tmp_path / "edit.py"
+    source.write_text("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n")
+    run = run_script("bench_prompt_lookup.py", m.out_dir, "--lib", m.lib, "--file", source, "--new-tokens", 12,
+                     "--draft", 4, "--repeat", 1)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    r = json.loads(run.stdout)
+    assert r["new_tokens"] == 12 and r["prompt_tokens"] > 0 and r["same_tokens"] is True
+    assert r["plain"]["tokens_per_step"] == 1.0 and r["prompt_lookup"]["tokens_per_step"] >= 1.0
+    assert 0 <= r["prompt_lookup"]["acceptance_rate"] <= 1 and r["speedup"] > 0
+
+
+def test_bench_prompt_lookup_bad_file(tiny_model, tmp_path):
+    m = tiny_model("mqa64")
+    empty, long = tmp_path / "empty.py", tmp_path / "long.py"
+    empty.write_text("")
+    long.write_text("x = 1 - 2 - 3\n" * 200)  # far past the tiny model's 128-token context window
+    for path, words in ((tmp_path / "missing.py", ["missing.py", "No such file"]), (empty, ["is empty"]),
+                        (long, ["context window holds 128", "no room"])):
+        one_line_error(run_script("bench_prompt_lookup.py", m.out_dir, "--lib", m.lib, "--file", path), *words)
+
+
+# ---- make_random_checkpoint.py: a sharded random checkpoint of a model's shape ----
+
+def test_make_random_checkpoint_loads_in_transformers(tmp_path):
+    from safetensors import safe_open
+    from transformers import GPTBigCodeForCausalLM
+
+    from hf_models import make_checkpoint
+
+    # untied lm_head, MHA, n_inner not 4x: every optional tensor and shape rule
+    hf = make_checkpoint(tmp_path / "hf", n_embd=96, n_head=3, n_inner=200, n_layer=2, multi_query=False,
+                         tie_word_embeddings=False)
+    out = tmp_path / "random"
+    run = run_script("make_random_checkpoint.py", "--preset", hf, "--dtype", "float16", "--shard-gb", "0.0001",
+                     "-o", out)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == str(out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and sorted(p.name for p in out.glob("*.safetensors")) == shards  # 100 KiB shards
+
+    def tensors(files):
+        found = {}
+        for f in files:
+            with safe_open(str(f), "numpy") as st:
+                found.update({k: st.get_slice(k) for k in st.keys()})
+        return {k: (tuple(s.get_shape()), s.get_dtype()) for k, s in found.items()}
+
+    got, want = tensors(out / s for s in shards), tensors([hf / "model.safetensors"])
+    assert {k: shape for k, (shape, _) in got.items()} == {k: shape for k, (shape, _) in want.items()}
+    assert {dtype for _, dtype in got.values()} == {"F16"}
+    assert index["metadata"]["total_size"] == sum(2 * math.prod(s) for s, _ in got.values())
+    model, info = GPTBigCodeForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert info["missing_keys"] == info["unexpected_keys"] == set() and not info["mismatched_keys"]
+    assert model.config.n_inner == 200 and not model.config.multi_query
+
+
+def test_make_random_checkpoint_bad_input(tmp_path):
+    one_line_error(run_script("make_random_checkpoint.py", "--preset", "no-such-preset", "-o", tmp_path / "a"),
+                   "no-such-preset", "starcoderbase-1b")
+    one_line_error(run_script("make_random_checkpoint.py", "--preset", "starcoderbase-1b", "-o", tmp_path),
+                   str(tmp_path), "exists")
+    one_line_error(run_script("make_random_checkpoint.py", "--preset", "starcoderbase-1b", "--shard-gb", "0",
+                              "-o", tmp_path / "b"), "--shard-gb")
