@@ -1,5 +1,5 @@
 // The artifact contract, read in C++: a converted directory's gptbc-config.json and a library's _metadata,
-// validated and checked against each other. The twin of python/gptbc/manifest.py: the same checks in the same
+// validated and checked against each other. The twin of python/gptbc/artifact/manifest.py: the same checks in the same
 // order with the same one-line messages (tests/test_manifest.py runs both on tests/data/manifests/).
 #pragma once
 

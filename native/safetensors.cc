@@ -15,7 +15,7 @@ namespace gptbc {
 
 namespace {
 
-constexpr uint64_t kMaxHeader = 100ull * 1024 * 1024;  // as the Python reader (tensorfile.py)
+constexpr uint64_t kMaxHeader = 100ull * 1024 * 1024;  // as the Python reader (artifact/safetensors_io.py)
 
 struct DtypeInfo {
   const char* safetensors;

@@ -15,6 +15,9 @@ caller (async_engine.AsyncEngine) decides what that means for the requests conce
 Requests join and leave between steps. The runner is anything with the `Runner` methods (runner.py's
 ModelRunner, or a fake in tests): this module imports no TVM. Prompts arrive as checked token ids
 (the engine turns text, FIM and truncation into ids).
+
+About 500 lines, kept in one file on purpose: admission, prefill, decode and stop rules share the request
+state, and tests/test_scheduler.py drives them together on a fake runner.
 """
 
 from __future__ import annotations
