@@ -18,6 +18,7 @@ from gptbc.runtime.async_engine import AsyncEngine, EngineDead
 from gptbc.runtime.engine import Engine
 from gptbc.runtime.sampling import SamplingParams
 from gptbc.runtime.scheduler import Scheduler
+from gptbc.serve import openai
 from gptbc.serve.core import Server
 from test_scheduler import EOS, VOCAB, FakeRunner, reference
 from test_server import PROMPT, call, live_server, reference_text, settle
@@ -306,7 +307,7 @@ def test_inflight_count_survives_a_client_gone_during_start_up(model):
         server.loop.call(lambda: gate.wait(30))  # hold the engine thread: submissions wait in its queue
 
         async def scenario():
-            job = server.parse_completion({"prompt": PROMPT, "max_tokens": 30})
+            job = openai.parse_completion(server, {"prompt": PROMPT, "max_tokens": 30})
             task = asyncio.ensure_future(server.start(job))
             await asyncio.sleep(0.2)
             task.cancel()  # the client went away while its request was being accepted
