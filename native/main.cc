@@ -35,11 +35,11 @@ using gptbc::Error;
 const char kUsage[] =
     "usage: gptbc-run --model OUT_DIR --lib LIB (--prompt TEXT | --prompt-ids 1,2,3)\n"
     "                 [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S]\n"
-    "                 [--ignore-eos] [--json] [--device cpu|vulkan[:N]]\n"
+    "                 [--ignore-eos] [--json] [--device cpu|vulkan[:N]|cuda[:N]]\n"
     "\n"
     "Generates with a model library from `gptbc compile` (CPU) and weights from `gptbc convert-weight`.\n"
     "Sampling defaults come from the model's generation_config.json (greedy unless it says do_sample).\n"
-    "  --device      cpu (default) or vulkan[:N]: a --target vulkan library on gptbc's WebGPU runtime\n"
+    "  --device      cpu (default), vulkan[:N] (a --target vulkan library on gptbc's WebGPU runtime) or cuda[:N]\n"
     "                (libgptbc_webgpu.so beside gptbc-run, or GPTBC_WEBGPU_LIB)\n"
     "  --json        print one JSON object (token_ids, text, finish_reason, prompt_tokens, timings)\n"
     "                instead of streaming text\n"
