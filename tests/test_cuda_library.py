@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -135,14 +136,27 @@ def source_saved_module(blob: bytes) -> bytes:
     return struct.pack("<Q", 4) + b"cuda" + fmap + struct.pack("<Q", len(source)) + source
 
 
+KERNEL_SOURCE: dict[str, str] = {}  # the CUDA C nvcc compiled for the library below (it is not in the library)
+
+
 @pytest.fixture(scope="module")
 def cuda_library(tmp_path_factory) -> Path:
     from hf_models import make_checkpoint
 
+    from gptbc.compile import cuda
+
     root = tmp_path_factory.mktemp("cuda")
     model = resolve_model(str(make_checkpoint(root / "hf", n_embd=64, n_head=4, n_layer=1)))
     out = root / "build" / "lib.so"
-    compile_model(model, "cuda:sm_90,sm_80", "q0f32", out, log=lambda _m: None)
+    nvcc = cuda.nvcc_fatbin
+
+    def keep_source(source, target, archs):
+        KERNEL_SOURCE["lib"] = source
+        return nvcc(source, target, archs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cuda, "nvcc_fatbin", keep_source)
+        compile_model(model, "cuda:sm_90,sm_80", "q0f32", out, log=lambda _m: None)
     return out
 
 
@@ -189,3 +203,16 @@ def test_cuda_library_where_tvm_has_no_cuda_runtime_is_a_one_line_error(cuda_lib
         load_library(cuda_library, tvm.cpu())
     assert str(err.value) == (f"--lib {cuda_library}: a CUDA library, and this TVM has no CUDA runtime (its "
                               f"libtvm_runtime_cuda.so needs the NVIDIA driver's libcuda.so.1)")
+
+
+def test_cuda_merge_kernel_does_not_rely_on_lockstep_warps(cuda_library):
+    """TVM's attention-state merge has every thread of a head read S and then write it with no barrier:
+    right only if those threads run in lockstep, which CUDA does not promise since Volta (and a head spans
+    two warps at head_dim 256). The CUDA build gets gptbc's kernel: a barrier after the reads, one writer."""
+    source = KERNEL_SOURCE["lib"]
+    start = re.search(r"tir_attention_merge_state_kernel\([^)]*\) \{", source).start()  # the definition
+    kernel = source[start:source.index("\n}\n", start)]
+    reads, barrier = kernel.index("= S_ptr["), kernel.index("__syncthreads();")
+    write = kernel.index("    S_ptr[")
+    assert reads < barrier < write and kernel.count("    S_ptr[") == 1
+    assert kernel[:write].rstrip().endswith("if (((int)threadIdx.x) == 0) {")

@@ -70,17 +70,20 @@ CPU_PIPELINE = Pipeline("cpu", _cpu_rules, _cpu_kernels)
 GPU_PIPELINE = Pipeline("gpu", _gpu_rules)
 
 
-def _race_free_merge(mod, cfg, quant, _target):
+def _race_free_merge(mod, cfg, quant, target):
     from gptbc.compile.kernels import use_race_free_merge
 
-    # 256: the threads per block TVM's webgpu and vulkan targets allow, which TVM's kernel is sized by
-    return use_race_free_merge(mod, cfg.n_head, cfg.head_dim, quant.model_dtype, 256)
+    # TVM's kernel is sized by the threads per block the target allows (256 on webgpu and vulkan, 1024 on CUDA)
+    return use_race_free_merge(mod, cfg.n_head, cfg.head_dim, quant.model_dtype, int(target.attrs["max_num_threads"]))
 
 
 # Vulkan and WebGPU: the GPU pipeline, and TVM's attention-state merge kernel replaced by one without its
 # data race (kernels.merge_state_inplace): their devices need not run a block's threads in lockstep
 # (lavapipe does not), and TVM's kernel is wrong there (docs/targets.md, Problem 3).
 WGPU_PIPELINE = Pipeline("gpu", _gpu_rules, _race_free_merge)
+# CUDA: the same. TVM's merge kernel relies on a head's threads running in lockstep, which CUDA does not
+# promise since Volta (independent thread scheduling), and a head spans two warps at head_dim 256.
+CUDA_PIPELINE = Pipeline("gpu", _gpu_rules, _race_free_merge)
 
 
 def _fatbin_contents(variant: str | None) -> list[tuple[str, int]]:
@@ -223,7 +226,7 @@ TARGETS: list[TargetSpec] = [
                CPU_PIPELINE, "LLVM (in TVM) and a C compiler to link", _cpu, aliases=("llvm",),
                variant_pattern=r"[\w.-]+"),
     TargetSpec("cuda", "NVIDIA GPU; `cuda:sm_XX[,sm_YY...]` picks the architectures (default: the local GPU's, "
-               "else sm_80); PTX of the highest is embedded for newer GPUs", "cuda", GPU_PIPELINE, "nvcc", _cuda,
+               "else sm_80); PTX of the highest is embedded for newer GPUs", "cuda", CUDA_PIPELINE, "nvcc", _cuda,
                variant_pattern=r"sm_\d{2,3}a?(,sm_\d{2,3}a?)*", unavailable=_no_nvcc, embedded=CUDA_FATBIN),
     TargetSpec("metal", "Apple silicon GPU: a .dylib on macOS, elsewhere a .tar of objects for a macOS build",
                "metal", GPU_PIPELINE, "LLVM (in TVM); on macOS the Xcode command line tools", _metal),
