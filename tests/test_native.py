@@ -545,3 +545,16 @@ def test_a_cuda_library_is_refused_on_the_cpu(tiny_model, native, tmp_path):
     done = run(native, m.out_dir, lib, "--prompt-ids", "1,2")
     assert done.returncode == 1 and done.stderr.decode().strip().splitlines() == [
         f"error: --lib {lib} was built for cuda, not for device cpu: run it with --device cuda"], done.stderr
+
+
+def test_cuda_runtime_is_loaded_from_beside_libtvm_runtime(model_files, native, tmp_path):
+    """With a driver stand-in that has no device (tests/test_cuda_library.py), gptbc-run loads TVM's CUDA runtime
+    from the wheel, which registers the CUDA device, and asks it whether device 0 exists: that is all of
+    --device cuda short of a GPU."""
+    from test_cuda_library import libcuda_stand_in
+
+    out_dir, lib = model_files("mqa64", "q0f32")
+    env = {**os.environ, "LD_LIBRARY_PATH": str(libcuda_stand_in(tmp_path))}
+    done = run(native, out_dir, lib, "--prompt-ids", "1,2", "--device", "cuda", env=env)
+    assert done.returncode == 1 and done.stderr.decode().strip().splitlines() == [
+        "error: --device cuda: no such CUDA device (nvidia-smi lists them)"], done.stderr
