@@ -50,6 +50,20 @@ def test_check_vulkan():
     result = passed(gptbc("check", "--target", "vulkan", "--device", "vulkan", "--quantization", "q0f32,q4f16_1",
                           "--tokens", "4", "--json"))
     assert [c["precision"] for c in result["cases"]] == ["float32", "float16"] * 2
+    from gptbc.check import device_copy_bandwidth
+
+    assert device_copy_bandwidth("vulkan", nbytes=1 << 22, repeat=1) > 0  # --bench's GPU bandwidth probe
+
+
+def test_bench_part_on_a_small_shape(tmp_path):
+    """--bench's code path (santacoder's shape there) on a small one, so it cannot rot before a GPU runs it."""
+    from gptbc.check import bench_target, small_config
+
+    lines = []
+    r = bench_target(tmp_path, "cpu", "cpu", ".so", "q0f32", lines.append, cfg=small_config(True))
+    assert r["prefill"]["tokens"] == 128 and r["batch16"]["tokens_per_s_best"] > 0
+    assert r["device_copy_GBps"] > 0 and 0 < r["decode_fraction_of_bandwidth"]
+    assert lines[-1].startswith("device copy bandwidth")
 
 
 def test_the_check_fails_a_wrong_network(tmp_path, monkeypatch):

@@ -213,9 +213,9 @@ def device_copy_bandwidth(device: str, nbytes: int = 1 << 28, repeat: int = 5) -
 
     from gptbc.bench import read_bandwidth
 
-    dev = parse_device(device)
-    if dev.device_type == tvm.cpu().device_type:
+    if parse_device_kind(device)[0] == "cpu":
         return read_bandwidth()
+    dev = parse_device(device)
     src = tvm.runtime.empty((nbytes // 4,), "float32", dev)
     dst = tvm.runtime.empty((nbytes // 4,), "float32", dev)
     best = float("inf")
@@ -228,15 +228,18 @@ def device_copy_bandwidth(device: str, nbytes: int = 1 << 28, repeat: int = 5) -
     return 2 * nbytes / best / 1e9
 
 
-def bench_target(root: Path, target: str, device: str, suffix: str, scheme: str, log) -> dict:
-    """A santacoder-shaped random checkpoint's decode and prefill rates on the target, next to the device's
-    bandwidth and the decode rate that bandwidth allows for these weights."""
+def bench_target(root: Path, target: str, device: str, suffix: str, scheme: str, log,
+                 cfg: GPTBigCodeConfig | None = None) -> dict:
+    """A random checkpoint's decode (batch 1 and 16) and prefill rates on the target, next to the device's
+    copy bandwidth; santacoder's shape unless `cfg` gives another."""
     from gptbc.bench import run_bench
 
-    hf_dir = random_checkpoint(root / "bench-hf", resolve_model("santacoder").config)
+    cfg = cfg or resolve_model("santacoder").config
+    hf_dir = random_checkpoint(root / "bench-hf", cfg)
     out = convert_weight(hf_dir, scheme, root / "bench", progress=False)
     lib = compile_model(resolve_model(str(out)), target, scheme, root / f"bench{suffix}", log=lambda _m: None)
-    result = run_bench(out, lib, prefill=512, batches=(16,), repeat=3, device=device, log=log)
+    result = run_bench(out, lib, prefill=min(512, cfg.n_positions // 2), batches=(16,), repeat=3, device=device,
+                       log=log)
     bandwidth = device_copy_bandwidth(device)
     result["device_copy_GBps"] = bandwidth
     result["decode_fraction_of_bandwidth"] = result["decode"]["weight_GBps_best"] / bandwidth
