@@ -160,8 +160,18 @@ def cmd_targets(_args: argparse.Namespace) -> int:
         output = t.plan(None).suffix if why is None else "-"
         print(f"{names:<16} {output:<7} {'yes' if why is None else 'no':<11} {'yes' if runs_here(t.device, t.arch) else 'no':<9} "
               f"{t.description}; needs {t.toolchain}" + (f" [{why}]" if why else ""))
+    print_arm_cpus()
     print_vulkan_adapters()
     return 0
+
+
+def print_arm_cpus() -> None:
+    """What each named Arm CPU of `--target aarch64-linux:CPU` turns on (LLVM decides, from -mcpu)."""
+    from gptbc.compile.targets import ARM_CPUS, arm_cpu_features
+
+    print("\naarch64-linux CPUs (features as LLVM enables them for -mcpu):")
+    for cpu, board in [("generic", "the default: any 64-bit Arm board"), *ARM_CPUS.items()]:
+        print(f"  aarch64-linux:{cpu:<13} {'+'.join(arm_cpu_features(cpu)):<22} {board}")
 
 
 def print_vulkan_adapters() -> None:

@@ -139,7 +139,8 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
     check_activation_mode(activations)  # before -o's directory is made (choose_activations needs the target)
     output = Path(output) if output else default_output(source.name, quant.name, target_name, build)
     if "".join(output.suffixes[-1:]) != build.suffix:
-        raise GptbcError(f"-o {output}: target {target_name} produces a {build.suffix} file here")
+        needs = f" (a .so needs {build.shared_needs})" if build.shared_needs else ""
+        raise GptbcError(f"-o {output}: target {target_name} produces a {build.suffix} file here{needs}")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -181,7 +182,7 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
 
     with atomic_path(output) as tmp:
         if build.cc:
-            from tvm.contrib import cc
+            from tvm.support import cc  # tvm.contrib.cc before TVM 0.27
 
             executable.export_library(str(tmp), fcompile=cc.cross_compiler(build.cc))
         else:
