@@ -1,4 +1,4 @@
-"""`gptbc` command line: compile, convert-weight, generate, targets.
+"""`gptbc` command line: compile, convert-weight, generate, bundle, targets.
 
 Every user error ends as one line `error: ...` on stderr and exit status 1.
 """
@@ -196,6 +196,14 @@ def print_vulkan_adapters() -> None:
               f"max buffer {a['max_buffer_size']} B" + ("  (default for --device vulkan)" if a['index'] == 0 else ""))
 
 
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from gptbc.bundle import make_bundle
+
+    out, size = make_bundle(args.model_dir, args.lib, args.output, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"{out} ({size / 1e6:.1f} MB): run {out / 'gptbc-run'} --prompt TEXT there; see {out / 'README.txt'}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from gptbc.bench import run_bench
 
@@ -368,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "per token, the Hub id each stands for")
     m.add_argument("--json", action="store_true", help="print the table as JSON")
     m.set_defaults(func=cmd_models)
+
+    u = command("bundle", "a folder that runs the model on the library's machine without Python: gptbc-run built "
+                          "for its CPU, the TVM runtime, the library, weights and tokenizer")
+    u.add_argument("model_dir", metavar="MODEL_DIR", help="converted weights directory")
+    u.add_argument("--lib", required=True, help="a CPU library from `gptbc compile` (cpu or aarch64-linux[:CPU])")
+    u.add_argument("-o", "--output", required=True, metavar="DIR", help="the bundle folder (replaced if it is one)")
+    u.set_defaults(func=cmd_bundle)
 
     t = command("targets", "list the targets, and what this machine can build and run")
     t.set_defaults(func=cmd_targets)

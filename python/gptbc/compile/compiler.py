@@ -164,7 +164,9 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
         from gptbc.compile.kernels_int8 import add_repack_functions
 
         mod, repack = add_repack_functions(mod, plan, params)
-    mod = attach_metadata(mod, library_manifest(source, quant, spec.device, target_name, params, repack))
+    # tvm_version: a bundle ships the runtime of exactly the TVM that built the library (bundle.py)
+    meta = {**library_manifest(source, quant, spec.device, target_name, params, repack), "tvm_version": tvm.__version__}
+    mod = attach_metadata(mod, meta)
     t = phase(f"export {source.name} ({quant.name}, {'int8' if quant.int8_activations else 'float'} activations) "
               f"to Relax", t)
 
