@@ -137,6 +137,23 @@ def test_host_bundle_runs_without_python(tiny_model, bundle_of, no_python_path):
                                                                        "bytes": (bundle / "model" / "gptbc-config.json").stat().st_size} in info["files"]
 
 
+def test_bundling_again_replaces_the_bundle_and_nothing_else(tiny_model, tmp_path, capsys):
+    m = tiny_model("mha64")
+    out = tmp_path / "b"
+    assert main(["bundle", str(m.out_dir), "--lib", str(m.lib), "-o", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"{out} (")
+    (out / "stale").write_text("from the last bundle")
+    assert main(["bundle", str(m.out_dir), "--lib", str(m.lib), "-o", str(out)]) == 0
+    assert not (out / "stale").exists() and (out / "gptbc-run").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary folder left behind
+    other = tmp_path / "not-a-bundle"
+    other.mkdir()
+    (other / "keep").write_text("mine")
+    with pytest.raises(GptbcError, match="exists and is not a bundle"):
+        make_bundle(m.out_dir, m.lib, other)
+    assert (other / "keep").read_text() == "mine"
+
+
 # ---- bad input: one line, exit status != 0, nothing half-written ----
 
 @pytest.mark.aarch64
