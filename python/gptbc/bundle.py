@@ -222,15 +222,16 @@ def check_toolchain(arch: str) -> list[str]:
     return [cxx]
 
 
-def cached_runner(arch: str) -> Path:
-    """Where gptbc-run for `arch`, this TVM and these native sources is (or will be) cached."""
-    return cache_dir() / "gptbc-run" / f"{arch}-tvm{tvm_versions()[0]}-{source_hash(source_tree())}" / RUNNER
+def cached_program(arch: str, name: str = RUNNER) -> Path:
+    """Where native program `name` (gptbc-run; the tests' gptbc-call) for `arch`, this TVM and these native
+    sources is (or will be) cached."""
+    return cache_dir() / name / f"{arch}-tvm{tvm_versions()[0]}-{source_hash(source_tree())}" / name
 
 
-def build_runner(arch: str, runtime: Runtime, exe: Path, log: Callable[[str], None]) -> Path:
-    """Build gptbc-run for `arch` with an $ORIGIN rpath into the cache path `exe`."""
+def build_program(arch: str, runtime: Runtime, exe: Path, log: Callable[[str], None]) -> Path:
+    """Build the CMake target exe.name for `arch` with an $ORIGIN rpath into the cache path `exe`."""
     cross = check_toolchain(arch)
-    log(f"[gptbc] building gptbc-run for {arch} (cached in {exe.parent})")
+    log(f"[gptbc] building {exe.name} for {arch} (cached in {exe.parent})")
     exe.parent.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{exe.parent.name}.", dir=exe.parent.parent) as tmp:
         options = [f"-DTVM_HOME={runtime.tvm_dir}", "-DGPTBC_ORIGIN_RPATH=ON", "-DCMAKE_BUILD_TYPE=Release"]
@@ -240,13 +241,13 @@ def build_runner(arch: str, runtime: Runtime, exe: Path, log: Callable[[str], No
             options.append(f"-DCMAKE_TOOLCHAIN_FILE={toolchain}")
         build = Path(tmp) / "build"
         for args in (["-S", str(source_tree()), "-B", str(build), *options],
-                     ["--build", str(build), "--target", RUNNER, f"-j{os.cpu_count() or 1}"]):
+                     ["--build", str(build), "--target", exe.name, f"-j{os.cpu_count() or 1}"]):
             done = subprocess.run(["cmake", *args], capture_output=True, text=True)
             if done.returncode != 0:
                 lines = [l for l in (done.stderr + done.stdout).splitlines() if "rror" in l] or ["(no message)"]
-                raise GptbcError(f"building gptbc-run for {arch} failed: {lines[0].strip()[:300]}")
-        staged = Path(tmp) / RUNNER
-        shutil.copy2(build / RUNNER, staged)
+                raise GptbcError(f"building {exe.name} for {arch} failed: {lines[0].strip()[:300]}")
+        staged = Path(tmp) / exe.name
+        shutil.copy2(build / exe.name, staged)
         exe.parent.mkdir(exist_ok=True)
         os.replace(staged, exe)
     return exe
@@ -290,12 +291,12 @@ def make_bundle(model_dir: str | Path, lib: str | Path, output: str | Path,
     arch, meta = check_library(lib, model_dir)
     if output.exists() and not (output / "bundle.json").is_file():
         raise GptbcError(f"-o {output}: exists and is not a bundle; remove it or choose another folder")
-    runner = cached_runner(arch)
+    runner = cached_program(arch)
     if not runner.is_file():
         check_toolchain(arch)  # before a download that would be of no use
     runtime = runtime_for(arch, log)
     if not runner.is_file():
-        build_runner(arch, runtime, runner, log)
+        build_program(arch, runtime, runner, log)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))

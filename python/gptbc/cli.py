@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--activations", choices=ACTIVATION_MODES, default="auto",
                    help="grouped schemes on CPUs: int8 rounds each linear layer's input to int8 per group of 32 and "
                         "uses integer dot products (weights repacked when loaded); float keeps float activations; "
-                        "auto is int8 where the CPU has VNNI")
+                        "auto is int8 where the CPU has VNNI (x86) or dotprod (aarch64: sdot)")
     c.add_argument("--context-window-size", type=_positive_int("--context-window-size"),
                    help="longest sequence (prompt + new tokens) the library serves (default: the model's n_positions)")
     c.add_argument("--prefill-chunk-size", type=_positive_int("--prefill-chunk-size"),
