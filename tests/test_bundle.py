@@ -167,6 +167,15 @@ def test_gptbc_run_refuses_a_library_for_another_architecture(tiny_model, aarch6
     assert f"--lib {m.lib} was built for x86-64, this machine is aarch64" in one_line_error(done)
 
 
+@pytest.mark.aarch64
+def test_gptbc_generate_refuses_a_library_for_another_architecture(tiny_model, aarch64_lib, capsys):
+    capsys.readouterr()
+    lib = aarch64_lib("mqa64")
+    assert main(["generate", str(tiny_model("mqa64").out_dir), "--lib", str(lib), "--prompt-ids", "1,2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --lib {lib} was built for aarch64, this machine is x86-64") and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("damage, message", [
     ("model/tokenizer.json", "model/tokenizer.json is missing (copy the whole folder)"),
     ("model.so", "model.so is missing (copy the whole folder)"),

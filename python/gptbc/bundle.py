@@ -31,9 +31,8 @@ from gptbc import __version__
 from gptbc.artifact import manifest
 from gptbc.compile.targets import AARCH64_PACKAGE, arm_cpu_features
 from gptbc.errors import GptbcError
-from gptbc.runtime.devices import host_arch
+from gptbc.runtime.devices import ELF_MACHINES, host_arch, library_arch
 
-ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
 CROSS_CXX = {"aarch64": ("aarch64-linux-gnu-g++", AARCH64_PACKAGE)}
 WHEEL_PLATFORM = "manylinux_2_28_{arch}"  # the tag the TVM and tvm-ffi wheels are published for
 RUNNER, LIBRARY, WEIGHTS = "gptbc-run", "model.so", "model"  # the names inside a bundle (gptbc-run reads bundle.json)
@@ -66,14 +65,15 @@ def tvm_versions() -> tuple[str, str]:
 
 # ---- the library ----
 
-def library_arch(lib: Path, blob: bytes) -> str:
-    if blob[:4] != b"\x7fELF":
+def bundle_arch(lib: Path) -> str:
+    """The architecture a bundle of `lib` is for (a .so's ELF machine)."""
+    arch = library_arch(lib)
+    if arch is None:
         raise GptbcError(f"--lib {lib}: not a shared library (a .tar of objects cannot be bundled: compile with the "
                          f"cross compiler installed to get a .so)")
-    machine = int.from_bytes(blob[18:20], "little")
-    if machine not in ELF_MACHINES:
-        raise GptbcError(f"--lib {lib}: built for ELF machine {machine}; gptbc bundle knows {', '.join(ELF_MACHINES.values())}")
-    return ELF_MACHINES[machine]
+    if arch not in ELF_MACHINES.values():
+        raise GptbcError(f"--lib {lib}: built for {arch}; gptbc bundle knows {', '.join(ELF_MACHINES.values())}")
+    return arch
 
 
 def library_metadata(lib: Path, blob: bytes) -> dict:
@@ -93,7 +93,7 @@ def check_library(lib: Path, model_dir: Path) -> tuple[str, dict]:
     if not lib.is_file():
         raise GptbcError(f"--lib {lib}: file not found")
     blob = lib.read_bytes()
-    arch, meta = library_arch(lib, blob), library_metadata(lib, blob)
+    arch, meta = bundle_arch(lib), library_metadata(lib, blob)
     if meta["device"] != "cpu":
         raise GptbcError(f"--lib {lib} was built for {meta['device']} (--target {meta['target']}); a bundle runs CPU "
                          f"libraries (cpu, aarch64-linux[:CPU])")
