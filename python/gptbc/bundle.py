@@ -82,7 +82,7 @@ def library_metadata(lib: Path, blob: bytes) -> dict:
     if start < 0:
         raise GptbcError(f"--lib {lib}: not a gptbc model library (no metadata)")
     try:
-        meta, end = json.JSONDecoder().raw_decode(blob[start:start + (1 << 24)].decode("utf-8", "replace"))
+        meta, _end = json.JSONDecoder().raw_decode(blob[start:start + (1 << 24)].decode("utf-8", "replace"))
     except ValueError:
         raise GptbcError(f"--lib {lib}: its metadata is not valid JSON") from None
     return manifest.parse_library(json.dumps(meta), lib)
