@@ -12,6 +12,8 @@
 #include <map>
 #include <sstream>
 
+#include <tvm/runtime/c_backend_api.h>
+
 #include "error.h"
 #include "json.h"
 
@@ -149,16 +151,22 @@ ffi::Tensor device_tensor(ffi::Shape shape, DLDataType dtype, DLDevice dev) {
   return global("runtime.TVMTensorAllocWithScope")(shape, dtype, dev, ffi::Optional<ffi::String>()).cast<ffi::Tensor>();
 }
 
-// "cpu" or "vulkan[:N]". Vulkan without a TVM Vulkan runtime means gptbc's WebGPU runtime: load it (it
-// registers the webgpu device and WGSL module loader with TVM) before the model library needs it.
+// "cpu", "vulkan[:N]" or "cuda[:N]".
 void Model::open_device(const std::string& device) {
   std::string kind = device.substr(0, device.find(':'));
   std::string index = device.find(':') == std::string::npos ? "" : device.substr(device.find(':') + 1);
-  if ((kind != "cpu" && kind != "vulkan") || (!index.empty() && index.find_first_not_of("0123456789") != std::string::npos) ||
-      index.size() > 6) {
-    throw Error("--device " + device + ": expected cpu or vulkan, optionally with :INDEX");
+  if ((kind != "cpu" && kind != "vulkan" && kind != "cuda") ||
+      (!index.empty() && index.find_first_not_of("0123456789") != std::string::npos) || index.size() > 6) {
+    throw Error("--device " + device + ": expected cpu, vulkan or cuda, optionally with :INDEX");
   }
-  if (kind == "cpu") return;
+  int32_t i = index.empty() ? 0 : static_cast<int32_t>(std::stoll(index));
+  if (kind == "vulkan") open_vulkan(device, i);
+  if (kind == "cuda") open_cuda(device, i);
+}
+
+// Vulkan without a TVM Vulkan runtime means gptbc's WebGPU runtime: load it (it registers the webgpu device
+// and WGSL module loader with TVM) before the model library needs it.
+void Model::open_vulkan(const std::string& device, int32_t index) {
   std::string path;
   if (const char* env = std::getenv("GPTBC_WEBGPU_LIB")) {
     path = env;
@@ -181,11 +189,35 @@ void Model::open_device(const std::string& device) {
     throw Error("no Vulkan adapter found: install a Vulkan driver (Debian/Ubuntu: apt-get install "
                 "mesa-vulkan-drivers, which includes lavapipe, a CPU Vulkan device; or your GPU vendor's driver)");
   }
-  int64_t i = index.empty() ? 0 : std::stoll(index);
-  if (i >= static_cast<int64_t>(adapters.size()))
+  if (index >= static_cast<int64_t>(adapters.size()))
     throw Error("--device " + device + ": no such adapter (" + std::to_string(adapters.size()) + " found)");
-  adapter_ = json::as_object(adapters[i], "webgpu adapter");
-  dev_ = DLDevice{kDLWebGPU, static_cast<int32_t>(i)};
+  adapter_ = json::as_object(adapters[index], "webgpu adapter");
+  dev_ = DLDevice{kDLWebGPU, index};
+}
+
+// CUDA is TVM's own device runtime, libtvm_runtime_cuda beside libtvm_runtime (the wheel ships it), loaded
+// only when asked for: gptbc-run needs no CUDA toolkit to build, and only the NVIDIA driver (libcuda.so.1)
+// to run a CUDA library. The kernels are in the library as nvcc's binaries (SASS, PTX), so nothing is
+// compiled when it loads.
+void Model::open_cuda(const std::string& device, int32_t index) {
+#ifdef GPTBC_CUDA_RUNTIME
+  Dl_info where{};
+  if (!dladdr(reinterpret_cast<void*>(&TVMBackendAllocWorkspace), &where) || !where.dli_fname)
+    throw Error("--device " + device + ": cannot locate libtvm_runtime to find its CUDA runtime beside it");
+  std::string dir = where.dli_fname;
+  std::string path = dir.substr(0, dir.rfind('/') + 1) + GPTBC_CUDA_RUNTIME;
+  if (!dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL)) {
+    throw Error("--device " + device + ": cannot load TVM's CUDA runtime " + path + ": " + first_line(dlerror()) +
+                " (a CUDA device needs the NVIDIA driver, which provides libcuda.so.1)");
+  }
+  bool exists = global("runtime.GetDeviceAttr")(static_cast<int>(kDLCUDA), index, 0).cast<int64_t>() != 0;
+  if (!exists) throw Error("--device " + device + ": no such CUDA device (nvidia-smi lists them)");
+  dev_ = DLDevice{kDLCUDA, index};
+#else
+  (void)index;
+  throw Error("--device " + device + ": this gptbc-run was built without CUDA support (CMake found no "
+              "libtvm_runtime_cuda beside libtvm_runtime, or -DGPTBC_CUDA=OFF); rebuild it where the TVM wheel has it");
+#endif
 }
 
 // Before any weight is copied: each tensor fits one storage-buffer binding, and float16 needs shader-f16.
@@ -233,13 +265,16 @@ void Model::load_library(const std::string& lib) {
   } catch (const ffi::Error& err) {  // dlopen or the VM loader refused the file
     if (err.message().find("load_from_bytes.webgpu") != std::string::npos)
       throw Error("--lib " + lib + " was built for vulkan (WGSL kernels), not for device cpu: run it with --device vulkan");
+    if (err.message().find("load_from_bytes.cuda") != std::string::npos)
+      throw Error("--lib " + lib + " was built for cuda, not for device " +
+                  (dev_.device_type == kDLCPU ? "cpu" : "vulkan") + ": run it with --device cuda");
     throw Error("--lib " + lib + ": not a gptbc model library (" + first_line(err.message()).substr(0, 200) + ")");
   }
   meta_ = manifest::parse_library(text, lib);
-  std::string want = dev_.device_type == kDLCPU ? "cpu" : "vulkan";
+  std::string want = dev_.device_type == kDLCPU ? "cpu" : dev_.device_type == kDLCUDA ? "cuda" : "vulkan";
   if (meta_.device != want) {
     throw Error("--lib " + lib + " was built for " + meta_.device + " (--target " + meta_.target +
-                "), not for device " + want + "; gptbc-run runs CPU libraries and WGSL Vulkan libraries");
+                "), not for device " + want + "; run it with --device " + meta_.device);
   }
   embed_ = get(*vm_, "embed");
   prefill_ = get(*vm_, "prefill");

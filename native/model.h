@@ -41,6 +41,8 @@ class Model {
  private:
   void load_library(const std::string& lib);
   void open_device(const std::string& device);
+  void open_vulkan(const std::string& device, int32_t index);
+  void open_cuda(const std::string& device, int32_t index);
   void check_device_limits();
   void load_params(const manifest::Weights& weights);
   const std::vector<float>& forward(const tvm::ffi::Function& func, const std::vector<int32_t>& ids);

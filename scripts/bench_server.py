@@ -12,7 +12,8 @@ Starts `gptbc serve` on 127.0.0.1 (a free port), then:
      cache (none leaked by the disconnected clients), per /metrics.
 With --mix, the clients are editors of four kinds in turn: plain completions (/v1/completions), FIM
 (/v1/fim/completions, Continue), llama.cpp infill with repository context (/infill, llama.vim) and chat
-(/v1/chat/completions, when the model has a chat template; otherwise that share goes to plain), while
+(/v1/chat/completions, where the server chats: a model with a tokenizer, in its template or ChatML;
+otherwise that share goes to plain), while
 another thread keeps sending hostile requests (tiny temperatures, NaN, nested JSON, huge integers, bad
 UTF-8, 100k-id prompts, huge n/logprobs/stop) that must all be answered below 500. Reports throughput and
 the p50/p99 time to first token.
@@ -164,7 +165,7 @@ def run_mix(base: str, args: argparse.Namespace) -> dict:
                                                                "max_tokens": 1}).encode())
     chat = probe == 200
     if not chat:
-        kinds = ["plain", "fim", "infill", "plain"]  # no chat template: that share goes to plain
+        kinds = ["plain", "fim", "infill", "plain"]  # no chat (no tokenizer): that share goes to plain
     jobs = [(kinds[i % 4], i % args.prompts) for i in range(args.clients)]
     failures: list[str] = []
     reference = {}

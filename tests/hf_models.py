@@ -11,6 +11,7 @@ from pathlib import Path
 
 SPECIALS_DASH = ["<|endoftext|>", "<fim-prefix>", "<fim-middle>", "<fim-suffix>", "<fim-pad>"]
 SPECIALS_UNDERSCORE = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
+SPECIALS_REPO = SPECIALS_UNDERSCORE + ["<repo_name>", "<file_sep>"]  # StarCoder 2's repository-level tokens
 
 CORPUS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
@@ -24,7 +25,8 @@ def make_tokenizer(directory: Path, fim: str | None = "dash", vocab_size: int = 
     """Train a byte-level BPE (StarCoder-style pre-tokenizer) and save tokenizer.json; returns its size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    specials = {"dash": SPECIALS_DASH, "underscore": SPECIALS_UNDERSCORE, None: ["<|endoftext|>"]}[fim]
+    specials = {"dash": SPECIALS_DASH, "underscore": SPECIALS_UNDERSCORE, "repo": SPECIALS_REPO,
+                None: ["<|endoftext|>"]}[fim]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
@@ -65,6 +67,36 @@ def make_checkpoint(directory: Path, seed: int = 0, tokenizer: str | None = None
         _drop_tensor(directory / "model.safetensors", "lm_head.weight")
     if tokenizer is not None:
         make_tokenizer(directory, fim=tokenizer, vocab_size=fields["vocab_size"])
+    return directory
+
+
+def make_scripted_checkpoint(directory: Path, text: str, n_positions: int = 1024, n_head: int = 8) -> Path:
+    """A GPTBigCode whose greedy output is known: at position p it predicts token p (mod len) of `text`
+    (tokenized with the "dash" tokenizer) whatever the input, by a wide margin. So what it writes after a
+    prompt of L tokens is `text`'s tokens from L - 1 on, round and round: the server's stop rules
+    (n_indent, t_max_predict_ms, stop strings) meet exactly the lines the test wrote.
+
+    How: no token embedding, a one-hot position embedding (n_embd = n_positions), every attention and MLP
+    weight zero (each block adds nothing to the residual), and an untied lm_head whose row for token t is
+    the sum of the one-hots of the positions that predict t.
+    """
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    vocab = make_tokenizer(directory, fim="dash")
+    ids = Tokenizer.from_file(str(directory / "tokenizer.json")).encode(text).ids
+    config = GPTBigCodeConfig(n_embd=n_positions, n_head=n_head, n_layer=1, n_positions=n_positions,
+                              n_inner=64, vocab_size=vocab, multi_query=True, tie_word_embeddings=False, bos_token_id=0,
+                              eos_token_id=0)
+    model = GPTBigCodeForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0 if "ln_" in name and name.endswith("weight") else 0.0)
+        model.transformer.wpe.weight.copy_(torch.eye(n_positions))
+        for pos in range(n_positions):
+            model.lm_head.weight[ids[pos % len(ids)], pos] = 1.0
+    model.save_pretrained(directory, safe_serialization=True)
     return directory
 
 

@@ -443,6 +443,10 @@ def bad_inputs(model_files, tmp_path_factory):
         "negative top-k": ([*ok, *ids, "--top-k", "-1"], "top-k must be " + RANGES["top_k"].rule),
         "text without tokenizer": (["--model", str(mha_dir), "--lib", str(mha_lib), "--prompt", "x"],
                                    "no tokenizer.json"),
+        "bad device": ([*ok, *ids, "--device", "cuda:x"], "expected cpu, vulkan or cuda, optionally with :INDEX"),
+        # Without the NVIDIA driver, TVM's CUDA runtime cannot load; with it, a CPU library is refused there.
+        "cuda device": ([*ok, *ids, "--device", "cuda"], "libcuda.so.1" if not has_nvidia_driver() else
+                        "was built for cpu (--target cpu), not for device cuda; run it with --device cpu"),
     }
     for how in ["huge-length", "garbage-header", "nested-header", "truncated", "tiny", "missing", "bad-offsets"]:
         d = corrupt(out_dir, root / how, how)
@@ -472,10 +476,21 @@ def bad_inputs(model_files, tmp_path_factory):
 
 BAD = ["missing model dir", "missing lib", "not a library", "other quantization", "other model", "bad token id",
        "bad ids", "empty ids", "too long", "two prompts", "no prompt", "unknown flag", "missing value", "bad number",
-       "negative temperature", "temperature above 2", "zero top-p", "negative top-k", "text without tokenizer", "config not json", "tokenizer not json",
+       "negative temperature", "temperature above 2", "zero top-p", "negative top-k", "text without tokenizer",
+       "bad device", "cuda device", "config not json", "tokenizer not json",
        "unsupported tokenizer", "tokenizer normalizer", "wrong tensor shape", "newer weights"] + [
     f"safetensors {h}" for h in ["huge-length", "garbage-header", "nested-header", "truncated", "tiny", "missing",
                                  "bad-offsets"]]
+
+
+def has_nvidia_driver() -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -503,3 +518,43 @@ def test_asan_build_generates_like_the_release_build(native, native_asan, model_
     checked = run(native_asan, out_dir, lib, *args, "--json")
     assert checked.returncode == 0 and checked.stderr == b"", checked.stderr.decode()[-3000:]
     assert json.loads(checked.stdout)["token_ids"] == plain["token_ids"]
+
+
+def test_cuda_support_is_optional_and_says_so(model_files, tmp_path):
+    """-DGPTBC_CUDA=OFF (or no libtvm_runtime_cuda in the wheel): configure says so, --device cuda says so."""
+    from native_build import cmake
+
+    build_dir = build(tmp_path / "build", "-DGPTBC_CUDA=OFF", target="gptbc-run")
+    configure = cmake("-S", ".", "-B", str(build_dir), cwd=Path(__file__).resolve().parents[1])
+    assert "gptbc-run --device cuda will not be available" in configure.stdout
+    out_dir, lib = model_files("mqa64", "q0f32")
+    done = run(build_dir, out_dir, lib, "--prompt-ids", "1,2", "--device", "cuda:0")
+    assert done.returncode == 1 and done.stderr.decode().strip().splitlines() == [
+        "error: --device cuda:0: this gptbc-run was built without CUDA support (CMake found no libtvm_runtime_cuda "
+        "beside libtvm_runtime, or -DGPTBC_CUDA=OFF); rebuild it where the TVM wheel has it"]
+
+
+def test_a_cuda_library_is_refused_on_the_cpu(tiny_model, native, tmp_path):
+    """A library whose kernels are CUDA's (nvcc is here; no GPU is needed to build one) named with --device cpu."""
+    from gptbc.artifact.config import resolve_model
+    from gptbc.compile.compiler import compile_model
+
+    m = tiny_model("mqa64")
+    lib = compile_model(resolve_model(str(m.out_dir)), "cuda:sm_80", "q0f32", tmp_path / "cuda.so",
+                        log=lambda _m: None)
+    done = run(native, m.out_dir, lib, "--prompt-ids", "1,2")
+    assert done.returncode == 1 and done.stderr.decode().strip().splitlines() == [
+        f"error: --lib {lib} was built for cuda, not for device cpu: run it with --device cuda"], done.stderr
+
+
+def test_cuda_runtime_is_loaded_from_beside_libtvm_runtime(model_files, native, tmp_path):
+    """With a driver stand-in that has no device (tests/test_cuda_library.py), gptbc-run loads TVM's CUDA runtime
+    from the wheel, which registers the CUDA device, and asks it whether device 0 exists: that is all of
+    --device cuda short of a GPU."""
+    from test_cuda_library import libcuda_stand_in
+
+    out_dir, lib = model_files("mqa64", "q0f32")
+    env = {**os.environ, "LD_LIBRARY_PATH": str(libcuda_stand_in(tmp_path))}
+    done = run(native, out_dir, lib, "--prompt-ids", "1,2", "--device", "cuda", env=env)
+    assert done.returncode == 1 and done.stderr.decode().strip().splitlines() == [
+        "error: --device cuda: no such CUDA device (nvidia-smi lists them)"], done.stderr

@@ -60,14 +60,14 @@ def build(tiny, target, tmp_path, suffix, quant="q0f32"):
 @pytest.mark.parametrize("variant, sass, ptx", [("sm_75", [75], [75]), ("sm_90,sm_80", [80, 90], [90])])
 def test_cuda_library_holds_sass_for_each_arch_and_ptx_for_newer_gpus(tiny, tmp_path, variant, sass, ptx):
     from gptbc.artifact.fatbin import can_run, fatbin_entries
+    from test_cuda_library import embedded_fatbin
 
     lib = build(tiny, f"cuda:{variant}", tmp_path, ".so")
     blob = lib.read_bytes()
     assert elf_machine(blob) == 62  # x86-64 host code
-    assert blob.count(b"__global__") > 10  # TVM 0.27 keeps the CUDA C in the library...
+    assert b"__global__" not in blob  # no CUDA C for a load-time compiler...
     assert_model_functions_and_metadata(blob, f"cuda:{variant}")
-    fat = lib.with_name(lib.name + ".fatbin").read_bytes()  # ...and gptbc ships it compiled by nvcc
-    assert fat[:4] == b"\x50\xed\x55\xba"  # fatbin magic
+    fat = embedded_fatbin(blob)  # ...the kernels compiled by nvcc, inside the library
     # The SM field of every embedded CUDA ELF (read from the ELF headers, independently of our parser).
     elf_sms, pos = [], fat.find(b"\x7fELF")
     while pos >= 0:
@@ -77,29 +77,30 @@ def test_cuda_library_holds_sass_for_each_arch_and_ptx_for_newer_gpus(tiny, tmp_
     assert sorted(elf_sms) == sass
     entries = fatbin_entries(fat)
     assert sorted(a for k, a in entries if k == "sass") == sass and [a for k, a in entries if k == "ptx"] == ptx
-    info = json.loads(lib.with_name(lib.name + ".fatbin.json").read_text())
-    assert info["arch"] == ",".join(f"sm_{a}" for a in sass) and len(info["source_sha256"]) == 64
-    assert sorted((e["kind"], e["arch"]) for e in info["contents"]) == sorted(entries)
+    meta, _ = json.JSONDecoder().raw_decode(blob[blob.index(b'{"gptbc_version"'):].decode("utf-8", "replace"))
+    assert sorted((e["kind"], e["arch"]) for e in meta["cuda_fatbin"]) == sorted(entries)
     # What runs where: the H200 (sm_90) runs an sm_80 build through its PTX; older GPUs do not.
     assert can_run(entries, 90) and can_run(entries, 100) and not can_run(entries, min(sass) - 5)
 
 
 def test_cuda_library_refused_on_a_gpu_it_cannot_run(tmp_path):
-    """The load-time check, with the local GPU's arch faked (no GPU here): one line naming what the
-    fatbin holds and the flag that fixes it."""
+    """The load-time check, with the local GPU's arch faked (no GPU here): it reads the manifest's
+    `cuda_fatbin` and fails in one line naming what the fatbin holds and the flag that fixes it."""
     from gptbc.runtime.cuda import check_runnable
-    from gptbc.errors import GptbcError
 
     lib = tmp_path / "lib.so"
-    (tmp_path / "lib.so.fatbin.json").write_text(json.dumps(
-        {"arch": "sm_86", "contents": [{"kind": "sass", "arch": 86}, {"kind": "ptx", "arch": 86}]}))
-    check_runnable(lib, 86)
-    check_runnable(lib, 89)  # same major, newer minor: the SASS runs
-    check_runnable(lib, 90)  # newer major: the PTX is JIT-compiled
+    meta = {"cuda_fatbin": [{"kind": "sass", "arch": 86}, {"kind": "ptx", "arch": 86}]}
+    check_runnable(meta, lib, 86)
+    check_runnable(meta, lib, 89)  # same major, newer minor: the SASS runs
+    check_runnable(meta, lib, 90)  # newer major: the PTX is JIT-compiled
+    check_runnable({}, lib, 80)  # a library without CUDA kernels: nothing to check
     with pytest.raises(GptbcError) as err:
-        check_runnable(lib, 80)
+        check_runnable(meta, lib, 80)
     msg = str(err.value)
     assert "sm_86" in msg and "compute_86" in msg and "--target cuda:sm_80" in msg and "\n" not in msg
+    for bad in ([], [{"kind": "cubin", "arch": 86}], [{"kind": "sass", "arch": "86"}], [{"arch": 86}], "sm_86"):
+        with pytest.raises(GptbcError, match=r"lib\.so metadata: cuda_fatbin is not a list"):
+            check_runnable({"cuda_fatbin": bad}, lib, 90)
 
 
 def test_metal_objects_hold_shaders(tiny, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from gptbc import __version__
@@ -218,6 +219,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from gptbc.check import run_check
+
+    use_threads(args)
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
+    schemes = [s for s in args.quantization.split(",") if s]
+    with tempfile.TemporaryDirectory(prefix="gptbc-check-") as tmp:
+        result = run_check(args.target, args.device, schemes, args.tokens, Path(tmp),
+                           runner=Path(args.runner) if args.runner else None, bench=args.bench, log=log)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0 if result["ok"] else 1
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
@@ -350,6 +367,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "out) against plain, on a prompt the output repeats; reports acceptance and tokens/step")
     b.add_argument("--json", action="store_true", help="print the results as JSON (progress goes to stderr)")
     b.set_defaults(func=cmd_bench)
+
+    k = command("check", "check a target end to end on this machine's device (random weights; no download)")
+    k.add_argument("--target", default="cpu", help="the target to check (cpu, cuda, vulkan, metal, ...)")
+    k.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    k.add_argument("--quantization", default="q0f32,q0f16,q4f16_1", help="comma-separated schemes to check")
+    k.add_argument("--tokens", type=int, default=32,
+                   help="greedy tokens compared after the 39-token prompt (fewer is quicker on slow devices "
+                        "such as lavapipe)")
+    k.add_argument("--runner", help="a gptbc-run binary: its greedy tokens on the target's library are checked too")
+    k.add_argument("--bench", action="store_true",
+                   help="also a santacoder-shaped random model's decode (batch 1, 16) and prefill-512 rates, "
+                        "next to the device's copy bandwidth (needs ~10 GB of memory and disk)")
+    k.add_argument("--threads", type=_positive_int("--threads"), help=THREADS_HELP)
+    k.add_argument("--json", action="store_true", help="print the results as JSON (the table goes to stderr)")
+    k.set_defaults(func=cmd_check)
 
     s = command("serve", "serve an OpenAI-compatible completions API (with FIM) and /infill")
     s.add_argument("out_dir", metavar="OUT_DIR", help="converted weights directory")

@@ -15,6 +15,10 @@ Weights (`gptbc-config.json`):
 Library (`_metadata`):
   the common header, model_config, quantization, target (the --target spelling), device (cpu, cuda, ...),
   context_window_size, prefill_chunk_size, max_batch_size, params [{name, shape, dtype}]
+  cuda_fatbin           CUDA libraries only: [{kind: "sass" | "ptx", arch: 80}], what the nvcc fatbin linked
+                        into the library holds. Optional, and read by runtime/cuda.py alone (its "this GPU
+                        cannot run it" refusal), so neither reader here nor native/manifest.cc checks it and
+                        the schema version stays: older readers ignore it.
 
 Imports no TVM: the compiler, the converter, the runtime and the tests all read it.
 """
@@ -69,9 +73,11 @@ def weights_manifest(model_name: str, config: "GPTBigCodeConfig", quant: "Quanti
 
 
 def library_manifest(source: "ModelSource", quant: "Quantization", device: str, spelling: str,
-                     params: list[tuple[str, tuple[int, ...], str]], repack: dict[str, str] | None = None) -> dict[str, Any]:
+                     params: list[tuple[str, tuple[int, ...], str]], repack: dict[str, str] | None = None,
+                     cuda_fatbin: list[tuple[str, int]] | None = None) -> dict[str, Any]:
     """A library's `_metadata`: what a runtime checks against the weights before computing anything.
-    `repack`: {parameter: library function} the runtime applies to that weight once it is loaded."""
+    `repack`: {parameter: library function} the runtime applies to that weight once it is loaded;
+    `cuda_fatbin`: [(kind, arch)] of the CUDA kernels linked into the library."""
     repack = repack or {}
     cfg = source.config
     return {
@@ -86,6 +92,7 @@ def library_manifest(source: "ModelSource", quant: "Quantization", device: str, 
         "max_batch_size": cfg.max_batch_size,
         "params": [{"name": n, "shape": [int(x) for x in s], "dtype": d, **({"repack": repack[n]} if n in repack else {})}
                    for n, s, d in params],
+        **({"cuda_fatbin": [{"kind": k, "arch": a} for k, a in cuda_fatbin]} if cuda_fatbin else {}),
     }
 
 

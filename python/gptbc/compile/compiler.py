@@ -1,9 +1,9 @@
 """The compile driver: config → Relax module → the pass list → model library, written atomically.
 
 Phases (each reported): export the nn.Module to Relax, attach `_metadata`, lower with the passes
-below and the target's schedules, build, write the library (and any sidecar files the target makes)
-under a temporary name and rename it. Which schedules, kernels and sidecars a target gets is decided
-in its `TargetSpec` (targets.py), not here.
+below and the target's schedules, build, write the library (with any kernels the target builds itself
+linked in: CUDA's nvcc fatbin) under a temporary name and rename it. Which schedules and kernels a target
+gets is decided in its `TargetSpec` (targets.py), not here.
 """
 
 from __future__ import annotations
@@ -167,36 +167,36 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
         from gptbc.compile.kernels_int8 import add_repack_functions
 
         mod, repack = add_repack_functions(mod, plan, params)
+    variant, embedded = get_target(target_name)[1], spec.embedded
+    fatbin = embedded.contents(variant) if embedded else None
     # tvm_version: a bundle ships the runtime of exactly the TVM that built the library (bundle.py)
-    meta = {**library_manifest(source, quant, spec.device, target_name, params, repack), "tvm_version": tvm.__version__}
+    meta = {**library_manifest(source, quant, spec.device, target_name, params, repack, fatbin),
+            "tvm_version": tvm.__version__}
     mod = attach_metadata(mod, meta)
     t = phase(f"export {source.name} ({quant.name}, {'int8' if quant.int8_activations else 'float'} activations) "
               f"to Relax", t)
 
-    with tvm.transform.PassContext(opt_level=3), guarded_tir_cse() as cse_skipped:
+    building = embedded.building() if embedded else contextlib.nullcontext()
+    with tvm.transform.PassContext(opt_level=3), guarded_tir_cse() as cse_skipped, building:
         executable = relax.build(mod, target, relax_pipeline=relax_pipeline(spec.pipeline, target),
                                  system_lib=build.system_lib)
     if cse_skipped:
         log(f"[gptbc] TIR CSE left out of {len(cse_skipped)} kernel(s) it would break: {', '.join(cse_skipped)}")
     t = phase(f"lower and build for {target_name}", t)
 
-    sidecars: dict[Path, bytes] = {}
-    if spec.sidecars is not None:
-        sidecars, what = spec.sidecars(executable, target, get_target(target_name)[1], output)
-        t = phase(what, t)
+    packing = {}
+    if embedded:
+        pack, what = embedded.packer(executable, target, variant)
+        packing, t = {"fpack_imports": pack}, phase(what, t)
 
     with atomic_path(output) as tmp:
         if build.cc:
             from tvm.support import cc  # tvm.contrib.cc before TVM 0.27
 
-            executable.export_library(str(tmp), fcompile=cc.cross_compiler(build.cc))
+            executable.export_library(str(tmp), fcompile=cc.cross_compiler(build.cc), **packing)
         else:
-            executable.export_library(str(tmp))
+            executable.export_library(str(tmp), **packing)
         os.chmod(tmp, 0o755 if build.suffix in (".so", ".dylib") else 0o644)
-    for path, data in sidecars.items():
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(data)
-            os.chmod(tmp, 0o644)
     phase(f"write {output} ({'objects for static linking' if build.system_lib else 'shared library'})", t)
     return output
 

@@ -1,22 +1,32 @@
-"""CUDA kernels compiled ahead of time: the nvcc build of a library's kernels for a list of archs.
+"""CUDA kernels compiled ahead of time by nvcc and embedded in the library, so it is one file.
 
-TVM 0.27's CUDA codegen stores CUDA C in the library and compiles it when the library is loaded
-(NVRTC through cuda-python by default). `gptbc compile` compiles that source with nvcc instead and
-writes `LIB.fatbin` + `LIB.fatbin.json` beside the library: SASS for every requested arch and PTX for
-the highest, so a library built on a machine without a GPU (sm_80 by default) still runs on newer
-GPUs (an H100/H200 is sm_90) through the driver's PTX JIT. runtime/cuda.py serves that fatbin at load
-time; artifact/fatbin.py reads what a fatbin holds.
+TVM 0.27's CUDA codegen (BuildCUDA) hands CUDA C to a module factory. With no CUDA runtime loaded (no
+libcuda, as on a build machine) that is a fallback module that keeps the source; with one, the factory
+compiles the source at build time through `tvm_callback_cuda_compile` (NVRTC). A library whose CUDA module
+holds source (format "cuda") must compile it again when it loads, through that Python hook. A module whose
+format is a binary one ("fatbin", "cubin", "ptx") goes straight to cuModuleLoadData: no hook, no NVRTC, no
+Python (src/backend/cuda/runtime/cuda_module.cc, CUDAModuleCreateImpl and CUDAModuleLoadFromBytes).
+
+So gptbc builds with TVM_COMPILE_FORCE_FALLBACK=1 (the module keeps its source, on any machine), compiles
+that source with nvcc (SASS for each requested arch, PTX for the highest, so an sm_80 build also runs on an
+H100/H200 through the driver's JIT) and, when the library is written, swaps the CUDA module's serialized
+bytes `[fmt "cuda"][function table][source]` for `[fmt "fatbin"][function table][fatbin]` in the blob
+TVM links into the library (`__tvm_ffi__library_bin`, tvm-ffi's library_module.cc). What the fatbin holds
+is recorded in the library's manifest (`cuda_fatbin`); runtime/cuda.py reads it there.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
+import os
+import struct
 from pathlib import Path
+from typing import Callable, Iterator
 
 from gptbc.artifact.fatbin import fatbin_entries
 from gptbc.errors import GptbcError
 
+FORCE_FALLBACK = "TVM_COMPILE_FORCE_FALLBACK"
 
 
 def nvcc_gencode(archs: list[str]) -> list[str]:
@@ -26,6 +36,28 @@ def nvcc_gencode(archs: list[str]) -> list[str]:
         flags += ["-gencode", f"arch=compute_{arch[3:]},code={arch}"]
     top = archs[-1][3:]
     return flags + ["-gencode", f"arch=compute_{top},code=compute_{top}"]
+
+
+def fatbin_plan(archs: list[str]) -> list[tuple[str, int]]:
+    """What nvcc_gencode(archs) makes nvcc write: [("sass", 80), ..., ("ptx", highest)]."""
+    numbers = [int(a[3:].rstrip("a")) for a in archs]
+    return [("sass", n) for n in numbers] + [("ptx", numbers[-1])]
+
+
+@contextlib.contextmanager
+def keep_cuda_source() -> Iterator[None]:
+    """While TVM builds: make its CUDA codegen keep the kernels as source (its fallback module), even where
+    a CUDA runtime is loaded and would otherwise compile them with NVRTC (cuda_fallback_module.h reads the
+    variable at every build)."""
+    before = os.environ.get(FORCE_FALLBACK)
+    os.environ[FORCE_FALLBACK] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[FORCE_FALLBACK]
+        else:
+            os.environ[FORCE_FALLBACK] = before
 
 
 def find_cuda_module(module):
@@ -38,15 +70,10 @@ def find_cuda_module(module):
     return None
 
 
-def aot_cuda_kernels(executable, target, archs: list[str], output: Path) -> dict[Path, bytes]:
-    """nvcc-compile the library's CUDA kernels: `LIB.fatbin` and `LIB.fatbin.json` (what it holds, the
-    SHA-256 of the kernel source it was built from)."""
+def nvcc_fatbin(source: str, target, archs: list[str]) -> bytes:
+    """The kernels compiled by nvcc; checked to hold exactly fatbin_plan(archs), which the manifest records."""
     from tvm.support import nvcc
 
-    module = find_cuda_module(executable.mod)
-    if module is None:
-        raise GptbcError("internal: the CUDA build holds no CUDA module")
-    source = module.inspect_source("cuda")
     try:
         with target:
             fatbin = bytes(nvcc.compile_cuda(source, target_format="fatbin", arch=nvcc_gencode(archs),
@@ -54,10 +81,90 @@ def aot_cuda_kernels(executable, target, archs: list[str], output: Path) -> dict
     except Exception as err:
         raise GptbcError(f"nvcc failed on the generated kernels for {','.join(archs)}: "
                          f"{str(err).strip().splitlines()[-1][:300]}") from None
-    entries = fatbin_entries(fatbin)
-    info = {"arch": ",".join(archs), "contents": [{"kind": k, "arch": a} for k, a in entries],
-            "source_sha256": hashlib.sha256(source.encode()).hexdigest()}
-    fat_path = output.with_name(output.name + ".fatbin")
-    return {fat_path: fatbin, fat_path.with_name(fat_path.name + ".json"): json.dumps(info).encode()}
+    if sorted(fatbin_entries(fatbin)) != sorted(fatbin_plan(archs)):
+        raise GptbcError(f"internal: nvcc's fatbin holds {fatbin_entries(fatbin)}, expected {fatbin_plan(archs)}")
+    return fatbin
 
 
+def _u64(blob: bytes, pos: int) -> tuple[int, int]:
+    return struct.unpack_from("<Q", blob, pos)[0], pos + 8
+
+
+def _sized(data: bytes) -> bytes:
+    """tvm-ffi's stream encoding of a string or bytes: u64 length, then the bytes."""
+    return struct.pack("<Q", len(data)) + data
+
+
+def cuda_module_with_fatbin(saved: bytes, source: bytes, fatbin: bytes) -> bytes:
+    """A CUDA module's SaveToBytes output `[fmt "cuda"][fmap][source]` with the source replaced by `fatbin`."""
+    head, tail = _sized(b"cuda"), _sized(source)
+    if not (saved.startswith(head) and saved.endswith(tail)):
+        raise GptbcError("internal: the CUDA module was not saved as the CUDA source nvcc compiled")
+    return _sized(b"fatbin") + saved[len(head):len(saved) - len(tail)] + _sized(fatbin)
+
+
+def embed_fatbin(blob: bytes, source: bytes, fatbin: bytes) -> bytes:
+    """The library blob with every CUDA module holding `fatbin` instead of `source`.
+
+    Layout (tvm-ffi, src/ffi/extra/library_module.cc, ProcessLibraryBin): u64 byte count of the rest; the
+    import tree as two u64 vectors (indptr, child indices); then per module its kind (a string) and,
+    unless the kind is "_lib" (the host code itself), its SaveToBytes output (bytes).
+    """
+    size, pos = _u64(blob, 0)
+    if size != len(blob) - 8:
+        raise GptbcError("internal: TVM's packed library blob has an unexpected size")
+    indptr_len, _ = _u64(blob, pos)
+    for _vector in range(2):
+        count, pos = _u64(blob, pos)
+        pos += 8 * count
+    parts, swapped = [blob[8:pos]], 0
+    for _module in range(indptr_len - 1):
+        length, pos = _u64(blob, pos)
+        kind, pos = blob[pos:pos + length], pos + length
+        parts.append(_sized(kind))
+        if kind == b"_lib":
+            continue
+        length, pos = _u64(blob, pos)
+        saved, pos = blob[pos:pos + length], pos + length
+        if kind == b"cuda":
+            saved, swapped = cuda_module_with_fatbin(saved, source, fatbin), swapped + 1
+        parts.append(_sized(saved))
+    if pos != len(blob) or swapped != 1:
+        raise GptbcError(f"internal: TVM's packed library blob holds {swapped} CUDA modules, expected 1")
+    return _sized(b"".join(parts))
+
+
+def blob_object(blob: bytes, symbol: str, workdir: Path) -> Path:
+    """An assembler file defining `symbol` as `blob` (the compiler driver that links the library assembles
+    it); .incbin keeps a many-megabyte fatbin out of C source."""
+    data = workdir / "gptbc_imports.bin"
+    data.write_bytes(blob)
+    asm = workdir / "gptbc_imports.S"
+    asm.write_text(f"""\t.section .rodata
+\t.globl {symbol}
+\t.type {symbol}, %object
+\t.balign 8
+{symbol}:
+\t.incbin "{data}"
+\t.size {symbol}, . - {symbol}
+\t.section .note.GNU-stack,"",%progbits
+""")
+    return asm
+
+
+def fatbin_packer(executable, target, archs: list[str]) -> Callable:
+    """nvcc-compile the built library's kernels; return export_library's `fpack_imports`, which links them in."""
+    import tvm
+
+    module = find_cuda_module(executable.mod)
+    if module is None:
+        raise GptbcError("internal: the CUDA build holds no CUDA module")
+    source = module.inspect_source("cuda")
+    fatbin = nvcc_fatbin(source, target, archs)
+
+    def pack(mod, _is_system_lib: bool, prefix: str, workdir: str) -> str:
+        blob = tvm.get_global_func("runtime.ModulePackImportsToTensor")(mod).numpy().tobytes()
+        symbol = prefix + tvm.get_global_func("runtime.ModuleImportsBlobName")()
+        return str(blob_object(embed_fatbin(blob, source.encode(), fatbin), symbol, Path(workdir)))
+
+    return pack

@@ -14,7 +14,6 @@ import platform
 import re
 import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from gptbc.errors import GptbcError
@@ -72,26 +71,52 @@ CPU_PIPELINE = Pipeline("cpu", _cpu_rules, _cpu_kernels)
 GPU_PIPELINE = Pipeline("gpu", _gpu_rules)
 
 
-def _race_free_merge(mod, cfg, quant, _target):
+def _race_free_merge(mod, cfg, quant, target):
     from gptbc.compile.kernels import use_race_free_merge
 
-    # 256: the threads per block TVM's webgpu and vulkan targets allow, which TVM's kernel is sized by
-    return use_race_free_merge(mod, cfg.n_head, cfg.head_dim, quant.model_dtype, 256)
+    # TVM's kernel is sized by the threads per block the target allows (256 on webgpu and vulkan, 1024 on CUDA)
+    return use_race_free_merge(mod, cfg.n_head, cfg.head_dim, quant.model_dtype, int(target.attrs["max_num_threads"]))
 
 
 # Vulkan and WebGPU: the GPU pipeline, and TVM's attention-state merge kernel replaced by one without its
 # data race (kernels.merge_state_inplace): their devices need not run a block's threads in lockstep
 # (lavapipe does not), and TVM's kernel is wrong there (docs/targets.md, Problem 3).
 WGPU_PIPELINE = Pipeline("gpu", _gpu_rules, _race_free_merge)
+# CUDA: the same. TVM's merge kernel relies on a head's threads running in lockstep, which CUDA does not
+# promise since Volta (independent thread scheduling), and a head spans two warps at head_dim 256.
+CUDA_PIPELINE = Pipeline("gpu", _gpu_rules, _race_free_merge)
 
 
-def _nvcc_fatbin(executable, target, variant: str | None, output: Path) -> tuple[dict[Path, bytes], str]:
-    """CUDA: the kernels compiled by nvcc, written beside the library (see cuda.py)."""
-    from gptbc.compile.cuda import aot_cuda_kernels
+def _fatbin_contents(variant: str | None) -> list[tuple[str, int]]:
+    from gptbc.compile.cuda import fatbin_plan
+
+    return fatbin_plan(cuda_archs(variant))
+
+
+def _fatbin_packer(executable, target, variant: str | None) -> tuple[Callable, str]:
+    from gptbc.compile.cuda import fatbin_packer
 
     archs = cuda_archs(variant)
-    return (aot_cuda_kernels(executable, target, archs, output),
-            f"compile CUDA kernels with nvcc for {','.join(archs)} (+ PTX)")
+    return fatbin_packer(executable, target, archs), f"compile CUDA kernels with nvcc for {','.join(archs)} (+ PTX)"
+
+
+def _keep_cuda_source():
+    from gptbc.compile.cuda import keep_cuda_source
+
+    return keep_cuda_source()
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """Kernels the compiler builds itself and links into the library (CUDA: nvcc's fatbin, see cuda.py)."""
+
+    contents: Callable[[str | None], list[tuple[str, int]]]  # variant → what they hold, for the manifest
+    building: Callable[[], Any]  # a context manager TVM's build runs in (CUDA: keep the kernels as source)
+    # (built executable, TVM target, variant) → (export_library's fpack_imports, what it did)
+    packer: Callable[[Any, Any, str | None], tuple[Callable, str]]
+
+
+CUDA_FATBIN = Embedded(_fatbin_contents, _keep_cuda_source, _fatbin_packer)
 
 
 @dataclass(frozen=True)
@@ -106,8 +131,7 @@ class TargetSpec:
     variant_pattern: str | None = None  # regex a ":variant" must match
     unavailable: Callable[[], str | None] = field(default=lambda: None)  # why this machine cannot build it
     arch: str | None = None  # the CPU architecture the library's host code is for; None: this machine's
-    # (built executable, TVM target, variant, library path) → (files to write beside the library, what it did)
-    sidecars: Callable[[Any, Any, str | None, Path], tuple[dict[Path, bytes], str]] | None = None
+    embedded: Embedded | None = None  # kernels built by gptbc and linked into the library
 
 
 def host_cpu_target(mcpu: str | None = None, num_cores: int | None = None) -> dict:
@@ -142,7 +166,7 @@ def cuda_archs(variant: str | None) -> list[str]:
 
 def _cuda(variant: str | None) -> Build:
     # Kernels are generated for the lowest arch (so they use nothing a listed GPU lacks); nvcc then
-    # writes SASS for every listed arch and PTX for the highest (the sidecars hook: cuda.aot_cuda_kernels).
+    # writes SASS for every listed arch and PTX for the highest (CUDA_FATBIN: cuda.fatbin_packer).
     arch = cuda_archs(variant)[0]
     # 48 KiB is the static shared-memory limit on every CUDA GPU; stating it keeps TVM from guessing.
     return Build({"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152, "host": host_cpu_target()},
@@ -251,8 +275,8 @@ TARGETS: list[TargetSpec] = [
                CPU_PIPELINE, "LLVM (in TVM) and a C compiler to link", _cpu, aliases=("llvm",),
                variant_pattern=r"[\w.-]+"),
     TargetSpec("cuda", "NVIDIA GPU; `cuda:sm_XX[,sm_YY...]` picks the architectures (default: the local GPU's, "
-               "else sm_80); PTX of the highest is embedded for newer GPUs", "cuda", GPU_PIPELINE, "nvcc", _cuda,
-               variant_pattern=r"sm_\d{2,3}a?(,sm_\d{2,3}a?)*", unavailable=_no_nvcc, sidecars=_nvcc_fatbin),
+               "else sm_80); PTX of the highest is embedded for newer GPUs", "cuda", CUDA_PIPELINE, "nvcc", _cuda,
+               variant_pattern=r"sm_\d{2,3}a?(,sm_\d{2,3}a?)*", unavailable=_no_nvcc, embedded=CUDA_FATBIN),
     TargetSpec("metal", "Apple silicon GPU: a .dylib on macOS, elsewhere a .tar of objects for a macOS build",
                "metal", GPU_PIPELINE, "LLVM (in TVM); on macOS the Xcode command line tools", _metal),
     TargetSpec("vulkan", "Vulkan GPU: SPIR-V with a TVM built with USE_VULKAN=ON, else WGSL kernels in a .so run "

@@ -10,6 +10,13 @@ from typing import Any
 
 from gptbc.errors import GptbcError
 
+# llama.cpp's template for a model that has none (every base StarCoder): ChatML. A base model never learned it,
+# but an answer the editor shows beats a 400 that llama.vim's instruct mode swallows without a word; the
+# server stops on CHATML_STOP, which such a model may write as plain text.
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + (m['content'] or '') + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML_STOP = "<|im_end|>"
+
 
 class ChatTemplate:
     def __init__(self, source: str, special: dict[str, str]):

@@ -54,14 +54,13 @@ def load_library(lib: str | Path, dev):
     if not lib.is_file():
         raise GptbcError(f"--lib {lib}: file not found")
     check_library_arch(Path(lib))
-    if dev.dlpack_device_type() == tvm.cuda(0).dlpack_device_type():
-        from gptbc.runtime.cuda import serve_prebuilt_kernels
-
-        serve_prebuilt_kernels(lib)
     try:
         try:
             module = tvm.runtime.load_module(str(lib))
         except Exception as err:
+            if "load_from_bytes.cuda" in str(err):  # TVM loads libtvm_runtime_cuda.so only where libcuda.so.1 is
+                raise GptbcError(f"--lib {lib}: a CUDA library, and this TVM has no CUDA runtime (its "
+                                 f"libtvm_runtime_cuda.so needs the NVIDIA driver's libcuda.so.1)") from None
             if "load_from_bytes.webgpu" not in str(err):
                 raise
             from gptbc.runtime import webgpu  # a WGSL library (--target vulkan): load the runtime it needs, then retry
@@ -74,7 +73,12 @@ def load_library(lib: str | Path, dev):
         raise
     except Exception as err:  # TVM raises its own error types for a foreign or broken file
         raise GptbcError(f"--lib {lib}: not a gptbc model library ({str(err).splitlines()[0][:200]})") from None
-    return vm, manifest.parse_library(text, lib)
+    meta = manifest.parse_library(text, lib)
+    if dev.dlpack_device_type() == tvm.cuda(0).dlpack_device_type():
+        from gptbc.runtime.cuda import check_runnable, local_sm
+
+        check_runnable(meta, lib, local_sm())
+    return vm, meta
 
 
 def weight_bytes(info: dict) -> int:

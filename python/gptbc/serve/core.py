@@ -16,12 +16,13 @@ from typing import Any, AsyncIterator, Callable
 
 from gptbc.errors import ContextWindowError, GptbcError
 from gptbc.runtime.async_engine import AsyncEngine, EngineDead
+from gptbc.runtime.chat_template import CHATML, ChatTemplate
 from gptbc.runtime.sampling import SamplingError, SamplingParams
 from gptbc.runtime.scheduler import Request
 from gptbc.serve import schema as S
 from gptbc.serve.errors import UNION_HELP, ApiError, bad, engine_dead, engine_error
 from gptbc.serve.metrics import Metrics
-from gptbc.serve.stops import IndentStop
+from gptbc.serve.stops import IndentStop, past_time_limit
 
 log = logging.getLogger("gptbc.serve")
 
@@ -80,6 +81,24 @@ class Job:
     finished: bool = False  # Server.finish ran
 
 
+# llama.cpp's spellings of the repository-name and file-separator tokens (llama-vocab.cpp's FIM_REP and FIM_SEP
+# lists), with StarCoder 2's <repo_name>/<file_sep> added: llama.cpp gets those from the GGUF's metadata.
+REPO_TOKENS = ("<repo_name>", "<|repo_name|>", "<|fim_repo|>", "<fim-repo>", "<REPO>", "<reponame>")
+FILE_SEP_TOKENS = ("<file_sep>", "<|file_sep|>")
+
+
+def repository_tokens(engine) -> tuple[int | None, int | None]:
+    """(repository-name token, file-separator token) of a FIM-capable tokenizer, None where it has none."""
+    if engine.tokenizer is None or engine.fim is None:
+        return None, None
+    from gptbc.runtime.tokenizer import vocabulary
+
+    vocab = vocabulary(engine.model_dir)
+    repo = next((vocab[n] for n in REPO_TOKENS if n in vocab), None)
+    sep = next((vocab[n] for n in FILE_SEP_TOKENS if n in vocab), None)
+    return repo, sep
+
+
 class Server:
     """The ASGI app's state and handlers."""
 
@@ -92,14 +111,13 @@ class Server:
         self.metrics = Metrics(self.loop)
         self.inflight = 0  # choices accepted and not finished (event-loop thread only)
         self.created = int(time.time())
-        tok = engine.tokenizer
-        self.repo_tokens = None
-        if tok is not None and engine.fim is not None:
-            from gptbc.runtime.tokenizer import vocabulary
-
-            vocab = vocabulary(engine.model_dir)
-            if "<repo_name>" in vocab and "<file_sep>" in vocab:
-                self.repo_tokens = (vocab["<repo_name>"], vocab["<file_sep>"])
+        self.repo_token, self.file_sep_token = repository_tokens(engine)
+        # A model without a chat template chats in ChatML, as llama.cpp's server does (see CHATML).
+        self.chat_template = engine.chat_template or ChatTemplate(CHATML, {})
+        self.chat_template_name = "model" if engine.chat_template is not None else "chatml (default)"
+        if engine.chat_template is None and engine.tokenizer is not None:
+            log.warning("%s has no chat template: /v1/chat/completions uses ChatML, which a base model was not "
+                        "trained on", engine.model_dir)
 
     def _fatal(self, err: BaseException) -> None:
         log.critical("the engine failed and cannot recover (%s: %s); stopping the server", type(err).__name__, err)
@@ -108,7 +126,8 @@ class Server:
 
     # ---- shared request parts ----
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
+        """Another model's name is a 404; no name or "" (what llama.vim sends by default) is this one."""
+        if model and model != self.model_name:
             raise ApiError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
@@ -251,8 +270,8 @@ class Server:
                     self.loop.cancel(reqs[i])
                 elif finished:
                     text += choice.indent.flush()
-            if (not finished and job.t_max_predict_ms is not None and choice.first_token_at is not None
-                    and (now - choice.first_token_at) * 1000 > job.t_max_predict_ms and "\n" in choice.text + text):
+            if (not finished and choice.first_token_at is not None
+                    and past_time_limit(text, (now - choice.first_token_at) * 1000, job.t_max_predict_ms)):
                 finished, choice.finish_reason, choice.stop_type = True, "length", "limit"
                 self.loop.cancel(reqs[i])
             choice.text += text
@@ -280,5 +299,5 @@ class Server:
 
     def usage(self, job: Job) -> dict:
         prompt = sum(len(job.prompts[i // job.n]) for i in range(0, len(job.params), job.n))
-        done = sum(len(c.ids) for c in job.choices)
+        done = 0 if job.warm_up else sum(len(c.ids) for c in job.choices)
         return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}

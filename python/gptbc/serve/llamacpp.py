@@ -21,9 +21,14 @@ from gptbc.serve.errors import bad, validate
 from gptbc.serve.openapi import route_doc
 from gptbc.serve.transport import prepare, run_to_end, server_of, sse_response
 
-# Extra repository context for a tokenizer without StarCoder's <repo_name>/<file_sep> tokens: each chunk of
-# input_extra becomes this header and its text, at the start of the FIM prefix.
-PLAIN_EXTRA_HEADER = "# file: {filename}\n"
+# The repository-context layout of llama.cpp's format_prompt_infill, which StarCoder 2-style models were trained
+# on: <repo_name>PROJECT\n, then <file_sep>FILENAME\n + text per chunk, then <file_sep> + a line for the current
+# file, then the FIM prompt. llama.cpp writes these two names literally (its requests carry neither); so do we,
+# so that a model sees the same prompt from gptbc as from llama.cpp. A tokenizer without a file separator
+# (SantaCoder, StarCoder 1) gets SNIPPET_SEPARATOR before each chunk instead, and no file lines.
+PROJECT_LINE = "myproject\n"
+CURRENT_FILE_LINE = "filename\n"
+SNIPPET_SEPARATOR = "\n\n--- snippet ---\n\n"
 
 router = APIRouter()
 
@@ -56,47 +61,63 @@ def parse_completion(server: Server, body: Any) -> Job:
     return server.fit(job, "prompt", "n_predict")
 
 
-def infill_ids(server: Server, r: S.InfillRequest, params: SamplingParams) -> tuple[list[int], bool]:
-    """The infill prompt: repository context, then FIM prefix/suffix/middle, then `prompt`. Too long for the
-    window: the oldest extra chunks go first, then the far ends of prefix and suffix (truncated=True)."""
+def generation_reserve(window: int, n_predict: int) -> int:
+    """Tokens of the window an infill keeps free for its answer: n_predict, but at most a quarter of the
+    window, so that on a small window (an edge build's) the context is cut to fit rather than the request
+    refused; the answer may then still use all the room the prompt leaves."""
+    if n_predict == 0:
+        return 1
+    return min(n_predict, window // 4) if n_predict > 0 else window // 4
+
+
+def repository_context(server: Server, chunks: list[S.ExtraChunk]) -> list[int]:
+    """input_extra as tokens, in llama.cpp's layout (see PROJECT_LINE)."""
+    engine = server.engine
+    ids = [server.repo_token, *engine.encode(PROJECT_LINE)] if server.repo_token is not None else []
+    for c in chunks:
+        if server.file_sep_token is not None:
+            ids += [server.file_sep_token, *engine.encode(c.filename + "\n")]
+        else:
+            ids += engine.encode(SNIPPET_SEPARATOR)
+        ids += engine.encode(c.text)
+    if server.file_sep_token is not None:
+        ids += [server.file_sep_token, *engine.encode(CURRENT_FILE_LINE)]
+    return ids
+
+
+def infill_ids(server: Server, r: S.InfillRequest) -> tuple[list[int], bool]:
+    """The infill prompt, laid out as llama.cpp does: repository context, then
+    <fim-prefix> prefix + prompt <fim-suffix> suffix <fim-middle> (`prompt`, the text typed on the cursor's
+    line, ends the prefix). It always fits the window less generation_reserve: the text around the cursor
+    first (the prefix's end, the typed text, the suffix's start), then the repository context in what is left,
+    its oldest part cut first; truncated=True when anything was cut."""
     engine, f = server.engine, server.engine.fim
     if engine.tokenizer is None or f is None:
         raise bad("input_prefix", f"{engine.model_dir}: the tokenizer has no fill-in-the-middle tokens")
-    middle = engine.encode(r.prompt) if r.prompt else []
-    chunks = []
-    for c in r.input_extra:
-        if server.repo_tokens:
-            chunks.append([server.repo_tokens[1], *engine.encode(f"{c.filename}\n{c.text}")])
-        else:
-            chunks.append(engine.encode(PLAIN_EXTRA_HEADER.format(filename=c.filename) + c.text))
-    head = [server.repo_tokens[0], *engine.encode("gptbc\n")] if server.repo_tokens and chunks else []
-    budget = engine.context_window_size - params.max_new_tokens
-    core = server.fim_ids(r.input_prefix, r.input_suffix, "input_prefix")
-    truncated = False
-    while chunks and len(head) + sum(map(len, chunks)) + len(core) + len(middle) > budget:
-        chunks.pop(0)
-        truncated = True
-    if not chunks:
-        head = []
-    if len(core) + len(middle) > budget:
-        core = server.fim_ids(r.input_prefix, r.input_suffix, "input_prefix",
-                              params.replace(max_new_tokens=params.max_new_tokens + len(middle), truncate_prompt=True))
-        truncated = True
-    extra = [t for c in chunks for t in c]
-    if server.repo_tokens:  # <repo_name>gptbc\n<file_sep>name\ntext...<fim_prefix>...
-        ids = head + extra + core
-    else:  # <fim-prefix># file: name\ntext...prefix<fim-suffix>...
-        ids = core[:1] + extra + core[1:]
-    return ids + middle, truncated
+    window = engine.context_window_size
+    budget = window - generation_reserve(window, r.n_predict) - 3  # the three FIM tokens
+    typed = server.text_ids(r.prompt, "prompt") if r.prompt else []
+    keep_typed = min(len(typed), max(budget, 0))  # a cursor line longer than the window keeps its end
+    pre, suf = server.text_ids(r.input_prefix, "input_prefix"), server.text_ids(r.input_suffix, "input_suffix")
+    room = max(budget - keep_typed, 0)
+    # The suffix gets what the prefix leaves, and at least a quarter of the room where it needs that
+    # (llama.cpp splits prefix:suffix 3:1).
+    keep_suf = min(len(suf), max(room // 4, room - len(pre)))
+    keep_pre = min(len(pre), room - keep_suf)
+    core = [f["prefix"]["id"], *pre[len(pre) - keep_pre:], *typed[len(typed) - keep_typed:],
+            f["suffix"]["id"], *suf[:keep_suf], f["middle"]["id"]]
+    extra = repository_context(server, r.input_extra) if r.input_extra else []
+    keep_extra = min(len(extra), budget + 3 - len(core))
+    truncated = (keep_typed, keep_pre, keep_suf, keep_extra) != (len(typed), len(pre), len(suf), len(extra))
+    return extra[len(extra) - keep_extra:] + core, truncated
 
 
 def parse_infill(server: Server, body: Any) -> Job:
     r: S.InfillRequest = validate(S.InfillRequest, body)
-    # n_predict -1: fit as much context as the window holds, then generate into whatever it leaves
-    params, warm_up = llama_params(server, r, r.n_predict if r.n_predict >= 0 else 1, 0)
-    ids, truncated = infill_ids(server, r, params[0])
-    if r.n_predict < 0:
-        params = [p.replace(max_new_tokens=max(server.engine.context_window_size - len(ids), 1)) for p in params]
+    ids, truncated = infill_ids(server, r)
+    # The answer gets n_predict tokens or the room the prompt leaves, whichever is less (-1: all that room).
+    room = server.engine.context_window_size - len(ids)
+    params, warm_up = llama_params(server, r, min(r.n_predict, room) if r.n_predict >= 0 else room, 0)
     job = Job([ids], [r.input_prefix], params, 1, r.stream and not warm_up, logprobs=r.n_probs or None,
               n_indent=r.n_indent, t_max_predict_ms=r.t_max_predict_ms, truncated=truncated, warm_up=warm_up,
               request=r)
@@ -113,28 +134,37 @@ def probs(server: Server, tokens, lps, tops) -> list[dict]:
     return [entry(t, lp) | {"top_logprobs": [entry(u, v) for u, v in top]} for t, lp, top in zip(tokens, lps, tops)]
 
 
-def body_of(server: Server, job: Job, req: Request) -> dict:
-    c = job.choices[0] if job.choices else Choice()
+def timings(job: Job, c: Choice, reused: int) -> dict:
+    """llama.cpp's timings: the prompt rates count only the prompt tokens evaluated (prompt_n, not the
+    cache_n reused), and the generation rates the steps after the first token, which the prompt paid for."""
     end = time.perf_counter()
     first = c.first_token_at or end
     prompt_ms, predicted_ms = (first - job.began) * 1000, (end - first) * 1000
+    prompt_n, predicted_n = len(job.prompts[0]) - reused, 0 if job.warm_up else len(c.ids)
+    steps = max(predicted_n - 1, 0)
+
+    def per(a: float, b: float) -> float:
+        return a / b if b > 0 else 0.0
+
+    return {"cache_n": reused, "prompt_n": prompt_n, "prompt_ms": prompt_ms,
+            "prompt_per_token_ms": per(prompt_ms, prompt_n), "prompt_per_second": per(1e3 * prompt_n, prompt_ms),
+            "predicted_n": predicted_n, "predicted_ms": predicted_ms,
+            "predicted_per_token_ms": per(predicted_ms, steps), "predicted_per_second": per(1e3 * steps, predicted_ms)}
+
+
+def body_of(server: Server, job: Job, req: Request) -> dict:
+    c = job.choices[0] if job.choices else Choice()
+    reused = req.reused if req is not None else 0
     n_out = 0 if job.warm_up else len(c.ids)
     body = {"content": "" if job.warm_up else c.text, "tokens": [] if job.warm_up else list(c.ids),
             "id_slot": job.request.id_slot, "stop": True, "model": server.model_name,
-            "tokens_predicted": n_out, "tokens_evaluated": len(job.prompts[0]),
-            "tokens_cached": req.reused if req is not None else 0, "truncated": job.truncated,
-            "stop_type": "limit" if job.warm_up else c.stop_type,
-            "stopping_word": "", "timings": {
-                "prompt_n": len(job.prompts[0]) - (req.reused if req is not None else 0),
-                "prompt_ms": prompt_ms, "prompt_per_token_ms": prompt_ms / max(len(job.prompts[0]), 1),
-                "prompt_per_second": len(job.prompts[0]) / max(prompt_ms / 1000, 1e-9),
-                "predicted_n": n_out, "predicted_ms": predicted_ms,
-                "predicted_per_token_ms": predicted_ms / max(n_out, 1),
-                "predicted_per_second": n_out / max(predicted_ms / 1000, 1e-9)}}
+            "tokens_predicted": n_out, "tokens_evaluated": len(job.prompts[0]), "tokens_cached": reused,
+            "truncated": job.truncated, "stop_type": "limit" if job.warm_up else c.stop_type,
+            "stopping_word": "", "timings": timings(job, c, reused)}
     if job.logprobs and not job.warm_up:
         body["completion_probabilities"] = probs(server, c.ids, c.logprobs, c.top)
     fields = job.request.response_fields
-    if fields is not None:
+    if fields:  # llama.cpp: an empty list is the whole body
         body = pick_fields(body, fields)
     return body
 
@@ -162,7 +192,7 @@ async def chunks(server: Server, job: Job, reqs: list[Request], events: asyncio.
                 out["completion_probabilities"] = probs(server, u.tokens, u.logprobs, u.top)
             yield out
     last = body_of(server, job, reqs[0])
-    yield last | {"content": "", "tokens": []} if job.request.response_fields is None else last
+    yield last if job.request.response_fields else last | {"content": "", "tokens": []}
 
 
 # ---- routes ----

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request as HttpRequest
 
 from gptbc.errors import GptbcError
+from gptbc.runtime.chat_template import CHATML, CHATML_STOP
 from gptbc.runtime.scheduler import Request
 from gptbc.serve import schema as S
 from gptbc.serve.core import Choice, Job, Server
@@ -78,29 +79,35 @@ def parse_fim(server: Server, body: Any) -> Job:
 def parse_chat(server: Server, body: Any) -> Job:
     r: S.ChatRequest = validate(S.ChatRequest, body)
     server.check_model(r.model)
-    template = server.engine.chat_template
-    if template is None:
-        raise ApiError(400, f"messages: model {server.model_name!r} has no chat template (tokenizer_config.json "
-                            f"chat_template); use /v1/completions, /v1/fim/completions or /infill",
-                       param="messages", code="no_chat_template")
     messages = [{"role": m.role, "content": m.content if not isinstance(m.content, list)
                  else "".join(p.text for p in m.content)} for m in r.messages]
     try:
-        text = template.render(messages)
+        text = server.chat_template.render(messages)
     except GptbcError as err:
         raise bad("messages", str(err).split(": ", 1)[-1]) from None
-    max_tokens = r.max_tokens if r.max_tokens is not None else r.max_completion_tokens
     ids = server.text_ids(text, "messages")
-    if max_tokens is None:
-        max_tokens = max(min(CHAT_DEFAULT_MAX_TOKENS, server.engine.context_window_size - len(ids)), 1)
-    eos = template.special.get("eos_token")
+    max_tokens, warm_up = chat_max_tokens(server, r, len(ids))
+    eos = server.chat_template.special.get("eos_token")
     extra_stop = [i for i in (server.engine.encode(eos) if eos else []) if i in server.engine.special_ids][:1]
     logprobs = (r.top_logprobs or 0) if r.logprobs else None
     params = server.sampling(r, max_tokens, r.n, logprobs, extra={"stop_token_ids": extra_stop},
                              names={"top_logprobs": "top_logprobs"})
+    if server.chat_template.source == CHATML:  # the default template's end of turn is no token of the model
+        params = [p.replace(stop=[*p.stop, CHATML_STOP]) for p in params]
     include_usage = bool(r.stream_options and r.stream_options.include_usage)
-    return server.fit(Job([ids], [text], params, r.n, r.stream, include_usage, logprobs=logprobs, request=r),
-                      "messages")
+    return server.fit(Job([ids], [text], params, r.n, r.stream and not warm_up, include_usage, logprobs=logprobs,
+                          warm_up=warm_up, request=r), "messages")
+
+
+def chat_max_tokens(server: Server, r: S.ChatRequest, prompt_len: int) -> tuple[int, bool]:
+    """(max tokens, warm-up): llama.cpp's n_predict first (0: only evaluate the prompt, as llama.vim's
+    instruct warm-up asks; -1: the whole window), then max_tokens / max_completion_tokens, else
+    CHAT_DEFAULT_MAX_TOKENS or the room the window leaves."""
+    room = max(server.engine.context_window_size - prompt_len, 1)
+    if r.n_predict is not None:
+        return (1, True) if r.n_predict == 0 else (room if r.n_predict < 0 else r.n_predict, False)
+    asked = r.max_tokens if r.max_tokens is not None else r.max_completion_tokens
+    return (asked if asked is not None else min(CHAT_DEFAULT_MAX_TOKENS, room)), False
 
 
 # ---- answer shapes ----
@@ -185,8 +192,8 @@ def chat_logprobs(server: Server, tokens, lps, tops) -> list[dict]:
 def chat_body(server: Server, job: Job, rid: str) -> dict:
     choices = []
     for i, c in enumerate(job.choices):
-        choice = {"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
-                  "finish_reason": c.finish_reason}
+        choice = {"index": i, "message": {"role": "assistant", "content": "" if job.warm_up else c.text},
+                  "logprobs": None, "finish_reason": "length" if job.warm_up else c.finish_reason}
         if job.logprobs is not None:
             choice["logprobs"] = {"content": chat_logprobs(server, c.ids, c.logprobs, c.top)}
         choices.append(choice)

@@ -12,7 +12,8 @@ ENDPOINTS = {  # path → (request model, what it is)
     "/v1/completions": (S.CompletionRequest, "OpenAI completions (prompt, suffix for FIM)"),
     "/completions": (S.CompletionRequest, "alias of /v1/completions"),
     "/v1/fim/completions": (S.FimRequest, "fill-in-the-middle (Continue's OpenAI provider)"),
-    "/v1/chat/completions": (S.ChatRequest, "OpenAI chat completions, with the tokenizer's chat template"),
+    "/v1/chat/completions": (S.ChatRequest, "OpenAI chat completions, with the tokenizer's chat template "
+                                            "(ChatML without one)"),
     "/completion": (S.LlamaCompletionRequest, "llama.cpp completion (Tabby, Continue's llama.cpp provider)"),
     "/infill": (S.InfillRequest, "llama.cpp infill (llama.vim, llama.vscode)"),
     "/tokenize": (S.TokenizeRequest, "llama.cpp tokenize"),

@@ -99,12 +99,15 @@ class ChatMessage(Strict):
 
 
 class ChatRequest(SamplingFields):
-    """POST /v1/chat/completions (OpenAI), rendered with the tokenizer's chat template."""
+    """POST /v1/chat/completions (OpenAI), rendered with the tokenizer's chat template (ChatML without one)."""
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = sampling_field("max_new_tokens", "Most tokens to generate (default 256).")
     max_completion_tokens: int | None = sampling_field("max_new_tokens", "Alias of max_tokens.")
+    n_predict: int | None = Field(None, ge=-1, description="llama.cpp's name, before max_tokens: -1 until eos "
+                                                           "or the window; 0 evaluates the prompt only (a "
+                                                           "warm-up: empty answer).")
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     logprobs: bool = False
     top_logprobs: int | None = sampling_field("top_logprobs", "With logprobs: the N most likely tokens too.")
@@ -127,8 +130,9 @@ class LlamaFields(SamplingFields):
                                                 "one batch and the prefix cache).")
     response_fields: list[str] | None = Field(None, description="Answer only these fields ('a/b' reaches "
                                                                 "into nested objects).")
-    t_max_predict_ms: int | None = Field(None, ge=0, description="Stop once this much time went to "
-                                                                 "generating and a newline was generated.")
+    t_max_predict_ms: int | None = Field(None, ge=0, description="Once this long has passed since the first "
+                                                                 "token, stop on the first token that holds a "
+                                                                 "newline (0: no limit).")
     t_max_prompt_ms: int | None = Field(None, ge=-1, description="Accepted and ignored, as llama.cpp does.")
     samplers: list[str] | None = Field(None, description="Accepted and ignored (gptbc's order is fixed).")
 
@@ -140,7 +144,7 @@ class LlamaCompletionRequest(LlamaFields):
 
 
 class ExtraChunk(Strict):
-    filename: str = ""
+    filename: str = "tmp"  # llama.cpp's default
     text: str = ""
 
 
@@ -151,8 +155,10 @@ class InfillRequest(LlamaFields):
     input_suffix: str = ""
     input_extra: list[ExtraChunk] = Field(default_factory=list, description="Repository context: "
                                           "[{filename, text}], oldest first.")
-    prompt: str = Field("", description="Text after the middle token (the start of the current line).")
-    n_indent: int = Field(0, ge=0, description="Stop at a new line indented less than this.")
+    prompt: str = Field("", description="The text typed on the cursor's line before the cursor: it ends the "
+                                        "FIM prefix, as in llama.cpp.")
+    n_indent: int = Field(0, ge=0, description="After the first line, stop at a line indented less than this "
+                                               "(an empty line too), cut after its indentation.")
 
 
 class TokenizeRequest(Strict):

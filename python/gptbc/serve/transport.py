@@ -59,7 +59,7 @@ def sse_response(server: Server, job: Job, reqs: list[Request], chunks: AsyncIte
         # sequences, freeing their KV pages.
         try:
             async for item in chunks:
-                yield f"data: {json.dumps(item)}\n\n"
+                yield f"data: {json.dumps(item, separators=(',', ':'))}\n\n"
         except ApiError as err:  # headers are sent: report in-band
             yield f"data: {json.dumps(err.body())}\n\n"
         except Exception as err:  # noqa: BLE001
