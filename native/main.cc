@@ -3,10 +3,14 @@
 //   gptbc-run --model OUT_DIR --lib LIB (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N]
 //             [--temperature T] [--top-p P] [--top-k K] [--seed S] [--ignore-eos] [--json]
 //
+// In a folder from `gptbc bundle` (bundle.json beside it), --model and --lib default to the bundle's own.
+//
 // Text streams to stdout as it is decoded; --json prints one object at the end instead. Every failure is
 // one line "error: ..." on stderr and exit status 1.
+#include <limits.h>
 #include <sched.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -31,13 +35,15 @@
 namespace {
 
 using gptbc::Error;
+namespace json = gptbc::json;
 
 const char kUsage[] =
     "usage: gptbc-run --model OUT_DIR --lib LIB (--prompt TEXT | --prompt-ids 1,2,3)\n"
     "                 [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S]\n"
     "                 [--ignore-eos] [--json] [--device cpu|vulkan[:N]|cuda[:N]]\n"
     "\n"
-    "Generates with a model library from `gptbc compile` (CPU) and weights from `gptbc convert-weight`.\n"
+    "Generates with a model library from `gptbc compile` (CPU) and weights from `gptbc convert-weight`;\n"
+    "in a folder from `gptbc bundle`, --model and --lib default to the bundle's own.\n"
     "Sampling defaults come from the model's generation_config.json (greedy unless it says do_sample).\n"
     "  --device      cpu (default), vulkan[:N] (a --target vulkan library on gptbc's WebGPU runtime) or cuda[:N]\n"
     "                (libgptbc_webgpu.so beside gptbc-run, or GPTBC_WEBGPU_LIB)\n"
@@ -51,6 +57,38 @@ struct Args {
   std::map<std::string, std::string> sampling;  // flag → value, applied over the model's defaults
   bool json = false, ignore_eos = false, help = false;
 };
+
+// The folder this executable is in, with a trailing '/' (qemu-user answers /proc/self/exe for its guest too).
+std::string own_dir() {
+  char exe[PATH_MAX];
+  ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+  std::string self = n > 0 ? std::string(exe, n) : "";
+  return self.substr(0, self.rfind('/') + 1);
+}
+
+// `gptbc bundle` writes bundle.json beside gptbc-run: the library, the weights folder and every file with its
+// size. Use them, once the copy is checked whole (a missing file would otherwise surface as a confusing error).
+void use_bundle(Args* a) {
+  std::string dir = own_dir(), path = dir + "bundle.json";
+  struct stat st {};
+  if (dir.empty() || stat(path.c_str(), &st) != 0) return;  // not a bundle: --model and --lib are required
+  json::Object b = json::as_object(json::parse_file(path), path);
+  for (const auto& item : json::as_array(json::need(b, "files", path), path + ": files")) {
+    json::Object f = json::as_object(item, path + ": files");
+    std::string name = json::as_string(json::need(f, "path", path), path + ": path");
+    int64_t want = json::as_int(json::need(f, "bytes", path), path + ": bytes");
+    if (name.empty() || name[0] == '/' || name.find("..") != std::string::npos)
+      throw Error(path + ": file " + name + " is not a path inside the bundle");
+    if (stat((dir + name).c_str(), &st) != 0)
+      throw Error("bundle " + dir + ": " + name + " is missing (copy the whole folder)");
+    if (st.st_size != want) {
+      throw Error("bundle " + dir + ": " + name + " is " + std::to_string(st.st_size) + " bytes, bundle.json says " +
+                  std::to_string(want) + " (an incomplete copy?)");
+    }
+  }
+  a->model = dir + json::as_string(json::need(b, "model", path), path + ": model");
+  a->lib = dir + json::as_string(json::need(b, "lib", path), path + ": lib");
+}
 
 Args parse_args(int argc, char** argv) {
   Args a;
@@ -83,6 +121,7 @@ Args parse_args(int argc, char** argv) {
     else a.sampling[flag] = value;
   }
   if (a.help) return a;
+  if (a.model.empty() && a.lib.empty()) use_bundle(&a);
   if (a.model.empty()) throw Error("--model is required (a directory from `gptbc convert-weight`)");
   if (a.lib.empty()) throw Error("--lib is required (a library from `gptbc compile`)");
   if (a.prompt.has_value() == a.prompt_ids.has_value()) throw Error("give exactly one of --prompt and --prompt-ids");

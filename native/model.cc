@@ -8,6 +8,7 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <sstream>
 
@@ -75,6 +76,38 @@ void add_ids(const std::optional<json::Value>& v, const std::string& where, std:
     return;
   }
   for (const auto& x : json::as_array(*v, where)) out->push_back(static_cast<int32_t>(json::as_int(x, where)));
+}
+
+// The CPU architecture this gptbc-run runs on, as messages name it.
+#if defined(__x86_64__)
+constexpr const char* kThisArch = "x86-64";
+#elif defined(__aarch64__)
+constexpr const char* kThisArch = "aarch64";
+#else
+constexpr const char* kThisArch = "this architecture";
+#endif
+
+std::string elf_arch(uint16_t machine) {
+  switch (machine) {
+    case 62: return "x86-64";
+    case 183: return "aarch64";
+    case 40: return "32-bit arm";
+    case 243: return "riscv";
+    default: return "ELF machine " + std::to_string(machine);
+  }
+}
+
+// A library for another CPU: dlopen would only say "wrong ELF class" or "cannot open shared object file".
+void check_arch(const std::string& lib) {
+  std::ifstream in(lib, std::ios::binary);
+  unsigned char h[20] = {};
+  if (!in.read(reinterpret_cast<char*>(h), sizeof(h)) || std::memcmp(h, "\x7f" "ELF", 4) != 0 || h[5] != 1)
+    return;  // not a little-endian ELF file: the loader's own message says what is wrong
+  std::string built = elf_arch(static_cast<uint16_t>(h[18] | (h[19] << 8)));
+  if (built != kThisArch) {
+    throw Error("--lib " + lib + " was built for " + built + ", this machine is " + kThisArch +
+                " (run it on a " + built + " machine, e.g. from `gptbc bundle`, or compile for --target cpu)");
+  }
 }
 
 ffi::Function global(const char* name) {
@@ -209,6 +242,7 @@ void Model::check_device_limits() {
 
 void Model::load_library(const std::string& lib) {
   if (!is_file(lib)) throw Error("--lib " + lib + ": file not found");
+  check_arch(lib);
   // dlopen searches the library path for a name without a slash: give it the real path, as Python does.
   char resolved[PATH_MAX];
   std::string path = realpath(lib.c_str(), resolved) ? resolved : lib;

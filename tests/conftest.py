@@ -12,6 +12,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from hf_models import make_checkpoint  # noqa: E402
 
+
+def pytest_runtest_setup(item) -> None:
+    """Tests marked aarch64 skip (or fail, under GPTBC_REQUIRE_AARCH64=1) where aarch64 cannot run here."""
+    if item.get_closest_marker("aarch64") is not None:
+        from aarch64_tools import need_aarch64
+
+        need_aarch64()
+
 # name → (checkpoint settings, compile overrides). Two shapes (head_dim 64 / 32, n_inner 4x / not),
 # MQA and MHA of each; one uses exact-erf GELU; one prefills in chunks of 16 tokens.
 VARIANTS = {

@@ -129,6 +129,49 @@ def test_aarch64_objects(tiny, tmp_path):
     assert_model_functions_and_metadata(b"".join(blobs.values()), "aarch64-linux")
 
 
+@pytest.mark.aarch64  # needs the cross compiler: skipped without it, failed under GPTBC_REQUIRE_AARCH64=1
+def test_aarch64_shared_library_for_a_named_cpu(tiny, tmp_path):
+    lib = build(tiny, "aarch64-linux:cortex-a76", tmp_path, ".so")
+    blob = lib.read_bytes()
+    assert elf_machine(blob) == EM_AARCH64 and blob[16] == 3  # ET_DYN: a shared library, not objects
+    assert_model_functions_and_metadata(blob, "aarch64-linux:cortex-a76")
+
+
+@pytest.mark.parametrize("cpu, has, lacks", [(None, ["neon"], ["dotprod", "i8mm"]),
+                                             ("cortex-a72", ["neon"], ["dotprod", "i8mm"]),
+                                             ("cortex-a76", ["dotprod"], ["i8mm"]),
+                                             ("neoverse-n1", ["dotprod"], ["i8mm"]),
+                                             ("neoverse-v1", ["dotprod", "i8mm"], [])])
+def test_arm_cpu_sets_the_features_llvm_compiles_for(cpu, has, lacks):
+    from tvm.target import Target, codegen
+
+    target = Target(plan_build("aarch64-linux" + (f":{cpu}" if cpu else ""))[1].target)
+    assert target.attrs["mcpu"] == (cpu or "generic") and str(target.attrs["mtriple"]) == "aarch64-linux-gnu"
+    for feature in has:
+        assert codegen.target_has_features(feature, target), feature
+    for feature in lacks:
+        assert not codegen.target_has_features(feature, target), feature
+
+
+def test_unknown_arm_cpu_is_a_one_line_error_naming_the_known_ones():
+    with pytest.raises(GptbcError) as info:
+        plan_build("aarch64-linux:cortex-z99")
+    msg = str(info.value)
+    assert "unknown CPU 'cortex-z99'" in msg and "cortex-a76" in msg and "neoverse-v1" in msg and "\n" not in msg
+
+
+def test_aarch64_without_a_cross_compiler(tiny, tmp_path, monkeypatch):
+    """No aarch64-linux-gnu-g++ on PATH: the target falls back to objects, and asking for a .so names the package
+    (before any work is done or any file written)."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    spec, plan = plan_build("aarch64-linux")
+    assert plan.suffix == ".tar" and plan.cc is None
+    with pytest.raises(GptbcError) as info:
+        compile_model(tiny, "aarch64-linux", "q0f32", tmp_path / "out" / "lib.so", log=lambda _m: None)
+    assert "apt-get install g++-aarch64-linux-gnu" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_vulkan_builds_wgsl_into_a_native_library_without_vulkan_codegen(tiny, tmp_path):
     """Without SPIR-V codegen (the wheel), --target vulkan is WGSL kernels in a .so for this CPU (run by gptbc's
     WebGPU runtime, tests/test_vulkan.py); with it, TVM's own Vulkan library."""
@@ -182,6 +225,9 @@ def test_targets_command_lists_every_target():
     for spec in TARGETS:
         assert spec.name in out
     assert "vulkan path: " in out and ("WGSL" in out or "SPIR-V" in out)
+    features = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("  aarch64-linux:")}
+    assert features["aarch64-linux:cortex-a72"] == "neon" and features["aarch64-linux:neoverse-n1"] == "neon+dotprod"
+    assert "i8mm" in features["aarch64-linux:neoverse-v1"]
 
 
 def test_device_argmax_on_cpu(engine_of):

@@ -1,4 +1,4 @@
-"""`gptbc` command line: compile, convert-weight, generate, targets.
+"""`gptbc` command line: compile, convert-weight, generate, bundle, targets.
 
 Every user error ends as one line `error: ...` on stderr and exit status 1.
 """
@@ -161,8 +161,18 @@ def cmd_targets(_args: argparse.Namespace) -> int:
         output = t.plan(None).suffix if why is None else "-"
         print(f"{names:<16} {output:<7} {'yes' if why is None else 'no':<11} {'yes' if runs_here(t.device, t.arch) else 'no':<9} "
               f"{t.description}; needs {t.toolchain}" + (f" [{why}]" if why else ""))
+    print_arm_cpus()
     print_vulkan_adapters()
     return 0
+
+
+def print_arm_cpus() -> None:
+    """What each named Arm CPU of `--target aarch64-linux:CPU` turns on (LLVM decides, from -mcpu)."""
+    from gptbc.compile.targets import ARM_CPUS, arm_cpu_features
+
+    print("\naarch64-linux CPUs (features as LLVM enables them for -mcpu):")
+    for cpu, board in [("generic", "the default: any 64-bit Arm board"), *ARM_CPUS.items()]:
+        print(f"  aarch64-linux:{cpu:<13} {'+'.join(arm_cpu_features(cpu)):<22} {board}")
 
 
 def print_vulkan_adapters() -> None:
@@ -185,6 +195,14 @@ def print_vulkan_adapters() -> None:
         print(f"vulkan:{a['index']}  {a['name']} [{a['type']}, {a['backend']}] shader-f16 "
               f"{'yes' if a['shader_f16'] else 'no'}, max storage binding {a['max_storage_buffer_binding_size']} B, "
               f"max buffer {a['max_buffer_size']} B" + ("  (default for --device vulkan)" if a['index'] == 0 else ""))
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from gptbc.bundle import make_bundle
+
+    out, size = make_bundle(args.model_dir, args.lib, args.output, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"{out} ({size / 1e6:.1f} MB): run {out / 'gptbc-run'} --prompt TEXT there; see {out / 'README.txt'}")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -287,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--activations", choices=ACTIVATION_MODES, default="auto",
                    help="grouped schemes on CPUs: int8 rounds each linear layer's input to int8 per group of 32 and "
                         "uses integer dot products (weights repacked when loaded); float keeps float activations; "
-                        "auto is int8 where the CPU has VNNI")
+                        "auto is int8 where the CPU has VNNI (x86) or dotprod (aarch64: sdot)")
     c.add_argument("--context-window-size", type=_positive_int("--context-window-size"),
                    help="longest sequence (prompt + new tokens) the library serves (default: the model's n_positions)")
     c.add_argument("--prefill-chunk-size", type=_positive_int("--prefill-chunk-size"),
@@ -390,6 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "per token, the Hub id each stands for")
     m.add_argument("--json", action="store_true", help="print the table as JSON")
     m.set_defaults(func=cmd_models)
+
+    u = command("bundle", "a folder that runs the model on the library's machine without Python: gptbc-run built "
+                          "for its CPU, the TVM runtime, the library, weights and tokenizer")
+    u.add_argument("model_dir", metavar="MODEL_DIR", help="converted weights directory")
+    u.add_argument("--lib", required=True, help="a CPU library from `gptbc compile` (cpu or aarch64-linux[:CPU])")
+    u.add_argument("-o", "--output", required=True, metavar="DIR", help="the bundle folder (replaced if it is one)")
+    u.set_defaults(func=cmd_bundle)
 
     t = command("targets", "list the targets, and what this machine can build and run")
     t.set_defaults(func=cmd_targets)

@@ -113,8 +113,8 @@ def export_relax(cfg: GPTBigCodeConfig, quant: Quantization, target):
 
 def choose_activations(option: str, quant: Quantization, target) -> Quantization:
     """`quant` with int8 activations on or off (--activations): `auto` turns them on for grouped schemes on
-    CPUs with an integer dot-product instruction (VNNI), where they are faster; `int8` on any CPU (a
-    generic kernel where there is no VNNI); `float` keeps the float-activation kernels."""
+    CPUs with an integer dot-product instruction (x86 VNNI, where they measured faster; aarch64's sdot);
+    `int8` on any CPU (a generic kernel where there is neither); `float` keeps the float-activation kernels."""
     import dataclasses
 
     from gptbc.compile.kernels_int8 import int8_isa
@@ -126,7 +126,10 @@ def choose_activations(option: str, quant: Quantization, target) -> Quantization
     if option == "int8" and quant.kind != "group":
         raise GptbcError(f"--activations int8: {quant.name} has float weights; int8 activations need a grouped "
                          f"scheme (q8*/q4*)")
-    on = quant.kind == "group" and cpu and (option == "int8" or (option == "auto" and int8_isa(target) == "vnni"))
+    # auto: where the integer dot is one instruction per 4 inputs (vpdpbusd, sdot); AVX2's two-step dot lost to
+    # the float kernels in prefill, so it is not picked
+    fast = int8_isa(target) in ("vnni", "sdot")
+    on = quant.kind == "group" and cpu and (option == "int8" or (option == "auto" and fast))
     return dataclasses.replace(quant, int8_activations=on)
 
 
@@ -139,7 +142,8 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
     check_activation_mode(activations)  # before -o's directory is made (choose_activations needs the target)
     output = Path(output) if output else default_output(source.name, quant.name, target_name, build)
     if "".join(output.suffixes[-1:]) != build.suffix:
-        raise GptbcError(f"-o {output}: target {target_name} produces a {build.suffix} file here")
+        needs = f" (a .so needs {build.shared_needs})" if build.shared_needs else ""
+        raise GptbcError(f"-o {output}: target {target_name} produces a {build.suffix} file here{needs}")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -165,7 +169,10 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
         mod, repack = add_repack_functions(mod, plan, params)
     variant, embedded = get_target(target_name)[1], spec.embedded
     fatbin = embedded.contents(variant) if embedded else None
-    mod = attach_metadata(mod, library_manifest(source, quant, spec.device, target_name, params, repack, fatbin))
+    # tvm_version: a bundle ships the runtime of exactly the TVM that built the library (bundle.py)
+    meta = {**library_manifest(source, quant, spec.device, target_name, params, repack, fatbin),
+            "tvm_version": tvm.__version__}
+    mod = attach_metadata(mod, meta)
     t = phase(f"export {source.name} ({quant.name}, {'int8' if quant.int8_activations else 'float'} activations) "
               f"to Relax", t)
 
@@ -184,7 +191,7 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
 
     with atomic_path(output) as tmp:
         if build.cc:
-            from tvm.contrib import cc
+            from tvm.support import cc  # tvm.contrib.cc before TVM 0.27
 
             executable.export_library(str(tmp), fcompile=cc.cross_compiler(build.cc), **packing)
         else:

@@ -8,7 +8,8 @@ group, as llama.cpp does for q8_0/q4_0. layers.int8_matmul is the same computati
 schedules.CPUInt8Matmul swaps this kernel in for it).
 
 The instruction is VNNI's vpdpbusd: in each int32 lane, 4 unsigned bytes times 4 signed bytes, summed (on
-AVX2 without VNNI the same sums take vpmaddubsw + vpmaddwd; elsewhere plain int32 arithmetic).
+AVX2 without VNNI the same sums take vpmaddubsw + vpmaddwd; on aarch64 with dotprod, sdot on each 128-bit half,
+signed bytes times signed bytes; elsewhere plain int32 arithmetic).
 The lanes are 8 *outputs*: one instruction multiplies 4 consecutive columns of 8 weight rows by the same
 4 activations (broadcast), so a group of 32 columns is 8 instructions into one int32 accumulator per
 (row, 8 outputs), then one convert and one multiply-add with the 8 outputs' scales — no horizontal sums,
@@ -49,19 +50,22 @@ ROW_CHUNK = 64  # rows whose quantized activations stay in L2 while a task walks
 
 def int8_isa(target) -> str:
     """'vnni' where the target has a 256-bit vpdpbusd (AVX512-VNNI with VL, or AVX-VNNI), 'avx2' for
-    vpmaddubsw + vpmaddwd, else 'generic' (int32 multiply-adds, vectorized as LLVM can: correct everywhere,
-    fast nowhere; aarch64's sdot is not written yet)."""
+    vpmaddubsw + vpmaddwd, 'sdot' on aarch64 with the dotprod extension (Armv8.2+: cortex-a76, neoverse-n1...),
+    else 'generic' (int32 multiply-adds, vectorized as LLVM can: correct everywhere, fast nowhere)."""
     from tvm.target import codegen
 
     if target is None or target.kind.name != "llvm":
         return "generic"
+    triple = str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
+    has = lambda f: bool(codegen.target_has_features(f, target))  # noqa: E731
     try:
-        has = lambda f: bool(codegen.target_has_features(f, target))  # noqa: E731
+        if triple.startswith(("aarch64", "arm64")):
+            return "sdot" if has("dotprod") else "generic"
         if (has("avx512vnni") and has("avx512vl")) or has("avxvnni"):
             return "vnni"
         if has("avx2"):
             return "avx2"
-    except Exception:  # noqa: BLE001 - not an x86 target
+    except Exception:  # noqa: BLE001 - LLVM knows none of these features for this target
         pass
     return "generic"
 
@@ -202,7 +206,7 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
     per_block = chunks * 32  # weight bytes per (block, group)
     offset = 7 if bits == 4 else 128
     tasks = -(-blocks // TASK_BLOCKS)
-    if isa == "avx2" and bits == 8:  # avx2's dot takes signed weights (below): no offset to undo
+    if isa in ("avx2", "sdot") and bits == 8:  # these dots take signed weights (below): no offset to undo
         offset = 0
     quads = [[4 * lane + t for lane in range(LANES)] for t in range(4)]  # each int32 lane's 4 byte products
 
@@ -219,6 +223,8 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
             pairs = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", a, b)
             return acc + tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs,
                                                     tirx.Broadcast(tirx.const(1, "int16"), 16))
+        if isa == "sdot":
+            return _sdot(acc, wv ^ tirx.Broadcast(tirx.const(128, "uint8"), 32) if bits == 8 else wv, xv)
         return acc + _quad_sums(wv, xv, quads)
 
     def epilogue(v):  # the activation, on one finished vector of 8 outputs (with its bias added)
@@ -337,6 +343,19 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
         compute(x3, w, scale, scale, y3, b, s)  # no bias: `epilogue` never reads its stand-in
 
     return int8_matmul_bias if bias else int8_matmul
+
+
+def _sdot(acc, wv, xv):
+    """aarch64 sdot on the two 128-bit halves: per int32 lane, 4 signed weight bytes times 4 activations, summed
+    onto acc. Weights must be signed bytes here: int8 ones with their +128 removed (wq), int4 nibbles as they
+    are (wq + 7 is 0..15, also a signed byte; the kernel's nsum undoes the 7)."""
+    w, x = tirx.reinterpret("int8x32", wv), tirx.reinterpret("int8x32", xv)
+    halves = []
+    for h in range(2):
+        part = lambda v, size: tirx.Shuffle([v], [tirx.const(h * size + i, "int32") for i in range(size)])  # noqa: E731
+        halves.append(tirx.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", part(acc, 4),
+                                                 part(w, 16), part(x, 16)))
+    return tirx.Shuffle(halves, [tirx.const(i, "int32") for i in range(LANES)])
 
 
 def _quad_sums(wv, xv, quads):

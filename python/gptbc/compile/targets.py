@@ -31,6 +31,7 @@ class Build:
     suffix: str  # ".so", ".dylib" or ".tar"
     system_lib: bool = False  # objects for static linking (.tar) rather than a shared library
     cc: str | None = None  # cross compiler used to link a shared library
+    shared_needs: str | None = None  # a .tar only because this is missing (what to install for a .so), in words
 
 
 def _cpu_rules() -> list:
@@ -203,12 +204,60 @@ def _webgpu(_variant: str | None) -> Build:
     return Build({"kind": "webgpu", "host": WASM_HOST}, ".tar", system_lib=True)
 
 
-def _aarch64(_variant: str | None) -> Build:
-    cpu = {"kind": "llvm", "mtriple": AARCH64_TRIPLE, "mattr": ["+neon"], "num-cores": 4}
-    cc = shutil.which(f"{AARCH64_TRIPLE}-gcc")
+# The Arm CPUs the docs name, each with the boards it is (any other CPU name LLVM knows for aarch64 works
+# too). LLVM's -mcpu implies the features: dotprod (sdot/udot) from cortex-a76 on, i8mm (smmla) on neoverse-v1.
+ARM_CPUS = {
+    "cortex-a72": "Raspberry Pi 4",
+    "cortex-a76": "Raspberry Pi 5",
+    "cortex-a78ae": "Jetson Orin's CPU",
+    "neoverse-n1": "AWS Graviton2, Ampere Altra",
+    "neoverse-v1": "AWS Graviton3",
+    "apple-m1": "Linux on Apple M1 (Asahi)",
+}
+ARM_FEATURES = ("neon", "dotprod", "i8mm", "sve")  # what `gptbc targets` reports per CPU
+AARCH64_COMPILERS = (f"{AARCH64_TRIPLE}-g++", f"{AARCH64_TRIPLE}-gcc")
+AARCH64_PACKAGE = "g++-aarch64-linux-gnu"
+
+
+def aarch64_target(cpu: str | None) -> dict:
+    """The TVM target for an aarch64 Linux CPU (None: generic armv8-a with NEON, which runs on every board)."""
+    return {"kind": "llvm", "mtriple": AARCH64_TRIPLE, "mcpu": cpu or "generic", "mattr": ["+neon"], "num-cores": 4}
+
+
+def check_arm_cpu(cpu: str) -> None:
+    """LLVM falls back to `generic` (with a warning) on a CPU name it does not know: refuse it instead."""
+    import tvm
+    from tvm.target import codegen
+
+    known = set(codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm", "mtriple": AARCH64_TRIPLE})))
+    if cpu not in known:
+        raise GptbcError(f"--target aarch64-linux:{cpu}: unknown CPU {cpu!r} (known: {', '.join(ARM_CPUS)}, or any "
+                         f"of LLVM's {len(known)} aarch64 CPU names)")
+
+
+def arm_cpu_features(cpu: str | None) -> list[str]:
+    """The features of ARM_FEATURES that LLVM turns on for this CPU."""
+    import tvm
+    from tvm.target import codegen
+
+    target = tvm.target.Target(aarch64_target(cpu))
+    return [f for f in ARM_FEATURES if codegen.target_has_features(f, target)]
+
+
+def aarch64_compiler() -> str | None:
+    return next((path for name in AARCH64_COMPILERS if (path := shutil.which(name))), None)
+
+
+def _aarch64(variant: str | None) -> Build:
+    if variant:
+        check_arm_cpu(variant)
+    target = aarch64_target(variant)
+    cc = aarch64_compiler()
     if cc:
-        return Build(cpu, ".so", cc=cc)
-    return Build(cpu, ".tar", system_lib=True)
+        return Build(target, ".so", cc=cc)
+    return Build(target, ".tar", system_lib=True,
+                 shared_needs=f"the cross compiler {AARCH64_COMPILERS[0]} (Debian/Ubuntu: apt-get install "
+                              f"{AARCH64_PACKAGE})")
 
 
 def _has_global(name: str) -> bool:
@@ -235,9 +284,10 @@ TARGETS: list[TargetSpec] = [
                "LLVM (in TVM) and a C compiler; running needs the vulkan extra (wgpu) and a Vulkan driver", _vulkan),
     TargetSpec("webgpu", "browsers (WGSL shaders, wasm32 host code), a .tar for a web runtime", "webgpu",
                WGPU_PIPELINE, "LLVM (in TVM)", _webgpu),
-    TargetSpec("aarch64-linux", "64-bit ARM Linux boards (NEON): a .so with aarch64-linux-gnu-gcc, else a .tar",
-               "cpu", CPU_PIPELINE, "LLVM (in TVM); aarch64-linux-gnu-gcc to link a .so", _aarch64,
-               arch="aarch64"),
+    TargetSpec("aarch64-linux", "64-bit Arm Linux boards: `aarch64-linux:CPU` tunes for a CPU and uses its "
+               "features (dotprod, i8mm; list below), default generic armv8-a + NEON; a .so with the cross compiler, "
+               "else a .tar", "cpu", CPU_PIPELINE, f"LLVM (in TVM); {AARCH64_COMPILERS[0]} to link a .so", _aarch64,
+               variant_pattern=r"[\w.+-]+", arch="aarch64"),
 ]
 
 

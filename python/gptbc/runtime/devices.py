@@ -4,6 +4,7 @@ and whether a library for a given device kind and CPU architecture can run on th
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 from gptbc.errors import GptbcError
 
@@ -53,6 +54,31 @@ def host_arch() -> str:
     """This machine's CPU architecture as targets name it: x86_64 or aarch64."""
     machine = platform.machine().lower()
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+ELF_MACHINES = {62: "x86_64", 183: "aarch64"}  # e_machine → the arch as targets name it
+ARCH_WORDS = {"x86_64": "x86-64"}  # as messages (and gptbc-run's) spell an arch
+
+
+def library_arch(lib: Path) -> str | None:
+    """The CPU architecture a shared library's code is for, from its ELF header; None if it is not ELF (a
+    .dylib, a .tar: the loader's own error will say what it is)."""
+    with open(lib, "rb") as f:
+        head = f.read(20)
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        return None
+    machine = int.from_bytes(head[18:20], "little")
+    return ELF_MACHINES.get(machine, f"ELF machine {machine}")
+
+
+def check_library_arch(lib: Path) -> None:
+    """A library for another CPU fails in dlopen with only "cannot open shared object file": name both arches."""
+    built = library_arch(lib)
+    if built is not None and built != host_arch():
+        here = ARCH_WORDS.get(host_arch(), host_arch())
+        raise GptbcError(f"--lib {lib} was built for {ARCH_WORDS.get(built, built)}, this machine is {here} (run it "
+                         f"on a {ARCH_WORDS.get(built, built)} machine, e.g. from `gptbc bundle`, or compile for "
+                         f"--target cpu)")
 
 
 def runs_here(device: str, arch: str | None = None) -> bool:
