@@ -52,7 +52,7 @@ const char kUsage[] =
     "  --ignore-eos  keep generating after an eos token (for benchmarks)\n";
 
 struct Args {
-  std::string model, lib, device = "cpu";
+  std::string model, lib, device;  // device: cpu unless given (or a bundle's says otherwise)
   std::optional<std::string> prompt, prompt_ids;
   std::map<std::string, std::string> sampling;  // flag → value, applied over the model's defaults
   bool json = false, ignore_eos = false, help = false;
@@ -88,6 +88,8 @@ void use_bundle(Args* a) {
   }
   a->model = dir + json::as_string(json::need(b, "model", path), path + ": model");
   a->lib = dir + json::as_string(json::need(b, "lib", path), path + ": lib");
+  // A bundle of a CUDA library runs on CUDA unless --device says otherwise.
+  if (a->device.empty() && b.count("device")) a->device = json::as_string(b.at("device"), path + ": device");
 }
 
 Args parse_args(int argc, char** argv) {
@@ -122,6 +124,7 @@ Args parse_args(int argc, char** argv) {
   }
   if (a.help) return a;
   if (a.model.empty() && a.lib.empty()) use_bundle(&a);
+  if (a.device.empty()) a.device = "cpu";
   if (a.model.empty()) throw Error("--model is required (a directory from `gptbc convert-weight`)");
   if (a.lib.empty()) throw Error("--lib is required (a library from `gptbc compile`)");
   if (a.prompt.has_value() == a.prompt_ids.has_value()) throw Error("give exactly one of --prompt and --prompt-ids");

@@ -256,3 +256,27 @@ def test_unknown_arm_cpu_on_the_command_line(tiny_model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --target aarch64-linux:cortex-z99: unknown CPU") and err.count("\n") == 1
     assert "cortex-a76" in err and not (tmp_path / "lib.so").exists()
+
+
+def test_cuda_bundle_carries_the_cuda_runtime_and_runs_on_cuda(tiny_model, tmp_path, no_python_path):
+    """A CUDA library (nvcc is here) bundles like a CPU one, with TVM's CUDA runtime beside gptbc-run, and the
+    bundle's gptbc-run runs it on CUDA by default. Without a GPU, a driver stand-in that has no device
+    (tests/test_cuda_library.py) shows it got that far: it loaded the CUDA runtime from the bundle and asked
+    for device 0."""
+    from test_cuda_library import libcuda_stand_in
+
+    m = tiny_model("mqa64")
+    lib = compile_model(resolve_model(str(m.out_dir)), "cuda:sm_87", "q0f32", tmp_path / "cuda.so",
+                        log=lambda _m: None)
+    bundle, _ = make_bundle(m.out_dir, lib, tmp_path / "bundle", log=lambda _m: None)
+    info = json.loads((bundle / "bundle.json").read_text())
+    assert info["device"] == "cuda" and (bundle / "libtvm_runtime_cuda.so").is_file()
+    assert "NVIDIA driver" in (bundle / "README.txt").read_text()
+    bundle_cpu, _ = make_bundle(m.out_dir, m.lib, tmp_path / "cpu", log=lambda _m: None)
+    assert not (bundle_cpu / "libtvm_runtime_cuda.so").exists()  # only a CUDA library's bundle carries it
+    assert json.loads((bundle_cpu / "bundle.json").read_text())["device"] == "cpu"
+    env = {"PATH": no_python_path, "HOME": os.environ.get("HOME", "/"),
+           "LD_LIBRARY_PATH": str(libcuda_stand_in(tmp_path))}
+    done = subprocess.run([str(bundle / "gptbc-run"), "--prompt-ids", "1,2"], capture_output=True, text=True,
+                          env=env, cwd="/", timeout=120)
+    assert one_line_error(done) == "error: --device cuda: no such CUDA device (nvidia-smi lists them)"

@@ -36,7 +36,12 @@ from gptbc.runtime.devices import ELF_MACHINES, host_arch, library_arch
 CROSS_CXX = {"aarch64": ("aarch64-linux-gnu-g++", AARCH64_PACKAGE)}
 WHEEL_PLATFORM = "manylinux_2_28_{arch}"  # the tag the TVM and tvm-ffi wheels are published for
 RUNNER, LIBRARY, WEIGHTS = "gptbc-run", "model.so", "model"  # the names inside a bundle (gptbc-run reads bundle.json)
-RUNTIME_LIBS = {"libtvm_runtime.so": ("tvm", "lib/libtvm_runtime.so"), "libtvm_ffi.so": ("tvm_ffi", "lib/libtvm_ffi.so")}
+RUNTIME_LIBS = {"libtvm_runtime.so": ("tvm", "lib/libtvm_runtime.so"), "libtvm_ffi.so": ("tvm_ffi", "lib/libtvm_ffi.so"),
+                # TVM's CUDA device runtime (both wheels ship it): gptbc-run is built to load it, and a bundle of
+                # a CUDA library carries it (a Jetson is an aarch64 board with a CUDA GPU)
+                "libtvm_runtime_cuda.so": ("tvm", "lib/libtvm_runtime_cuda.so")}
+CUDA_RUNTIME = "libtvm_runtime_cuda.so"
+DEVICES = ("cpu", "cuda")  # the library devices a bundle runs (Vulkan needs wgpu-native beside it: not yet)
 SOURCES = ("CMakeLists.txt", "cmake", "native")  # what gptbc-run is built from (native/webgpu is not linked in)
 
 
@@ -94,9 +99,9 @@ def check_library(lib: Path, model_dir: Path) -> tuple[str, dict]:
         raise GptbcError(f"--lib {lib}: file not found")
     blob = lib.read_bytes()
     arch, meta = bundle_arch(lib), library_metadata(lib, blob)
-    if meta["device"] != "cpu":
+    if meta["device"] not in DEVICES:
         raise GptbcError(f"--lib {lib} was built for {meta['device']} (--target {meta['target']}); a bundle runs CPU "
-                         f"libraries (cpu, aarch64-linux[:CPU])")
+                         f"libraries (cpu, aarch64-linux[:CPU]) and CUDA ones")
     manifest.check_compatible(meta, manifest.read_weights(model_dir), lib, model_dir)
     built_with, have = meta.get("tvm_version"), tvm_versions()[0]
     if built_with != have:
@@ -276,6 +281,10 @@ def readme(arch: str, meta: dict, model_name: str, size: int) -> str:
               f"gptbc-run finds libtvm_runtime.so and libtvm_ffi.so beside itself and, with no --model/--lib, uses",
               f"{WEIGHTS}/ and {LIBRARY} here, after checking every file in bundle.json is present and whole.",
               f"./{RUNNER} --help lists the sampling options."]
+    if meta["device"] == "cuda":
+        lines += ["", f"The library's kernels are CUDA's ({meta['target']}): gptbc-run runs them on CUDA device 0 "
+                  f"unless --device cuda:N says another, through {CUDA_RUNTIME} here; the machine needs the NVIDIA "
+                  f"driver (libcuda.so.1), not the CUDA toolkit."]
     if arch == "aarch64":
         lines += ["", "On an x86-64 Linux machine it runs under emulation (apt-get install qemu-user "
                   "g++-aarch64-linux-gnu), which is correct but not fast:",
@@ -305,7 +314,8 @@ def make_bundle(model_dir: str | Path, lib: str | Path, output: str | Path,
     try:
         shutil.copy2(runner, tmp / RUNNER)
         for name in RUNTIME_LIBS:
-            shutil.copy2(runtime.library(name), tmp / name)
+            if name != CUDA_RUNTIME or meta["device"] == "cuda":
+                shutil.copy2(runtime.library(name), tmp / name)
         shutil.copy2(lib, tmp / LIBRARY)
         (tmp / WEIGHTS).mkdir()
         for f in sorted(model_dir.iterdir()):
@@ -316,7 +326,7 @@ def make_bundle(model_dir: str | Path, lib: str | Path, output: str | Path,
         model_name = manifest.read_weights(model_dir)["model_name"]
         (tmp / "bundle.json").write_text(json.dumps(
             {"gptbc_version": __version__, "arch": arch, "target": meta["target"], "tvm_version": meta["tvm_version"],
-             "model": WEIGHTS, "lib": LIBRARY, "files": files}, indent=1) + "\n")
+             "device": meta["device"], "model": WEIGHTS, "lib": LIBRARY, "files": files}, indent=1) + "\n")
         (tmp / "README.txt").write_text(readme(arch, meta, model_name, size))
         tmp.chmod(0o755)
         replace_folder(tmp, output)
