@@ -8,13 +8,11 @@ a failure.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
-import pytest
+from requirement import skip_or_fail
 
-REQUIRED = os.environ.get("GPTBC_REQUIRE_AARCH64") == "1"
 SYSROOT = Path("/usr/aarch64-linux-gnu")  # where the cross toolchain's target libraries are (qemu's -L)
 QEMU = "qemu-aarch64"
 CXX = "aarch64-linux-gnu-g++"
@@ -34,9 +32,7 @@ def need_aarch64() -> None:
     why = why_no_aarch64()
     if why is not None:
         message = f"cannot build and emulate aarch64: {why}"
-        if REQUIRED:
-            pytest.fail(f"GPTBC_REQUIRE_AARCH64=1 but {message}")
-        pytest.skip(message)
+        skip_or_fail(message, "GPTBC_REQUIRE_AARCH64")
 
 
 def qemu(cpu: str = "cortex-a72") -> list[str]:

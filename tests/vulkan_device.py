@@ -7,11 +7,10 @@ Without one (or without the `vulkan` extra) those tests skip with the reason pri
 from __future__ import annotations
 
 import functools
-import os
 
-import pytest
+from requirement import required, skip_or_fail
 
-REQUIRED = os.environ.get("GPTBC_REQUIRE_VULKAN") == "1"
+REQUIRED = required("GPTBC_REQUIRE_VULKAN")
 
 
 @functools.cache
@@ -34,6 +33,4 @@ def need_vulkan() -> None:
     why = why_no_vulkan()
     if why is not None:
         message = f"no Vulkan device: {why}"
-        if REQUIRED:
-            pytest.fail(f"GPTBC_REQUIRE_VULKAN=1 but {message}")
-        pytest.skip(message)
+        skip_or_fail(message, "GPTBC_REQUIRE_VULKAN")

@@ -278,7 +278,7 @@ def readme(arch: str, meta: dict, model_name: str, size: int) -> str:
                   f"stops with SIGILL (--target aarch64-linux, without :CPU, runs on any 64-bit Arm board).", ""]
     lines += ["Run it on the target machine (glibc 2.28 or newer, and libstdc++), no Python needed:",
               f"  {run}", f"  ./{RUNNER} --prompt-ids 1,2,3 --max-new-tokens 8 --json", "",
-              f"gptbc-run finds libtvm_runtime.so and libtvm_ffi.so beside itself and, with no --model/--lib, uses",
+              "gptbc-run finds libtvm_runtime.so and libtvm_ffi.so beside itself and, with no --model/--lib, uses",
               f"{WEIGHTS}/ and {LIBRARY} here, after checking every file in bundle.json is present and whole.",
               f"./{RUNNER} --help lists the sampling options."]
     if meta["device"] == "cuda":

@@ -18,7 +18,7 @@ from gptbc.runtime.chat_template import CHATML, CHATML_STOP
 from gptbc.runtime.scheduler import Request
 from gptbc.serve import schema as S
 from gptbc.serve.core import Choice, Job, Server
-from gptbc.serve.errors import ApiError, bad, validate
+from gptbc.serve.errors import bad, validate
 from gptbc.serve.openapi import route_doc
 from gptbc.serve.transport import ident, prepare, run_to_end, server_of, sse_response
 
