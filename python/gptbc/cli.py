@@ -51,17 +51,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
         keep_head = keep_head or not scheme.get("quantize_lm_head", True)
     out = compile_model(source, args.target, quantization, args.output,
                         log=lambda m: print(m, file=sys.stderr, flush=True), quantize_lm_head=not keep_head,
-                        activations=args.activations)
-    _print_memory_plan(source.config, quantization, keep_head)
+                        activations=args.activations, tensor_parallel=args.tensor_parallel)
+    _print_memory_plan(source.config, quantization, keep_head, args.tensor_parallel)
     print(out)
     return 0
 
 
-def _print_memory_plan(cfg, quantization: str, keep_head: bool) -> None:
+def _print_memory_plan(cfg, quantization: str, keep_head: bool, tp: int = 1) -> None:
     from gptbc.artifact.memory_plan import compile_report
     from gptbc.artifact.quantization import get_quantization
 
-    for line in compile_report(cfg, get_quantization(quantization, not keep_head)):
+    for line in compile_report(cfg, get_quantization(quantization, not keep_head), tp):
         print(f"[gptbc] memory plan: {line}", file=sys.stderr)
 
 
@@ -76,7 +76,7 @@ def cmd_convert_weight(args: argparse.Namespace) -> int:
     from gptbc.artifact.convert import convert_weight
 
     out = convert_weight(args.hf_dir, args.quantization, args.output, progress=not args.quiet,
-                         quantize_lm_head=not args.no_quantize_lm_head)
+                         quantize_lm_head=not args.no_quantize_lm_head, tensor_parallel=args.tensor_parallel)
     print(out)
     return 0
 
@@ -105,7 +105,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from gptbc.runtime.engine import Completion, Engine
 
     use_threads(args)
-    engine = Engine(args.out_dir, args.lib, device=args.device, speculation=prompt_lookup(args))
+    engine = Engine(args.out_dir, args.lib, device=args.device, speculation=prompt_lookup(args),
+                    tensor_parallel=args.tensor_parallel)
     sampling = {k: getattr(args, k) for k in (
         "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
         "frequency_penalty", "seed")}
@@ -213,7 +214,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
     result = run_bench(args.out_dir, args.lib, prefill=args.prefill_tokens, prompt=args.prompt_tokens,
                        decode=args.decode, prompt_lookup=prompt_lookup(args),
-                       batches=batches, repeat=args.repeat, device=args.device, log=log)
+                       batches=batches, repeat=args.repeat, device=args.device, log=log,
+                       tensor_parallel=args.tensor_parallel)
     if args.json:
         print(json.dumps(result, indent=2))
     return 0
@@ -244,7 +246,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     use_threads(args)
     api_key = args.api_key or os.environ.get("GPTBC_API_KEY") or None
     engine = Engine(args.out_dir, args.lib, device=args.device, max_batch_size=args.max_batch,
-                    max_total_seq_len=args.max_total_seq_len, speculation=prompt_lookup(args))
+                    max_total_seq_len=args.max_total_seq_len, speculation=prompt_lookup(args),
+                    tensor_parallel=args.tensor_parallel)
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
@@ -257,6 +260,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+TP_HELP = ("run the model on N tensor-parallel workers (TVM disco; a library compiled and weights converted with "
+           "--tensor-parallel N); on the CPU the threads are split between them")
 KEEP_HEAD_HELP = "keep lm_head (and a tied wte) in the activation dtype under a grouped int scheme"
 LIB_HELP = "the model library made by `gptbc compile` for these weights"
 DEVICE_HELP = "where to run: cpu, cuda[:N], metal, vulkan[:N] (must match the library's target)"
@@ -312,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most tokens one prefill call takes; longer prompts go in chunks (default: min(context, 2048))")
     c.add_argument("--max-batch-size", type=_positive_int("--max-batch-size"),
                    help="most sequences decoded together (default: 16)")
+    c.add_argument("--tensor-parallel", type=_positive_int("--tensor-parallel"), default=1, metavar="N",
+                   help="the library of one rank of an N-way tensor-parallel model (weights converted with the same N)")
     c.set_defaults(func=cmd_compile)
 
     w = command("convert-weight", "convert (and quantize) an HF safetensors checkpoint")
@@ -320,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="the converted weights directory")
     w.add_argument("--no-quantize-lm-head", action="store_true", help=KEEP_HEAD_HELP)
     w.add_argument("--quiet", action="store_true", help="no progress bar")
+    w.add_argument("--tensor-parallel", type=_positive_int("--tensor-parallel"), default=1, metavar="N",
+                   help="preshard the weights for N tensor-parallel ranks (each rank's slices in files of their own)")
     w.set_defaults(func=cmd_convert_weight)
 
     g = command("generate", "generate tokens with a compiled library and converted weights")
@@ -346,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop the oldest prompt tokens when prompt + max-new-tokens exceeds the context window")
     g.add_argument("--device", default="cpu", help=DEVICE_HELP)
     g.add_argument("--threads", type=_positive_int("--threads"), help=THREADS_HELP)
+    g.add_argument("--tensor-parallel", type=_positive_int("--tensor-parallel"), default=1, metavar="N",
+                   help=TP_HELP)
     g.add_argument("--prompt-lookup", nargs="?", const=8, type=_positive_int("--prompt-lookup"), metavar="N",
                    help=PROMPT_LOOKUP_HELP)
     g.add_argument("--json", action="store_true",
@@ -362,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=3, help="runs of each test (best and median reported)")
     b.add_argument("--device", default="cpu", help=DEVICE_HELP)
     b.add_argument("--threads", type=_positive_int("--threads"), help=THREADS_HELP)
+    b.add_argument("--tensor-parallel", type=_positive_int("--tensor-parallel"), default=1, metavar="N",
+                   help=TP_HELP)
     b.add_argument("--prompt-lookup", nargs="?", const=8, type=_positive_int("--prompt-lookup"), metavar="N",
                    help="also time greedy generation with prompt-lookup drafts of up to N tokens (8 if N is left "
                         "out) against plain, on a prompt the output repeats; reports acceptance and tokens/step")
@@ -400,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body accepted (413 beyond)")
     s.add_argument("--device", default="cpu", help=DEVICE_HELP)
     s.add_argument("--threads", type=_positive_int("--threads"), help=THREADS_HELP)
+    s.add_argument("--tensor-parallel", type=_positive_int("--tensor-parallel"), default=1, metavar="N",
+                   help=TP_HELP)
     s.add_argument("--prompt-lookup", nargs="?", const=8, type=_positive_int("--prompt-lookup"), metavar="N",
                    help=PROMPT_LOOKUP_HELP)
     s.set_defaults(func=cmd_serve)

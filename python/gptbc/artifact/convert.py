@@ -4,6 +4,8 @@ Output layout (everything the runtime and the native runner need, nothing else):
   OUT/gptbc-config.json          the weights manifest (manifest.py): model config, quantization, eos ids,
                                  the param list
   OUT/params-0000K-of-0000N.safetensors
+                                 (--tensor-parallel R: rankI-params-... for each rank I, each rank's slices
+                                 only, so no rank needs the whole model in memory; sharding.py)
   OUT/<tokenizer files that exist in the HF directory>
 The directory is built under a temporary name beside OUT and renamed at the end, so a failure
 leaves nothing half-written.
@@ -26,7 +28,8 @@ from gptbc.artifact.files import TOKENIZER_FILES
 from gptbc.artifact.config import GPTBC_CONFIG, GPTBigCodeConfig, fetch_from_hub, load_hf_config, looks_like_hub_id
 from gptbc.errors import GptbcError, raise_if_interrupted
 from gptbc.artifact.manifest import weights_manifest
-from gptbc.artifact.params import converted_params
+from gptbc.artifact.sharding import check_tensor_parallel, rank_slicer
+from gptbc.artifact.params import converted_params, hf_shapes
 from gptbc.artifact.quantization import Quantization, get_quantization, numpy_dtype, quantize
 from gptbc.artifact.safetensors_io import SafetensorsFile, aligned_order, dtype_name, write_safetensors
 
@@ -116,31 +119,32 @@ def mha_qkv_to_fused(cfg: GPTBigCodeConfig) -> Callable[[np.ndarray], np.ndarray
     return reorder
 
 
-def plan_conversion(cfg: GPTBigCodeConfig, quant: Quantization, ckpt: Checkpoint) -> list[ParamPlan]:
-    plans = []
-    for name, shape, dtype in converted_params(cfg, quant):
+def _then(first: Callable[[np.ndarray], np.ndarray] | None,
+          second: Callable[[np.ndarray], np.ndarray] | None) -> Callable[[np.ndarray], np.ndarray] | None:
+    if first is None or second is None:
+        return first or second
+    return lambda x: second(first(x))
+
+
+def plan_conversion(cfg: GPTBigCodeConfig, quant: Quantization, ckpt: Checkpoint, tp: int = 1,
+                    rank: int = 0) -> list[ParamPlan]:
+    """How each tensor of rank `rank` (of `tp`) is made: its HF source, reordered, sliced, then quantized."""
+    plans, full = [], dict(hf_shapes(cfg))
+    for name, shape, dtype in converted_params(cfg, quant, tp):
         module, _, part = name.rpartition(".")
-        source, source_shape = name, shape
+        source = name
         if part in ("q_weight", "q_scale"):
             source = f"{module}.weight"
-            source_shape = _full_shape(cfg, source)
         else:
             part = ""
+        source_shape = full[source]
         transform = mha_qkv_to_fused(cfg) if ".attn.c_attn." in name and not cfg.multi_query else None
+        transform = _then(transform, rank_slicer(cfg, source, tp, rank))
         if module == "lm_head" and source not in ckpt:
             source = "transformer.wte.weight"  # untied config but no lm_head saved: HF falls back the same way
         plans.append(ParamPlan(name, shape, dtype, source, source_shape, transform, part))
     check_plan(plans, ckpt)
     return plans
-
-
-def _full_shape(cfg: GPTBigCodeConfig, name: str) -> tuple[int, int]:
-    """HF (out, in) shape of a weight that a grouped scheme packs."""
-    e, qkv = cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
-    if name in ("transformer.wte.weight", "lm_head.weight"):
-        return (cfg.vocab_size, e)
-    return {"attn.c_attn": (qkv, e), "attn.c_proj": (e, e), "mlp.c_fc": (cfg.n_inner, e),
-            "mlp.c_proj": (e, cfg.n_inner)}[name.split(".", 3)[3].rsplit(".", 1)[0]]
 
 
 def check_plan(plans: list[ParamPlan], ckpt: Checkpoint) -> None:
@@ -193,25 +197,27 @@ class Materializer:
 
 
 def convert_weight(hf_dir: str | Path, quantization: str, out_dir: str | Path, progress: bool = True,
-                   shard_bytes: int = SHARD_BYTES, quantize_lm_head: bool = True) -> Path:
-    """Convert (and quantize) an HF GPTBigCode checkpoint, one tensor at a time; returns the output directory."""
+                   shard_bytes: int = SHARD_BYTES, quantize_lm_head: bool = True, tensor_parallel: int = 1) -> Path:
+    """Convert (and quantize) an HF GPTBigCode checkpoint, one tensor at a time; returns the output directory.
+    `tensor_parallel` N > 1: presharded for N ranks, each rank's tensors in files of their own."""
     hf_dir, out_dir = checkpoint_dir(str(hf_dir)), Path(out_dir)
     quant = get_quantization(quantization, quantize_lm_head)
     cfg = load_hf_config(hf_dir)
+    check_tensor_parallel(cfg, quant, tensor_parallel)
     if out_dir.exists() and not (out_dir / GPTBC_CONFIG).is_file() and any(out_dir.iterdir()):
         raise GptbcError(f"-o {out_dir}: exists and is not a gptbc weights directory; refusing to overwrite it")
     from gptbc.artifact.checkpoint_layouts import wrap_checkpoint  # original SantaCoder layout → gpt_bigcode tensors, on the fly
 
     ckpt = wrap_checkpoint(Checkpoint(hf_dir), hf_dir, cfg)
     try:
-        plans = plan_conversion(cfg, quant, ckpt)
+        ranks = [plan_conversion(cfg, quant, ckpt, tensor_parallel, r) for r in range(tensor_parallel)]
         try:
             out_dir.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         except OSError as err:
             raise GptbcError(f"-o {out_dir}: cannot create it ({err.strerror})") from None
         try:
-            _write_output(tmp, hf_dir, cfg, quant, plans, ckpt, progress, shard_bytes)
+            _write_output(tmp, hf_dir, cfg, quant, ranks, ckpt, progress, shard_bytes)
             os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700: readable by its owner only
             raise_if_interrupted()  # a Ctrl-C swallowed on the way still cancels the output
             _replace_dir(tmp, out_dir)
@@ -242,13 +248,29 @@ def checkpoint_dir(spec: str) -> Path:
 
 
 def _write_output(tmp: Path, hf_dir: Path, cfg: GPTBigCodeConfig, quant: Quantization,
-                  plans: list[ParamPlan], ckpt: Checkpoint, progress: bool, shard_bytes: int) -> None:
+                  ranks: list[list[ParamPlan]], ckpt: Checkpoint, progress: bool, shard_bytes: int) -> None:
+    bar = tqdm(total=sum(map(len, ranks)), desc="convert", unit="tensor", disable=not progress)
+    files = [_write_rank(tmp, plans, ckpt, quant, shard_bytes, bar, f"rank{rank}-" if len(ranks) > 1 else "")
+             for rank, plans in enumerate(ranks)][0]
+    bar.close()
+    plans = ranks[0]  # every rank has the same names and shapes; the manifest lists rank 0's files
+    # listed in the model's order (the library's load order), whatever order the shards hold them in
+    param_index = [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "file": files[p.name]} for p in plans]
+    for f in TOKENIZER_FILES:
+        if (hf_dir / f).is_file():
+            shutil.copyfile(hf_dir / f, tmp / f)
+    meta = weights_manifest(hf_dir.resolve().name, cfg, quant, param_index, len(ranks))
+    (tmp / GPTBC_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _write_rank(tmp: Path, plans: list[ParamPlan], ckpt: Checkpoint, quant: Quantization, shard_bytes: int,
+                bar: tqdm, prefix: str) -> dict[str, str]:
+    """Write one rank's tensors (`prefix` names its files); returns {param name: its file}."""
     shards = _shard(plans, shard_bytes)
     make = Materializer(ckpt, quant)
     files: dict[str, str] = {}  # param name → its shard
-    bar = tqdm(total=len(plans), desc="convert", unit="tensor", disable=not progress)
     for k, shard in enumerate(shards):
-        fname = f"params-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        fname = f"{prefix}params-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         sizes = [int(np.prod(p.shape, dtype=np.int64)) * numpy_dtype(p.dtype).itemsize for p in shard]
         shard = [shard[i] for i in aligned_order(sizes)]  # aligned tensors load without a copy
 
@@ -260,14 +282,7 @@ def _write_output(tmp: Path, hf_dir: Path, cfg: GPTBigCodeConfig, quant: Quantiz
 
         write_safetensors(tmp / fname, [(p.name, p.shape, numpy_dtype(p.dtype)) for p in shard], arrays())
         files.update({p.name: fname for p in shard})
-    bar.close()
-    # listed in the model's order (the library's load order), whatever order the shards hold them in
-    param_index = [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "file": files[p.name]} for p in plans]
-    for f in TOKENIZER_FILES:
-        if (hf_dir / f).is_file():
-            shutil.copyfile(hf_dir / f, tmp / f)
-    meta = weights_manifest(hf_dir.resolve().name, cfg, quant, param_index)
-    (tmp / GPTBC_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    return files
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:

@@ -12,9 +12,15 @@ Weights (`gptbc-config.json`):
   quantization          Quantization.describe(): name, kind, quantize_lm_head, ...
   eos_token_id          [int]: the ids generation stops at
   params                [{name, shape, dtype, file}] in the library's load order
+  tensor_parallel       N > 1 only (absent: 1): the weights are presharded for N ranks (sharding.py); `params`
+                        lists one rank's shapes and rank 0's files, and rank r's tensors sit in the files of
+                        the same names with the `rank0-` prefix replaced (`rank_file`)
 Library (`_metadata`):
   the common header, model_config, quantization, target (the --target spelling), device (cpu, cuda, ...),
   context_window_size, prefill_chunk_size, max_batch_size, params [{name, shape, dtype}]
+  tensor_parallel       N > 1 only (absent: 1): the library is one rank of an N-way tensor-parallel model, to be
+                        run by N disco workers (runtime/disco_runner.py); read by the Python runtime alone,
+                        as cuda_fatbin is
   cuda_fatbin           CUDA libraries only: [{kind: "sass" | "ptx", arch: 80}], what the nvcc fatbin linked
                         into the library holds. Optional, and read by runtime/cuda.py alone (its "this GPU
                         cannot run it" refusal), so neither reader here nor native/manifest.cc checks it and
@@ -58,10 +64,25 @@ def _header() -> dict[str, Any]:
             "alignment": ALIGNMENT}
 
 
+def tensor_parallel(meta: dict[str, Any]) -> int:
+    """The ranks a library or weights manifest was built for (1 when it does not say)."""
+    return int(meta.get("tensor_parallel", 1))
+
+
+def _tp_field(tp: int) -> dict[str, int]:
+    return {"tensor_parallel": tp} if tp > 1 else {}
+
+
+def rank_file(file: str, rank: int) -> str:
+    """The file holding rank `rank`'s tensors, given rank 0's (as a presharded manifest lists them)."""
+    return f"rank{rank}-" + file.removeprefix("rank0-") if file.startswith("rank0-") else file
+
+
 def weights_manifest(model_name: str, config: "GPTBigCodeConfig", quant: "Quantization",
-                     params: list[dict[str, Any]]) -> dict[str, Any]:
+                     params: list[dict[str, Any]], tp: int = 1) -> dict[str, Any]:
     """The `gptbc-config.json` of a converted directory; `params`: {name, shape, dtype, file} in load order."""
     return {
+        **_tp_field(tp),
         **_header(),
         "model_name": model_name,
         "model_config": config.to_dict(),
@@ -74,7 +95,7 @@ def weights_manifest(model_name: str, config: "GPTBigCodeConfig", quant: "Quanti
 
 def library_manifest(source: "ModelSource", quant: "Quantization", device: str, spelling: str,
                      params: list[tuple[str, tuple[int, ...], str]], repack: dict[str, str] | None = None,
-                     cuda_fatbin: list[tuple[str, int]] | None = None) -> dict[str, Any]:
+                     cuda_fatbin: list[tuple[str, int]] | None = None, tp: int = 1) -> dict[str, Any]:
     """A library's `_metadata`: what a runtime checks against the weights before computing anything.
     `repack`: {parameter: library function} the runtime applies to that weight once it is loaded;
     `cuda_fatbin`: [(kind, arch)] of the CUDA kernels linked into the library."""
@@ -93,6 +114,7 @@ def library_manifest(source: "ModelSource", quant: "Quantization", device: str, 
         "params": [{"name": n, "shape": [int(x) for x in s], "dtype": d, **({"repack": repack[n]} if n in repack else {})}
                    for n, s, d in params],
         **({"cuda_fatbin": [{"kind": k, "arch": a} for k, a in cuda_fatbin]} if cuda_fatbin else {}),
+        **_tp_field(tp),
     }
 
 
@@ -290,9 +312,17 @@ def _shape(shape: list[int]) -> str:
     return "[" + ", ".join(str(n) for n in shape) + "]"
 
 
-def check_compatible(lib_meta: dict, weights_meta: dict, lib: Path, model_dir: Path) -> None:
-    """Library and weights (both as read above) describe the same model, scheme and layout; fail before computing."""
+def check_compatible(lib_meta: dict, weights_meta: dict, lib: Path, model_dir: Path, tp: int = 1) -> None:
+    """Library and weights (both as read above) describe the same model, scheme and layout, for `tp` ranks
+    (--tensor-parallel, as asked of the runtime); fail before computing."""
     weights = Path(model_dir) / WEIGHTS_FILE
+    lib_tp, weights_tp = tensor_parallel(lib_meta), tensor_parallel(weights_meta)
+    if lib_tp != weights_tp:
+        raise GptbcError(f"--lib {lib} was compiled with --tensor-parallel {lib_tp}, but the weights in {model_dir} "
+                         f"were converted with --tensor-parallel {weights_tp}; compile and convert with the same N")
+    if lib_tp != tp:
+        raise GptbcError(f"--tensor-parallel {tp}: --lib {lib} was compiled with --tensor-parallel {lib_tp}; "
+                         f"run it with --tensor-parallel {lib_tp}")
     for key, what in (("page_size", "a KV-cache page size"), ("alignment", "a tensor alignment")):
         if lib_meta[key] != weights_meta[key]:
             raise GptbcError(f"--lib {lib} was built with {what} of {lib_meta[key]} "

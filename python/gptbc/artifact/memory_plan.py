@@ -16,7 +16,8 @@ import numpy as np
 from gptbc.artifact.config import GPTBigCodeConfig
 from gptbc.errors import GptbcError
 from gptbc.artifact.manifest import PAGE_SIZE
-from gptbc.artifact.params import hf_shapes
+from gptbc.artifact.params import converted_params, hf_shapes
+from gptbc.artifact.sharding import kv_heads_per_rank
 from gptbc.artifact.quantization import Quantization, is_quantized, numpy_dtype
 
 
@@ -91,7 +92,13 @@ def fmt(n: float) -> str:
     raise AssertionError
 
 
-def compile_report(cfg: GPTBigCodeConfig, quant: Quantization) -> list[str]:
+def rank_weight_bytes(cfg: GPTBigCodeConfig, quant: Quantization, tp: int) -> int:
+    """Bytes of one tensor-parallel rank's converted weights (its slices plus the replicated tensors)."""
+    return sum(int(np.prod(shape, dtype=np.int64)) * numpy_dtype(dtype).itemsize
+               for _, shape, dtype in converted_params(cfg, quant, tp))
+
+
+def compile_report(cfg: GPTBigCodeConfig, quant: Quantization, tp: int = 1) -> list[str]:
     """What `gptbc compile` prints: the memory a library built for these sizes needs at run time."""
     per_tok = kv_bytes_per_token(cfg, quant)
     mha = kv_bytes_per_token(cfg, quant, n_kv_head=cfg.n_head)
@@ -106,6 +113,11 @@ def compile_report(cfg: GPTBigCodeConfig, quant: Quantization) -> list[str]:
         f"activations (estimate, prefill chunk {cfg.prefill_chunk_size}, batch {cfg.max_batch_size}): "
         f"{fmt(activation_bytes(cfg, quant, cfg.prefill_chunk_size, cfg.max_batch_size))}",
     ]
+    if tp > 1:  # each rank holds its slices, all of wte/wpe/lm_head/LayerNorms, and its heads' KV cache
+        rank_kv = kv_bytes_per_token(cfg, quant, n_kv_head=kv_heads_per_rank(cfg, tp))
+        lines.append(f"per rank of {tp} (tensor parallel): weights {fmt(rank_weight_bytes(cfg, quant, tp))}, "
+                     f"KV cache {fmt(rank_kv)} per token ({fmt(rank_kv * default)} for the engine's default "
+                     f"{default} tokens)")
     return lines
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from gptbc.artifact.config import GPTBigCodeConfig
 from gptbc.artifact.quantization import Quantization, is_quantized
+from gptbc.artifact.sharding import rank_shape
 
 Param = tuple[str, tuple[int, ...], str]  # (name, shape, dtype)
 
@@ -32,12 +33,13 @@ def hf_shapes(cfg: GPTBigCodeConfig) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def converted_params(cfg: GPTBigCodeConfig, quant: Quantization) -> list[Param]:
+def converted_params(cfg: GPTBigCodeConfig, quant: Quantization, tp: int = 1) -> list[Param]:
     """(name, shape, dtype) of every converted tensor, in the order the compiled library takes them: a weight
     the scheme packs becomes `MODULE.q_weight` + `MODULE.q_scale` (quantization.py's layout), the rest stays
-    in the activation dtype under its HF name."""
+    in the activation dtype under its HF name. With `tp` ranks, the shapes are one rank's (sharding.py)."""
     out: list[Param] = []
-    for name, shape in hf_shapes(cfg):
+    for name, full in hf_shapes(cfg):
+        shape = rank_shape(cfg, name, full, tp)
         if is_quantized(quant, name, cfg.tie_word_embeddings):
             module = name.rpartition(".")[0]
             wshape, sshape = quant.packed_shape(shape)

@@ -18,14 +18,16 @@ from typing import Callable
 
 from gptbc.artifact.config import GPTBC_CONFIG, GPTBigCodeConfig, ModelSource, load_gptbc_config
 from gptbc.errors import GptbcError, raise_if_interrupted
-from gptbc.artifact.manifest import library_manifest
+from gptbc.artifact.manifest import library_manifest, tensor_parallel
+from gptbc.artifact.sharding import check_tensor_parallel, rank_view
 from gptbc.artifact.params import converted_params
 from gptbc.artifact.quantization import Quantization, check_activation_mode, get_quantization
 from gptbc.compile.targets import Build, Pipeline, get_target, plan_build
 
 
-def default_output(model_name: str, quant: str, spelling: str, build: Build) -> Path:
-    return Path("dist") / "libs" / f"{model_name}-{quant}-{spelling.replace(':', '-')}{build.suffix}"
+def default_output(model_name: str, quant: str, spelling: str, build: Build, tp: int = 1) -> Path:
+    shards = f"-tp{tp}" if tp > 1 else ""
+    return Path("dist") / "libs" / f"{model_name}-{quant}{shards}-{spelling.replace(':', '-')}{build.suffix}"
 
 
 def attach_metadata(mod, meta: dict):
@@ -83,11 +85,15 @@ def relax_pipeline(pipeline: Pipeline, target):
     return run
 
 
-def check_own_scheme(source: ModelSource, quant: Quantization) -> None:
-    """A converted weights directory compiles only for the scheme its weights are in."""
+def check_own_scheme(source: ModelSource, quant: Quantization, tp: int = 1) -> None:
+    """A converted weights directory compiles only for the scheme (and the --tensor-parallel) its weights are in."""
     if source.directory is None or not (source.directory / GPTBC_CONFIG).is_file():
         return
-    have = load_gptbc_config(source.directory)["quantization"]
+    converted = load_gptbc_config(source.directory)
+    if tensor_parallel(converted) != tp:
+        raise GptbcError(f"--tensor-parallel {tp}: {source.directory} holds weights converted with --tensor-parallel "
+                         f"{tensor_parallel(converted)}, and a converted directory compiles for its own N")
+    have = converted["quantization"]
     keep = lambda d: d.get("kind") == "group" and not d.get("quantize_lm_head", True)  # noqa: E731
     if have["name"] != quant.name or keep(have) != keep(quant.describe()):
         held = have["name"] + (" with an unquantized lm_head" if keep(have) else "")
@@ -96,17 +102,17 @@ def check_own_scheme(source: ModelSource, quant: Quantization) -> None:
                          f"own scheme (leave out --quantization, or convert the HF checkpoint again)")
 
 
-def export_relax(cfg: GPTBigCodeConfig, quant: Quantization, target):
+def export_relax(cfg: GPTBigCodeConfig, quant: Quantization, target, tp: int = 1):
     """The model's Relax IRModule (all exported functions, parameters packed), before any pass, its
     parameters as (name, shape, dtype) in the order the functions take them, and which of them the runtime
-    repacks when loading ({name: kind}, layers.repack_plan)."""
+    repacks when loading ({name: kind}, layers.repack_plan). With `tp` > 1: one rank's model."""
     from gptbc.compile.model import GPTBigCodeForCausalLM, param_list
     from gptbc.compile.quantized_layers import repack_plan
 
-    model = GPTBigCodeForCausalLM(cfg, target, quant)
+    model = GPTBigCodeForCausalLM(cfg, target, quant, tp)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     params = param_list(named_params)
-    if params != converted_params(cfg, quant):  # the converter writes that list; a library must take the same
+    if params != converted_params(cfg, quant, tp):  # the converter writes that list; a library must take the same
         raise GptbcError(f"internal: the {quant.name} model's parameters differ from artifact.params.converted_params")
     return mod, params, repack_plan(named_params)
 
@@ -134,13 +140,16 @@ def choose_activations(option: str, quant: Quantization, target) -> Quantization
 
 
 def compile_model(source: ModelSource, target_name: str, quantization: str, output: str | Path | None = None,
-                  log: Callable[[str], None] = print, quantize_lm_head: bool = True, activations: str = "auto") -> Path:
-    """Build the model library for `source` and return its path."""
+                  log: Callable[[str], None] = print, quantize_lm_head: bool = True, activations: str = "auto",
+                  tensor_parallel: int = 1) -> Path:
+    """Build the model library for `source` and return its path; `tensor_parallel` N > 1: the library of one
+    rank of N (sharding.py), whose row-parallel layers sum across ranks through the session's CCL."""
     spec, build = plan_build(target_name)
     quant = get_quantization(quantization, quantize_lm_head)
-    check_own_scheme(source, quant)
+    check_tensor_parallel(source.config, quant, tensor_parallel)
+    check_own_scheme(source, quant, tensor_parallel)
     check_activation_mode(activations)  # before -o's directory is made (choose_activations needs the target)
-    output = Path(output) if output else default_output(source.name, quant.name, target_name, build)
+    output = Path(output) if output else default_output(source.name, quant.name, target_name, build, tensor_parallel)
     if "".join(output.suffixes[-1:]) != build.suffix:
         needs = f" (a .so needs {build.shared_needs})" if build.shared_needs else ""
         raise GptbcError(f"-o {output}: target {target_name} produces a {build.suffix} file here{needs}")
@@ -160,8 +169,9 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
     t = time.perf_counter()
     target = tvm.target.Target(build.target)
     quant = choose_activations(activations, quant, target)
-    mod, params, plan = export_relax(source.config, quant, target)
-    mod = spec.pipeline.replace_kernels(mod, source.config, quant, target)
+    mod, params, plan = export_relax(source.config, quant, target, tensor_parallel)
+    # the attention kernels are built for one rank's heads
+    mod = spec.pipeline.replace_kernels(mod, rank_view(source.config, tensor_parallel), quant, target)
     repack: dict[str, str] = {}
     if plan:
         from gptbc.compile.kernels_int8 import add_repack_functions
@@ -170,11 +180,12 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
     variant, embedded = get_target(target_name)[1], spec.embedded
     fatbin = embedded.contents(variant) if embedded else None
     # tvm_version: a bundle ships the runtime of exactly the TVM that built the library (bundle.py)
-    meta = {**library_manifest(source, quant, spec.device, target_name, params, repack, fatbin),
+    meta = {**library_manifest(source, quant, spec.device, target_name, params, repack, fatbin, tensor_parallel),
             "tvm_version": tvm.__version__}
     mod = attach_metadata(mod, meta)
-    t = phase(f"export {source.name} ({quant.name}, {'int8' if quant.int8_activations else 'float'} activations) "
-              f"to Relax", t)
+    shards = f", {tensor_parallel} tensor-parallel ranks" if tensor_parallel > 1 else ""
+    t = phase(f"export {source.name} ({quant.name}, {'int8' if quant.int8_activations else 'float'} activations"
+              f"{shards}) to Relax", t)
 
     building = embedded.building() if embedded else contextlib.nullcontext()
     with tvm.transform.PassContext(opt_level=3), guarded_tir_cse() as cse_skipped, building:

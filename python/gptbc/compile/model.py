@@ -6,6 +6,9 @@ Differences from HF that are layout only:
   that way; MHA checkpoints are per-head (q, k, v) and the converter reorders them (`artifact/convert.py`).
 - positions come from the KV cache, so a decode step gets the position of its sequence.
 - with tied embeddings there is no `lm_head` parameter: logits reuse `wte` (as HF does).
+- with tensor parallelism (`tp` > 1) each rank builds its slice of the network (artifact/sharding.py): its
+  query heads, its share of c_fc; the row-parallel c_proj layers sum their partial products across ranks
+  (`ccl_allreduce`, dispatched to the session's collective library at run time) and add their bias once.
 - the quantization scheme picks the Linear / Embedding layers (`quantization/layers.py`): with a
   grouped scheme their weights are packed ints plus scales, dequantized inside the kernel.
 """
@@ -22,6 +25,7 @@ from tvm.target import Target
 
 from gptbc.artifact.config import ACTIVATIONS, GPTBigCodeConfig
 from gptbc.artifact.quantization import Quantization, is_quantized
+from gptbc.artifact.sharding import kv_heads_per_rank
 from gptbc.compile.quantized_layers import QuantizedEmbedding, make_linear
 
 
@@ -44,40 +48,51 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype)
 
 
+def row_parallel(layer: nn.Module, x: Tensor, tp: int) -> Tensor:
+    """A linear layer whose input features are split over `tp` ranks: the partial products summed across
+    ranks, then the bias, once (added on every rank before the sum it would count tp times)."""
+    if tp == 1:
+        return layer(x)
+    y = op.ccl_allreduce(layer(x, add_bias=False), "sum")
+    return y + layer.bias if layer.bias is not None else y
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: GPTBigCodeConfig, q: Quantization):
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    def __init__(self, cfg: GPTBigCodeConfig, q: Quantization, tp: int = 1):
+        self.tp, self.head_dim = tp, cfg.head_dim
+        self.n_head, self.n_kv_head = cfg.n_head // tp, kv_heads_per_rank(cfg, tp)  # this rank's heads
         self.sm_scale = self.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
         qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
         packed = q.kind == "group"
         self.c_attn = make_linear(cfg.n_embd, qkv_dim, True, q, packed)
-        self.c_proj = make_linear(cfg.n_embd, cfg.n_embd, True, q, packed)
+        self.c_proj = make_linear(self.n_head * self.head_dim, cfg.n_embd, True, q, packed)
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = x.shape
         qkv = op.reshape(self.c_attn(x), (b, s, self.n_head + 2 * self.n_kv_head, self.head_dim))
         out = kv_cache.attention_with_fused_qkv(layer_id, qkv, self.n_head, sm_scale=self.sm_scale)
-        return self.c_proj(op.reshape(out, (b, s, self.n_head * self.head_dim)))
+        return row_parallel(self.c_proj, op.reshape(out, (b, s, self.n_head * self.head_dim)), self.tp)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: GPTBigCodeConfig, q: Quantization):
+    def __init__(self, cfg: GPTBigCodeConfig, q: Quantization, tp: int = 1):
         packed = q.kind == "group"
-        self.c_fc = make_linear(cfg.n_embd, cfg.n_inner, True, q, packed)
-        self.c_proj = make_linear(cfg.n_inner, cfg.n_embd, True, q, packed)
+        self.tp = tp
+        self.c_fc = make_linear(cfg.n_embd, cfg.n_inner // tp, True, q, packed)
+        self.c_proj = make_linear(cfg.n_inner // tp, cfg.n_embd, True, q, packed)
         self.act = ACTIVATIONS[cfg.activation_function]
 
     def forward(self, x: Tensor) -> Tensor:
         # the linear layer applies the activation (inside its kernel with int8 activations)
-        return self.c_proj(self.c_fc(x, activation=self.act))
+        return row_parallel(self.c_proj, self.c_fc(x, activation=self.act), self.tp)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTBigCodeConfig, q: Quantization):
+    def __init__(self, cfg: GPTBigCodeConfig, q: Quantization, tp: int = 1):
         self.ln_1 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, q.model_dtype)
-        self.attn = Attention(cfg, q)
+        self.attn = Attention(cfg, q, tp)
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, q.model_dtype)
-        self.mlp = MLP(cfg, q)
+        self.mlp = MLP(cfg, q, tp)
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache, layer_id: int) -> Tensor:
         x = x + self.attn(self.ln_1(x), kv_cache, layer_id)
@@ -85,13 +100,13 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: GPTBigCodeConfig, q: Quantization):
+    def __init__(self, cfg: GPTBigCodeConfig, q: Quantization, tp: int = 1):
         if is_quantized(q, "transformer.wte.weight", cfg.tie_word_embeddings):
             self.wte = QuantizedEmbedding(cfg.vocab_size, cfg.n_embd, q)
         else:
             self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd, dtype=q.model_dtype)
         self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd, dtype=q.model_dtype)
-        self.h = nn.ModuleList([Block(cfg, q) for _ in range(cfg.n_layer)])
+        self.h = nn.ModuleList([Block(cfg, q, tp) for _ in range(cfg.n_layer)])
         self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, q.model_dtype)
 
     def embed(self, ids: Tensor) -> Tensor:
@@ -129,9 +144,10 @@ def _last_row(x: Tensor) -> Tensor:
 
 
 class GPTBigCodeForCausalLM(nn.Module):
-    def __init__(self, cfg: GPTBigCodeConfig, target: Target | None, quant: Quantization):
-        self.cfg, self.target, self.quant, self.dtype = cfg, target, quant, quant.model_dtype
-        self.transformer = Transformer(cfg, quant)
+    def __init__(self, cfg: GPTBigCodeConfig, target: Target | None, quant: Quantization, tp: int = 1):
+        """`tp`: the tensor-parallel ranks this (per-rank) model is one of (1: the whole model)."""
+        self.cfg, self.target, self.quant, self.dtype, self.tp = cfg, target, quant, quant.model_dtype, tp
+        self.transformer = Transformer(cfg, quant, tp)
         self.lm_head = None
         if not cfg.tie_word_embeddings:
             self.lm_head = make_linear(cfg.n_embd, cfg.vocab_size, False, quant,
@@ -200,7 +216,8 @@ class GPTBigCodeForCausalLM(nn.Module):
             attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
             prefill_chunk_size=prefill_chunk_size, page_size=page_size, support_sliding_window=support_sliding_window,
             layer_partition=relax.ShapeExpr([0, cfg.n_layer]), num_hidden_layers=cfg.n_layer,
-            num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, qk_head_dim=cfg.head_dim,
+            num_attention_heads=cfg.n_head // self.tp, num_key_value_heads=kv_heads_per_rank(cfg, self.tp),
+            qk_head_dim=cfg.head_dim,
             v_head_dim=cfg.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
             # GPTBigCode has learned absolute positions (wpe), no RoPE
             rope_mode=RopeMode.NONE, rope_scale=1, rope_theta=10000, rope_scaling={},

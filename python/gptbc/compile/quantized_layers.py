@@ -140,14 +140,16 @@ class QuantizedLinear(nn.Module):
         if self.tiled:
             _mark_tiled(self.q_weight, self.q_scale, q)
 
-    def forward(self, x: Tensor, out_dtype: str | None = None, activation: str | None = None) -> Tensor:
+    def forward(self, x: Tensor, out_dtype: str | None = None, activation: str | None = None,
+                add_bias: bool = True) -> Tensor:
+        """`add_bias=False`: the caller adds the bias itself (row-parallel layers add it after the allreduce)."""
         out_dtype = out_dtype or self.q.model_dtype
+        bias = self.bias if add_bias else None
         if self.tiled and activation in (None, *kernels_int8.EPILOGUES):  # bias and activation in the kernel
-            return int8_matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype, self.bias,
-                               activation)
+            return int8_matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype, bias, activation)
         matmul = int8_matmul if self.tiled else dequant_matmul
         y = matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype)
-        return activate(y + self.bias if self.bias is not None else y, activation)
+        return activate(y + bias if bias is not None else y, activation)
 
 
 class QuantizedEmbedding(nn.Module):
@@ -189,10 +191,11 @@ class Linear(nn.Module):
         self.weight = nn.Parameter((out_features, in_features), dtype)
         self.bias = nn.Parameter((out_features,), dtype) if bias else None
 
-    def forward(self, x: Tensor, out_dtype: str | None = None, activation: str | None = None) -> Tensor:
+    def forward(self, x: Tensor, out_dtype: str | None = None, activation: str | None = None,
+                add_bias: bool = True) -> Tensor:
         out_dtype = out_dtype or self.dtype
         y = op.matmul(x, op.permute_dims(self.weight), out_dtype="float32" if self.dtype != "float32" else None)
-        if self.bias is not None:
+        if self.bias is not None and add_bias:
             y = y + (self.bias if self.dtype == "float32" else self.bias.astype("float32"))
         return activate(y if y.dtype == out_dtype else y.astype(out_dtype), activation)
 

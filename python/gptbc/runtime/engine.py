@@ -13,6 +13,7 @@ from typing import Sequence
 
 from gptbc.runtime.chat_template import ChatTemplate, load_chat_template
 from gptbc.errors import ContextWindowError, GptbcError
+from gptbc.runtime.disco_runner import DiscoRunner
 from gptbc.runtime.runner import ModelRunner
 from gptbc.runtime.sampling import SamplingParams, generation_defaults
 from gptbc.runtime.scheduler import Request, Scheduler
@@ -25,12 +26,16 @@ class Engine:
 
     def __init__(self, model_dir: str | Path, lib: str | Path, device: str = "cpu",
                  max_total_seq_len: int | None = None, max_batch_size: int | None = None,
-                 prefix_cache_size: int = 8, speculation: PromptLookup | None = None):
+                 prefix_cache_size: int = 8, speculation: PromptLookup | None = None, tensor_parallel: int = 1):
         """`max_total_seq_len`: tokens the KV cache holds over all sequences (default: context window ×
         min(4, max_batch_size)); `prefix_cache_size`: finished sequences kept for prefix reuse;
         `speculation`: prompt-lookup drafts verified in one multi-row call (same output, fewer steps when
-        the text repeats the prompt, e.g. code editing)."""
-        self.runner = ModelRunner(model_dir, lib, device, max_total_seq_len, max_batch_size)
+        the text repeats the prompt, e.g. code editing); `tensor_parallel` N > 1: a library compiled and weights
+        converted for N ranks, run by N disco workers (disco_runner.py)."""
+        if tensor_parallel > 1:
+            self.runner = DiscoRunner(model_dir, lib, tensor_parallel, device, max_total_seq_len, max_batch_size)
+        else:
+            self.runner = ModelRunner(model_dir, lib, device, max_total_seq_len, max_batch_size)
         r = self.runner
         self.model_dir, self.lib, self.config = r.model_dir, r.lib, r.config
         self.context_window_size, self.max_batch_size = r.context_window_size, r.max_batch_size
