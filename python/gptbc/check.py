@@ -163,14 +163,16 @@ def run_native(runner: Path, model_dir: Path, lib: Path, device: str, tokens: in
 
 
 def check_case(root: Path, hf_dir: Path, layout: str, scheme: str, target: str, device: str, suffix: str,
-               tokens: int, runner: Path | None, log) -> dict:
-    """One layout × scheme: logits and greedy tokens on the target against the numpy reference."""
-    out = convert_weight(hf_dir, scheme, root / f"{layout}-{scheme}", progress=False)
+               tokens: int, runner: Path | None, log, tp: int = 1) -> dict:
+    """One layout × scheme: logits and greedy tokens on the target against the numpy reference (with `tp` > 1,
+    the model on that many tensor-parallel ranks; the reference reads a single-device conversion)."""
+    out = convert_weight(hf_dir, scheme, root / f"{layout}-{scheme}", progress=False, tensor_parallel=tp)
+    whole = out if tp == 1 else convert_weight(hf_dir, scheme, root / f"{layout}-{scheme}-whole", progress=False)
     start = time.perf_counter()
     lib = compile_model(resolve_model(str(out)), target, scheme, root / f"{layout}-{scheme}{suffix}",
-                        log=lambda _m: None)
+                        log=lambda _m: None, tensor_parallel=tp)
     compiled = time.perf_counter() - start
-    engine = Engine(out, lib, device=device)
+    engine = Engine(out, lib, device=device, tensor_parallel=tp)
     start = time.perf_counter()
     got = engine.generate(PROMPT, tokens, ignore_eos=True)
     rate = tokens / (time.perf_counter() - start)
@@ -178,7 +180,9 @@ def check_case(root: Path, hf_dir: Path, layout: str, scheme: str, target: str, 
     seq = engine.runner.add_sequence()
     logits = engine.runner.verify(seq, ids).astype(np.float64)
     engine.runner.remove_sequence(seq)
-    ref = reference_logits(*converted_network(out), ids)
+    if tp > 1:
+        engine.runner.close()  # its worker process
+    ref = reference_logits(*converted_network(whole), ids)
     scale = np.abs(ref).max()
     error = float(np.abs(logits - ref).max() / scale) if np.isfinite(logits).all() else float("inf")
     precision = "int8" if engine.runner.meta.get("activations") == "int8" else get_quantization(scheme).model_dtype
@@ -249,9 +253,11 @@ def bench_target(root: Path, target: str, device: str, suffix: str, scheme: str,
 
 
 def run_check(target: str, device: str, schemes: list[str], tokens: int, workdir: Path,
-              runner: Path | None = None, bench: bool = False, log=print) -> dict:
+              runner: Path | None = None, bench: bool = False, log=print, tensor_parallel: int = 1) -> dict:
     """Every layout × scheme (and the benchmark with `bench`); result["ok"] says whether all passed."""
     suffix = check_options(target, device, schemes, tokens, runner)
+    if tensor_parallel > 1 and (runner is not None or bench):
+        raise GptbcError(f"--tensor-parallel {tensor_parallel}: checks the Python engine only (no --runner, no --bench)")
     log(f"gptbc check --target {target} --device {device}: logits and {tokens} greedy tokens against a float64 "
         f"numpy forward pass of the same (dequantized) weights")
     log("| layout | scheme (computes in) | logits error | greedy | gptbc-run | tok/s | |")
@@ -260,8 +266,10 @@ def run_check(target: str, device: str, schemes: list[str], tokens: int, workdir
     for layout, multi_query in LAYOUTS.items():
         hf_dir = random_checkpoint(workdir / f"{layout}-hf", small_config(multi_query))
         for scheme in schemes:
-            cases.append(check_case(workdir, hf_dir, layout, scheme, target, device, suffix, tokens, runner, log))
-    result = {"target": target, "device": device, "cases": cases, "ok": all(c["ok"] for c in cases)}
+            cases.append(check_case(workdir, hf_dir, layout, scheme, target, device, suffix, tokens, runner, log,
+                                    tensor_parallel))
+    result = {"target": target, "device": device, "tensor_parallel": tensor_parallel, "cases": cases,
+              "ok": all(c["ok"] for c in cases)}
     if bench:
         result["bench"] = bench_target(workdir, target, device, suffix, schemes[-1], log)
     log("all checks passed" if result["ok"] else "FAILED: see the rows marked FAIL")

@@ -231,7 +231,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     schemes = [s for s in args.quantization.split(",") if s]
     with tempfile.TemporaryDirectory(prefix="gptbc-check-") as tmp:
         result = run_check(args.target, args.device, schemes, args.tokens, Path(tmp),
-                           runner=Path(args.runner) if args.runner else None, bench=args.bench, log=log)
+                           runner=Path(args.runner) if args.runner else None, bench=args.bench, log=log,
+                           tensor_parallel=args.tensor_parallel)
     if args.json:
         print(json.dumps(result, indent=2))
     return 0 if result["ok"] else 1
@@ -393,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also a santacoder-shaped random model's decode (batch 1, 16) and prefill-512 rates, "
                         "next to the device's copy bandwidth (needs ~10 GB of memory and disk)")
     k.add_argument("--threads", type=_positive_int("--threads"), help=THREADS_HELP)
+    k.add_argument("--tensor-parallel", type=_positive_int("--tensor-parallel"), default=1, metavar="N",
+                   help="run each model on N tensor-parallel workers (CPU), against the single-device reference")
     k.add_argument("--json", action="store_true", help="print the results as JSON (the table goes to stderr)")
     k.set_defaults(func=cmd_check)
 
