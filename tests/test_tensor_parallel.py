@@ -188,8 +188,13 @@ def test_refusals(tp_build, hf_dir, tmp_path):
     with pytest.raises(GptbcError) as err:  # a TP=2 build run on one device
         Engine(out2, lib2)
     assert "run it with --tensor-parallel 2" in one_line(err.value)
-    with pytest.raises(GptbcError) as err:  # a group of 32 across two ranks: 128 / 8 = 16 features per rank
-        convert_weight(hf_dir("mqa"), "q4f32_1", tmp_path / "q4", progress=False, tensor_parallel=8)
+    odd = make_checkpoint(tmp_path / "hf96", n_embd=96, n_head=2, n_layer=1)
+    with pytest.raises(GptbcError) as err:  # a group of 32 across two ranks: 96 / 2 = 48 features per rank
+        convert_weight(odd, "q4f32_1", tmp_path / "q4", progress=False, tensor_parallel=2)
+    assert "would split a group" in one_line(err.value)
+    with pytest.raises(GptbcError) as err:  # and the compiler refuses it the same way
+        compile_model(resolve_model(str(odd)), "cpu", "q8f32_1", tmp_path / "q8.so", log=lambda _m: None,
+                      tensor_parallel=2)
     assert "would split a group" in one_line(err.value)
     with pytest.raises(GptbcError) as err:  # 4 heads over 3 ranks
         convert_weight(hf_dir("mqa"), "q0f32", tmp_path / "t3", progress=False, tensor_parallel=3)
