@@ -221,7 +221,8 @@ def test_worker_fault_fails_the_request_not_the_process(tp_build):
 def test_cli_serve_exits_in_one_line_when_workers_die(tp_build):
     """The server stops with a one-line message (and a non-zero status) when its workers die."""
     out, lib = tp_build("mqa", "q0f32", 2)
-    proc = subprocess.Popen(["gptbc", "serve", str(out), "--lib", str(lib), "--tensor-parallel", "2", "--port", "0"],
+    proc = subprocess.Popen(["gptbc", "serve", str(out), "--lib", str(lib), "--tensor-parallel", "2", "--port", "0",
+                             "--model-name", "tiny"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
@@ -234,13 +235,14 @@ def test_cli_serve_exits_in_one_line_when_workers_die(tp_build):
 
         for _ in range(5):  # the failing step answers its request with an error; then the engine gives up
             try:
-                status, _, _ = call(base, "POST", "/v1/completions", {"model": "x", "prompt": [1, 2], "max_tokens": 2})
+                status, _, _ = call(base, "POST", "/v1/completions", {"model": "tiny", "prompt": [1, 2],
+                                                                               "max_tokens": 2})
             except OSError:
                 break
             assert status >= 500
-        assert proc.wait(timeout=60) != 0
-        err = proc.stderr.read()
-        assert "died" in err
+        assert proc.wait(timeout=60) == 1
+        last = proc.stderr.read().strip().splitlines()[-1]
+        assert last.startswith("error: serve: the engine failed") and "worker process" in last and "died" in last
     finally:
         if proc.poll() is None:
             proc.kill()
