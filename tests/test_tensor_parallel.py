@@ -155,24 +155,6 @@ def test_cli_generate_gives_hf_greedy_ids(tp_build, hf_dir):
     assert json.loads(run.stdout)["token_ids"] == hf_greedy(hf_dir("mqa"), PROMPTS[0], 8)
 
 
-def test_server_answers_with_two_ranks(tp_build, hf_dir):
-    from test_server import call, live_server
-
-    out, lib = tp_build("mqa", "q0f32", 2)
-    engine = Engine(out, lib, tensor_parallel=2)
-    try:
-        with live_server(engine) as (base, _server):
-            status, _, body = call(base, "POST", "/v1/completions",
-                                   {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 5, "temperature": 0})
-            assert status == 200, body
-            status, _, text = call(base, "GET", "/metrics")
-            assert status == 200 and "gptbc_kv_pages_in_use" in text and "gptbc_tokens_per_decode_step" in text
-        tokens = engine.tokenizer.encode(body["choices"][0]["text"])
-        assert body["usage"]["completion_tokens"] == 5 and tokens
-    finally:
-        engine.runner.close()
-
-
 def one_line(err: BaseException) -> str:
     text = str(err)
     assert "\n" not in text, text
@@ -218,8 +200,11 @@ def test_worker_fault_fails_the_request_not_the_process(tp_build):
     assert engine.runner.process.returncode == -signal.SIGABRT
 
 
-def test_cli_serve_exits_in_one_line_when_workers_die(tp_build):
-    """The server stops with a one-line message (and a non-zero status) when its workers die."""
+def test_cli_serve_answers_then_exits_in_one_line_when_workers_die(tp_build):
+    """`gptbc serve --tensor-parallel 2` answers (completions with logprobs, metrics); when its workers die, the
+    request in flight gets an error and the server stops with a one-line message and a non-zero status."""
+    from test_server import call
+
     out, lib = tp_build("mqa", "q0f32", 2)
     proc = subprocess.Popen(["gptbc", "serve", str(out), "--lib", str(lib), "--tensor-parallel", "2", "--port", "0",
                              "--model-name", "tiny"],
@@ -228,10 +213,16 @@ def test_cli_serve_exits_in_one_line_when_workers_die(tp_build):
         line = proc.stdout.readline()
         assert "gptbc serve:" in line, proc.stderr.read() if proc.poll() is not None else line
         base = line.split(" on ")[1].split(" ")[0]
+        status, _, body = call(base, "POST", "/v1/completions",
+                               {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 5, "temperature": 0,
+                                "logprobs": 1})
+        assert status == 200, body
+        assert body["choices"][0]["logprobs"]["tokens"] is not None and body["usage"]["completion_tokens"] == 5
+        status, _, text = call(base, "GET", "/metrics")
+        assert status == 200 and "gptbc_kv_pages_in_use" in text
         host = [p for p in _children(proc.pid) if "disco_host" in _cmdline(p)]
         assert len(host) == 1
         os.kill(host[0], signal.SIGKILL)
-        from test_server import call
 
         for _ in range(5):  # the failing step answers its request with an error; then the engine gives up
             try:
