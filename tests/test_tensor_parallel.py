@@ -247,3 +247,25 @@ def _children(pid: int) -> list[int]:
 
 def _cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+
+
+def test_nccl_ccl_builds_with_nvcc_and_registers(tmp_path):
+    """The GPU collectives compile (nvcc, PyPI's nvidia-nccl-cu12) and register their functions when loaded (no GPU
+    is needed to load them; running them needs two). NCCL_HOME, else the installed nvidia.nccl package."""
+    import importlib.util
+    import shutil
+
+    from requirement import skip_or_fail
+
+    spec = importlib.util.find_spec("nvidia.nccl") if importlib.util.find_spec("nvidia") else None
+    home = os.environ.get("NCCL_HOME") or (spec.submodule_search_locations[0] if spec else None)
+    if shutil.which("nvcc") is None or home is None or not (Path(home) / "include" / "nccl.h").is_file():
+        skip_or_fail("nvcc or NCCL (NCCL_HOME, or pip's nvidia-nccl-cu12) is missing", "GPTBC_REQUIRE_NCCL")
+    lib = build(tmp_path / "build", "-DGPTBC_NCCL=ON", f"-DNCCL_HOME={home}", target="gptbc_ccl_nccl")
+    script = ("import ctypes, sys, tvm; ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL); "
+              "print(all(tvm.get_global_func('runtime.disco.gptbc_nccl.' + n, allow_missing=True) is not None "
+              "for n in ('init_ccl', 'init_ccl_per_worker', 'allreduce', 'allgather', 'broadcast_from_worker0', "
+              "'scatter_from_worker0', 'gather_to_worker0', 'sync_worker')))")
+    run = subprocess.run([sys.executable, "-c", script, str(lib / "libgptbc_ccl_nccl.so")], capture_output=True,
+                         text=True, timeout=120)
+    assert run.stdout.strip() == "True", run.stderr
