@@ -244,7 +244,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     use_threads(args)
     api_key = args.api_key or os.environ.get("GPTBC_API_KEY") or None
     engine = Engine(args.out_dir, args.lib, device=args.device, max_batch_size=args.max_batch,
-                    max_total_seq_len=args.max_total_seq_len, speculation=prompt_lookup(args))
+                    max_total_seq_len=args.max_total_seq_len, speculation=prompt_lookup(args),
+                    batch_invariant=args.batch_invariant)
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
@@ -257,6 +258,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+BATCH_INVARIANT_HELP = ("the same request gives the same answer, bit for bit, under any load (CPU; prefix reuse and "
+                        "prompt lookup off; docs/determinism.md)")
 KEEP_HEAD_HELP = "keep lm_head (and a tied wte) in the activation dtype under a grouped int scheme"
 LIB_HELP = "the model library made by `gptbc compile` for these weights"
 DEVICE_HELP = "where to run: cpu, cuda[:N], metal, vulkan[:N] (must match the library's target)"
@@ -402,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=_positive_int("--threads"), help=THREADS_HELP)
     s.add_argument("--prompt-lookup", nargs="?", const=8, type=_positive_int("--prompt-lookup"), metavar="N",
                    help=PROMPT_LOOKUP_HELP)
+    s.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
     s.set_defaults(func=cmd_serve)
 
     m = command("models", "list the bundled presets: parameters, weight bytes per quantization, KV-cache bytes "

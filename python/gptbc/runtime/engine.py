@@ -25,11 +25,17 @@ class Engine:
 
     def __init__(self, model_dir: str | Path, lib: str | Path, device: str = "cpu",
                  max_total_seq_len: int | None = None, max_batch_size: int | None = None,
-                 prefix_cache_size: int = 8, speculation: PromptLookup | None = None):
+                 prefix_cache_size: int = 8, speculation: PromptLookup | None = None,
+                 batch_invariant: bool = False):
         """`max_total_seq_len`: tokens the KV cache holds over all sequences (default: context window ×
         min(4, max_batch_size)); `prefix_cache_size`: finished sequences kept for prefix reuse;
         `speculation`: prompt-lookup drafts verified in one multi-row call (same output, fewer steps when
-        the text repeats the prompt, e.g. code editing)."""
+        the text repeats the prompt, e.g. code editing); `batch_invariant`: the same request gives the same
+        token ids and logprobs, bit for bit, whatever else is being served (see `guarantee`; CPU only)."""
+        if batch_invariant:
+            check_batch_invariant(device, speculation)
+            prefix_cache_size = 0
+        self.batch_invariant, self.device = batch_invariant, device
         self.runner = ModelRunner(model_dir, lib, device, max_total_seq_len, max_batch_size)
         r = self.runner
         self.model_dir, self.lib, self.config = r.model_dir, r.lib, r.config
@@ -46,6 +52,13 @@ class Engine:
         self.scheduler = Scheduler(r, r.capacity_tokens, self.config.vocab_size, eos_ids, detok,
                                    prefix_cache_size, speculation)
 
+    def guarantee(self) -> dict:
+        """What this engine promises about reproducibility (served in /v1/models)."""
+        if self.batch_invariant:
+            return {"batch_invariant": True, "scope": BATCH_INVARIANT_SCOPE}
+        return {"batch_invariant": False, "scope": "answers may differ in the last bits with server load "
+                                                   "(batching, prefix reuse, prompt lookup); see --batch-invariant"}
+
     @property
     def speculation(self) -> PromptLookup | None:
         """Prompt-lookup drafting for requests from now on (None: off)."""
@@ -53,6 +66,8 @@ class Engine:
 
     @speculation.setter
     def speculation(self, lookup: PromptLookup | None) -> None:
+        if lookup is not None and self.batch_invariant:
+            check_batch_invariant(self.device, lookup)
         self.scheduler.speculation = lookup
 
     @property
@@ -210,6 +225,28 @@ class Engine:
         if self.tokenizer is None:
             raise GptbcError(f"{self.model_dir}: no tokenizer files; cannot turn ids into text")
         return self.tokenizer.decode([t for t in ids if t not in self.special_ids])
+
+
+# Why prefix reuse and prompt lookup are off in this mode: TVM's paged KV cache computes the attention of
+# tokens whose sequence already holds KV in two parts (the new tokens, then the cached pages, or the
+# shared prefix's pages and the sequence's own) and merges them; a merged result differs from a single
+# pass in the last bits (measured up to 6e-6 in logits on a tiny model). Without them every request is
+# computed the same way whatever else is served: its prompt in the same chunks, each generated token in
+# one pass over its keys, and every other layer row by row (the CPU kernels' results for a row do not
+# depend on the rows beside it: tests/test_batch_invariance.py). docs/determinism.md has the details.
+BATCH_INVARIANT_SCOPE = ("the same request (prompt, sampling parameters and seed) gives the same token ids and "
+                         "logprobs, bit for bit, whatever else is being served; prefix reuse and prompt lookup "
+                         "are off")
+
+
+def check_batch_invariant(device: str, speculation: PromptLookup | None) -> None:
+    """Refuse what batch-invariant mode cannot promise, in one line."""
+    if not device.startswith("cpu"):
+        raise GptbcError(f"--batch-invariant is guaranteed on the CPU only, not on {device} "
+                         "(docs/determinism.md says why)")
+    if speculation is not None:
+        raise GptbcError("--batch-invariant turns prompt lookup off: drop --prompt-lookup "
+                         "(verifying drafts computes attention in a different order)")
 
 
 def _raise_if_failed(req: Request) -> None:
