@@ -1,9 +1,10 @@
 """Batch-invariant mode (Engine(batch_invariant=True), serve --batch-invariant): the same request gives the
 same token ids and logprobs, bit for bit, whatever else is being served. Compared exactly, no tolerance:
 one request alone against the same request at random places in batches of 2 to 16 requests of mixed
-lengths, greedy and seeded sampling, float and int8 activations, prompts prefilled in chunks, through the
-Engine and through the server under concurrent load. And a test that the comparison catches a break: with
-the mode off, a prefix reused from the cache changes the logprobs."""
+lengths, greedy and seeded sampling, float and int8 activations (q0f32, q8f32_1, q4f32_1), MQA and MHA, a
+prompt prefilled in chunks against whole, a prefix-cache hit against a miss, n choices against each alone,
+through the Engine and through the server under concurrent load. And tests that the comparison catches a
+break: a plain library and engine fail the same checks."""
 
 from __future__ import annotations
 
@@ -30,11 +31,12 @@ def run_together(engine: Engine, prompts: list[list[int]], params: list) -> list
     return [(list(r.output_ids), list(r.logprobs)) for r in reqs]
 
 
-def check_alone_equals_batched(engine: Engine, case: int, **sampling) -> None:
+def check_alone_equals_batched(engine: Engine, case: int, target_len: int = 37, **sampling) -> None:
     """The target request alone, then at a random position in batches of 2..16 requests of mixed lengths
-    and lengths of answer (so requests join and leave while the target decodes)."""
+    and lengths of answer (so requests join and leave while the target decodes, and calls have from 1 to
+    over 16 rows, where the matmuls of a plain library change layout)."""
     rng = np.random.default_rng(case)
-    target = rng.integers(0, VOCAB_TOP, 37).tolist()
+    target = rng.integers(0, VOCAB_TOP, target_len).tolist()
     params = engine.sampling(max_new_tokens=12, logprobs=True, **sampling)
     alone = run_together(engine, [target], [params])[0]
     for size in (2, 9, 16):
@@ -48,69 +50,97 @@ def check_alone_equals_batched(engine: Engine, case: int, **sampling) -> None:
 
 
 @pytest.fixture(scope="module")
-def int8_engines(tiny_model, tmp_path_factory):
-    """Batch-invariant engines over int8-activation libraries of the mqa64 tiny model (q8f32_1, q4f32_1)."""
+def invariant(tiny_model, tmp_path_factory):
+    """invariant(name) → an Engine(batch_invariant=True) over a `--batch-invariant` library (built once):
+    "mqa64" (q0f32), "mqa64-chunk16" (the same with 16-token prefill chunks), "mha32" (q0f32, chunks of
+    16), "mqa64-q8" and "mqa64-q4" (q8f32_1 / q4f32_1 with int8 activations)."""
     from gptbc.artifact.config import resolve_model
     from gptbc.artifact.convert import convert_weight
     from gptbc.compile.compiler import compile_model
 
-    m, root = tiny_model("mqa64"), tmp_path_factory.mktemp("invariant-int8")
-    engines = {}
-    for scheme in ("q8f32_1", "q4f32_1"):
-        out = convert_weight(m.hf_dir, scheme, root / scheme, progress=False)
-        lib = compile_model(resolve_model(str(out)), "cpu", scheme, root / f"{scheme}.so", log=lambda _m: None,
-                            activations="int8")
-        engines[scheme] = Engine(out, lib, batch_invariant=True)
-    return engines
+    recipes = {"mqa64": ("mqa64", "q0f32", "float", None), "mqa64-chunk16": ("mqa64", "q0f32", "float", 16),
+               "mha32": ("mha32", "q0f32", "float", 16), "mqa64-q8": ("mqa64", "q8f32_1", "int8", None),
+               "mqa64-q4": ("mqa64", "q4f32_1", "int8", None)}
+    root, engines = tmp_path_factory.mktemp("invariant"), {}
+
+    def get(name: str) -> Engine:
+        if name not in engines:
+            base, scheme, activations, chunk = recipes[name]
+            m = tiny_model(base)
+            out = m.out_dir if scheme == "q0f32" else convert_weight(m.hf_dir, scheme, root / name, progress=False)
+            lib = compile_model(resolve_model(str(out), prefill_chunk_size=chunk), "cpu", scheme, root / f"{name}.so",
+                                log=lambda _m: None, activations=activations, batch_invariant=True)
+            engines[name] = Engine(out, lib, batch_invariant=True)
+        return engines[name]
+
+    return get
 
 
-@pytest.mark.parametrize("name", ["mqa64", "mha32", "mqa32"])  # mqa32 prefills in chunks of 16 tokens
-def test_float_greedy_alone_equals_batched(tiny_model, name):
-    m = tiny_model(name)
-    check_alone_equals_batched(Engine(m.out_dir, m.lib, batch_invariant=True), case=1)
+@pytest.mark.parametrize("name", ["mqa64", "mha32", "mqa64-q8", "mqa64-q4"])
+def test_alone_equals_batched(invariant, name):
+    engine = invariant(name)
+    assert engine.activations == ("int8" if name.endswith(("q8", "q4")) else "float")
+    check_alone_equals_batched(engine, case=1)
+    check_alone_equals_batched(engine, case=2, target_len=5)  # fewer rows than the GEMM layout's minimum
 
 
-def test_float_seeded_sampling_alone_equals_batched(tiny_model):
+@pytest.mark.parametrize("name", ["mqa64", "mqa64-q4"])
+def test_seeded_sampling_alone_equals_batched(invariant, name):
+    check_alone_equals_batched(invariant(name), case=3, greedy=False, temperature=0.9, top_p=0.9, seed=7)
+
+
+def test_the_check_catches_a_plain_library(tiny_model):
+    """The same comparison on a plain library and engine (the mode off) fails: the target's prompt is then
+    reused from the prefix cache and its attention merged from two parts, and batches of 16 rows run
+    another matmul layout. The check sees last-bit differences."""
     m = tiny_model("mqa64")
-    check_alone_equals_batched(Engine(m.out_dir, m.lib, batch_invariant=True), case=2,
-                               greedy=False, temperature=0.9, top_p=0.9, seed=7)
+    with pytest.raises(AssertionError, match="batch of"):
+        check_alone_equals_batched(Engine(m.out_dir, m.lib), case=1)
 
 
-@pytest.mark.parametrize("scheme", ["q8f32_1", "q4f32_1"])
-def test_int8_activations_alone_equals_batched(int8_engines, scheme):
-    engine = int8_engines[scheme]
-    assert engine.activations == "int8"
-    check_alone_equals_batched(engine, case=3)
-    check_alone_equals_batched(engine, case=4, greedy=False, temperature=0.8, top_p=0.95, seed=11)
+def test_chunked_prefill_equals_whole(invariant):
+    """A 70-token prompt prefilled in chunks of 16 (a library built so) against in one call."""
+    prompt = np.random.default_rng(4).integers(0, VOCAB_TOP, 70).tolist()
+    whole, chunked = invariant("mqa64"), invariant("mqa64-chunk16")
+    assert whole.runner.prefill_chunk_size >= 70 > chunked.runner.prefill_chunk_size
+    answers = [run_together(e, [prompt], [e.sampling(max_new_tokens=10, logprobs=True)])[0] for e in (whole, chunked)]
+    assert answers[0] == answers[1]
 
 
-def test_the_check_catches_a_prefix_reused_from_the_cache(tiny_model):
-    """With the mode off, a request whose prompt starts like a cached one reuses that prefix's KV, and its
-    attention is merged from two parts: the logprobs move in the last bits. The mode gives the lone answer."""
+@pytest.mark.parametrize("name", ["mqa64", "mqa64-chunk16", "mqa64-q4"])
+def test_prefix_hit_equals_miss(invariant, tiny_model, name):
+    """A prompt that starts like a cached one (40 shared tokens: 32 copied, the rest prefilled from the
+    grain boundary) against the same prompt on an empty cache; the plain engine's fork differs."""
+    engine = invariant(name)
+    rng = np.random.default_rng(5)
+    shared = rng.integers(0, VOCAB_TOP, 40).tolist()
+    first, second = shared + [3, 4, 5], shared + [7, 8, 9, 10, 11]
+    params = engine.sampling(max_new_tokens=10, logprobs=True)
+    miss = Engine(engine.model_dir, engine.lib, batch_invariant=True)
+    lone = run_together(miss, [second], [params])[0]
+    run_together(engine, [first], [params])
+    req = engine.submit(second, params=params)
+    engine.scheduler.run_until_done([req])
+    assert req.reused == 32 and (list(req.output_ids), list(req.logprobs)) == lone
+
+
+def test_plain_fork_differs_from_a_miss(tiny_model):
+    """The break the mode prevents: a plain engine forks the cached prefix, and the logprobs move."""
     m = tiny_model("mqa64")
     rng = np.random.default_rng(5)
     shared = rng.integers(0, VOCAB_TOP, 40).tolist()
-    first, second = shared + [3, 4, 5], shared + [7, 8]
-
-    def answers(engine: Engine) -> tuple:
-        params = engine.sampling(max_new_tokens=10, logprobs=True)
-        run_together(engine, [first], [params])
-        req = engine.submit(second, params=params)
-        engine.scheduler.run_until_done([req])
-        return req.reused, (list(req.output_ids), list(req.logprobs))
-
-    lone = run_together(Engine(m.out_dir, m.lib, batch_invariant=True), [second],
-                        [Engine(m.out_dir, m.lib).sampling(max_new_tokens=10, logprobs=True)])[0]
-    reused, reused_answer = answers(Engine(m.out_dir, m.lib))
-    assert reused > 0 and reused_answer[1] != lone[1], "the exact comparison must see the reused prefix"
-    reused, invariant_answer = answers(Engine(m.out_dir, m.lib, batch_invariant=True))
-    assert reused == 0 and invariant_answer == lone
+    plain = Engine(m.out_dir, m.lib)
+    params = plain.sampling(max_new_tokens=10, logprobs=True)
+    lone = run_together(Engine(m.out_dir, m.lib), [shared + [7, 8]], [params])[0]
+    run_together(plain, [shared + [3, 4, 5]], [params])
+    req = plain.submit(shared + [7, 8], params=params)
+    plain.scheduler.run_until_done([req])
+    assert req.reused > 0 and list(req.logprobs) != lone[1]
 
 
-def test_n_choices_each_equal_a_lone_run_with_its_seed(tiny_model):
+def test_n_choices_each_equal_a_lone_run_with_its_seed(invariant):
     """A request for n choices (the server gives choice i the seed seed + i) against each choice alone."""
-    m = tiny_model("mqa64")
-    engine = Engine(m.out_dir, m.lib, batch_invariant=True)
+    engine = invariant("mqa64")
     prompt = np.random.default_rng(6).integers(0, VOCAB_TOP, 21).tolist()
     params = [engine.sampling(greedy=False, temperature=1.0, max_new_tokens=10, logprobs=True, seed=40 + i)
               for i in range(4)]
@@ -119,16 +149,28 @@ def test_n_choices_each_equal_a_lone_run_with_its_seed(tiny_model):
     assert len({tuple(ids) for ids, _ in together}) > 1, "different seeds should sample different answers"
 
 
-def test_mode_refuses_what_it_cannot_promise(tiny_model):
+def test_mode_refuses_what_it_cannot_promise(tiny_model, invariant):
     m = tiny_model("mqa64")
+    with pytest.raises(GptbcError, match="compiled without --batch-invariant"):
+        Engine(m.out_dir, m.lib, batch_invariant=True)
+    engine = invariant("mqa64")
     with pytest.raises(GptbcError, match="prompt lookup"):
-        Engine(m.out_dir, m.lib, batch_invariant=True, speculation=PromptLookup(num_draft=4))
+        Engine(engine.model_dir, engine.lib, batch_invariant=True, speculation=PromptLookup(num_draft=4))
     with pytest.raises(GptbcError, match="CPU only, not on vulkan"):
-        Engine(m.out_dir, m.lib, device="vulkan", batch_invariant=True)
-    engine = Engine(m.out_dir, m.lib, batch_invariant=True)
+        Engine(engine.model_dir, engine.lib, device="vulkan", batch_invariant=True)
     with pytest.raises(GptbcError, match="prompt lookup"):
         engine.speculation = PromptLookup(num_draft=4)
-    assert engine.guarantee()["batch_invariant"] and engine.scheduler.prefix_cache_size == 0
+    assert engine.guarantee()["batch_invariant"] and not Engine(m.out_dir, m.lib).guarantee()["batch_invariant"]
+
+
+def test_compile_refuses_a_gpu_target(tiny_model, tmp_path):
+    from gptbc.artifact.config import resolve_model
+    from gptbc.compile.compiler import compile_model
+
+    with pytest.raises(GptbcError, match="--batch-invariant: only CPU targets"):
+        compile_model(resolve_model(str(tiny_model("mqa64").out_dir)), "vulkan", "q0f32", tmp_path / "x.so",
+                      log=lambda _m: None, batch_invariant=True)
+    assert not (tmp_path / "x.so").exists()
 
 
 def post(base: str, path: str, body: dict) -> dict:
@@ -137,16 +179,16 @@ def post(base: str, path: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def test_server_under_concurrent_load_answers_as_alone(tiny_model):
+def test_server_under_concurrent_load_answers_as_alone(invariant):
     """16 concurrent clients with mixed prompts; the target prompt, sent by 4 of them, gets the lone answer
     (text and logprobs) every time. /v1/models states the guarantee."""
     from test_server import live_server
 
-    m = tiny_model("mqa64")
+    engine = invariant("mqa64")
     rng = np.random.default_rng(8)
     target = {"prompt": rng.integers(0, VOCAB_TOP, 30).tolist(), "max_tokens": 12, "logprobs": 1,
               "temperature": 0}
-    with live_server(Engine(m.out_dir, m.lib, batch_invariant=True)) as (base, _server):
+    with live_server(Engine(engine.model_dir, engine.lib, batch_invariant=True)) as (base, _server):
         card = json.loads(urllib.request.urlopen(base + "/v1/models", timeout=10).read())["data"][0]
         assert card["guarantee"]["batch_invariant"] is True
         alone = post(base, "/v1/completions", target)["choices"][0]

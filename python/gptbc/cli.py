@@ -51,7 +51,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         keep_head = keep_head or not scheme.get("quantize_lm_head", True)
     out = compile_model(source, args.target, quantization, args.output,
                         log=lambda m: print(m, file=sys.stderr, flush=True), quantize_lm_head=not keep_head,
-                        activations=args.activations)
+                        activations=args.activations, batch_invariant=args.batch_invariant)
     _print_memory_plan(source.config, quantization, keep_head)
     print(out)
     return 0
@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the scheme of a converted --model directory (which compiles only for it), else q0f32"))
     c.add_argument("-o", "--output", help="library path (default dist/libs/<model>-<quant>-<target>.so)")
     c.add_argument("--no-quantize-lm-head", action="store_true", help=KEEP_HEAD_HELP)
+    c.add_argument("--batch-invariant", action="store_true",
+                   help="a row's result does not depend on the other rows of a call (for serve --batch-invariant; "
+                        "CPU targets; float prefill runs the row-tile matmul layout, no GEMM)")
     c.add_argument("--activations", choices=ACTIVATION_MODES, default="auto",
                    help="grouped schemes on CPUs: int8 rounds each linear layer's input to int8 per group of 32 and "
                         "uses integer dot products (weights repacked when loaded); float keeps float activations; "

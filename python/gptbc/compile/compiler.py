@@ -21,7 +21,7 @@ from gptbc.errors import GptbcError, raise_if_interrupted
 from gptbc.artifact.manifest import library_manifest
 from gptbc.artifact.params import converted_params
 from gptbc.artifact.quantization import Quantization, check_activation_mode, get_quantization
-from gptbc.compile.targets import Build, Pipeline, get_target, plan_build
+from gptbc.compile.targets import CPU_PIPELINE, Build, Pipeline, get_target, plan_build
 
 
 def default_output(model_name: str, quant: str, spelling: str, build: Build) -> Path:
@@ -69,7 +69,7 @@ def lowering_passes(target) -> list:
     return tvm_default.dataflow_lower_passes(target) + tvm_default.finalize_passes(target)
 
 
-def relax_pipeline(pipeline: Pipeline, target):
+def relax_pipeline(pipeline: Pipeline, target, batch_invariant: bool = False):
     """The module pass `relax.build` runs: fusion, `pipeline`'s schedule rules, lowering."""
     import tvm
     from tvm.s_tir import dlight as dl
@@ -77,10 +77,22 @@ def relax_pipeline(pipeline: Pipeline, target):
     @tvm.transform.module_pass(opt_level=0, name=f"gptbc_{pipeline.name}_pipeline")
     def run(mod, _ctx):
         with target:
-            schedule = dl.ApplyDefaultSchedule(*pipeline.schedule_rules())
+            schedule = dl.ApplyDefaultSchedule(*pipeline.schedule_rules(batch_invariant))
             return tvm.transform.Sequential(fusion_passes(target) + [schedule] + lowering_passes(target))(mod)
 
     return run
+
+
+def check_batch_invariant_build(spec, config) -> None:
+    """--batch-invariant needs our CPU kernels: the attention ones split a row's keys at fixed grains."""
+    from gptbc.compile.kernels import LANES
+
+    if spec.pipeline is not CPU_PIPELINE:
+        raise GptbcError(f"--batch-invariant: only CPU targets compute each row independently of the batch "
+                         f"(this target uses the {spec.pipeline.name} kernels; docs/determinism.md)")
+    if config.head_dim % LANES:
+        raise GptbcError(f"--batch-invariant: head_dim {config.head_dim} is not a multiple of {LANES}, "
+                         f"which the invariant attention kernels need")
 
 
 def check_own_scheme(source: ModelSource, quant: Quantization) -> None:
@@ -96,14 +108,14 @@ def check_own_scheme(source: ModelSource, quant: Quantization) -> None:
                          f"own scheme (leave out --quantization, or convert the HF checkpoint again)")
 
 
-def export_relax(cfg: GPTBigCodeConfig, quant: Quantization, target):
+def export_relax(cfg: GPTBigCodeConfig, quant: Quantization, target, batch_invariant: bool = False):
     """The model's Relax IRModule (all exported functions, parameters packed), before any pass, its
     parameters as (name, shape, dtype) in the order the functions take them, and which of them the runtime
     repacks when loading ({name: kind}, layers.repack_plan)."""
     from gptbc.compile.model import GPTBigCodeForCausalLM, param_list
     from gptbc.compile.quantized_layers import repack_plan
 
-    model = GPTBigCodeForCausalLM(cfg, target, quant)
+    model = GPTBigCodeForCausalLM(cfg, target, quant, batch_invariant)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     params = param_list(named_params)
     if params != converted_params(cfg, quant):  # the converter writes that list; a library must take the same
@@ -134,9 +146,13 @@ def choose_activations(option: str, quant: Quantization, target) -> Quantization
 
 
 def compile_model(source: ModelSource, target_name: str, quantization: str, output: str | Path | None = None,
-                  log: Callable[[str], None] = print, quantize_lm_head: bool = True, activations: str = "auto") -> Path:
-    """Build the model library for `source` and return its path."""
+                  log: Callable[[str], None] = print, quantize_lm_head: bool = True, activations: str = "auto",
+                  batch_invariant: bool = False) -> Path:
+    """Build the model library for `source` and return its path. `batch_invariant`: a row's result does not
+    depend on the other rows of a call (docs/determinism.md; CPU only)."""
     spec, build = plan_build(target_name)
+    if batch_invariant:
+        check_batch_invariant_build(spec, source.config)
     quant = get_quantization(quantization, quantize_lm_head)
     check_own_scheme(source, quant)
     check_activation_mode(activations)  # before -o's directory is made (choose_activations needs the target)
@@ -152,6 +168,8 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
     import tvm
     from tvm import relax
 
+    from gptbc.compile import kernels
+
     def phase(name: str, start: float) -> float:
         now = time.perf_counter()
         log(f"[gptbc] {name}: {now - start:.1f}s")
@@ -160,7 +178,7 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
     t = time.perf_counter()
     target = tvm.target.Target(build.target)
     quant = choose_activations(activations, quant, target)
-    mod, params, plan = export_relax(source.config, quant, target)
+    mod, params, plan = export_relax(source.config, quant, target, batch_invariant)
     mod = spec.pipeline.replace_kernels(mod, source.config, quant, target)
     repack: dict[str, str] = {}
     if plan:
@@ -171,14 +189,15 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
     fatbin = embedded.contents(variant) if embedded else None
     # tvm_version: a bundle ships the runtime of exactly the TVM that built the library (bundle.py)
     meta = {**library_manifest(source, quant, spec.device, target_name, params, repack, fatbin),
-            "tvm_version": tvm.__version__}
+            "tvm_version": tvm.__version__, "batch_invariant": batch_invariant,
+            **({"attention_grain": kernels.GRAIN} if batch_invariant else {})}
     mod = attach_metadata(mod, meta)
     t = phase(f"export {source.name} ({quant.name}, {'int8' if quant.int8_activations else 'float'} activations) "
               f"to Relax", t)
 
     building = embedded.building() if embedded else contextlib.nullcontext()
     with tvm.transform.PassContext(opt_level=3), guarded_tir_cse() as cse_skipped, building:
-        executable = relax.build(mod, target, relax_pipeline=relax_pipeline(spec.pipeline, target),
+        executable = relax.build(mod, target, relax_pipeline=relax_pipeline(spec.pipeline, target, batch_invariant),
                                  system_lib=build.system_lib)
     if cse_skipped:
         log(f"[gptbc] TIR CSE left out of {len(cse_skipped)} kernel(s) it would break: {', '.join(cse_skipped)}")

@@ -34,13 +34,13 @@ class Build:
     shared_needs: str | None = None  # a .tar only because this is missing (what to install for a .so), in words
 
 
-def _cpu_rules() -> list:
+def _cpu_rules(batch_invariant: bool = False) -> list:
     from gptbc.compile.schedules import cpu_rules
 
-    return cpu_rules()
+    return cpu_rules(batch_invariant)
 
 
-def _gpu_rules() -> list:
+def _gpu_rules(_batch_invariant: bool = False) -> list:
     from gptbc.compile.schedules import gpu_rules
 
     return gpu_rules()
@@ -59,7 +59,8 @@ class Pipeline:
     """How the compile driver lowers the model for a family of targets (the passes around these: compiler.py)."""
 
     name: str
-    schedule_rules: Callable[[], list]  # dlight rules applied to every fused kernel (schedules.py)
+    # (batch_invariant) → dlight rules applied to every fused kernel (schedules.py)
+    schedule_rules: Callable[[bool], list]
     # (Relax module, config, quantization, target) → the module with hand-written kernels swapped in, before any pass
     replace_kernels: Callable[[Any, Any, Any, Any], Any] = field(default=lambda mod, _cfg, _quant, _target: mod)
 

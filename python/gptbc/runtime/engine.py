@@ -34,10 +34,11 @@ class Engine:
         token ids and logprobs, bit for bit, whatever else is being served (see `guarantee`; CPU only)."""
         if batch_invariant:
             check_batch_invariant(device, speculation)
-            prefix_cache_size = 0
         self.batch_invariant, self.device = batch_invariant, device
         self.runner = ModelRunner(model_dir, lib, device, max_total_seq_len, max_batch_size)
         r = self.runner
+        if batch_invariant:
+            check_invariant_library(r)
         self.model_dir, self.lib, self.config = r.model_dir, r.lib, r.config
         self.context_window_size, self.max_batch_size = r.context_window_size, r.max_batch_size
         self.quantization = r.info["quantization"]["name"]
@@ -50,7 +51,8 @@ class Engine:
         self.special_ids = eos_ids | (self.tokenizer.special_ids() if self.tokenizer else set())
         detok = (lambda: IncrementalDetokenizer(self.tokenizer, self.special_ids)) if self.tokenizer else None
         self.scheduler = Scheduler(r, r.capacity_tokens, self.config.vocab_size, eos_ids, detok,
-                                   prefix_cache_size, speculation)
+                                   prefix_cache_size, speculation,
+                                   grain=r.attention_grain if batch_invariant else None)
 
     def guarantee(self) -> dict:
         """What this engine promises about reproducibility (served in /v1/models)."""
@@ -227,16 +229,16 @@ class Engine:
         return self.tokenizer.decode([t for t in ids if t not in self.special_ids])
 
 
-# Why prefix reuse and prompt lookup are off in this mode: TVM's paged KV cache computes the attention of
-# tokens whose sequence already holds KV in two parts (the new tokens, then the cached pages, or the
-# shared prefix's pages and the sequence's own) and merges them; a merged result differs from a single
-# pass in the last bits (measured up to 6e-6 in logits on a tiny model). Without them every request is
-# computed the same way whatever else is served: its prompt in the same chunks, each generated token in
-# one pass over its keys, and every other layer row by row (the CPU kernels' results for a row do not
-# depend on the rows beside it: tests/test_batch_invariance.py). docs/determinism.md has the details.
+# docs/determinism.md: TVM's paged KV cache attends a chunk's new tokens and its cached pages apart and
+# merges the results, and a sequence forked from a cached prefix attends the shared pages and its own apart.
+# A batch-invariant library (compile --batch-invariant) splits every row's keys at the same place whatever
+# the call (kernels.py), sums every matmul row in one order whatever the row count (schedules.py); this
+# mode makes the cache's splits fall there: prefixes copied, not shared, at multiples of the grain, and a
+# prompt's later chunks cut at grain boundaries (Scheduler.grain). Prompt lookup's drafts start anywhere,
+# so it stays off.
 BATCH_INVARIANT_SCOPE = ("the same request (prompt, sampling parameters and seed) gives the same token ids and "
-                         "logprobs, bit for bit, whatever else is being served; prefix reuse and prompt lookup "
-                         "are off")
+                         "logprobs, bit for bit, alone or in any batch, with or without a reused prefix, prefilled "
+                         "whole or in chunks (CPU; prompt lookup off)")
 
 
 def check_batch_invariant(device: str, speculation: PromptLookup | None) -> None:
@@ -247,6 +249,17 @@ def check_batch_invariant(device: str, speculation: PromptLookup | None) -> None
     if speculation is not None:
         raise GptbcError("--batch-invariant turns prompt lookup off: drop --prompt-lookup "
                          "(verifying drafts computes attention in a different order)")
+
+
+def check_invariant_library(runner: ModelRunner) -> None:
+    """The library must be a batch-invariant build whose prefill chunks end on attention grains."""
+    grain = runner.attention_grain
+    if not grain:
+        raise GptbcError(f"--lib {runner.lib} was compiled without --batch-invariant "
+                         "(recompile it with `gptbc compile --batch-invariant`)")
+    if runner.prefill_chunk_size % grain:
+        raise GptbcError(f"--lib {runner.lib}: prefill_chunk_size {runner.prefill_chunk_size} is not a multiple of "
+                         f"the attention grain {grain}; recompile with such a --prefill-chunk-size")
 
 
 def _raise_if_failed(req: Request) -> None:

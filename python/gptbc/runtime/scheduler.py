@@ -47,6 +47,7 @@ class Runner(Protocol):
 
     def add_sequence(self) -> int: ...
     def fork_sequence(self, parent: int, length: int) -> int: ...
+    def copy_prefix(self, parent: int, length: int) -> int: ...
     def remove_sequence(self, seq_id: int) -> None: ...
     def prefill_chunk(self, seq_id: int, chunk: Sequence[int]) -> np.ndarray: ...
     def prefill_batch(self, seq_ids: Sequence[int], id_lists: Sequence[Sequence[int]]) -> np.ndarray: ...
@@ -161,12 +162,16 @@ class Stats:
 class Scheduler:
     def __init__(self, runner: Runner, capacity_tokens: int, vocab_size: int, eos_ids: set[int],
                  make_detokenizer: Callable[[], IncrementalDetokenizer] | None = None, prefix_cache_size: int = 8,
-                 speculation: PromptLookup | None = None, clock: Callable[[], float] = time.perf_counter):
+                 speculation: PromptLookup | None = None, clock: Callable[[], float] = time.perf_counter,
+                 grain: int | None = None):
         """`capacity_tokens`: KV-cache tokens over all sequences; `make_detokenizer`: a new incremental
         detokenizer per request (None: ids only, no text or stop strings); `speculation`: prompt-lookup
         drafting (speculation.py), verified in one multi-row call, kept only while it pays (`clock` times the
-        model calls for that)."""
+        model calls for that); `grain`: batch-invariant mode (a batch-invariant library's attention grain):
+        a reused prefix is copied, never shared, and cut to a multiple of the grain, and a prompt's later
+        chunks end at grain boundaries, so every row's attention splits where a lone request's would."""
         self.speculation = speculation
+        self.grain = grain
         self.costs, self.clock = CostGate(), clock
         self.runner = runner
         self.capacity = capacity_tokens
@@ -270,8 +275,11 @@ class Scheduler:
             if n > best_len:
                 best, best_len = seq_id, n
         best_len = min(best_len, len(req.prompt_ids) - 1)  # the last prompt token must run: it gives the logits
+        if self.grain:
+            best_len -= best_len % self.grain
         if best is not None and best_len > 0 and not req.params.prompt_logprobs:
-            req.seq_id = self.runner.fork_sequence(best, best_len)
+            reuse = self.runner.copy_prefix if self.grain else self.runner.fork_sequence
+            req.seq_id = reuse(best, best_len)
             self.cached.move_to_end(best)
             req.prefilled = req.reused = best_len
             self.stats.reused_prefix_tokens += best_len
@@ -296,7 +304,7 @@ class Scheduler:
         reading = [r for r in self.active if r.prefilled < len(r.prompt_ids)]
         batch, room = [], runner.prefill_chunk_size
         for req in reading:
-            chunk = req.prompt_ids[req.prefilled:req.prefilled + runner.prefill_chunk_size]
+            chunk = req.prompt_ids[req.prefilled:req.prefilled + self._chunk_size(req)]
             if req.params.prompt_logprobs:
                 try:
                     logits = self._score_prompt(req, chunk)
@@ -318,6 +326,15 @@ class Scheduler:
             for (req, chunk), logits in zip(batch, rows):
                 events += self._prefilled(req, chunk, logits)
         return events
+
+    def _chunk_size(self, req: Request) -> int:
+        """Prompt tokens the next prefill call takes for `req`. In batch-invariant mode a chunk after the
+        first ends at the next grain boundary: the attention kernels then compute each of its rows as they
+        would in one whole prefill (kernels.py, docs/determinism.md)."""
+        size = self.runner.prefill_chunk_size
+        if self.grain and req.prefilled > 0:
+            size = min(size, self.grain - req.prefilled % self.grain)
+        return size
 
     def _prefilled(self, req: Request, chunk: list[int], logits: np.ndarray) -> list[Event]:
         req.prefilled += len(chunk)
