@@ -33,7 +33,7 @@ class Engine:
         the text repeats the prompt, e.g. code editing); `batch_invariant`: the same request gives the same
         token ids and logprobs, bit for bit, whatever else is being served (see `guarantee`; CPU only)."""
         if batch_invariant:
-            check_batch_invariant(device, speculation)
+            check_batch_invariant(device)
         self.batch_invariant, self.device = batch_invariant, device
         self.runner = ModelRunner(model_dir, lib, device, max_total_seq_len, max_batch_size)
         r = self.runner
@@ -68,8 +68,6 @@ class Engine:
 
     @speculation.setter
     def speculation(self, lookup: PromptLookup | None) -> None:
-        if lookup is not None and self.batch_invariant:
-            check_batch_invariant(self.device, lookup)
         self.scheduler.speculation = lookup
 
     @property
@@ -233,22 +231,19 @@ class Engine:
 # merges the results, and a sequence forked from a cached prefix attends the shared pages and its own apart.
 # A batch-invariant library (compile --batch-invariant) splits every row's keys at the same place whatever
 # the call (kernels.py), sums every matmul row in one order whatever the row count (schedules.py); this
-# mode makes the cache's splits fall there: prefixes copied, not shared, at multiples of the grain, and a
-# prompt's later chunks cut at grain boundaries (Scheduler.grain). Prompt lookup's drafts start anywhere,
-# so it stays off.
+# mode makes the cache's splits fall there: prefixes copied, not shared, at multiples of the grain, a
+# prompt's later chunks cut at grain boundaries, and prompt-lookup verify calls start at a grain boundary
+# (the tokens since it fed again) and end inside that grain (Scheduler.grain); only greedy requests draft.
 BATCH_INVARIANT_SCOPE = ("the same request (prompt, sampling parameters and seed) gives the same token ids and "
                          "logprobs, bit for bit, alone or in any batch, with or without a reused prefix, prefilled "
-                         "whole or in chunks (CPU; prompt lookup off)")
+                         "whole or in chunks, with or without prompt lookup (CPU)")
 
 
-def check_batch_invariant(device: str, speculation: PromptLookup | None) -> None:
+def check_batch_invariant(device: str) -> None:
     """Refuse what batch-invariant mode cannot promise, in one line."""
     if not device.startswith("cpu"):
         raise GptbcError(f"--batch-invariant is guaranteed on the CPU only, not on {device} "
                          "(docs/determinism.md says why)")
-    if speculation is not None:
-        raise GptbcError("--batch-invariant turns prompt lookup off: drop --prompt-lookup "
-                         "(verifying drafts computes attention in a different order)")
 
 
 def check_invariant_library(runner: ModelRunner) -> None:

@@ -378,20 +378,37 @@ class Scheduler:
             if r.drafts.skip > 0:
                 r.drafts.skip -= 1
                 continue
-            # Room: the bonus token after the draft must still fit max_new_tokens (and so the booked KV pages).
-            draft = spec.draft(r.prompt_ids + r.output_ids, min(p.max_new_tokens - len(r.output_ids) - 1,
-                                                              budget - 1))
+            if self.grain and not p.greedy:  # sampling against a draft draws other random numbers than decoding
+                continue
+            redo = self._redo(r)
+            # Room: the bonus token after the draft must still fit max_new_tokens (and so the booked KV pages);
+            # in batch-invariant mode the call must also end in the grain it starts at.
+            room = min(p.max_new_tokens - len(r.output_ids) - 1, budget - 1 - redo)
+            if self.grain:
+                room = min(room, self.grain - 1 - redo)
+            draft = spec.draft(r.prompt_ids + r.output_ids, room) if room > 0 else []
             if draft:
                 drafts[r.id] = draft
-                budget -= len(draft) + 1
+                budget -= redo + len(draft) + 1
         return drafts
+
+    def _redo(self, r: Request) -> int:
+        """Batch-invariant mode: how many tokens before the last one a verify call feeds again, so that it
+        starts at a grain boundary (their KV is recomputed to the same bits; kernels.py)."""
+        return (len(r.prompt_ids) + len(r.output_ids) - 1) % self.grain if self.grain else 0
 
     def _verify_drafts(self, reqs: list[Request], drafts: dict[int, list[int]]) -> list[Event]:
         """Feed each request's last token + draft in one multi-row call; keep what the model agrees with."""
         start, produced = self.clock(), self.stats.decode_tokens
-        rows_of = self.runner.verify_batch([r.seq_id for r in reqs], [[r.output_ids[-1], *drafts[r.id]] for r in reqs])
+        redo = {r.id: self._redo(r) for r in reqs}
+        for r in reqs:
+            if redo[r.id]:
+                self.runner.pop_tokens(r.seq_id, redo[r.id])
+        feed = [(r.prompt_ids + r.output_ids)[-1 - redo[r.id]:] + drafts[r.id] for r in reqs]
+        rows_of = self.runner.verify_batch([r.seq_id for r in reqs], feed)
         events = []
         for r, rows in zip(reqs, rows_of):
+            rows = rows[redo[r.id]:]
             try:
                 events += self._take_drafted(r, drafts[r.id], rows)
             except Exception as err:  # noqa: BLE001 - this request's failure alone (its KV goes when it retires)
