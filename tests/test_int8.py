@@ -149,7 +149,7 @@ def test_every_int8_op_of_a_model_equals_its_kernel(quant):
     """Each int8_matmul of an exported model (qkv with bias, fc with bias + GELU, the projections, the tied
     LM head without bias) computes the same as the kernel the pipeline swaps in, on random inputs."""
     mod, params, plan = exported(quant)
-    swapped = ki.use_int8_kernels(mod, HOST)
+    swapped = ki.use_int8_kernels(mod, HOST, "dot")
     q = get_quantization(quant)
     rng = np.random.default_rng(0)
     seen = set()

@@ -51,7 +51,7 @@ def _cpu_kernels(mod, cfg, quant, target):
     from gptbc.compile.kernels_int8 import use_int8_kernels
 
     mod = use_fast_cpu_attention(mod, cfg.n_kv_head, cfg.n_head, cfg.head_dim, quant.model_dtype)
-    return use_int8_kernels(mod, target) if quant.int8_activations else mod
+    return use_int8_kernels(mod, target, quant.int8_layout) if quant.int8_activations else mod
 
 
 @dataclass(frozen=True)
