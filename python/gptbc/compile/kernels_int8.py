@@ -418,19 +418,28 @@ def use_int8_kernels(mod, target, layout: str):
     return mod
 
 
-def add_repack_functions(mod, plan: dict[str, str], params: list[tuple[str, tuple[int, ...], str]]):
-    """Relax functions that repack each tiled parameter of `plan` ({name: "int4" | "int8" | "int4_mmla" |
-    "int8_mmla" | "scale"}); returns the module and {parameter name: function name} for the library manifest
-    (the runners call them once)."""
-    from tvm import relax
+def weight_repack(bits: int, layout: str) -> str:
+    """The repack kind of a grouped weight for `layout` ("dot" or "mmla"): "int4", "int8", "int4_mmla"..."""
+    return ("int4" if bits == 4 else "int8") + ("" if layout == "dot" else f"_{layout}")
 
+
+def repack_kernel(kind: str, shape: tuple[int, ...], dtype: str):
+    """The PrimFunc (src, dst) that repacks a converted parameter of this shape for `kind` (weight_repack's,
+    or "scale")."""
     from gptbc.compile.kernels_arm import repack_int4_mmla, repack_int8_mmla
 
-    makers = {"int4": lambda shape, _dt: repack_int4(shape[0], shape[1] * 8),
-              "int8": lambda shape, _dt: repack_int8(shape[0], shape[1]),
-              "int4_mmla": lambda shape, _dt: repack_int4_mmla(shape[0], shape[1] * 8),
-              "int8_mmla": lambda shape, _dt: repack_int8_mmla(shape[0], shape[1]),
-              "scale": lambda shape, dt: repack_scale(shape[0], shape[1], dt)}
+    makers = {"int4": lambda: repack_int4(shape[0], shape[1] * 8), "int8": lambda: repack_int8(shape[0], shape[1]),
+              "int4_mmla": lambda: repack_int4_mmla(shape[0], shape[1] * 8),
+              "int8_mmla": lambda: repack_int8_mmla(shape[0], shape[1]),
+              "scale": lambda: repack_scale(shape[0], shape[1], dtype)}
+    return makers[kind]()
+
+
+def add_repack_functions(mod, plan: dict[str, str], params: list[tuple[str, tuple[int, ...], str]]):
+    """Relax functions that repack each tiled parameter of `plan` ({name: repack_kernel's kind}); returns the
+    module and {parameter name: function name} for the library manifest (the runners call them once)."""
+    from tvm import relax
+
     bb = relax.BlockBuilder(mod)
     made: dict[tuple, str] = {}
     names: dict[str, str] = {}
@@ -441,7 +450,7 @@ def add_repack_functions(mod, plan: dict[str, str], params: list[tuple[str, tupl
         key = (kind, tuple(shape), dtype)
         if key not in made:
             fname = f"repack_{kind}_{'x'.join(map(str, shape))}_{dtype}"
-            prim = bb.add_func(makers[kind](shape, dtype).with_attr("tirx.is_scheduled", True), fname + "_kernel")
+            prim = bb.add_func(repack_kernel(kind, shape, dtype).with_attr("tirx.is_scheduled", True), fname + "_kernel")
             src = relax.Var("src", relax.TensorType(list(shape), dtype))
             with bb.function(fname, [src]):
                 out = bb.emit(relax.call_tir(prim, [src], relax.TensorType(list(shape), dtype)))

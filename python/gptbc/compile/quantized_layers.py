@@ -119,8 +119,7 @@ REPACK = "gptbc_repack"
 
 
 def _mark_tiled(q_weight: nn.Parameter, q_scale: nn.Parameter, q: Quantization) -> None:
-    kind = "int4" if q.bits == 4 else "int8"
-    setattr(q_weight, REPACK, kind if q.int8_layout == "dot" else f"{kind}_{q.int8_layout}")
+    setattr(q_weight, REPACK, kernels_int8.weight_repack(q.bits, q.int8_layout))
     setattr(q_scale, REPACK, "scale")
 
 
