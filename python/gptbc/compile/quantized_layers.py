@@ -172,10 +172,13 @@ class QuantizedEmbedding(nn.Module):
             def row(i):  # out-of-range ids clamped, as model.take_rows does for a float table
                 return tirx.max(tirx.min(ids[i], tirx.Cast(ids.dtype, last)), tirx.const(0, ids.dtype))
 
-            return te.compute((ids.shape[0], dim),
-                              lambda i, k: tirx.Cast(q.model_dtype, kernels_int8.tiled_dequant(w, s, row(i), k, dim, q.bits,
-                                                                                             q.int8_layout)
-                                                     if tiled_rows else _dequant(w, s, row(i), k, q)), name="dequant_take")
+            def value(i, k):
+                if tiled_rows:
+                    return kernels_int8.tiled_dequant(w, s, row(i), k, dim, q.bits, q.int8_layout)
+                return _dequant(w, s, row(i), k, q)
+
+            return te.compute((ids.shape[0], dim), lambda i, k: tirx.Cast(q.model_dtype, value(i, k)),
+                              name="dequant_take")
 
         return op.tensor_expr_op(compute, "dequant_take", [ids, self.q_weight, self.q_scale])
 
