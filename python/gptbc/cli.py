@@ -167,12 +167,13 @@ def cmd_targets(_args: argparse.Namespace) -> int:
 
 
 def print_arm_cpus() -> None:
-    """What each named Arm CPU of `--target aarch64-linux:CPU` turns on (LLVM decides, from -mcpu)."""
-    from gptbc.compile.targets import ARM_CPUS, arm_cpu_features
+    """What each named Arm CPU of `--target aarch64-linux:CPU` turns on (LLVM decides, from -mcpu), and so which
+    int8-activation kernel it gets."""
+    from gptbc.compile.targets import ARM_CPUS, arm_cpu_features, arm_int8_kernel
 
-    print("\naarch64-linux CPUs (features as LLVM enables them for -mcpu):")
+    print("\naarch64-linux CPUs (features as LLVM enables them for -mcpu; the int8-activation kernel they get):")
     for cpu, board in [("generic", "the default: any 64-bit Arm board"), *ARM_CPUS.items()]:
-        print(f"  aarch64-linux:{cpu:<13} {'+'.join(arm_cpu_features(cpu)):<22} {board}")
+        print(f"  aarch64-linux:{cpu:<13} {'+'.join(arm_cpu_features(cpu)):<22} int8:{arm_int8_kernel(cpu):<8} {board}")
 
 
 def print_vulkan_adapters() -> None:

@@ -125,11 +125,12 @@ def export_relax(cfg: GPTBigCodeConfig, quant: Quantization, target, batch_invar
 
 def choose_activations(option: str, quant: Quantization, target) -> Quantization:
     """`quant` with int8 activations on or off (--activations): `auto` turns them on for grouped schemes on
-    CPUs with an integer dot-product instruction (x86 VNNI, where they measured faster; aarch64's sdot);
+    CPUs with an integer dot-product instruction (x86 VNNI, where they measured faster; aarch64's sdot and
+    smmla, whose kernel reads its own weight layout, set here too);
     `int8` on any CPU (a generic kernel where there is neither); `float` keeps the float-activation kernels."""
     import dataclasses
 
-    from gptbc.compile.kernels_int8 import int8_isa
+    from gptbc.compile.kernels_int8 import int8_isa, int8_layout
 
     check_activation_mode(option)
     cpu = target.kind.name == "llvm"
@@ -138,11 +139,11 @@ def choose_activations(option: str, quant: Quantization, target) -> Quantization
     if option == "int8" and quant.kind != "group":
         raise GptbcError(f"--activations int8: {quant.name} has float weights; int8 activations need a grouped "
                          f"scheme (q8*/q4*)")
-    # auto: where the integer dot is one instruction per 4 inputs (vpdpbusd, sdot); AVX2's two-step dot lost to
-    # the float kernels in prefill, so it is not picked
-    fast = int8_isa(target) in ("vnni", "sdot")
-    on = quant.kind == "group" and cpu and (option == "int8" or (option == "auto" and fast))
-    return dataclasses.replace(quant, int8_activations=on)
+    # auto: where the integer dot is one instruction per 4 inputs or better (vpdpbusd, sdot, smmla); AVX2's
+    # two-step dot lost to the float kernels in prefill, so it is not picked
+    isa = int8_isa(target)
+    on = quant.kind == "group" and cpu and (option == "int8" or (option == "auto" and isa in ("vnni", "sdot", "smmla")))
+    return dataclasses.replace(quant, int8_activations=on, int8_layout=int8_layout(isa) if on else "dot")
 
 
 def compile_model(source: ModelSource, target_name: str, quantization: str, output: str | Path | None = None,
