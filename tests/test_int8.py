@@ -51,11 +51,11 @@ def integer_reference(x: np.ndarray, packed: np.ndarray, scale: np.ndarray, bits
     return y.reshape(*x.shape[:2], n)
 
 
-def repacked(packed: np.ndarray, scale: np.ndarray, bits: int):
-    """The weights and scales as the runner hands them to the kernel: through the library's repack kernels."""
-    n, k = packed.shape[0], packed.shape[1] * (8 if bits == 4 else 1)
-    fw = build(ki.repack_int4(n, k) if bits == 4 else ki.repack_int8(n, k))
-    fs = build(ki.repack_scale(n, k // 32, str(scale.dtype)))
+def repacked(packed: np.ndarray, scale: np.ndarray, bits: int, layout: str = "dot"):
+    """The weights and scales as the runner hands them to the kernel: through the library's repack kernels
+    (built for this machine: they are plain loops, the same on every CPU)."""
+    fw = build(ki.repack_kernel(ki.weight_repack(bits, layout), packed.shape, str(packed.dtype)))
+    fs = build(ki.repack_kernel("scale", scale.shape, str(scale.dtype)))
     w, s = tensor(np.zeros_like(packed)), tensor(np.zeros_like(scale))
     fw["main"](tensor(packed), w)
     fs["main"](tensor(scale), s)
@@ -93,20 +93,27 @@ def test_kernel_matches_the_integer_reference(isa, quant, k, n, bias, act):
         assert err < (2e-3 if dtype == "float16" else 2e-6), f"{rows} rows: relative error {err:.1e}"
 
 
+@pytest.mark.parametrize("layout", ["dot", "mmla"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_repacking_follows_the_tiled_layout(bits):
-    """Every weight and scale lands where the layout's index functions (used by the TE reference) say."""
+def test_repacking_follows_the_tiled_layout(bits, layout):
+    """Every weight and scale lands where the layout's index functions (used by the TE reference) say: the
+    "dot" layout of the x86 / sdot / generic kernels and the "mmla" one of the smmla kernel (kernels_arm.py)."""
+    from gptbc.compile import kernels_arm as ka
+
     q = get_quantization("q4f32_1" if bits == 4 else "q8f32_1")
     n, k = 24, 96
     packed, scale = quantize(np.random.default_rng(bits).standard_normal((n, k)).astype(np.float32), q)
-    w, s = repacked(packed, scale, bits)
+    w, s = repacked(packed, scale, bits, layout)
     flat_w, flat_s = w.numpy().reshape(-1), s.numpy().reshape(-1)
     for row in range(n):
         for col in range(k):
             if bits == 4:
-                word, shift = ki.tiled_int4(row, col, k)
+                word, shift = (ka.mmla_int4 if layout == "mmla" else ki.tiled_int4)(row, col, k)
                 got = (int(flat_w[word]) >> shift) & 15
                 want = (int(packed[row, col // 8]) >> (4 * (col % 8))) & 15
+            elif layout == "mmla":  # signed, as converted
+                got = int(flat_w[ka.mmla_int8(row, col, k)])
+                want = int(packed[row, col])
             else:
                 got = int(flat_w.view(np.uint8)[ki.tiled_int8(row, col, k)]) - 128
                 want = int(packed[row, col])
@@ -134,13 +141,13 @@ def test_targets_get_their_dot_product_instruction():
             assert (want is None or want in asm) and absent not in asm, (bits, str(target))
 
 
-def exported(quant: str, activation: str = "gelu_pytorch_tanh"):
+def exported(quant: str, activation: str = "gelu_pytorch_tanh", layout: str = "dot"):
     from gptbc.compile.compiler import export_relax
     from gptbc.artifact.config import GPTBigCodeConfig
 
     cfg = GPTBigCodeConfig(n_embd=64, n_head=2, n_layer=1, n_positions=64, vocab_size=72, n_inner=96,
                            activation_function=activation)
-    q = dataclasses.replace(get_quantization(quant), int8_activations=True)
+    q = dataclasses.replace(get_quantization(quant), int8_activations=True, int8_layout=layout)
     return export_relax(cfg, q, HOST)
 
 
@@ -149,7 +156,7 @@ def test_every_int8_op_of_a_model_equals_its_kernel(quant):
     """Each int8_matmul of an exported model (qkv with bias, fc with bias + GELU, the projections, the tied
     LM head without bias) computes the same as the kernel the pipeline swaps in, on random inputs."""
     mod, params, plan = exported(quant)
-    swapped = ki.use_int8_kernels(mod, HOST)
+    swapped = ki.use_int8_kernels(mod, HOST, "dot")
     q = get_quantization(quant)
     rng = np.random.default_rng(0)
     seen = set()
@@ -172,6 +179,32 @@ def test_every_int8_op_of_a_model_equals_its_kernel(quant):
         err = np.abs(outs[0] - outs[1]).max() / np.abs(outs[0]).max()
         assert err < (2e-3 if q.model_dtype == "float16" else 1e-5), f"{gv.name_hint}: {err:.1e}"
     assert seen == {(True, ""), (True, "gelu_tanh"), (False, "")}  # qkv and projections, fc, the tied LM head
+
+
+@pytest.mark.parametrize("quant", ["q4f32_1", "q8f32_1"])
+def test_mmla_layout_model_reads_its_weights_as_the_smmla_kernel_does(quant):
+    """A model built for an i8mm CPU repacks its weights to the mmla layout, and its int8_matmul ops' reference
+    (what the smmla kernel replaces; run here, it is plain TE) reads them as the integer reference does. With the
+    embedding's lookup reading the same index functions (test_repacking_follows_the_tiled_layout), a model whose
+    layers and repacking disagreed would fail here, on any CPU."""
+    mod, params, plan = exported(quant, layout="mmla")
+    assert {plan[n] for n in plan if n.endswith(".q_weight")} == {"int4_mmla" if "q4" in quant else "int8_mmla"}
+    q = get_quantization(quant)
+    rng = np.random.default_rng(1)
+    for gv, func in mod.functions.items():
+        if not gv.name_hint.startswith("int8_matmul"):
+            continue
+        x, wbuf, sbuf, *bbuf, ybuf = func.params
+        k, n = int(x.shape[-1]), int(ybuf.shape[-1])
+        packed, scale = quantize(rng.standard_normal((n, k)).astype(np.float32), q)
+        w, s = repacked(packed, scale, q.bits, "mmla")
+        rows = 1 if isinstance(x.shape[1], tvm.tirx.IntImm) else 3
+        xs = rng.standard_normal((1, rows, k)).astype(np.float32)
+        bias = rng.standard_normal(n).astype(np.float32) if bbuf else None
+        y = tensor(np.zeros((1, rows, n), np.float32))
+        build(func)["main"](*([tensor(xs), w, s] + ([tensor(bias)] if bbuf else []) + [y]))
+        want = integer_reference(xs, packed, scale, q.bits, bias, str(func.attrs["gptbc_epilogue"]) or None)
+        assert np.abs(y.numpy() - want).max() / np.abs(want).max() < 1e-5, gv.name_hint
 
 
 def test_repack_plan_and_layers_agree():

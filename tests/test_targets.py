@@ -228,6 +228,9 @@ def test_targets_command_lists_every_target():
     features = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("  aarch64-linux:")}
     assert features["aarch64-linux:cortex-a72"] == "neon" and features["aarch64-linux:neoverse-n1"] == "neon+dotprod"
     assert "i8mm" in features["aarch64-linux:neoverse-v1"]
+    kernels = {line.split()[0]: line.split()[2] for line in out.splitlines() if line.startswith("  aarch64-linux:")}
+    assert kernels["aarch64-linux:cortex-a72"] == "int8:generic" and kernels["aarch64-linux:cortex-a76"] == "int8:sdot"
+    assert kernels["aarch64-linux:neoverse-v1"] == kernels["aarch64-linux:neoverse-v2"] == "int8:smmla"
 
 
 def test_device_argmax_on_cpu(engine_of):

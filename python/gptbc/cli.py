@@ -51,7 +51,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         keep_head = keep_head or not scheme.get("quantize_lm_head", True)
     out = compile_model(source, args.target, quantization, args.output,
                         log=lambda m: print(m, file=sys.stderr, flush=True), quantize_lm_head=not keep_head,
-                        activations=args.activations, tensor_parallel=args.tensor_parallel)
+                        activations=args.activations, batch_invariant=args.batch_invariant,
+                        tensor_parallel=args.tensor_parallel)
     _print_memory_plan(source.config, quantization, keep_head, args.tensor_parallel)
     print(out)
     return 0
@@ -168,12 +169,13 @@ def cmd_targets(_args: argparse.Namespace) -> int:
 
 
 def print_arm_cpus() -> None:
-    """What each named Arm CPU of `--target aarch64-linux:CPU` turns on (LLVM decides, from -mcpu)."""
-    from gptbc.compile.targets import ARM_CPUS, arm_cpu_features
+    """What each named Arm CPU of `--target aarch64-linux:CPU` turns on (LLVM decides, from -mcpu), and so which
+    int8-activation kernel it gets."""
+    from gptbc.compile.targets import ARM_CPUS, arm_cpu_features, arm_int8_kernel
 
-    print("\naarch64-linux CPUs (features as LLVM enables them for -mcpu):")
+    print("\naarch64-linux CPUs (features as LLVM enables them for -mcpu; the int8-activation kernel they get):")
     for cpu, board in [("generic", "the default: any 64-bit Arm board"), *ARM_CPUS.items()]:
-        print(f"  aarch64-linux:{cpu:<13} {'+'.join(arm_cpu_features(cpu)):<22} {board}")
+        print(f"  aarch64-linux:{cpu:<13} {'+'.join(arm_cpu_features(cpu)):<22} int8:{arm_int8_kernel(cpu):<8} {board}")
 
 
 def print_vulkan_adapters() -> None:
@@ -248,7 +250,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("GPTBC_API_KEY") or None
     engine = Engine(args.out_dir, args.lib, device=args.device, max_batch_size=args.max_batch,
                     max_total_seq_len=args.max_total_seq_len, speculation=prompt_lookup(args),
-                    tensor_parallel=args.tensor_parallel)
+                    batch_invariant=args.batch_invariant, tensor_parallel=args.tensor_parallel)
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
@@ -263,6 +265,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 TP_HELP = ("run the model on N tensor-parallel workers (TVM disco; a library compiled and weights converted with "
            "--tensor-parallel N); on the CPU the threads are split between them")
+BATCH_INVARIANT_HELP = ("the same request gives the same answer, bit for bit, under any load (CPU; prefix reuse and "
+                        "prompt lookup off; docs/determinism.md)")
 KEEP_HEAD_HELP = "keep lm_head (and a tied wte) in the activation dtype under a grouped int scheme"
 LIB_HELP = "the model library made by `gptbc compile` for these weights"
 DEVICE_HELP = "where to run: cpu, cuda[:N], metal, vulkan[:N] (must match the library's target)"
@@ -308,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the scheme of a converted --model directory (which compiles only for it), else q0f32"))
     c.add_argument("-o", "--output", help="library path (default dist/libs/<model>-<quant>-<target>.so)")
     c.add_argument("--no-quantize-lm-head", action="store_true", help=KEEP_HEAD_HELP)
+    c.add_argument("--batch-invariant", action="store_true",
+                   help="a row's result does not depend on the other rows of a call (for serve --batch-invariant; "
+                        "CPU targets; float prefill runs the row-tile matmul layout, no GEMM)")
     c.add_argument("--activations", choices=ACTIVATION_MODES, default="auto",
                    help="grouped schemes on CPUs: int8 rounds each linear layer's input to int8 per group of 32 and "
                         "uses integer dot products (weights repacked when loaded); float keeps float activations; "
@@ -420,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=TP_HELP)
     s.add_argument("--prompt-lookup", nargs="?", const=8, type=_positive_int("--prompt-lookup"), metavar="N",
                    help=PROMPT_LOOKUP_HELP)
+    s.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
     s.set_defaults(func=cmd_serve)
 
     m = command("models", "list the bundled presets: parameters, weight bytes per quantization, KV-cache bytes "

@@ -38,6 +38,9 @@ class Quantization:
     # input rows to int8 and use integer dot products on the CPU, their weights repacked when loaded
     # (layers.int8_matmul, kernels_int8.py). Off: float activations, weights used as converted.
     int8_activations: bool = False
+    # With int8 activations, the order the repacked weights take: "dot" (x86, sdot, generic kernels) or "mmla"
+    # (aarch64 i8mm's smmla; kernels_arm.py). The target decides (compiler.choose_activations).
+    int8_layout: str = "dot"
 
     @property
     def per_word(self) -> int:

@@ -22,7 +22,7 @@ from gptbc.artifact.manifest import library_manifest, tensor_parallel
 from gptbc.artifact.sharding import check_tensor_parallel, rank_view
 from gptbc.artifact.params import converted_params
 from gptbc.artifact.quantization import Quantization, check_activation_mode, get_quantization
-from gptbc.compile.targets import Build, Pipeline, get_target, plan_build
+from gptbc.compile.targets import CPU_PIPELINE, Build, Pipeline, get_target, plan_build
 
 
 def default_output(model_name: str, quant: str, spelling: str, build: Build, tp: int = 1) -> Path:
@@ -71,7 +71,7 @@ def lowering_passes(target) -> list:
     return tvm_default.dataflow_lower_passes(target) + tvm_default.finalize_passes(target)
 
 
-def relax_pipeline(pipeline: Pipeline, target):
+def relax_pipeline(pipeline: Pipeline, target, batch_invariant: bool = False):
     """The module pass `relax.build` runs: fusion, `pipeline`'s schedule rules, lowering."""
     import tvm
     from tvm.s_tir import dlight as dl
@@ -79,10 +79,22 @@ def relax_pipeline(pipeline: Pipeline, target):
     @tvm.transform.module_pass(opt_level=0, name=f"gptbc_{pipeline.name}_pipeline")
     def run(mod, _ctx):
         with target:
-            schedule = dl.ApplyDefaultSchedule(*pipeline.schedule_rules())
+            schedule = dl.ApplyDefaultSchedule(*pipeline.schedule_rules(batch_invariant))
             return tvm.transform.Sequential(fusion_passes(target) + [schedule] + lowering_passes(target))(mod)
 
     return run
+
+
+def check_batch_invariant_build(spec, config) -> None:
+    """--batch-invariant needs our CPU kernels: the attention ones split a row's keys at fixed grains."""
+    from gptbc.compile.kernels import LANES
+
+    if spec.pipeline is not CPU_PIPELINE:
+        raise GptbcError(f"--batch-invariant: only CPU targets compute each row independently of the batch "
+                         f"(this target uses the {spec.pipeline.name} kernels; docs/determinism.md)")
+    if config.head_dim % LANES:
+        raise GptbcError(f"--batch-invariant: head_dim {config.head_dim} is not a multiple of {LANES}, "
+                         f"which the invariant attention kernels need")
 
 
 def check_own_scheme(source: ModelSource, quant: Quantization, tp: int = 1) -> None:
@@ -102,14 +114,14 @@ def check_own_scheme(source: ModelSource, quant: Quantization, tp: int = 1) -> N
                          f"own scheme (leave out --quantization, or convert the HF checkpoint again)")
 
 
-def export_relax(cfg: GPTBigCodeConfig, quant: Quantization, target, tp: int = 1):
+def export_relax(cfg: GPTBigCodeConfig, quant: Quantization, target, batch_invariant: bool = False, tp: int = 1):
     """The model's Relax IRModule (all exported functions, parameters packed), before any pass, its
     parameters as (name, shape, dtype) in the order the functions take them, and which of them the runtime
     repacks when loading ({name: kind}, layers.repack_plan). With `tp` > 1: one rank's model."""
     from gptbc.compile.model import GPTBigCodeForCausalLM, param_list
     from gptbc.compile.quantized_layers import repack_plan
 
-    model = GPTBigCodeForCausalLM(cfg, target, quant, tp)
+    model = GPTBigCodeForCausalLM(cfg, target, quant, batch_invariant, tp)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     params = param_list(named_params)
     if params != converted_params(cfg, quant, tp):  # the converter writes that list; a library must take the same
@@ -119,11 +131,12 @@ def export_relax(cfg: GPTBigCodeConfig, quant: Quantization, target, tp: int = 1
 
 def choose_activations(option: str, quant: Quantization, target) -> Quantization:
     """`quant` with int8 activations on or off (--activations): `auto` turns them on for grouped schemes on
-    CPUs with an integer dot-product instruction (x86 VNNI, where they measured faster; aarch64's sdot);
+    CPUs with an integer dot-product instruction (x86 VNNI, where they measured faster; aarch64's sdot and
+    smmla, whose kernel reads its own weight layout, set here too);
     `int8` on any CPU (a generic kernel where there is neither); `float` keeps the float-activation kernels."""
     import dataclasses
 
-    from gptbc.compile.kernels_int8 import int8_isa
+    from gptbc.compile.kernels_int8 import int8_isa, int8_layout
 
     check_activation_mode(option)
     cpu = target.kind.name == "llvm"
@@ -132,19 +145,25 @@ def choose_activations(option: str, quant: Quantization, target) -> Quantization
     if option == "int8" and quant.kind != "group":
         raise GptbcError(f"--activations int8: {quant.name} has float weights; int8 activations need a grouped "
                          f"scheme (q8*/q4*)")
-    # auto: where the integer dot is one instruction per 4 inputs (vpdpbusd, sdot); AVX2's two-step dot lost to
-    # the float kernels in prefill, so it is not picked
-    fast = int8_isa(target) in ("vnni", "sdot")
-    on = quant.kind == "group" and cpu and (option == "int8" or (option == "auto" and fast))
-    return dataclasses.replace(quant, int8_activations=on)
+    # auto: where the integer dot is one instruction per 4 inputs or better (vpdpbusd, sdot, smmla); AVX2's
+    # two-step dot lost to the float kernels in prefill, so it is not picked
+    isa = int8_isa(target)
+    on = quant.kind == "group" and cpu and (option == "int8" or (option == "auto" and isa in ("vnni", "sdot", "smmla")))
+    return dataclasses.replace(quant, int8_activations=on, int8_layout=int8_layout(isa) if on else "dot")
 
 
 def compile_model(source: ModelSource, target_name: str, quantization: str, output: str | Path | None = None,
                   log: Callable[[str], None] = print, quantize_lm_head: bool = True, activations: str = "auto",
-                  tensor_parallel: int = 1) -> Path:
-    """Build the model library for `source` and return its path; `tensor_parallel` N > 1: the library of one
-    rank of N (sharding.py), whose row-parallel layers sum across ranks through the session's CCL."""
+                  batch_invariant: bool = False, tensor_parallel: int = 1) -> Path:
+    """Build the model library for `source` and return its path. `batch_invariant`: a row's result does not
+    depend on the other rows of a call (docs/determinism.md; CPU only). `tensor_parallel` N > 1: the library of
+    one rank of N (sharding.py), whose row-parallel layers sum across ranks through the session's CCL."""
     spec, build = plan_build(target_name)
+    if batch_invariant:
+        check_batch_invariant_build(spec, source.config)
+        if tensor_parallel > 1:
+            raise GptbcError(f"--batch-invariant with --tensor-parallel {tensor_parallel}: not supported together "
+                             f"(the invariant kernels and load_kv are single-device)")
     quant = get_quantization(quantization, quantize_lm_head)
     check_tensor_parallel(source.config, quant, tensor_parallel)
     check_own_scheme(source, quant, tensor_parallel)
@@ -161,6 +180,8 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
     import tvm
     from tvm import relax
 
+    from gptbc.compile import kernels
+
     def phase(name: str, start: float) -> float:
         now = time.perf_counter()
         log(f"[gptbc] {name}: {now - start:.1f}s")
@@ -169,7 +190,7 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
     t = time.perf_counter()
     target = tvm.target.Target(build.target)
     quant = choose_activations(activations, quant, target)
-    mod, params, plan = export_relax(source.config, quant, target, tensor_parallel)
+    mod, params, plan = export_relax(source.config, quant, target, batch_invariant, tensor_parallel)
     # the attention kernels are built for one rank's heads
     mod = spec.pipeline.replace_kernels(mod, rank_view(source.config, tensor_parallel), quant, target)
     repack: dict[str, str] = {}
@@ -181,7 +202,8 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
     fatbin = embedded.contents(variant) if embedded else None
     # tvm_version: a bundle ships the runtime of exactly the TVM that built the library (bundle.py)
     meta = {**library_manifest(source, quant, spec.device, target_name, params, repack, fatbin, tensor_parallel),
-            "tvm_version": tvm.__version__}
+            "tvm_version": tvm.__version__, "batch_invariant": batch_invariant,
+            **({"attention_grain": kernels.GRAIN} if batch_invariant else {})}
     mod = attach_metadata(mod, meta)
     shards = f", {tensor_parallel} tensor-parallel ranks" if tensor_parallel > 1 else ""
     t = phase(f"export {source.name} ({quant.name}, {'int8' if quant.int8_activations else 'float'} activations"
@@ -189,7 +211,7 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
 
     building = embedded.building() if embedded else contextlib.nullcontext()
     with tvm.transform.PassContext(opt_level=3), guarded_tir_cse() as cse_skipped, building:
-        executable = relax.build(mod, target, relax_pipeline=relax_pipeline(spec.pipeline, target),
+        executable = relax.build(mod, target, relax_pipeline=relax_pipeline(spec.pipeline, target, batch_invariant),
                                  system_lib=build.system_lib)
     if cse_skipped:
         log(f"[gptbc] TIR CSE left out of {len(cse_skipped)} kernel(s) it would break: {', '.join(cse_skipped)}")

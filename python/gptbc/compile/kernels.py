@@ -6,6 +6,14 @@ pages (paged) — are serial scalar loop nests that also compute every masked sc
 shape the ragged one took 42% of a 512-token prefill (4.2 of 9.9 s, one thread). Ours compute the same
 output and log-sum-exp with the (query, head) pairs in parallel, only the causally visible keys
 visited, an online softmax, and 16-lane vector loops over the head dimension.
+
+They also make a row's result independent of how the KV cache split its keys (docs/determinism.md). The
+cache attends a chunk's new tokens (ragged kernel) and the pages cached before it (paged kernel) apart and
+merges the two results; a merge is not bit-equal to one pass. So every kernel computes a row at absolute
+position t the same way: one pass over the keys of its own grain [G*floor(t/G), t] and one over the keys
+before that grain, merged by `merge` (the formula of the CPU merge kernel, which we also replace). A chunk
+that starts at position 0 holds both parts; one that starts at a grain boundary and stays in that grain
+holds the first, the pages the second, and the cache's merge is then ours: the same bits either way.
 """
 
 from __future__ import annotations
@@ -20,6 +28,11 @@ LANES = 16  # float32 lanes of a 512-bit vector; LLVM splits it on narrower mach
 RAGGED_PREFILL_CPU = "batch_prefill_ragged_kv"
 PAGED_PREFILL_CPU = "batch_prefill_paged_kv_cpu"
 PAGED_DECODE_CPU = "batch_decode_paged_kv_cpu"
+MERGE_STATE_CPU = "merge_state_inplace_cpu"
+GRAIN = 16  # keys per grain (one KV page): the boundary between a row's two attention parts
+# sm_scale below 0 means "append these keys and values, attend nothing" (model.load_kv: a prefix copied
+# into a sequence of its own, runner.copy_prefix); the kernels then write an empty result.
+APPEND_ONLY = -1.0
 
 
 def _at(buf, index: tuple, last):
@@ -94,6 +107,31 @@ def _online_softmax(d: int):
     return start, visit, finish
 
 
+def _merge(d: int):
+    """(output, lse)[row, h] <- its merge with (other at `other_at`, other_lse): the one formula every
+    kernel here merges two attention results with (TVM's CPU merge kernel's, vectorized over d)."""
+
+    @T.macro
+    def merge(output, lse, row, h, other, other_at, other_lse, scratch, dtype):
+        scratch[0] = T.max(lse[row, h], other_lse)
+        scratch[1] = T.exp2(lse[row, h] - scratch[0])
+        scratch[2] = T.exp2(other_lse - scratch[0])
+        scratch[3] = scratch[1] / (scratch[1] + scratch[2])
+        scratch[4] = scratch[2] / (scratch[1] + scratch[2])
+        for i in T.vectorized(d):
+            output[row, h, i] = T.Cast(dtype, T.Cast("float32", output[row, h, i]) * scratch[3]
+                                       + T.Cast("float32", _at(other, other_at, i)) * scratch[4])
+        lse[row, h] = T.log2(scratch[1] + scratch[2]) + scratch[0]
+
+    return merge
+
+
+def _grain_split(t, first):
+    """How many of a row's keys (the first at absolute position `first`) lie before the grain of its own
+    position `t`: those go to the second pass."""
+    return T.max(T.floordiv(t, GRAIN) * GRAIN - first, 0)
+
+
 def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
     """Causal self-attention of each sequence's new tokens, TVM's `batch_prefill_ragged_kv` signature.
 
@@ -103,6 +141,7 @@ def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
     """
     group = h_q // h_kv
     start, visit, finish = _online_softmax(d)
+    merge = _merge(d)
 
     @T.prim_func(s_tir=True)
     def ragged_prefill(
@@ -137,6 +176,9 @@ def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
                     acc = T.sblock_alloc_buffer((d,), "float32")
                     part = T.sblock_alloc_buffer((LANES,), "float32")
                     state = T.sblock_alloc_buffer((4,), "float32")  # running max, sum, this score, rescale
+                    before = T.sblock_alloc_buffer((1, 1, d), dtype)  # the keys before the row's grain
+                    before_lse = T.sblock_alloc_buffer((1, 1), "float32")
+                    scratch = T.sblock_alloc_buffer((5,), "float32")
                     qi: T.let[T.int32] = task // h_q
                     h: T.let[T.int32] = task % h_q
                     row: T.let[T.int32] = q_indptr[b] + qi
@@ -145,11 +187,21 @@ def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
                     # tokens being the last qo_n of the kv_n
                     visible: T.let[T.int32] = T.if_then_else(
                         causal > 0, T.min(kv_n - (q_indptr[b + 1] - q_indptr[b]) + qi + 1, kv_n), kv_n)
+                    # this row's absolute position, and how many of its keys lie before its grain
+                    split: T.let[T.int32] = T.min(_grain_split(
+                        k_rope_pos_offset[b] + visible - 1, k_rope_pos_offset[b]), T.max(visible, 0))
                     start(acc, state)
-                    for j in T.serial(T.max(visible, 0)):
+                    for j in T.serial(split, T.if_then_else(sm_scale < 0, split, T.max(visible, 0))):
                         at = (kv_indptr[b] + j, h // group)
                         visit(acc, part, state, q, (row, h), k, at, v, at, sm_scale)
                     finish(acc, state, output, lse, row, h, dtype)
+                    if split > 0 and sm_scale >= 0:
+                        start(acc, state)
+                        for j in T.serial(split):
+                            at = (kv_indptr[b] + j, h // group)
+                            visit(acc, part, state, q, (row, h), k, at, v, at, sm_scale)
+                        finish(acc, state, before, before_lse, 0, 0, dtype)
+                        merge(output, lse, row, h, before, (0, 0), before_lse[0, 0], scratch, dtype)
 
     return ragged_prefill
 
@@ -207,7 +259,7 @@ def paged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 
                     visible: T.let[T.int32] = T.if_then_else(
                         causal > 0, T.min(kv_n - (q_indptr[b + 1] - q_indptr[b]) + qi + 1, kv_n), kv_n)
                     start(acc, state)
-                    for j in T.serial(T.max(visible, 0)):
+                    for j in T.serial(T.if_then_else(sm_scale < 0, 0, T.max(visible, 0))):
                         page: T.let[T.int32] = page_values[page_indptr[b] + j // page_size]
                         visit(acc, part, state, q, (row, h), pages, (page, 0, h // group, j % page_size),
                               pages, (page, 1, h // group, j % page_size), sm_scale)
@@ -222,6 +274,7 @@ def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 1
     batch 16 it was 29% of a santacoder decode step. Here the (sequence, head) pairs run in parallel."""
     group = h_q // h_kv
     start, visit, finish = _online_softmax(d)
+    merge = _merge(d)
 
     @T.prim_func(s_tir=True)
     def paged_decode(
@@ -256,18 +309,57 @@ def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 1
                 acc = T.sblock_alloc_buffer((d,), "float32")
                 part = T.sblock_alloc_buffer((LANES,), "float32")
                 state = T.sblock_alloc_buffer((4,), "float32")
+                before = T.sblock_alloc_buffer((1, 1, d), dtype)
+                before_lse = T.sblock_alloc_buffer((1, 1), "float32")
+                scratch = T.sblock_alloc_buffer((5,), "float32")
                 b: T.let[T.int32] = task // h_q
                 h: T.let[T.int32] = task % h_q
                 n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
                 kv_n: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
+                split: T.let[T.int32] = T.min(_grain_split(k_rope_pos_offset[b] + kv_n - 1, k_rope_pos_offset[b]),
+                                              kv_n)
                 start(acc, state)
-                for j in T.serial(kv_n):
+                for j in T.serial(split, T.if_then_else(sm_scale < 0, split, kv_n)):
                     page: T.let[T.int32] = page_values[page_indptr[b] + j // page_size]
                     visit(acc, part, state, q, (b, h), pages, (page, 0, h // group, j % page_size),
                           pages, (page, 1, h // group, j % page_size), sm_scale)
                 finish(acc, state, output, lse, b, h, dtype)
+                if split > 0 and sm_scale >= 0:
+                    start(acc, state)
+                    for j in T.serial(split):
+                        page: T.let[T.int32] = page_values[page_indptr[b] + j // page_size]
+                        visit(acc, part, state, q, (b, h), pages, (page, 0, h // group, j % page_size),
+                              pages, (page, 1, h // group, j % page_size), sm_scale)
+                    finish(acc, state, before, before_lse, 0, 0, dtype)
+                    merge(output, lse, b, h, before, (0, 0), before_lse[0, 0], scratch, dtype)
 
     return paged_decode
+
+
+def merge_state_cpu(h_q: int, d: int, dtype: str):
+    """The CPU merge of two attention results, TVM's `merge_state_inplace_cpu` signature, with `_merge`'s
+    formula: the one the kernels above merge a row's two parts with, so a merge done by the KV cache
+    gives the bits a merge inside a kernel gives."""
+    merge = _merge(d)
+
+    @T.prim_func(s_tir=True)
+    def merge_state(v: T.handle, s: T.handle, v_other: T.handle, s_other: T.handle):
+        T.func_attr({"tirx.is_scheduled": True})
+        n = T.int32()
+        V = T.match_buffer(v, (n, h_q, d), dtype)
+        S = T.match_buffer(s, (n, h_q), "float32")
+        V_other = T.match_buffer(v_other, (n, h_q, d), dtype)
+        S_other = T.match_buffer(s_other, (n, h_q), "float32")
+        for task in T.parallel(n * h_q):
+            with T.sblock("merge"):
+                T.reads(V[0:n, 0:h_q, 0:d], S[0:n, 0:h_q], V_other[0:n, 0:h_q, 0:d], S_other[0:n, 0:h_q])
+                T.writes(V[0:n, 0:h_q, 0:d], S[0:n, 0:h_q])
+                scratch = T.sblock_alloc_buffer((5,), "float32")
+                row: T.let[T.int32] = task // h_q
+                h: T.let[T.int32] = task % h_q
+                merge(V, S, row, h, V_other, (row, h), S_other[row, h], scratch, dtype)
+
+    return merge_state
 
 
 def use_fast_cpu_attention(mod, h_kv: int, h_q: int, d: int, dtype: str):
@@ -279,10 +371,10 @@ def use_fast_cpu_attention(mod, h_kv: int, h_q: int, d: int, dtype: str):
     mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)  # a copy: the caller's module stays as it was
     names = [g.name_hint for g in mod.get_global_vars()]
     for name, make in ((RAGGED_PREFILL_CPU, ragged_prefill_cpu), (PAGED_PREFILL_CPU, paged_prefill_cpu),
-                       (PAGED_DECODE_CPU, paged_decode_cpu)):
+                       (PAGED_DECODE_CPU, paged_decode_cpu), (MERGE_STATE_CPU, None)):
         if name in names:
             gv = mod.get_global_var(name)
-            new = make(h_kv, h_q, d, dtype)
+            new = merge_state_cpu(h_q, d, dtype) if make is None else make(h_kv, h_q, d, dtype)
             symbol = (mod[gv].attrs or {}).get("global_symbol")
             mod[gv] = new.with_attr("global_symbol", symbol) if symbol is not None else new
     return mod

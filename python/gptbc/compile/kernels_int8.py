@@ -9,7 +9,8 @@ schedules.CPUInt8Matmul swaps this kernel in for it).
 
 The instruction is VNNI's vpdpbusd: in each int32 lane, 4 unsigned bytes times 4 signed bytes, summed (on
 AVX2 without VNNI the same sums take vpmaddubsw + vpmaddwd; on aarch64 with dotprod, sdot on each 128-bit half,
-signed bytes times signed bytes; elsewhere plain int32 arithmetic).
+signed bytes times signed bytes; elsewhere plain int32 arithmetic). aarch64 with i8mm gets a kernel of its own
+(smmla, kernels_arm.py), with its own "mmla" weight layout; everything else reads the "dot" layout below.
 The lanes are 8 *outputs*: one instruction multiplies 4 consecutive columns of 8 weight rows by the same
 4 activations (broadcast), so a group of 32 columns is 8 instructions into one int32 accumulator per
 (row, 8 outputs), then one convert and one multiply-add with the 8 outputs' scales — no horizontal sums,
@@ -50,8 +51,9 @@ ROW_CHUNK = 64  # rows whose quantized activations stay in L2 while a task walks
 
 def int8_isa(target) -> str:
     """'vnni' where the target has a 256-bit vpdpbusd (AVX512-VNNI with VL, or AVX-VNNI), 'avx2' for
-    vpmaddubsw + vpmaddwd, 'sdot' on aarch64 with the dotprod extension (Armv8.2+: cortex-a76, neoverse-n1...),
-    else 'generic' (int32 multiply-adds, vectorized as LLVM can: correct everywhere, fast nowhere)."""
+    vpmaddubsw + vpmaddwd, on aarch64 'smmla' with the i8mm extension (neoverse-v1, apple-m2...) and 'sdot' with
+    dotprod only (Armv8.2+: cortex-a76, neoverse-n1...), else 'generic' (int32 multiply-adds, vectorized as LLVM
+    can: correct everywhere, fast nowhere)."""
     from tvm.target import codegen
 
     if target is None or target.kind.name != "llvm":
@@ -60,7 +62,7 @@ def int8_isa(target) -> str:
     has = lambda f: bool(codegen.target_has_features(f, target))  # noqa: E731
     try:
         if triple.startswith(("aarch64", "arm64")):
-            return "sdot" if has("dotprod") else "generic"
+            return "smmla" if has("i8mm") else "sdot" if has("dotprod") else "generic"
         if (has("avx512vnni") and has("avx512vl")) or has("avxvnni"):
             return "vnni"
         if has("avx2"):
@@ -68,6 +70,11 @@ def int8_isa(target) -> str:
     except Exception:  # noqa: BLE001 - LLVM knows none of these features for this target
         pass
     return "generic"
+
+
+def int8_layout(isa: str) -> str:
+    """The weight layout the kernel for `isa` reads: "mmla" for smmla (kernels_arm.py), else "dot"."""
+    return "mmla" if isa == "smmla" else "dot"
 
 
 def _splat(f: float):
@@ -130,14 +137,19 @@ def _flat(index, cols: int):
     return index // cols, index % cols
 
 
-def tiled_dequant(w, s, n, k, in_features: int, bits: int):
-    """float32 value of weight (n, k) read from tiled (w, s) in TE (layers' reference semantics)."""
+def tiled_dequant(w, s, n, k, in_features: int, bits: int, layout: str = "dot"):
+    """float32 value of weight (n, k) read from tiled (w, s) in TE (layers' reference semantics), in the
+    "dot" layout or kernels_arm's "mmla" one (its int8 values are stored signed, as converted)."""
+    from gptbc.compile import kernels_arm
+
     groups = in_features // GROUP
     scale = tirx.Cast("float32", s[_flat(tiled_scale(n, k // GROUP, groups), groups)])
+    if bits == 8 and layout == "mmla":
+        return tirx.Cast("float32", w[_flat(kernels_arm.mmla_int8(n, k, in_features), in_features)]) * scale
     if bits == 8:
         stored = w[_flat(tiled_int8(n, k, in_features), in_features)]
         return tirx.Cast("float32", tirx.Cast("int32", tirx.reinterpret("uint8", stored)) - 128) * scale
-    word, shift = tiled_int4(n, k, in_features)
+    word, shift = (kernels_arm.mmla_int4 if layout == "mmla" else tiled_int4)(n, k, in_features)
     nibble = (w[_flat(word, in_features // 8)] >> tirx.Cast("uint32", shift)) & tirx.const(15, "uint32")
     return (tirx.Cast("float32", nibble) - 7.0) * scale
 
@@ -198,6 +210,10 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
     [n, k / 8]) and tiled scales [n, k / 32]; activations quantized to int8 per group inside (module
     docstring). `bias` adds a parameter (n,) in the scale dtype; `act` is None or one of EPILOGUES, applied
     to each finished vector of 8 outputs (a separate elementwise kernel cost prefill 19% of its time)."""
+    if isa == "smmla":  # its own tiles and layout
+        from gptbc.compile.kernels_arm import int8_matmul_mmla
+
+        return int8_matmul_mmla(k, n, bits, x_dtype, scale_dtype, out_dtype, bias, act)
     assert act in (None, *EPILOGUES)
     assert tileable(n, k) and bits in (4, 8)
     groups = k // GROUP
@@ -224,7 +240,9 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
             return acc + tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs,
                                                     tirx.Broadcast(tirx.const(1, "int16"), 16))
         if isa == "sdot":
-            return _sdot(acc, wv ^ tirx.Broadcast(tirx.const(128, "uint8"), 32) if bits == 8 else wv, xv)
+            from gptbc.compile.kernels_arm import sdot
+
+            return sdot(acc, wv ^ tirx.Broadcast(tirx.const(128, "uint8"), 32) if bits == 8 else wv, xv)
         return acc + _quad_sums(wv, xv, quads)
 
     def epilogue(v):  # the activation, on one finished vector of 8 outputs (with its bias added)
@@ -319,6 +337,14 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
                                           task * TASK_BLOCKS + bt * BLOCKS + bb, 1)
 
 
+    return entry_points(compute, k, n, bits, x_dtype, scale_dtype, out_dtype, bias)
+
+
+def entry_points(compute, k: int, n: int, bits: int, x_dtype: str, scale_dtype: str, out_dtype: str, bias: bool):
+    """The kernel's PrimFunc around `compute` (a macro (x3, w, scale, bvec, y3, b, s)): with a bias parameter
+    or without (then `compute` gets the scales as a stand-in it never reads)."""
+    groups = k // GROUP
+
     @T.prim_func(private=True)
     def int8_matmul_bias(var_x: T.handle, var_w: T.handle, var_s: T.handle, var_b: T.handle, var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
@@ -340,22 +366,9 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
         w = T.match_buffer(var_w, (n, k) if bits == 8 else (n, k // 8), "int8" if bits == 8 else "uint32")
         scale = T.match_buffer(var_s, (n, groups), scale_dtype)
         y3 = T.match_buffer(var_y, (b, s, n), out_dtype)
-        compute(x3, w, scale, scale, y3, b, s)  # no bias: `epilogue` never reads its stand-in
+        compute(x3, w, scale, scale, y3, b, s)
 
     return int8_matmul_bias if bias else int8_matmul
-
-
-def _sdot(acc, wv, xv):
-    """aarch64 sdot on the two 128-bit halves: per int32 lane, 4 signed weight bytes times 4 activations, summed
-    onto acc. Weights must be signed bytes here: int8 ones with their +128 removed (wq), int4 nibbles as they
-    are (wq + 7 is 0..15, also a signed byte; the kernel's nsum undoes the 7)."""
-    w, x = tirx.reinterpret("int8x32", wv), tirx.reinterpret("int8x32", xv)
-    halves = []
-    for h in range(2):
-        part = lambda v, size: tirx.Shuffle([v], [tirx.const(h * size + i, "int32") for i in range(size)])  # noqa: E731
-        halves.append(tirx.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", part(acc, 4),
-                                                 part(w, 16), part(x, 16)))
-    return tirx.Shuffle(halves, [tirx.const(i, "int32") for i in range(LANES)])
 
 
 def _quad_sums(wv, xv, quads):
@@ -377,12 +390,17 @@ def _has_block(func, name: str) -> bool:
         return False
 
 
-def use_int8_kernels(mod, target):
+def use_int8_kernels(mod, target, layout: str):
     """`mod` with every `int8_matmul` op (layers.int8_matmul, still its TE reference) replaced by
-    int8_matmul_cpu for `target`'s instructions; the op's attributes (symbol, opaque pattern) kept."""
+    int8_matmul_cpu for `target`'s instructions; the op's attributes (symbol, opaque pattern) kept. `layout`
+    is the one the model's layers were built for (Quantization.int8_layout): it must be what the kernel reads."""
     import tvm
 
     isa = int8_isa(target)
+    if int8_layout(isa) != layout:
+        from gptbc.errors import GptbcError
+
+        raise GptbcError(f"internal: the {isa} kernel reads the {int8_layout(isa)} layout, the model has {layout}")
     mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
     for gv, func in list(mod.functions.items()):
         if not (isinstance(func, tirx.PrimFunc) and gv.name_hint.startswith("int8_matmul")
@@ -400,14 +418,28 @@ def use_int8_kernels(mod, target):
     return mod
 
 
+def weight_repack(bits: int, layout: str) -> str:
+    """The repack kind of a grouped weight for `layout` ("dot" or "mmla"): "int4", "int8", "int4_mmla"..."""
+    return ("int4" if bits == 4 else "int8") + ("" if layout == "dot" else f"_{layout}")
+
+
+def repack_kernel(kind: str, shape: tuple[int, ...], dtype: str):
+    """The PrimFunc (src, dst) that repacks a converted parameter of this shape for `kind` (weight_repack's,
+    or "scale")."""
+    from gptbc.compile.kernels_arm import repack_int4_mmla, repack_int8_mmla
+
+    makers = {"int4": lambda: repack_int4(shape[0], shape[1] * 8), "int8": lambda: repack_int8(shape[0], shape[1]),
+              "int4_mmla": lambda: repack_int4_mmla(shape[0], shape[1] * 8),
+              "int8_mmla": lambda: repack_int8_mmla(shape[0], shape[1]),
+              "scale": lambda: repack_scale(shape[0], shape[1], dtype)}
+    return makers[kind]()
+
+
 def add_repack_functions(mod, plan: dict[str, str], params: list[tuple[str, tuple[int, ...], str]]):
-    """Relax functions that repack each tiled parameter of `plan` ({name: "int4" | "int8" | "scale"}); returns
-    the module and {parameter name: function name} for the library manifest (the runners call them once)."""
+    """Relax functions that repack each tiled parameter of `plan` ({name: repack_kernel's kind}); returns the
+    module and {parameter name: function name} for the library manifest (the runners call them once)."""
     from tvm import relax
 
-    makers = {"int4": lambda shape, _dt: repack_int4(shape[0], shape[1] * 8),
-              "int8": lambda shape, _dt: repack_int8(shape[0], shape[1]),
-              "scale": lambda shape, dt: repack_scale(shape[0], shape[1], dt)}
     bb = relax.BlockBuilder(mod)
     made: dict[tuple, str] = {}
     names: dict[str, str] = {}
@@ -418,7 +450,7 @@ def add_repack_functions(mod, plan: dict[str, str], params: list[tuple[str, tupl
         key = (kind, tuple(shape), dtype)
         if key not in made:
             fname = f"repack_{kind}_{'x'.join(map(str, shape))}_{dtype}"
-            prim = bb.add_func(makers[kind](shape, dtype).with_attr("tirx.is_scheduled", True), fname + "_kernel")
+            prim = bb.add_func(repack_kernel(kind, shape, dtype).with_attr("tirx.is_scheduled", True), fname + "_kernel")
             src = relax.Var("src", relax.TensorType(list(shape), dtype))
             with bb.function(fname, [src]):
                 out = bb.emit(relax.call_tir(prim, [src], relax.TensorType(list(shape), dtype)))

@@ -144,9 +144,11 @@ def _last_row(x: Tensor) -> Tensor:
 
 
 class GPTBigCodeForCausalLM(nn.Module):
-    def __init__(self, cfg: GPTBigCodeConfig, target: Target | None, quant: Quantization, tp: int = 1):
+    def __init__(self, cfg: GPTBigCodeConfig, target: Target | None, quant: Quantization,
+                 batch_invariant: bool = False, tp: int = 1):
         """`tp`: the tensor-parallel ranks this (per-rank) model is one of (1: the whole model)."""
         self.cfg, self.target, self.quant, self.dtype, self.tp = cfg, target, quant, quant.model_dtype, tp
+        self.batch_invariant = batch_invariant  # exports load_kv too
         self.transformer = Transformer(cfg, quant, tp)
         self.lm_head = None
         if not cfg.tie_word_embeddings:
@@ -182,6 +184,26 @@ class GPTBigCodeForCausalLM(nn.Module):
 
     def batch_verify(self, input_embeds: Tensor, kv_cache: PagedKVCache):
         return self.logits(self.transformer(input_embeds, kv_cache)), kv_cache
+
+    def load_kv(self, k: Tensor, v: Tensor, kv_cache: PagedKVCache):
+        """Append given keys and values (n_layer, 1, seq_len, n_kv_head, head_dim) to the sequence being run,
+        attending nothing: a prefix copied into a sequence of its own (runner.copy_prefix, batch-invariant
+        mode). A forked sequence would attend the shared pages and its own apart, which changes the bits.
+        The CPU kernels read sm_scale APPEND_ONLY as "attend nothing"; the outputs are summed into the
+        result only so that no call is dropped as unused."""
+        from gptbc.compile.kernels import APPEND_ONLY
+
+        cfg = self.cfg
+        n = k.shape[2]
+        rows = (1, n, cfg.n_kv_head, cfg.head_dim)
+        zeros = op.zeros((1, n, cfg.n_head, cfg.head_dim), self.dtype)
+        ks, vs = op.split(k, cfg.n_layer, axis=0), op.split(v, cfg.n_layer, axis=0)
+        total = None
+        for layer_id in range(cfg.n_layer):
+            qkv = op.concat([zeros, op.reshape(ks[layer_id], rows), op.reshape(vs[layer_id], rows)], dim=2)
+            out = kv_cache.attention_with_fused_qkv(layer_id, qkv, cfg.n_head, sm_scale=APPEND_ONLY)
+            total = out if total is None else total + out
+        return total, kv_cache
 
     # ---- on the device: a GPU step whose requests are all greedy copies back token ids, not batch × vocab
     # logits (the runtime's decode_batch_greedy); any sampled request still copies the logits ----
@@ -229,6 +251,7 @@ class GPTBigCodeForCausalLM(nn.Module):
         e, dt = self.cfg.n_embd, self.dtype
         packed = {"param_mode": "packed", "effect_mode": "none"}
         kv = nn.spec.Object(object_type=PagedKVCache)
+        kv_rows = nn.spec.Tensor([self.cfg.n_layer, 1, "seq_len", self.cfg.n_kv_head, self.cfg.head_dim], dt)
         return {
             "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
             "prefill": {"input_embed": nn.spec.Tensor([1, "seq_len", e], dt), "kv_cache": kv, "$": packed},
@@ -243,6 +266,8 @@ class GPTBigCodeForCausalLM(nn.Module):
             "batch_verify": {"input_embeds": nn.spec.Tensor([1, "seq_len", e], dt), "kv_cache": kv, "$": packed},
             "argmax": {"logits": nn.spec.Tensor(["batch_size", self.cfg.vocab_size], "float32"),
                        "$": {"param_mode": "none", "effect_mode": "none"}},
+            **({"load_kv": {"k": kv_rows, "v": kv_rows, "kv_cache": kv,
+                            "$": {"param_mode": "none", "effect_mode": "none"}}} if self.batch_invariant else {}),
             "create_paged_kv_cache": {
                 "max_batch_size": int,
                 "max_total_seq_len": int,

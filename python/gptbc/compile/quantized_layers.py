@@ -82,7 +82,7 @@ def int8_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: int, 
 
         xr = te.compute(x.shape, rounded, name="act_quant")
         weight = te.compute((w.shape[0], in_features), lambda n, kk: kernels_int8.tiled_dequant(
-            w, s, n, kk, in_features, q.bits), name="dequantize")
+            w, s, n, kk, in_features, q.bits, q.int8_layout), name="dequantize")
         k = te.reduce_axis((0, in_features), name="k")
         acc = te.compute((*lead, w.shape[0]), lambda *i: te.sum(xr[(*i[:-1], k)] * weight[i[-1], k], axis=k),
                          name="int8_matmul")
@@ -114,11 +114,12 @@ def activate(y: Tensor, activation: str | None) -> Tensor:
     return y
 
 
-REPACK = "gptbc_repack"  # attribute of a parameter the runner repacks when loading: "int4", "int8" or "scale"
+# attribute of a parameter the runner repacks when loading: "int4", "int8" (+ "_mmla" in that layout) or "scale"
+REPACK = "gptbc_repack"
 
 
 def _mark_tiled(q_weight: nn.Parameter, q_scale: nn.Parameter, q: Quantization) -> None:
-    setattr(q_weight, REPACK, "int4" if q.bits == 4 else "int8")
+    setattr(q_weight, REPACK, kernels_int8.weight_repack(q.bits, q.int8_layout))
     setattr(q_scale, REPACK, "scale")
 
 
@@ -173,9 +174,13 @@ class QuantizedEmbedding(nn.Module):
             def row(i):  # out-of-range ids clamped, as model.take_rows does for a float table
                 return tirx.max(tirx.min(ids[i], tirx.Cast(ids.dtype, last)), tirx.const(0, ids.dtype))
 
-            return te.compute((ids.shape[0], dim),
-                              lambda i, k: tirx.Cast(q.model_dtype, kernels_int8.tiled_dequant(w, s, row(i), k, dim, q.bits)
-                                                     if tiled_rows else _dequant(w, s, row(i), k, q)), name="dequant_take")
+            def value(i, k):
+                if tiled_rows:
+                    return kernels_int8.tiled_dequant(w, s, row(i), k, dim, q.bits, q.int8_layout)
+                return _dequant(w, s, row(i), k, q)
+
+            return te.compute((ids.shape[0], dim), lambda i, k: tirx.Cast(q.model_dtype, value(i, k)),
+                              name="dequant_take")
 
         return op.tensor_expr_op(compute, "dequant_take", [ids, self.q_weight, self.q_scale])
 

@@ -49,6 +49,11 @@ class CPUMatmul(dl.ScheduleRule):
     With a symbolic row count the kernel holds both of the last two and picks one at run time.
     """
 
+    def __init__(self, one_order: bool = False):
+        """`one_order`: every row count sums k in the same order (batch-invariant libraries): no GEMM layout,
+        whose register tiles sum k in another order than the row layouts' VECTOR_LANES partial sums."""
+        self.one_order = one_order
+
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
         sch = _cpu_schedule(func, target)
         if sch is None:
@@ -63,6 +68,8 @@ class CPUMatmul(dl.ScheduleRule):
             dots = self._dots(s_tir.Schedule(func), one_row=False)
         except s_tir.ScheduleError:  # a shape this rule does not fit: leave the kernel to the next rule
             return None
+        if self.one_order:
+            return dots
         try:
             gemm = self._gemm(s_tir.Schedule(func))
             if gemm is None or dots is None:
@@ -294,8 +301,8 @@ def _is_reduction(sch: s_tir.Schedule, block) -> bool:
     return any(int(v.iter_type) == 2 for v in sch.get(block).iter_vars)
 
 
-def cpu_rules() -> list:
-    return [CPUMatmul(), CPUParallel()]
+def cpu_rules(batch_invariant: bool = False) -> list:
+    return [CPUMatmul(one_order=batch_invariant), CPUParallel()]
 
 
 def gpu_rules() -> list:

@@ -34,13 +34,13 @@ class Build:
     shared_needs: str | None = None  # a .tar only because this is missing (what to install for a .so), in words
 
 
-def _cpu_rules() -> list:
+def _cpu_rules(batch_invariant: bool = False) -> list:
     from gptbc.compile.schedules import cpu_rules
 
-    return cpu_rules()
+    return cpu_rules(batch_invariant)
 
 
-def _gpu_rules() -> list:
+def _gpu_rules(_batch_invariant: bool = False) -> list:
     from gptbc.compile.schedules import gpu_rules
 
     return gpu_rules()
@@ -51,7 +51,7 @@ def _cpu_kernels(mod, cfg, quant, target):
     from gptbc.compile.kernels_int8 import use_int8_kernels
 
     mod = use_fast_cpu_attention(mod, cfg.n_kv_head, cfg.n_head, cfg.head_dim, quant.model_dtype)
-    return use_int8_kernels(mod, target) if quant.int8_activations else mod
+    return use_int8_kernels(mod, target, quant.int8_layout) if quant.int8_activations else mod
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,8 @@ class Pipeline:
     """How the compile driver lowers the model for a family of targets (the passes around these: compiler.py)."""
 
     name: str
-    schedule_rules: Callable[[], list]  # dlight rules applied to every fused kernel (schedules.py)
+    # (batch_invariant) → dlight rules applied to every fused kernel (schedules.py)
+    schedule_rules: Callable[[bool], list]
     # (Relax module, config, quantization, target) → the module with hand-written kernels swapped in, before any pass
     replace_kernels: Callable[[Any, Any, Any, Any], Any] = field(default=lambda mod, _cfg, _quant, _target: mod)
 
@@ -205,13 +206,14 @@ def _webgpu(_variant: str | None) -> Build:
 
 
 # The Arm CPUs the docs name, each with the boards it is (any other CPU name LLVM knows for aarch64 works
-# too). LLVM's -mcpu implies the features: dotprod (sdot/udot) from cortex-a76 on, i8mm (smmla) on neoverse-v1.
+# too). LLVM's -mcpu implies the features: dotprod (sdot/udot) from cortex-a76 on, i8mm (smmla) on neoverse-v1/v2.
 ARM_CPUS = {
     "cortex-a72": "Raspberry Pi 4",
     "cortex-a76": "Raspberry Pi 5",
     "cortex-a78ae": "Jetson Orin's CPU",
     "neoverse-n1": "AWS Graviton2, Ampere Altra",
     "neoverse-v1": "AWS Graviton3",
+    "neoverse-v2": "AWS Graviton4, NVIDIA Grace",
     "apple-m1": "Linux on Apple M1 (Asahi)",
 }
 ARM_FEATURES = ("neon", "dotprod", "i8mm", "sve")  # what `gptbc targets` reports per CPU
@@ -242,6 +244,15 @@ def arm_cpu_features(cpu: str | None) -> list[str]:
 
     target = tvm.target.Target(aarch64_target(cpu))
     return [f for f in ARM_FEATURES if codegen.target_has_features(f, target)]
+
+
+def arm_int8_kernel(cpu: str | None) -> str:
+    """The int8-activation kernel this CPU's features give (kernels_int8.int8_isa): smmla, sdot or generic."""
+    import tvm
+
+    from gptbc.compile.kernels_int8 import int8_isa
+
+    return int8_isa(tvm.target.Target(aarch64_target(cpu)))
 
 
 def aarch64_compiler() -> str | None:

@@ -130,6 +130,10 @@ class DiscoRunner:
         self._live.add(child)
         return child
 
+    def copy_prefix(self, parent: int, length: int) -> int:
+        """Only batch-invariant serving copies prefixes, and it is single-device (the engine refuses both)."""
+        raise GptbcError(f"--tensor-parallel {self.tensor_parallel}: batch-invariant prefix copies are single-device")
+
     def sequence_count(self) -> int:
         return len(self._live)
 

@@ -26,17 +26,27 @@ class Engine:
 
     def __init__(self, model_dir: str | Path, lib: str | Path, device: str = "cpu",
                  max_total_seq_len: int | None = None, max_batch_size: int | None = None,
-                 prefix_cache_size: int = 8, speculation: PromptLookup | None = None, tensor_parallel: int = 1):
+                 prefix_cache_size: int = 8, speculation: PromptLookup | None = None,
+                 batch_invariant: bool = False, tensor_parallel: int = 1):
         """`max_total_seq_len`: tokens the KV cache holds over all sequences (default: context window ×
         min(4, max_batch_size)); `prefix_cache_size`: finished sequences kept for prefix reuse;
         `speculation`: prompt-lookup drafts verified in one multi-row call (same output, fewer steps when
-        the text repeats the prompt, e.g. code editing); `tensor_parallel` N > 1: a library compiled and weights
-        converted for N ranks, run by N disco workers (disco_runner.py)."""
+        the text repeats the prompt, e.g. code editing); `batch_invariant`: the same request gives the same
+        token ids and logprobs, bit for bit, whatever else is being served (see `guarantee`; CPU only);
+        `tensor_parallel` N > 1: a library compiled and weights converted for N ranks, run by N disco workers
+        (disco_runner.py)."""
+        if batch_invariant:
+            check_batch_invariant(device)
+            if tensor_parallel > 1:
+                raise GptbcError(f"--batch-invariant with --tensor-parallel {tensor_parallel}: not supported together")
+        self.batch_invariant, self.device = batch_invariant, device
         if tensor_parallel > 1:
             self.runner = DiscoRunner(model_dir, lib, tensor_parallel, device, max_total_seq_len, max_batch_size)
         else:
             self.runner = ModelRunner(model_dir, lib, device, max_total_seq_len, max_batch_size)
         r = self.runner
+        if batch_invariant:
+            check_invariant_library(r)
         self.model_dir, self.lib, self.config = r.model_dir, r.lib, r.config
         self.context_window_size, self.max_batch_size = r.context_window_size, r.max_batch_size
         self.quantization = r.info["quantization"]["name"]
@@ -49,7 +59,15 @@ class Engine:
         self.special_ids = eos_ids | (self.tokenizer.special_ids() if self.tokenizer else set())
         detok = (lambda: IncrementalDetokenizer(self.tokenizer, self.special_ids)) if self.tokenizer else None
         self.scheduler = Scheduler(r, r.capacity_tokens, self.config.vocab_size, eos_ids, detok,
-                                   prefix_cache_size, speculation)
+                                   prefix_cache_size, speculation,
+                                   grain=r.attention_grain if batch_invariant else None)
+
+    def guarantee(self) -> dict:
+        """What this engine promises about reproducibility (served in /v1/models)."""
+        if self.batch_invariant:
+            return {"batch_invariant": True, "scope": BATCH_INVARIANT_SCOPE}
+        return {"batch_invariant": False, "scope": "answers may differ in the last bits with server load "
+                                                   "(batching, prefix reuse, prompt lookup); see --batch-invariant"}
 
     @property
     def speculation(self) -> PromptLookup | None:
@@ -215,6 +233,36 @@ class Engine:
         if self.tokenizer is None:
             raise GptbcError(f"{self.model_dir}: no tokenizer files; cannot turn ids into text")
         return self.tokenizer.decode([t for t in ids if t not in self.special_ids])
+
+
+# docs/determinism.md: TVM's paged KV cache attends a chunk's new tokens and its cached pages apart and
+# merges the results, and a sequence forked from a cached prefix attends the shared pages and its own apart.
+# A batch-invariant library (compile --batch-invariant) splits every row's keys at the same place whatever
+# the call (kernels.py), sums every matmul row in one order whatever the row count (schedules.py); this
+# mode makes the cache's splits fall there: prefixes copied, not shared, at multiples of the grain, a
+# prompt's later chunks cut at grain boundaries, and prompt-lookup verify calls start at a grain boundary
+# (the tokens since it fed again) and end inside that grain (Scheduler.grain); only greedy requests draft.
+BATCH_INVARIANT_SCOPE = ("the same request (prompt, sampling parameters and seed) gives the same token ids and "
+                         "logprobs, bit for bit, alone or in any batch, with or without a reused prefix, prefilled "
+                         "whole or in chunks, with or without prompt lookup (CPU)")
+
+
+def check_batch_invariant(device: str) -> None:
+    """Refuse what batch-invariant mode cannot promise, in one line."""
+    if not device.startswith("cpu"):
+        raise GptbcError(f"--batch-invariant is guaranteed on the CPU only, not on {device} "
+                         "(docs/determinism.md says why)")
+
+
+def check_invariant_library(runner: ModelRunner) -> None:
+    """The library must be a batch-invariant build whose prefill chunks end on attention grains."""
+    grain = runner.attention_grain
+    if not grain:
+        raise GptbcError(f"--lib {runner.lib} was compiled without --batch-invariant "
+                         "(recompile it with `gptbc compile --batch-invariant`)")
+    if runner.prefill_chunk_size % grain:
+        raise GptbcError(f"--lib {runner.lib}: prefill_chunk_size {runner.prefill_chunk_size} is not a multiple of "
+                         f"the attention grain {grain}; recompile with such a --prefill-chunk-size")
 
 
 def _raise_if_failed(req: Request) -> None:

@@ -204,6 +204,10 @@ class ModelRunner:
         self._begin = get("vm.builtin.kv_state_begin_forward")
         self._end = get("vm.builtin.kv_state_end_forward")
         self._free_pages = get("vm.builtin.attention_kv_cache_get_num_available_pages")
+        self._get_kv = get("vm.builtin.attention_kv_cache_debug_get_kv")
+        self.kv_dtype = get_quantization(self.info["quantization"]["name"]).model_dtype
+        # batch-invariant libraries: a row's attention splits at multiples of this (docs/determinism.md)
+        self.attention_grain = self.meta.get("attention_grain")
         self.kv_pages_total = self.kv_pages_free()
         self._shape = shape
         self._next_seq_id = 0
@@ -228,6 +232,30 @@ class ModelRunner:
         self._next_seq_id += 1
         self._fork(self.kv_cache, parent, child, length)
         self._live.add(child)
+        return child
+
+    def copy_prefix(self, parent: int, length: int) -> int:
+        """A new sequence holding a copy of the first `length` tokens' KV of `parent` in pages of its own
+        (batch-invariant libraries). Unlike `fork_sequence`, which shares the pages, its later tokens attend
+        all their keys in one sequence, so they get the bits a lone sequence gets."""
+        import tvm
+
+        if not self.attention_grain:
+            raise GptbcError(f"--lib {self.lib}: compiled without --batch-invariant, it cannot copy a prefix")
+        cfg = self.config
+        shape = (cfg.n_layer, length, cfg.n_kv_head, cfg.head_dim)
+        k, v = tvm.runtime.empty(shape, self.kv_dtype, self.dev), tvm.runtime.empty(shape, self.kv_dtype, self.dev)
+        self._get_kv(self.kv_cache, parent, 0, length, k, v)
+        k, v = k.numpy(), v.numpy()
+        child = self.add_sequence()
+        for start in range(0, length, self.prefill_chunk_size):
+            end = min(start + self.prefill_chunk_size, length)
+            rows = [tvm.runtime.tensor(np.ascontiguousarray(a[:, None, start:end]), self.dev) for a in (k, v)]
+            self._begin(self.kv_cache, self._shape([child]), self._shape([end - start]))
+            try:
+                _out, self.kv_cache = self.vm["load_kv"](*rows, self.kv_cache)
+            finally:
+                self._end(self.kv_cache)
         return child
 
     def sequence_count(self) -> int:

@@ -47,6 +47,7 @@ class Runner(Protocol):
 
     def add_sequence(self) -> int: ...
     def fork_sequence(self, parent: int, length: int) -> int: ...
+    def copy_prefix(self, parent: int, length: int) -> int: ...
     def remove_sequence(self, seq_id: int) -> None: ...
     def prefill_chunk(self, seq_id: int, chunk: Sequence[int]) -> np.ndarray: ...
     def prefill_batch(self, seq_ids: Sequence[int], id_lists: Sequence[Sequence[int]]) -> np.ndarray: ...
@@ -161,12 +162,16 @@ class Stats:
 class Scheduler:
     def __init__(self, runner: Runner, capacity_tokens: int, vocab_size: int, eos_ids: set[int],
                  make_detokenizer: Callable[[], IncrementalDetokenizer] | None = None, prefix_cache_size: int = 8,
-                 speculation: PromptLookup | None = None, clock: Callable[[], float] = time.perf_counter):
+                 speculation: PromptLookup | None = None, clock: Callable[[], float] = time.perf_counter,
+                 grain: int | None = None):
         """`capacity_tokens`: KV-cache tokens over all sequences; `make_detokenizer`: a new incremental
         detokenizer per request (None: ids only, no text or stop strings); `speculation`: prompt-lookup
         drafting (speculation.py), verified in one multi-row call, kept only while it pays (`clock` times the
-        model calls for that)."""
+        model calls for that); `grain`: batch-invariant mode (a batch-invariant library's attention grain):
+        a reused prefix is copied, never shared, and cut to a multiple of the grain, and a prompt's later
+        chunks end at grain boundaries, so every row's attention splits where a lone request's would."""
         self.speculation = speculation
+        self.grain = grain
         self.costs, self.clock = CostGate(), clock
         self.runner = runner
         self.capacity = capacity_tokens
@@ -270,8 +275,11 @@ class Scheduler:
             if n > best_len:
                 best, best_len = seq_id, n
         best_len = min(best_len, len(req.prompt_ids) - 1)  # the last prompt token must run: it gives the logits
+        if self.grain:
+            best_len -= best_len % self.grain
         if best is not None and best_len > 0 and not req.params.prompt_logprobs:
-            req.seq_id = self.runner.fork_sequence(best, best_len)
+            reuse = self.runner.copy_prefix if self.grain else self.runner.fork_sequence
+            req.seq_id = reuse(best, best_len)
             self.cached.move_to_end(best)
             req.prefilled = req.reused = best_len
             self.stats.reused_prefix_tokens += best_len
@@ -296,7 +304,7 @@ class Scheduler:
         reading = [r for r in self.active if r.prefilled < len(r.prompt_ids)]
         batch, room = [], runner.prefill_chunk_size
         for req in reading:
-            chunk = req.prompt_ids[req.prefilled:req.prefilled + runner.prefill_chunk_size]
+            chunk = req.prompt_ids[req.prefilled:req.prefilled + self._chunk_size(req)]
             if req.params.prompt_logprobs:
                 try:
                     logits = self._score_prompt(req, chunk)
@@ -318,6 +326,15 @@ class Scheduler:
             for (req, chunk), logits in zip(batch, rows):
                 events += self._prefilled(req, chunk, logits)
         return events
+
+    def _chunk_size(self, req: Request) -> int:
+        """Prompt tokens the next prefill call takes for `req`. In batch-invariant mode a chunk after the
+        first ends at the next grain boundary: the attention kernels then compute each of its rows as they
+        would in one whole prefill (kernels.py, docs/determinism.md)."""
+        size = self.runner.prefill_chunk_size
+        if self.grain and req.prefilled > 0:
+            size = min(size, self.grain - req.prefilled % self.grain)
+        return size
 
     def _prefilled(self, req: Request, chunk: list[int], logits: np.ndarray) -> list[Event]:
         req.prefilled += len(chunk)
@@ -361,20 +378,37 @@ class Scheduler:
             if r.drafts.skip > 0:
                 r.drafts.skip -= 1
                 continue
-            # Room: the bonus token after the draft must still fit max_new_tokens (and so the booked KV pages).
-            draft = spec.draft(r.prompt_ids + r.output_ids, min(p.max_new_tokens - len(r.output_ids) - 1,
-                                                              budget - 1))
+            if self.grain and not p.greedy:  # sampling against a draft draws other random numbers than decoding
+                continue
+            redo = self._redo(r)
+            # Room: the bonus token after the draft must still fit max_new_tokens (and so the booked KV pages);
+            # in batch-invariant mode the call must also end in the grain it starts at.
+            room = min(p.max_new_tokens - len(r.output_ids) - 1, budget - 1 - redo)
+            if self.grain:
+                room = min(room, self.grain - 1 - redo)
+            draft = spec.draft(r.prompt_ids + r.output_ids, room) if room > 0 else []
             if draft:
                 drafts[r.id] = draft
-                budget -= len(draft) + 1
+                budget -= redo + len(draft) + 1
         return drafts
+
+    def _redo(self, r: Request) -> int:
+        """Batch-invariant mode: how many tokens before the last one a verify call feeds again, so that it
+        starts at a grain boundary (their KV is recomputed to the same bits; kernels.py)."""
+        return (len(r.prompt_ids) + len(r.output_ids) - 1) % self.grain if self.grain else 0
 
     def _verify_drafts(self, reqs: list[Request], drafts: dict[int, list[int]]) -> list[Event]:
         """Feed each request's last token + draft in one multi-row call; keep what the model agrees with."""
         start, produced = self.clock(), self.stats.decode_tokens
-        rows_of = self.runner.verify_batch([r.seq_id for r in reqs], [[r.output_ids[-1], *drafts[r.id]] for r in reqs])
+        redo = {r.id: self._redo(r) for r in reqs}
+        for r in reqs:
+            if redo[r.id]:
+                self.runner.pop_tokens(r.seq_id, redo[r.id])
+        feed = [(r.prompt_ids + r.output_ids)[-1 - redo[r.id]:] + drafts[r.id] for r in reqs]
+        rows_of = self.runner.verify_batch([r.seq_id for r in reqs], feed)
         events = []
         for r, rows in zip(reqs, rows_of):
+            rows = rows[redo[r.id]:]
             try:
                 events += self._take_drafted(r, drafts[r.id], rows)
             except Exception as err:  # noqa: BLE001 - this request's failure alone (its KV goes when it retires)

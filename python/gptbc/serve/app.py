@@ -103,7 +103,7 @@ def add_info_routes(app: FastAPI, server: Server) -> None:
         return {"object": "list", "data": [{
             "id": server.model_name, "object": "model", "created": server.created, "owned_by": "gptbc",
             "context_window": server.engine.context_window_size, "quantization": server.engine.quantization,
-            "activations": server.engine.activations}]}
+            "activations": server.engine.activations, "guarantee": server.engine.guarantee()}]}
 
     @app.get("/health", response_model=S.Health, responses={503: {"model": S.Health}})
     async def health():

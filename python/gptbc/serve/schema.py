@@ -261,6 +261,12 @@ class DetokenizeResponse(Closed):
     content: str
 
 
+class Guarantee(Closed):
+    """Whether the same request gives the same answer, bit for bit, under any load (serve --batch-invariant)."""
+    batch_invariant: bool
+    scope: str
+
+
 class ModelCard(Closed):
     id: str
     object: Literal["model"]
@@ -269,6 +275,7 @@ class ModelCard(Closed):
     context_window: int
     quantization: str
     activations: Literal["float", "int8"]
+    guarantee: Guarantee
 
 
 class ModelList(Closed):
