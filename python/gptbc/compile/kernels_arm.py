@@ -29,7 +29,7 @@ import functools
 from tvm import tirx
 from tvm.script import tirx as T
 
-from gptbc.compile.kernels_int8 import EPILOGUES, GROUP, LANES, TASK_BLOCKS, entry_points, tileable
+from gptbc.compile.int8_base import EPILOGUES, GROUP, LANES, TASK_BLOCKS, entry_points, tileable
 
 PAIRS, BLOCKS = 2, 2  # register tile: 2 row pairs x 2 blocks = 4 int32x16 accumulators (16 of the 32 registers)
 PAIR_CHUNK = 32  # row pairs whose quantized activations stay in L2 while a task walks its outputs

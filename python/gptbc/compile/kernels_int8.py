@@ -39,13 +39,12 @@ import functools
 from tvm import tirx
 from tvm.script import tirx as T
 
-GROUP = 32
-LANES = 8  # outputs per block = int32 lanes of a 256-bit vector
+from gptbc.compile.int8_base import EPILOGUES, GROUP, LANES, TASK_BLOCKS, entry_points, tileable  # noqa: F401
+
 # register tile: ROWS rows x BLOCKS blocks (4 x 32 outputs; row_tiles spells out remainders of 1..3 rows), and
 # blocks per parallel task (64 outputs). Measured on Zen 4 (2 threads, q4 2048 -> 8192): against 4 x 16 tiles and
 # 32-output tasks, one row 5% and 512 rows 7% faster, though 4 x 4 int32 + float accumulators exceed the registers.
 ROWS, BLOCKS = 4, 4
-TASK_BLOCKS = 8
 ROW_CHUNK = 64  # rows whose quantized activations stay in L2 while a task walks its outputs
 
 
@@ -76,43 +75,6 @@ def int8_layout(isa: str) -> str:
     """The weight layout the kernel for `isa` reads: "mmla" for smmla (kernels_arm.py), else "dot"."""
     return "mmla" if isa == "smmla" else "dot"
 
-
-def _splat(f: float):
-    return tirx.Broadcast(tirx.const(f, "float32"), LANES)
-
-
-def _tanh(v):
-    """tanh of a float32x8 vector as a rational function (Eigen's; |error| ~1e-7): TVM lowers `tanh` to
-    scalar libm calls, which made a separate GELU kernel cost 19% of a prefill."""
-    c = _splat
-    x = tirx.max(tirx.min(v, c(9.0)), c(-9.0))
-    x2 = x * x
-    p = c(-2.76076847742355e-16)
-    for a in (2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08, 1.48572235717979e-05,
-              6.37261928875436e-04, 4.89352455891786e-03):
-        p = x2 * p + c(a)
-    q = c(1.19825839466702e-06)
-    for b in (1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03):
-        q = x2 * q + c(b)
-    return x * p / q
-
-
-def _gelu_tanh(v):
-    c = _splat
-    return c(0.5) * v * (c(1.0) + _tanh(c(0.7978845608028654) * (v + c(0.044715) * v * v * v)))
-
-
-# What int8_matmul_cpu can apply to its outputs before storing them (layers.EPILOGUE_OPS names the same)
-EPILOGUES = {"gelu_tanh": _gelu_tanh,
-             "relu": lambda v: tirx.max(v, _splat(0.0))}
-
-
-def tileable(n: int, k: int) -> bool:
-    """Whether an (n outputs, k inputs) weight can take the tiled layout."""
-    return n % LANES == 0 and k % GROUP == 0
-
-
-# ---- the tiled layout, as index arithmetic (ints or TIR expressions) ----
 
 def tiled_int4(n, k, in_features: int):
     """(word index in the flat uint32 array, bit shift) of int4 weight (n, k) in the tiled layout."""
@@ -338,37 +300,6 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
 
 
     return entry_points(compute, k, n, bits, x_dtype, scale_dtype, out_dtype, bias)
-
-
-def entry_points(compute, k: int, n: int, bits: int, x_dtype: str, scale_dtype: str, out_dtype: str, bias: bool):
-    """The kernel's PrimFunc around `compute` (a macro (x3, w, scale, bvec, y3, b, s)): with a bias parameter
-    or without (then `compute` gets the scales as a stand-in it never reads)."""
-    groups = k // GROUP
-
-    @T.prim_func(private=True)
-    def int8_matmul_bias(var_x: T.handle, var_w: T.handle, var_s: T.handle, var_b: T.handle, var_y: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        b = T.int64()
-        s = T.int64()
-        x3 = T.match_buffer(var_x, (b, s, k), x_dtype)
-        w = T.match_buffer(var_w, (n, k) if bits == 8 else (n, k // 8), "int8" if bits == 8 else "uint32")
-        scale = T.match_buffer(var_s, (n, groups), scale_dtype)
-        bvec = T.match_buffer(var_b, (n,), scale_dtype)
-        y3 = T.match_buffer(var_y, (b, s, n), out_dtype)
-        compute(x3, w, scale, bvec, y3, b, s)
-
-    @T.prim_func(private=True)
-    def int8_matmul(var_x: T.handle, var_w: T.handle, var_s: T.handle, var_y: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        b = T.int64()
-        s = T.int64()
-        x3 = T.match_buffer(var_x, (b, s, k), x_dtype)
-        w = T.match_buffer(var_w, (n, k) if bits == 8 else (n, k // 8), "int8" if bits == 8 else "uint32")
-        scale = T.match_buffer(var_s, (n, groups), scale_dtype)
-        y3 = T.match_buffer(var_y, (b, s, n), out_dtype)
-        compute(x3, w, scale, scale, y3, b, s)
-
-    return int8_matmul_bias if bias else int8_matmul
 
 
 def _quad_sums(wv, xv, quads):
