@@ -1,0 +1,198 @@
+"""`gptbc convert-weight FILE.gguf`: GGUF files written here from a seeded random HF checkpoint (gguf_files.py).
+
+What the file means is `gguf.quants.dequantize` of its tensors; gptbc must run exactly those values.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from gguf_files import dequantized, dequantized_model, write_gguf
+from hf_models import CORPUS, make_checkpoint
+from gptbc.artifact.convert import convert_weight
+from gptbc.artifact.quantization import dequantize, get_quantization
+from gptbc.errors import GptbcError
+
+LINEAR = ["attn_qkv", "attn_output", "ffn_up", "ffn_down"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The HF checkpoint and its GGUF files (Q8_0, Q4_0, F16)."""
+    root = tmp_path_factory.mktemp("gguf")
+    hf = make_checkpoint(root / "hf", tokenizer="underscore", n_embd=64, n_head=4, n_layer=2, seed=5)
+    return hf, {q: write_gguf(hf, root / f"model-{q}.gguf", q) for q in ("Q8_0", "Q4_0", "F16")}
+
+
+def tensors(out) -> dict[str, np.ndarray]:
+    found = {}
+    for f in out.glob("*.safetensors"):
+        found.update(load_file(str(f)))
+    return found
+
+
+@pytest.mark.parametrize("qtype, scheme", [("Q8_0", "q8f16_1"), ("Q4_0", "q4f16_1"), ("Q4_0", "q4f32_1")])
+def test_blocks_are_carried_bit_for_bit(files, qtype, scheme, tmp_path):
+    _, gg = files
+    out = convert_weight(gg[qtype], None if scheme.endswith("16_1") else scheme, tmp_path / "w", progress=False)
+    assert json.loads((out / "gptbc-config.json").read_text())["quantization"]["name"] == scheme
+    got, want, q = tensors(out), dequantized(gg[qtype]), get_quantization(scheme)
+    pairs = [("transformer.wte", "token_embd.weight")] + [
+        (f"transformer.h.{i}.{m}", f"blk.{i}.{g}.weight") for i in range(2)
+        for m, g in zip(["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], LINEAR)]
+    for ours, theirs in pairs:
+        values = dequantize(got[ours + ".q_weight"], got[ours + ".q_scale"], want[theirs].shape[1], q)
+        assert np.array_equal(values, want[theirs]), ours
+    if q.bits == 4:  # Q4_0's q = 0 is stored as nibble 15, which gptbc's own quantizer never writes
+        w = got["transformer.h.0.mlp.c_fc.q_weight"]
+        assert ((w[..., None] >> (np.arange(8, dtype=np.uint32) * 4)) & 15 == 15).any()
+
+
+def test_float_file_converts_exactly_and_says_nothing(files, tmp_path, capsys):
+    _, gg = files
+    out = convert_weight(gg["F16"], "q0f32", tmp_path / "w", progress=False)
+    got, want = tensors(out), dequantized(gg["F16"])
+    assert np.array_equal(got["transformer.h.1.mlp.c_fc.weight"], want["blk.1.ffn_up.weight"])
+    assert np.array_equal(got["transformer.ln_f.bias"], want["output_norm.bias"])
+    assert capsys.readouterr().err == ""
+
+
+def test_requantizing_prints_the_measured_error(files, tmp_path, capsys):
+    _, gg = files
+    convert_weight(gg["Q8_0"], "q4f32_1", tmp_path / "w", progress=False)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("gptbc: ") and "q4f32_1" in err, err
+    assert "Q8_0 tensors" in err and "relative RMS error" in err, err
+
+
+def test_tokenizer_encodes_as_hf(files, tmp_path):
+    from tokenizers import Tokenizer
+
+    hf, gg = files
+    out = convert_weight(gg["Q8_0"], None, tmp_path / "w", progress=False)
+    ours, theirs = (Tokenizer.from_file(str(d / "tokenizer.json")) for d in (out, hf))
+    sample = "".join(CORPUS[:4]) + "<fim_prefix>x = 12345<fim_suffix>\n<fim_middle><|endoftext|> 2024 ✓"
+    assert ours.encode(sample).ids == theirs.encode(sample).ids
+    assert ours.decode(ours.encode(sample).ids) == theirs.decode(theirs.encode(sample).ids)
+    assert json.loads((out / "generation_config.json").read_text()) == {"bos_token_id": 0, "eos_token_id": 0}
+
+
+@pytest.fixture(scope="module")
+def q4_engine(files, tmp_path_factory):
+    """The Q4_0 file converted into q4f32_1 (carried exactly, float32 activations) and compiled for the CPU."""
+    from gptbc.artifact.config import resolve_model
+    from gptbc.compile.compiler import compile_model
+    from gptbc.runtime.engine import Engine
+
+    _, gg = files
+    root = tmp_path_factory.mktemp("q4run")
+    out = convert_weight(gg["Q4_0"], "q4f32_1", root / "w", progress=False)
+    lib = compile_model(resolve_model(str(out)), "cpu", "q4f32_1", root / "lib.so", log=lambda _m: None,
+                        activations="float")
+    return Engine(out, lib)
+
+
+def test_logits_equal_the_dequantized_file(files, q4_engine):
+    hf_dir, gg = files
+    hf = dequantized_model(hf_dir, gg["Q4_0"])
+    ids = np.random.default_rng(0).integers(0, 320, 12).tolist()
+    seq = q4_engine.runner.add_sequence()
+    try:
+        got = [q4_engine.runner.prefill(seq, ids)]
+        tokens = [int(np.argmax(got[-1]))]
+        for _ in range(10):
+            got.append(q4_engine.runner.decode(seq, tokens[-1]))
+            tokens.append(int(np.argmax(got[-1])))
+    finally:
+        q4_engine.runner.remove_sequence(seq)
+    with torch.no_grad():
+        want = hf(torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1:].numpy()
+    err = np.abs(np.array(got) - want).max() / np.abs(want).max()
+    assert err <= 1e-4, f"relative logit error {err:.2e}"
+    assert want.argmax(-1).tolist() == tokens
+
+
+def test_generation_and_fim_from_the_gguf_alone(q4_engine):
+    vocab = q4_engine.tokenizer.tok.get_vocab()
+    assert q4_engine.fim["prefix"]["id"] == vocab["<fim_prefix>"]
+    ids = q4_engine.prompt_ids(prefix="def f(", suffix="):\n")
+    assert ids[0] == vocab["<fim_prefix>"] and ids[-1] == vocab["<fim_middle>"]
+    assert len(q4_engine.generate(prefix="def f(", suffix="):\n", max_new_tokens=4)) >= 1
+    assert q4_engine.complete("def fibonacci(", max_new_tokens=4).token_ids
+
+
+def test_split_set_and_folder(files, tmp_path):
+    hf, gg = files
+    (tmp_path / "parts").mkdir()
+    split = write_gguf(hf, tmp_path / "parts" / "model.gguf", "Q8_0", split_max_tensors=10)
+    parts = sorted(split.parent.glob("*.gguf"))
+    assert len(parts) > 1 and parts[0].name.endswith("-00001-of-%05d.gguf" % len(parts))
+    whole = tensors(convert_weight(gg["Q8_0"], None, tmp_path / "a", progress=False))
+    from_part = tensors(convert_weight(parts[-1], None, tmp_path / "b", progress=False))
+    from_folder = tensors(convert_weight(split.parent, None, tmp_path / "c", progress=False))
+    for name, value in whole.items():
+        assert np.array_equal(value, from_part[name]) and np.array_equal(value, from_folder[name]), name
+
+
+# ---- bad input: one line each, nothing written ----
+
+def _header_type_offset(path, name: str) -> int:
+    """Byte offset of tensor `name`'s ggml type in the GGUF header."""
+    import gguf
+
+    t = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == name)
+    return t.field.offset + 8 + len(name.encode()) + 4 + 8 * len(t.shape)
+
+
+def _refused(source, tmp_path, quantization=None) -> str:
+    out = tmp_path / "out"
+    with pytest.raises(GptbcError) as err:
+        convert_weight(source, quantization, out, progress=False)
+    assert not out.exists() and not list(tmp_path.glob(".out*")), "something was left behind"
+    message = str(err.value)
+    assert len(message.splitlines()) == 1, message
+    return message
+
+
+def test_truncated_file(files, tmp_path):
+    data = files[1]["Q8_0"].read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:len(data) - 1000])
+    assert "truncated" in _refused(cut, tmp_path)
+
+
+def test_unknown_block_type(files, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    shutil.copyfile(files[1]["Q8_0"], bad)
+    with open(bad, "r+b") as f:
+        f.seek(_header_type_offset(bad, "blk.0.ffn_up.weight"))
+        f.write((99).to_bytes(4, "little"))
+    assert "unknown block type" in _refused(bad, tmp_path)
+
+
+def test_other_architecture_and_wrong_shape(files, tmp_path):
+    hf, _ = files
+    llama = write_gguf(hf, tmp_path / "llama.gguf", "Q8_0", arch="llama")
+    assert "'llama', not 'starcoder'" in _refused(llama, tmp_path)
+    wrong = write_gguf(hf, tmp_path / "wrong.gguf", "Q8_0", replace={"blk.1.ffn_up.weight": np.ones((128, 64))})
+    assert "blk.1.ffn_up.weight" in _refused(wrong, tmp_path) and "[128, 64]" in _refused(wrong, tmp_path)
+
+
+def test_old_ggml_file(tmp_path):
+    old = tmp_path / "starcoder.ggmlv3.q4_0.bin"
+    old.write_bytes(b"tjgg" + (3).to_bytes(4, "little") + bytes(64))
+    assert "an old GGML file, not GGUF: convert it with llama.cpp first" in _refused(old, tmp_path)
+
+
+def test_k_quant_file_needs_a_scheme(files, tmp_path):
+    hf, _ = files
+    k = write_gguf(hf, tmp_path / "k.gguf", "Q8_0", types={f"blk.{i}.{m}.weight": "Q4_1" for i in range(2)
+                                                             for m in LINEAR})
+    message = _refused(k, tmp_path)
+    assert "Q4_1" in message and "--quantization" in message
