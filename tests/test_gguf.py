@@ -10,11 +10,11 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file
 
 from gguf_files import dequantized, dequantized_model, write_gguf
-from hf_models import CORPUS, make_checkpoint
+from conftest import assert_matches_hf
+from hf_models import CORPUS
 from gptbc.artifact.convert import convert_weight
 from gptbc.artifact.quantization import dequantize, get_quantization
 from gptbc.errors import GptbcError
@@ -23,10 +23,9 @@ LINEAR = ["attn_qkv", "attn_output", "ffn_up", "ffn_down"]
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """The HF checkpoint and its GGUF files (Q8_0, Q4_0, F16)."""
-    root = tmp_path_factory.mktemp("gguf")
-    hf = make_checkpoint(root / "hf", tokenizer="underscore", n_embd=64, n_head=4, n_layer=2, seed=5)
+def files(import_checkpoint, tmp_path_factory):
+    """The shared test checkpoint and its GGUF files (Q8_0, Q4_0, F16)."""
+    root, hf = tmp_path_factory.mktemp("gguf"), import_checkpoint
     return hf, {q: write_gguf(hf, root / f"model-{q}.gguf", q) for q in ("Q8_0", "Q4_0", "F16")}
 
 
@@ -84,38 +83,18 @@ def test_tokenizer_encodes_as_hf(files, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def q4_engine(files, tmp_path_factory):
-    """The Q4_0 file converted into q4f32_1 (carried exactly, float32 activations) and compiled for the CPU."""
-    from gptbc.artifact.config import resolve_model
-    from gptbc.compile.compiler import compile_model
+def q4_engine(files, import_lib, tmp_path_factory):
+    """The Q4_0 file converted into q4f32_1 (carried exactly, float32 activations), on the shared CPU library."""
     from gptbc.runtime.engine import Engine
 
     _, gg = files
-    root = tmp_path_factory.mktemp("q4run")
-    out = convert_weight(gg["Q4_0"], "q4f32_1", root / "w", progress=False)
-    lib = compile_model(resolve_model(str(out)), "cpu", "q4f32_1", root / "lib.so", log=lambda _m: None,
-                        activations="float")
-    return Engine(out, lib)
+    out = convert_weight(gg["Q4_0"], "q4f32_1", tmp_path_factory.mktemp("q4run") / "w", progress=False)
+    return Engine(out, import_lib)
 
 
 def test_logits_equal_the_dequantized_file(files, q4_engine):
     hf_dir, gg = files
-    hf = dequantized_model(hf_dir, gg["Q4_0"])
-    ids = np.random.default_rng(0).integers(0, 320, 12).tolist()
-    seq = q4_engine.runner.add_sequence()
-    try:
-        got = [q4_engine.runner.prefill(seq, ids)]
-        tokens = [int(np.argmax(got[-1]))]
-        for _ in range(10):
-            got.append(q4_engine.runner.decode(seq, tokens[-1]))
-            tokens.append(int(np.argmax(got[-1])))
-    finally:
-        q4_engine.runner.remove_sequence(seq)
-    with torch.no_grad():
-        want = hf(torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1:].numpy()
-    err = np.abs(np.array(got) - want).max() / np.abs(want).max()
-    assert err <= 1e-4, f"relative logit error {err:.2e}"
-    assert want.argmax(-1).tolist() == tokens
+    assert_matches_hf(q4_engine, dequantized_model(hf_dir, gg["Q4_0"]))
 
 
 def test_generation_and_fim_from_the_gguf_alone(q4_engine):

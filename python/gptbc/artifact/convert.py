@@ -31,6 +31,7 @@ from gptbc.artifact.manifest import weights_manifest
 from gptbc.artifact.params import converted_params
 from gptbc.artifact.gguf_reader import GGUFCheckpoint, looks_like_gguf
 from gptbc.artifact.gguf_tokenizer import write_tokenizer
+from gptbc.artifact.gptq_reader import QuantizedCheckpoint, quant_config
 from gptbc.artifact.quantization import Quantization, dequantize, get_quantization, numpy_dtype, quantize
 from gptbc.artifact.safetensors_io import SafetensorsFile, aligned_order, dtype_name, write_safetensors
 
@@ -304,10 +305,11 @@ def _open_source(spec: str, quantization: str | None) -> Source:
         except BaseException:
             ckpt.close()
             raise
-    if quantization is None:
-        raise GptbcError(f"{spec}: --quantization is required for a Hugging Face checkpoint")
     hf_dir = checkpoint_dir(spec)
     cfg = load_hf_config(hf_dir)
+    settings = quant_config(hf_dir)
+    if quantization is None and settings is None:
+        raise GptbcError(f"{spec}: --quantization is required for a Hugging Face checkpoint")
     from gptbc.artifact.checkpoint_layouts import wrap_checkpoint  # original SantaCoder layout → gpt_bigcode tensors, on the fly
 
     def copy_tokenizer(tmp: Path) -> None:
@@ -315,7 +317,19 @@ def _open_source(spec: str, quantization: str | None) -> Source:
             if (hf_dir / f).is_file():
                 shutil.copyfile(hf_dir / f, tmp / f)
 
-    return Source(hf_dir.resolve().name, cfg, wrap_checkpoint(Checkpoint(hf_dir), hf_dir, cfg), copy_tokenizer)
+    if settings is None:
+        return Source(hf_dir.resolve().name, cfg, wrap_checkpoint(Checkpoint(hf_dir), hf_dir, cfg), copy_tokenizer)
+    ckpt = QuantizedCheckpoint(Checkpoint(hf_dir), cfg, settings)
+    try:
+        scheme = ckpt.exact_scheme() or ""
+        if not (quantization or scheme):
+            raise GptbcError(f"{hf_dir}: gptbc cannot store this {ckpt.method} checkpoint exactly: "
+                             f"{ckpt.why_not_exact()}; pass --quantization (e.g. q4f16_1) to re-quantize it "
+                             f"(the error is measured and printed)")
+    except BaseException:
+        ckpt.close()
+        raise
+    return Source(hf_dir.resolve().name, cfg, ckpt, copy_tokenizer, scheme, Fidelity(ckpt.type_of))
 
 
 def current_umask() -> int:
