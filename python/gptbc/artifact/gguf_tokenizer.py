@@ -60,7 +60,10 @@ def tokenizer_json(meta: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def write_tokenizer(meta: dict[str, Any], path: Path, out_dir: Path) -> None:
-    """Write tokenizer.json (and generation_config.json with the bos/eos ids) into `out_dir`."""
+    """Write tokenizer.json (and generation_config.json with the bos/eos ids) into `out_dir`; nothing for a file
+    without a tokenizer (weights alone convert, as an HF directory without tokenizer files does)."""
+    if "tokenizer.ggml.model" not in meta:
+        return
     (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json(meta, path), ensure_ascii=False), "utf-8")
     gen = {k: int(meta[f"tokenizer.ggml.{k}"]) for k in ("bos_token_id", "eos_token_id")
            if f"tokenizer.ggml.{k}" in meta}
