@@ -103,11 +103,12 @@ def dequantized(path: Path) -> dict[str, np.ndarray]:
 
 
 def dequantized_model(hf_dir: Path, path: Path):
-    """The HF model of `hf_dir` with every weight replaced by the value the GGUF `path` stores for it."""
+    """An HF model of `hf_dir`'s config (its weights need not be there) holding the values the GGUF `path`
+    stores for every parameter."""
     import torch
-    from hf_models import load_hf
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
-    model = load_hf(hf_dir)
+    model = GPTBigCodeForCausalLM(GPTBigCodeConfig.from_pretrained(hf_dir)).eval()
     values = dequantized(path)
     with torch.no_grad():
         for hf, p in model.named_parameters():

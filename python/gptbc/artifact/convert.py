@@ -297,8 +297,9 @@ def _open_source(spec: str, quantization: str | None) -> Source:
             scheme = ckpt.default_scheme() or ""
             if not (quantization or scheme):
                 raise GptbcError(f"{ckpt.directory}: its layer weights are {', '.join(ckpt.weight_types())}, which no "
-                                 f"one gptbc scheme stores exactly; pass --quantization (e.g. q8f16_1 or q4f16_1) "
-                                 f"to re-quantize what it cannot carry (the error is measured and printed)")
+                                 f"packed gptbc scheme stores exactly; pass --quantization q0f32 to keep their values "
+                                 f"exactly (as float32), or e.g. q8f16_1 / q4f16_1 to re-quantize them (the error is "
+                                 f"measured and printed)")
             stem = SPLIT_SUFFIX.sub("", ckpt.files[0].name).removesuffix(".gguf")
             return Source(stem, ckpt.config, ckpt, lambda tmp: write_tokenizer(ckpt.meta, ckpt.files[0], tmp),
                           scheme, Fidelity(lambda n: ckpt.type_of(n)))
