@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,7 +172,50 @@ def test_old_ggml_file(tmp_path):
 
 def test_k_quant_file_needs_a_scheme(files, tmp_path):
     hf, _ = files
-    k = write_gguf(hf, tmp_path / "k.gguf", "Q8_0", types={f"blk.{i}.{m}.weight": "Q4_1" for i in range(2)
+    k = write_gguf(hf, tmp_path / "k.gguf", "Q8_0", types={f"blk.{i}.{m}.weight": "Q5_0" for i in range(2)
                                                              for m in LINEAR})
     message = _refused(k, tmp_path)
-    assert "Q4_1" in message and "--quantization" in message
+    assert "Q5_0" in message and "--quantization" in message
+
+
+# ---- K-quant files made by llama.cpp's own quantizer (tests/data/kquant/README.md) ----
+
+KQUANT = Path(__file__).parent / "data" / "kquant"
+KQUANT_FILES = {"Q4_K_M": {"Q4_K", "Q6_K"}, "Q5_K_M": {"Q5_K", "Q6_K"}, "Q6_K": {"Q6_K"}}
+
+
+@pytest.mark.parametrize("kind", sorted(KQUANT_FILES))
+def test_k_quant_file_loads_every_value_with_q0f32(kind, tmp_path, capsys):
+    import gguf
+
+    path = KQUANT / f"model-{kind}.gguf"
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert KQUANT_FILES[kind] <= types, types  # the mix llama.cpp chose for this file type
+    message = _refused(path, tmp_path)
+    assert "--quantization q0f32" in message and any(t in message for t in KQUANT_FILES[kind]), message
+    out = convert_weight(path, "q0f32", tmp_path / "w", progress=False)
+    assert capsys.readouterr().err == ""  # nothing changed, so nothing to report
+    got, want = tensors(out), dequantized(path)
+    names = {"transformer.wte.weight": "token_embd.weight", "transformer.h.0.attn.c_attn.weight": "blk.0.attn_qkv.weight",
+             "transformer.h.0.mlp.c_proj.weight": "blk.0.ffn_down.weight",
+             "transformer.h.0.attn.c_proj.weight": "blk.0.attn_output.weight"}
+    for ours, theirs in names.items():
+        assert np.array_equal(got[ours], want[theirs]), ours
+
+
+def test_k_quant_tokenizer_and_logits(tmp_path):
+    """The Q4_K_M file alone: its rebuilt tokenizer encodes as the checkpoint's, its logits are the dequantized
+    file's (float32 kernels on the exact values)."""
+    from tokenizers import Tokenizer
+
+    from gptbc.artifact.config import resolve_model
+    from gptbc.compile.compiler import compile_model
+    from gptbc.runtime.engine import Engine
+
+    path = KQUANT / "model-Q4_K_M.gguf"
+    out = convert_weight(path, "q0f32", tmp_path / "w", progress=False)
+    sample = "".join(CORPUS[:4]) + "<fim_prefix>x = 12345<fim_suffix>\n<fim_middle>"
+    ours, theirs = (Tokenizer.from_file(str(d / "tokenizer.json")) for d in (out, KQUANT))
+    assert ours.encode(sample).ids == theirs.encode(sample).ids
+    lib = compile_model(resolve_model(str(out)), "cpu", "q0f32", tmp_path / "lib.so", log=lambda _m: None)
+    assert_matches_hf(Engine(out, lib), dequantized_model(KQUANT, path))
