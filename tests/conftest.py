@@ -86,15 +86,25 @@ def import_checkpoint(tmp_path_factory) -> Path:
                            n_layer=2, seed=5)
 
 
+def _import_lib(checkpoint: Path, scheme: str, root: Path) -> Path:
+    from gptbc.artifact.config import resolve_model
+    from gptbc.compile.compiler import compile_model
+
+    return compile_model(resolve_model(str(checkpoint)), "cpu", scheme, root / f"{scheme}.so", log=lambda _m: None,
+                         activations="float")
+
+
 @pytest.fixture(scope="session")
 def import_lib(import_checkpoint, tmp_path_factory) -> Path:
     """One q4f32_1 CPU library (float activations) that runs every conversion of `import_checkpoint`'s files: a
     library depends only on the config and the scheme, which all of them share."""
-    from gptbc.artifact.config import resolve_model
-    from gptbc.compile.compiler import compile_model
+    return _import_lib(import_checkpoint, "q4f32_1", tmp_path_factory.mktemp("imports-lib"))
 
-    return compile_model(resolve_model(str(import_checkpoint)), "cpu", "q4f32_1",
-                         tmp_path_factory.mktemp("imports-lib") / "q4.so", log=lambda _m: None, activations="float")
+
+@pytest.fixture(scope="session")
+def import_lib_affine(import_checkpoint, tmp_path_factory) -> Path:
+    """The same for the affine scheme q4f32_a (asymmetric GPTQ, AWQ, GGUF Q4_1 / Q4_K held exactly)."""
+    return _import_lib(import_checkpoint, "q4f32_a", tmp_path_factory.mktemp("imports-lib-a"))
 
 
 def run_logits(engine, ids: list[int], steps: int):

@@ -27,7 +27,7 @@ LINEAR = ["attn_qkv", "attn_output", "ffn_up", "ffn_down"]
 def files(import_checkpoint, tmp_path_factory):
     """The shared test checkpoint and its GGUF files (Q8_0, Q4_0, F16)."""
     root, hf = tmp_path_factory.mktemp("gguf"), import_checkpoint
-    return hf, {q: write_gguf(hf, root / f"model-{q}.gguf", q) for q in ("Q8_0", "Q4_0", "F16")}
+    return hf, {q: write_gguf(hf, root / f"model-{q}.gguf", q) for q in ("Q8_0", "Q4_0", "Q4_1", "F16")}
 
 
 def tensors(out) -> dict[str, np.ndarray]:
@@ -37,10 +37,15 @@ def tensors(out) -> dict[str, np.ndarray]:
     return found
 
 
-@pytest.mark.parametrize("qtype, scheme", [("Q8_0", "q8f16_1"), ("Q4_0", "q4f16_1"), ("Q4_0", "q4f32_1")])
-def test_blocks_are_carried_bit_for_bit(files, qtype, scheme, tmp_path):
+@pytest.mark.parametrize("qtype, scheme", [("Q8_0", "q8f16_1"), ("Q4_0", "q4f16_1"), ("Q4_0", "q4f32_1"),
+                                           ("Q4_1", "q4f16_a"), ("Q4_0", "q4f32_a")])
+def test_blocks_are_carried_bit_for_bit(files, qtype, scheme, tmp_path, capsys):
     _, gg = files
-    out = convert_weight(gg[qtype], None if scheme.endswith("16_1") else scheme, tmp_path / "w", progress=False)
+    default = scheme.endswith("16_1") or (qtype, scheme) == ("Q4_1", "q4f16_a")
+    out = convert_weight(gg[qtype], None if default else scheme, tmp_path / "w", progress=False)
+    # no tensor of the file's type changed, but wpe (a Q*_0 table the scheme keeps in its activation dtype)
+    note = capsys.readouterr().err
+    assert qtype not in note or f"1 {qtype} tensor (worst transformer.wpe.weight" in note, note
     assert json.loads((out / "gptbc-config.json").read_text())["quantization"]["name"] == scheme
     got, want, q = tensors(out), dequantized(gg[qtype]), get_quantization(scheme)
     pairs = [("transformer.wte", "token_embd.weight")] + [
@@ -49,7 +54,7 @@ def test_blocks_are_carried_bit_for_bit(files, qtype, scheme, tmp_path):
     for ours, theirs in pairs:
         values = dequantize(got[ours + ".q_weight"], got[ours + ".q_scale"], want[theirs].shape[1], q)
         assert np.array_equal(values, want[theirs]), ours
-    if q.bits == 4:  # Q4_0's q = 0 is stored as nibble 15, which gptbc's own quantizer never writes
+    if q.kind == "group" and q.bits == 4:  # Q4_0's q = 0 is stored as nibble 15, which gptbc's quantizer never writes
         w = got["transformer.h.0.mlp.c_fc.q_weight"]
         assert ((w[..., None] >> (np.arange(8, dtype=np.uint32) * 4)) & 15 == 15).any()
 
@@ -219,3 +224,23 @@ def test_k_quant_tokenizer_and_logits(tmp_path):
     assert ours.encode(sample).ids == theirs.encode(sample).ids
     lib = compile_model(resolve_model(str(out)), "cpu", "q0f32", tmp_path / "lib.so", log=lambda _m: None)
     assert_matches_hf(Engine(out, lib), dequantized_model(KQUANT, path))
+
+
+def test_q4_1_logits_with_the_affine_scheme(files, import_lib_affine, tmp_path):
+    from gptbc.runtime.engine import Engine
+
+    hf_dir, gg = files
+    out = convert_weight(gg["Q4_1"], "q4f32_a", tmp_path / "w", progress=False)
+    assert_matches_hf(Engine(out, import_lib_affine), dequantized_model(hf_dir, gg["Q4_1"]))
+
+
+def test_q4_k_tensors_are_carried_into_the_affine_scheme(tmp_path, capsys):
+    """llama.cpp's Q4_K tensors bit for bit in q4f32_a; its Q6_K ones re-quantized, and said so."""
+    path = KQUANT / "model-Q4_K_M.gguf"
+    out = convert_weight(path, "q4f32_a", tmp_path / "w", progress=False)
+    note = capsys.readouterr().err
+    assert "Q6_K tensors" in note and "Q4_K" not in note, note
+    got, want, q = tensors(out), dequantized(path), get_quantization("q4f32_a")
+    for ours, theirs in [("transformer.h.0.mlp.c_fc", "blk.0.ffn_up.weight"),
+                         ("transformer.h.0.attn.c_proj", "blk.0.attn_output.weight")]:
+        assert np.array_equal(dequantize(got[ours + ".q_weight"], got[ours + ".q_scale"], 256, q), want[theirs]), ours

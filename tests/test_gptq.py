@@ -73,13 +73,12 @@ def test_reader_values_equal_the_layout_definition(import_checkpoint, kind, tmp_
     try:
         for name, want in dequantized(src).items():
             assert np.array_equal(ckpt.get(name), want), name
-        assert ckpt.exact_scheme() is None
+        assert ckpt.exact_scheme() == {"awq": None, "asym": "q4f16_a", "desc_act": None}[kind]
     finally:
         ckpt.close()
 
 
-@pytest.mark.parametrize("kind, why", [("awq", "AWQ is asymmetric"), ("asym", "zero points are not all 8"),
-                                       ("desc_act", "desc_act and several groups")])
+@pytest.mark.parametrize("kind, why", [("awq", "mlp.act.scales"), ("desc_act", "desc_act and several groups")])
 def test_inexact_checkpoints_need_a_scheme_and_report_the_error(import_checkpoint, kind, why, tmp_path, capsys):
     src = write_quantized(import_checkpoint, tmp_path / kind, method="awq" if kind == "awq" else "gptq",
                           sym=kind != "asym", desc_act=kind == "desc_act")
@@ -104,3 +103,26 @@ def test_unrepresentable_gptq_config_is_one_line(import_checkpoint, tmp_path):
     with pytest.raises(GptbcError, match="3-bit") as err:
         convert_weight(src, None, tmp_path / "w", progress=False)
     assert len(str(err.value).splitlines()) == 1 and not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_asymmetric_layers_are_carried_into_q4f32_a(import_checkpoint, import_lib_affine, method, tmp_path, capsys):
+    """Asymmetric GPTQ and AWQ (without activation scales): every layer exact in the affine scheme, which is the
+    default for them, and the logits those values give."""
+    from gptbc.runtime.engine import Engine
+
+    src = write_quantized(import_checkpoint, tmp_path / method, method=method, sym=False, act_scales=False)
+    default = convert_weight(src, None, tmp_path / "default", progress=False)
+    assert json.loads((default / "gptbc-config.json").read_text())["quantization"]["name"] == "q4f16_a"
+    out = convert_weight(src, "q4f32_a", tmp_path / "w", progress=False)
+    assert method.upper() not in capsys.readouterr().err  # no layer re-quantized
+    got, q = tensors(out), get_quantization("q4f32_a")
+    for name, want in dequantized(src).items():
+        module = name[:-len(".weight")]
+        assert np.array_equal(dequantize(got[module + ".q_weight"], got[module + ".q_scale"], want.shape[1], q),
+                              want), name
+    hf = reference_model(import_checkpoint, src)
+    hf.transformer.wte.weight.data = torch.from_numpy(dequantize(
+        got["transformer.wte.q_weight"], got["transformer.wte.q_scale"], hf.config.n_embd, q))
+    hf.tie_weights()
+    assert_matches_hf(Engine(out, import_lib_affine), hf)

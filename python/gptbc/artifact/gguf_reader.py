@@ -9,8 +9,9 @@ no `gpt_bigcode` architecture, and `starcoder2` is another model). What this mod
   * a block of Q8_0 is an fp16 scale d and 32 int8 q (value d * q): exactly gptbc's q8*_1 group;
     a block of Q4_0 is an fp16 d and 16 bytes, byte j holding element j (low nibble) and j + 16 (high), value
     (q - 8) * d: exactly q4*_1's (n - 7) * s with n = 15 - q and s = -d.
-Every other block type is dequantized with `gguf.quants.dequantize` (bit-exact with ggml's C) and then
-re-quantized into the chosen scheme, and the converter reports the error it measured (see convert.py).
+  * Q4_0, Q4_1 and Q4_K are (q, scale, min) per 32 values: exactly the affine scheme q4*_a (quantization.py).
+Every other block type (Q5_*, Q6_K, Q2_K, Q3_K, ...) is dequantized with `gguf.quants.dequantize` (bit-exact with
+ggml's C) and then re-quantized into the chosen scheme, and the converter reports the error it measured.
 
 The header is parsed with the `gguf` package; the tensor bytes are read through our own read-only mapping
 of each file, one tensor at a time, and dropped from memory once written (as SafetensorsFile does).
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from gptbc.artifact.config import GPTBigCodeConfig
-from gptbc.artifact.quantization import Quantization
+from gptbc.artifact.quantization import Quantization, pack_nibbles
 from gptbc.errors import GptbcError
 
 ARCH = "starcoder"
@@ -197,20 +198,20 @@ class GGUFCheckpoint:
     def carried(self, name: str, quant: Quantization) -> tuple[np.ndarray, np.ndarray] | None:
         """(q_weight, q_scale) holding exactly the stored values, when `quant` can; else None."""
         kind = self.type_of(name)
+        if quant.kind == "affine" and kind in AFFINE_TYPES:
+            q, scale, low = AFFINE_TYPES[kind](self.raw(name))
+            return pack_nibbles(q), np.stack([scale, low], axis=-1).reshape(q.shape[0], -1)
         if quant.kind != "group" or GROUP_TYPES.get(kind) != quant.bits:
             return None
         blocks = self.raw(name)
         rows = blocks.shape[0]
         blocks = blocks.reshape(rows, -1, 34 if kind == "Q8_0" else 18)
-        d = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16)[:, :, 0]
+        d = _half(blocks, 0)
         if kind == "Q8_0":
             return (np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(rows, -1),
                     d.astype(quant.model_dtype))
-        qs = blocks[:, :, 2:]
-        q = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.uint32)  # (rows, groups, 32): elements 0..31
-        n = (15 - q).reshape(rows, -1, 8)  # flipped: (15 - q) - 7 = 8 - q, and the scale negated below
-        words = np.bitwise_or.reduce(n << (np.arange(8, dtype=np.uint32) * 4), axis=-1).astype(np.uint32)
-        return words, (-d).astype(quant.model_dtype)
+        # flipped: (15 - q) - 7 = 8 - q, and the scale negated
+        return pack_nibbles(15 - _split_nibbles(blocks[:, :, 2:]).reshape(rows, -1)), (-d).astype(quant.model_dtype)
 
     def release(self, name: str) -> None:
         """Drop a tensor's pages from resident memory (a 9 GB file must not end up all resident)."""
@@ -228,9 +229,12 @@ class GGUFCheckpoint:
         return f"{_hf_to_gguf(self.config).get(name, name)} ({name})"
 
     def default_scheme(self) -> str | None:
-        """The scheme holding every layer weight as stored, when one does (a file of one such type)."""
+        """The scheme holding every layer weight as stored, when one does: a file of one type that a scheme holds,
+        or of 4-bit types that the affine scheme holds (Q4_0, Q4_1, Q4_K)."""
         types = self.weight_types()
-        return DEFAULT_SCHEME.get(types[0]) if len(types) == 1 else None
+        if len(types) == 1 and types[0] in DEFAULT_SCHEME:
+            return DEFAULT_SCHEME[types[0]]
+        return "q4f16_a" if types and set(types) <= set(AFFINE_TYPES) else None
 
     def weight_types(self) -> list[str]:
         """The ggml types of the layers' linear weights."""
@@ -245,6 +249,48 @@ class GGUFCheckpoint:
                 pass
         for h in self._handles:
             h.close()
+
+
+def _half(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The fp16 at byte `at` of every block: float16 [rows, blocks]."""
+    return np.ascontiguousarray(blocks[:, :, at:at + 2]).view(np.float16)[:, :, 0]
+
+
+def _split_nibbles(qs: np.ndarray) -> np.ndarray:
+    """[..., 16] bytes → [..., 32] values: byte j's low nibble is value j, its high nibble value j + 16."""
+    return np.concatenate([qs & 15, qs >> 4], axis=-1)
+
+
+def _q4_0(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q uint8 [rows, cols], scale, min float32 [rows, groups]) of Q4_0 blocks: (q - 8) d = q d + (-8 d)."""
+    blocks = raw.reshape(raw.shape[0], -1, 18)
+    d = _half(blocks, 0).astype(np.float32)
+    return _split_nibbles(blocks[:, :, 2:]).reshape(raw.shape[0], -1), d, -8 * d
+
+
+def _q4_1(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_1 blocks (fp16 d, fp16 m, 16 bytes): q d + m."""
+    blocks = raw.reshape(raw.shape[0], -1, 20)
+    return (_split_nibbles(blocks[:, :, 4:]).reshape(raw.shape[0], -1), _half(blocks, 0).astype(np.float32),
+            _half(blocks, 2).astype(np.float32))
+
+
+def _q4_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K super-blocks of 256 (fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles):
+    sub-block j of 32 is q (d sc_j) - (dmin m_j); bytes 32c..32c+31 hold sub-block 2c (low nibbles), 2c+1 (high)."""
+    from gguf.quants import Q4_K
+
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 144)
+    sc, m = Q4_K.get_scale_min(np.ascontiguousarray(blocks[:, :, 4:16]).reshape(-1, 12))
+    d, dmin = (_half(blocks, k).astype(np.float32).reshape(-1, 1) for k in (0, 2))
+    qs = blocks[:, :, 16:].reshape(rows, -1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
+    scale, low = d * sc.astype(np.float32), -(dmin * m.astype(np.float32))
+    return (qs & 15).reshape(rows, -1), scale.reshape(rows, -1), low.reshape(rows, -1)
+
+
+# ggml types an affine scheme (q4*_a) holds exactly: each gives (q, scale, min) per group of 32
+AFFINE_TYPES = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k}
 
 
 def _float_dtype(type_name: str) -> np.dtype:

@@ -13,9 +13,10 @@ Layouts (4-bit; a layer with `in` inputs, `out` outputs and groups of `g` inputs
         gpt_bigcode AWQ checkpoints also carry `mlp.act.scales` [n_inner]: the GELU output is divided by them
         before mlp.c_proj, which is the same as dividing c_proj's input columns by them (folded here).
 A symmetric GPTQ layer (every zero 8) whose groups are runs of inputs is exactly q4*_1: nibble 15 - q and scale
--s give (15 - q - 7) * -s = s * (q - 8), each scale repeated over the groups of 32 it covers. Any other layer
-(asymmetric GPTQ, AWQ, desc_act with several groups) is dequantized to float32 here and re-quantized by the
-converter, which prints the error it measured.
+-s give (15 - q - 7) * -s = s * (q - 8), each scale repeated over the groups of 32 it covers. An asymmetric one
+(and AWQ without activation scales) is exactly q4*_a: q * s + (-z * s). A layer neither holds (desc_act with
+several groups; AWQ's c_proj with activation scales folded in) is dequantized to float32 here and re-quantized by
+the converter, which prints the error it measured.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 
 from gptbc.artifact.config import GPTBigCodeConfig
 from gptbc.artifact.files import HF_CONFIG, read_json
-from gptbc.artifact.quantization import Quantization, numpy_dtype
+from gptbc.artifact.quantization import Quantization, numpy_dtype, pack_nibbles
 from gptbc.errors import GptbcError
 
 LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -128,8 +129,8 @@ class QuantizedCheckpoint:
             return self.ckpt.get(name)
         q, zero, scale, g_idx = self._parts(module)
         w = (q.astype(np.float32) - zero[:, g_idx]) * scale[:, g_idx]
-        act = module.replace("mlp.c_proj", "mlp.act") + ".scales"
-        if module.endswith("mlp.c_proj") and act in self.ckpt:  # AWQ's ScaledActivation: gelu(x) / s feeds c_proj
+        act = self._act_scales(module)
+        if act is not None:  # AWQ's ScaledActivation: gelu(x) / s feeds c_proj
             w /= np.asarray(self.ckpt.get(act), np.float32)[None, :]
         return w
 
@@ -149,29 +150,45 @@ class QuantizedCheckpoint:
         return bool(np.all(zero == 8) and g_idx.shape == (n_in,) and np.all(g_idx[::32] == g_idx.reshape(-1, 32).T))
 
     def carried(self, name: str, quant: Quantization) -> tuple[np.ndarray, np.ndarray] | None:
-        """q4*_1's (q_weight, q_scale) holding a symmetric GPTQ layer exactly, when `_carryable`."""
+        """(q_weight, q_scale) holding the layer exactly: a symmetric GPTQ layer in q4*_1 (`_carryable`), any
+        layer whose groups are runs of 32 inputs in q4*_a (q * s + (-z * s), both terms exact), except AWQ layers
+        whose activation scales were folded in (that division leaves the grid)."""
         module = self._module(name)
-        if module is None or quant.kind != "group" or quant.bits != 4 or not self._carryable(module):
+        if module is None or quant.bits != 4:
             return None
-        q, _, _, g_idx = self._parts(module)
-        out, n_in = q.shape
-        n = (15 - q.astype(np.uint32)).reshape(out, n_in // 8, 8)
-        words = np.bitwise_or.reduce(n << SHIFTS, axis=-1).astype(np.uint32)
-        s16 = self.ckpt.get(f"{module}.scales").T  # fp16, as stored
-        return words, (-s16[:, g_idx[::32]]).astype(numpy_dtype(quant.model_dtype))
+        if quant.kind == "group" and self._carryable(module):
+            q, _, _, g_idx = self._parts(module)
+            s16 = self.ckpt.get(f"{module}.scales").T  # fp16, as stored
+            return pack_nibbles(15 - q), (-s16[:, g_idx[::32]]).astype(numpy_dtype(quant.model_dtype))
+        if quant.kind != "affine" or self._act_scales(module) is not None:
+            return None
+        q, zero, scale, g_idx = self._parts(module)
+        if q.shape[1] % 32 or np.any(g_idx[::32] != g_idx.reshape(-1, 32).T):
+            return None
+        step, first = scale[:, g_idx[::32]], g_idx[::32]
+        low = -(zero[:, first].astype(np.float32) * step)
+        return pack_nibbles(q), np.stack([step, low], axis=-1).reshape(q.shape[0], -1)
+
+    def _act_scales(self, module: str) -> str | None:
+        """The name of the AWQ activation scales that divide this layer's input, if any."""
+        act = module.replace("mlp.c_proj", "mlp.act") + ".scales"
+        return act if module.endswith("mlp.c_proj") and act in self.ckpt else None
 
     def exact_scheme(self) -> str | None:
-        """q4f16_1 when every quantized layer can be carried into it, else None."""
+        """q4f16_1 when every quantized layer can be carried into it, q4f16_a when every one can be carried into
+        that (asymmetric layers), else None."""
         modules = [f"transformer.h.{i}.{m}" for i in range(self.cfg.n_layer) for m in LINEARS]
-        return "q4f16_1" if all(self._carryable(m) for m in modules) else None
+        if all(self._carryable(m) for m in modules):
+            return "q4f16_1"
+        affine = Quantization("q4f16_a", "affine", "float16", bits=4, group_size=32)
+        return "q4f16_a" if all(self.carried(m + ".weight", affine) is not None for m in modules) else None
 
     def why_not_exact(self) -> str:
-        if self.method == "AWQ":
-            return "AWQ is asymmetric (a zero point per group)"
         if self.s["desc_act"] and self.s["group_size"] != -1:
             return ("it was quantized with desc_act and several groups, so a group is not a run of inputs "
-                    "(g_idx), which gptbc's q4*_1 groups must be")
-        return "its zero points are not all 8 (asymmetric GPTQ, sym false)"
+                    "(g_idx), which gptbc's groups of 32 must be")
+        return ("its mlp.act.scales divide the GELU output before mlp.c_proj, which no gptbc scheme computes "
+                "(folded into the weight, the values leave the 4-bit grid)")
 
     def release(self, name: str) -> None:
         module = self._module(name)

@@ -41,7 +41,7 @@ def converted_params(cfg: GPTBigCodeConfig, quant: Quantization) -> list[Param]:
         if is_quantized(quant, name, cfg.tie_word_embeddings):
             module = name.rpartition(".")[0]
             wshape, sshape = quant.packed_shape(shape)
-            out += [(f"{module}.q_weight", wshape, quant.storage_dtype), (f"{module}.q_scale", sshape, quant.model_dtype)]
+            out += [(f"{module}.q_weight", wshape, quant.storage_dtype), (f"{module}.q_scale", sshape, quant.scale_dtype)]
         else:
             out.append((name, shape, quant.model_dtype))
     return out

@@ -49,7 +49,7 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.sm_scale = self.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
         qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
-        packed = q.kind == "group"
+        packed = q.packed
         self.c_attn = make_linear(cfg.n_embd, qkv_dim, True, q, packed)
         self.c_proj = make_linear(cfg.n_embd, cfg.n_embd, True, q, packed)
 
@@ -62,7 +62,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     def __init__(self, cfg: GPTBigCodeConfig, q: Quantization):
-        packed = q.kind == "group"
+        packed = q.packed
         self.c_fc = make_linear(cfg.n_embd, cfg.n_inner, True, q, packed)
         self.c_proj = make_linear(cfg.n_inner, cfg.n_embd, True, q, packed)
         self.act = ACTIVATIONS[cfg.activation_function]

@@ -21,14 +21,17 @@ from gptbc.artifact.quantization import Quantization
 
 
 def _dequant(w: te.Tensor, s: te.Tensor, row, col, q: Quantization):
-    """float32 value of weight (row, col): unpack the int (int4), remove the offset, scale its group."""
-    scale = tirx.Cast("float32", s[row, col // q.group_size])
+    """float32 value of weight (row, col): unpack the int (int4), remove the offset, scale its group; an affine
+    scheme's group has a scale and a min side by side (q * scale + min, quantization.py)."""
     if q.bits == 8:
-        return tirx.Cast("float32", w[row, col]) * scale
+        return tirx.Cast("float32", w[row, col]) * tirx.Cast("float32", s[row, col // q.group_size])
     word = w[row, col // q.per_word]
     shift = tirx.Cast("uint32", (col % q.per_word) * q.bits)
-    bits = (word >> shift) & tirx.const((1 << q.bits) - 1, "uint32")
-    return (tirx.Cast("float32", bits) - float(q.max_int)) * scale
+    bits = tirx.Cast("float32", (word >> shift) & tirx.const((1 << q.bits) - 1, "uint32"))
+    if q.kind == "affine":
+        g = col // q.group_size
+        return bits * s[row, 2 * g] + s[row, 2 * g + 1]
+    return (bits - float(q.max_int)) * tirx.Cast("float32", s[row, col // q.group_size])
 
 
 def dequant_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: int, q: Quantization,
@@ -135,7 +138,7 @@ class QuantizedLinear(nn.Module):
         self.tiled = tiled(q, out_features, in_features)
         wshape, sshape = q.packed_shape((out_features, in_features))
         self.q_weight = nn.Parameter(wshape, q.storage_dtype)
-        self.q_scale = nn.Parameter(sshape, q.model_dtype)
+        self.q_scale = nn.Parameter(sshape, q.scale_dtype)
         self.bias = nn.Parameter((out_features,), q.model_dtype) if bias else None
         if self.tiled:
             _mark_tiled(self.q_weight, self.q_scale, q)
@@ -158,7 +161,7 @@ class QuantizedEmbedding(nn.Module):
         self.tiled = tiled(q, num, dim)
         wshape, sshape = q.packed_shape((num, dim))
         self.q_weight = nn.Parameter(wshape, q.storage_dtype)
-        self.q_scale = nn.Parameter(sshape, q.model_dtype)
+        self.q_scale = nn.Parameter(sshape, q.scale_dtype)
         if self.tiled:
             _mark_tiled(self.q_weight, self.q_scale, q)
 
