@@ -52,7 +52,8 @@ def test_blocks_are_carried_bit_for_bit(files, qtype, scheme, tmp_path, capsys):
         (f"transformer.h.{i}.{m}", f"blk.{i}.{g}.weight") for i in range(2)
         for m, g in zip(["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], LINEAR)]
     for ours, theirs in pairs:
-        values = dequantize(got[ours + ".q_weight"], got[ours + ".q_scale"], want[theirs].shape[1], q)
+        values = dequantize(got[ours + ".q_weight"], got[ours + ".q_scale"], want[theirs].shape[1], q,
+                            got.get(ours + ".q_min"))
         assert np.array_equal(values, want[theirs]), ours
     if q.kind == "group" and q.bits == 4:  # Q4_0's q = 0 is stored as nibble 15, which gptbc's quantizer never writes
         w = got["transformer.h.0.mlp.c_fc.q_weight"]
@@ -243,4 +244,5 @@ def test_q4_k_tensors_are_carried_into_the_affine_scheme(tmp_path, capsys):
     got, want, q = tensors(out), dequantized(path), get_quantization("q4f32_a")
     for ours, theirs in [("transformer.h.0.mlp.c_fc", "blk.0.ffn_up.weight"),
                          ("transformer.h.0.attn.c_proj", "blk.0.attn_output.weight")]:
-        assert np.array_equal(dequantize(got[ours + ".q_weight"], got[ours + ".q_scale"], 256, q), want[theirs]), ours
+        values = dequantize(got[ours + ".q_weight"], got[ours + ".q_scale"], 256, q, got[ours + ".q_min"])
+        assert np.array_equal(values, want[theirs]), ours

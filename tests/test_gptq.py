@@ -119,10 +119,11 @@ def test_asymmetric_layers_are_carried_into_q4f32_a(import_checkpoint, import_li
     got, q = tensors(out), get_quantization("q4f32_a")
     for name, want in dequantized(src).items():
         module = name[:-len(".weight")]
-        assert np.array_equal(dequantize(got[module + ".q_weight"], got[module + ".q_scale"], want.shape[1], q),
-                              want), name
+        assert np.array_equal(dequantize(got[module + ".q_weight"], got[module + ".q_scale"], want.shape[1], q,
+                                         got[module + ".q_min"]), want), name
     hf = reference_model(import_checkpoint, src)
     hf.transformer.wte.weight.data = torch.from_numpy(dequantize(
-        got["transformer.wte.q_weight"], got["transformer.wte.q_scale"], hf.config.n_embd, q))
+        got["transformer.wte.q_weight"], got["transformer.wte.q_scale"], hf.config.n_embd, q,
+        got["transformer.wte.q_min"]))
     hf.tie_weights()
     assert_matches_hf(Engine(out, import_lib_affine), hf)

@@ -36,6 +36,7 @@ from gptbc.artifact.quantization import Quantization, dequantize, get_quantizati
 from gptbc.artifact.safetensors_io import SafetensorsFile, aligned_order, dtype_name, write_safetensors
 
 SPLIT_SUFFIX = re.compile(r"-\d{5}-of-\d{5}\.gguf$")  # a split GGUF set's part numbers
+PARTS = ("q_weight", "q_scale", "q_min")  # a packed weight's parameters, in the order `quantize` returns them
 SHARD_BYTES = 1 << 30  # 1 GiB shards: small enough to copy around, few enough to open quickly
 
 
@@ -108,7 +109,7 @@ class ParamPlan:
     source: str  # HF tensor name
     source_shape: tuple[int, ...]
     transform: Callable[[np.ndarray], np.ndarray] | None = None  # layout change, before quantizing
-    part: str = ""  # "q_weight" / "q_scale" for a grouped-int weight, "" for a plain copy
+    part: str = ""  # "q_weight" / "q_scale" (/ "q_min") for a packed weight, "" for a plain copy
 
 
 def mha_qkv_to_fused(cfg: GPTBigCodeConfig) -> Callable[[np.ndarray], np.ndarray]:
@@ -127,7 +128,7 @@ def plan_conversion(cfg: GPTBigCodeConfig, quant: Quantization, ckpt: Checkpoint
     for name, shape, dtype in converted_params(cfg, quant):
         module, _, part = name.rpartition(".")
         source, source_shape = name, shape
-        if part in ("q_weight", "q_scale"):
+        if part in PARTS:
             source = f"{module}.weight"
             source_shape = _full_shape(cfg, source)
         else:
@@ -213,16 +214,16 @@ class Materializer:
 
     def __init__(self, ckpt: Checkpoint, quant: Quantization, fidelity: Fidelity | None = None):
         self.ckpt, self.quant, self.fidelity = ckpt, quant, fidelity
-        self._last: tuple[str, tuple[np.ndarray, np.ndarray]] | None = None
+        self._last: tuple[str, tuple[np.ndarray, ...]] | None = None
 
     def __call__(self, p: ParamPlan) -> np.ndarray:
         if p.part:
             if self._last is None or self._last[0] != p.source:
                 self._last = (p.source, self._pack(p))
-            packed, scale = self._last[1]
-            if p.part == "q_scale":
-                self._last = None  # both parts used: free the memory now
-            return packed if p.part == "q_weight" else scale
+            parts = self._last[1]
+            if PARTS.index(p.part) == len(parts) - 1:
+                self._last = None  # every part used: free the memory now
+            return parts[PARTS.index(p.part)]
         source = self._source(p)
         out = np.ascontiguousarray(source.astype(numpy_dtype(p.dtype), copy=False))
         if self.fidelity is not None and out is not source:
@@ -230,16 +231,17 @@ class Materializer:
                                  lambda rows: out.reshape(out.shape[0], -1)[rows].astype(np.float32))
         return out
 
-    def _pack(self, p: ParamPlan) -> tuple[np.ndarray, np.ndarray]:
+    def _pack(self, p: ParamPlan) -> tuple[np.ndarray, ...]:
         carried = getattr(self.ckpt, "carried", None)
         exact = carried(p.source, self.quant) if carried is not None else None
         if exact is not None:
             return tuple(p.transform(a) if p.transform is not None else a for a in exact)  # type: ignore[return-value]
         w = self._source(p)
-        packed, scale = quantize(w, self.quant)
+        parts = quantize(w, self.quant)
         if self.fidelity is not None:
-            self.fidelity.record(p.source, w, lambda rows: dequantize(packed[rows], scale[rows], w.shape[1], self.quant))
-        return packed, scale
+            self.fidelity.record(p.source, w, lambda rows: dequantize(
+                *(x[rows] for x in parts[:2]), w.shape[1], self.quant, *(x[rows] for x in parts[2:])))
+        return parts
 
     def _source(self, p: ParamPlan) -> np.ndarray:
         x = self.ckpt.get(p.source)

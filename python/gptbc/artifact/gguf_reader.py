@@ -195,12 +195,12 @@ class GGUFCheckpoint:
 
         return dequantize(self.raw(name), GGMLQuantizationType(e.type_id)).astype(np.float32, copy=False)
 
-    def carried(self, name: str, quant: Quantization) -> tuple[np.ndarray, np.ndarray] | None:
-        """(q_weight, q_scale) holding exactly the stored values, when `quant` can; else None."""
+    def carried(self, name: str, quant: Quantization) -> tuple[np.ndarray, ...] | None:
+        """(q_weight, q_scale (, q_min)) holding exactly the stored values, when `quant` can; else None."""
         kind = self.type_of(name)
         if quant.kind == "affine" and kind in AFFINE_TYPES:
             q, scale, low = AFFINE_TYPES[kind](self.raw(name))
-            return pack_nibbles(q), np.stack([scale, low], axis=-1).reshape(q.shape[0], -1)
+            return pack_nibbles(q), scale, low
         if quant.kind != "group" or GROUP_TYPES.get(kind) != quant.bits:
             return None
         blocks = self.raw(name)

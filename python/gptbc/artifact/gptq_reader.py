@@ -149,7 +149,7 @@ class QuantizedCheckpoint:
         zero = _nibbles(qzeros) + np.uint8(self.s["zero_offset"])
         return bool(np.all(zero == 8) and g_idx.shape == (n_in,) and np.all(g_idx[::32] == g_idx.reshape(-1, 32).T))
 
-    def carried(self, name: str, quant: Quantization) -> tuple[np.ndarray, np.ndarray] | None:
+    def carried(self, name: str, quant: Quantization) -> tuple[np.ndarray, ...] | None:
         """(q_weight, q_scale) holding the layer exactly: a symmetric GPTQ layer in q4*_1 (`_carryable`), any
         layer whose groups are runs of 32 inputs in q4*_a (q * s + (-z * s), both terms exact), except AWQ layers
         whose activation scales were folded in (that division leaves the grid)."""
@@ -167,7 +167,7 @@ class QuantizedCheckpoint:
             return None
         step, first = scale[:, g_idx[::32]], g_idx[::32]
         low = -(zero[:, first].astype(np.float32) * step)
-        return pack_nibbles(q), np.stack([step, low], axis=-1).reshape(q.shape[0], -1)
+        return pack_nibbles(q), step, low
 
     def _act_scales(self, module: str) -> str | None:
         """The name of the AWQ activation scales that divide this layer's input, if any."""

@@ -15,8 +15,9 @@ with the tail of the last int4 word padded with zero weights (stored as max_int,
 The same layout serves the token embedding (rows are tokens) and so a tied lm_head.
 
 Affine schemes (`q4*_a`, kind "affine") hold what asymmetric 4-bit files hold, exactly: unsigned q (0..15) packed
-as above, and per group of 32 a float32 scale and a float32 min, w' = q * scale + min. q_scale is float32
-[out, 2 * groups], (scale, min) side by side. This represents GGUF Q4_0, Q4_1 and Q4_K (per 32: d * sc and
+as above, and per group of 32 a float32 scale and a float32 min, w' = q * scale + min: a third parameter
+q_min float32 [out, ceil(in / 32)] beside q_scale (float32 too). (One buffer holding both would give each
+dequantized weight two reads of it, which TVM's GPU GEMV analysis refuses.) This represents GGUF Q4_0, Q4_1 and Q4_K (per 32: d * sc and
 -dmin * m, products of a half and a 6-bit int, exact in float32), asymmetric GPTQ and AWQ bit for bit: q * scale
 is exact (4-bit q times a scale of at most 17 significant bits), so the one rounding of the sum is ggml's.
 `layers.py` holds the matching nn.Modules, which dequantize inside the matmul / lookup kernel.
@@ -74,8 +75,7 @@ class Quantization:
 
     def packed_shape(self, shape: tuple[int, ...]) -> tuple[tuple[int, int], tuple[int, int]]:
         rows, cols = shape
-        groups = -(-cols // self.group_size)
-        return (rows, -(-cols // self.per_word)), (rows, 2 * groups if self.kind == "affine" else groups)
+        return (rows, -(-cols // self.per_word)), (rows, -(-cols // self.group_size))
 
 
 # `gptbc compile --activations`: int8 activations where the CPU has VNNI (auto), always, or never
@@ -135,16 +135,18 @@ INT4_CLIP_RATIOS = np.linspace(0.70, 1.0, 16)
 ROWS_PER_CHUNK = 2048  # quantize in row blocks: temporaries stay a few MB whatever the tensor size
 
 
-def quantize(w: np.ndarray, q: Quantization) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, cols) float → (q_weight, q_scale): int8[rows, cols] or uint32[rows, ceil(cols / 8)] packed int4,
-    and scales in model_dtype, laid out as the module docstring describes."""
+def quantize(w: np.ndarray, q: Quantization) -> tuple[np.ndarray, ...]:
+    """(rows, cols) float → (q_weight, q_scale) (+ q_min for an affine scheme): int8[rows, cols] or
+    uint32[rows, ceil(cols / 8)] packed int4, and scales in scale_dtype, laid out as the module docstring says."""
     rows, cols = w.shape
     packed_shape, scale_shape = q.packed_shape((rows, cols))
-    packed = np.empty(packed_shape, q.storage_dtype)
-    scale = np.empty(scale_shape, numpy_dtype(q.scale_dtype))
+    parts = [np.empty(packed_shape, q.storage_dtype), np.empty(scale_shape, numpy_dtype(q.scale_dtype))]
+    if q.kind == "affine":
+        parts.append(np.empty(scale_shape, np.float32))
     for r in range(0, rows, ROWS_PER_CHUNK):
-        packed[r:r + ROWS_PER_CHUNK], scale[r:r + ROWS_PER_CHUNK] = _quantize_rows(w[r:r + ROWS_PER_CHUNK], q)
-    return packed, scale
+        for part, value in zip(parts, _quantize_rows(w[r:r + ROWS_PER_CHUNK], q)):
+            part[r:r + ROWS_PER_CHUNK] = value
+    return tuple(parts)
 
 
 def _round_to(groups: np.ndarray, amax: np.ndarray, ratio: float, q: Quantization):
@@ -156,12 +158,12 @@ def _round_to(groups: np.ndarray, amax: np.ndarray, ratio: float, q: Quantizatio
     return ints, scale, err
 
 
-def _affine_rows(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Round to nearest on each group's [min, max] in 15 steps: (q 0..15, float32 [rows, groups, 2] scale, min)."""
+def _affine_rows(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round to nearest on each group's [min, max] in 15 steps: (q 0..15, float32 scale, float32 min)."""
     lo, hi = groups.min(axis=-1), groups.max(axis=-1)
     step = ((hi - lo) / 15).astype(np.float32)
     q = np.clip(np.rint((groups - lo[..., None]) / np.where(step == 0, 1, step)[..., None]), 0, 15)
-    return q, np.stack([step, lo.astype(np.float32)], axis=-1)
+    return q, step, lo.astype(np.float32)
 
 
 def pack_nibbles(ints: np.ndarray) -> np.ndarray:
@@ -170,7 +172,7 @@ def pack_nibbles(ints: np.ndarray) -> np.ndarray:
     return np.bitwise_or.reduce(ints << (np.arange(8, dtype=np.uint32) * 4), axis=-1).astype(np.uint32)
 
 
-def _quantize_rows(w: np.ndarray, q: Quantization) -> tuple[np.ndarray, np.ndarray]:
+def _quantize_rows(w: np.ndarray, q: Quantization) -> tuple[np.ndarray, ...]:
     w = np.asarray(w, dtype=np.float32)
     rows, cols = w.shape
     g = q.group_size
@@ -180,8 +182,8 @@ def _quantize_rows(w: np.ndarray, q: Quantization) -> tuple[np.ndarray, np.ndarr
     groups = w.reshape(rows, padded // g, g)
     packed_shape, scale_shape = q.packed_shape((rows, cols))
     if q.kind == "affine":  # padding is zeros, which a group's [min, max] then includes: any q there is harmless
-        ints, scale_min = _affine_rows(groups)
-        return pack_nibbles(ints.reshape(rows, padded))[:, :packed_shape[1]], scale_min.reshape(rows, -1)
+        ints, step, low = _affine_rows(groups)
+        return pack_nibbles(ints.reshape(rows, padded))[:, :packed_shape[1]], step, low
     amax = np.abs(groups).max(axis=-1)
     ints, scale, err = _round_to(groups, amax, 1.0, q)
     if q.bits <= 4:
@@ -195,8 +197,9 @@ def _quantize_rows(w: np.ndarray, q: Quantization) -> tuple[np.ndarray, np.ndarr
     return pack_nibbles(ints)[:, :packed_shape[1]], scale[:, :scale_shape[1]]
 
 
-def dequantize(packed: np.ndarray, scale: np.ndarray, cols: int, q: Quantization) -> np.ndarray:
-    """The inverse of `quantize`, float32[rows, cols]."""
+def dequantize(packed: np.ndarray, scale: np.ndarray, cols: int, q: Quantization,
+               minimum: np.ndarray | None = None) -> np.ndarray:
+    """The inverse of `quantize`, float32[rows, cols] (`minimum`: an affine scheme's q_min)."""
     rows = packed.shape[0]
     if q.bits == 8:
         ints = packed[:, :cols].astype(np.float32)
@@ -205,7 +208,7 @@ def dequantize(packed: np.ndarray, scale: np.ndarray, cols: int, q: Quantization
         mask = np.uint32((1 << q.bits) - 1)
         ints = ((packed[:, :, None] >> shifts) & mask).reshape(rows, -1)[:, :cols].astype(np.float32)
         if q.kind == "affine":
-            step, low = (np.repeat(scale[:, k::2].astype(np.float32), q.group_size, axis=1)[:, :cols] for k in (0, 1))
+            step, low = (np.repeat(x.astype(np.float32), q.group_size, axis=1)[:, :cols] for x in (scale, minimum))
             return ints * step + low
         ints -= q.max_int
     s = np.repeat(scale.astype(np.float32), q.group_size, axis=1)[:, :cols]
