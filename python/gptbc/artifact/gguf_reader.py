@@ -35,6 +35,7 @@ ARCH = "starcoder"
 # The first 4 bytes of the pre-GGUF formats (GGML, GGMF, GGJT: llama.cpp before August 2023), as stored.
 OLD_GGML_MAGICS = (b"lmgg", b"fmgg", b"tjgg", b"algg")
 GGUF_MAGIC = b"GGUF"
+ROW_BLOCK = 1024  # rows dequantized at a time
 SPLIT = re.compile(r"^(?P<stem>.*)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf$")
 
 # Tensor types whose values gptbc stores without re-quantizing, by scheme kind.
@@ -193,7 +194,13 @@ class GGUFCheckpoint:
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
-        return dequantize(self.raw(name), GGMLQuantizationType(e.type_id)).astype(np.float32, copy=False)
+        # in row blocks: gguf's dequantizers make several full-size float32 temporaries, which for a 15B
+        # model's token embedding would be gigabytes
+        raw, kind = self.raw(name), GGMLQuantizationType(e.type_id)
+        out = np.empty(e.shape, np.float32)
+        for r in range(0, e.shape[0], ROW_BLOCK):
+            out[r:r + ROW_BLOCK] = dequantize(raw[r:r + ROW_BLOCK], kind)
+        return out
 
     def carried(self, name: str, quant: Quantization) -> tuple[np.ndarray, ...] | None:
         """(q_weight, q_scale (, q_min)) holding exactly the stored values, when `quant` can; else None."""
