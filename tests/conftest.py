@@ -77,3 +77,61 @@ def engine_of(tiny_model):
         return engines[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def import_checkpoint(tmp_path_factory) -> Path:
+    """The seeded HF checkpoint the GGUF / GPTQ / AWQ tests write their files from."""
+    return make_checkpoint(tmp_path_factory.mktemp("imports") / "hf", tokenizer="underscore", n_embd=64, n_head=4,
+                           n_layer=2, seed=5)
+
+
+def _import_lib(checkpoint: Path, scheme: str, root: Path) -> Path:
+    from gptbc.artifact.config import resolve_model
+    from gptbc.compile.compiler import compile_model
+
+    return compile_model(resolve_model(str(checkpoint)), "cpu", scheme, root / f"{scheme}.so", log=lambda _m: None,
+                         activations="float")
+
+
+@pytest.fixture(scope="session")
+def import_lib(import_checkpoint, tmp_path_factory) -> Path:
+    """One q4f32_1 CPU library (float activations) that runs every conversion of `import_checkpoint`'s files: a
+    library depends only on the config and the scheme, which all of them share."""
+    return _import_lib(import_checkpoint, "q4f32_1", tmp_path_factory.mktemp("imports-lib"))
+
+
+@pytest.fixture(scope="session")
+def import_lib_affine(import_checkpoint, tmp_path_factory) -> Path:
+    """The same for the affine scheme q4f32_a (asymmetric GPTQ, AWQ, GGUF Q4_1 / Q4_K held exactly)."""
+    return _import_lib(import_checkpoint, "q4f32_a", tmp_path_factory.mktemp("imports-lib-a"))
+
+
+def run_logits(engine, ids: list[int], steps: int):
+    """Logits of a prompt and `steps` greedy decode steps, and the greedy tokens."""
+    import numpy as np
+
+    seq = engine.runner.add_sequence()
+    try:
+        got = [engine.runner.prefill(seq, ids)]
+        tokens = [int(np.argmax(got[-1]))]
+        for _ in range(steps):
+            got.append(engine.runner.decode(seq, tokens[-1]))
+            tokens.append(int(np.argmax(got[-1])))
+    finally:
+        engine.runner.remove_sequence(seq)
+    return np.array(got), tokens
+
+
+def assert_matches_hf(engine, hf, seed: int = 0) -> None:
+    """Logits within 1e-4 (relative to the largest) of HF model `hf`, and greedy tokens identical."""
+    import numpy as np
+    import torch
+
+    ids = np.random.default_rng(seed).integers(0, engine.config.vocab_size, 12).tolist()
+    got, tokens = run_logits(engine, ids, 10)
+    with torch.no_grad():
+        want = hf(torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1:].numpy()
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err <= 1e-4, f"relative logit error {err:.2e}"
+    assert want.argmax(-1).tolist() == tokens

@@ -136,3 +136,27 @@ def test_make_random_checkpoint_bad_input(tmp_path):
                    str(tmp_path), "exists")
     one_line_error(run_script("make_random_checkpoint.py", "--preset", "starcoderbase-1b", "--shard-gb", "0",
                               "-o", tmp_path / "b"), "--shard-gb")
+
+
+# ---- make_random_gguf.py: a random F16 GGUF of a model's shape, for timing GGUF conversion ----
+
+def test_make_random_gguf_converts_with_the_models_shapes(import_checkpoint, tmp_path):
+    from safetensors.numpy import load_file
+
+    from gptbc.artifact.convert import convert_weight
+
+    out = tmp_path / "random.gguf"
+    run = run_script("make_random_gguf.py", "--preset", import_checkpoint, "-o", out)
+    assert run.returncode == 0 and run.stdout.strip() == str(out), run.stderr[-2000:]
+    converted = convert_weight(out, None, tmp_path / "w", progress=False)  # F16 → q0f16, as stored
+    got = load_file(str(converted / "params-00001-of-00001.safetensors"))
+    want = load_file(str(import_checkpoint / "model.safetensors"))
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items() if k in got}
+    assert set(want) - set(got) <= {"lm_head.weight"} and got["transformer.h.0.ln_1.weight"].min() == 1.0
+
+
+def test_make_random_gguf_bad_input(tmp_path):
+    one_line_error(run_script("make_random_gguf.py", "--preset", "no-such-preset", "-o", tmp_path / "a.gguf"),
+                   "no-such-preset")
+    one_line_error(run_script("make_random_gguf.py", "--preset", "starcoderbase-1b", "--vocab-from",
+                              tmp_path / "none.gguf", "-o", tmp_path / "b.gguf"), "--vocab-from")

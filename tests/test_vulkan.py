@@ -115,7 +115,7 @@ def test_q0f32_logits_and_greedy_match_hf(name, tiny_model, engines):
     assert gpu.generate(PROMPT, STEPS) == ids
 
 
-@pytest.mark.parametrize("name, quant", [("mqa64", "q4f16_1"), ("mha32", "q0f16"), ("mha64", "q4f32_1")])
+@pytest.mark.parametrize("name, quant", [("mqa64", "q4f16_1"), ("mha32", "q0f16"), ("mha64", "q4f32_1"), ("mqa64", "q4f32_a")])
 def test_quantized_matches_cpu_build(name, quant, engines):
     gpu, cpu = engines(name, quant)
     seq_g, seq_c = gpu.runner.add_sequence(), cpu.runner.add_sequence()

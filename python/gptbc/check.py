@@ -80,8 +80,9 @@ def converted_network(out_dir: Path) -> tuple[GPTBigCodeConfig, dict[str, np.nda
         if key.endswith(".q_weight"):
             base = key[:-len(".q_weight")]
             cols = shapes[base + ".weight"][1]
-            w[base + ".weight"] = dequantize(value, tensors[base + ".q_scale"], cols, q).astype(np.float64)
-        elif not key.endswith(".q_scale"):
+            w[base + ".weight"] = dequantize(value, tensors[base + ".q_scale"], cols, q,
+                                             tensors.get(base + ".q_min")).astype(np.float64)
+        elif not key.endswith((".q_scale", ".q_min")):
             w[key] = value.astype(np.float64)
     if not cfg.multi_query:
         for i in range(cfg.n_layer):

@@ -329,9 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the library of one rank of an N-way tensor-parallel model (weights converted with the same N)")
     c.set_defaults(func=cmd_compile)
 
-    w = command("convert-weight", "convert (and quantize) an HF safetensors checkpoint")
-    w.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face model directory or Hub id")
-    w.add_argument("--quantization", required=True, help=quantization_help("required"))
+    w = command("convert-weight", "convert (and quantize) an HF safetensors checkpoint or a GGUF file")
+    w.add_argument("hf_dir", metavar="SOURCE", help="Hugging Face model directory or Hub id, or a GGUF file "
+                   "(a folder holding one, or one part of a split set)")
+    w.add_argument("--quantization", help=quantization_help(
+        "required for an HF checkpoint; for a GGUF file the default keeps its values as stored (F32/F16/BF16, "
+        "Q8_0, Q4_0 files) and a scheme re-quantizes into it, printing the error it measured"))
     w.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="the converted weights directory")
     w.add_argument("--no-quantize-lm-head", action="store_true", help=KEEP_HEAD_HELP)
     w.add_argument("--quiet", action="store_true", help="no progress bar")

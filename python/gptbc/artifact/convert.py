@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -30,9 +32,14 @@ from gptbc.errors import GptbcError, raise_if_interrupted
 from gptbc.artifact.manifest import weights_manifest
 from gptbc.artifact.sharding import check_tensor_parallel, rank_slicer
 from gptbc.artifact.params import converted_params, hf_shapes
-from gptbc.artifact.quantization import Quantization, get_quantization, numpy_dtype, quantize
+from gptbc.artifact.gguf_reader import GGUFCheckpoint, looks_like_gguf
+from gptbc.artifact.gguf_tokenizer import write_tokenizer
+from gptbc.artifact.gptq_reader import QuantizedCheckpoint, quant_config
+from gptbc.artifact.quantization import Quantization, dequantize, get_quantization, numpy_dtype, quantize
 from gptbc.artifact.safetensors_io import SafetensorsFile, aligned_order, dtype_name, write_safetensors
 
+SPLIT_SUFFIX = re.compile(r"-\d{5}-of-\d{5}\.gguf$")  # a split GGUF set's part numbers
+PARTS = ("q_weight", "q_scale", "q_min")  # a packed weight's parameters, in the order `quantize` returns them
 SHARD_BYTES = 1 << 30  # 1 GiB shards: small enough to copy around, few enough to open quickly
 
 
@@ -105,7 +112,7 @@ class ParamPlan:
     source: str  # HF tensor name
     source_shape: tuple[int, ...]
     transform: Callable[[np.ndarray], np.ndarray] | None = None  # layout change, before quantizing
-    part: str = ""  # "q_weight" / "q_scale" for a grouped-int weight, "" for a plain copy
+    part: str = ""  # "q_weight" / "q_scale" (/ "q_min") for a packed weight, "" for a plain copy
 
 
 def mha_qkv_to_fused(cfg: GPTBigCodeConfig) -> Callable[[np.ndarray], np.ndarray]:
@@ -133,7 +140,7 @@ def plan_conversion(cfg: GPTBigCodeConfig, quant: Quantization, ckpt: Checkpoint
     for name, shape, dtype in converted_params(cfg, quant, tp):
         module, _, part = name.rpartition(".")
         source = name
-        if part in ("q_weight", "q_scale"):
+        if part in PARTS:
             source = f"{module}.weight"
         else:
             part = ""
@@ -149,12 +156,13 @@ def plan_conversion(cfg: GPTBigCodeConfig, quant: Quantization, ckpt: Checkpoint
 
 def check_plan(plans: list[ParamPlan], ckpt: Checkpoint) -> None:
     """Every tensor present, with the right shape and a float dtype, before anything is written."""
+    label = getattr(ckpt, "label", lambda name: name)  # a GGUF file names its tensors its own way
     for p in plans:
         if p.source not in ckpt:
-            raise GptbcError(f"{ckpt.directory}: tensor {p.source} is missing from the checkpoint")
+            raise GptbcError(f"{ckpt.directory}: tensor {label(p.source)} is missing from the checkpoint")
         dtype, shape = ckpt.info(p.source)
         if tuple(shape) != p.source_shape:
-            raise GptbcError(f"{ckpt.source_of(p.source)}: tensor {p.source} has shape {list(shape)}, "
+            raise GptbcError(f"{ckpt.source_of(p.source)}: tensor {label(p.source)} has shape {list(shape)}, "
                              f"the config needs {list(p.source_shape)}")
         if dtype.kind != "f" and dtype_name(dtype) != "bfloat16":
             raise GptbcError(f"{ckpt.source_of(p.source)}: tensor {p.source} has dtype {dtype_name(dtype)}, "
@@ -174,50 +182,96 @@ def _shard(plans: list[ParamPlan], limit: int) -> list[list[ParamPlan]]:
     return shards
 
 
-class Materializer:
-    """Makes each planned tensor; remembers the last quantized weight, whose scales come right after it."""
+class Fidelity:
+    """What a conversion changed: per source type (GGUF's Q6_K, F16, ...), the tensors whose stored values differ
+    from the source's, and the worst relative RMS error among them (||stored - source|| / ||source||).
+    The converter prints it, so re-quantizing a quantized file is never silent."""
 
-    def __init__(self, ckpt: Checkpoint, quant: Quantization):
-        self.ckpt, self.quant = ckpt, quant
-        self._last: tuple[str, tuple[np.ndarray, np.ndarray]] | None = None
+    def __init__(self, type_of: Callable[[str], str]):
+        self.type_of = type_of
+        self.changed: dict[str, list[tuple[str, float]]] = {}
+
+    def record(self, name: str, source: np.ndarray, stored: Callable[[np.ndarray], np.ndarray]) -> None:
+        """`stored(rows)`: the stored values of those source rows as float32 (computed in row chunks)."""
+        err = ref = 0.0
+        for r in range(0, source.shape[0], 2048):
+            s = np.asarray(source[r:r + 2048], np.float32)
+            err += float(np.square(stored(np.arange(r, min(r + 2048, source.shape[0]))) - s).sum())
+            ref += float(np.square(s).sum())
+        if err > 0:
+            self.changed.setdefault(self.type_of(name), []).append((name, (err / ref) ** 0.5 if ref else float("inf")))
+
+    def summary(self, scheme: str) -> str | None:
+        if not self.changed:
+            return None
+        parts = [f"{len(v)} {k} tensor{'s' * (len(v) > 1)} (worst {max(v, key=lambda t: t[1])[0]}: relative RMS "
+                 f"error {max(e for _, e in v):.2e})" for k, v in sorted(self.changed.items())]
+        return f"re-quantized into {scheme}, not exact: " + "; ".join(parts)
+
+
+class Materializer:
+    """Makes each planned tensor; remembers the last quantized weight, whose scales come right after it.
+
+    A checkpoint with `carried` (GGUF) hands over a weight already in the scheme's packed form when its blocks
+    are exactly that scheme's groups; anything else is quantized here, and with a `Fidelity` the error of every
+    value that changed is measured."""
+
+    def __init__(self, ckpt: Checkpoint, quant: Quantization, fidelity: Fidelity | None = None):
+        self.ckpt, self.quant, self.fidelity = ckpt, quant, fidelity
+        self._last: tuple[str, tuple[np.ndarray, ...]] | None = None
 
     def __call__(self, p: ParamPlan) -> np.ndarray:
         if p.part:
             if self._last is None or self._last[0] != p.source:
-                self._last = (p.source, quantize(self._source(p), self.quant))
-            packed, scale = self._last[1]
-            if p.part == "q_scale":
-                self._last = None  # both parts used: free the memory now
-            return packed if p.part == "q_weight" else scale
-        return np.ascontiguousarray(self._source(p).astype(numpy_dtype(p.dtype), copy=False))
+                self._last = (p.source, self._pack(p))
+            parts = self._last[1]
+            if PARTS.index(p.part) == len(parts) - 1:
+                self._last = None  # every part used: free the memory now
+            return parts[PARTS.index(p.part)]
+        source = self._source(p)
+        out = np.ascontiguousarray(source.astype(numpy_dtype(p.dtype), copy=False))
+        if self.fidelity is not None and out is not source:
+            self.fidelity.record(p.source, source.reshape(source.shape[0], -1),
+                                 lambda rows: out.reshape(out.shape[0], -1)[rows].astype(np.float32))
+        return out
+
+    def _pack(self, p: ParamPlan) -> tuple[np.ndarray, ...]:
+        carried = getattr(self.ckpt, "carried", None)
+        exact = carried(p.source, self.quant) if carried is not None else None
+        if exact is not None:
+            return tuple(p.transform(a) if p.transform is not None else a for a in exact)  # type: ignore[return-value]
+        w = self._source(p)
+        parts = quantize(w, self.quant)
+        if self.fidelity is not None:
+            self.fidelity.record(p.source, w, lambda rows: dequantize(
+                *(x[rows] for x in parts[:2]), w.shape[1], self.quant, *(x[rows] for x in parts[2:])))
+        return parts
 
     def _source(self, p: ParamPlan) -> np.ndarray:
         x = self.ckpt.get(p.source)
         return p.transform(x) if p.transform is not None else x
 
 
-def convert_weight(hf_dir: str | Path, quantization: str, out_dir: str | Path, progress: bool = True,
+def convert_weight(hf_dir: str | Path, quantization: str | None, out_dir: str | Path, progress: bool = True,
                    shard_bytes: int = SHARD_BYTES, quantize_lm_head: bool = True, tensor_parallel: int = 1) -> Path:
-    """Convert (and quantize) an HF GPTBigCode checkpoint, one tensor at a time; returns the output directory.
-    `tensor_parallel` N > 1: presharded for N ranks, each rank's tensors in files of their own."""
-    hf_dir, out_dir = checkpoint_dir(str(hf_dir)), Path(out_dir)
-    quant = get_quantization(quantization, quantize_lm_head)
-    cfg = load_hf_config(hf_dir)
-    check_tensor_parallel(cfg, quant, tensor_parallel)
+    """Convert (and quantize) an HF GPTBigCode checkpoint, a GGUF file or a GPTQ/AWQ directory, one tensor at a
+    time; returns the output directory. `quantization` None: a quantized file's own scheme (HF checkpoints
+    need one named). `tensor_parallel` N > 1: presharded for N ranks, each rank's tensors in files of their own."""
+    out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir / GPTBC_CONFIG).is_file() and any(out_dir.iterdir()):
         raise GptbcError(f"-o {out_dir}: exists and is not a gptbc weights directory; refusing to overwrite it")
-    from gptbc.artifact.checkpoint_layouts import wrap_checkpoint  # original SantaCoder layout → gpt_bigcode tensors, on the fly
-
-    ckpt = wrap_checkpoint(Checkpoint(hf_dir), hf_dir, cfg)
+    source = _open_source(str(hf_dir), quantization)
     try:
-        ranks = [plan_conversion(cfg, quant, ckpt, tensor_parallel, r) for r in range(tensor_parallel)]
+        quant = get_quantization(quantization or source.scheme, quantize_lm_head)
+        check_tensor_parallel(source.cfg, quant, tensor_parallel)
+        ranks = [plan_conversion(source.cfg, quant, source.ckpt, tensor_parallel, r) for r in range(tensor_parallel)]
         try:
             out_dir.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         except OSError as err:
             raise GptbcError(f"-o {out_dir}: cannot create it ({err.strerror})") from None
         try:
-            _write_output(tmp, hf_dir, cfg, quant, ranks, ckpt, progress, shard_bytes)
+            fidelity = _write_output(tmp, source, quant, ranks, progress, shard_bytes)
             os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700: readable by its owner only
             raise_if_interrupted()  # a Ctrl-C swallowed on the way still cancels the output
             _replace_dir(tmp, out_dir)
@@ -225,8 +279,66 @@ def convert_weight(hf_dir: str | Path, quantization: str, out_dir: str | Path, p
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     finally:
-        ckpt.close()
+        source.ckpt.close()
+    note = fidelity.summary(quant.name) if fidelity is not None else None
+    if note:
+        print(f"gptbc: {note}", file=sys.stderr)
     return out_dir
+
+
+@dataclass
+class Source:
+    """What a conversion reads: the checkpoint, its config, its display name and the files written beside it."""
+
+    name: str
+    cfg: GPTBigCodeConfig
+    ckpt: Any
+    write_extras: Callable[[Path], None]  # tokenizer (and generation defaults) into the output
+    scheme: str = ""  # the scheme holding the weights as stored ("" when none does)
+    fidelity: Fidelity | None = None  # measures what re-quantizing changed (quantized sources)
+
+
+def _open_source(spec: str, quantization: str | None) -> Source:
+    if looks_like_gguf(spec):
+        ckpt = GGUFCheckpoint(spec)
+        try:
+            scheme = ckpt.default_scheme() or ""
+            if not (quantization or scheme):
+                raise GptbcError(f"{ckpt.directory}: its layer weights are {', '.join(ckpt.weight_types())}, which no "
+                                 f"one packed gptbc scheme stores exactly; pass --quantization q0f32 to keep every "
+                                 f"value (as float32), or a packed scheme (q4f16_a keeps Q4_0/Q4_1/Q4_K tensors exactly, "
+                                 f"q8f16_1 Q8_0 ones) to re-quantize the others (the error is measured and printed)")
+            stem = SPLIT_SUFFIX.sub("", ckpt.files[0].name).removesuffix(".gguf")
+            return Source(stem, ckpt.config, ckpt, lambda tmp: write_tokenizer(ckpt.meta, ckpt.files[0], tmp),
+                          scheme, Fidelity(lambda n: ckpt.type_of(n)))
+        except BaseException:
+            ckpt.close()
+            raise
+    hf_dir = checkpoint_dir(spec)
+    cfg = load_hf_config(hf_dir)
+    settings = quant_config(hf_dir)
+    if quantization is None and settings is None:
+        raise GptbcError(f"{spec}: --quantization is required for a Hugging Face checkpoint")
+    from gptbc.artifact.checkpoint_layouts import wrap_checkpoint  # original SantaCoder layout → gpt_bigcode tensors, on the fly
+
+    def copy_tokenizer(tmp: Path) -> None:
+        for f in TOKENIZER_FILES:
+            if (hf_dir / f).is_file():
+                shutil.copyfile(hf_dir / f, tmp / f)
+
+    if settings is None:
+        return Source(hf_dir.resolve().name, cfg, wrap_checkpoint(Checkpoint(hf_dir), hf_dir, cfg), copy_tokenizer)
+    ckpt = QuantizedCheckpoint(Checkpoint(hf_dir), cfg, settings)
+    try:
+        scheme = ckpt.exact_scheme() or ""
+        if not (quantization or scheme):
+            raise GptbcError(f"{hf_dir}: gptbc cannot store this {ckpt.method} checkpoint exactly: "
+                             f"{ckpt.why_not_exact()}; pass --quantization (e.g. q4f16_1) to re-quantize it "
+                             f"(the error is measured and printed)")
+    except BaseException:
+        ckpt.close()
+        raise
+    return Source(hf_dir.resolve().name, cfg, ckpt, copy_tokenizer, scheme, Fidelity(ckpt.type_of))
 
 
 def current_umask() -> int:
@@ -247,27 +359,27 @@ def checkpoint_dir(spec: str) -> Path:
     raise GptbcError(f"{spec}: not a directory (nor a Hub id like bigcode/gpt_bigcode-santacoder)")
 
 
-def _write_output(tmp: Path, hf_dir: Path, cfg: GPTBigCodeConfig, quant: Quantization,
-                  ranks: list[list[ParamPlan]], ckpt: Checkpoint, progress: bool, shard_bytes: int) -> None:
+def _write_output(tmp: Path, source: Source, quant: Quantization, ranks: list[list[ParamPlan]], progress: bool,
+                  shard_bytes: int) -> Fidelity | None:
     bar = tqdm(total=sum(map(len, ranks)), desc="convert", unit="tensor", disable=not progress)
-    files = [_write_rank(tmp, plans, ckpt, quant, shard_bytes, bar, f"rank{rank}-" if len(ranks) > 1 else "")
-             for rank, plans in enumerate(ranks)][0]
+    fidelity = Fidelity(source.fidelity.type_of) if source.fidelity is not None else None
+    files = [_write_rank(tmp, plans, source.ckpt, quant, shard_bytes, bar, f"rank{rank}-" if len(ranks) > 1 else "",
+                         fidelity) for rank, plans in enumerate(ranks)][0]
     bar.close()
     plans = ranks[0]  # every rank has the same names and shapes; the manifest lists rank 0's files
     # listed in the model's order (the library's load order), whatever order the shards hold them in
     param_index = [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "file": files[p.name]} for p in plans]
-    for f in TOKENIZER_FILES:
-        if (hf_dir / f).is_file():
-            shutil.copyfile(hf_dir / f, tmp / f)
-    meta = weights_manifest(hf_dir.resolve().name, cfg, quant, param_index, len(ranks))
+    source.write_extras(tmp)
+    meta = weights_manifest(source.name, source.cfg, quant, param_index, len(ranks))
     (tmp / GPTBC_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    return fidelity
 
 
 def _write_rank(tmp: Path, plans: list[ParamPlan], ckpt: Checkpoint, quant: Quantization, shard_bytes: int,
-                bar: tqdm, prefix: str) -> dict[str, str]:
+                bar: tqdm, prefix: str, fidelity: Fidelity | None) -> dict[str, str]:
     """Write one rank's tensors (`prefix` names its files); returns {param name: its file}."""
     shards = _shard(plans, shard_bytes)
-    make = Materializer(ckpt, quant)
+    make = Materializer(ckpt, quant, fidelity)
     files: dict[str, str] = {}  # param name → its shard
     for k, shard in enumerate(shards):
         fname = f"{prefix}params-{k + 1:05d}-of-{len(shards):05d}.safetensors"

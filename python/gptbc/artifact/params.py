@@ -43,7 +43,9 @@ def converted_params(cfg: GPTBigCodeConfig, quant: Quantization, tp: int = 1) ->
         if is_quantized(quant, name, cfg.tie_word_embeddings):
             module = name.rpartition(".")[0]
             wshape, sshape = quant.packed_shape(shape)
-            out += [(f"{module}.q_weight", wshape, quant.storage_dtype), (f"{module}.q_scale", sshape, quant.model_dtype)]
+            out += [(f"{module}.q_weight", wshape, quant.storage_dtype), (f"{module}.q_scale", sshape, quant.scale_dtype)]
+            if quant.kind == "affine":
+                out.append((f"{module}.q_min", sshape, "float32"))
         else:
             out.append((name, shape, quant.model_dtype))
     return out

@@ -13,6 +13,13 @@ Scales are in the activation dtype. A weight of shape (out, in) becomes
     q_weight uint32[out, ceil(in / 8)] (int4) or int8[out, in] (int8),  q_scale dtype[out, ceil(in / 32)]
 with the tail of the last int4 word padded with zero weights (stored as max_int, which dequantizes to 0).
 The same layout serves the token embedding (rows are tokens) and so a tied lm_head.
+
+Affine schemes (`q4*_a`, kind "affine") hold what asymmetric 4-bit files hold, exactly: unsigned q (0..15) packed
+as above, and per group of 32 a float32 scale and a float32 min, w' = q * scale + min: a third parameter
+q_min float32 [out, ceil(in / 32)] beside q_scale (float32 too). (One buffer holding both would give each
+dequantized weight two reads of it, which TVM's GPU GEMV analysis refuses.) This represents GGUF Q4_0, Q4_1 and Q4_K (per 32: d * sc and
+-dmin * m, products of a half and a 6-bit int, exact in float32), asymmetric GPTQ and AWQ bit for bit: q * scale
+is exact (4-bit q times a scale of at most 17 significant bits), so the one rounding of the sum is ggml's.
 `layers.py` holds the matching nn.Modules, which dequantize inside the matmul / lookup kernel.
 """
 
@@ -29,7 +36,7 @@ from gptbc.errors import GptbcError
 @dataclass(frozen=True)
 class Quantization:
     name: str
-    kind: str  # "none": weights stored as-is in model_dtype; "group": grouped symmetric int
+    kind: str  # "none": as-is in model_dtype; "group": grouped symmetric int; "affine": grouped int with a min
     model_dtype: str  # dtype of activations, scales and unquantized weights
     bits: int = 0
     group_size: int = 0
@@ -41,6 +48,16 @@ class Quantization:
     # With int8 activations, the order the repacked weights take: "dot" (x86, sdot, generic kernels) or "mmla"
     # (aarch64 i8mm's smmla; kernels_arm.py). The target decides (compiler.choose_activations).
     int8_layout: str = "dot"
+
+    @property
+    def packed(self) -> bool:
+        """Whether quantized weights become q_weight + q_scale (grouped and affine schemes)."""
+        return self.kind in ("group", "affine")
+
+    @property
+    def scale_dtype(self) -> str:
+        """q_scale's dtype: the activation dtype, but float32 for affine (exact products of the file's scales)."""
+        return "float32" if self.kind == "affine" else self.model_dtype
 
     @property
     def per_word(self) -> int:
@@ -82,6 +99,8 @@ QUANTIZATIONS: dict[str, Quantization] = {
         Quantization("q8f32_1", "group", "float32", bits=8, group_size=32),
         Quantization("q4f16_1", "group", "float16", bits=4, group_size=32),
         Quantization("q4f32_1", "group", "float32", bits=4, group_size=32),
+        Quantization("q4f16_a", "affine", "float16", bits=4, group_size=32),
+        Quantization("q4f32_a", "affine", "float32", bits=4, group_size=32),
     ]
 }
 
@@ -91,7 +110,7 @@ def get_quantization(name: str, quantize_lm_head: bool = True) -> Quantization:
         q = QUANTIZATIONS[name]
     except KeyError:
         raise GptbcError(f"--quantization {name}: unknown scheme (choose from {', '.join(QUANTIZATIONS)})") from None
-    if q.kind == "group" and not quantize_lm_head:
+    if q.packed and not quantize_lm_head:
         q = Quantization(q.name, q.kind, q.model_dtype, q.bits, q.group_size, quantize_lm_head=False)
     return q
 
@@ -119,16 +138,18 @@ INT4_CLIP_RATIOS = np.linspace(0.70, 1.0, 16)
 ROWS_PER_CHUNK = 2048  # quantize in row blocks: temporaries stay a few MB whatever the tensor size
 
 
-def quantize(w: np.ndarray, q: Quantization) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, cols) float → (q_weight, q_scale): int8[rows, cols] or uint32[rows, ceil(cols / 8)] packed int4,
-    and scales in model_dtype, laid out as the module docstring describes."""
+def quantize(w: np.ndarray, q: Quantization) -> tuple[np.ndarray, ...]:
+    """(rows, cols) float → (q_weight, q_scale) (+ q_min for an affine scheme): int8[rows, cols] or
+    uint32[rows, ceil(cols / 8)] packed int4, and scales in scale_dtype, laid out as the module docstring says."""
     rows, cols = w.shape
     packed_shape, scale_shape = q.packed_shape((rows, cols))
-    packed = np.empty(packed_shape, q.storage_dtype)
-    scale = np.empty(scale_shape, numpy_dtype(q.model_dtype))
+    parts = [np.empty(packed_shape, q.storage_dtype), np.empty(scale_shape, numpy_dtype(q.scale_dtype))]
+    if q.kind == "affine":
+        parts.append(np.empty(scale_shape, np.float32))
     for r in range(0, rows, ROWS_PER_CHUNK):
-        packed[r:r + ROWS_PER_CHUNK], scale[r:r + ROWS_PER_CHUNK] = _quantize_rows(w[r:r + ROWS_PER_CHUNK], q)
-    return packed, scale
+        for part, value in zip(parts, _quantize_rows(w[r:r + ROWS_PER_CHUNK], q)):
+            part[r:r + ROWS_PER_CHUNK] = value
+    return tuple(parts)
 
 
 def _round_to(groups: np.ndarray, amax: np.ndarray, ratio: float, q: Quantization):
@@ -140,7 +161,21 @@ def _round_to(groups: np.ndarray, amax: np.ndarray, ratio: float, q: Quantizatio
     return ints, scale, err
 
 
-def _quantize_rows(w: np.ndarray, q: Quantization) -> tuple[np.ndarray, np.ndarray]:
+def _affine_rows(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round to nearest on each group's [min, max] in 15 steps: (q 0..15, float32 scale, float32 min)."""
+    lo, hi = groups.min(axis=-1), groups.max(axis=-1)
+    step = ((hi - lo) / 15).astype(np.float32)
+    q = np.clip(np.rint((groups - lo[..., None]) / np.where(step == 0, 1, step)[..., None]), 0, 15)
+    return q, step, lo.astype(np.float32)
+
+
+def pack_nibbles(ints: np.ndarray) -> np.ndarray:
+    """uint [rows, 8k] values 0..15 → uint32 [rows, k], value j at bits 4 (j % 8) of word j // 8."""
+    ints = ints.astype(np.uint32).reshape(ints.shape[0], -1, 8)
+    return np.bitwise_or.reduce(ints << (np.arange(8, dtype=np.uint32) * 4), axis=-1).astype(np.uint32)
+
+
+def _quantize_rows(w: np.ndarray, q: Quantization) -> tuple[np.ndarray, ...]:
     w = np.asarray(w, dtype=np.float32)
     rows, cols = w.shape
     g = q.group_size
@@ -148,6 +183,10 @@ def _quantize_rows(w: np.ndarray, q: Quantization) -> tuple[np.ndarray, np.ndarr
     if padded != cols:
         w = np.pad(w, ((0, 0), (0, padded - cols)))
     groups = w.reshape(rows, padded // g, g)
+    packed_shape, scale_shape = q.packed_shape((rows, cols))
+    if q.kind == "affine":  # padding is zeros, which a group's [min, max] then includes: any q there is harmless
+        ints, step, low = _affine_rows(groups)
+        return pack_nibbles(ints.reshape(rows, padded))[:, :packed_shape[1]], step, low
     amax = np.abs(groups).max(axis=-1)
     ints, scale, err = _round_to(groups, amax, 1.0, q)
     if q.bits <= 4:
@@ -158,24 +197,22 @@ def _quantize_rows(w: np.ndarray, q: Quantization) -> tuple[np.ndarray, np.ndarr
     if q.bits == 8:
         return ints.reshape(rows, padded)[:, :cols].astype(np.int8), scale
     ints = (ints.astype(np.int32) + q.max_int).reshape(rows, padded).astype(np.uint32)
-    words = -(-padded // q.per_word)
-    if words * q.per_word != padded:
-        ints = np.pad(ints, ((0, 0), (0, words * q.per_word - padded)))
-    ints = ints.reshape(rows, words, q.per_word)
-    shifts = (np.arange(q.per_word, dtype=np.uint32) * q.bits)[None, None, :]
-    packed = np.bitwise_or.reduce(ints << shifts, axis=-1).astype(np.uint32)
-    packed_shape, scale_shape = q.packed_shape((rows, cols))
-    return packed[:, :packed_shape[1]], scale[:, :scale_shape[1]]
+    return pack_nibbles(ints)[:, :packed_shape[1]], scale[:, :scale_shape[1]]
 
 
-def dequantize(packed: np.ndarray, scale: np.ndarray, cols: int, q: Quantization) -> np.ndarray:
-    """The inverse of `quantize`, float32[rows, cols]."""
+def dequantize(packed: np.ndarray, scale: np.ndarray, cols: int, q: Quantization,
+               minimum: np.ndarray | None = None) -> np.ndarray:
+    """The inverse of `quantize`, float32[rows, cols] (`minimum`: an affine scheme's q_min)."""
     rows = packed.shape[0]
     if q.bits == 8:
         ints = packed[:, :cols].astype(np.float32)
     else:
         shifts = (np.arange(q.per_word, dtype=np.uint32) * q.bits)[None, None, :]
         mask = np.uint32((1 << q.bits) - 1)
-        ints = ((packed[:, :, None] >> shifts) & mask).reshape(rows, -1)[:, :cols].astype(np.float32) - q.max_int
+        ints = ((packed[:, :, None] >> shifts) & mask).reshape(rows, -1)[:, :cols].astype(np.float32)
+        if q.kind == "affine":
+            step, low = (np.repeat(x.astype(np.float32), q.group_size, axis=1)[:, :cols] for x in (scale, minimum))
+            return ints * step + low
+        ints -= q.max_int
     s = np.repeat(scale.astype(np.float32), q.group_size, axis=1)[:, :cols]
     return ints * s

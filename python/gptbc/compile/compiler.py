@@ -106,7 +106,7 @@ def check_own_scheme(source: ModelSource, quant: Quantization, tp: int = 1) -> N
         raise GptbcError(f"--tensor-parallel {tp}: {source.directory} holds weights converted with --tensor-parallel "
                          f"{tensor_parallel(converted)}, and a converted directory compiles for its own N")
     have = converted["quantization"]
-    keep = lambda d: d.get("kind") == "group" and not d.get("quantize_lm_head", True)  # noqa: E731
+    keep = lambda d: d.get("kind") in ("group", "affine") and not d.get("quantize_lm_head", True)  # noqa: E731
     if have["name"] != quant.name or keep(have) != keep(quant.describe()):
         held = have["name"] + (" with an unquantized lm_head" if keep(have) else "")
         raise GptbcError(f"--quantization {quant.name}{' --no-quantize-lm-head' if keep(quant.describe()) else ''}: "
@@ -142,6 +142,9 @@ def choose_activations(option: str, quant: Quantization, target) -> Quantization
     cpu = target.kind.name == "llvm"
     if option == "int8" and not cpu:
         raise GptbcError(f"--activations int8: only CPU targets have int8-activation kernels (target is {target.kind.name})")
+    if option == "int8" and quant.kind == "affine":  # the integer kernel's tiles hold no per-group min
+        raise GptbcError(f"--activations int8: {quant.name} has no int8-activation kernel (its groups carry a min); "
+                         f"use --activations float, or a symmetric scheme (q8*_1/q4*_1)")
     if option == "int8" and quant.kind != "group":
         raise GptbcError(f"--activations int8: {quant.name} has float weights; int8 activations need a grouped "
                          f"scheme (q8*/q4*)")

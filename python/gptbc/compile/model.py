@@ -63,7 +63,7 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head = cfg.n_head // tp, kv_heads_per_rank(cfg, tp)  # this rank's heads
         self.sm_scale = self.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
         qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
-        packed = q.kind == "group"
+        packed = q.packed
         self.c_attn = make_linear(cfg.n_embd, qkv_dim, True, q, packed)
         self.c_proj = make_linear(self.n_head * self.head_dim, cfg.n_embd, True, q, packed)
 
@@ -76,7 +76,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     def __init__(self, cfg: GPTBigCodeConfig, q: Quantization, tp: int = 1):
-        packed = q.kind == "group"
+        packed = q.packed
         self.tp = tp
         self.c_fc = make_linear(cfg.n_embd, cfg.n_inner // tp, True, q, packed)
         self.c_proj = make_linear(cfg.n_inner // tp, cfg.n_embd, True, q, packed)

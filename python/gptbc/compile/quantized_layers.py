@@ -20,27 +20,29 @@ from gptbc.compile import kernels_int8
 from gptbc.artifact.quantization import Quantization
 
 
-def _dequant(w: te.Tensor, s: te.Tensor, row, col, q: Quantization):
-    """float32 value of weight (row, col): unpack the int (int4), remove the offset, scale its group."""
-    scale = tirx.Cast("float32", s[row, col // q.group_size])
+def _dequant(w: te.Tensor, s: te.Tensor, row, col, q: Quantization, m: te.Tensor | None = None):
+    """float32 value of weight (row, col): unpack the int (int4), remove the offset, scale its group; an affine
+    scheme adds its group's min instead (q * scale + min, quantization.py)."""
     if q.bits == 8:
-        return tirx.Cast("float32", w[row, col]) * scale
+        return tirx.Cast("float32", w[row, col]) * tirx.Cast("float32", s[row, col // q.group_size])
     word = w[row, col // q.per_word]
     shift = tirx.Cast("uint32", (col % q.per_word) * q.bits)
-    bits = (word >> shift) & tirx.const((1 << q.bits) - 1, "uint32")
-    return (tirx.Cast("float32", bits) - float(q.max_int)) * scale
+    bits = tirx.Cast("float32", (word >> shift) & tirx.const((1 << q.bits) - 1, "uint32"))
+    if q.kind == "affine":
+        return bits * s[row, col // q.group_size] + m[row, col // q.group_size]
+    return (bits - float(q.max_int)) * tirx.Cast("float32", s[row, col // q.group_size])
 
 
 def dequant_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: int, q: Quantization,
-                   out_dtype: str) -> Tensor:
-    """x @ dequantize(q_weight, q_scale).T in one kernel, accumulating in float32."""
+                   out_dtype: str, q_min: Tensor | None = None) -> Tensor:
+    """x @ dequantize(q_weight, q_scale (, q_min)).T in one kernel, accumulating in float32."""
 
-    def compute(x: te.Tensor, w: te.Tensor, s: te.Tensor):
+    def compute(x: te.Tensor, w: te.Tensor, s: te.Tensor, *m: te.Tensor):
         *lead, _ = x.shape
         k = te.reduce_axis((0, in_features), name="k")
         # A block of its own, so a schedule can either inline it into the matmul (decode: each weight is
         # read once anyway) or dequantize a panel once and reuse it for many rows of x (prefill).
-        weight = te.compute((w.shape[0], in_features), lambda n, j: _dequant(w, s, n, j, q), name="dequantize")
+        weight = te.compute((w.shape[0], in_features), lambda n, j: _dequant(w, s, n, j, q, *m), name="dequantize")
 
         def dot(*idx):
             return te.sum(tirx.Cast("float32", x[(*idx[:-1], k)]) * weight[idx[-1], k], axis=k)
@@ -50,7 +52,7 @@ def dequant_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: in
             return acc
         return te.compute(acc.shape, lambda *i: tirx.Cast(out_dtype, acc(*i)), name="dequant_matmul_cast")
 
-    return op.tensor_expr_op(compute, "dequant_matmul", [x, q_weight, q_scale])
+    return op.tensor_expr_op(compute, "dequant_matmul", [x, q_weight, q_scale] + ([q_min] if q_min is not None else []))
 
 
 def tiled(q: Quantization, out_features: int, in_features: int) -> bool:
@@ -136,7 +138,8 @@ class QuantizedLinear(nn.Module):
         self.tiled = tiled(q, out_features, in_features)
         wshape, sshape = q.packed_shape((out_features, in_features))
         self.q_weight = nn.Parameter(wshape, q.storage_dtype)
-        self.q_scale = nn.Parameter(sshape, q.model_dtype)
+        self.q_scale = nn.Parameter(sshape, q.scale_dtype)
+        self.q_min = nn.Parameter(sshape, "float32") if q.kind == "affine" else None
         self.bias = nn.Parameter((out_features,), q.model_dtype) if bias else None
         if self.tiled:
             _mark_tiled(self.q_weight, self.q_scale, q)
@@ -148,8 +151,10 @@ class QuantizedLinear(nn.Module):
         bias = self.bias if add_bias else None
         if self.tiled and activation in (None, *kernels_int8.EPILOGUES):  # bias and activation in the kernel
             return int8_matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype, bias, activation)
-        matmul = int8_matmul if self.tiled else dequant_matmul
-        y = matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype)
+        if self.tiled:
+            y = int8_matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype)
+        else:
+            y = dequant_matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype, self.q_min)
         return activate(y + bias if bias is not None else y, activation)
 
 
@@ -161,14 +166,15 @@ class QuantizedEmbedding(nn.Module):
         self.tiled = tiled(q, num, dim)
         wshape, sshape = q.packed_shape((num, dim))
         self.q_weight = nn.Parameter(wshape, q.storage_dtype)
-        self.q_scale = nn.Parameter(sshape, q.model_dtype)
+        self.q_scale = nn.Parameter(sshape, q.scale_dtype)
+        self.q_min = nn.Parameter(sshape, "float32") if q.kind == "affine" else None
         if self.tiled:
             _mark_tiled(self.q_weight, self.q_scale, q)
 
     def forward(self, ids: Tensor) -> Tensor:
         q, dim, tiled_rows = self.q, self.dim, self.tiled
 
-        def compute(ids: te.Tensor, w: te.Tensor, s: te.Tensor):
+        def compute(ids: te.Tensor, w: te.Tensor, s: te.Tensor, *m: te.Tensor):
             last = w.shape[0] - 1
 
             def row(i):  # out-of-range ids clamped, as model.take_rows does for a float table
@@ -177,15 +183,18 @@ class QuantizedEmbedding(nn.Module):
             def value(i, k):
                 if tiled_rows:
                     return kernels_int8.tiled_dequant(w, s, row(i), k, dim, q.bits, q.int8_layout)
-                return _dequant(w, s, row(i), k, q)
+                return _dequant(w, s, row(i), k, q, *m)
 
             return te.compute((ids.shape[0], dim), lambda i, k: tirx.Cast(q.model_dtype, value(i, k)),
                               name="dequant_take")
 
-        return op.tensor_expr_op(compute, "dequant_take", [ids, self.q_weight, self.q_scale])
+        extra = [self.q_min] if self.q_min is not None else []
+        return op.tensor_expr_op(compute, "dequant_take", [ids, self.q_weight, self.q_scale] + extra)
 
     def weight_matmul(self, x: Tensor) -> Tensor:
-        return (int8_matmul if self.tiled else dequant_matmul)(x, self.q_weight, self.q_scale, self.dim, self.q, "float32")
+        if self.tiled:
+            return int8_matmul(x, self.q_weight, self.q_scale, self.dim, self.q, "float32")
+        return dequant_matmul(x, self.q_weight, self.q_scale, self.dim, self.q, "float32", self.q_min)
 
 
 class Linear(nn.Module):

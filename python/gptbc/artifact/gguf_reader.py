@@ -1,0 +1,348 @@
+"""GGUF files (llama.cpp, Ollama, LM Studio) as a checkpoint the converter reads, tensor by tensor.
+
+GPTBigCode models are GGUF architecture `starcoder` (llama.cpp's convert_hf_to_gguf.py writes them; there is
+no `gpt_bigcode` architecture, and `starcoder2` is another model). What this module relies on:
+  * metadata `starcoder.{context_length, embedding_length, block_count, feed_forward_length,
+    attention.head_count, attention.head_count_kv, attention.layer_norm_epsilon}`;
+  * tensors named `token_embd`, `position_embd`, `blk.N.{attn_norm, attn_qkv, attn_output, ffn_norm, ffn_up,
+    ffn_down}`, `output_norm`, `output` (absent when tied), each `.weight` / `.bias`, weights [out, in] as HF's;
+  * a block of Q8_0 is an fp16 scale d and 32 int8 q (value d * q): exactly gptbc's q8*_1 group;
+    a block of Q4_0 is an fp16 d and 16 bytes, byte j holding element j (low nibble) and j + 16 (high), value
+    (q - 8) * d: exactly q4*_1's (n - 7) * s with n = 15 - q and s = -d.
+  * Q4_0, Q4_1 and Q4_K are (q, scale, min) per 32 values: exactly the affine scheme q4*_a (quantization.py).
+Every other block type (Q5_*, Q6_K, Q2_K, Q3_K, ...) is dequantized with `gguf.quants.dequantize` (bit-exact with
+ggml's C) and then re-quantized into the chosen scheme, and the converter reports the error it measured.
+
+The header is parsed with the `gguf` package; the tensor bytes are read through our own read-only mapping
+of each file, one tensor at a time, and dropped from memory once written (as SafetensorsFile does).
+"""
+
+from __future__ import annotations
+
+import mmap
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gptbc.artifact.config import GPTBigCodeConfig
+from gptbc.artifact.quantization import Quantization, pack_nibbles
+from gptbc.errors import GptbcError
+
+ARCH = "starcoder"
+# The first 4 bytes of the pre-GGUF formats (GGML, GGMF, GGJT: llama.cpp before August 2023), as stored.
+OLD_GGML_MAGICS = (b"lmgg", b"fmgg", b"tjgg", b"algg")
+GGUF_MAGIC = b"GGUF"
+ROW_BLOCK = 1024  # rows dequantized at a time
+SPLIT = re.compile(r"^(?P<stem>.*)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf$")
+
+# Tensor types whose values gptbc stores without re-quantizing, by scheme kind.
+FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+GROUP_TYPES = {"Q8_0": 8, "Q4_0": 4}  # → q8*_1 / q4*_1 bit for bit
+# The scheme a file converts to when --quantization is not given: the type of its layer weights.
+DEFAULT_SCHEME = {"F32": "q0f32", "F16": "q0f16", "BF16": "q0bf16", "Q8_0": "q8f16_1", "Q4_0": "q4f16_1"}
+
+
+def looks_like_gguf(spec: str) -> bool:
+    """Whether `convert-weight` should read `spec` as GGUF: a .gguf (or old GGML .bin) file, or a folder of them."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path.suffix == ".gguf" or _magic(path) in (GGUF_MAGIC, *OLD_GGML_MAGICS)
+    return path.is_dir() and not (path / "config.json").is_file() and any(path.glob("*.gguf"))
+
+
+def _magic(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4)
+    except OSError as err:
+        raise GptbcError(f"{path}: cannot open ({err.strerror})") from None
+
+
+def gguf_files(spec: str) -> list[Path]:
+    """The file(s) of one model: a .gguf file, every part of its split set, or the one model in a folder."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        models = sorted({SPLIT.sub(r"\g<stem>", f.name) for f in found})
+        if len(models) != 1:
+            raise GptbcError(f"{path}: holds {len(models)} GGUF models ({', '.join(models) or 'none'}); "
+                             f"pass the one to convert")
+        path = found[0]
+    if _magic(path) in OLD_GGML_MAGICS:
+        raise GptbcError(f"{path}: an old GGML file, not GGUF: convert it with llama.cpp first "
+                         f"(convert_llama_ggml_to_gguf.py)")
+    m = SPLIT.match(path.name)
+    if not m:
+        return [path]
+    n = int(m["n"])
+    parts = [path.with_name(f"{m['stem']}-{k:05d}-of-{n:05d}.gguf") for k in range(1, n + 1)]
+    for p in parts:
+        if not p.is_file():
+            raise GptbcError(f"{p}: part {p.name} of the split set {m['stem']} is missing")
+    return parts
+
+
+@dataclass
+class TensorEntry:
+    path: Path
+    type_name: str  # ggml type: "F16", "Q4_0", "Q6_K", ...
+    type_id: int
+    shape: tuple[int, ...]  # numpy order: [out, in] for a weight
+    offset: int  # of its bytes in the file
+    nbytes: int
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, TensorEntry]]:
+    """(metadata key → value, GGUF tensor name → entry) of one file; a bad file is one line naming it."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    if _magic(path) != GGUF_MAGIC:
+        raise GptbcError(f"{path}: not a GGUF file (its first bytes are not 'GGUF')")
+    try:
+        reader = GGUFReader(path)
+    except ValueError as err:
+        if "GGMLQuantizationType" in str(err):
+            number = re.search(r"\d+", str(err))
+            raise GptbcError(f"{path}: unknown block type {number[0] if number else '?'} (not a ggml type the "
+                             f"installed gguf package knows: a newer file, or a corrupt one)") from None
+        raise GptbcError(f"{path}: truncated or corrupt GGUF file ({err})") from None
+    except (IndexError, OverflowError, UnicodeDecodeError, KeyError) as err:
+        raise GptbcError(f"{path}: truncated or corrupt GGUF file ({type(err).__name__}: {err})") from None
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            meta[key] = field.contents()
+        except (ValueError, IndexError, UnicodeDecodeError) as err:
+            raise GptbcError(f"{path}: metadata {key} cannot be read ({err})") from None
+    size = path.stat().st_size
+    tensors = {}
+    for t in reader.tensors:
+        entry = TensorEntry(path, GGMLQuantizationType(t.tensor_type).name, int(t.tensor_type),
+                            tuple(int(d) for d in reversed(t.shape.tolist())), int(t.data_offset), int(t.n_bytes))
+        if entry.offset + entry.nbytes > size:
+            raise GptbcError(f"{path}: truncated GGUF file (tensor {t.name} ends at byte "
+                             f"{entry.offset + entry.nbytes}, the file has {size})")
+        tensors[t.name] = entry
+    return meta, tensors
+
+
+def _hf_to_gguf(cfg: GPTBigCodeConfig) -> dict[str, str]:
+    """gpt_bigcode tensor name → GGUF tensor name."""
+    names = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
+             "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias",
+             "lm_head.weight": "output.weight"}
+    modules = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+               "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    for i in range(cfg.n_layer):
+        for hf, gg in modules.items():
+            for part in ("weight", "bias"):
+                names[f"transformer.h.{i}.{hf}.{part}"] = f"blk.{i}.{gg}.{part}"
+    return names
+
+
+class GGUFCheckpoint:
+    """The tensors of a GGUF model under gpt_bigcode names, as `convert.Checkpoint` offers them (`in`, `info`,
+    `get`, `release`, `source_of`, `close`), plus `carried`: the packed form of a Q8_0 / Q4_0 tensor in a
+    scheme that holds it bit for bit, and `type_of`: the ggml type a tensor is stored in."""
+
+    def __init__(self, spec: str):
+        self.files = gguf_files(spec)
+        self.directory = self.files[0]
+        self.meta: dict[str, Any] = {}
+        self.entries: dict[str, TensorEntry] = {}
+        for k, f in enumerate(self.files):
+            meta, tensors = _read_header(f)
+            if k == 0:
+                self.meta = meta
+            self.entries.update(tensors)
+        self.config = config_from_metadata(self.meta, self.files[0], self.entries)
+        self.names = {hf: gg for hf, gg in _hf_to_gguf(self.config).items() if gg in self.entries}
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._handles = []
+        for f in self.files:
+            handle = open(f, "rb")
+            self._handles.append(handle)
+            self._maps[f] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def type_of(self, name: str) -> str:
+        return self.entries[self.names[name]].type_name
+
+    def info(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
+        e = self.entries[self.names[name]]
+        return np.dtype("float32") if e.type_name not in FLOAT_TYPES else _float_dtype(e.type_name), e.shape
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as stored: floats in their own dtype, blocks as uint8 [rows, bytes per row]."""
+        e = self.entries[self.names[name]]
+        buf = np.frombuffer(self._maps[e.path], np.uint8, count=e.nbytes, offset=e.offset)
+        if e.type_name in FLOAT_TYPES:
+            return buf.view(_float_dtype(e.type_name)).reshape(e.shape)
+        return buf.reshape(*e.shape[:-1], -1)
+
+    def get(self, name: str) -> np.ndarray:
+        e = self.entries[self.names[name]]
+        if e.type_name in FLOAT_TYPES:
+            return self.raw(name)
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        # in row blocks: gguf's dequantizers make several full-size float32 temporaries, which for a 15B
+        # model's token embedding would be gigabytes
+        raw, kind = self.raw(name), GGMLQuantizationType(e.type_id)
+        out = np.empty(e.shape, np.float32)
+        for r in range(0, e.shape[0], ROW_BLOCK):
+            out[r:r + ROW_BLOCK] = dequantize(raw[r:r + ROW_BLOCK], kind)
+        return out
+
+    def carried(self, name: str, quant: Quantization) -> tuple[np.ndarray, ...] | None:
+        """(q_weight, q_scale (, q_min)) holding exactly the stored values, when `quant` can; else None."""
+        kind = self.type_of(name)
+        if quant.kind == "affine" and kind in AFFINE_TYPES:
+            q, scale, low = AFFINE_TYPES[kind](self.raw(name))
+            return pack_nibbles(q), scale, low
+        if quant.kind != "group" or GROUP_TYPES.get(kind) != quant.bits:
+            return None
+        blocks = self.raw(name)
+        rows = blocks.shape[0]
+        blocks = blocks.reshape(rows, -1, 34 if kind == "Q8_0" else 18)
+        d = _half(blocks, 0)
+        if kind == "Q8_0":
+            return (np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(rows, -1),
+                    d.astype(quant.model_dtype))
+        # flipped: (15 - q) - 7 = 8 - q, and the scale negated
+        return pack_nibbles(15 - _split_nibbles(blocks[:, :, 2:]).reshape(rows, -1)), (-d).astype(quant.model_dtype)
+
+    def release(self, name: str) -> None:
+        """Drop a tensor's pages from resident memory (a 9 GB file must not end up all resident)."""
+        e = self.entries[self.names[name]]
+        page = mmap.PAGESIZE
+        lo, hi = e.offset // page * page, min(-(-(e.offset + e.nbytes) // page) * page, len(self._maps[e.path]))
+        if hi > lo and hasattr(mmap, "MADV_DONTNEED"):
+            self._maps[e.path].madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def source_of(self, name: str) -> Path:
+        return self.entries[self.names[name]].path if name in self.names else self.directory
+
+    def label(self, name: str) -> str:
+        """How messages name a tensor: the file's name, then the gpt_bigcode one."""
+        return f"{_hf_to_gguf(self.config).get(name, name)} ({name})"
+
+    def default_scheme(self) -> str | None:
+        """The scheme holding every layer weight as stored, when one does: a file of one type that a scheme holds,
+        or of 4-bit types that the affine scheme holds (Q4_0, Q4_1, Q4_K)."""
+        types = self.weight_types()
+        if len(types) == 1 and types[0] in DEFAULT_SCHEME:
+            return DEFAULT_SCHEME[types[0]]
+        return "q4f16_a" if types and set(types) <= set(AFFINE_TYPES) else None
+
+    def weight_types(self) -> list[str]:
+        """The ggml types of the layers' linear weights."""
+        return sorted({self.type_of(n) for n in self.names if n.startswith("transformer.h.") and n.endswith("weight")
+                       and ("attn.c_" in n or "mlp.c_" in n)})
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:  # views still alive; the mapping goes when they do
+                pass
+        for h in self._handles:
+            h.close()
+
+
+def _half(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The fp16 at byte `at` of every block: float16 [rows, blocks]."""
+    return np.ascontiguousarray(blocks[:, :, at:at + 2]).view(np.float16)[:, :, 0]
+
+
+def _split_nibbles(qs: np.ndarray) -> np.ndarray:
+    """[..., 16] bytes → [..., 32] values: byte j's low nibble is value j, its high nibble value j + 16."""
+    return np.concatenate([qs & 15, qs >> 4], axis=-1)
+
+
+def _q4_0(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q uint8 [rows, cols], scale, min float32 [rows, groups]) of Q4_0 blocks: (q - 8) d = q d + (-8 d)."""
+    blocks = raw.reshape(raw.shape[0], -1, 18)
+    d = _half(blocks, 0).astype(np.float32)
+    return _split_nibbles(blocks[:, :, 2:]).reshape(raw.shape[0], -1), d, -8 * d
+
+
+def _q4_1(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_1 blocks (fp16 d, fp16 m, 16 bytes): q d + m."""
+    blocks = raw.reshape(raw.shape[0], -1, 20)
+    return (_split_nibbles(blocks[:, :, 4:]).reshape(raw.shape[0], -1), _half(blocks, 0).astype(np.float32),
+            _half(blocks, 2).astype(np.float32))
+
+
+def _q4_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K super-blocks of 256 (fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles):
+    sub-block j of 32 is q (d sc_j) - (dmin m_j); bytes 32c..32c+31 hold sub-block 2c (low nibbles), 2c+1 (high)."""
+    from gguf.quants import Q4_K
+
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 144)
+    sc, m = Q4_K.get_scale_min(np.ascontiguousarray(blocks[:, :, 4:16]).reshape(-1, 12))
+    d, dmin = (_half(blocks, k).astype(np.float32).reshape(-1, 1) for k in (0, 2))
+    qs = blocks[:, :, 16:].reshape(rows, -1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
+    scale, low = d * sc.astype(np.float32), -(dmin * m.astype(np.float32))
+    return (qs & 15).reshape(rows, -1), scale.reshape(rows, -1), low.reshape(rows, -1)
+
+
+# ggml types an affine scheme (q4*_a) holds exactly: each gives (q, scale, min) per group of 32
+AFFINE_TYPES = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k}
+
+
+def _float_dtype(type_name: str) -> np.dtype:
+    from gptbc.artifact.quantization import numpy_dtype
+
+    return numpy_dtype(FLOAT_TYPES[type_name])
+
+
+def _scalar(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def config_from_metadata(meta: dict[str, Any], path: Path, tensors: dict[str, TensorEntry]) -> GPTBigCodeConfig:
+    """The model config a `starcoder` GGUF describes; another architecture is refused by name."""
+    arch = meta.get("general.architecture")
+    if arch != ARCH:
+        raise GptbcError(f"{path}: GGUF architecture {arch!r}, not 'starcoder' (GPTBigCode: SantaCoder, StarCoder, "
+                         f"WizardCoder...); gptbc runs only that one")
+
+    def need(key: str) -> Any:
+        if f"{ARCH}.{key}" not in meta:
+            raise GptbcError(f"{path}: metadata {ARCH}.{key} is missing")
+        return _scalar(meta[f"{ARCH}.{key}"])
+
+    n_head, n_kv = int(need("attention.head_count")), int(need("attention.head_count_kv"))
+    if n_kv != 1:
+        # llama.cpp's starcoder graph reads attn_qkv as [all q; all k; all v] while HF's multi-head c_attn is per
+        # head, and its converter does not reorder: which order a multi-head file holds is not recorded.
+        raise GptbcError(f"{path}: attention.head_count_kv is {n_kv}; gptbc reads multi-query starcoder GGUF "
+                         f"files only (head_count_kv 1, as every published StarCoder model)")
+    if "token_embd.weight" not in tensors:
+        raise GptbcError(f"{path}: tensor token_embd.weight is missing")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = tensors["token_embd.weight"].shape[0]
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    raw = {"model_type": "gpt_bigcode", "n_embd": int(need("embedding_length")), "n_head": n_head,
+           "n_layer": int(need("block_count")), "n_positions": int(need("context_length")),
+           "n_inner": int(need("feed_forward_length")), "vocab_size": vocab, "multi_query": True,
+           "layer_norm_epsilon": float(need("attention.layer_norm_epsilon")),
+           # ggml_gelu is the tanh approximation, which is what StarCoder's config names
+           "activation_function": "gelu_pytorch_tanh",
+           "tie_word_embeddings": "output.weight" not in tensors,
+           "bos_token_id": None if bos is None else int(_scalar(bos)),
+           "eos_token_id": [] if eos is None else [int(_scalar(eos))]}
+    if tokens is not None and len(tokens) > vocab:
+        raise GptbcError(f"{path}: {len(tokens)} tokens in the vocabulary but token_embd has {vocab} rows")
+    return GPTBigCodeConfig.from_dict(raw, source=str(path))

@@ -1,0 +1,248 @@
+"""`gptbc convert-weight FILE.gguf`: GGUF files written here from a seeded random HF checkpoint (gguf_files.py).
+
+What the file means is `gguf.quants.dequantize` of its tensors; gptbc must run exactly those values.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from gguf_files import dequantized, dequantized_model, write_gguf
+from conftest import assert_matches_hf
+from hf_models import CORPUS
+from gptbc.artifact.convert import convert_weight
+from gptbc.artifact.quantization import dequantize, get_quantization
+from gptbc.errors import GptbcError
+
+LINEAR = ["attn_qkv", "attn_output", "ffn_up", "ffn_down"]
+
+
+@pytest.fixture(scope="module")
+def files(import_checkpoint, tmp_path_factory):
+    """The shared test checkpoint and its GGUF files (Q8_0, Q4_0, F16)."""
+    root, hf = tmp_path_factory.mktemp("gguf"), import_checkpoint
+    return hf, {q: write_gguf(hf, root / f"model-{q}.gguf", q) for q in ("Q8_0", "Q4_0", "Q4_1", "F16")}
+
+
+def tensors(out) -> dict[str, np.ndarray]:
+    found = {}
+    for f in out.glob("*.safetensors"):
+        found.update(load_file(str(f)))
+    return found
+
+
+@pytest.mark.parametrize("qtype, scheme", [("Q8_0", "q8f16_1"), ("Q4_0", "q4f16_1"), ("Q4_0", "q4f32_1"),
+                                           ("Q4_1", "q4f16_a"), ("Q4_0", "q4f32_a")])
+def test_blocks_are_carried_bit_for_bit(files, qtype, scheme, tmp_path, capsys):
+    _, gg = files
+    default = scheme.endswith("16_1") or (qtype, scheme) == ("Q4_1", "q4f16_a")
+    out = convert_weight(gg[qtype], None if default else scheme, tmp_path / "w", progress=False)
+    # no tensor of the file's type changed, but wpe (a Q*_0 table the scheme keeps in its activation dtype)
+    note = capsys.readouterr().err
+    assert qtype not in note or f"1 {qtype} tensor (worst transformer.wpe.weight" in note, note
+    assert json.loads((out / "gptbc-config.json").read_text())["quantization"]["name"] == scheme
+    got, want, q = tensors(out), dequantized(gg[qtype]), get_quantization(scheme)
+    pairs = [("transformer.wte", "token_embd.weight")] + [
+        (f"transformer.h.{i}.{m}", f"blk.{i}.{g}.weight") for i in range(2)
+        for m, g in zip(["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], LINEAR)]
+    for ours, theirs in pairs:
+        values = dequantize(got[ours + ".q_weight"], got[ours + ".q_scale"], want[theirs].shape[1], q,
+                            got.get(ours + ".q_min"))
+        assert np.array_equal(values, want[theirs]), ours
+    if q.kind == "group" and q.bits == 4:  # Q4_0's q = 0 is stored as nibble 15, which gptbc's quantizer never writes
+        w = got["transformer.h.0.mlp.c_fc.q_weight"]
+        assert ((w[..., None] >> (np.arange(8, dtype=np.uint32) * 4)) & 15 == 15).any()
+
+
+def test_float_file_converts_exactly_and_says_nothing(files, tmp_path, capsys):
+    _, gg = files
+    out = convert_weight(gg["F16"], "q0f32", tmp_path / "w", progress=False)
+    got, want = tensors(out), dequantized(gg["F16"])
+    assert np.array_equal(got["transformer.h.1.mlp.c_fc.weight"], want["blk.1.ffn_up.weight"])
+    assert np.array_equal(got["transformer.ln_f.bias"], want["output_norm.bias"])
+    assert capsys.readouterr().err == ""
+
+
+def test_requantizing_prints_the_measured_error(files, tmp_path, capsys):
+    _, gg = files
+    convert_weight(gg["Q8_0"], "q4f32_1", tmp_path / "w", progress=False)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("gptbc: ") and "q4f32_1" in err, err
+    assert "Q8_0 tensors" in err and "relative RMS error" in err, err
+
+
+def test_tokenizer_encodes_as_hf(files, tmp_path):
+    from tokenizers import Tokenizer
+
+    hf, gg = files
+    out = convert_weight(gg["Q8_0"], None, tmp_path / "w", progress=False)
+    ours, theirs = (Tokenizer.from_file(str(d / "tokenizer.json")) for d in (out, hf))
+    sample = "".join(CORPUS[:4]) + "<fim_prefix>x = 12345<fim_suffix>\n<fim_middle><|endoftext|> 2024 ✓"
+    assert ours.encode(sample).ids == theirs.encode(sample).ids
+    assert ours.decode(ours.encode(sample).ids) == theirs.decode(theirs.encode(sample).ids)
+    assert json.loads((out / "generation_config.json").read_text()) == {"bos_token_id": 0, "eos_token_id": 0}
+
+
+@pytest.fixture(scope="module")
+def q4_engine(files, import_lib, tmp_path_factory):
+    """The Q4_0 file converted into q4f32_1 (carried exactly, float32 activations), on the shared CPU library."""
+    from gptbc.runtime.engine import Engine
+
+    _, gg = files
+    out = convert_weight(gg["Q4_0"], "q4f32_1", tmp_path_factory.mktemp("q4run") / "w", progress=False)
+    return Engine(out, import_lib)
+
+
+def test_logits_equal_the_dequantized_file(files, q4_engine):
+    hf_dir, gg = files
+    assert_matches_hf(q4_engine, dequantized_model(hf_dir, gg["Q4_0"]))
+
+
+def test_generation_and_fim_from_the_gguf_alone(q4_engine):
+    vocab = q4_engine.tokenizer.tok.get_vocab()
+    assert q4_engine.fim["prefix"]["id"] == vocab["<fim_prefix>"]
+    ids = q4_engine.prompt_ids(prefix="def f(", suffix="):\n")
+    assert ids[0] == vocab["<fim_prefix>"] and ids[-1] == vocab["<fim_middle>"]
+    assert len(q4_engine.generate(prefix="def f(", suffix="):\n", max_new_tokens=4)) >= 1
+    assert q4_engine.complete("def fibonacci(", max_new_tokens=4).token_ids
+
+
+def test_split_set_and_folder(files, tmp_path):
+    hf, gg = files
+    (tmp_path / "parts").mkdir()
+    split = write_gguf(hf, tmp_path / "parts" / "model.gguf", "Q8_0", split_max_tensors=10)
+    parts = sorted(split.parent.glob("*.gguf"))
+    assert len(parts) > 1 and parts[0].name.endswith("-00001-of-%05d.gguf" % len(parts))
+    whole = tensors(convert_weight(gg["Q8_0"], None, tmp_path / "a", progress=False))
+    from_part = tensors(convert_weight(parts[-1], None, tmp_path / "b", progress=False))
+    from_folder = tensors(convert_weight(split.parent, None, tmp_path / "c", progress=False))
+    for name, value in whole.items():
+        assert np.array_equal(value, from_part[name]) and np.array_equal(value, from_folder[name]), name
+
+
+# ---- bad input: one line each, nothing written ----
+
+def _header_type_offset(path, name: str) -> int:
+    """Byte offset of tensor `name`'s ggml type in the GGUF header."""
+    import gguf
+
+    t = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == name)
+    return t.field.offset + 8 + len(name.encode()) + 4 + 8 * len(t.shape)
+
+
+def _refused(source, tmp_path, quantization=None) -> str:
+    out = tmp_path / "out"
+    with pytest.raises(GptbcError) as err:
+        convert_weight(source, quantization, out, progress=False)
+    assert not out.exists() and not list(tmp_path.glob(".out*")), "something was left behind"
+    message = str(err.value)
+    assert len(message.splitlines()) == 1, message
+    return message
+
+
+def test_truncated_file(files, tmp_path):
+    data = files[1]["Q8_0"].read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:len(data) - 1000])
+    assert "truncated" in _refused(cut, tmp_path)
+
+
+def test_unknown_block_type(files, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    shutil.copyfile(files[1]["Q8_0"], bad)
+    with open(bad, "r+b") as f:
+        f.seek(_header_type_offset(bad, "blk.0.ffn_up.weight"))
+        f.write((99).to_bytes(4, "little"))
+    assert "unknown block type" in _refused(bad, tmp_path)
+
+
+def test_other_architecture_and_wrong_shape(files, tmp_path):
+    hf, _ = files
+    llama = write_gguf(hf, tmp_path / "llama.gguf", "Q8_0", arch="llama")
+    assert "'llama', not 'starcoder'" in _refused(llama, tmp_path)
+    wrong = write_gguf(hf, tmp_path / "wrong.gguf", "Q8_0", replace={"blk.1.ffn_up.weight": np.ones((128, 64))})
+    assert "blk.1.ffn_up.weight" in _refused(wrong, tmp_path) and "[128, 64]" in _refused(wrong, tmp_path)
+
+
+def test_old_ggml_file(tmp_path):
+    old = tmp_path / "starcoder.ggmlv3.q4_0.bin"
+    old.write_bytes(b"tjgg" + (3).to_bytes(4, "little") + bytes(64))
+    assert "an old GGML file, not GGUF: convert it with llama.cpp first" in _refused(old, tmp_path)
+
+
+def test_k_quant_file_needs_a_scheme(files, tmp_path):
+    hf, _ = files
+    k = write_gguf(hf, tmp_path / "k.gguf", "Q8_0", types={f"blk.{i}.{m}.weight": "Q5_0" for i in range(2)
+                                                             for m in LINEAR})
+    message = _refused(k, tmp_path)
+    assert "Q5_0" in message and "--quantization" in message
+
+
+# ---- K-quant files made by llama.cpp's own quantizer (tests/data/kquant/README.md) ----
+
+KQUANT = Path(__file__).parent / "data" / "kquant"
+KQUANT_FILES = {"Q4_K_M": {"Q4_K", "Q6_K"}, "Q5_K_M": {"Q5_K", "Q6_K"}, "Q6_K": {"Q6_K"}}
+
+
+@pytest.mark.parametrize("kind", sorted(KQUANT_FILES))
+def test_k_quant_file_loads_every_value_with_q0f32(kind, tmp_path, capsys):
+    import gguf
+
+    path = KQUANT / f"model-{kind}.gguf"
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert KQUANT_FILES[kind] <= types, types  # the mix llama.cpp chose for this file type
+    message = _refused(path, tmp_path)
+    assert "--quantization q0f32" in message and any(t in message for t in KQUANT_FILES[kind]), message
+    out = convert_weight(path, "q0f32", tmp_path / "w", progress=False)
+    assert capsys.readouterr().err == ""  # nothing changed, so nothing to report
+    got, want = tensors(out), dequantized(path)
+    names = {"transformer.wte.weight": "token_embd.weight", "transformer.h.0.attn.c_attn.weight": "blk.0.attn_qkv.weight",
+             "transformer.h.0.mlp.c_proj.weight": "blk.0.ffn_down.weight",
+             "transformer.h.0.attn.c_proj.weight": "blk.0.attn_output.weight"}
+    for ours, theirs in names.items():
+        assert np.array_equal(got[ours], want[theirs]), ours
+
+
+def test_k_quant_tokenizer_and_logits(tmp_path):
+    """The Q4_K_M file alone: its rebuilt tokenizer encodes as the checkpoint's, its logits are the dequantized
+    file's (float32 kernels on the exact values)."""
+    from tokenizers import Tokenizer
+
+    from gptbc.artifact.config import resolve_model
+    from gptbc.compile.compiler import compile_model
+    from gptbc.runtime.engine import Engine
+
+    path = KQUANT / "model-Q4_K_M.gguf"
+    out = convert_weight(path, "q0f32", tmp_path / "w", progress=False)
+    sample = "".join(CORPUS[:4]) + "<fim_prefix>x = 12345<fim_suffix>\n<fim_middle>"
+    ours, theirs = (Tokenizer.from_file(str(d / "tokenizer.json")) for d in (out, KQUANT))
+    assert ours.encode(sample).ids == theirs.encode(sample).ids
+    lib = compile_model(resolve_model(str(out)), "cpu", "q0f32", tmp_path / "lib.so", log=lambda _m: None)
+    assert_matches_hf(Engine(out, lib), dequantized_model(KQUANT, path))
+
+
+def test_q4_1_logits_with_the_affine_scheme(files, import_lib_affine, tmp_path):
+    from gptbc.runtime.engine import Engine
+
+    hf_dir, gg = files
+    out = convert_weight(gg["Q4_1"], "q4f32_a", tmp_path / "w", progress=False)
+    assert_matches_hf(Engine(out, import_lib_affine), dequantized_model(hf_dir, gg["Q4_1"]))
+
+
+def test_q4_k_tensors_are_carried_into_the_affine_scheme(tmp_path, capsys):
+    """llama.cpp's Q4_K tensors bit for bit in q4f32_a; its Q6_K ones re-quantized, and said so."""
+    path = KQUANT / "model-Q4_K_M.gguf"
+    out = convert_weight(path, "q4f32_a", tmp_path / "w", progress=False)
+    note = capsys.readouterr().err
+    assert "Q6_K tensors" in note and "Q4_K" not in note, note
+    got, want, q = tensors(out), dequantized(path), get_quantization("q4f32_a")
+    for ours, theirs in [("transformer.h.0.mlp.c_fc", "blk.0.ffn_up.weight"),
+                         ("transformer.h.0.attn.c_proj", "blk.0.attn_output.weight")]:
+        values = dequantize(got[ours + ".q_weight"], got[ours + ".q_scale"], 256, q, got[ours + ".q_min"])
+        assert np.array_equal(values, want[theirs]), ours
