@@ -41,7 +41,7 @@ def check_tensor_parallel(cfg: GPTBigCodeConfig, quant: Quantization, tp: int) -
             raise GptbcError(f"--tensor-parallel {tp}: the model's {what} ({n}) is not divisible by {tp}")
     if cfg.n_kv_head > 1 and cfg.n_kv_head % tp:
         raise GptbcError(f"--tensor-parallel {tp}: the model's {cfg.n_kv_head} KV heads are not divisible by {tp}")
-    if quant.kind == "group":
+    if quant.packed:  # grouped and affine schemes: groups of group_size input features
         for what, n in (("attn.c_proj", cfg.n_embd), ("mlp.c_proj", cfg.n_inner)):
             if (n // tp) % quant.group_size:
                 raise GptbcError(f"--tensor-parallel {tp}: {quant.name} groups {quant.group_size} input features, "
