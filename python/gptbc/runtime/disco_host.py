@@ -26,8 +26,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from gptbc.artifact import manifest
-from gptbc.artifact.config import GPTBigCodeConfig
 from gptbc.errors import GptbcError
+from gptbc.runtime.runner import library_sizes
 
 CCL = "gptbc_cpu"  # the collectives native/ccl/cpu_ccl.cc registers: runtime.disco.gptbc_cpu.*
 CCL_LIBRARY = "libgptbc_ccl_cpu.so"
@@ -108,14 +108,8 @@ class TensorParallelModel:
         if self.meta.get("device", "cpu") != "cpu":
             raise GptbcError(f"--lib {self.lib} was built for {self.meta.get('device')}; tensor parallelism runs "
                              f"on the CPU here (the NCCL collectives are built, not run: see README)")
-        self.config = GPTBigCodeConfig.from_dict(self.meta["model_config"], source=f"--lib {self.lib}")
-        self.context_window_size = int(self.meta["context_window_size"])
-        self.prefill_chunk_size = int(self.meta["prefill_chunk_size"])
-        self.max_batch_size = int(max_batch_size or self.meta["max_batch_size"])
-        if not 0 < self.max_batch_size <= int(self.meta["max_batch_size"]):
-            raise GptbcError(f"max batch size {self.max_batch_size}: --lib {self.lib} was compiled for 1.."
-                             f"{self.meta['max_batch_size']} (compile with a larger --max-batch-size)")
-        self.capacity_tokens = int(max_total_seq_len or self.context_window_size * min(4, self.max_batch_size))
+        (self.config, self.context_window_size, self.prefill_chunk_size, self.max_batch_size,
+         self.capacity_tokens) = library_sizes(self.meta, self.lib, max_batch_size, max_total_seq_len)
         self.page_size = int(self.meta["page_size"])
         self.dtype = self.meta["quantization"]["model_dtype"]
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from gptbc.artifact.config import GPTBigCodeConfig
 from gptbc.errors import GptbcError
-from gptbc.runtime.runner import physical_cores
+from gptbc.runtime.runner import physical_cores, prefill_in_chunks
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding the gptbc package
 
@@ -146,11 +146,7 @@ class DiscoRunner:
     # ---- forward passes ----
     def prefill(self, seq_id: int, ids: Sequence[int]) -> np.ndarray:
         """Append `ids` to the sequence (in prefill_chunk_size chunks); logits of the last one, float32[vocab]."""
-        self.check_ids(ids)
-        logits = None
-        for start in range(0, len(ids), self.prefill_chunk_size):
-            logits = self.prefill_chunk(seq_id, ids[start:start + self.prefill_chunk_size])
-        return logits
+        return prefill_in_chunks(self, seq_id, ids)
 
     def prefill_chunk(self, seq_id: int, chunk: Sequence[int]) -> np.ndarray:
         chunk = [int(t) for t in chunk]

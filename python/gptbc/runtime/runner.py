@@ -145,6 +145,29 @@ def _mapped_tensor(arr: np.ndarray, alignment: int):
         return None
 
 
+def library_sizes(meta: dict, lib: Path, max_batch_size: int | None, max_total_seq_len: int | None
+                  ) -> tuple[GPTBigCodeConfig, int, int, int, int]:
+    """(config, context window, prefill chunk, max batch, KV-cache tokens) a runner of library `lib` works with:
+    the library's own sizes, a smaller batch if asked (a larger one refused), the cache default context x
+    min(4, batch)."""
+    config = GPTBigCodeConfig.from_dict(meta["model_config"], source=f"--lib {lib}")
+    context, chunk = int(meta["context_window_size"]), int(meta["prefill_chunk_size"])
+    batch = int(max_batch_size or meta["max_batch_size"])
+    if not 0 < batch <= int(meta["max_batch_size"]):
+        raise GptbcError(f"max batch size {batch}: --lib {lib} was compiled for 1..{meta['max_batch_size']} "
+                         "(compile with a larger --max-batch-size)")
+    return config, context, chunk, batch, int(max_total_seq_len or context * min(4, batch))
+
+
+def prefill_in_chunks(runner, seq_id: int, ids: Sequence[int]) -> np.ndarray:
+    """`runner.prefill`: `ids` appended in prefill_chunk_size calls; the logits of the last, float32[vocab]."""
+    runner.check_ids(ids)
+    logits = None
+    for start in range(0, len(ids), runner.prefill_chunk_size):
+        logits = runner.prefill_chunk(seq_id, ids[start:start + runner.prefill_chunk_size])
+    return logits
+
+
 class ModelRunner:
     """One loaded model on one device, with its KV cache."""
 
@@ -173,14 +196,8 @@ class ModelRunner:
             from gptbc.runtime import webgpu
 
             webgpu.check_model(self.meta, self.dev, self.lib)
-        self.config = GPTBigCodeConfig.from_dict(self.meta["model_config"], source=f"--lib {self.lib}")
-        self.context_window_size = int(self.meta["context_window_size"])
-        self.prefill_chunk_size = int(self.meta["prefill_chunk_size"])
-        self.max_batch_size = int(max_batch_size or self.meta["max_batch_size"])
-        if not 0 < self.max_batch_size <= int(self.meta["max_batch_size"]):
-            raise GptbcError(f"max batch size {self.max_batch_size}: --lib {self.lib} was compiled for 1.."
-                             f"{self.meta['max_batch_size']} (compile with a larger --max-batch-size)")
-        self.capacity_tokens = int(max_total_seq_len or self.context_window_size * min(4, self.max_batch_size))
+        (self.config, self.context_window_size, self.prefill_chunk_size, self.max_batch_size,
+         self.capacity_tokens) = library_sizes(self.meta, self.lib, max_batch_size, max_total_seq_len)
         self.memory_plan = check_fits(dataclasses.replace(self.config, max_batch_size=self.max_batch_size),
                                       get_quantization(self.info["quantization"]["name"],
                                                        self.info["quantization"].get("quantize_lm_head", True)),
@@ -273,11 +290,7 @@ class ModelRunner:
 
     def prefill(self, seq_id: int, ids: Sequence[int]) -> np.ndarray:
         """Append `ids` to the sequence (in prefill_chunk_size chunks); logits of the last one, float32[vocab]."""
-        self.check_ids(ids)
-        logits = None
-        for start in range(0, len(ids), self.prefill_chunk_size):
-            logits = self.prefill_chunk(seq_id, ids[start:start + self.prefill_chunk_size])
-        return logits
+        return prefill_in_chunks(self, seq_id, ids)
 
     def prefill_chunk(self, seq_id: int, chunk: Sequence[int]) -> np.ndarray:
         """One prefill call (len(chunk) <= prefill_chunk_size, ids already checked)."""
