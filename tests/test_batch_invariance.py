@@ -18,6 +18,7 @@ import pytest
 from gptbc.errors import GptbcError
 from gptbc.runtime.engine import Engine
 from gptbc.runtime.speculation import PromptLookup
+from vulkan_device import need_vulkan
 
 VOCAB_TOP = 250  # prompt ids below the tiny models' vocabularies
 
@@ -49,74 +50,112 @@ def check_alone_equals_batched(engine: Engine, case: int, target_len: int = 37, 
         assert answers[at] == alone, f"batch of {size}, target at {at}: {answers[at]} != {alone}"
 
 
+RECIPES = {  # name: (tiny model, scheme, activations on the CPU, prefill chunk)
+    "mqa64": ("mqa64", "q0f32", "float", None), "mqa64-chunk16": ("mqa64", "q0f32", "float", 16),
+    "mha32": ("mha32", "q0f32", "float", 16), "mqa64-q8": ("mqa64", "q8f32_1", "int8", None),
+    "mqa64-q4": ("mqa64", "q4f32_1", "int8", None), "mqa64-q4f": ("mqa64", "q4f32_1", "float", None)}
+DEVICES = ["cpu", pytest.param("vulkan", marks=pytest.mark.vulkan)]
+
+
 @pytest.fixture(scope="module")
 def invariant(tiny_model, tmp_path_factory):
-    """invariant(name) → an Engine(batch_invariant=True) over a `--batch-invariant` library (built once):
-    "mqa64" (q0f32), "mqa64-chunk16" (the same with 16-token prefill chunks), "mha32" (q0f32, chunks of
-    16), "mqa64-q8" and "mqa64-q4" (q8f32_1 / q4f32_1 with int8 activations)."""
+    """invariant(name, device="cpu") → an Engine(batch_invariant=True) over a `--batch-invariant` library
+    (built once) of RECIPES[name]: "mqa64" (q0f32), "mqa64-chunk16" (the same with 16-token prefill
+    chunks), "mha32" (q0f32, chunks of 16), "mqa64-q8" and "mqa64-q4" (q8f32_1 / q4f32_1 with int8
+    activations on the CPU, float ones on a GPU, which has no int8 kernels), "mqa64-q4f" (float
+    activations). On "vulkan" it first skips (or fails, in CI) where there is no Vulkan adapter."""
     from gptbc.artifact.config import resolve_model
     from gptbc.artifact.convert import convert_weight
     from gptbc.compile.compiler import compile_model
 
-    recipes = {"mqa64": ("mqa64", "q0f32", "float", None), "mqa64-chunk16": ("mqa64", "q0f32", "float", 16),
-               "mha32": ("mha32", "q0f32", "float", 16), "mqa64-q8": ("mqa64", "q8f32_1", "int8", None),
-               "mqa64-q4": ("mqa64", "q4f32_1", "int8", None)}
-    root, engines = tmp_path_factory.mktemp("invariant"), {}
+    root, engines, converted = tmp_path_factory.mktemp("invariant"), {}, {}
 
-    def get(name: str) -> Engine:
-        if name not in engines:
-            base, scheme, activations, chunk = recipes[name]
+    def get(name: str, device: str = "cpu") -> Engine:
+        if device == "vulkan":
+            need_vulkan()
+        if (name, device) not in engines:
+            base, scheme, activations, chunk = RECIPES[name]
             m = tiny_model(base)
-            out = m.out_dir if scheme == "q0f32" else convert_weight(m.hf_dir, scheme, root / name, progress=False)
-            lib = compile_model(resolve_model(str(out), prefill_chunk_size=chunk), "cpu", scheme, root / f"{name}.so",
-                                log=lambda _m: None, activations=activations, batch_invariant=True)
-            engines[name] = Engine(out, lib, batch_invariant=True)
-        return engines[name]
+            if (base, scheme) not in converted:
+                converted[base, scheme] = m.out_dir if scheme == "q0f32" else \
+                    convert_weight(m.hf_dir, scheme, root / f"{base}-{scheme}", progress=False)
+            out = converted[base, scheme]
+            lib = compile_model(resolve_model(str(out), prefill_chunk_size=chunk), device, scheme,
+                                root / f"{name}-{device}.so", log=lambda _m: None,
+                                activations=activations if device == "cpu" else "float", batch_invariant=True)
+            engines[name, device] = Engine(out, lib, device=device, batch_invariant=True)
+        return engines[name, device]
 
     return get
 
 
-@pytest.mark.parametrize("name", ["mqa64", "mha32", "mqa64-q8", "mqa64-q4"])
-def test_alone_equals_batched(invariant, name):
-    engine = invariant(name)
-    assert engine.activations == ("int8" if name.endswith(("q8", "q4")) else "float")
+# q8f32_1 does not run on Vulkan: WGSL has no 8-bit type (webgpu.check_model refuses it)
+@pytest.mark.parametrize("name,device", [(n, "cpu") for n in ("mqa64", "mha32", "mqa64-q8", "mqa64-q4", "mqa64-q4f")]
+                         + [pytest.param(n, "vulkan", marks=pytest.mark.vulkan) for n in ("mqa64", "mha32", "mqa64-q4")])
+def test_alone_equals_batched(invariant, name, device):
+    engine = invariant(name, device)
+    int8 = device == "cpu" and name in ("mqa64-q8", "mqa64-q4")
+    assert engine.activations == ("int8" if int8 else "float")
     check_alone_equals_batched(engine, case=1)
     check_alone_equals_batched(engine, case=2, target_len=5)  # fewer rows than the GEMM layout's minimum
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["mqa64", "mqa64-q4"])
-def test_seeded_sampling_alone_equals_batched(invariant, name):
-    check_alone_equals_batched(invariant(name), case=3, greedy=False, temperature=0.9, top_p=0.9, seed=7)
+def test_seeded_sampling_alone_equals_batched(invariant, name, device):
+    check_alone_equals_batched(invariant(name, device), case=3, greedy=False, temperature=0.9, top_p=0.9, seed=7)
 
 
-def test_the_check_catches_a_plain_library(tiny_model):
+@pytest.fixture(scope="module")
+def plain(tiny_model, tmp_path_factory):
+    """plain(device) → a new Engine (the mode off) over a plain mqa64 q0f32 library for that device."""
+    from gptbc.artifact.config import resolve_model
+    from gptbc.compile.compiler import compile_model
+
+    libs = {}
+
+    def get(device: str = "cpu") -> Engine:
+        m = tiny_model("mqa64")
+        if device == "vulkan":
+            need_vulkan()
+            if device not in libs:
+                libs[device] = compile_model(resolve_model(str(m.out_dir)), device, "q0f32",
+                                             tmp_path_factory.mktemp("plain") / "vk.so", log=lambda _m: None)
+        return Engine(m.out_dir, libs.get(device, m.lib), device=device)
+
+    return get
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_check_catches_a_plain_library(plain, device):
     """The same comparison on a plain library and engine (the mode off) fails: the target's prompt is then
-    reused from the prefix cache and its attention merged from two parts, and batches of 16 rows run
-    another matmul layout. The check sees last-bit differences."""
-    m = tiny_model("mqa64")
+    reused from the prefix cache and its attention merged from two parts; on the CPU batches of 16 rows run
+    another matmul layout, on a GPU a lone prompt's logits a GEMV. The check sees last-bit differences."""
     with pytest.raises(AssertionError, match="batch of"):
-        check_alone_equals_batched(Engine(m.out_dir, m.lib), case=1)
+        check_alone_equals_batched(plain(device), case=1)
 
 
-def test_chunked_prefill_equals_whole(invariant):
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_prefill_equals_whole(invariant, device):
     """A 70-token prompt prefilled in chunks of 16 (a library built so) against in one call."""
     prompt = np.random.default_rng(4).integers(0, VOCAB_TOP, 70).tolist()
-    whole, chunked = invariant("mqa64"), invariant("mqa64-chunk16")
+    whole, chunked = invariant("mqa64", device), invariant("mqa64-chunk16", device)
     assert whole.runner.prefill_chunk_size >= 70 > chunked.runner.prefill_chunk_size
     answers = [run_together(e, [prompt], [e.sampling(max_new_tokens=10, logprobs=True)])[0] for e in (whole, chunked)]
     assert answers[0] == answers[1]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["mqa64", "mqa64-chunk16", "mqa64-q4"])
-def test_prefix_hit_equals_miss(invariant, tiny_model, name):
+def test_prefix_hit_equals_miss(invariant, name, device):
     """A prompt that starts like a cached one (40 shared tokens: 32 copied, the rest prefilled from the
     grain boundary) against the same prompt on an empty cache; the plain engine's fork differs."""
-    engine = invariant(name)
+    engine = invariant(name, device)
     rng = np.random.default_rng(5)
     shared = rng.integers(0, VOCAB_TOP, 40).tolist()
     first, second = shared + [3, 4, 5], shared + [7, 8, 9, 10, 11]
     params = engine.sampling(max_new_tokens=10, logprobs=True)
-    miss = Engine(engine.model_dir, engine.lib, batch_invariant=True)
+    miss = Engine(engine.model_dir, engine.lib, device=device, batch_invariant=True)
     lone = run_together(miss, [second], [params])[0]
     run_together(engine, [first], [params])
     req = engine.submit(second, params=params)
@@ -124,26 +163,27 @@ def test_prefix_hit_equals_miss(invariant, tiny_model, name):
     assert req.reused == 32 and (list(req.output_ids), list(req.logprobs)) == lone
 
 
-def test_plain_fork_differs_from_a_miss(tiny_model):
+@pytest.mark.parametrize("device", DEVICES)
+def test_plain_fork_differs_from_a_miss(plain, device):
     """The break the mode prevents: a plain engine forks the cached prefix, and the logprobs move."""
-    m = tiny_model("mqa64")
     rng = np.random.default_rng(5)
     shared = rng.integers(0, VOCAB_TOP, 40).tolist()
-    plain = Engine(m.out_dir, m.lib)
-    params = plain.sampling(max_new_tokens=10, logprobs=True)
-    lone = run_together(Engine(m.out_dir, m.lib), [shared + [7, 8]], [params])[0]
-    run_together(plain, [shared + [3, 4, 5]], [params])
-    req = plain.submit(shared + [7, 8], params=params)
-    plain.scheduler.run_until_done([req])
+    engine = plain(device)
+    params = engine.sampling(max_new_tokens=10, logprobs=True)
+    lone = run_together(plain(device), [shared + [7, 8]], [params])[0]
+    run_together(engine, [shared + [3, 4, 5]], [params])
+    req = engine.submit(shared + [7, 8], params=params)
+    engine.scheduler.run_until_done([req])
     assert req.reused > 0 and list(req.logprobs) != lone[1]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["mqa64", "mqa64-q4"])
-def test_prompt_lookup_on_equals_off(invariant, name):
+def test_prompt_lookup_on_equals_off(invariant, name, device):
     """Greedy requests whose prompts repeat themselves (so drafts are found and verified), alone without
     prompt lookup against together with it. A verify call starts at a grain boundary (the tokens since it
     fed again) and ends in that grain, so its rows get the bits decoding them one by one gives."""
-    engine = invariant(name)
+    engine = invariant(name, device)
     rng = np.random.default_rng(9)
     prompts = [(rng.integers(0, VOCAB_TOP, n).tolist() * 4)[:50] for n in (5, 7, 11)]
     params = engine.sampling(max_new_tokens=24, logprobs=True)
@@ -160,9 +200,10 @@ def test_prompt_lookup_on_equals_off(invariant, name):
     assert on == off
 
 
-def test_n_choices_each_equal_a_lone_run_with_its_seed(invariant):
+@pytest.mark.parametrize("device", DEVICES)
+def test_n_choices_each_equal_a_lone_run_with_its_seed(invariant, device):
     """A request for n choices (the server gives choice i the seed seed + i) against each choice alone."""
-    engine = invariant("mqa64")
+    engine = invariant("mqa64", device)
     prompt = np.random.default_rng(6).integers(0, VOCAB_TOP, 21).tolist()
     params = [engine.sampling(greedy=False, temperature=1.0, max_new_tokens=10, logprobs=True, seed=40 + i)
               for i in range(4)]
@@ -171,24 +212,25 @@ def test_n_choices_each_equal_a_lone_run_with_its_seed(invariant):
     assert len({tuple(ids) for ids, _ in together}) > 1, "different seeds should sample different answers"
 
 
-def test_mode_refuses_what_it_cannot_promise(tiny_model, invariant):
+@pytest.mark.vulkan
+@pytest.mark.parametrize("name,cpu_name", [("mqa64", "mqa64"), ("mha32", "mha32"), ("mqa64-q4", "mqa64-q4f")])
+def test_invariant_gpu_library_computes_what_the_cpu_one_does(invariant, name, cpu_name):
+    """The GPU attention kernels (kernels_gpu.py) and matmul schedules are another computation than the
+    CPU's, not another answer: the same greedy ids, logprobs within float32 rounding (both with float
+    activations)."""
+    prompt = np.random.default_rng(10).integers(0, VOCAB_TOP, 45).tolist()
+    cpu, gpu = (run_together(e, [prompt], [e.sampling(max_new_tokens=12, logprobs=True)])[0]
+                for e in (invariant(cpu_name), invariant(name, "vulkan")))
+    assert cpu[0] == gpu[0]
+    np.testing.assert_allclose(gpu[1], cpu[1], atol=1e-4)
+
+
+def test_mode_refuses_a_plain_library(tiny_model, invariant):
     m = tiny_model("mqa64")
     with pytest.raises(GptbcError, match="compiled without --batch-invariant"):
         Engine(m.out_dir, m.lib, batch_invariant=True)
-    engine = invariant("mqa64")
-    with pytest.raises(GptbcError, match="CPU only, not on vulkan"):
-        Engine(engine.model_dir, engine.lib, device="vulkan", batch_invariant=True)
-    assert engine.guarantee()["batch_invariant"] and not Engine(m.out_dir, m.lib).guarantee()["batch_invariant"]
-
-
-def test_compile_refuses_a_gpu_target(tiny_model, tmp_path):
-    from gptbc.artifact.config import resolve_model
-    from gptbc.compile.compiler import compile_model
-
-    with pytest.raises(GptbcError, match="--batch-invariant: only CPU targets"):
-        compile_model(resolve_model(str(tiny_model("mqa64").out_dir)), "vulkan", "q0f32", tmp_path / "x.so",
-                      log=lambda _m: None, batch_invariant=True)
-    assert not (tmp_path / "x.so").exists()
+    assert invariant("mqa64").guarantee()["batch_invariant"]
+    assert not Engine(m.out_dir, m.lib).guarantee()["batch_invariant"]
 
 
 def post(base: str, path: str, body: dict) -> dict:
@@ -197,16 +239,17 @@ def post(base: str, path: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def test_server_under_concurrent_load_answers_as_alone(invariant):
+@pytest.mark.parametrize("device", DEVICES)
+def test_server_under_concurrent_load_answers_as_alone(invariant, device):
     """16 concurrent clients with mixed prompts; the target prompt, sent by 4 of them, gets the lone answer
     (text and logprobs) every time. /v1/models states the guarantee."""
     from test_server import live_server
 
-    engine = invariant("mqa64")
+    engine = invariant("mqa64", device)
     rng = np.random.default_rng(8)
     target = {"prompt": rng.integers(0, VOCAB_TOP, 30).tolist(), "max_tokens": 12, "logprobs": 1,
               "temperature": 0}
-    with live_server(Engine(engine.model_dir, engine.lib, batch_invariant=True)) as (base, _server):
+    with live_server(Engine(engine.model_dir, engine.lib, device=device, batch_invariant=True)) as (base, _server):
         card = json.loads(urllib.request.urlopen(base + "/v1/models", timeout=10).read())["data"][0]
         assert card["guarantee"]["batch_invariant"] is True
         alone = post(base, "/v1/completions", target)["choices"][0]

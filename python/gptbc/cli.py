@@ -265,8 +265,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 TP_HELP = ("run the model on N tensor-parallel workers (TVM disco; a library compiled and weights converted with "
            "--tensor-parallel N); on the CPU the threads are split between them")
-BATCH_INVARIANT_HELP = ("the same request gives the same answer, bit for bit, under any load (CPU; prefix reuse and "
-                        "prompt lookup off; docs/determinism.md)")
+BATCH_INVARIANT_HELP = ("the same request gives the same answer, bit for bit, under any load (a library compiled "
+                        "with --batch-invariant; prefixes copied, not shared; docs/determinism.md)")
 KEEP_HEAD_HELP = "keep lm_head (and a tied wte) in the activation dtype under a grouped int scheme"
 LIB_HELP = "the model library made by `gptbc compile` for these weights"
 DEVICE_HELP = "where to run: cpu, cuda[:N], metal, vulkan[:N] (must match the library's target)"
@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-quantize-lm-head", action="store_true", help=KEEP_HEAD_HELP)
     c.add_argument("--batch-invariant", action="store_true",
                    help="a row's result does not depend on the other rows of a call (for serve --batch-invariant; "
-                        "CPU targets; float prefill runs the row-tile matmul layout, no GEMM)")
+                        "on a CPU float prefill runs the row-tile matmul layout, no GEMM; on a GPU one thread per "
+                        "attention row; docs/determinism.md)")
     c.add_argument("--activations", choices=ACTIVATION_MODES, default="auto",
                    help="grouped schemes on CPUs: int8 rounds each linear layer's input to int8 per group of 32 and "
                         "uses integer dot products (weights repacked when loaded); float keeps float activations; "

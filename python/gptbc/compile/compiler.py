@@ -86,15 +86,13 @@ def relax_pipeline(pipeline: Pipeline, target, batch_invariant: bool = False):
 
 
 def check_batch_invariant_build(spec, config) -> None:
-    """--batch-invariant needs our CPU kernels: the attention ones split a row's keys at fixed grains."""
+    """--batch-invariant on a CPU needs our vectorized attention kernels, which want head_dim in 16-lane steps
+    (the GPU ones, kernels_gpu.py, take any head_dim)."""
     from gptbc.compile.kernels import LANES
 
-    if spec.pipeline is not CPU_PIPELINE:
-        raise GptbcError(f"--batch-invariant: only CPU targets compute each row independently of the batch "
-                         f"(this target uses the {spec.pipeline.name} kernels; docs/determinism.md)")
-    if config.head_dim % LANES:
+    if spec.pipeline is CPU_PIPELINE and config.head_dim % LANES:
         raise GptbcError(f"--batch-invariant: head_dim {config.head_dim} is not a multiple of {LANES}, "
-                         f"which the invariant attention kernels need")
+                         f"which the invariant CPU attention kernels need")
 
 
 def check_own_scheme(source: ModelSource, quant: Quantization, tp: int = 1) -> None:
@@ -159,7 +157,7 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
                   log: Callable[[str], None] = print, quantize_lm_head: bool = True, activations: str = "auto",
                   batch_invariant: bool = False, tensor_parallel: int = 1) -> Path:
     """Build the model library for `source` and return its path. `batch_invariant`: a row's result does not
-    depend on the other rows of a call (docs/determinism.md; CPU only). `tensor_parallel` N > 1: the library of
+    depend on the other rows of a call (docs/determinism.md). `tensor_parallel` N > 1: the library of
     one rank of N (sharding.py), whose row-parallel layers sum across ranks through the session's CCL."""
     spec, build = plan_build(target_name)
     if batch_invariant:
@@ -195,7 +193,7 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
     quant = choose_activations(activations, quant, target)
     mod, params, plan = export_relax(source.config, quant, target, batch_invariant, tensor_parallel)
     # the attention kernels are built for one rank's heads
-    mod = spec.pipeline.replace_kernels(mod, rank_view(source.config, tensor_parallel), quant, target)
+    mod = spec.pipeline.replace_kernels(mod, rank_view(source.config, tensor_parallel), quant, target, batch_invariant)
     repack: dict[str, str] = {}
     if plan:
         from gptbc.compile.kernels_int8 import add_repack_functions

@@ -69,18 +69,33 @@ def _lane_sum(v):
     return v
 
 
-def _online_softmax(d: int):
+def _online_softmax(d: int, gpu: bool = False):
     """Macros shared by the kernels: `start` resets one (query, head)'s state; `visit` folds in one key
-    (its row of `k`/`v` given by index expressions); `finish` writes the output and lse."""
+    (its row of `k`/`v` given by index expressions); `finish` writes the output and lse. `gpu`: one thread
+    runs a (query, head) pair, its loops over the head dimension serial (kernels_gpu.py)."""
     chunks = d // LANES
     log2e = math.log2(math.e)
+    vec = T.serial if gpu else T.vectorized
 
     @T.macro
     def start(acc, state):
         state[0] = T.float32(-5e4)  # running max score (log2 domain)
         state[1] = T.float32(0)  # running sum of exp2(score - max)
-        for i in T.vectorized(d):
+        for i in vec(d):
             acc[i] = T.float32(0)
+
+    @T.macro
+    def visit_gpu(acc, part, state, q, q_at, k, k_at, v, v_at, sm_scale):
+        part[0] = T.float32(0)
+        for i in T.serial(d):
+            part[0] = part[0] + T.Cast("float32", _at(q, q_at, i)) * T.Cast("float32", _at(k, k_at, i))
+        state[2] = part[0] * sm_scale * T.float32(log2e)  # this key's score
+        state[3] = _exp2(state[0] - T.max(state[0], state[2]))  # rescale of what was summed so far
+        state[0] = T.max(state[0], state[2])
+        state[2] = _exp2(state[2] - state[0])
+        state[1] = state[1] * state[3] + state[2]
+        for i in T.serial(d):
+            acc[i] = acc[i] * state[3] + state[2] * T.Cast("float32", _at(v, v_at, i))
 
     @T.macro
     def visit(acc, part, state, q, q_at, k, k_at, v, v_at, sm_scale):
@@ -100,16 +115,18 @@ def _online_softmax(d: int):
 
     @T.macro
     def finish(acc, state, output, lse, row, h, dtype):
-        for i in T.vectorized(d):
+        for i in vec(d):
             output[row, h, i] = T.Cast(dtype, T.if_then_else(state[1] > 0, acc[i] / state[1], T.float32(0)))
         lse[row, h] = T.if_then_else(state[1] > 0, state[0] + T.log2(state[1]), T.float32(-5e4))
 
-    return start, visit, finish
+    return start, visit_gpu if gpu else visit, finish
 
 
-def _merge(d: int):
+def _merge(d: int, gpu: bool = False):
     """(output, lse)[row, h] <- its merge with (other at `other_at`, other_lse): the one formula every
-    kernel here merges two attention results with (TVM's CPU merge kernel's, vectorized over d)."""
+    kernel here merges two attention results with (TVM's CPU merge kernel's, vectorized over d; serial
+    in one thread on a GPU, where `merge_state_inplace` computes the same per lane)."""
+    vec = T.serial if gpu else T.vectorized
 
     @T.macro
     def merge(output, lse, row, h, other, other_at, other_lse, scratch, dtype):
@@ -118,7 +135,7 @@ def _merge(d: int):
         scratch[2] = T.exp2(other_lse - scratch[0])
         scratch[3] = scratch[1] / (scratch[1] + scratch[2])
         scratch[4] = scratch[2] / (scratch[1] + scratch[2])
-        for i in T.vectorized(d):
+        for i in vec(d):
             output[row, h, i] = T.Cast(dtype, T.Cast("float32", output[row, h, i]) * scratch[3]
                                        + T.Cast("float32", _at(other, other_at, i)) * scratch[4])
         lse[row, h] = T.log2(scratch[1] + scratch[2]) + scratch[0]

@@ -305,8 +305,11 @@ def cpu_rules(batch_invariant: bool = False) -> list:
     return [CPUMatmul(one_order=batch_invariant), CPUParallel()]
 
 
-def gpu_rules() -> list:
-    """dlight rules for GPU targets, most specific first; Fallback makes every kernel valid GPU code."""
+def gpu_rules(batch_invariant: bool = False) -> list:
+    """dlight rules for GPU targets, most specific first; Fallback makes every kernel valid GPU code.
+    `batch_invariant`: no GEMV rules, so a one-row matmul (a prefill's last-token logits) runs dlight's
+    Matmul schedule like the many-row ones, whose threads each sum k in order whatever the row count;
+    GEMV's split-k tree sums it in another order."""
 
     class Matmul(dl.gpu.Matmul):
         """dl.gpu.Matmul without tensorization.
@@ -328,5 +331,19 @@ def gpu_rules() -> list:
                 target = tvm.target.Target({"kind": "opencl"})
             return super().apply(func, target, tunable)
 
-    return [Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-            dl.gpu.Fallback()]
+    gemv = [OneOrderMatmul()] if batch_invariant else [dl.gpu.GEMV(), dl.gpu.LowBatchGEMV()]
+    return [Matmul(), *gemv, dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+
+
+class OneOrderMatmul(dl.ScheduleRule):
+    """A matmul dlight's Matmul declined (one static row: a prefill's last-token logits) scheduled as
+    Fallback does: a thread per output summing k in order, the order each thread of Matmul's tiles sums
+    in, so the row gets the bits it gets among many rows (batch-invariant GPU libraries)."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        if not _has_root(sch) or _find_matmul(sch) is None:
+            return None
+        return dl.gpu.Fallback().apply(func, target, tunable)

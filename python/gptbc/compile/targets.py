@@ -40,13 +40,13 @@ def _cpu_rules(batch_invariant: bool = False) -> list:
     return cpu_rules(batch_invariant)
 
 
-def _gpu_rules(_batch_invariant: bool = False) -> list:
+def _gpu_rules(batch_invariant: bool = False) -> list:
     from gptbc.compile.schedules import gpu_rules
 
-    return gpu_rules()
+    return gpu_rules(batch_invariant)
 
 
-def _cpu_kernels(mod, cfg, quant, target):
+def _cpu_kernels(mod, cfg, quant, target, _batch_invariant: bool = False):
     from gptbc.compile.kernels import use_fast_cpu_attention
     from gptbc.compile.kernels_int8 import use_int8_kernels
 
@@ -61,8 +61,9 @@ class Pipeline:
     name: str
     # (batch_invariant) → dlight rules applied to every fused kernel (schedules.py)
     schedule_rules: Callable[[bool], list]
-    # (Relax module, config, quantization, target) → the module with hand-written kernels swapped in, before any pass
-    replace_kernels: Callable[[Any, Any, Any, Any], Any] = field(default=lambda mod, _cfg, _quant, _target: mod)
+    # (Relax module, config, quantization, target, batch_invariant) → the module with hand-written kernels swapped
+    # in, before any pass
+    replace_kernels: Callable[[Any, Any, Any, Any, bool], Any] = field(default=lambda mod, *_args: mod)
 
 
 # CPU: our matmul / parallel schedules, our prefill attention in place of TVM's serial CPU kernels, and
@@ -72,20 +73,25 @@ CPU_PIPELINE = Pipeline("cpu", _cpu_rules, _cpu_kernels)
 GPU_PIPELINE = Pipeline("gpu", _gpu_rules)
 
 
-def _race_free_merge(mod, cfg, quant, target):
+def _gpu_kernels(mod, cfg, quant, target, batch_invariant: bool = False):
     from gptbc.compile.kernels import use_race_free_merge
+    from gptbc.compile.kernels_gpu import use_invariant_gpu_attention
 
     # TVM's kernel is sized by the threads per block the target allows (256 on webgpu and vulkan, 1024 on CUDA)
-    return use_race_free_merge(mod, cfg.n_head, cfg.head_dim, quant.model_dtype, int(target.attrs["max_num_threads"]))
+    mod = use_race_free_merge(mod, cfg.n_head, cfg.head_dim, quant.model_dtype, int(target.attrs["max_num_threads"]))
+    if batch_invariant:
+        mod = use_invariant_gpu_attention(mod, cfg.n_kv_head, cfg.n_head, cfg.head_dim, quant.model_dtype)
+    return mod
 
 
 # Vulkan and WebGPU: the GPU pipeline, and TVM's attention-state merge kernel replaced by one without its
 # data race (kernels.merge_state_inplace): their devices need not run a block's threads in lockstep
-# (lavapipe does not), and TVM's kernel is wrong there (docs/targets.md, Problem 3).
-WGPU_PIPELINE = Pipeline("gpu", _gpu_rules, _race_free_merge)
+# (lavapipe does not), and TVM's kernel is wrong there (docs/targets.md, Problem 3). Batch-invariant
+# libraries also get our attention kernels (kernels_gpu.py).
+WGPU_PIPELINE = Pipeline("gpu", _gpu_rules, _gpu_kernels)
 # CUDA: the same. TVM's merge kernel relies on a head's threads running in lockstep, which CUDA does not
 # promise since Volta (independent thread scheduling), and a head spans two warps at head_dim 256.
-CUDA_PIPELINE = Pipeline("gpu", _gpu_rules, _race_free_merge)
+CUDA_PIPELINE = Pipeline("gpu", _gpu_rules, _gpu_kernels)
 
 
 def _fatbin_contents(variant: str | None) -> list[tuple[str, int]]:

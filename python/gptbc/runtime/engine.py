@@ -32,11 +32,10 @@ class Engine:
         min(4, max_batch_size)); `prefix_cache_size`: finished sequences kept for prefix reuse;
         `speculation`: prompt-lookup drafts verified in one multi-row call (same output, fewer steps when
         the text repeats the prompt, e.g. code editing); `batch_invariant`: the same request gives the same
-        token ids and logprobs, bit for bit, whatever else is being served (see `guarantee`; CPU only);
+        token ids and logprobs, bit for bit, whatever else is being served (see `guarantee`);
         `tensor_parallel` N > 1: a library compiled and weights converted for N ranks, run by N disco workers
         (disco_runner.py)."""
         if batch_invariant:
-            check_batch_invariant(device)
             if tensor_parallel > 1:
                 raise GptbcError(f"--batch-invariant with --tensor-parallel {tensor_parallel}: not supported together")
         self.batch_invariant, self.device = batch_invariant, device
@@ -238,20 +237,15 @@ class Engine:
 # docs/determinism.md: TVM's paged KV cache attends a chunk's new tokens and its cached pages apart and
 # merges the results, and a sequence forked from a cached prefix attends the shared pages and its own apart.
 # A batch-invariant library (compile --batch-invariant) splits every row's keys at the same place whatever
-# the call (kernels.py), sums every matmul row in one order whatever the row count (schedules.py); this
-# mode makes the cache's splits fall there: prefixes copied, not shared, at multiples of the grain, a
-# prompt's later chunks cut at grain boundaries, and prompt-lookup verify calls start at a grain boundary
-# (the tokens since it fed again) and end inside that grain (Scheduler.grain); only greedy requests draft.
+# the call (kernels.py, kernels_gpu.py), sums every matmul row in one order whatever the row count
+# (schedules.py); this mode makes the cache's splits fall there: prefixes copied, not shared, at multiples
+# of the grain, a prompt's later chunks cut at grain boundaries, and prompt-lookup verify calls start at a
+# grain boundary (the tokens since it fed again) and end inside that grain (Scheduler.grain); only greedy
+# requests draft.
 BATCH_INVARIANT_SCOPE = ("the same request (prompt, sampling parameters and seed) gives the same token ids and "
                          "logprobs, bit for bit, alone or in any batch, with or without a reused prefix, prefilled "
-                         "whole or in chunks, with or without prompt lookup (CPU)")
-
-
-def check_batch_invariant(device: str) -> None:
-    """Refuse what batch-invariant mode cannot promise, in one line."""
-    if not device.startswith("cpu"):
-        raise GptbcError(f"--batch-invariant is guaranteed on the CPU only, not on {device} "
-                         "(docs/determinism.md says why)")
+                         "whole or in chunks, with or without prompt lookup, on this library's device (CPU and "
+                         "GPU libraries each compute their own bits)")
 
 
 def check_invariant_library(runner: ModelRunner) -> None:
