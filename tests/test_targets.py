@@ -7,7 +7,6 @@ import shutil
 import struct
 import subprocess
 import tarfile
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from gptbc.compile.compiler import compile_model
 from gptbc.artifact.config import resolve_model
 from gptbc.errors import GptbcError
-from gptbc.compile.targets import TARGETS, get_target, plan_build
+from gptbc.compile.targets import TARGETS, plan_build
 from gptbc.runtime.devices import DEVICE_KINDS, parse_device_kind
 from test_cli import MODEL_FUNCTIONS
 
