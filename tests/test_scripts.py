@@ -160,3 +160,25 @@ def test_make_random_gguf_bad_input(tmp_path):
                    "no-such-preset")
     one_line_error(run_script("make_random_gguf.py", "--preset", "starcoderbase-1b", "--vocab-from",
                               tmp_path / "none.gguf", "-o", tmp_path / "b.gguf"), "--vocab-from")
+
+
+# ---- bench_prefix_reuse.py: what batch-invariant mode costs a prompt reusing a cached prefix ----
+
+def test_bench_prefix_reuse(tiny_model, tmp_path):
+    from gptbc.artifact.config import resolve_model
+    from gptbc.compile.compiler import compile_model
+
+    m = tiny_model("mqa64")
+    inv = compile_model(resolve_model(str(m.out_dir)), "cpu", "q0f32", tmp_path / "inv.so", log=lambda _m: None,
+                        batch_invariant=True)
+    run = run_script("bench_prefix_reuse.py", m.out_dir, "--lib", m.lib, "--invariant-lib", inv, "--shared", 40,
+                     "--new", 20, "--repeat", 1)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    r = json.loads(run.stdout)
+    # the plain engine forks all 40 shared tokens, the mode copies the 32 of whole grains
+    assert r["runs"]["plain"][0]["reused_tokens"] == 40 and r["runs"]["invariant"][0]["reused_tokens"] == 32
+    assert r["reuse_invariant_over_plain"] > 0
+    one_line_error(run_script("bench_prefix_reuse.py", m.out_dir, "--lib", m.lib, "--invariant-lib", m.lib),
+                   "--invariant-lib", "without --batch-invariant")
+    one_line_error(run_script("bench_prefix_reuse.py", m.out_dir, "--lib", m.lib, "--invariant-lib", inv,
+                              "--shared", 120, "--new", 20), "--shared 120", "context window")
