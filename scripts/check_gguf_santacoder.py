@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the suite's seeded checkpoints and GGUF writer (hf_models, gguf_files)
 SHAPES = {"santacoder": dict(n_embd=2048, n_head=16, n_inner=8192, n_positions=2048, vocab_size=49280),
           "tiny": dict(n_embd=256, n_head=8, n_inner=256, n_positions=64, vocab_size=320)}
 # --llama-quantize gguf: the legacy 5-bit types gguf-py quantizes itself, mixed per tensor as llama.cpp mixes
@@ -41,7 +42,6 @@ def log(message: str) -> None:
 
 def make_gguf(work: Path, shape: str, layers: int, seed: int, qtype: str, quantizer: str) -> tuple[Path, Path]:
     """(the HF checkpoint directory, the quantized GGUF)."""
-    sys.path.insert(0, str(ROOT / "tests"))
     from gguf_files import write_gguf
     from hf_models import make_checkpoint
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 def check(args: argparse.Namespace, work: Path) -> int:
     import torch
 
-    from gguf_files import dequantized_model  # tests/ is on the path (make_gguf)
+    from gguf_files import dequantized_model
     from gptbc.artifact.config import resolve_model
     from gptbc.artifact.convert import convert_weight
     from gptbc.compile.compiler import compile_model

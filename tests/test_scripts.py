@@ -160,3 +160,16 @@ def test_make_random_gguf_bad_input(tmp_path):
                    "no-such-preset")
     one_line_error(run_script("make_random_gguf.py", "--preset", "starcoderbase-1b", "--vocab-from",
                               tmp_path / "none.gguf", "-o", tmp_path / "b.gguf"), "--vocab-from")
+
+
+# ---- check_gguf_santacoder.py: a quantized GGUF converted, compiled and compared with HF ----
+
+def test_check_gguf_santacoder_smallest_mode(tmp_path):
+    """The tiny shape with gguf-py's Q5_0/Q5_1/Q4_1 mix (the suite never runs llama.cpp), on the CPU."""
+    run = run_script("check_gguf_santacoder.py", "--shape", "tiny", "--layers", 1, "--llama-quantize", "gguf",
+                     "--steps", 3, "--workdir", tmp_path, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "cpu: model-legacy-mix.gguf, 1 layer(s): relative logit error" in run.stdout
+    assert "greedy tokens identical" in run.stdout
+    missing = run_script("check_gguf_santacoder.py", "--llama-quantize", tmp_path / "nope")
+    one_line_error(missing, "--llama-quantize", "no such file")
