@@ -151,8 +151,9 @@ def _hf_to_gguf(cfg: GPTBigCodeConfig) -> dict[str, str]:
 
 class GGUFCheckpoint:
     """The tensors of a GGUF model under gpt_bigcode names, as `convert.Checkpoint` offers them (`in`, `info`,
-    `get`, `release`, `source_of`, `close`), plus `carried`: the packed form of a Q8_0 / Q4_0 tensor in a
-    scheme that holds it bit for bit, and `type_of`: the ggml type a tensor is stored in."""
+    `get`, `release`, `source_of`, `close`), plus `carried`: the packed form of a tensor in a
+    scheme (layout) that holds it exactly, `widths`: the per-tensor widths of the file's affine types, and
+    `type_of`: the ggml type a tensor is stored in."""
 
     def __init__(self, spec: str):
         self.files = gguf_files(spec)
@@ -207,7 +208,8 @@ class GGUFCheckpoint:
         return out
 
     def carried(self, name: str, quant: Quantization) -> tuple[np.ndarray, ...] | None:
-        """(q_weight, q_scale (, q_min)) holding exactly the stored values, when `quant` can; else None."""
+        """(q_weight, q_scale (, q_min, q_high)) holding exactly the stored values, when `quant` (one module's
+        layout) can; else None."""
         kind = self.type_of(name)
         if quant.kind == "affine" and kind in AFFINE_TYPES and AFFINE_TYPES[kind][0] == quant.bits:
             q, scale, low = AFFINE_TYPES[kind][1](self.raw(name))
@@ -258,10 +260,7 @@ class GGUFCheckpoint:
         for name in self.names:
             if is_quantized(quant, name, self.config.tie_word_embeddings) and self.type_of(name) in AFFINE_TYPES:
                 out.append((name.rpartition(".")[0], AFFINE_TYPES[self.type_of(name)][0]))
-        if "lm_head" not in dict(out) and not self.config.tie_word_embeddings and "lm_head.weight" not in self.names:
-            # untied config, no output tensor: lm_head is made from token_embd (convert.plan_conversion)
-            out += [("lm_head", b) for m, b in out if m == "transformer.wte"]
-        return tuple(sorted(out))
+        return tuple(sorted(out))  # (a GGUF is untied exactly when it has `output`, so lm_head is always its own)
 
     def weight_types(self) -> list[str]:
         """The ggml types of the layers' linear weights."""
