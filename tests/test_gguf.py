@@ -389,3 +389,17 @@ def test_tensor_parallel_refuses_a_split_group_of_any_width():
     with pytest.raises(GptbcError, match="groups 32 input features") as err:
         check_tensor_parallel(cfg, five, 2)  # the 5-bit layer's groups of 32 would be split
     assert len(str(err.value).splitlines()) == 1
+
+
+def test_per_tensor_widths_split_for_tensor_parallel(tmp_path):
+    """--tensor-parallel 2: each rank's nibbles, high bits, scales and mins are its slice of the whole layer's."""
+    path = KQUANT / "model-Q5_K_M.gguf"
+    whole = tensors(convert_weight(path, "qkf32_a", tmp_path / "one", progress=False))
+    out = convert_weight(path, "qkf32_a", tmp_path / "tp", progress=False, tensor_parallel=2)
+    ranks = [{}, {}]
+    for f in out.glob("rank*.safetensors"):
+        ranks[int(f.name[4])].update(load_file(str(f)))
+    for module, axis in [("h.0.mlp.c_proj", 1), ("h.0.attn.c_proj", 1), ("h.0.mlp.c_fc", 0)]:
+        for part in ("q_weight", "q_high", "q_scale") + (("q_min",) if "attn" in module or "c_fc" in module else ()):
+            name = f"transformer.{module}.{part}"
+            assert np.array_equal(np.concatenate([r[name] for r in ranks], axis=axis), whole[name]), name
