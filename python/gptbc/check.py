@@ -81,7 +81,8 @@ def converted_network(out_dir: Path) -> tuple[GPTBigCodeConfig, dict[str, np.nda
             base = key[:-len(".q_weight")]
             cols = shapes[base + ".weight"][1]
             w[base + ".weight"] = dequantize(value, tensors[base + ".q_scale"], cols, q.layout(base),
-                                             tensors.get(base + ".q_min"), tensors.get(base + ".q_high")).astype(np.float64)
+                                             tensors.get(base + ".q_min"),
+                                             tensors.get(base + ".q_high")).astype(np.float64)
         elif not key.endswith((".q_scale", ".q_min", ".q_high")):
             w[key] = value.astype(np.float64)
     if not cfg.multi_query:

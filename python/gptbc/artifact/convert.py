@@ -312,8 +312,8 @@ def _open_source(spec: str, quantization: str | None) -> Source:
             if not (quantization or scheme):
                 raise GptbcError(f"{ckpt.directory}: its layer weights are {', '.join(ckpt.weight_types())}, which no "
                                  f"one packed gptbc scheme stores exactly; pass --quantization q0f32 to keep every "
-                                 f"value (as float32), or a packed scheme (qkf16_a keeps Q4_*/Q5_*/Q6_K tensors exactly, "
-                                 f"q8f16_1 Q8_0 ones) to re-quantize the others (the error is measured and printed)")
+                                 f"value (as float32), or a packed scheme (qkf16_a keeps Q4_*/Q5_*/Q6_K tensors "
+                                 f"exactly, q8f16_1 Q8_0 ones) to re-quantize the others (the error is measured and printed)")
             stem = SPLIT_SUFFIX.sub("", ckpt.files[0].name).removesuffix(".gguf")
             return Source(stem, ckpt.config, ckpt, lambda tmp: write_tokenizer(ckpt.meta, ckpt.files[0], tmp),
                           scheme, Fidelity(lambda n: ckpt.type_of(n)))

@@ -198,7 +198,8 @@ def quantization_of(described: dict, where: str = "the manifest") -> Quantizatio
     """The scheme a manifest's `quantization` field (Quantization.describe()) names, per-tensor widths included."""
     q = get_quantization(described["name"], described.get("quantize_lm_head", True))
     widths = described.get("widths") or {}
-    if not isinstance(widths, dict) or any(not isinstance(b, int) or b not in AFFINE_LAYOUTS for b in widths.values()):
+    if not isinstance(widths, dict) or any(not isinstance(b, int) or b not in AFFINE_LAYOUTS
+                                           for b in widths.values()):
         raise GptbcError(f"{where}: quantization.widths must map modules to bits "
                          f"({', '.join(map(str, AFFINE_LAYOUTS))}), got {widths!r}")
     if widths and not q.per_tensor:

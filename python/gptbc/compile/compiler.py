@@ -156,8 +156,8 @@ def choose_activations(option: str, quant: Quantization, target) -> Quantization
     if option == "int8" and not cpu:
         raise GptbcError(f"--activations int8: only CPU targets have int8-activation kernels (target is {target.kind.name})")
     if option == "int8" and quant.kind == "affine":  # the integer kernel's tiles hold no per-group min
-        raise GptbcError(f"--activations int8: {quant.name} has no int8-activation kernel (its groups carry a min or an offset); "
-                         f"use --activations float, or a symmetric scheme (q8*_1/q4*_1)")
+        raise GptbcError(f"--activations int8: {quant.name} has no int8-activation kernel (its groups carry a min or "
+                         f"an offset); use --activations float, or a symmetric scheme (q8*_1/q4*_1)")
     if option == "int8" and quant.kind != "group":
         raise GptbcError(f"--activations int8: {quant.name} has float weights; int8 activations need a grouped "
                          f"scheme (q8*/q4*)")
