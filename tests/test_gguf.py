@@ -403,3 +403,25 @@ def test_per_tensor_widths_split_for_tensor_parallel(tmp_path):
         for part in ("q_weight", "q_high", "q_scale") + (("q_min",) if "attn" in module or "c_fc" in module else ()):
             name = f"transformer.{module}.{part}"
             assert np.array_equal(np.concatenate([r[name] for r in ranks], axis=axis), whole[name]), name
+
+
+def test_k_quant_file_alone_through_the_cli(tmp_path):
+    """`gptbc convert-weight FILE.gguf`, `compile` and `generate` with no scheme named: qkf16_a, each layer in its
+    file's width; the compile's memory plan counts those widths (not the 6-bit default)."""
+    import subprocess
+    import sys
+
+    def gptbc(*args):
+        run = subprocess.run([sys.executable, "-m", "gptbc.cli", *map(str, args)], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run
+
+    out, lib = tmp_path / "w", tmp_path / "lib.so"
+    gptbc("convert-weight", KQUANT / "model-Q4_K_M.gguf", "-o", out, "--quiet")
+    assert json.loads((out / "gptbc-config.json").read_text())["quantization"]["name"] == "qkf16_a"
+    plan = gptbc("compile", "--model", out, "--target", "cpu", "-o", lib).stderr
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1024
+    weights = next(line for line in plan.splitlines() if "memory plan: weights:" in line)
+    assert "qkf16_a" in weights and abs(float(weights.split()[4]) - size) < 0.05 * size, (weights, size)
+    run = gptbc("generate", out, "--lib", lib, "--prompt", "def fib(", "--max-new-tokens", 4)
+    assert "4 new tokens" in run.stderr, run.stderr
