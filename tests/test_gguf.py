@@ -197,8 +197,6 @@ def test_k_quant_file_loads_every_value_with_q0f32(kind, tmp_path, capsys):
     path = KQUANT / f"model-{kind}.gguf"
     types = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
     assert KQUANT_FILES[kind] <= types, types  # the mix llama.cpp chose for this file type
-    message = _refused(path, tmp_path)
-    assert "--quantization q0f32" in message and any(t in message for t in KQUANT_FILES[kind]), message
     out = convert_weight(path, "q0f32", tmp_path / "w", progress=False)
     assert capsys.readouterr().err == ""  # nothing changed, so nothing to report
     got, want = tensors(out), dequantized(path)
@@ -246,3 +244,184 @@ def test_q4_k_tensors_are_carried_into_the_affine_scheme(tmp_path, capsys):
                          ("transformer.h.0.attn.c_proj", "blk.0.attn_output.weight")]:
         values = dequantize(got[ours + ".q_weight"], got[ours + ".q_scale"], 256, q, got[ours + ".q_min"])
         assert np.array_equal(values, want[theirs]), ours
+
+
+# ---- 5- and 6-bit types in the per-tensor affine scheme qk*_a (quantization.py) ----
+
+BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q6_K": 6}
+# Q5_0/Q5_1 (gguf's own quantizer) mixed with 4-bit types in one file, as llama.cpp mixes types per tensor
+LEGACY_MIX = {"token_embd.weight": "Q5_1", "blk.0.attn_qkv.weight": "Q5_0", "blk.0.attn_output.weight": "Q5_1",
+              "blk.0.ffn_up.weight": "Q4_1", "blk.0.ffn_down.weight": "Q5_0", "blk.1.attn_qkv.weight": "Q5_1",
+              "blk.1.attn_output.weight": "Q4_0", "blk.1.ffn_up.weight": "Q5_0", "blk.1.ffn_down.weight": "Q5_1"}
+
+
+@pytest.fixture(scope="module")
+def legacy_mix(files, tmp_path_factory):
+    hf, _ = files
+    return hf, write_gguf(hf, tmp_path_factory.mktemp("mix") / "model-Q5_mix.gguf", "Q8_0",
+                          types={**LEGACY_MIX, "position_embd.weight": "F16"})  # wpe F16, as llama.cpp writes it
+
+
+def _tensor_bytes(path) -> int:
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
+
+
+def _assert_every_tensor_exact(out, path) -> dict:
+    """Every converted tensor of `out` holds exactly gguf's dequantized values of `path`; returns the manifest's
+    quantization field."""
+    import gguf
+
+    from gguf_files import gguf_name
+    from gptbc.artifact.quantization import dequantize_parts, quantization_of
+
+    described = json.loads((out / "gptbc-config.json").read_text())["quantization"]
+    q, got, want = quantization_of(described), tensors(out), dequantized(path)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    modules = {k.rsplit(".", 1)[0] for k in got if k.endswith(".q_weight")}
+    assert modules, "nothing packed"
+    for module in modules:
+        theirs = gguf_name(module + ".weight")
+        layout = q.layout(module)
+        assert layout.bits == BITS[types[theirs]], (module, types[theirs], layout.bits)
+        parts = {k.rsplit(".", 1)[1]: v for k, v in got.items() if k.rsplit(".", 1)[0] == module and ".q_" in k}
+        assert set(parts) == {n for n, _, _ in layout.parts(want[theirs].shape)}, parts.keys()
+        assert np.array_equal(dequantize_parts(parts, want[theirs].shape[1], layout), want[theirs]), module
+    for name, value in got.items():
+        if ".q_" not in name:
+            assert np.array_equal(value, want[gguf_name(name)]), name
+    return described
+
+
+@pytest.mark.parametrize("kind", sorted(KQUANT_FILES) + ["Q5_mix"])
+def test_5_and_6_bit_tensors_are_carried_exactly(kind, legacy_mix, tmp_path, capsys):
+    """Every tensor of llama.cpp's Q4_K_M, Q5_K_M and Q6_K files (and a Q5_0/Q5_1/Q4_* mix) in qkf32_a: each
+    module in its own width, the values gguf's dequantize gives, at no more than 1.5x the file's tensor bytes."""
+    path = legacy_mix[1] if kind == "Q5_mix" else KQUANT / f"model-{kind}.gguf"
+    out = convert_weight(path, "qkf32_a", tmp_path / "w", progress=False)
+    note = capsys.readouterr().err
+    assert note == "", note  # nothing changed, so nothing to report
+    described = _assert_every_tensor_exact(out, path)
+    assert described["name"] == "qkf32_a" and set(described["widths"].values()) == {
+        BITS[t] for t in (set(LEGACY_MIX.values()) if kind == "Q5_mix" else KQUANT_FILES[kind])}
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"{kind}: converted {size} bytes, file's tensors {_tensor_bytes(path)}: {size / _tensor_bytes(path):.3f}x")
+    assert size <= 1.5 * _tensor_bytes(path), (size, _tensor_bytes(path))
+
+
+def test_k_quant_file_converts_by_default_into_qkf16_a(tmp_path, capsys):
+    path = KQUANT / "model-Q5_K_M.gguf"
+    out = convert_weight(path, None, tmp_path / "w", progress=False)
+    note = capsys.readouterr().err
+    assert "F32 tensors" in note and "Q5_K" not in note and "Q6_K" not in note, note  # only norms/biases rounded
+    described = json.loads((out / "gptbc-config.json").read_text())["quantization"]
+    assert described["name"] == "qkf16_a" and described["widths"]["transformer.h.0.mlp.c_fc"] == 5
+
+
+def _kquant_lib(out, tmp_path, target="cpu"):
+    from gptbc.artifact.config import resolve_model
+    from gptbc.compile.compiler import compile_model
+
+    return compile_model(resolve_model(str(out)), target, "qkf32_a", tmp_path / f"{target}.so", log=lambda _m: None,
+                         activations="float")
+
+
+@pytest.mark.parametrize("kind", ["Q4_K_M", "Q5_K_M"])
+def test_k_quant_logits_with_per_tensor_widths(kind, tmp_path):
+    """The compiled model, each layer built for its own width, dequantizes in its kernels to the file's values."""
+    from gptbc.runtime.engine import Engine
+
+    path = KQUANT / f"model-{kind}.gguf"
+    out = convert_weight(path, "qkf32_a", tmp_path / "w", progress=False)
+    assert_matches_hf(Engine(out, _kquant_lib(out, tmp_path)), dequantized_model(KQUANT, path))
+
+
+def test_q5_0_q5_1_logits(legacy_mix, tmp_path):
+    from gptbc.runtime.engine import Engine
+
+    hf, path = legacy_mix
+    out = convert_weight(path, "qkf32_a", tmp_path / "w", progress=False)
+    assert_matches_hf(Engine(out, _kquant_lib(out, tmp_path)), dequantized_model(hf, path))
+
+
+def test_library_of_other_widths_is_refused(tmp_path):
+    """A qkf32_a library is built for one file's widths: another file's weights are refused before computing."""
+    from gptbc.runtime.engine import Engine
+
+    a = convert_weight(KQUANT / "model-Q4_K_M.gguf", "qkf32_a", tmp_path / "a", progress=False)
+    b = convert_weight(KQUANT / "model-Q6_K.gguf", "qkf32_a", tmp_path / "b", progress=False)
+    lib = _kquant_lib(b, tmp_path)
+    with pytest.raises(GptbcError) as err:
+        Engine(a, lib)
+    assert len(str(err.value).splitlines()) == 1 and "q_" in str(err.value), str(err.value)
+
+
+def test_requantizing_into_other_schemes_still_works(tmp_path, capsys):
+    path = KQUANT / "model-Q5_K_M.gguf"
+    convert_weight(path, "q4f32_1", tmp_path / "w", progress=False)
+    note = capsys.readouterr().err
+    assert "Q5_K tensors" in note and "Q6_K tensors" in note, note
+
+
+def test_bad_widths_in_a_manifest(tmp_path):
+    from gptbc.artifact.quantization import quantization_of
+
+    for bad in ({"transformer.wte": 7}, {"transformer.wte": "6"}, ["x"]):
+        with pytest.raises(GptbcError) as err:
+            quantization_of({"name": "qkf32_a", "widths": bad}, "w/gptbc-config.json")
+        assert str(err.value).startswith("w/gptbc-config.json: quantization.widths"), str(err.value)
+    with pytest.raises(GptbcError, match="no per-tensor widths"):
+        quantization_of({"name": "q4f32_a", "widths": {"transformer.wte": 4}})
+
+
+def test_tensor_parallel_refuses_a_split_group_of_any_width():
+    import dataclasses
+
+    from gptbc.artifact.config import GPTBigCodeConfig
+    from gptbc.artifact.quantization import get_quantization
+    from gptbc.artifact.sharding import check_tensor_parallel
+
+    cfg = GPTBigCodeConfig(n_embd=96, n_head=6, n_layer=1, n_inner=192, n_positions=32, vocab_size=64)
+    q = get_quantization("qkf32_a")
+    check_tensor_parallel(cfg, q, 2)  # 48 per rank: 6-bit groups of 16 stay whole
+    five = dataclasses.replace(q, widths=(("transformer.h.0.attn.c_proj", 5),))
+    with pytest.raises(GptbcError, match="groups 32 input features") as err:
+        check_tensor_parallel(cfg, five, 2)  # the 5-bit layer's groups of 32 would be split
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_per_tensor_widths_split_for_tensor_parallel(tmp_path):
+    """--tensor-parallel 2: each rank's nibbles, high bits, scales and mins are its slice of the whole layer's."""
+    path = KQUANT / "model-Q5_K_M.gguf"
+    whole = tensors(convert_weight(path, "qkf32_a", tmp_path / "one", progress=False))
+    out = convert_weight(path, "qkf32_a", tmp_path / "tp", progress=False, tensor_parallel=2)
+    ranks = [{}, {}]
+    for f in out.glob("rank*.safetensors"):
+        ranks[int(f.name[4])].update(load_file(str(f)))
+    for module, axis in [("h.0.mlp.c_proj", 1), ("h.0.attn.c_proj", 1), ("h.0.mlp.c_fc", 0)]:
+        for part in ("q_weight", "q_high", "q_scale") + (("q_min",) if "attn" in module or "c_fc" in module else ()):
+            name = f"transformer.{module}.{part}"
+            assert np.array_equal(np.concatenate([r[name] for r in ranks], axis=axis), whole[name]), name
+
+
+def test_k_quant_file_alone_through_the_cli(tmp_path):
+    """`gptbc convert-weight FILE.gguf`, `compile` and `generate` with no scheme named: qkf16_a, each layer in its
+    file's width; the compile's memory plan counts those widths (not the 6-bit default)."""
+    import subprocess
+    import sys
+
+    def gptbc(*args):
+        run = subprocess.run([sys.executable, "-m", "gptbc.cli", *map(str, args)], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run
+
+    out, lib = tmp_path / "w", tmp_path / "lib.so"
+    gptbc("convert-weight", KQUANT / "model-Q4_K_M.gguf", "-o", out, "--quiet")
+    assert json.loads((out / "gptbc-config.json").read_text())["quantization"]["name"] == "qkf16_a"
+    plan = gptbc("compile", "--model", out, "--target", "cpu", "-o", lib).stderr
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1024
+    weights = next(line for line in plan.splitlines() if "memory plan: weights:" in line)
+    assert "qkf16_a" in weights and abs(float(weights.split()[4]) - size) < 0.05 * size, (weights, size)
+    run = gptbc("generate", out, "--lib", lib, "--prompt", "def fib(", "--max-new-tokens", 4)
+    assert "4 new tokens" in run.stderr, run.stderr

@@ -74,6 +74,15 @@ def test_weight_bytes_equal_the_compiled_parameter_list(tied):
             assert converted_params(cfg, q) == model, (name, keep_head)
             real = sum(math.prod(s) * numpy_dtype(d).itemsize for _, s, d in model)
             assert weight_bytes(cfg, q) == real, (name, keep_head)
+    # a per-tensor scheme with a width per module (a GGUF Q4_K_M-like mix): each layer built for its own layout
+    import dataclasses
+
+    mixed = dataclasses.replace(get_quantization("qkf32_a"), widths=(
+        ("transformer.h.0.attn.c_attn", 4), ("transformer.h.0.mlp.c_fc", 5), ("transformer.h.1.mlp.c_proj", 4),
+        ("transformer.wte", 5)))
+    model = param_list(GPTBigCodeForCausalLM(cfg, target=None, quant=mixed).named_parameters())
+    assert converted_params(cfg, mixed) == model
+    assert weight_bytes(cfg, mixed) == sum(math.prod(s) * numpy_dtype(d).itemsize for _, s, d in model)
 
 
 def test_mqa_kv_cache_is_n_head_times_smaller():

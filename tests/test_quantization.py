@@ -46,6 +46,34 @@ def test_round_trip_error_within_scheme_bound(q, cols):
         assert np.abs(back - w).max() <= (s / 2).max() * (1 + 1e-6)
 
 
+@pytest.mark.parametrize("bits", [4, 5, 6])
+@pytest.mark.parametrize("cols", [64, 200, 37])
+def test_affine_layouts_round_trip(bits, cols):
+    """The affine layouts of 4, 5 and 6 bits (quantization.py) from float weights: every part in its documented
+    shape, values within half a step, the planes holding the values' low and high bits."""
+    import dataclasses
+
+    from gptbc.artifact.quantization import dequantize_parts, unpack_bits
+
+    q = dataclasses.replace(get_quantization("qkf32_a"), widths=(("m", bits),)).layout("m")
+    assert q.bits == bits and q.has_min == (bits < 6) and q.group_size == (16 if bits == 6 else 32)
+    w = weights(9, cols)
+    layout = q.parts((9, cols))
+    parts = dict(zip([n for n, _, _ in layout], quantize(w, q)))
+    for name, shape, dtype in layout:
+        assert parts[name].shape == shape and parts[name].dtype == np.dtype(dtype), name
+    back = dequantize_parts(parts, cols, q)
+    step = np.repeat(parts["q_scale"], q.group_size, axis=1)[:, :cols]
+    assert np.all(np.abs(back - w) <= step / 2 * (1 + 1e-5) + 1e-6)
+    assert np.all(back[1, :32] == 0.0)
+    ints = unpack_bits(parts["q_weight"], 4)[:, :cols]
+    if bits > 4:
+        ints = ints | unpack_bits(parts["q_high"], bits - 4)[:, :cols] << 4
+        assert ints.max() >= 16  # the high plane is used
+    assert ints.max() < 2 ** bits
+    np.testing.assert_array_equal(parts["q_weight"][:, :cols // 8], pack_reference(ints[:, :cols // 8 * 8] & 15, 4))
+
+
 def pack_reference(ints: np.ndarray, bits: int) -> np.ndarray:
     """Plain loops: value j of a row goes to word j // per_word at bit offset bits * (j % per_word)."""
     per_word = 32 // bits
@@ -147,7 +175,7 @@ def lowered(cfg, quant_name: str):
         return tvm.transform.Sequential(fusion_passes(target))(mod)
 
 
-@pytest.mark.parametrize("name", ["q4f32_1", "q8f16_1"])
+@pytest.mark.parametrize("name", ["q4f32_1", "q8f16_1", "qkf32_a"])
 def test_no_full_size_dequantized_weight_in_compiled_module(name):
     cfg = resolve_model("santacoder", context_window_size=256).config
     cfg.n_layer, cfg.n_positions = 1, 1024  # wpe (n_positions, n_embd) is float by design: keep its shape apart

@@ -182,3 +182,16 @@ def test_bench_prefix_reuse(tiny_model, tmp_path):
                    "--invariant-lib", "without --batch-invariant")
     one_line_error(run_script("bench_prefix_reuse.py", m.out_dir, "--lib", m.lib, "--invariant-lib", inv,
                               "--shared", 120, "--new", 20), "--shared 120", "context window")
+
+
+# ---- check_gguf_santacoder.py: a quantized GGUF converted, compiled and compared with HF ----
+
+def test_check_gguf_santacoder_smallest_mode(tmp_path):
+    """The tiny shape with gguf-py's Q5_0/Q5_1/Q4_1 mix (the suite never runs llama.cpp), on the CPU."""
+    run = run_script("check_gguf_santacoder.py", "--shape", "tiny", "--layers", 1, "--llama-quantize", "gguf",
+                     "--steps", 3, "--workdir", tmp_path, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "cpu: model-legacy-mix.gguf, 1 layer(s): relative logit error" in run.stdout
+    assert "greedy tokens identical" in run.stdout
+    missing = run_script("check_gguf_santacoder.py", "--llama-quantize", tmp_path / "nope")
+    one_line_error(missing, "--llama-quantize", "no such file")

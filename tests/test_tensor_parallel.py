@@ -113,7 +113,7 @@ def test_logits_match_hf(tp_build, hf_dir, kind, tp):
     np.testing.assert_allclose(got["verify"], hf_last_logits(hf, a + [11, 3, 4, 5])[-3:], atol=2e-4)
 
 
-@pytest.mark.parametrize("scheme", ["q4f32_1", "q8f32_1"])
+@pytest.mark.parametrize("scheme", ["q4f32_1", "q8f32_1", "qkf32_a"])
 def test_quantized_matches_one_device_build(tp_build, scheme):
     """Each rank quantizes its slice as the whole weight is quantized: TP=2 gives TP=1's logits."""
     out1, lib1 = tp_build("mqa", scheme, 1)

@@ -115,7 +115,8 @@ def test_q0f32_logits_and_greedy_match_hf(name, tiny_model, engines):
     assert gpu.generate(PROMPT, STEPS) == ids
 
 
-@pytest.mark.parametrize("name, quant", [("mqa64", "q4f16_1"), ("mha32", "q0f16"), ("mha64", "q4f32_1"), ("mqa64", "q4f32_a")])
+@pytest.mark.parametrize("name, quant", [("mqa64", "q4f16_1"), ("mha32", "q0f16"), ("mha64", "q4f32_1"), ("mqa64", "q4f32_a"),
+                                        ("mqa64", "qkf32_a")])
 def test_quantized_matches_cpu_build(name, quant, engines):
     gpu, cpu = engines(name, quant)
     seq_g, seq_c = gpu.runner.add_sequence(), cpu.runner.add_sequence()
@@ -353,3 +354,18 @@ def test_gptbc_run_on_vulkan(tiny_model, vulkan_lib, tmp_path_factory):
                          (["--lib", cpu, "--device", "vulkan"], "built for cpu")):
         bad = subprocess.run([exe, "--model", out, *args, "--prompt-ids", "1,2"], capture_output=True, text=True)
         assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and needle in bad.stderr, bad.stderr
+
+
+@pytest.mark.parametrize("kind", ["Q4_K_M", "Q5_K_M"])
+def test_k_quant_file_on_vulkan_matches_the_dequantized_file(kind, tmp_path):
+    """llama.cpp's K-quant mixes (4/5-bit and Q6_K tensors, each layer in its own affine width, qkf32_a): the WGSL
+    dequantize-in-the-kernel GEMV/GEMM on lavapipe gives the logits of an HF model holding the file's values."""
+    from conftest import assert_matches_hf
+    from gguf_files import dequantized_model
+    from gptbc.artifact.convert import convert_weight
+    from gptbc.runtime.engine import Engine
+
+    kquant = ROOT / "tests" / "data" / "kquant"
+    out = convert_weight(kquant / f"model-{kind}.gguf", "qkf32_a", tmp_path / "w", progress=False)
+    lib = _compile(out, "vulkan", "qkf32_a", tmp_path / "vk.so")
+    assert_matches_hf(Engine(out, lib, device="vulkan"), dequantized_model(kquant, kquant / f"model-{kind}.gguf"))

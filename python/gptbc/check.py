@@ -27,7 +27,7 @@ import numpy as np
 from gptbc.artifact.config import GPTBigCodeConfig, resolve_model
 from gptbc.artifact.convert import convert_weight
 from gptbc.artifact.params import hf_shapes
-from gptbc.artifact.quantization import dequantize, get_quantization
+from gptbc.artifact.quantization import dequantize, get_quantization, quantization_of
 from gptbc.compile.compiler import compile_model
 from gptbc.compile.targets import plan_build
 from gptbc.errors import GptbcError
@@ -70,7 +70,7 @@ def converted_network(out_dir: Path) -> tuple[GPTBigCodeConfig, dict[str, np.nda
     from gptbc.artifact.manifest import read_weights
 
     cfg = resolve_model(str(out_dir)).config
-    q = get_quantization(read_weights(out_dir)["quantization"]["name"])
+    q = quantization_of(read_weights(out_dir)["quantization"], str(out_dir))
     shapes = dict(hf_shapes(cfg))
     tensors: dict[str, np.ndarray] = {}
     for f in sorted(out_dir.glob("*.safetensors")):
@@ -80,9 +80,10 @@ def converted_network(out_dir: Path) -> tuple[GPTBigCodeConfig, dict[str, np.nda
         if key.endswith(".q_weight"):
             base = key[:-len(".q_weight")]
             cols = shapes[base + ".weight"][1]
-            w[base + ".weight"] = dequantize(value, tensors[base + ".q_scale"], cols, q,
-                                             tensors.get(base + ".q_min")).astype(np.float64)
-        elif not key.endswith((".q_scale", ".q_min")):
+            w[base + ".weight"] = dequantize(value, tensors[base + ".q_scale"], cols, q.layout(base),
+                                             tensors.get(base + ".q_min"),
+                                             tensors.get(base + ".q_high")).astype(np.float64)
+        elif not key.endswith((".q_scale", ".q_min", ".q_high")):
             w[key] = value.astype(np.float64)
     if not cfg.multi_query:
         for i in range(cfg.n_layer):

@@ -53,16 +53,21 @@ def cmd_compile(args: argparse.Namespace) -> int:
                         log=lambda m: print(m, file=sys.stderr, flush=True), quantize_lm_head=not keep_head,
                         activations=args.activations, batch_invariant=args.batch_invariant,
                         tensor_parallel=args.tensor_parallel)
-    _print_memory_plan(source.config, quantization, keep_head, args.tensor_parallel)
+    _print_memory_plan(source.config, quantization, keep_head, args.tensor_parallel, source)
     print(out)
     return 0
 
 
-def _print_memory_plan(cfg, quantization: str, keep_head: bool, tp: int = 1) -> None:
+def _print_memory_plan(cfg, quantization: str, keep_head: bool, tp: int = 1, source=None) -> None:
     from gptbc.artifact.memory_plan import compile_report
     from gptbc.artifact.quantization import get_quantization
 
-    for line in compile_report(cfg, get_quantization(quantization, not keep_head), tp):
+    quant = get_quantization(quantization, not keep_head)
+    if source is not None:  # a per-tensor scheme's sizes are its converted weights' widths
+        from gptbc.compile.compiler import own_widths
+
+        quant = own_widths(source, quant)
+    for line in compile_report(cfg, quant, tp):
         print(f"[gptbc] memory plan: {line}", file=sys.stderr)
 
 

@@ -13,6 +13,7 @@ leaves nothing half-written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -35,11 +36,11 @@ from gptbc.artifact.params import converted_params, hf_shapes
 from gptbc.artifact.gguf_reader import GGUFCheckpoint, looks_like_gguf
 from gptbc.artifact.gguf_tokenizer import write_tokenizer
 from gptbc.artifact.gptq_reader import QuantizedCheckpoint, quant_config
-from gptbc.artifact.quantization import Quantization, dequantize, get_quantization, numpy_dtype, quantize
+from gptbc.artifact.quantization import Quantization, dequantize_parts, get_quantization, numpy_dtype, quantize
 from gptbc.artifact.safetensors_io import SafetensorsFile, aligned_order, dtype_name, write_safetensors
 
 SPLIT_SUFFIX = re.compile(r"-\d{5}-of-\d{5}\.gguf$")  # a split GGUF set's part numbers
-PARTS = ("q_weight", "q_scale", "q_min")  # a packed weight's parameters, in the order `quantize` returns them
+PARTS = ("q_weight", "q_scale", "q_min", "q_high")  # a packed weight's parameters (Quantization.parts)
 SHARD_BYTES = 1 << 30  # 1 GiB shards: small enough to copy around, few enough to open quickly
 
 
@@ -112,7 +113,7 @@ class ParamPlan:
     source: str  # HF tensor name
     source_shape: tuple[int, ...]
     transform: Callable[[np.ndarray], np.ndarray] | None = None  # layout change, before quantizing
-    part: str = ""  # "q_weight" / "q_scale" (/ "q_min") for a packed weight, "" for a plain copy
+    part: str = ""  # "q_weight" / "q_scale" (/ "q_min" / "q_high") for a packed weight, "" for a plain copy
 
 
 def mha_qkv_to_fused(cfg: GPTBigCodeConfig) -> Callable[[np.ndarray], np.ndarray]:
@@ -218,16 +219,17 @@ class Materializer:
 
     def __init__(self, ckpt: Checkpoint, quant: Quantization, fidelity: Fidelity | None = None):
         self.ckpt, self.quant, self.fidelity = ckpt, quant, fidelity
-        self._last: tuple[str, tuple[np.ndarray, ...]] | None = None
+        self._last: tuple[str, dict[str, np.ndarray]] | None = None
 
     def __call__(self, p: ParamPlan) -> np.ndarray:
         if p.part:
             if self._last is None or self._last[0] != p.source:
                 self._last = (p.source, self._pack(p))
             parts = self._last[1]
-            if PARTS.index(p.part) == len(parts) - 1:
+            value = parts.pop(p.part)
+            if not parts:
                 self._last = None  # every part used: free the memory now
-            return parts[PARTS.index(p.part)]
+            return value
         source = self._source(p)
         out = np.ascontiguousarray(source.astype(numpy_dtype(p.dtype), copy=False))
         if self.fidelity is not None and out is not source:
@@ -235,16 +237,18 @@ class Materializer:
                                  lambda rows: out.reshape(out.shape[0], -1)[rows].astype(np.float32))
         return out
 
-    def _pack(self, p: ParamPlan) -> tuple[np.ndarray, ...]:
+    def _pack(self, p: ParamPlan) -> dict[str, np.ndarray]:
+        quant = self.quant.layout(p.name.rpartition(".")[0])  # a per-tensor scheme: this module's own layout
+        names = [name for name, _, _ in quant.parts(p.source_shape)]
         carried = getattr(self.ckpt, "carried", None)
-        exact = carried(p.source, self.quant) if carried is not None else None
+        exact = carried(p.source, quant) if carried is not None else None
         if exact is not None:
-            return tuple(p.transform(a) if p.transform is not None else a for a in exact)  # type: ignore[return-value]
+            return {n: p.transform(a) if p.transform is not None else a for n, a in zip(names, exact)}
         w = self._source(p)
-        parts = quantize(w, self.quant)
+        parts = dict(zip(names, quantize(w, quant)))
         if self.fidelity is not None:
-            self.fidelity.record(p.source, w, lambda rows: dequantize(
-                *(x[rows] for x in parts[:2]), w.shape[1], self.quant, *(x[rows] for x in parts[2:])))
+            self.fidelity.record(p.source, w, lambda rows: dequantize_parts(
+                {n: x[rows] for n, x in parts.items()}, w.shape[1], quant))
         return parts
 
     def _source(self, p: ParamPlan) -> np.ndarray:
@@ -263,6 +267,8 @@ def convert_weight(hf_dir: str | Path, quantization: str | None, out_dir: str | 
     source = _open_source(str(hf_dir), quantization)
     try:
         quant = get_quantization(quantization or source.scheme, quantize_lm_head)
+        if quant.per_tensor and hasattr(source.ckpt, "widths"):  # each tensor in its own width (quantization.py)
+            quant = dataclasses.replace(quant, widths=source.ckpt.widths(quant))
         check_tensor_parallel(source.cfg, quant, tensor_parallel)
         ranks = [plan_conversion(source.cfg, quant, source.ckpt, tensor_parallel, r) for r in range(tensor_parallel)]
         try:
@@ -306,8 +312,8 @@ def _open_source(spec: str, quantization: str | None) -> Source:
             if not (quantization or scheme):
                 raise GptbcError(f"{ckpt.directory}: its layer weights are {', '.join(ckpt.weight_types())}, which no "
                                  f"one packed gptbc scheme stores exactly; pass --quantization q0f32 to keep every "
-                                 f"value (as float32), or a packed scheme (q4f16_a keeps Q4_0/Q4_1/Q4_K tensors exactly, "
-                                 f"q8f16_1 Q8_0 ones) to re-quantize the others (the error is measured and printed)")
+                                 f"value (as float32), or a packed scheme (qkf16_a keeps Q4_*/Q5_*/Q6_K tensors "
+                                 f"exactly, q8f16_1 Q8_0 ones) to re-quantize the others (the error is measured and printed)")
             stem = SPLIT_SUFFIX.sub("", ckpt.files[0].name).removesuffix(".gguf")
             return Source(stem, ckpt.config, ckpt, lambda tmp: write_tokenizer(ckpt.meta, ckpt.files[0], tmp),
                           scheme, Fidelity(lambda n: ckpt.type_of(n)))

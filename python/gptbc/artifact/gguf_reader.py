@@ -9,9 +9,13 @@ no `gpt_bigcode` architecture, and `starcoder2` is another model). What this mod
   * a block of Q8_0 is an fp16 scale d and 32 int8 q (value d * q): exactly gptbc's q8*_1 group;
     a block of Q4_0 is an fp16 d and 16 bytes, byte j holding element j (low nibble) and j + 16 (high), value
     (q - 8) * d: exactly q4*_1's (n - 7) * s with n = 15 - q and s = -d.
-  * Q4_0, Q4_1 and Q4_K are (q, scale, min) per 32 values: exactly the affine scheme q4*_a (quantization.py).
-Every other block type (Q5_*, Q6_K, Q2_K, Q3_K, ...) is dequantized with `gguf.quants.dequantize` (bit-exact with
-ggml's C) and then re-quantized into the chosen scheme, and the converter reports the error it measured.
+  * Q4_0, Q4_1 and Q4_K are (q, scale, min) per 32 values: exactly the affine scheme q4*_a (quantization.py);
+    Q5_0, Q5_1 and Q5_K are the same with 5-bit q, and Q6_K is (q - 32) scale per 16 values: exactly the affine
+    layouts of 5 and 6 bits, which the per-tensor schemes qk*_a use for the tensors of those types (each tensor
+    in its own width: `widths`).
+Every other block type (Q2_K, Q3_K, ...), and any type the chosen scheme does not hold, is dequantized with
+`gguf.quants.dequantize` (bit-exact with ggml's C) and then re-quantized into the chosen scheme, and the converter
+reports the error it measured.
 
 The header is parsed with the `gguf` package; the tensor bytes are read through our own read-only mapping
 of each file, one tensor at a time, and dropped from memory once written (as SafetensorsFile does).
@@ -28,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from gptbc.artifact.config import GPTBigCodeConfig
-from gptbc.artifact.quantization import Quantization, pack_nibbles
+from gptbc.artifact.quantization import Quantization, is_quantized, pack_affine, pack_nibbles
 from gptbc.errors import GptbcError
 
 ARCH = "starcoder"
@@ -147,8 +151,9 @@ def _hf_to_gguf(cfg: GPTBigCodeConfig) -> dict[str, str]:
 
 class GGUFCheckpoint:
     """The tensors of a GGUF model under gpt_bigcode names, as `convert.Checkpoint` offers them (`in`, `info`,
-    `get`, `release`, `source_of`, `close`), plus `carried`: the packed form of a Q8_0 / Q4_0 tensor in a
-    scheme that holds it bit for bit, and `type_of`: the ggml type a tensor is stored in."""
+    `get`, `release`, `source_of`, `close`), plus `carried`: the packed form of a tensor in a
+    scheme (layout) that holds it exactly, `widths`: the per-tensor widths of the file's affine types, and
+    `type_of`: the ggml type a tensor is stored in."""
 
     def __init__(self, spec: str):
         self.files = gguf_files(spec)
@@ -203,11 +208,13 @@ class GGUFCheckpoint:
         return out
 
     def carried(self, name: str, quant: Quantization) -> tuple[np.ndarray, ...] | None:
-        """(q_weight, q_scale (, q_min)) holding exactly the stored values, when `quant` can; else None."""
+        """(q_weight, q_scale (, q_min, q_high)) holding exactly the stored values, when `quant` (one module's
+        layout) can; else None."""
         kind = self.type_of(name)
-        if quant.kind == "affine" and kind in AFFINE_TYPES:
-            q, scale, low = AFFINE_TYPES[kind](self.raw(name))
-            return pack_nibbles(q), scale, low
+        if quant.kind == "affine" and kind in AFFINE_TYPES and AFFINE_TYPES[kind][0] == quant.bits:
+            q, scale, low = AFFINE_TYPES[kind][1](self.raw(name))
+            nibbles, high = pack_affine(q, quant)
+            return tuple(x for x in (nibbles, scale, low, high) if x is not None)
         if quant.kind != "group" or GROUP_TYPES.get(kind) != quant.bits:
             return None
         blocks = self.raw(name)
@@ -241,7 +248,19 @@ class GGUFCheckpoint:
         types = self.weight_types()
         if len(types) == 1 and types[0] in DEFAULT_SCHEME:
             return DEFAULT_SCHEME[types[0]]
-        return "q4f16_a" if types and set(types) <= set(AFFINE_TYPES) else None
+        if types and all(AFFINE_TYPES.get(t, (0,))[0] == 4 for t in types):
+            return "q4f16_a"
+        packed = {self.type_of(n) for n in self.names if is_quantized(PACKED, n, self.config.tie_word_embeddings)}
+        return "qkf16_a" if types and packed <= set(AFFINE_TYPES) else None
+
+    def widths(self, quant: Quantization) -> tuple[tuple[str, int], ...]:
+        """For a per-tensor scheme: (module, bits) of each packed module whose tensor is of a type an affine
+        layout holds exactly (Q4_*, Q5_*, Q6_K); the others take the scheme's default layout (re-quantized)."""
+        out = []
+        for name in self.names:
+            if is_quantized(quant, name, self.config.tie_word_embeddings) and self.type_of(name) in AFFINE_TYPES:
+                out.append((name.rpartition(".")[0], AFFINE_TYPES[self.type_of(name)][0]))
+        return tuple(sorted(out))  # (a GGUF is untied exactly when it has `output`, so lm_head is always its own)
 
     def weight_types(self) -> list[str]:
         """The ggml types of the layers' linear weights."""
@@ -282,6 +301,59 @@ def _q4_1(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             _half(blocks, 2).astype(np.float32))
 
 
+def _q5_0(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q5_0 blocks (fp16 d, 4 bytes of high bits, 16 bytes of nibbles): (q - 16) d = q d + (-16 d), exact."""
+    blocks = raw.reshape(raw.shape[0], -1, 22)
+    d = _half(blocks, 0).astype(np.float32)
+    return _five_bits(blocks[:, :, 2:6], blocks[:, :, 6:]), d, -16 * d
+
+
+def _q5_1(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q5_1 blocks (fp16 d, fp16 m, 4 bytes of high bits, 16 bytes of nibbles): q d + m."""
+    blocks = raw.reshape(raw.shape[0], -1, 24)
+    return (_five_bits(blocks[:, :, 4:8], blocks[:, :, 8:]), _half(blocks, 0).astype(np.float32),
+            _half(blocks, 2).astype(np.float32))
+
+
+def _five_bits(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1's q [rows, cols]: bit i of the little-endian uint32 qh is value i's fifth bit."""
+    rows = qs.shape[0]
+    high = (np.ascontiguousarray(qh).view("<u4") >> np.arange(32, dtype=np.uint32)) & 1  # [rows, blocks, 32]
+    return (_split_nibbles(qs) | (high.astype(np.uint8) << 4)).reshape(rows, -1)
+
+
+def _q5_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q5_K super-blocks of 256 (fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 32 bytes of fifth bits,
+    128 bytes of nibbles): sub-block j of 32 is q (d sc_j) - (dmin m_j), bit j of byte 32 + k its value k's fifth
+    bit; the nibbles as Q4_K's."""
+    from gguf.quants import Q4_K
+
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 176)
+    sc, m = Q4_K.get_scale_min(np.ascontiguousarray(blocks[:, :, 4:16]).reshape(-1, 12))
+    d, dmin = (_half(blocks, k).astype(np.float32).reshape(-1, 1) for k in (0, 2))
+    low = (blocks[:, :, 48:].reshape(rows, -1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)) & 15
+    high = (blocks[:, :, 16:48].reshape(rows, -1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1
+    q = low.reshape(rows, -1, 8, 32) | (high << 4)
+    scale, low_ = d * sc.astype(np.float32), -(dmin * m.astype(np.float32))
+    return q.reshape(rows, -1), scale.reshape(rows, -1), low_.reshape(rows, -1)
+
+
+def _q6_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
+    """Q6_K super-blocks of 256 (128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales, fp16 d): value
+    (d sc_j) (q - 32) per 16; half h of 128 values: ql[64h + k] low/high nibble = values 128h + k / + 64,
+    bits 2s of qh[32h + k] the high bits of value 128h + 32s + k."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 210)
+    low = (blocks[:, :, :128].reshape(rows, -1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)) & 15
+    high = (blocks[:, :, 128:192].reshape(rows, -1, 2, 1, 32)
+            >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)) & 3
+    q = low.reshape(rows, -1, 8, 32) | (high.reshape(rows, -1, 8, 32) << 4)
+    sc = np.ascontiguousarray(blocks[:, :, 192:208]).view(np.int8).astype(np.float32)
+    d = _half(blocks, 208).astype(np.float32)[:, :, None]
+    return q.reshape(rows, -1), (d * sc).reshape(rows, -1), None
+
+
 def _q4_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Q4_K super-blocks of 256 (fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles):
     sub-block j of 32 is q (d sc_j) - (dmin m_j); bytes 32c..32c+31 hold sub-block 2c (low nibbles), 2c+1 (high)."""
@@ -296,8 +368,11 @@ def _q4_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return (qs & 15).reshape(rows, -1), scale.reshape(rows, -1), low.reshape(rows, -1)
 
 
-# ggml types an affine scheme (q4*_a) holds exactly: each gives (q, scale, min) per group of 32
-AFFINE_TYPES = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k}
+# ggml types an affine layout holds exactly: type → (its bits, the function giving (unsigned q, float32 scale,
+# float32 min or None) of its blocks, per group of the layout's size: 32, Q6_K's 16)
+AFFINE_TYPES = {"Q4_0": (4, _q4_0), "Q4_1": (4, _q4_1), "Q4_K": (4, _q4_k), "Q5_0": (5, _q5_0), "Q5_1": (5, _q5_1),
+                "Q5_K": (5, _q5_k), "Q6_K": (6, _q6_k)}
+PACKED = Quantization("packed", "affine", "float32", bits=4, group_size=32)  # which tensors any packed scheme packs
 
 
 def _float_dtype(type_name: str) -> np.dtype:

@@ -32,9 +32,8 @@ def weight_bytes(cfg: GPTBigCodeConfig, quant: Quantization) -> int:
     total = 0
     for name, shape in hf_shapes(cfg):
         if is_quantized(quant, name, cfg.tie_word_embeddings):
-            (rows, words), (_, groups) = quant.packed_shape(shape)
-            total += rows * words * np.dtype(quant.storage_dtype).itemsize + rows * groups * numpy_dtype(
-                quant.scale_dtype).itemsize * (2 if quant.kind == "affine" else 1)  # affine: + q_min
+            module = name.rpartition(".")[0]
+            total += sum(int(np.prod(s)) * numpy_dtype(d).itemsize for _, s, d in quant.layout(module).parts(shape))
         else:
             total += int(np.prod(shape)) * item
     return total

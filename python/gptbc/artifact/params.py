@@ -35,17 +35,15 @@ def hf_shapes(cfg: GPTBigCodeConfig) -> list[tuple[str, tuple[int, ...]]]:
 
 def converted_params(cfg: GPTBigCodeConfig, quant: Quantization, tp: int = 1) -> list[Param]:
     """(name, shape, dtype) of every converted tensor, in the order the compiled library takes them: a weight
-    the scheme packs becomes `MODULE.q_weight` + `MODULE.q_scale` (quantization.py's layout), the rest stays
+    the scheme packs becomes `MODULE.q_weight` + `MODULE.q_scale` (+ q_min, q_high: quantization.py's layouts,
+    per module for a per-tensor scheme), the rest stays
     in the activation dtype under its HF name. With `tp` ranks, the shapes are one rank's (sharding.py)."""
     out: list[Param] = []
     for name, full in hf_shapes(cfg):
         shape = rank_shape(cfg, name, full, tp)
         if is_quantized(quant, name, cfg.tie_word_embeddings):
             module = name.rpartition(".")[0]
-            wshape, sshape = quant.packed_shape(shape)
-            out += [(f"{module}.q_weight", wshape, quant.storage_dtype), (f"{module}.q_scale", sshape, quant.scale_dtype)]
-            if quant.kind == "affine":
-                out.append((f"{module}.q_min", sshape, "float32"))
+            out += [(f"{module}.{part}", pshape, dtype) for part, pshape, dtype in quant.layout(module).parts(shape)]
         else:
             out.append((name, shape, quant.model_dtype))
     return out

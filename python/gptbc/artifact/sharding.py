@@ -41,10 +41,12 @@ def check_tensor_parallel(cfg: GPTBigCodeConfig, quant: Quantization, tp: int) -
             raise GptbcError(f"--tensor-parallel {tp}: the model's {what} ({n}) is not divisible by {tp}")
     if cfg.n_kv_head > 1 and cfg.n_kv_head % tp:
         raise GptbcError(f"--tensor-parallel {tp}: the model's {cfg.n_kv_head} KV heads are not divisible by {tp}")
-    if quant.packed:  # grouped and affine schemes: groups of group_size input features
+    if quant.packed:  # grouped and affine schemes: groups of group_size input features (a per-tensor scheme: its
+        # largest; a group's q_high words never span more than its group)
+        group = quant.max_group
         for what, n in (("attn.c_proj", cfg.n_embd), ("mlp.c_proj", cfg.n_inner)):
-            if (n // tp) % quant.group_size:
-                raise GptbcError(f"--tensor-parallel {tp}: {quant.name} groups {quant.group_size} input features, "
+            if (n // tp) % group:
+                raise GptbcError(f"--tensor-parallel {tp}: {quant.name} groups {group} input features, "
                                  f"and {what}'s {n} split {tp} ways ({n // tp} per rank) would split a group "
                                  f"between ranks")
 

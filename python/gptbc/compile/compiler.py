@@ -112,6 +112,19 @@ def check_own_scheme(source: ModelSource, quant: Quantization, tp: int = 1) -> N
                          f"own scheme (leave out --quantization, or convert the HF checkpoint again)")
 
 
+def own_widths(source: ModelSource, quant: Quantization) -> Quantization:
+    """A per-tensor scheme compiled from a converted directory: with the widths its weights have (quantization.py);
+    from a config alone, every module in the scheme's default layout."""
+    if not quant.per_tensor or source.directory is None or not (source.directory / GPTBC_CONFIG).is_file():
+        return quant
+    import dataclasses
+
+    from gptbc.artifact.quantization import quantization_of
+
+    have = quantization_of(load_gptbc_config(source.directory)["quantization"], str(source.directory / GPTBC_CONFIG))
+    return dataclasses.replace(quant, widths=have.widths)
+
+
 def export_relax(cfg: GPTBigCodeConfig, quant: Quantization, target, batch_invariant: bool = False, tp: int = 1):
     """The model's Relax IRModule (all exported functions, parameters packed), before any pass, its
     parameters as (name, shape, dtype) in the order the functions take them, and which of them the runtime
@@ -141,8 +154,8 @@ def choose_activations(option: str, quant: Quantization, target) -> Quantization
     if option == "int8" and not cpu:
         raise GptbcError(f"--activations int8: only CPU targets have int8-activation kernels (target is {target.kind.name})")
     if option == "int8" and quant.kind == "affine":  # the integer kernel's tiles hold no per-group min
-        raise GptbcError(f"--activations int8: {quant.name} has no int8-activation kernel (its groups carry a min); "
-                         f"use --activations float, or a symmetric scheme (q8*_1/q4*_1)")
+        raise GptbcError(f"--activations int8: {quant.name} has no int8-activation kernel (its groups carry a min or "
+                         f"an offset); use --activations float, or a symmetric scheme (q8*_1/q4*_1)")
     if option == "int8" and quant.kind != "group":
         raise GptbcError(f"--activations int8: {quant.name} has float weights; int8 activations need a grouped "
                          f"scheme (q8*/q4*)")
@@ -166,8 +179,9 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
             raise GptbcError(f"--batch-invariant with --tensor-parallel {tensor_parallel}: not supported together "
                              f"(the invariant kernels and load_kv are single-device)")
     quant = get_quantization(quantization, quantize_lm_head)
-    check_tensor_parallel(source.config, quant, tensor_parallel)
     check_own_scheme(source, quant, tensor_parallel)
+    quant = own_widths(source, quant)
+    check_tensor_parallel(source.config, quant, tensor_parallel)
     check_activation_mode(activations)  # before -o's directory is made (choose_activations needs the target)
     output = Path(output) if output else default_output(source.name, quant.name, target_name, build, tensor_parallel)
     if "".join(output.suffixes[-1:]) != build.suffix:

@@ -58,14 +58,15 @@ def row_parallel(layer: nn.Module, x: Tensor, tp: int) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: GPTBigCodeConfig, q: Quantization, tp: int = 1):
+    def __init__(self, cfg: GPTBigCodeConfig, q: Quantization, tp: int = 1, prefix: str = ""):
         self.tp, self.head_dim = tp, cfg.head_dim
         self.n_head, self.n_kv_head = cfg.n_head // tp, kv_heads_per_rank(cfg, tp)  # this rank's heads
         self.sm_scale = self.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
         qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
         packed = q.packed
-        self.c_attn = make_linear(cfg.n_embd, qkv_dim, True, q, packed)
-        self.c_proj = make_linear(self.n_head * self.head_dim, cfg.n_embd, True, q, packed)
+        # q.layout: a per-tensor scheme builds each module for its own width (quantization.py)
+        self.c_attn = make_linear(cfg.n_embd, qkv_dim, True, q.layout(prefix + "c_attn"), packed)
+        self.c_proj = make_linear(self.n_head * self.head_dim, cfg.n_embd, True, q.layout(prefix + "c_proj"), packed)
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = x.shape
@@ -75,11 +76,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: GPTBigCodeConfig, q: Quantization, tp: int = 1):
+    def __init__(self, cfg: GPTBigCodeConfig, q: Quantization, tp: int = 1, prefix: str = ""):
         packed = q.packed
         self.tp = tp
-        self.c_fc = make_linear(cfg.n_embd, cfg.n_inner // tp, True, q, packed)
-        self.c_proj = make_linear(cfg.n_inner // tp, cfg.n_embd, True, q, packed)
+        self.c_fc = make_linear(cfg.n_embd, cfg.n_inner // tp, True, q.layout(prefix + "c_fc"), packed)
+        self.c_proj = make_linear(cfg.n_inner // tp, cfg.n_embd, True, q.layout(prefix + "c_proj"), packed)
         self.act = ACTIVATIONS[cfg.activation_function]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -88,11 +89,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTBigCodeConfig, q: Quantization, tp: int = 1):
+    def __init__(self, cfg: GPTBigCodeConfig, q: Quantization, tp: int = 1, index: int = 0):
         self.ln_1 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, q.model_dtype)
-        self.attn = Attention(cfg, q, tp)
+        self.attn = Attention(cfg, q, tp, f"transformer.h.{index}.attn.")
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, q.model_dtype)
-        self.mlp = MLP(cfg, q, tp)
+        self.mlp = MLP(cfg, q, tp, f"transformer.h.{index}.mlp.")
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache, layer_id: int) -> Tensor:
         x = x + self.attn(self.ln_1(x), kv_cache, layer_id)
@@ -102,11 +103,11 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: GPTBigCodeConfig, q: Quantization, tp: int = 1):
         if is_quantized(q, "transformer.wte.weight", cfg.tie_word_embeddings):
-            self.wte = QuantizedEmbedding(cfg.vocab_size, cfg.n_embd, q)
+            self.wte = QuantizedEmbedding(cfg.vocab_size, cfg.n_embd, q.layout("transformer.wte"))
         else:
             self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd, dtype=q.model_dtype)
         self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd, dtype=q.model_dtype)
-        self.h = nn.ModuleList([Block(cfg, q, tp) for _ in range(cfg.n_layer)])
+        self.h = nn.ModuleList([Block(cfg, q, tp, i) for i in range(cfg.n_layer)])
         self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, q.model_dtype)
 
     def embed(self, ids: Tensor) -> Tensor:
@@ -152,7 +153,7 @@ class GPTBigCodeForCausalLM(nn.Module):
         self.transformer = Transformer(cfg, quant, tp)
         self.lm_head = None
         if not cfg.tie_word_embeddings:
-            self.lm_head = make_linear(cfg.n_embd, cfg.vocab_size, False, quant,
+            self.lm_head = make_linear(cfg.n_embd, cfg.vocab_size, False, quant.layout("lm_head"),
                                        is_quantized(quant, "lm_head.weight", tied=False))
 
     def logits(self, hidden: Tensor) -> Tensor:

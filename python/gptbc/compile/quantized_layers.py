@@ -20,22 +20,32 @@ from gptbc.compile import kernels_int8
 from gptbc.artifact.quantization import Quantization
 
 
-def _dequant(w: te.Tensor, s: te.Tensor, row, col, q: Quantization, m: te.Tensor | None = None):
+def _dequant(w: te.Tensor, s: te.Tensor, row, col, q: Quantization, *rest: te.Tensor):
     """float32 value of weight (row, col): unpack the int (int4), remove the offset, scale its group; an affine
-    scheme adds its group's min instead (q * scale + min, quantization.py)."""
+    layout adds its group's min instead (q * scale + min), or subtracts its zero ((q - zero) * scale), its bits
+    above the nibble read from q_high. `rest`: the layout's q_min and q_high, those it has (quantization.py);
+    the float operations are gguf's numpy dequantize's, in its order, so the values are the file's exactly."""
     if q.bits == 8:
         return tirx.Cast("float32", w[row, col]) * tirx.Cast("float32", s[row, col // q.group_size])
     word = w[row, col // q.per_word]
-    shift = tirx.Cast("uint32", (col % q.per_word) * q.bits)
-    bits = tirx.Cast("float32", (word >> shift) & tirx.const((1 << q.bits) - 1, "uint32"))
+    shift = tirx.Cast("uint32", (col % q.per_word) * 4)
+    ints = (word >> shift) & tirx.const(15, "uint32")
+    if q.high_bits:
+        high, per = rest[-1], q.high_per_word
+        hshift = tirx.Cast("uint32", (col % per) * q.high_bits)
+        upper = (high[row, col // per] >> hshift) & tirx.const((1 << q.high_bits) - 1, "uint32")
+        ints = ints | (upper << tirx.const(4, "uint32"))
+    bits = tirx.Cast("float32", ints)
     if q.kind == "affine":
-        return bits * s[row, col // q.group_size] + m[row, col // q.group_size]
+        if q.has_min:
+            return bits * s[row, col // q.group_size] + rest[0][row, col // q.group_size]
+        return (bits - float(q.zero)) * s[row, col // q.group_size]
     return (bits - float(q.max_int)) * tirx.Cast("float32", s[row, col // q.group_size])
 
 
 def dequant_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: int, q: Quantization,
-                   out_dtype: str, q_min: Tensor | None = None) -> Tensor:
-    """x @ dequantize(q_weight, q_scale (, q_min)).T in one kernel, accumulating in float32."""
+                   out_dtype: str, extra: list[Tensor] | None = None) -> Tensor:
+    """x @ dequantize(q_weight, q_scale (, q_min, q_high: `extra`)).T in one kernel, accumulating in float32."""
 
     def compute(x: te.Tensor, w: te.Tensor, s: te.Tensor, *m: te.Tensor):
         *lead, _ = x.shape
@@ -52,7 +62,7 @@ def dequant_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: in
             return acc
         return te.compute(acc.shape, lambda *i: tirx.Cast(out_dtype, acc(*i)), name="dequant_matmul_cast")
 
-    return op.tensor_expr_op(compute, "dequant_matmul", [x, q_weight, q_scale] + ([q_min] if q_min is not None else []))
+    return op.tensor_expr_op(compute, "dequant_matmul", [x, q_weight, q_scale] + list(extra or []))
 
 
 def tiled(q: Quantization, out_features: int, in_features: int) -> bool:
@@ -130,6 +140,16 @@ def repack_plan(named: list[tuple[str, nn.Parameter]]) -> dict[str, str]:
     return {name: getattr(p, REPACK) for name, p in named if getattr(p, REPACK, None)}
 
 
+def _high(q: Quantization, rows: int, cols: int) -> nn.Parameter | None:
+    """q_high of an affine layout wider than 4 bits (quantization.Quantization.parts), else None."""
+    return nn.Parameter(dict((n, s) for n, s, _ in q.parts((rows, cols)))["q_high"], "uint32") if q.high_bits else None
+
+
+def _extra(layer: nn.Module) -> list[Tensor]:
+    """The layer's q_min and q_high, those it has, in the order _dequant takes them."""
+    return [p for p in (layer.q_min, layer.q_high) if p is not None]
+
+
 class QuantizedLinear(nn.Module):
     """nn.Linear with a grouped-int weight: parameters q_weight, q_scale (and bias)."""
 
@@ -139,7 +159,8 @@ class QuantizedLinear(nn.Module):
         wshape, sshape = q.packed_shape((out_features, in_features))
         self.q_weight = nn.Parameter(wshape, q.storage_dtype)
         self.q_scale = nn.Parameter(sshape, q.scale_dtype)
-        self.q_min = nn.Parameter(sshape, "float32") if q.kind == "affine" else None
+        self.q_min = nn.Parameter(sshape, "float32") if q.has_min else None
+        self.q_high = _high(q, out_features, in_features)
         self.bias = nn.Parameter((out_features,), q.model_dtype) if bias else None
         if self.tiled:
             _mark_tiled(self.q_weight, self.q_scale, q)
@@ -154,7 +175,7 @@ class QuantizedLinear(nn.Module):
         if self.tiled:
             y = int8_matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype)
         else:
-            y = dequant_matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype, self.q_min)
+            y = dequant_matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype, _extra(self))
         return activate(y + bias if bias is not None else y, activation)
 
 
@@ -167,7 +188,8 @@ class QuantizedEmbedding(nn.Module):
         wshape, sshape = q.packed_shape((num, dim))
         self.q_weight = nn.Parameter(wshape, q.storage_dtype)
         self.q_scale = nn.Parameter(sshape, q.scale_dtype)
-        self.q_min = nn.Parameter(sshape, "float32") if q.kind == "affine" else None
+        self.q_min = nn.Parameter(sshape, "float32") if q.has_min else None
+        self.q_high = _high(q, num, dim)
         if self.tiled:
             _mark_tiled(self.q_weight, self.q_scale, q)
 
@@ -188,13 +210,12 @@ class QuantizedEmbedding(nn.Module):
             return te.compute((ids.shape[0], dim), lambda i, k: tirx.Cast(q.model_dtype, value(i, k)),
                               name="dequant_take")
 
-        extra = [self.q_min] if self.q_min is not None else []
-        return op.tensor_expr_op(compute, "dequant_take", [ids, self.q_weight, self.q_scale] + extra)
+        return op.tensor_expr_op(compute, "dequant_take", [ids, self.q_weight, self.q_scale] + _extra(self))
 
     def weight_matmul(self, x: Tensor) -> Tensor:
         if self.tiled:
             return int8_matmul(x, self.q_weight, self.q_scale, self.dim, self.q, "float32")
-        return dequant_matmul(x, self.q_weight, self.q_scale, self.dim, self.q, "float32", self.q_min)
+        return dequant_matmul(x, self.q_weight, self.q_scale, self.dim, self.q, "float32", _extra(self))
 
 
 class Linear(nn.Module):
