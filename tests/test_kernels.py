@@ -161,3 +161,31 @@ def test_gpu_targets_compile_the_race_free_merge(spelling, target):
     assert "tvm_storage_sync" in swapped[MERGE_STATE].script()
     kept = [gv for gv in mod.functions if gv.name_hint != MERGE_STATE]
     assert kept and all(swapped[gv.name_hint].same_as(mod[gv]) for gv in kept)
+
+
+@pytest.mark.parametrize("spelling, target", [("vulkan", {"kind": "webgpu"}), ("cuda", {"kind": "cuda", "arch": "sm_80"}),
+                                              ("metal", {"kind": "metal"})])
+def test_gpu_batch_invariant_builds_swap_attention_and_drop_gemv(spelling, target):
+    """A --batch-invariant GPU library gets kernels_gpu's attention (one thread per row and head, the CPU's
+    fixed grain) and schedule rules without GEMV; a plain one keeps TVM's attention and dlight's GEMV."""
+    from gptbc.artifact.config import GPTBigCodeConfig
+    from gptbc.artifact.quantization import get_quantization
+    from gptbc.compile import kernels_gpu
+    from gptbc.compile.compiler import export_relax
+    from gptbc.compile.schedules import OneOrderMatmul, gpu_rules
+    from gptbc.compile.targets import get_target
+    from tvm.s_tir import dlight as dl
+
+    cfg = GPTBigCodeConfig(n_embd=96, n_head=3, n_layer=1, n_positions=32, vocab_size=50)
+    q = get_quantization("q0f32")
+    target = tvm.target.Target({**target, "host": TARGET})
+    mod, _, _ = export_relax(cfg, q, target, batch_invariant=True)
+    pipeline = get_target(spelling)[0].pipeline
+    plain, invariant = pipeline.replace_kernels(mod, cfg, q, target), pipeline.replace_kernels(mod, cfg, q, target, True)
+    for name in (kernels_gpu.RAGGED_PREFILL_GPU, kernels_gpu.PAGED_PREFILL_GPU, kernels_gpu.PAGED_DECODE_GPU):
+        assert plain[name].same_as(mod[name]) and not invariant[name].same_as(mod[name])
+        assert "blockIdx.x" in invariant[name].script() and "threadIdx.y" not in invariant[name].script()
+    kinds = lambda rules: {type(r) for r in rules}  # noqa: E731
+    assert dl.gpu.GEMV in kinds(gpu_rules()) and OneOrderMatmul not in kinds(gpu_rules())
+    assert dl.gpu.GEMV not in kinds(gpu_rules(True)) and dl.gpu.LowBatchGEMV not in kinds(gpu_rules(True))
+    assert OneOrderMatmul in kinds(gpu_rules(True))

@@ -190,15 +190,16 @@ class GPTBigCodeForCausalLM(nn.Module):
         """Append given keys and values (n_layer, 1, seq_len, n_kv_head, head_dim) to the sequence being run,
         attending nothing: a prefix copied into a sequence of its own (runner.copy_prefix, batch-invariant
         mode). A forked sequence would attend the shared pages and its own apart, which changes the bits.
-        The CPU kernels read sm_scale APPEND_ONLY as "attend nothing"; the outputs are summed into the
-        result only so that no call is dropped as unused."""
+        Our attention kernels (kernels.py, kernels_gpu.py) read sm_scale APPEND_ONLY as "attend nothing"; the
+        outputs are summed into the result only so that no call is dropped as unused."""
         from gptbc.compile.kernels import APPEND_ONLY
 
         cfg = self.cfg
         n = k.shape[2]
         rows = (1, n, cfg.n_kv_head, cfg.head_dim)
         zeros = op.zeros((1, n, cfg.n_head, cfg.head_dim), self.dtype)
-        ks, vs = op.split(k, cfg.n_layer, axis=0), op.split(v, cfg.n_layer, axis=0)
+        # op.split into one part returns the tensor itself, not a list of one
+        ks, vs = ((op.split(t, cfg.n_layer, axis=0) if cfg.n_layer > 1 else [t]) for t in (k, v))
         total = None
         for layer_id in range(cfg.n_layer):
             qkv = op.concat([zeros, op.reshape(ks[layer_id], rows), op.reshape(vs[layer_id], rows)], dim=2)

@@ -69,10 +69,6 @@ class Pipeline:
 # CPU: our matmul / parallel schedules, our prefill attention in place of TVM's serial CPU kernels, and
 # with int8 activations the integer dot-product matmuls (kernels_int8.py).
 CPU_PIPELINE = Pipeline("cpu", _cpu_rules, _cpu_kernels)
-# GPU: dlight's rules (kept off the tensorize paths that crash TVM 0.27, see schedules.gpu_rules).
-GPU_PIPELINE = Pipeline("gpu", _gpu_rules)
-
-
 def _gpu_kernels(mod, cfg, quant, target, batch_invariant: bool = False):
     from gptbc.compile.kernels import use_race_free_merge
     from gptbc.compile.kernels_gpu import use_invariant_gpu_attention
@@ -82,6 +78,16 @@ def _gpu_kernels(mod, cfg, quant, target, batch_invariant: bool = False):
     if batch_invariant:
         mod = use_invariant_gpu_attention(mod, cfg.n_kv_head, cfg.n_head, cfg.head_dim, quant.model_dtype)
     return mod
+
+
+def _invariant_gpu_kernels(mod, cfg, quant, target, batch_invariant: bool = False):
+    return _gpu_kernels(mod, cfg, quant, target, True) if batch_invariant else mod
+
+
+# GPU (Metal): dlight's rules (kept off the tensorize paths that crash TVM 0.27, see schedules.gpu_rules) and
+# TVM's kernels; a batch-invariant library gets the kernels below (our attention, and the race-free merge whose
+# formula it shares).
+GPU_PIPELINE = Pipeline("gpu", _gpu_rules, _invariant_gpu_kernels)
 
 
 # Vulkan and WebGPU: the GPU pipeline, and TVM's attention-state merge kernel replaced by one without its
