@@ -85,17 +85,22 @@ def _online_softmax(d: int, gpu: bool = False):
             acc[i] = T.float32(0)
 
     @T.macro
+    def fold(acc, state, v, v_at):
+        """Fold the key whose score is in state[2] into the running max, sum and output."""
+        state[3] = _exp2(state[0] - T.max(state[0], state[2]))  # rescale of what was summed so far
+        state[0] = T.max(state[0], state[2])
+        state[2] = _exp2(state[2] - state[0])
+        state[1] = state[1] * state[3] + state[2]
+        for i in vec(d):
+            acc[i] = acc[i] * state[3] + state[2] * T.Cast("float32", _at(v, v_at, i))
+
+    @T.macro
     def visit_gpu(acc, part, state, q, q_at, k, k_at, v, v_at, sm_scale):
         part[0] = T.float32(0)
         for i in T.serial(d):
             part[0] = part[0] + T.Cast("float32", _at(q, q_at, i)) * T.Cast("float32", _at(k, k_at, i))
         state[2] = part[0] * sm_scale * T.float32(log2e)  # this key's score
-        state[3] = _exp2(state[0] - T.max(state[0], state[2]))  # rescale of what was summed so far
-        state[0] = T.max(state[0], state[2])
-        state[2] = _exp2(state[2] - state[0])
-        state[1] = state[1] * state[3] + state[2]
-        for i in T.serial(d):
-            acc[i] = acc[i] * state[3] + state[2] * T.Cast("float32", _at(v, v_at, i))
+        fold(acc, state, v, v_at)
 
     @T.macro
     def visit(acc, part, state, q, q_at, k, k_at, v, v_at, sm_scale):
@@ -106,12 +111,7 @@ def _online_softmax(d: int, gpu: bool = False):
                 part[lane] = part[lane] + T.Cast("float32", _at(q, q_at, c * LANES + lane)) * T.Cast(
                     "float32", _at(k, k_at, c * LANES + lane))
         state[2] = _lane_sum(part[T.ramp(0, 1, LANES)]) * sm_scale * T.float32(log2e)  # this key's score
-        state[3] = _exp2(state[0] - T.max(state[0], state[2]))  # rescale of what was summed so far
-        state[0] = T.max(state[0], state[2])
-        state[2] = _exp2(state[2] - state[0])
-        state[1] = state[1] * state[3] + state[2]
-        for i in T.vectorized(d):
-            acc[i] = acc[i] * state[3] + state[2] * T.Cast("float32", _at(v, v_at, i))
+        fold(acc, state, v, v_at)
 
     @T.macro
     def finish(acc, state, output, lse, row, h, dtype):
@@ -149,6 +149,76 @@ def _grain_split(t, first):
     return T.max(T.floordiv(t, GRAIN) * GRAIN - first, 0)
 
 
+def _rows(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 16, gpu: bool = False):
+    """The per-(query, head) computation of each kernel, as macros the CPU kernels below and the GPU ones
+    (kernels_gpu.py) run inside their own loops: (ragged, paged prefill, paged decode). A row's buffers
+    (acc, part, state, before, before_lse, scratch) are allocated by the caller."""
+    group = h_q // h_kv
+    start, visit, finish = _online_softmax(d, gpu)
+    merge = _merge(d, gpu)
+
+    @T.macro
+    def ragged(acc, part, state, before, before_lse, scratch, q, k, v, q_indptr, kv_indptr, k_rope_pos_offset,
+               output, lse, b, qi, row, h, causal, sm_scale):
+        kv_n: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
+        # keys this query may see: all of them, or (causal) up to its own position, the new tokens being the
+        # last qo_n of the kv_n
+        visible: T.let[T.int32] = T.if_then_else(
+            causal > 0, T.min(kv_n - (q_indptr[b + 1] - q_indptr[b]) + qi + 1, kv_n), kv_n)
+        # this row's absolute position, and how many of its keys lie before its grain
+        split: T.let[T.int32] = T.min(_grain_split(
+            k_rope_pos_offset[b] + visible - 1, k_rope_pos_offset[b]), T.max(visible, 0))
+        start(acc, state)
+        for j in T.serial(split, T.if_then_else(sm_scale < 0, split, T.max(visible, 0))):
+            at = (kv_indptr[b] + j, h // group)
+            visit(acc, part, state, q, (row, h), k, at, v, at, sm_scale)
+        finish(acc, state, output, lse, row, h, dtype)
+        if split > 0 and sm_scale >= 0:
+            start(acc, state)
+            for j in T.serial(split):
+                at = (kv_indptr[b] + j, h // group)
+                visit(acc, part, state, q, (row, h), k, at, v, at, sm_scale)
+            finish(acc, state, before, before_lse, 0, 0, dtype)
+            merge(output, lse, row, h, before, (0, 0), before_lse[0, 0], scratch, dtype)
+
+    @T.macro
+    def paged_prefill(acc, part, state, q, q_indptr, pages, page_indptr, page_values, last_page_len, output, lse,
+                      b, qi, row, h, causal, sm_scale):
+        n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
+        kv_n: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
+        visible: T.let[T.int32] = T.if_then_else(
+            causal > 0, T.min(kv_n - (q_indptr[b + 1] - q_indptr[b]) + qi + 1, kv_n), kv_n)
+        start(acc, state)
+        for j in T.serial(T.if_then_else(sm_scale < 0, 0, T.max(visible, 0))):
+            page: T.let[T.int32] = page_values[page_indptr[b] + j // page_size]
+            visit(acc, part, state, q, (row, h), pages, (page, 0, h // group, j % page_size),
+                  pages, (page, 1, h // group, j % page_size), sm_scale)
+        finish(acc, state, output, lse, row, h, dtype)
+
+    @T.macro
+    def decode(acc, part, state, before, before_lse, scratch, q, pages, page_indptr, page_values, last_page_len,
+               k_rope_pos_offset, output, lse, b, h, sm_scale):
+        n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
+        kv_n: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
+        split: T.let[T.int32] = T.min(_grain_split(k_rope_pos_offset[b] + kv_n - 1, k_rope_pos_offset[b]), kv_n)
+        start(acc, state)
+        for j in T.serial(split, T.if_then_else(sm_scale < 0, split, kv_n)):
+            page: T.let[T.int32] = page_values[page_indptr[b] + j // page_size]
+            visit(acc, part, state, q, (b, h), pages, (page, 0, h // group, j % page_size),
+                  pages, (page, 1, h // group, j % page_size), sm_scale)
+        finish(acc, state, output, lse, b, h, dtype)
+        if split > 0 and sm_scale >= 0:
+            start(acc, state)
+            for j in T.serial(split):
+                page: T.let[T.int32] = page_values[page_indptr[b] + j // page_size]
+                visit(acc, part, state, q, (b, h), pages, (page, 0, h // group, j % page_size),
+                      pages, (page, 1, h // group, j % page_size), sm_scale)
+            finish(acc, state, before, before_lse, 0, 0, dtype)
+            merge(output, lse, b, h, before, (0, 0), before_lse[0, 0], scratch, dtype)
+
+    return ragged, paged_prefill, decode
+
+
 def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
     """Causal self-attention of each sequence's new tokens, TVM's `batch_prefill_ragged_kv` signature.
 
@@ -156,9 +226,7 @@ def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
     do, because the KV cache merges this result with attention over earlier pages through `lse`.
     Rotary embedding is not applied: gptbc's models use learned positions (RopeMode.NONE).
     """
-    group = h_q // h_kv
-    start, visit, finish = _online_softmax(d)
-    merge = _merge(d)
+    row_attention = _rows(h_kv, h_q, d, dtype)[0]
 
     @T.prim_func(s_tir=True)
     def ragged_prefill(
@@ -199,26 +267,8 @@ def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
                     qi: T.let[T.int32] = task // h_q
                     h: T.let[T.int32] = task % h_q
                     row: T.let[T.int32] = q_indptr[b] + qi
-                    kv_n: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
-                    # keys this query may see: all of them, or (causal) up to its own position, the new
-                    # tokens being the last qo_n of the kv_n
-                    visible: T.let[T.int32] = T.if_then_else(
-                        causal > 0, T.min(kv_n - (q_indptr[b + 1] - q_indptr[b]) + qi + 1, kv_n), kv_n)
-                    # this row's absolute position, and how many of its keys lie before its grain
-                    split: T.let[T.int32] = T.min(_grain_split(
-                        k_rope_pos_offset[b] + visible - 1, k_rope_pos_offset[b]), T.max(visible, 0))
-                    start(acc, state)
-                    for j in T.serial(split, T.if_then_else(sm_scale < 0, split, T.max(visible, 0))):
-                        at = (kv_indptr[b] + j, h // group)
-                        visit(acc, part, state, q, (row, h), k, at, v, at, sm_scale)
-                    finish(acc, state, output, lse, row, h, dtype)
-                    if split > 0 and sm_scale >= 0:
-                        start(acc, state)
-                        for j in T.serial(split):
-                            at = (kv_indptr[b] + j, h // group)
-                            visit(acc, part, state, q, (row, h), k, at, v, at, sm_scale)
-                        finish(acc, state, before, before_lse, 0, 0, dtype)
-                        merge(output, lse, row, h, before, (0, 0), before_lse[0, 0], scratch, dtype)
+                    row_attention(acc, part, state, before, before_lse, scratch, q, k, v, q_indptr, kv_indptr,
+                                  k_rope_pos_offset, output, lse, b, qi, row, h, causal, sm_scale)
 
     return ragged_prefill
 
@@ -227,8 +277,7 @@ def paged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 
     """Attention of new tokens to a sequence's cached pages, TVM's `batch_prefill_paged_kv_cpu` signature
     (no sliding window). The KV cache calls it for tokens whose sequence already holds KV: a prompt
     longer than one prefill chunk, a prompt forked from a cached prefix, speculative verification."""
-    group = h_q // h_kv
-    start, visit, finish = _online_softmax(d)
+    row_attention = _rows(h_kv, h_q, d, dtype, page_size)[1]
 
     @T.prim_func(s_tir=True)
     def paged_prefill(
@@ -271,16 +320,8 @@ def paged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 
                     qi: T.let[T.int32] = task // h_q
                     h: T.let[T.int32] = task % h_q
                     row: T.let[T.int32] = q_indptr[b] + qi
-                    n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
-                    kv_n: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
-                    visible: T.let[T.int32] = T.if_then_else(
-                        causal > 0, T.min(kv_n - (q_indptr[b + 1] - q_indptr[b]) + qi + 1, kv_n), kv_n)
-                    start(acc, state)
-                    for j in T.serial(T.if_then_else(sm_scale < 0, 0, T.max(visible, 0))):
-                        page: T.let[T.int32] = page_values[page_indptr[b] + j // page_size]
-                        visit(acc, part, state, q, (row, h), pages, (page, 0, h // group, j % page_size),
-                              pages, (page, 1, h // group, j % page_size), sm_scale)
-                    finish(acc, state, output, lse, row, h, dtype)
+                    row_attention(acc, part, state, q, q_indptr, pages, page_indptr, page_values, last_page_len,
+                                  output, lse, b, qi, row, h, causal, sm_scale)
 
     return paged_prefill
 
@@ -289,9 +330,7 @@ def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 1
     """One new token per sequence attending to its cached pages, TVM's `batch_decode_paged_kv_cpu` signature
     (no sliding window). TVM's loops over sequences and heads serially with scalar code and libm exp2: at
     batch 16 it was 29% of a santacoder decode step. Here the (sequence, head) pairs run in parallel."""
-    group = h_q // h_kv
-    start, visit, finish = _online_softmax(d)
-    merge = _merge(d)
+    row_attention = _rows(h_kv, h_q, d, dtype, page_size)[2]
 
     @T.prim_func(s_tir=True)
     def paged_decode(
@@ -331,24 +370,8 @@ def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 1
                 scratch = T.sblock_alloc_buffer((5,), "float32")
                 b: T.let[T.int32] = task // h_q
                 h: T.let[T.int32] = task % h_q
-                n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
-                kv_n: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
-                split: T.let[T.int32] = T.min(_grain_split(k_rope_pos_offset[b] + kv_n - 1, k_rope_pos_offset[b]),
-                                              kv_n)
-                start(acc, state)
-                for j in T.serial(split, T.if_then_else(sm_scale < 0, split, kv_n)):
-                    page: T.let[T.int32] = page_values[page_indptr[b] + j // page_size]
-                    visit(acc, part, state, q, (b, h), pages, (page, 0, h // group, j % page_size),
-                          pages, (page, 1, h // group, j % page_size), sm_scale)
-                finish(acc, state, output, lse, b, h, dtype)
-                if split > 0 and sm_scale >= 0:
-                    start(acc, state)
-                    for j in T.serial(split):
-                        page: T.let[T.int32] = page_values[page_indptr[b] + j // page_size]
-                        visit(acc, part, state, q, (b, h), pages, (page, 0, h // group, j % page_size),
-                              pages, (page, 1, h // group, j % page_size), sm_scale)
-                    finish(acc, state, before, before_lse, 0, 0, dtype)
-                    merge(output, lse, b, h, before, (0, 0), before_lse[0, 0], scratch, dtype)
+                row_attention(acc, part, state, before, before_lse, scratch, q, pages, page_indptr, page_values,
+                              last_page_len, k_rope_pos_offset, output, lse, b, h, sm_scale)
 
     return paged_decode
 

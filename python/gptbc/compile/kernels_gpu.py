@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from gptbc.compile.kernels import _grain_split, _merge, _online_softmax
+from gptbc.compile.kernels import _rows
 
 THREADS = 64  # threads per block: (query, head) pairs side by side
 
@@ -36,9 +36,7 @@ def _find_sequence(indptr, row, batch_size, found):
 
 def ragged_prefill_gpu(h_kv: int, h_q: int, d: int, dtype: str):
     """kernels.ragged_prefill_cpu on a GPU (TVM's `batch_prefill_ragged_kv` signature)."""
-    group = h_q // h_kv
-    start, visit, finish = _online_softmax(d, gpu=True)
-    merge = _merge(d, gpu=True)
+    row_attention = _rows(h_kv, h_q, d, dtype, gpu=True)[0]
 
     @T.prim_func(s_tir=True)
     def ragged_prefill(
@@ -82,31 +80,15 @@ def ragged_prefill_gpu(h_kv: int, h_q: int, d: int, dtype: str):
                         _find_sequence(q_indptr, row, batch_size, found)
                         b: T.let[T.int32] = found[0]
                         qi: T.let[T.int32] = row - q_indptr[b]
-                        kv_n: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
-                        visible: T.let[T.int32] = T.if_then_else(
-                            causal > 0, T.min(kv_n - (q_indptr[b + 1] - q_indptr[b]) + qi + 1, kv_n), kv_n)
-                        split: T.let[T.int32] = T.min(_grain_split(
-                            k_rope_pos_offset[b] + visible - 1, k_rope_pos_offset[b]), T.max(visible, 0))
-                        start(acc, state)
-                        for j in T.serial(split, T.if_then_else(sm_scale < 0, split, T.max(visible, 0))):
-                            at = (kv_indptr[b] + j, h // group)
-                            visit(acc, part, state, q, (row, h), k, at, v, at, sm_scale)
-                        finish(acc, state, output, lse, row, h, dtype)
-                        if split > 0 and sm_scale >= 0:
-                            start(acc, state)
-                            for j in T.serial(split):
-                                at = (kv_indptr[b] + j, h // group)
-                                visit(acc, part, state, q, (row, h), k, at, v, at, sm_scale)
-                            finish(acc, state, before, before_lse, 0, 0, dtype)
-                            merge(output, lse, row, h, before, (0, 0), before_lse[0, 0], scratch, dtype)
+                        row_attention(acc, part, state, before, before_lse, scratch, q, k, v, q_indptr, kv_indptr,
+                                      k_rope_pos_offset, output, lse, b, qi, row, h, causal, sm_scale)
 
     return ragged_prefill
 
 
 def paged_prefill_gpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 16):
     """kernels.paged_prefill_cpu on a GPU (TVM's `batch_prefill_paged_kv` signature, no sliding window)."""
-    group = h_q // h_kv
-    start, visit, finish = _online_softmax(d, gpu=True)
+    row_attention = _rows(h_kv, h_q, d, dtype, page_size, gpu=True)[1]
 
     @T.prim_func(s_tir=True)
     def paged_prefill(
@@ -153,26 +135,15 @@ def paged_prefill_gpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 
                         _find_sequence(q_indptr, row, batch_size, found)
                         b: T.let[T.int32] = found[0]
                         qi: T.let[T.int32] = row - q_indptr[b]
-                        n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
-                        kv_n: T.let[T.int32] = T.if_then_else(
-                            n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
-                        visible: T.let[T.int32] = T.if_then_else(
-                            causal > 0, T.min(kv_n - (q_indptr[b + 1] - q_indptr[b]) + qi + 1, kv_n), kv_n)
-                        start(acc, state)
-                        for j in T.serial(T.if_then_else(sm_scale < 0, 0, T.max(visible, 0))):
-                            page: T.let[T.int32] = page_values[page_indptr[b] + j // page_size]
-                            visit(acc, part, state, q, (row, h), pages, (page, 0, h // group, j % page_size),
-                                  pages, (page, 1, h // group, j % page_size), sm_scale)
-                        finish(acc, state, output, lse, row, h, dtype)
+                        row_attention(acc, part, state, q, q_indptr, pages, page_indptr, page_values, last_page_len,
+                                      output, lse, b, qi, row, h, causal, sm_scale)
 
     return paged_prefill
 
 
 def paged_decode_gpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 16):
     """kernels.paged_decode_cpu on a GPU (TVM's `batch_decode_paged_kv` signature, no sliding window)."""
-    group = h_q // h_kv
-    start, visit, finish = _online_softmax(d, gpu=True)
-    merge = _merge(d, gpu=True)
+    row_attention = _rows(h_kv, h_q, d, dtype, page_size, gpu=True)[2]
 
     @T.prim_func(s_tir=True)
     def paged_decode(
@@ -215,25 +186,8 @@ def paged_decode_gpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 1
                     if bx * THREADS + tx < batch_size * h_q:
                         b: T.let[T.int32] = (bx * THREADS + tx) // h_q
                         h: T.let[T.int32] = (bx * THREADS + tx) % h_q
-                        n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
-                        kv_n: T.let[T.int32] = T.if_then_else(
-                            n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
-                        split: T.let[T.int32] = T.min(
-                            _grain_split(k_rope_pos_offset[b] + kv_n - 1, k_rope_pos_offset[b]), kv_n)
-                        start(acc, state)
-                        for j in T.serial(split, T.if_then_else(sm_scale < 0, split, kv_n)):
-                            page: T.let[T.int32] = page_values[page_indptr[b] + j // page_size]
-                            visit(acc, part, state, q, (b, h), pages, (page, 0, h // group, j % page_size),
-                                  pages, (page, 1, h // group, j % page_size), sm_scale)
-                        finish(acc, state, output, lse, b, h, dtype)
-                        if split > 0 and sm_scale >= 0:
-                            start(acc, state)
-                            for j in T.serial(split):
-                                page: T.let[T.int32] = page_values[page_indptr[b] + j // page_size]
-                                visit(acc, part, state, q, (b, h), pages, (page, 0, h // group, j % page_size),
-                                      pages, (page, 1, h // group, j % page_size), sm_scale)
-                            finish(acc, state, before, before_lse, 0, 0, dtype)
-                            merge(output, lse, b, h, before, (0, 0), before_lse[0, 0], scratch, dtype)
+                        row_attention(acc, part, state, before, before_lse, scratch, q, pages, page_indptr,
+                                      page_values, last_page_len, k_rope_pos_offset, output, lse, b, h, sm_scale)
 
     return paged_decode
 
