@@ -25,9 +25,11 @@ def tensor(a):
     return tvm.runtime.tensor(a)
 
 
-def integer_reference(x: np.ndarray, packed: np.ndarray, scale: np.ndarray, bits: int, bias, act) -> np.ndarray:
+def integer_reference(x: np.ndarray, packed: np.ndarray, scale: np.ndarray, bits: int, bias, act,
+                      minimum: np.ndarray | None = None) -> np.ndarray:
     """What the kernel computes, in numpy from the row layout: int8 rows per group (round half to even),
-    exact integer group sums, scale products, then bias and activation; float64."""
+    exact integer group sums, scale products, then bias and activation; float64. With `minimum` (q4*_a's
+    q_min): the nibbles are q itself (no offset) and each group adds min * sx * sum(xq)."""
     m, k = x.shape[0] * x.shape[1], x.shape[2]
     groups = x.reshape(m, k // 32, 32).astype(np.float32)
     amax = np.abs(groups).max(-1)
@@ -37,11 +39,14 @@ def integer_reference(x: np.ndarray, packed: np.ndarray, scale: np.ndarray, bits
         wq = packed.astype(np.int64)
     else:
         shifts = (np.arange(8, dtype=np.uint32) * 4)[None, None, :]
-        wq = ((packed[:, :, None] >> shifts) & np.uint32(15)).reshape(packed.shape[0], -1).astype(np.int64) - 7
+        wq = ((packed[:, :, None] >> shifts) & np.uint32(15)).reshape(packed.shape[0], -1).astype(np.int64)
+        wq = wq if minimum is not None else wq - 7
     n = wq.shape[0]
     sums = np.einsum("mgj,ngj->mng", xq, wq.reshape(n, k // 32, 32))
-    y = (sums * (amax / np.float32(127)).astype(np.float64)[:, None, :]
-         * scale.astype(np.float32).astype(np.float64)[None]).sum(-1)
+    sx = (amax / np.float32(127)).astype(np.float64)[:, None, :]
+    y = (sums * sx * scale.astype(np.float32).astype(np.float64)[None]).sum(-1)
+    if minimum is not None:
+        y = y + (xq.sum(-1)[:, None, :] * sx * minimum.astype(np.float64)[None]).sum(-1)
     if bias is not None:
         y = y + bias.astype(np.float32)
     if act == "gelu_tanh":
@@ -51,15 +56,19 @@ def integer_reference(x: np.ndarray, packed: np.ndarray, scale: np.ndarray, bits
     return y.reshape(*x.shape[:2], n)
 
 
-def repacked(packed: np.ndarray, scale: np.ndarray, bits: int, layout: str = "dot"):
-    """The weights and scales as the runner hands them to the kernel: through the library's repack kernels
-    (built for this machine: they are plain loops, the same on every CPU)."""
+def repacked(packed: np.ndarray, scale: np.ndarray, bits: int, layout: str = "dot", *more: np.ndarray):
+    """The weights and scales (and `more` scale-shaped arrays: q4*_a's q_min) as the runner hands them to the
+    kernel: through the library's repack kernels (built for this machine: they are plain loops, the same on
+    every CPU)."""
     fw = build(ki.repack_kernel(ki.weight_repack(bits, layout), packed.shape, str(packed.dtype)))
     fs = build(ki.repack_kernel("scale", scale.shape, str(scale.dtype)))
-    w, s = tensor(np.zeros_like(packed)), tensor(np.zeros_like(scale))
+    w = tensor(np.zeros_like(packed))
     fw["main"](tensor(packed), w)
-    fs["main"](tensor(scale), s)
-    return w, s
+    out = [w]
+    for a in (scale, *more):
+        out.append(tensor(np.zeros_like(a)))
+        fs["main"](tensor(a), out[-1])
+    return tuple(out)
 
 
 AVX2_HERE = ki.int8_isa(HOST) in ("vnni", "avx2")
@@ -89,6 +98,35 @@ def test_kernel_matches_the_integer_reference(isa, quant, k, n, bias, act):
         y = tensor(np.zeros((1, rows, n), dtype))
         lib["main"](*([tensor(x), w, s] + ([tensor(b)] if bias else []) + [y]))
         want = integer_reference(x, packed, scale, q.bits, b, act)
+        err = np.abs(y.numpy().astype(np.float64) - want).max() / np.abs(want).max()
+        assert err < (2e-3 if dtype == "float16" else 2e-6), f"{rows} rows: relative error {err:.1e}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("quant", ["q4f32_a", "q4f16_a"])
+@pytest.mark.parametrize("k, n, bias, act", [(96, 40, False, None), (128, 72, True, "gelu_tanh"), (64, 8, True, "relu")])
+def test_affine_kernel_matches_the_integer_reference(isa, quant, k, n, bias, act):
+    """q4*_a (w = scale * q + min per 32, q 0..15): the same odd shapes and row counts as above, with weights
+    whose groups are all positive, all negative or mixed (mins of both signs, a zero scale), and Q4_0-like
+    nibble 15; the bias in the activation dtype, scales and mins float32."""
+    q = get_quantization(quant)
+    dtype = q.model_dtype
+    rng = np.random.default_rng(k + n + 1)
+    weights = rng.standard_normal((n, k)).astype(np.float32)
+    weights[0, :32] = np.abs(weights[0, :32]) + 1  # min > 0
+    weights[1, 32:64] = -np.abs(weights[1, 32:64]) - 1  # max < 0
+    weights[2, :32] = 0.25  # one value: scale 0, min 0.25
+    packed, scale, minimum = quantize(weights, q)
+    packed[3, 0] = 0xFFFFFFFF  # nibble 15 throughout a word
+    w, s, mn = repacked(packed, scale, q.bits, "dot", minimum)
+    b = rng.standard_normal(n).astype(dtype) if bias else None
+    lib = build(ki.int8_matmul_cpu(k, n, q.bits, isa, dtype, "float32", dtype, bias, act, affine=True))
+    for rows in (1, 2, 3, 5, 70):
+        x = (rng.standard_normal((1, rows, k)) * 3).astype(dtype)
+        x[0, 0, :32] = 0  # a group with max |x| = 0 quantizes to zeros
+        y = tensor(np.zeros((1, rows, n), dtype))
+        lib["main"](*([tensor(x), w, s, mn] + ([tensor(b)] if bias else []) + [y]))
+        want = integer_reference(x, packed, scale, q.bits, b, act, minimum)
         err = np.abs(y.numpy().astype(np.float64) - want).max() / np.abs(want).max()
         assert err < (2e-3 if dtype == "float16" else 2e-6), f"{rows} rows: relative error {err:.1e}"
 
