@@ -189,10 +189,11 @@ def exported(quant: str, activation: str = "gelu_pytorch_tanh", layout: str = "d
     return export_relax(cfg, q, HOST)
 
 
-@pytest.mark.parametrize("quant", ["q4f32_1", "q8f16_1"])
+@pytest.mark.parametrize("quant", ["q4f32_1", "q8f16_1", "q4f32_a", "q4f16_a"])
 def test_every_int8_op_of_a_model_equals_its_kernel(quant):
     """Each int8_matmul of an exported model (qkv with bias, fc with bias + GELU, the projections, the tied
-    LM head without bias) computes the same as the kernel the pipeline swaps in, on random inputs."""
+    LM head without bias) computes the same as the kernel the pipeline swaps in, on random inputs (q4*_a:
+    its q_min among the op's parameters, marked gptbc_affine)."""
     mod, params, plan = exported(quant)
     swapped = ki.use_int8_kernels(mod, HOST, "dot")
     q = get_quantization(quant)
@@ -201,13 +202,16 @@ def test_every_int8_op_of_a_model_equals_its_kernel(quant):
     for gv, func in mod.functions.items():
         if not gv.name_hint.startswith("int8_matmul"):
             continue
+        affine = bool(int(func.attrs["gptbc_affine"]))
+        assert affine == (q.kind == "affine")
         x, wbuf, sbuf, *bbuf, ybuf = func.params
+        bbuf = bbuf[1:] if affine else bbuf
         seen.add((bool(bbuf), str(func.attrs["gptbc_epilogue"])))
         k, n = int(x.shape[-1]), int(ybuf.shape[-1])
         rows = 1 if isinstance(x.shape[1], tvm.tirx.IntImm) else 6
-        packed, scale = quantize(rng.standard_normal((n, k)).astype(np.float32), q)
-        w, s = repacked(packed, scale, q.bits)
-        args = [tensor(rng.standard_normal((1, rows, k)).astype(str(x.dtype))), w, s]
+        w, s, *mn = repacked(*(lambda p: (p[0], p[1], q.bits, "dot", *p[2:]))(
+            quantize(rng.standard_normal((n, k)).astype(np.float32), q)))
+        args = [tensor(rng.standard_normal((1, rows, k)).astype(str(x.dtype))), w, s, *mn]
         args += [tensor(rng.standard_normal(n).astype(str(bbuf[0].dtype)))] if bbuf else []
         outs = []
         for f in (func, swapped[gv]):
@@ -216,6 +220,8 @@ def test_every_int8_op_of_a_model_equals_its_kernel(quant):
             outs.append(y.numpy().astype(np.float64))
         err = np.abs(outs[0] - outs[1]).max() / np.abs(outs[0]).max()
         assert err < (2e-3 if q.model_dtype == "float16" else 1e-5), f"{gv.name_hint}: {err:.1e}"
+    if q.kind == "affine":  # every q_min is repacked with its scales
+        assert {n for n in plan if n.endswith(".q_min")} == {n for n, _, _ in params if n.endswith(".q_min")} != set()
     assert seen == {(True, ""), (True, "gelu_tanh"), (False, "")}  # qkv and projections, fc, the tied LM head
 
 
@@ -281,3 +287,28 @@ def test_activation_option_errors():
         choose_activations("int8", get_quantization("q0f32"), HOST)
     with pytest.raises(GptbcError, match=r"^--activations fp8: choose from auto, int8, float$"):
         choose_activations("fp8", q4, HOST)
+
+
+def test_affine_activation_choices():
+    """q4*_a gets int8 activations as the grouped schemes do, in the dot layout; on an i8mm CPU (smmla layout)
+    and for the per-tensor qk*_a (5- and 6-bit layers) `int8` is refused in one line and `auto` keeps float."""
+    from gptbc.compile.compiler import choose_activations
+    from gptbc.errors import GptbcError
+
+    qa = get_quantization("q4f16_a")
+    assert choose_activations("int8", qa, HOST).int8_activations
+    assert choose_activations("auto", qa, HOST).int8_activations == VNNI_HERE
+    sdot = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+dotprod"]})
+    assert ki.int8_isa(sdot) == "sdot"
+    chosen = choose_activations("auto", qa, sdot)
+    assert chosen.int8_activations and chosen.int8_layout == "dot"
+    v1 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-v1"})
+    assert ki.int8_isa(v1) == "smmla" and not choose_activations("auto", qa, v1).int8_activations
+    with pytest.raises(GptbcError, match=r"^--activations int8: q4f16_a has no int8-activation kernel for this i8mm "
+                                         r"CPU's smmla layout [^\n]*$"):
+        choose_activations("int8", qa, v1)
+    qk = get_quantization("qkf32_a")
+    assert not choose_activations("auto", qk, HOST).int8_activations
+    with pytest.raises(GptbcError, match=r"^--activations int8: qkf32_a has no int8-activation kernel for its 5- "
+                                         r"and 6-bit layers [^\n]*$"):
+        choose_activations("int8", qk, HOST)
