@@ -433,8 +433,8 @@ def test_q4_1_with_int8_activations(files, import_checkpoint, import_lib_affine,
     steps, and logits within 5e-2 of the largest. Measured 1.9e-2 here; the Q4_0 file in the symmetric q4f32_1,
     int8 against float activations on the same model, measured 1.9e-2 to 2.1e-2 over 3 prompts and q4f32_a 1.7e-2
     to 2.4e-2 on the same 3: the size of the activations' int8 rounding on this random model's near-flat logits,
-    not of the affine kernel (which equals the integer reference, test_int8.py). 5e-2 leaves room for another CPU's
-    float rounding; a kernel that dropped or doubled the min term is off by far more."""
+    not of the affine kernel (which equals the integer reference, test_int8.py); 5e-2 leaves room for another
+    CPU's float rounding."""
     import numpy as np
 
     from conftest import run_logits

@@ -225,7 +225,7 @@ def test_every_int8_op_of_a_model_equals_its_kernel(quant):
     assert seen == {(True, ""), (True, "gelu_tanh"), (False, "")}  # qkv and projections, fc, the tied LM head
 
 
-@pytest.mark.parametrize("quant", ["q4f32_1", "q8f32_1"])
+@pytest.mark.parametrize("quant", ["q4f32_1", "q8f32_1", "q4f32_a"])
 def test_mmla_layout_model_reads_its_weights_as_the_smmla_kernel_does(quant):
     """A model built for an i8mm CPU repacks its weights to the mmla layout, and its int8_matmul ops' reference
     (what the smmla kernel replaces; run here, it is plain TE) reads them as the integer reference does. With the
@@ -239,15 +239,17 @@ def test_mmla_layout_model_reads_its_weights_as_the_smmla_kernel_does(quant):
         if not gv.name_hint.startswith("int8_matmul"):
             continue
         x, wbuf, sbuf, *bbuf, ybuf = func.params
+        bbuf = bbuf[1:] if q.kind == "affine" else bbuf  # q_min first
         k, n = int(x.shape[-1]), int(ybuf.shape[-1])
-        packed, scale = quantize(rng.standard_normal((n, k)).astype(np.float32), q)
-        w, s = repacked(packed, scale, q.bits, "mmla")
+        packed, scale, *minimum = quantize(rng.standard_normal((n, k)).astype(np.float32), q)
+        w, s, *mn = repacked(packed, scale, q.bits, "mmla", *minimum)
         rows = 1 if isinstance(x.shape[1], tvm.tirx.IntImm) else 3
         xs = rng.standard_normal((1, rows, k)).astype(np.float32)
         bias = rng.standard_normal(n).astype(np.float32) if bbuf else None
         y = tensor(np.zeros((1, rows, n), np.float32))
-        build(func)["main"](*([tensor(xs), w, s] + ([tensor(bias)] if bbuf else []) + [y]))
-        want = integer_reference(xs, packed, scale, q.bits, bias, str(func.attrs["gptbc_epilogue"]) or None)
+        build(func)["main"](*([tensor(xs), w, s, *mn] + ([tensor(bias)] if bbuf else []) + [y]))
+        want = integer_reference(xs, packed, scale, q.bits, bias, str(func.attrs["gptbc_epilogue"]) or None,
+                                 *minimum)
         assert np.abs(y.numpy() - want).max() / np.abs(want).max() < 1e-5, gv.name_hint
 
 
@@ -290,8 +292,9 @@ def test_activation_option_errors():
 
 
 def test_affine_activation_choices():
-    """q4*_a gets int8 activations as the grouped schemes do, in the dot layout; on an i8mm CPU (smmla layout)
-    and for the per-tensor qk*_a (5- and 6-bit layers) `int8` is refused in one line and `auto` keeps float."""
+    """q4*_a gets int8 activations as the grouped schemes do, in the layout of the CPU's kernel (dot; mmla on an
+    i8mm CPU); for the per-tensor qk*_a (5- and 6-bit layers) `int8` is refused in one line and `auto` keeps
+    float."""
     from gptbc.compile.compiler import choose_activations
     from gptbc.errors import GptbcError
 
@@ -303,10 +306,9 @@ def test_affine_activation_choices():
     chosen = choose_activations("auto", qa, sdot)
     assert chosen.int8_activations and chosen.int8_layout == "dot"
     v1 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-v1"})
-    assert ki.int8_isa(v1) == "smmla" and not choose_activations("auto", qa, v1).int8_activations
-    with pytest.raises(GptbcError, match=r"^--activations int8: q4f16_a has no int8-activation kernel for this i8mm "
-                                         r"CPU's smmla layout [^\n]*$"):
-        choose_activations("int8", qa, v1)
+    assert ki.int8_isa(v1) == "smmla"
+    chosen = choose_activations("auto", qa, v1)
+    assert chosen.int8_activations and chosen.int8_layout == "mmla"
     qk = get_quantization("qkf32_a")
     assert not choose_activations("auto", qk, HOST).int8_activations
     with pytest.raises(GptbcError, match=r"^--activations int8: qkf32_a has no int8-activation kernel for its 5- "

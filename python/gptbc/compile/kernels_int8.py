@@ -183,8 +183,7 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
     if isa == "smmla":  # its own tiles and layout
         from gptbc.compile.kernels_arm import int8_matmul_mmla
 
-        assert not affine, "the smmla kernel has no affine variant (compiler.choose_activations refuses it)"
-        return int8_matmul_mmla(k, n, bits, x_dtype, scale_dtype, out_dtype, bias, act)
+        return int8_matmul_mmla(k, n, bits, x_dtype, scale_dtype, out_dtype, bias, act, affine)
     assert act in (None, *EPILOGUES)
     assert tileable(n, k) and bits in (4, 8) and not (affine and bits != 4)
     groups = k // GROUP
