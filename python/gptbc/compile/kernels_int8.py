@@ -26,6 +26,15 @@ Weights are the unsigned operand (int4 nibbles are wq + 7; int8 are stored wq + 
 sum((wq + offset) * xq) and starts from -offset * sum(xq) of the group, which depends on the activations
 only and is computed once per row in the quantization pass (`nsum`).
 
+The affine 4-bit weights of q4*_a (w = scale * q + min per group of 32, q the stored nibble 0..15; GGUF Q4_0/Q4_1/
+Q4_K, asymmetric GPTQ/AWQ) take the same tiles with `affine`: the nibbles are repacked as int4 ones, the lanes start
+from 0 (there is no offset: q itself is the unsigned operand), `nsum` holds sum(xq), and each group adds
+min * sx * sum(xq) in float after the scale product, from a q_min tiled like the scales (a third parameter):
+
+    y[m, n] = sum_g sx[m, g] * (scale[n, g] * sum_{j in g} xq[m, j] q[n, j] + min[n, g] * sum_{j in g} xq[m, j])
+
+The 5-bit (a plane of fifth bits) and 6-bit (groups of 16, a zero) affine layouts of qk*_a have no such kernel.
+
 Work is tiled as ROWS rows x BLOCKS blocks of accumulators (int32 and float32 vectors) in registers: each
 unpacked weight vector serves ROWS rows and each activation broadcast BLOCKS blocks, so a step over many
 rows (batched decode, verification, prefill) costs far less than rows x one row. Tasks over output blocks

@@ -5,7 +5,8 @@ A grouped scheme's weight is two parameters, `q_weight` (packed ints) and `q_sca
 matmul / row-lookup kernel itself, so no full-size float copy of a weight ever exists. An unquantized
 scheme gets `Linear`, whose half-precision matmul accumulates in float32.
 
-With int8 activations (`Quantization.int8_activations`, CPU targets) a grouped layer whose shape allows it
+With int8 activations (`Quantization.int8_activations`, CPU targets) a grouped or 4-bit affine (q4*_a: its
+q_min tiled too) layer whose shape allows it
 reads its weight in the tiled layout of kernels_int8.py (the runner repacks it when loading) and computes
 `int8_matmul`: the input rows rounded to int8 per group of 32, integer products per group.
 """
