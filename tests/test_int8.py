@@ -25,9 +25,11 @@ def tensor(a):
     return tvm.runtime.tensor(a)
 
 
-def integer_reference(x: np.ndarray, packed: np.ndarray, scale: np.ndarray, bits: int, bias, act) -> np.ndarray:
+def integer_reference(x: np.ndarray, packed: np.ndarray, scale: np.ndarray, bits: int, bias, act,
+                      minimum: np.ndarray | None = None) -> np.ndarray:
     """What the kernel computes, in numpy from the row layout: int8 rows per group (round half to even),
-    exact integer group sums, scale products, then bias and activation; float64."""
+    exact integer group sums, scale products, then bias and activation; float64. With `minimum` (q4*_a's
+    q_min): the nibbles are q itself (no offset) and each group adds min * sx * sum(xq)."""
     m, k = x.shape[0] * x.shape[1], x.shape[2]
     groups = x.reshape(m, k // 32, 32).astype(np.float32)
     amax = np.abs(groups).max(-1)
@@ -37,11 +39,14 @@ def integer_reference(x: np.ndarray, packed: np.ndarray, scale: np.ndarray, bits
         wq = packed.astype(np.int64)
     else:
         shifts = (np.arange(8, dtype=np.uint32) * 4)[None, None, :]
-        wq = ((packed[:, :, None] >> shifts) & np.uint32(15)).reshape(packed.shape[0], -1).astype(np.int64) - 7
+        wq = ((packed[:, :, None] >> shifts) & np.uint32(15)).reshape(packed.shape[0], -1).astype(np.int64)
+        wq = wq if minimum is not None else wq - 7
     n = wq.shape[0]
     sums = np.einsum("mgj,ngj->mng", xq, wq.reshape(n, k // 32, 32))
-    y = (sums * (amax / np.float32(127)).astype(np.float64)[:, None, :]
-         * scale.astype(np.float32).astype(np.float64)[None]).sum(-1)
+    sx = (amax / np.float32(127)).astype(np.float64)[:, None, :]
+    y = (sums * sx * scale.astype(np.float32).astype(np.float64)[None]).sum(-1)
+    if minimum is not None:
+        y = y + (xq.sum(-1)[:, None, :] * sx * minimum.astype(np.float64)[None]).sum(-1)
     if bias is not None:
         y = y + bias.astype(np.float32)
     if act == "gelu_tanh":
@@ -51,15 +56,19 @@ def integer_reference(x: np.ndarray, packed: np.ndarray, scale: np.ndarray, bits
     return y.reshape(*x.shape[:2], n)
 
 
-def repacked(packed: np.ndarray, scale: np.ndarray, bits: int, layout: str = "dot"):
-    """The weights and scales as the runner hands them to the kernel: through the library's repack kernels
-    (built for this machine: they are plain loops, the same on every CPU)."""
+def repacked(packed: np.ndarray, scale: np.ndarray, bits: int, layout: str = "dot", *more: np.ndarray):
+    """The weights and scales (and `more` scale-shaped arrays: q4*_a's q_min) as the runner hands them to the
+    kernel: through the library's repack kernels (built for this machine: they are plain loops, the same on
+    every CPU)."""
     fw = build(ki.repack_kernel(ki.weight_repack(bits, layout), packed.shape, str(packed.dtype)))
     fs = build(ki.repack_kernel("scale", scale.shape, str(scale.dtype)))
-    w, s = tensor(np.zeros_like(packed)), tensor(np.zeros_like(scale))
+    w = tensor(np.zeros_like(packed))
     fw["main"](tensor(packed), w)
-    fs["main"](tensor(scale), s)
-    return w, s
+    out = [w]
+    for a in (scale, *more):
+        out.append(tensor(np.zeros_like(a)))
+        fs["main"](tensor(a), out[-1])
+    return tuple(out)
 
 
 AVX2_HERE = ki.int8_isa(HOST) in ("vnni", "avx2")
@@ -89,6 +98,35 @@ def test_kernel_matches_the_integer_reference(isa, quant, k, n, bias, act):
         y = tensor(np.zeros((1, rows, n), dtype))
         lib["main"](*([tensor(x), w, s] + ([tensor(b)] if bias else []) + [y]))
         want = integer_reference(x, packed, scale, q.bits, b, act)
+        err = np.abs(y.numpy().astype(np.float64) - want).max() / np.abs(want).max()
+        assert err < (2e-3 if dtype == "float16" else 2e-6), f"{rows} rows: relative error {err:.1e}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("quant", ["q4f32_a", "q4f16_a"])
+@pytest.mark.parametrize("k, n, bias, act", [(96, 40, False, None), (128, 72, True, "gelu_tanh"), (64, 8, True, "relu")])
+def test_affine_kernel_matches_the_integer_reference(isa, quant, k, n, bias, act):
+    """q4*_a (w = scale * q + min per 32, q 0..15): the same odd shapes and row counts as above, with weights
+    whose groups are all positive, all negative or mixed (mins of both signs, a zero scale), and Q4_0-like
+    nibble 15; the bias in the activation dtype, scales and mins float32."""
+    q = get_quantization(quant)
+    dtype = q.model_dtype
+    rng = np.random.default_rng(k + n + 1)
+    weights = rng.standard_normal((n, k)).astype(np.float32)
+    weights[0, :32] = np.abs(weights[0, :32]) + 1  # min > 0
+    weights[1, 32:64] = -np.abs(weights[1, 32:64]) - 1  # max < 0
+    weights[2, :32] = 0.25  # one value: scale 0, min 0.25
+    packed, scale, minimum = quantize(weights, q)
+    packed[3, 0] = 0xFFFFFFFF  # nibble 15 throughout a word
+    w, s, mn = repacked(packed, scale, q.bits, "dot", minimum)
+    b = rng.standard_normal(n).astype(dtype) if bias else None
+    lib = build(ki.int8_matmul_cpu(k, n, q.bits, isa, dtype, "float32", dtype, bias, act, affine=True))
+    for rows in (1, 2, 3, 5, 70):
+        x = (rng.standard_normal((1, rows, k)) * 3).astype(dtype)
+        x[0, 0, :32] = 0  # a group with max |x| = 0 quantizes to zeros
+        y = tensor(np.zeros((1, rows, n), dtype))
+        lib["main"](*([tensor(x), w, s, mn] + ([tensor(b)] if bias else []) + [y]))
+        want = integer_reference(x, packed, scale, q.bits, b, act, minimum)
         err = np.abs(y.numpy().astype(np.float64) - want).max() / np.abs(want).max()
         assert err < (2e-3 if dtype == "float16" else 2e-6), f"{rows} rows: relative error {err:.1e}"
 
@@ -151,10 +189,11 @@ def exported(quant: str, activation: str = "gelu_pytorch_tanh", layout: str = "d
     return export_relax(cfg, q, HOST)
 
 
-@pytest.mark.parametrize("quant", ["q4f32_1", "q8f16_1"])
+@pytest.mark.parametrize("quant", ["q4f32_1", "q8f16_1", "q4f32_a", "q4f16_a"])
 def test_every_int8_op_of_a_model_equals_its_kernel(quant):
     """Each int8_matmul of an exported model (qkv with bias, fc with bias + GELU, the projections, the tied
-    LM head without bias) computes the same as the kernel the pipeline swaps in, on random inputs."""
+    LM head without bias) computes the same as the kernel the pipeline swaps in, on random inputs (q4*_a:
+    its q_min among the op's parameters, marked gptbc_affine)."""
     mod, params, plan = exported(quant)
     swapped = ki.use_int8_kernels(mod, HOST, "dot")
     q = get_quantization(quant)
@@ -163,13 +202,16 @@ def test_every_int8_op_of_a_model_equals_its_kernel(quant):
     for gv, func in mod.functions.items():
         if not gv.name_hint.startswith("int8_matmul"):
             continue
+        affine = bool(int(func.attrs["gptbc_affine"]))
+        assert affine == (q.kind == "affine")
         x, wbuf, sbuf, *bbuf, ybuf = func.params
+        bbuf = bbuf[1:] if affine else bbuf
         seen.add((bool(bbuf), str(func.attrs["gptbc_epilogue"])))
         k, n = int(x.shape[-1]), int(ybuf.shape[-1])
         rows = 1 if isinstance(x.shape[1], tvm.tirx.IntImm) else 6
-        packed, scale = quantize(rng.standard_normal((n, k)).astype(np.float32), q)
-        w, s = repacked(packed, scale, q.bits)
-        args = [tensor(rng.standard_normal((1, rows, k)).astype(str(x.dtype))), w, s]
+        w, s, *mn = repacked(*(lambda p: (p[0], p[1], q.bits, "dot", *p[2:]))(
+            quantize(rng.standard_normal((n, k)).astype(np.float32), q)))
+        args = [tensor(rng.standard_normal((1, rows, k)).astype(str(x.dtype))), w, s, *mn]
         args += [tensor(rng.standard_normal(n).astype(str(bbuf[0].dtype)))] if bbuf else []
         outs = []
         for f in (func, swapped[gv]):
@@ -178,10 +220,12 @@ def test_every_int8_op_of_a_model_equals_its_kernel(quant):
             outs.append(y.numpy().astype(np.float64))
         err = np.abs(outs[0] - outs[1]).max() / np.abs(outs[0]).max()
         assert err < (2e-3 if q.model_dtype == "float16" else 1e-5), f"{gv.name_hint}: {err:.1e}"
+    if q.kind == "affine":  # every q_min is repacked with its scales
+        assert {n for n in plan if n.endswith(".q_min")} == {n for n, _, _ in params if n.endswith(".q_min")} != set()
     assert seen == {(True, ""), (True, "gelu_tanh"), (False, "")}  # qkv and projections, fc, the tied LM head
 
 
-@pytest.mark.parametrize("quant", ["q4f32_1", "q8f32_1"])
+@pytest.mark.parametrize("quant", ["q4f32_1", "q8f32_1", "q4f32_a"])
 def test_mmla_layout_model_reads_its_weights_as_the_smmla_kernel_does(quant):
     """A model built for an i8mm CPU repacks its weights to the mmla layout, and its int8_matmul ops' reference
     (what the smmla kernel replaces; run here, it is plain TE) reads them as the integer reference does. With the
@@ -195,15 +239,17 @@ def test_mmla_layout_model_reads_its_weights_as_the_smmla_kernel_does(quant):
         if not gv.name_hint.startswith("int8_matmul"):
             continue
         x, wbuf, sbuf, *bbuf, ybuf = func.params
+        bbuf = bbuf[1:] if q.kind == "affine" else bbuf  # q_min first
         k, n = int(x.shape[-1]), int(ybuf.shape[-1])
-        packed, scale = quantize(rng.standard_normal((n, k)).astype(np.float32), q)
-        w, s = repacked(packed, scale, q.bits, "mmla")
+        packed, scale, *minimum = quantize(rng.standard_normal((n, k)).astype(np.float32), q)
+        w, s, *mn = repacked(packed, scale, q.bits, "mmla", *minimum)
         rows = 1 if isinstance(x.shape[1], tvm.tirx.IntImm) else 3
         xs = rng.standard_normal((1, rows, k)).astype(np.float32)
         bias = rng.standard_normal(n).astype(np.float32) if bbuf else None
         y = tensor(np.zeros((1, rows, n), np.float32))
-        build(func)["main"](*([tensor(xs), w, s] + ([tensor(bias)] if bbuf else []) + [y]))
-        want = integer_reference(xs, packed, scale, q.bits, bias, str(func.attrs["gptbc_epilogue"]) or None)
+        build(func)["main"](*([tensor(xs), w, s, *mn] + ([tensor(bias)] if bbuf else []) + [y]))
+        want = integer_reference(xs, packed, scale, q.bits, bias, str(func.attrs["gptbc_epilogue"]) or None,
+                                 *minimum)
         assert np.abs(y.numpy() - want).max() / np.abs(want).max() < 1e-5, gv.name_hint
 
 
@@ -243,3 +289,28 @@ def test_activation_option_errors():
         choose_activations("int8", get_quantization("q0f32"), HOST)
     with pytest.raises(GptbcError, match=r"^--activations fp8: choose from auto, int8, float$"):
         choose_activations("fp8", q4, HOST)
+
+
+def test_affine_activation_choices():
+    """q4*_a gets int8 activations as the grouped schemes do, in the layout of the CPU's kernel (dot; mmla on an
+    i8mm CPU); for the per-tensor qk*_a (5- and 6-bit layers) `int8` is refused in one line and `auto` keeps
+    float."""
+    from gptbc.compile.compiler import choose_activations
+    from gptbc.errors import GptbcError
+
+    qa = get_quantization("q4f16_a")
+    assert choose_activations("int8", qa, HOST).int8_activations
+    assert choose_activations("auto", qa, HOST).int8_activations == VNNI_HERE
+    sdot = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+dotprod"]})
+    assert ki.int8_isa(sdot) == "sdot"
+    chosen = choose_activations("auto", qa, sdot)
+    assert chosen.int8_activations and chosen.int8_layout == "dot"
+    v1 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-v1"})
+    assert ki.int8_isa(v1) == "smmla"
+    chosen = choose_activations("auto", qa, v1)
+    assert chosen.int8_activations and chosen.int8_layout == "mmla"
+    qk = get_quantization("qkf32_a")
+    assert not choose_activations("auto", qk, HOST).int8_activations
+    with pytest.raises(GptbcError, match=r"^--activations int8: qkf32_a has no int8-activation kernel for its 5- "
+                                         r"and 6-bit layers [^\n]*$"):
+        choose_activations("int8", qk, HOST)

@@ -52,12 +52,23 @@ class Case:
         q, rng = get_quantization(self.quant), np.random.default_rng(self.k + self.n)
         bias = rng.standard_normal(self.n).astype(self.dtype) if self.bias else None
         if not self.exact:
-            return (*quantize(rng.standard_normal((self.n, self.k)).astype(np.float32), q), bias)
+            packed, scale, *_min = quantize(rng.standard_normal((self.n, self.k)).astype(np.float32), q)
+            return packed, scale, bias
         scale = np.ones((self.n, self.k // 32), self.dtype)
         if q.bits == 8:
             return rng.integers(-127, 128, (self.n, self.k)).astype(np.int8), scale, bias
         nibbles = rng.integers(0, 15, (self.n, self.k // 8, 8)).astype(np.uint32)
         return (nibbles << (np.arange(8, dtype=np.uint32) * 4)).sum(-1, dtype=np.uint32), scale, bias
+
+    def minimum(self) -> np.ndarray | None:
+        """An affine (q4*_a) case's q_min, from the same draws as `weights`; None for the others."""
+        q, rng = get_quantization(self.quant), np.random.default_rng(self.k + self.n)
+        if q.kind != "affine":
+            return None
+        assert not self.exact
+        if self.bias:
+            rng.standard_normal(self.n)
+        return quantize(rng.standard_normal((self.n, self.k)).astype(np.float32), q)[2]
 
     def inputs(self, rows: int) -> np.ndarray:
         rng = np.random.default_rng(rows)
@@ -75,8 +86,9 @@ class Case:
         return f"{self.quant}_{self.k}x{self.n}_{self.bias:d}_{self.act}"
 
     def kernel(self, isa: str):
-        return ki.int8_matmul_cpu(self.k, self.n, get_quantization(self.quant).bits, isa, self.dtype, self.dtype,
-                                  self.dtype, self.bias, self.act)
+        q = get_quantization(self.quant)
+        return ki.int8_matmul_cpu(self.k, self.n, q.bits, isa, self.dtype, q.scale_dtype, self.dtype, self.bias,
+                                  self.act, q.kind == "affine")
 
 
 # tests/test_int8.py's odd shapes (3 groups; 5 and 9 blocks of 8 outputs, a task left partly empty; 1 block), each
@@ -85,7 +97,8 @@ class Case:
 CASES = [Case("q8f32_1", 96, 40, False, None), Case("q4f32_1", 96, 40, False, None),
          Case("q8f32_1", 128, 72, True, "gelu_tanh"), Case("q4f16_1", 128, 72, True, "gelu_tanh"),
          Case("q8f16_1", 64, 8, True, "relu"), Case("q4f32_1", 64, 8, True, "relu"),
-         Case("q8f32_1", 96, 40, False, None, exact=True), Case("q4f32_1", 96, 40, False, None, exact=True)]
+         Case("q8f32_1", 96, 40, False, None, exact=True), Case("q4f32_1", 96, 40, False, None, exact=True),
+         Case("q4f32_a", 96, 40, False, None), Case("q4f16_a", 128, 72, True, "gelu_tanh")]  # scale and min per 32
 ROWS = (1, 3, 70)  # one row (decode), an odd count (smmla pairs the last row with zeros), more than a row chunk
 
 
@@ -129,20 +142,22 @@ def call(call_tool, lib: Path, cpu: str, calls: list[tuple[str, list[np.ndarray]
 
 
 @functools.lru_cache(maxsize=None)  # each repack is a host build
-def repacked_weights(case: Case, layout: str) -> tuple[np.ndarray, np.ndarray]:
-    """The case's weights and scales repacked by the library's own repack kernels into `layout`."""
+def repacked_weights(case: Case, layout: str) -> tuple[np.ndarray, ...]:
+    """The case's weights and scales (and an affine case's mins) repacked by the library's own repack kernels into
+    `layout`."""
     packed, scale, _bias = case.weights()
-    return tuple(t.numpy() for t in repacked(packed, scale, get_quantization(case.quant).bits, layout))
+    more = [] if case.minimum() is None else [case.minimum()]
+    return tuple(t.numpy() for t in repacked(packed, scale, get_quantization(case.quant).bits, layout, *more))
 
 
 def case_calls(isa: str, cases: list[Case]) -> list[tuple[Case, int, list[np.ndarray]]]:
     """(case, rows, kernel arguments with a zeroed output) for each case and row count, in the layout `isa` reads."""
     out = []
     for case in cases:
-        w, s = repacked_weights(case, ki.int8_layout(isa))
+        w, s, *mn = repacked_weights(case, ki.int8_layout(isa))
         bias = case.weights()[2]
         for rows in ROWS:
-            args = [case.inputs(rows), w, s] + ([bias] if case.bias else [])
+            args = [case.inputs(rows), w, s, *mn] + ([bias] if case.bias else [])
             out.append((case, rows, args + [np.zeros((1, rows, case.n), case.dtype)]))
     return out
 
@@ -185,7 +200,7 @@ def test_smmla_and_sdot_kernels_give_the_same_bits(kernel_runs):
 
 def reference(case: Case, x: np.ndarray) -> np.ndarray:
     packed, scale, bias = case.weights()
-    return integer_reference(x, packed, scale, get_quantization(case.quant).bits, bias, case.act)
+    return integer_reference(x, packed, scale, get_quantization(case.quant).bits, bias, case.act, case.minimum())
 
 
 def instructions(kernels: list, target) -> str:
@@ -240,8 +255,9 @@ def test_auto_activations_pick_int8_and_the_layout_of_the_arm_cpu():
 
     q4 = get_quantization("q4f32_1")
     for target, layout in ((DOTPROD, "dot"), (I8MM, "mmla")):
-        chosen = choose_activations("auto", q4, target)
-        assert chosen.int8_activations and chosen.int8_layout == layout, str(target)
+        for q in (q4, get_quantization("q4f16_a")):
+            chosen = choose_activations("auto", q, target)
+            assert chosen.int8_activations and chosen.int8_layout == layout, (str(target), q.name)
     assert not choose_activations("auto", q4, BASELINE).int8_activations
     forced = choose_activations("int8", q4, BASELINE)  # the generic kernel, on request
     assert forced.int8_activations and forced.int8_layout == "dot"

@@ -96,7 +96,7 @@ def prompt(length: int, vocab: int, seed: int) -> list[int]:
 # ---- generation: the same tokens as the Python engine ----
 
 CASES = [("mqa64", "q0f32"), ("mha64", "q0f32"), ("mqa32", "q0f32"), ("mha32", "q0f32"),
-         ("mqa64", "q4f32_1"), ("mha32", "q8f32_1"), ("mqa64", "q4f32_1:float")]
+         ("mqa64", "q4f32_1"), ("mha32", "q8f32_1"), ("mqa64", "q4f32_1:float"), ("mha32", "q4f32_a")]
 
 
 @pytest.mark.parametrize("name,quant", CASES, ids=[f"{n}-{q}" for n, q in CASES])

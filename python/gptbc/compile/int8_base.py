@@ -50,10 +50,13 @@ def tileable(n: int, k: int) -> bool:
 
 # ---- the tiled layout, as index arithmetic (ints or TIR expressions) ----
 
-def entry_points(compute, k: int, n: int, bits: int, x_dtype: str, scale_dtype: str, out_dtype: str, bias: bool):
-    """The kernel's PrimFunc around `compute` (a macro (x3, w, scale, bvec, y3, b, s)): with a bias parameter
-    or without (then `compute` gets the scales as a stand-in it never reads)."""
+def entry_points(compute, k: int, n: int, bits: int, x_dtype: str, scale_dtype: str, out_dtype: str, bias: bool,
+                 affine: bool = False):
+    """The kernel's PrimFunc around `compute` (a macro (x3, w, scale, mins, bvec, y3, b, s)): with a bias
+    parameter or without, with an affine weight's q_min after the scales or without (`compute` gets the scales
+    as a stand-in for what it does not have, and never reads it)."""
     groups = k // GROUP
+    wshape, wdtype = ((n, k), "int8") if bits == 8 else ((n, k // 8), "uint32")
 
     @T.prim_func(private=True)
     def int8_matmul_bias(var_x: T.handle, var_w: T.handle, var_s: T.handle, var_b: T.handle, var_y: T.handle):
@@ -61,11 +64,11 @@ def entry_points(compute, k: int, n: int, bits: int, x_dtype: str, scale_dtype: 
         b = T.int64()
         s = T.int64()
         x3 = T.match_buffer(var_x, (b, s, k), x_dtype)
-        w = T.match_buffer(var_w, (n, k) if bits == 8 else (n, k // 8), "int8" if bits == 8 else "uint32")
+        w = T.match_buffer(var_w, wshape, wdtype)
         scale = T.match_buffer(var_s, (n, groups), scale_dtype)
         bvec = T.match_buffer(var_b, (n,), scale_dtype)
         y3 = T.match_buffer(var_y, (b, s, n), out_dtype)
-        compute(x3, w, scale, bvec, y3, b, s)
+        compute(x3, w, scale, scale, bvec, y3, b, s)
 
     @T.prim_func(private=True)
     def int8_matmul(var_x: T.handle, var_w: T.handle, var_s: T.handle, var_y: T.handle):
@@ -73,9 +76,37 @@ def entry_points(compute, k: int, n: int, bits: int, x_dtype: str, scale_dtype: 
         b = T.int64()
         s = T.int64()
         x3 = T.match_buffer(var_x, (b, s, k), x_dtype)
-        w = T.match_buffer(var_w, (n, k) if bits == 8 else (n, k // 8), "int8" if bits == 8 else "uint32")
+        w = T.match_buffer(var_w, wshape, wdtype)
         scale = T.match_buffer(var_s, (n, groups), scale_dtype)
         y3 = T.match_buffer(var_y, (b, s, n), out_dtype)
-        compute(x3, w, scale, scale, y3, b, s)
+        compute(x3, w, scale, scale, scale, y3, b, s)
 
+    @T.prim_func(private=True)
+    def int8_matmul_affine_bias(var_x: T.handle, var_w: T.handle, var_s: T.handle, var_m: T.handle,
+                                var_b: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        b = T.int64()
+        s = T.int64()
+        x3 = T.match_buffer(var_x, (b, s, k), x_dtype)
+        w = T.match_buffer(var_w, wshape, wdtype)
+        scale = T.match_buffer(var_s, (n, groups), scale_dtype)
+        mins = T.match_buffer(var_m, (n, groups), scale_dtype)
+        bvec = T.match_buffer(var_b, (n,), x_dtype)
+        y3 = T.match_buffer(var_y, (b, s, n), out_dtype)
+        compute(x3, w, scale, mins, bvec, y3, b, s)
+
+    @T.prim_func(private=True)
+    def int8_matmul_affine(var_x: T.handle, var_w: T.handle, var_s: T.handle, var_m: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        b = T.int64()
+        s = T.int64()
+        x3 = T.match_buffer(var_x, (b, s, k), x_dtype)
+        w = T.match_buffer(var_w, wshape, wdtype)
+        scale = T.match_buffer(var_s, (n, groups), scale_dtype)
+        mins = T.match_buffer(var_m, (n, groups), scale_dtype)
+        y3 = T.match_buffer(var_y, (b, s, n), out_dtype)
+        compute(x3, w, scale, mins, scale, y3, b, s)
+
+    if affine:
+        return int8_matmul_affine_bias if bias else int8_matmul_affine
     return int8_matmul_bias if bias else int8_matmul

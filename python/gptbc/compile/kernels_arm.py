@@ -125,24 +125,35 @@ def _row(acc, j: int):
 
 @functools.lru_cache(maxsize=None)  # parsing TVMScript takes a while; a model has a few distinct shapes
 def int8_matmul_mmla(k: int, n: int, bits: int, x_dtype: str, scale_dtype: str, out_dtype: str,
-                     bias: bool = False, act: str | None = None):
-    """kernels_int8.int8_matmul_cpu's computation with smmla: weights in the mmla layout, scales in the dot one."""
+                     bias: bool = False, act: str | None = None, affine: bool = False):
+    """kernels_int8.int8_matmul_cpu's computation with smmla: weights in the mmla layout, scales (and an affine
+    weight's mins) in the dot one; `affine` as there (q4*_a: nibbles are q, + min * sx * sum(xq) per group, in
+    the same float operations and order as the dot kernel)."""
     assert act in (None, *EPILOGUES)
-    assert tileable(n, k) and bits in (4, 8)
+    assert tileable(n, k) and bits in (4, 8) and not (affine and bits != 4)
     groups = k // GROUP
     blocks = n // LANES
     per_block = 128 if bits == 4 else 256  # weight bytes per (block, group)
-    offset = 7 if bits == 4 else 0  # int4 nibbles are wq + 7; int8 weights are signed as they are
+    offset = 0 if affine else 7 if bits == 4 else 0  # int4 nibbles are wq + 7; int8 weights are signed as they are
+    bias_dtype = x_dtype if affine else scale_dtype
     tasks = -(-blocks // TASK_BLOCKS)
 
     def epilogue(v):
         return EPILOGUES[act](v) if act else v
 
     @T.macro
-    def fold(acci, accf, nsum, xs, sf, p, b, g, a, f, j):
+    def fold(acci, accf, nsum, xs, sf, mf, p, b, g, a, f, j):
         """Group g's integer sums of row 2p + j, block b (accumulator a) into its float accumulator f."""
-        accf[f] = accf[f] + T.Cast("float32x8", _row(acci[a], j) + T.broadcast(nsum[p * 2 + j, g], LANES)) * (
-            T.Cast("float32x8", sf[T.ramp((b * groups + g) * LANES, 1, LANES)]) * T.broadcast(xs[p * 2 + j, g], LANES))
+        if affine:  # nsum is sum(xq): min * sx * sum(xq) after the dot, as kernels_int8 does
+            accf[f] = accf[f] + T.Cast("float32x8", _row(acci[a], j)) * (
+                T.Cast("float32x8", sf[T.ramp((b * groups + g) * LANES, 1, LANES)]) * T.broadcast(xs[p * 2 + j, g],
+                                                                                                  LANES))
+            accf[f] = accf[f] + T.Cast("float32x8", mf[T.ramp((b * groups + g) * LANES, 1, LANES)]) * T.broadcast(
+                xs[p * 2 + j, g] * T.Cast("float32", nsum[p * 2 + j, g]), LANES)
+        else:
+            accf[f] = accf[f] + T.Cast("float32x8", _row(acci[a], j) + T.broadcast(nsum[p * 2 + j, g], LANES)) * (
+                T.Cast("float32x8", sf[T.ramp((b * groups + g) * LANES, 1, LANES)])
+                * T.broadcast(xs[p * 2 + j, g], LANES))
 
     @T.macro
     def store(accf, bvec, y, row, b, f):
@@ -151,7 +162,7 @@ def int8_matmul_mmla(k: int, n: int, bits: int, x_dtype: str, scale_dtype: str, 
         y[row, T.ramp(b * LANES, 1, LANES)] = T.Cast(f"{out_dtype}x8", epilogue(accf[f]))
 
     @T.macro
-    def tile(xqi, xs, nsum, wb, sf, bvec, y, acci, accf, wv, m, p0, npairs, b0, nblocks):
+    def tile(xqi, xs, nsum, wb, sf, mf, bvec, y, acci, accf, wv, m, p0, npairs, b0, nblocks):
         for a in T.unroll(npairs * 2 * nblocks):
             accf[a] = T.broadcast(T.float32(0), LANES)
         for g in T.serial(groups):
@@ -173,8 +184,8 @@ def int8_matmul_mmla(k: int, n: int, bits: int, x_dtype: str, scale_dtype: str, 
                             (g * CHUNKS + c) * 16, 1, 16)], wv[bb * 2], wv[bb * 2 + 1])
             for pr in T.unroll(npairs):
                 for bb in T.unroll(nblocks):
-                    fold(acci, accf, nsum, xs, sf, p0 + pr, b0 + bb, g, pr * nblocks + bb, pr * 2 * nblocks + bb, 0)
-                    fold(acci, accf, nsum, xs, sf, p0 + pr, b0 + bb, g, pr * nblocks + bb,
+                    fold(acci, accf, nsum, xs, sf, mf, p0 + pr, b0 + bb, g, pr * nblocks + bb, pr * 2 * nblocks + bb, 0)
+                    fold(acci, accf, nsum, xs, sf, mf, p0 + pr, b0 + bb, g, pr * nblocks + bb,
                          (pr * 2 + 1) * nblocks + bb, 1)
         for pr in T.unroll(npairs):
             for bb in T.unroll(nblocks):
@@ -183,20 +194,21 @@ def int8_matmul_mmla(k: int, n: int, bits: int, x_dtype: str, scale_dtype: str, 
                     store(accf, bvec, y, (p0 + pr) * 2 + 1, b0 + bb, (pr * 2 + 1) * nblocks + bb)
 
     @T.macro
-    def pair_tiles(xqi, xs, nsum, wb, sf, bvec, y, acci, accf, wv, m, p0, pn, b0, nblocks):
+    def pair_tiles(xqi, xs, nsum, wb, sf, mf, bvec, y, acci, accf, wv, m, p0, pn, b0, nblocks):
         for t in T.serial(pn // PAIRS):
-            tile(xqi, xs, nsum, wb, sf, bvec, y, acci, accf, wv, m, p0 + t * PAIRS, PAIRS, b0, nblocks)
+            tile(xqi, xs, nsum, wb, sf, mf, bvec, y, acci, accf, wv, m, p0 + t * PAIRS, PAIRS, b0, nblocks)
         if pn % PAIRS == 1:
-            tile(xqi, xs, nsum, wb, sf, bvec, y, acci, accf, wv, m, p0 + pn - 1, 1, b0, nblocks)
+            tile(xqi, xs, nsum, wb, sf, mf, bvec, y, acci, accf, wv, m, p0 + pn - 1, 1, b0, nblocks)
 
     @T.macro
-    def compute(x3, w, scale, bvec, y3, b, s):
+    def compute(x3, w, scale, mins, bvec, y3, b, s):
         # b * s rows in (b * s + 1) // 2 pairs, spelled out: names bound to them here broke buffer flattening
         x = T.decl_buffer((b * s, k), x_dtype, data=x3.data)
         y = T.decl_buffer((b * s, n), out_dtype, data=y3.data)
         wb = T.decl_buffer((n * k // (8 // bits),), "uint8", data=w.data)
         sf = T.decl_buffer((n * groups,), scale_dtype, data=scale.data)
-        bf = T.decl_buffer((n,), scale_dtype, data=bvec.data)
+        mf = T.decl_buffer((n * groups,), scale_dtype, data=mins.data)
+        bf = T.decl_buffer((n,), bias_dtype, data=bvec.data)
         xqi = T.alloc_buffer(((b * s + 1) // 2, 2 * k), "int8")
         xs = T.alloc_buffer(((b * s + 1) // 2 * 2, groups), "float32")
         nsum = T.alloc_buffer(((b * s + 1) // 2 * 2, groups), "int32")
@@ -212,7 +224,8 @@ def int8_matmul_mmla(k: int, n: int, bits: int, x_dtype: str, scale_dtype: str, 
                     xqi[r // 2, T.ramp((g * CHUNKS + c) * 16 + r % 2 * 8, 1, 8)] = T.Cast("int8x8", T.nearbyint(
                         T.Cast("float32x8", x[r, T.ramp(g * GROUP + c * 8, 1, 8)]) * T.broadcast(inv, 8)))
                 xs[r, g] = amax / T.float32(127)
-                nsum[r, g] = T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add.v32i32", q) * T.int32(-offset)
+                nsum[r, g] = T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add.v32i32", q) * T.int32(
+                    1 if affine else -offset)
             else:  # the zero row that pairs with an odd last row
                 for c in T.unroll(CHUNKS):
                     xqi[r // 2, T.ramp((g * CHUNKS + c) * 16 + 8, 1, 8)] = T.broadcast(T.int8(0), 8)
@@ -227,14 +240,14 @@ def int8_matmul_mmla(k: int, n: int, bits: int, x_dtype: str, scale_dtype: str, 
             for chunk in T.serial(((b * s + 1) // 2 + PAIR_CHUNK - 1) // PAIR_CHUNK):
                 for bt in T.serial(TASK_BLOCKS // BLOCKS):
                     if task * TASK_BLOCKS + bt * BLOCKS + BLOCKS <= blocks:
-                        pair_tiles(xqi, xs, nsum, wb, sf, bf, y, acci, accf, wv, b * s, chunk * PAIR_CHUNK,
+                        pair_tiles(xqi, xs, nsum, wb, sf, mf, bf, y, acci, accf, wv, b * s, chunk * PAIR_CHUNK,
                                    T.min(PAIR_CHUNK, (b * s + 1) // 2 - chunk * PAIR_CHUNK),
                                    task * TASK_BLOCKS + bt * BLOCKS, BLOCKS)
                     else:
                         for bb in T.serial(BLOCKS):
                             if task * TASK_BLOCKS + bt * BLOCKS + bb < blocks:
-                                pair_tiles(xqi, xs, nsum, wb, sf, bf, y, acci, accf, wv, b * s, chunk * PAIR_CHUNK,
+                                pair_tiles(xqi, xs, nsum, wb, sf, mf, bf, y, acci, accf, wv, b * s, chunk * PAIR_CHUNK,
                                            T.min(PAIR_CHUNK, (b * s + 1) // 2 - chunk * PAIR_CHUNK),
                                            task * TASK_BLOCKS + bt * BLOCKS + bb, 1)
 
-    return entry_points(compute, k, n, bits, x_dtype, scale_dtype, out_dtype, bias)
+    return entry_points(compute, k, n, bits, x_dtype, scale_dtype, out_dtype, bias, affine)

@@ -26,6 +26,15 @@ Weights are the unsigned operand (int4 nibbles are wq + 7; int8 are stored wq + 
 sum((wq + offset) * xq) and starts from -offset * sum(xq) of the group, which depends on the activations
 only and is computed once per row in the quantization pass (`nsum`).
 
+The affine 4-bit weights of q4*_a (w = scale * q + min per group of 32, q the stored nibble 0..15; GGUF Q4_0/Q4_1/
+Q4_K, asymmetric GPTQ/AWQ) take the same tiles with `affine`: the nibbles are repacked as int4 ones, the lanes start
+from 0 (there is no offset: q itself is the unsigned operand), `nsum` holds sum(xq), and each group adds
+min * sx * sum(xq) in float after the scale product, from a q_min tiled like the scales (a third parameter):
+
+    y[m, n] = sum_g sx[m, g] * (scale[n, g] * sum_{j in g} xq[m, j] q[n, j] + min[n, g] * sum_{j in g} xq[m, j])
+
+The 5-bit (a plane of fifth bits) and 6-bit (groups of 16, a zero) affine layouts of qk*_a have no such kernel.
+
 Work is tiled as ROWS rows x BLOCKS blocks of accumulators (int32 and float32 vectors) in registers: each
 unpacked weight vector serves ROWS rows and each activation broadcast BLOCKS blocks, so a step over many
 rows (batched decode, verification, prefill) costs far less than rows x one row. Tasks over output blocks
@@ -99,9 +108,10 @@ def _flat(index, cols: int):
     return index // cols, index % cols
 
 
-def tiled_dequant(w, s, n, k, in_features: int, bits: int, layout: str = "dot"):
+def tiled_dequant(w, s, n, k, in_features: int, bits: int, layout: str = "dot", mins=None):
     """float32 value of weight (n, k) read from tiled (w, s) in TE (layers' reference semantics), in the
-    "dot" layout or kernels_arm's "mmla" one (its int8 values are stored signed, as converted)."""
+    "dot" layout or kernels_arm's "mmla" one (its int8 values are stored signed, as converted). With `mins`
+    (an affine 4-bit weight's tiled q_min): nibble * scale + min, as quantized_layers._dequant."""
     from gptbc.compile import kernels_arm
 
     groups = in_features // GROUP
@@ -113,6 +123,8 @@ def tiled_dequant(w, s, n, k, in_features: int, bits: int, layout: str = "dot"):
         return tirx.Cast("float32", tirx.Cast("int32", tirx.reinterpret("uint8", stored)) - 128) * scale
     word, shift = (kernels_arm.mmla_int4 if layout == "mmla" else tiled_int4)(n, k, in_features)
     nibble = (w[_flat(word, in_features // 8)] >> tirx.Cast("uint32", shift)) & tirx.const(15, "uint32")
+    if mins is not None:
+        return tirx.Cast("float32", nibble) * scale + mins[_flat(tiled_scale(n, k // GROUP, groups), groups)]
     return (tirx.Cast("float32", nibble) - 7.0) * scale
 
 
@@ -167,22 +179,28 @@ def repack_scale(n: int, groups: int, dtype: str):
 
 @functools.lru_cache(maxsize=None)  # parsing TVMScript takes a while; a model has a few distinct shapes
 def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dtype: str, out_dtype: str,
-                    bias: bool = False, act: str | None = None):
+                    bias: bool = False, act: str | None = None, affine: bool = False):
     """y (b, s, n) = act(x (b, s, k) @ W.T + bias) for tiled grouped-int W (q8: int8 [n, k]; q4: uint32
     [n, k / 8]) and tiled scales [n, k / 32]; activations quantized to int8 per group inside (module
     docstring). `bias` adds a parameter (n,) in the scale dtype; `act` is None or one of EPILOGUES, applied
-    to each finished vector of 8 outputs (a separate elementwise kernel cost prefill 19% of its time)."""
+    to each finished vector of 8 outputs (a separate elementwise kernel cost prefill 19% of its time).
+
+    `affine` (4-bit only): the weight is q4*_a's, w = scale * q + min per group with q the stored nibble
+    (0..15) and a q_min parameter [n, k / 32] (tiled as the scales) after the scales; the bias is in x's dtype.
+    Each group's integer dot is then sum(xq * q) (no offset to undo) and the group adds
+    min * sx * sum(xq) in float: `nsum` holds sum(xq) itself."""
     if isa == "smmla":  # its own tiles and layout
         from gptbc.compile.kernels_arm import int8_matmul_mmla
 
-        return int8_matmul_mmla(k, n, bits, x_dtype, scale_dtype, out_dtype, bias, act)
+        return int8_matmul_mmla(k, n, bits, x_dtype, scale_dtype, out_dtype, bias, act, affine)
     assert act in (None, *EPILOGUES)
-    assert tileable(n, k) and bits in (4, 8)
+    assert tileable(n, k) and bits in (4, 8) and not (affine and bits != 4)
     groups = k // GROUP
     blocks = n // LANES
     chunks = 4 if bits == 4 else 8  # 32-byte weight vectors per (block, group)
     per_block = chunks * 32  # weight bytes per (block, group)
-    offset = 7 if bits == 4 else 128
+    offset = 0 if affine else 7 if bits == 4 else 128
+    bias_dtype = x_dtype if affine else scale_dtype
     tasks = -(-blocks // TASK_BLOCKS)
     if isa in ("avx2", "sdot") and bits == 8:  # these dots take signed weights (below): no offset to undo
         offset = 0
@@ -211,13 +229,16 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
         return EPILOGUES[act](v) if act else v
 
     @T.macro
-    def tile(xq4, xs, nsum, wb, sf, bvec, y, acci, accf, wv, m0, b0, nrows, nblocks):
+    def tile(xq4, xs, nsum, wb, sf, mf, bvec, y, acci, accf, wv, m0, b0, nrows, nblocks):
         for a in T.unroll(nrows * nblocks):
             accf[a] = T.broadcast(T.float32(0), LANES)
         for g in T.serial(groups):
             for r in T.unroll(nrows):
                 for bb in T.unroll(nblocks):
-                    acci[r * nblocks + bb] = T.broadcast(nsum[m0 + r, g], LANES)
+                    if affine:  # nsum is sum(xq), for the min term below
+                        acci[r * nblocks + bb] = T.broadcast(T.int32(0), LANES)
+                    else:
+                        acci[r * nblocks + bb] = T.broadcast(nsum[m0 + r, g], LANES)
             for c in T.unroll(chunks):
                 for bb in T.unroll(nblocks):
                     if bits == 4:  # one 32-byte load holds chunk c (low nibbles) and chunk c + 4 (high)
@@ -239,6 +260,10 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
                     accf[r * nblocks + bb] = accf[r * nblocks + bb] + T.Cast("float32x8", acci[r * nblocks + bb]) * (
                         T.Cast("float32x8", sf[T.ramp(((b0 + bb) * groups + g) * LANES, 1, LANES)])
                         * T.broadcast(xs[m0 + r, g], LANES))
+                    if affine:  # + min * sx * sum(xq)
+                        accf[r * nblocks + bb] = accf[r * nblocks + bb] + T.Cast(
+                            "float32x8", mf[T.ramp(((b0 + bb) * groups + g) * LANES, 1, LANES)]) * T.broadcast(
+                            xs[m0 + r, g] * T.Cast("float32", nsum[m0 + r, g]), LANES)
         for r in T.unroll(nrows):
             for bb in T.unroll(nblocks):
                 if bias:
@@ -248,28 +273,30 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
                     accf[r * nblocks + bb]))
 
     @T.macro
-    def row_tiles(xq4, xs, nsum, wb, sf, bvec, y, acci, accf, wv, r0, rn, b0, nblocks):
+    def row_tiles(xq4, xs, nsum, wb, sf, mf, bvec, y, acci, accf, wv, r0, rn, b0, nblocks):
         for t in T.serial(rn // ROWS):
-            tile(xq4, xs, nsum, wb, sf, bvec, y, acci, accf, wv, r0 + t * ROWS, b0, ROWS, nblocks)
+            tile(xq4, xs, nsum, wb, sf, mf, bvec, y, acci, accf, wv, r0 + t * ROWS, b0, ROWS, nblocks)
         if rn % ROWS == 1:
-            tile(xq4, xs, nsum, wb, sf, bvec, y, acci, accf, wv, r0 + rn // ROWS * ROWS, b0, 1, nblocks)
+            tile(xq4, xs, nsum, wb, sf, mf, bvec, y, acci, accf, wv, r0 + rn // ROWS * ROWS, b0, 1, nblocks)
         if rn % ROWS == 2:
-            tile(xq4, xs, nsum, wb, sf, bvec, y, acci, accf, wv, r0 + rn // ROWS * ROWS, b0, 2, nblocks)
+            tile(xq4, xs, nsum, wb, sf, mf, bvec, y, acci, accf, wv, r0 + rn // ROWS * ROWS, b0, 2, nblocks)
         if rn % ROWS == 3:
-            tile(xq4, xs, nsum, wb, sf, bvec, y, acci, accf, wv, r0 + rn // ROWS * ROWS, b0, 3, nblocks)
+            tile(xq4, xs, nsum, wb, sf, mf, bvec, y, acci, accf, wv, r0 + rn // ROWS * ROWS, b0, 3, nblocks)
 
     @T.macro
-    def compute(x3, w, scale, bvec, y3, b, s):
+    def compute(x3, w, scale, mins, bvec, y3, b, s):
         x = T.decl_buffer((b * s, k), x_dtype, data=x3.data)
         y = T.decl_buffer((b * s, n), out_dtype, data=y3.data)
         wb = T.decl_buffer((n * k // (8 // bits),), "uint8", data=w.data)
         sf = T.decl_buffer((n * groups,), scale_dtype, data=scale.data)
-        bf = T.decl_buffer((n,), scale_dtype, data=bvec.data)
+        mf = T.decl_buffer((n * groups,), scale_dtype, data=mins.data)
+        bf = T.decl_buffer((n,), bias_dtype, data=bvec.data)
         xq = T.alloc_buffer((b * s, k), "int8")
         xq4 = T.decl_buffer((b * s, k // 4), "int32", data=xq.data)  # 4 activations as one broadcastable word
         xs = T.alloc_buffer((b * s, groups), "float32")
         nsum = T.alloc_buffer((b * s, groups), "int32")
         # 1. quantize each row per group: xq = round(x / sx), sx = max|x| / 127, nsum = -offset * sum(xq)
+        # (affine: sum(xq))
         for mg in T.parallel(b * s * groups):
             v = T.Cast("float32x32", x[mg // groups, T.ramp(mg % groups * GROUP, 1, GROUP)])
             amax = T.call_llvm_pure_intrin("float32", "llvm.vector.reduce.fmax.v32f32", T.fabs(v))
@@ -277,7 +304,8 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
                 amax > T.float32(0), T.float32(127) / amax, T.float32(0)), GROUP)))
             xq[mg // groups, T.ramp(mg % groups * GROUP, 1, GROUP)] = T.Cast("int8x32", q)
             xs[mg // groups, mg % groups] = amax / T.float32(127)
-            nsum[mg // groups, mg % groups] = T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add.v32i32", q) * T.int32(-offset)
+            nsum[mg // groups, mg % groups] = T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add.v32i32", q) * T.int32(
+                1 if affine else -offset)
         # 2. the dots: output blocks in parallel tasks; rows in chunks; ROWS x BLOCKS register tiles
         for task in T.parallel(tasks):
             # "global", not "local": TVM 0.27 puts a CPU kernel's small *global* buffers on the stack (LLVM keeps
@@ -289,17 +317,17 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
             for chunk in T.serial((b * s + ROW_CHUNK - 1) // ROW_CHUNK):
                 for bt in T.serial(TASK_BLOCKS // BLOCKS):
                     if task * TASK_BLOCKS + bt * BLOCKS + BLOCKS <= blocks:
-                        row_tiles(xq4, xs, nsum, wb, sf, bf, y, acci, accf, wv, chunk * ROW_CHUNK,
+                        row_tiles(xq4, xs, nsum, wb, sf, mf, bf, y, acci, accf, wv, chunk * ROW_CHUNK,
                                   T.min(ROW_CHUNK, b * s - chunk * ROW_CHUNK), task * TASK_BLOCKS + bt * BLOCKS, BLOCKS)
                     else:
                         for bb in T.serial(BLOCKS):
                             if task * TASK_BLOCKS + bt * BLOCKS + bb < blocks:
-                                row_tiles(xq4, xs, nsum, wb, sf, bf, y, acci, accf, wv, chunk * ROW_CHUNK,
+                                row_tiles(xq4, xs, nsum, wb, sf, mf, bf, y, acci, accf, wv, chunk * ROW_CHUNK,
                                           T.min(ROW_CHUNK, b * s - chunk * ROW_CHUNK),
                                           task * TASK_BLOCKS + bt * BLOCKS + bb, 1)
 
 
-    return entry_points(compute, k, n, bits, x_dtype, scale_dtype, out_dtype, bias)
+    return entry_points(compute, k, n, bits, x_dtype, scale_dtype, out_dtype, bias, affine)
 
 
 def _quad_sums(wv, xv, quads):
@@ -337,11 +365,13 @@ def use_int8_kernels(mod, target, layout: str):
         if not (isinstance(func, tirx.PrimFunc) and gv.name_hint.startswith("int8_matmul")
                 and _has_block(func, "int8_matmul")):
             continue
-        x, w, s, *bias, y = func.params  # buffers: this TVM's PrimFunc keeps them as its parameters
+        affine = bool(int((func.attrs or {}).get("gptbc_affine", 0)))
+        x, w, s, *rest, y = func.params  # buffers: this TVM's PrimFunc keeps them as its parameters
+        bias = rest[1:] if affine else rest  # an affine weight's q_min comes before the bias
         k, n = int(x.shape[-1]), int(y.shape[-1])
         act = str((func.attrs or {}).get("gptbc_epilogue", "")) or None
         new = int8_matmul_cpu(k, n, 8 if str(w.dtype) == "int8" else 4, isa, str(x.dtype), str(s.dtype), str(y.dtype),
-                              bool(bias), act)
+                              bool(bias), act, affine)
         for key, value in (func.attrs or {}).items():
             if key != "s_tir":  # ours is plain TIR (no blocks): the block-lowering pipeline would de-optimize it
                 new = new.with_attr(key, value)

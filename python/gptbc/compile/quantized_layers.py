@@ -5,7 +5,8 @@ A grouped scheme's weight is two parameters, `q_weight` (packed ints) and `q_sca
 matmul / row-lookup kernel itself, so no full-size float copy of a weight ever exists. An unquantized
 scheme gets `Linear`, whose half-precision matmul accumulates in float32.
 
-With int8 activations (`Quantization.int8_activations`, CPU targets) a grouped layer whose shape allows it
+With int8 activations (`Quantization.int8_activations`, CPU targets) a grouped or 4-bit affine (q4*_a: its
+q_min tiled too) layer whose shape allows it
 reads its weight in the tiled layout of kernels_int8.py (the runner repacks it when loading) and computes
 `int8_matmul`: the input rows rounded to int8 per group of 32, integer products per group.
 """
@@ -65,15 +66,25 @@ def dequant_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: in
     return op.tensor_expr_op(compute, "dequant_matmul", [x, q_weight, q_scale] + list(extra or []))
 
 
+def int8_able(q: Quantization) -> bool:
+    """Whether a layer of layout `q` has an int8-activation kernel: the grouped schemes, and the affine 4-bit
+    layout (q4*_a: scale and min per 32; kernels_int8's `affine`). The 5-bit (a high-bit plane) and 6-bit
+    (groups of 16, a zero) affine layouts have none."""
+    return q.kind == "group" or (q.kind == "affine" and q.bits == 4 and q.group_size == kernels_int8.GROUP
+                                 and q.has_min)
+
+
 def tiled(q: Quantization, out_features: int, in_features: int) -> bool:
     """Whether a grouped weight of this shape is used through int8 activations (and so stored tiled)."""
-    return q.int8_activations and q.kind == "group" and kernels_int8.tileable(out_features, in_features)
+    return q.int8_activations and int8_able(q) and kernels_int8.tileable(out_features, in_features)
 
 
 def int8_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: int, q: Quantization,
-                out_dtype: str, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
+                out_dtype: str, bias: Tensor | None = None, activation: str | None = None,
+                q_min: Tensor | None = None) -> Tensor:
     """activation(x @ W.T + bias) with x rounded to int8 per group of 32 (sx = max|x| / 127,
-    xq = round(x / sx)) and W tiled; `activation` one of kernels_int8.EPILOGUES or None.
+    xq = round(x / sx)) and W tiled; `activation` one of kernels_int8.EPILOGUES or None; `q_min` an affine
+    4-bit weight's (tiled like the scales; the op's attribute `gptbc_affine` says it is there).
 
     This TE body is the reference semantics: sum over k of xq * sx * dequantized weight, which equals the
     per-group integer sums times sw * sx up to float rounding. On CPUs the pipeline swaps in the integer
@@ -81,7 +92,10 @@ def int8_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: int, 
     that fusion leaves that function alone; its attribute `gptbc_epilogue` names the activation."""
     group = kernels_int8.GROUP
 
-    def compute(x: te.Tensor, w: te.Tensor, s: te.Tensor, *b: te.Tensor):
+    affine = q_min is not None
+
+    def compute(x: te.Tensor, w: te.Tensor, s: te.Tensor, *rest: te.Tensor):
+        m, b = (rest[0], rest[1:]) if affine else (None, rest)
         *lead, _ = x.shape
         j = te.reduce_axis((0, group), name="j")
         amax = te.compute((*lead, in_features // group), lambda *i: te.max(
@@ -94,7 +108,7 @@ def int8_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: int, 
 
         xr = te.compute(x.shape, rounded, name="act_quant")
         weight = te.compute((w.shape[0], in_features), lambda n, kk: kernels_int8.tiled_dequant(
-            w, s, n, kk, in_features, q.bits, q.int8_layout), name="dequantize")
+            w, s, n, kk, in_features, q.bits, q.int8_layout, m), name="dequantize")
         k = te.reduce_axis((0, in_features), name="k")
         acc = te.compute((*lead, w.shape[0]), lambda *i: te.sum(xr[(*i[:-1], k)] * weight[i[-1], k], axis=k),
                          name="int8_matmul")
@@ -110,9 +124,9 @@ def int8_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: int, 
         return te.compute(acc.shape, finish, name="int8_matmul_out")
 
     assert activation in (None, *kernels_int8.EPILOGUES)
-    args = [x, q_weight, q_scale] + ([bias] if bias is not None else [])
+    args = [x, q_weight, q_scale] + ([q_min] if affine else []) + ([bias] if bias is not None else [])
     return op.tensor_expr_op(compute, "int8_matmul", args,
-                             attrs={"op_pattern": 8, "gptbc_epilogue": activation or ""})
+                             attrs={"op_pattern": 8, "gptbc_epilogue": activation or "", "gptbc_affine": int(affine)})
 
 
 def activate(y: Tensor, activation: str | None) -> Tensor:
@@ -130,9 +144,12 @@ def activate(y: Tensor, activation: str | None) -> Tensor:
 REPACK = "gptbc_repack"
 
 
-def _mark_tiled(q_weight: nn.Parameter, q_scale: nn.Parameter, q: Quantization) -> None:
+def _mark_tiled(q_weight: nn.Parameter, q_scale: nn.Parameter, q: Quantization,
+                q_min: nn.Parameter | None = None) -> None:
     setattr(q_weight, REPACK, kernels_int8.weight_repack(q.bits, q.int8_layout))
     setattr(q_scale, REPACK, "scale")
+    if q_min is not None:  # tiled as the scales
+        setattr(q_min, REPACK, "scale")
 
 
 def repack_plan(named: list[tuple[str, nn.Parameter]]) -> dict[str, str]:
@@ -163,7 +180,7 @@ class QuantizedLinear(nn.Module):
         self.q_high = _high(q, out_features, in_features)
         self.bias = nn.Parameter((out_features,), q.model_dtype) if bias else None
         if self.tiled:
-            _mark_tiled(self.q_weight, self.q_scale, q)
+            _mark_tiled(self.q_weight, self.q_scale, q, self.q_min)
 
     def forward(self, x: Tensor, out_dtype: str | None = None, activation: str | None = None,
                 add_bias: bool = True) -> Tensor:
@@ -171,9 +188,10 @@ class QuantizedLinear(nn.Module):
         out_dtype = out_dtype or self.q.model_dtype
         bias = self.bias if add_bias else None
         if self.tiled and activation in (None, *kernels_int8.EPILOGUES):  # bias and activation in the kernel
-            return int8_matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype, bias, activation)
+            return int8_matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype, bias, activation,
+                               self.q_min)
         if self.tiled:
-            y = int8_matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype)
+            y = int8_matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype, q_min=self.q_min)
         else:
             y = dequant_matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype, _extra(self))
         return activate(y + bias if bias is not None else y, activation)
@@ -191,7 +209,7 @@ class QuantizedEmbedding(nn.Module):
         self.q_min = nn.Parameter(sshape, "float32") if q.has_min else None
         self.q_high = _high(q, num, dim)
         if self.tiled:
-            _mark_tiled(self.q_weight, self.q_scale, q)
+            _mark_tiled(self.q_weight, self.q_scale, q, self.q_min)
 
     def forward(self, ids: Tensor) -> Tensor:
         q, dim, tiled_rows = self.q, self.dim, self.tiled
@@ -204,7 +222,7 @@ class QuantizedEmbedding(nn.Module):
 
             def value(i, k):
                 if tiled_rows:
-                    return kernels_int8.tiled_dequant(w, s, row(i), k, dim, q.bits, q.int8_layout)
+                    return kernels_int8.tiled_dequant(w, s, row(i), k, dim, q.bits, q.int8_layout, *m)
                 return _dequant(w, s, row(i), k, q, *m)
 
             return te.compute((ids.shape[0], dim), lambda i, k: tirx.Cast(q.model_dtype, value(i, k)),
@@ -214,7 +232,7 @@ class QuantizedEmbedding(nn.Module):
 
     def weight_matmul(self, x: Tensor) -> Tensor:
         if self.tiled:
-            return int8_matmul(x, self.q_weight, self.q_scale, self.dim, self.q, "float32")
+            return int8_matmul(x, self.q_weight, self.q_scale, self.dim, self.q, "float32", q_min=self.q_min)
         return dequant_matmul(x, self.q_weight, self.q_scale, self.dim, self.q, "float32", _extra(self))
 
 
