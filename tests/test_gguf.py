@@ -429,15 +429,11 @@ def test_k_quant_file_alone_through_the_cli(tmp_path):
 
 def test_q4_1_with_int8_activations(files, import_checkpoint, import_lib_affine, tmp_path):
     """The Q4_1 file in q4f32_a compiled with --activations int8 (kernels_int8's affine kernel) against its
-    float-activation build on the same weights: the same greedy tokens over a 12-token prompt and 10 decode
-    steps, and logits within 5e-2 of the largest. Measured 1.9e-2 here; the Q4_0 file in the symmetric q4f32_1,
-    int8 against float activations on the same model, measured 1.9e-2 to 2.1e-2 over 3 prompts and q4f32_a 1.7e-2
-    to 2.4e-2 on the same 3: the size of the activations' int8 rounding on this random model's near-flat logits,
-    not of the affine kernel (which equals the integer reference, test_int8.py); 5e-2 leaves room for another
-    CPU's float rounding."""
-    import numpy as np
-
-    from conftest import run_logits
+    float-activation build on the same weights (assert_int8_near_float). Measured 1.9e-2 here; the Q4_0 file in
+    the symmetric q4f32_1, int8 against float activations on the same model, measured 1.9e-2 to 2.1e-2 over 3
+    prompts and q4f32_a 1.7e-2 to 2.4e-2 on the same 3: the size of the activations' int8 rounding on this random
+    model's near-flat logits, not of the affine kernel (which equals the integer reference, test_int8.py); 5e-2
+    leaves room for another CPU's float rounding."""
     from gptbc.artifact.config import resolve_model
     from gptbc.compile.compiler import compile_model
     from gptbc.runtime.engine import Engine
@@ -446,7 +442,31 @@ def test_q4_1_with_int8_activations(files, import_checkpoint, import_lib_affine,
     out = convert_weight(gg["Q4_1"], "q4f32_a", tmp_path / "w", progress=False)
     lib = compile_model(resolve_model(str(import_checkpoint)), "cpu", "q4f32_a", tmp_path / "int8.so",
                         log=lambda _m: None, activations="int8")
-    engine, reference = Engine(out, lib), Engine(out, import_lib_affine)
+    assert_int8_near_float(Engine(out, lib), Engine(out, import_lib_affine))
+
+
+def test_k_quant_file_with_int8_activations(tmp_path):
+    """The Q5_K_M file (5- and 6-bit layers; the 4-bit one is the Q4_1 test's) in qkf32_a compiled with
+    --activations int8 (kernels_int8's affine kernel with q_high, and its zero one with a scale per 16; q_high
+    repacked at load) against its float-activation build (assert_int8_near_float). Measured 2.6e-2 (the Q4_K_M
+    file: 2.7e-2), the size the Q4_1 test measures: the activations' rounding, not the kernels'."""
+    from gptbc.artifact.config import resolve_model
+    from gptbc.compile.compiler import compile_model
+    from gptbc.runtime.engine import Engine
+
+    out = convert_weight(KQUANT / "model-Q5_K_M.gguf", "qkf32_a", tmp_path / "w", progress=False)
+    lib = compile_model(resolve_model(str(out)), "cpu", "qkf32_a", tmp_path / "int8.so", log=lambda _m: None,
+                        activations="int8")
+    assert_int8_near_float(Engine(out, lib), Engine(out, _kquant_lib(out, tmp_path)))
+
+
+def assert_int8_near_float(engine, reference) -> None:
+    """An int8-activation engine against the float-activation one on the same weights: the same greedy tokens
+    over a 12-token prompt and 10 decode steps, and logits within 5e-2 of the largest."""
+    import numpy as np
+
+    from conftest import run_logits
+
     assert (engine.activations, reference.activations) == ("int8", "float")
     ids = np.random.default_rng(0).integers(0, engine.config.vocab_size, 12).tolist()
     want, want_tokens = run_logits(reference, ids, 10)

@@ -10,7 +10,7 @@ import pytest
 import tvm
 
 from gptbc.compile import kernels_int8 as ki
-from gptbc.artifact.quantization import get_quantization, quantize
+from gptbc.artifact.quantization import get_quantization, quantize, unpack_bits
 from gptbc.compile.targets import host_cpu_target
 
 HOST = tvm.target.Target(host_cpu_target())  # this CPU, as `gptbc compile --target cpu` builds
@@ -26,10 +26,12 @@ def tensor(a):
 
 
 def integer_reference(x: np.ndarray, packed: np.ndarray, scale: np.ndarray, bits: int, bias, act,
-                      minimum: np.ndarray | None = None) -> np.ndarray:
+                      minimum: np.ndarray | None = None, high: np.ndarray | None = None, zero: int = 0) -> np.ndarray:
     """What the kernel computes, in numpy from the row layout: int8 rows per group (round half to even),
-    exact integer group sums, scale products, then bias and activation; float64. With `minimum` (q4*_a's
-    q_min): the nibbles are q itself (no offset) and each group adds min * sx * sum(xq)."""
+    exact integer group sums, scale products, then bias and activation; float64. With `minimum` (an affine
+    layout's q_min): the nibbles are q itself (no offset) and each group adds min * sx * sum(xq); `high` (a 5- or
+    6-bit layout's q_high) puts bits - 4 bits above each nibble; `zero` (the 6-bit layout): q - zero, a scale
+    per 16."""
     m, k = x.shape[0] * x.shape[1], x.shape[2]
     groups = x.reshape(m, k // 32, 32).astype(np.float32)
     amax = np.abs(groups).max(-1)
@@ -40,10 +42,12 @@ def integer_reference(x: np.ndarray, packed: np.ndarray, scale: np.ndarray, bits
     else:
         shifts = (np.arange(8, dtype=np.uint32) * 4)[None, None, :]
         wq = ((packed[:, :, None] >> shifts) & np.uint32(15)).reshape(packed.shape[0], -1).astype(np.int64)
-        wq = wq if minimum is not None else wq - 7
-    n = wq.shape[0]
-    sums = np.einsum("mgj,ngj->mng", xq, wq.reshape(n, k // 32, 32))
-    sx = (amax / np.float32(127)).astype(np.float64)[:, None, :]
+        if high is not None:
+            wq = wq | (unpack_bits(high, bits - 4)[:, :k].astype(np.int64) << 4)
+        wq = wq - zero if minimum is not None or high is not None else wq - 7
+    n, per = wq.shape[0], 16 if zero else 32
+    sums = np.einsum("mgj,ngj->mng", xq.reshape(m, k // per, per), wq.reshape(n, k // per, per))
+    sx = np.repeat((amax / np.float32(127)).astype(np.float64), 32 // per, axis=-1)[:, None, :]
     y = (sums * sx * scale.astype(np.float32).astype(np.float64)[None]).sum(-1)
     if minimum is not None:
         y = y + (xq.sum(-1)[:, None, :] * sx * minimum.astype(np.float64)[None]).sum(-1)
@@ -57,18 +61,22 @@ def integer_reference(x: np.ndarray, packed: np.ndarray, scale: np.ndarray, bits
 
 
 def repacked(packed: np.ndarray, scale: np.ndarray, bits: int, layout: str = "dot", *more: np.ndarray):
-    """The weights and scales (and `more` scale-shaped arrays: q4*_a's q_min) as the runner hands them to the
-    kernel: through the library's repack kernels (built for this machine: they are plain loops, the same on
-    every CPU)."""
-    fw = build(ki.repack_kernel(ki.weight_repack(bits, layout), packed.shape, str(packed.dtype)))
-    fs = build(ki.repack_kernel("scale", scale.shape, str(scale.dtype)))
-    w = tensor(np.zeros_like(packed))
-    fw["main"](tensor(packed), w)
-    out = [w]
-    for a in (scale, *more):
+    """The weights and scales (and `more`: an affine layout's q_min, scale-shaped, and q_high, uint32) as the
+    runner hands them to the kernel: through the library's repack kernels (built for this machine: they are
+    plain loops, the same on every CPU)."""
+    out = []
+    for a, kind in [(packed, ki.weight_repack(bits, layout)), (scale, "scale")] + [
+            (a, f"high{bits - 4}" if a.dtype == np.uint32 else "scale") for a in more]:
         out.append(tensor(np.zeros_like(a)))
-        fs["main"](tensor(a), out[-1])
+        build(ki.repack_kernel(kind, a.shape, str(a.dtype)))["main"](tensor(a), out[-1])
     return tuple(out)
+
+
+def affine_layout(quant: str):
+    """A scheme name, or "qk5"/"qk6": qkf32_a's 5- or 6-bit layout (what a Q5_K / Q6_K tensor converts to)."""
+    if quant.startswith("qk"):
+        return dataclasses.replace(get_quantization("qkf32_a"), widths=(("m", int(quant[2])),)).layout("m")
+    return get_quantization(quant)
 
 
 AVX2_HERE = ki.int8_isa(HOST) in ("vnni", "avx2")
@@ -103,30 +111,35 @@ def test_kernel_matches_the_integer_reference(isa, quant, k, n, bias, act):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("quant", ["q4f32_a", "q4f16_a"])
+@pytest.mark.parametrize("quant", ["q4f32_a", "q4f16_a", "qk5", "qk6"])
 @pytest.mark.parametrize("k, n, bias, act", [(96, 40, False, None), (128, 72, True, "gelu_tanh"), (64, 8, True, "relu")])
 def test_affine_kernel_matches_the_integer_reference(isa, quant, k, n, bias, act):
-    """q4*_a (w = scale * q + min per 32, q 0..15): the same odd shapes and row counts as above, with weights
-    whose groups are all positive, all negative or mixed (mins of both signs, a zero scale), and Q4_0-like
-    nibble 15; the bias in the activation dtype, scales and mins float32."""
-    q = get_quantization(quant)
+    """The affine layouts: q4*_a and qk*_a's 5-bit one (w = scale * q + min per 32, q 0..15 or 0..31, its fifth
+    bit in q_high) and 6-bit one (w = scale * (q - 32), a scale per 16, q's top 2 bits in q_high): the same odd
+    shapes and row counts as above, with weights whose groups are all positive, all negative or mixed (mins of
+    both signs, a zero scale), and every value bit set (Q4_0-like nibble 15, q 31 or 63); the bias in the
+    activation dtype, scales and mins float32."""
+    q = affine_layout(quant)
     dtype = q.model_dtype
     rng = np.random.default_rng(k + n + 1)
     weights = rng.standard_normal((n, k)).astype(np.float32)
     weights[0, :32] = np.abs(weights[0, :32]) + 1  # min > 0
     weights[1, 32:64] = -np.abs(weights[1, 32:64]) - 1  # max < 0
     weights[2, :32] = 0.25  # one value: scale 0, min 0.25
-    packed, scale, minimum = quantize(weights, q)
+    packed, scale, *more = quantize(weights, q)
     packed[3, 0] = 0xFFFFFFFF  # nibble 15 throughout a word
-    w, s, mn = repacked(packed, scale, q.bits, "dot", minimum)
+    if q.high_bits:
+        more[-1][3, 0] = 0xFFFFFFFF  # ... and every bit above it
+    args = repacked(packed, scale, q.bits, "dot", *more)
     b = rng.standard_normal(n).astype(dtype) if bias else None
-    lib = build(ki.int8_matmul_cpu(k, n, q.bits, isa, dtype, "float32", dtype, bias, act, affine=True))
+    lib = build(ki.int8_matmul_cpu(k, n, q.bits, isa, dtype, "float32", dtype, bias, act, q.has_min, q.zero))
     for rows in (1, 2, 3, 5, 70):
         x = (rng.standard_normal((1, rows, k)) * 3).astype(dtype)
         x[0, 0, :32] = 0  # a group with max |x| = 0 quantizes to zeros
         y = tensor(np.zeros((1, rows, n), dtype))
-        lib["main"](*([tensor(x), w, s, mn] + ([tensor(b)] if bias else []) + [y]))
-        want = integer_reference(x, packed, scale, q.bits, b, act, minimum)
+        lib["main"](*([tensor(x), *args] + ([tensor(b)] if bias else []) + [y]))
+        want = integer_reference(x, packed, scale, q.bits, b, act, more[0] if q.has_min else None,
+                                 more[-1] if q.high_bits else None, q.zero)
         err = np.abs(y.numpy().astype(np.float64) - want).max() / np.abs(want).max()
         assert err < (2e-3 if dtype == "float16" else 2e-6), f"{rows} rows: relative error {err:.1e}"
 
@@ -160,6 +173,23 @@ def test_repacking_follows_the_tiled_layout(bits, layout):
             assert flat_s[ki.tiled_scale(row, g, k // 32)] == scale[row, g]
 
 
+@pytest.mark.parametrize("bits", [5, 6])
+def test_high_bits_repack_where_the_layout_says(bits):
+    """A 5- or 6-bit weight's q_high lands in the planes high_plane_byte names (which the TE reference and the
+    embedding's lookup read): bit (col % 32) // 4 of that byte is bit p of the value above its nibble."""
+    q = affine_layout(f"qk{bits}")
+    n, k = 16, 96
+    packed, scale, *more = quantize(np.random.default_rng(bits).standard_normal((n, k)).astype(np.float32), q)
+    high = more[-1]
+    flat = repacked(packed, scale, bits, "dot", high)[2].numpy().reshape(-1).view(np.uint8)
+    values = unpack_bits(high, bits - 4)
+    for row in range(n):
+        for col in range(k):
+            got = sum(((int(flat[ki.high_plane_byte(row, col, k, bits - 4, p)]) >> (col % 32 // 4)) & 1) << p
+                      for p in range(bits - 4))
+            assert got == values[row, col], (row, col)
+
+
 def test_targets_get_their_dot_product_instruction():
     """The instruction is chosen from the target's features, and is in the code built for them."""
     icelake = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})
@@ -179,6 +209,10 @@ def test_targets_get_their_dot_product_instruction():
             assert (want is None or want in asm) and absent not in asm, (bits, str(target))
 
 
+# qkf32_a with the widths of a Q4_K_M-like file: each affine layout in one model (the rest 6 bits)
+MIXED = (("transformer.h.0.attn.c_attn", 5), ("transformer.h.0.mlp.c_fc", 4))
+
+
 def exported(quant: str, activation: str = "gelu_pytorch_tanh", layout: str = "dot"):
     from gptbc.compile.compiler import export_relax
     from gptbc.artifact.config import GPTBigCodeConfig
@@ -186,26 +220,34 @@ def exported(quant: str, activation: str = "gelu_pytorch_tanh", layout: str = "d
     cfg = GPTBigCodeConfig(n_embd=64, n_head=2, n_layer=1, n_positions=64, vocab_size=72, n_inner=96,
                            activation_function=activation)
     q = dataclasses.replace(get_quantization(quant), int8_activations=True, int8_layout=layout)
-    return export_relax(cfg, q, HOST)
+    return export_relax(cfg, dataclasses.replace(q, widths=MIXED) if q.per_tensor else q, HOST)
 
 
-@pytest.mark.parametrize("quant", ["q4f32_1", "q8f16_1", "q4f32_a", "q4f16_a"])
+def op_layout(func, quant: str):
+    """The layout an int8_matmul op of a `quant` model reads, from its attributes (qk*_a mixes them)."""
+    high = int(func.attrs["gptbc_high"])
+    return affine_layout(f"qk{4 + high}") if quant.startswith("qk") else get_quantization(quant)
+
+
+@pytest.mark.parametrize("quant", ["q4f32_1", "q8f16_1", "q4f32_a", "q4f16_a", "qkf32_a"])
 def test_every_int8_op_of_a_model_equals_its_kernel(quant):
     """Each int8_matmul of an exported model (qkv with bias, fc with bias + GELU, the projections, the tied
-    LM head without bias) computes the same as the kernel the pipeline swaps in, on random inputs (q4*_a:
-    its q_min among the op's parameters, marked gptbc_affine)."""
+    LM head without bias) computes the same as the kernel the pipeline swaps in, on random inputs (affine
+    layouts: q_min and q_high among the op's parameters, as its attributes gptbc_affine and gptbc_high say;
+    qkf32_a with 4-, 5- and 6-bit layers)."""
     mod, params, plan = exported(quant)
     swapped = ki.use_int8_kernels(mod, HOST, "dot")
-    q = get_quantization(quant)
     rng = np.random.default_rng(0)
-    seen = set()
+    seen, widths = set(), set()
     for gv, func in mod.functions.items():
         if not gv.name_hint.startswith("int8_matmul"):
             continue
+        q = op_layout(func, quant)
         affine = bool(int(func.attrs["gptbc_affine"]))
-        assert affine == (q.kind == "affine")
+        assert affine == q.has_min and int(func.attrs["gptbc_zero"]) == q.zero
+        widths.add(q.bits)
         x, wbuf, sbuf, *bbuf, ybuf = func.params
-        bbuf = bbuf[1:] if affine else bbuf
+        bbuf = bbuf[int(affine) + int(bool(q.high_bits)):]
         seen.add((bool(bbuf), str(func.attrs["gptbc_epilogue"])))
         k, n = int(x.shape[-1]), int(ybuf.shape[-1])
         rows = 1 if isinstance(x.shape[1], tvm.tirx.IntImm) else 6
@@ -220,8 +262,9 @@ def test_every_int8_op_of_a_model_equals_its_kernel(quant):
             outs.append(y.numpy().astype(np.float64))
         err = np.abs(outs[0] - outs[1]).max() / np.abs(outs[0]).max()
         assert err < (2e-3 if q.model_dtype == "float16" else 1e-5), f"{gv.name_hint}: {err:.1e}"
-    if q.kind == "affine":  # every q_min is repacked with its scales
-        assert {n for n in plan if n.endswith(".q_min")} == {n for n, _, _ in params if n.endswith(".q_min")} != set()
+    for part in (".q_min", ".q_high"):  # every q_min is repacked with its scales, every q_high as one
+        assert {n for n in plan if n.endswith(part)} == {n for n, _, _ in params if n.endswith(part)}
+    assert widths == ({4, 5, 6} if quant.startswith("qk") else {get_quantization(quant).bits})
     assert seen == {(True, ""), (True, "gelu_tanh"), (False, "")}  # qkv and projections, fc, the tied LM head
 
 
@@ -293,10 +336,8 @@ def test_activation_option_errors():
 
 def test_affine_activation_choices():
     """q4*_a gets int8 activations as the grouped schemes do, in the layout of the CPU's kernel (dot; mmla on an
-    i8mm CPU); for the per-tensor qk*_a (5- and 6-bit layers) `int8` is refused in one line and `auto` keeps
-    float."""
+    i8mm CPU); the per-tensor qk*_a too, in the dot layout everywhere (an i8mm CPU runs its sdot kernels)."""
     from gptbc.compile.compiler import choose_activations
-    from gptbc.errors import GptbcError
 
     qa = get_quantization("q4f16_a")
     assert choose_activations("int8", qa, HOST).int8_activations
@@ -309,8 +350,11 @@ def test_affine_activation_choices():
     assert ki.int8_isa(v1) == "smmla"
     chosen = choose_activations("auto", qa, v1)
     assert chosen.int8_activations and chosen.int8_layout == "mmla"
-    qk = get_quantization("qkf32_a")
-    assert not choose_activations("auto", qk, HOST).int8_activations
-    with pytest.raises(GptbcError, match=r"^--activations int8: qkf32_a has no int8-activation kernel for its 5- "
-                                         r"and 6-bit layers [^\n]*$"):
-        choose_activations("int8", qk, HOST)
+    qk = get_quantization("qkf32_a")  # 4-, 5- and 6-bit layers: dot-layout kernels only, sdot on i8mm CPUs
+    assert choose_activations("int8", qk, HOST).int8_activations
+    assert choose_activations("auto", qk, HOST).int8_activations == VNNI_HERE
+    chosen = choose_activations("auto", qk, v1)
+    assert chosen.int8_activations and chosen.int8_layout == "dot"
+    swapped = ki.use_int8_kernels(exported("qkf32_a")[0], v1, "dot")  # the sdot kernels, for an i8mm CPU
+    assert all(f.attrs.get("tirx.is_scheduled") for gv, f in swapped.functions.items()
+               if gv.name_hint.startswith("int8_matmul"))

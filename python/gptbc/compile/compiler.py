@@ -145,8 +145,8 @@ def choose_activations(option: str, quant: Quantization, target) -> Quantization
     CPUs with an integer dot-product instruction (x86 VNNI, where they measured faster; aarch64's sdot and
     smmla, whose kernel reads its own weight layout, set here too);
     `int8` on any CPU (a generic kernel where there is neither); `float` keeps the float-activation kernels.
-    The affine q4*_a (scale and min per 32) has them too, in both layouts; the per-tensor qk*_a (5- and 6-bit
-    layers) has none: `int8` is refused, `auto` keeps float activations."""
+    The affine schemes have them too: q4*_a in both layouts; the per-tensor qk*_a (4-, 5- and 6-bit layers) in the
+    dot layout only, which i8mm CPUs run with sdot."""
     import dataclasses
 
     from gptbc.compile.kernels_int8 import int8_isa, int8_layout
@@ -156,17 +156,15 @@ def choose_activations(option: str, quant: Quantization, target) -> Quantization
     isa = int8_isa(target)
     if option == "int8" and not cpu:
         raise GptbcError(f"--activations int8: only CPU targets have int8-activation kernels (target is {target.kind.name})")
-    if option == "int8" and quant.kind == "affine" and quant.per_tensor:
-        raise GptbcError(f"--activations int8: {quant.name} has no int8-activation kernel for its 5- and 6-bit layers "
-                         f"(only the 4-bit q4*_a layout has one); use --activations float")
     if option == "int8" and quant.kind not in ("group", "affine"):
         raise GptbcError(f"--activations int8: {quant.name} has float weights; int8 activations need a grouped "
                          f"scheme (q8*/q4*)")
     # auto: where the integer dot is one instruction per 4 inputs or better (vpdpbusd, sdot, smmla); AVX2's
     # two-step dot lost to the float kernels in prefill, so it is not picked
-    able = quant.kind == "group" or (quant.kind == "affine" and not quant.per_tensor)
-    on = able and cpu and (option == "int8" or (option == "auto" and isa in ("vnni", "sdot", "smmla")))
-    return dataclasses.replace(quant, int8_activations=on, int8_layout=int8_layout(isa) if on else "dot")
+    on = quant.kind in ("group", "affine") and cpu and (
+        option == "int8" or (option == "auto" and isa in ("vnni", "sdot", "smmla")))
+    layout = int8_layout("sdot" if quant.per_tensor and isa == "smmla" else isa)  # qk*_a: no smmla kernel
+    return dataclasses.replace(quant, int8_activations=on, int8_layout=layout if on else "dot")
 
 
 def compile_model(source: ModelSource, target_name: str, quantization: str, output: str | Path | None = None,

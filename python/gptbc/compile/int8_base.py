@@ -51,62 +51,84 @@ def tileable(n: int, k: int) -> bool:
 # ---- the tiled layout, as index arithmetic (ints or TIR expressions) ----
 
 def entry_points(compute, k: int, n: int, bits: int, x_dtype: str, scale_dtype: str, out_dtype: str, bias: bool,
-                 affine: bool = False):
-    """The kernel's PrimFunc around `compute` (a macro (x3, w, scale, mins, bvec, y3, b, s)): with a bias
-    parameter or without, with an affine weight's q_min after the scales or without (`compute` gets the scales
-    as a stand-in for what it does not have, and never reads it)."""
-    groups = k // GROUP
+                 affine: bool = False, high: int = 0, group: int = GROUP):
+    """The kernel's PrimFunc around `compute` (a macro (x3, w, scale, mins, highs, bvec, y3, b, s)), with the
+    parameters (x, w, scale[, q_min][, q_high][, bias], y): q_min where `affine` (an affine weight's mins, after
+    the scales), q_high where `high` (the `high` bits per value above the nibble of a 5- or 6-bit affine weight),
+    the bias where `bias` (in x's dtype for an affine weight, else the scales'). Scales and mins are one per
+    `group` inputs. `compute` gets the scales' buffer in place of what the kernel does not have (never read)."""
     wshape, wdtype = ((n, k), "int8") if bits == 8 else ((n, k // 8), "uint32")
+    sshape = (n, k // group)
+    bias_dtype = x_dtype if affine or high else scale_dtype
+    extras = [(name, shape, dtype) for name, shape, dtype, present in (
+        ("mins", sshape, scale_dtype, affine), ("highs", (n, k * high // 32), "uint32", bool(high)),
+        ("bvec", (n,), bias_dtype, bias)) if present]
+    # where compute's mins, highs and bvec are in (scale, first extra, second, third)
+    at = {name: i + 1 for i, (name, _, _) in enumerate(extras)}
+    im, ih, ib = at.get("mins", 0), at.get("highs", 0), at.get("bvec", 0)
+    (s1, d1), (s2, d2), (s3, d3) = ([(shape, dtype) for _, shape, dtype in extras] + [(sshape, scale_dtype)] * 3)[:3]
 
-    @T.prim_func(private=True)
-    def int8_matmul_bias(var_x: T.handle, var_w: T.handle, var_s: T.handle, var_b: T.handle, var_y: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        b = T.int64()
-        s = T.int64()
-        x3 = T.match_buffer(var_x, (b, s, k), x_dtype)
-        w = T.match_buffer(var_w, wshape, wdtype)
-        scale = T.match_buffer(var_s, (n, groups), scale_dtype)
-        bvec = T.match_buffer(var_b, (n,), scale_dtype)
-        y3 = T.match_buffer(var_y, (b, s, n), out_dtype)
-        compute(x3, w, scale, scale, bvec, y3, b, s)
+    if len(extras) == 0:
+        @T.prim_func(private=True)
+        def none(var_x: T.handle, var_w: T.handle, var_s: T.handle, var_y: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            b = T.int64()
+            s = T.int64()
+            x3 = T.match_buffer(var_x, (b, s, k), x_dtype)
+            w = T.match_buffer(var_w, wshape, wdtype)
+            scale = T.match_buffer(var_s, sshape, scale_dtype)
+            y3 = T.match_buffer(var_y, (b, s, n), out_dtype)
+            compute(x3, w, scale, scale, scale, scale, y3, b, s)
 
-    @T.prim_func(private=True)
-    def int8_matmul(var_x: T.handle, var_w: T.handle, var_s: T.handle, var_y: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        b = T.int64()
-        s = T.int64()
-        x3 = T.match_buffer(var_x, (b, s, k), x_dtype)
-        w = T.match_buffer(var_w, wshape, wdtype)
-        scale = T.match_buffer(var_s, (n, groups), scale_dtype)
-        y3 = T.match_buffer(var_y, (b, s, n), out_dtype)
-        compute(x3, w, scale, scale, scale, y3, b, s)
+        return none
 
-    @T.prim_func(private=True)
-    def int8_matmul_affine_bias(var_x: T.handle, var_w: T.handle, var_s: T.handle, var_m: T.handle,
-                                var_b: T.handle, var_y: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        b = T.int64()
-        s = T.int64()
-        x3 = T.match_buffer(var_x, (b, s, k), x_dtype)
-        w = T.match_buffer(var_w, wshape, wdtype)
-        scale = T.match_buffer(var_s, (n, groups), scale_dtype)
-        mins = T.match_buffer(var_m, (n, groups), scale_dtype)
-        bvec = T.match_buffer(var_b, (n,), x_dtype)
-        y3 = T.match_buffer(var_y, (b, s, n), out_dtype)
-        compute(x3, w, scale, mins, bvec, y3, b, s)
+    if len(extras) == 1:
+        @T.prim_func(private=True)
+        def one(var_x: T.handle, var_w: T.handle, var_s: T.handle, var_e1: T.handle, var_y: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            b = T.int64()
+            s = T.int64()
+            x3 = T.match_buffer(var_x, (b, s, k), x_dtype)
+            w = T.match_buffer(var_w, wshape, wdtype)
+            scale = T.match_buffer(var_s, sshape, scale_dtype)
+            e1 = T.match_buffer(var_e1, s1, d1)
+            y3 = T.match_buffer(var_y, (b, s, n), out_dtype)
+            compute(x3, w, scale, (scale, e1)[im], (scale, e1)[ih], (scale, e1)[ib], y3, b, s)
 
-    @T.prim_func(private=True)
-    def int8_matmul_affine(var_x: T.handle, var_w: T.handle, var_s: T.handle, var_m: T.handle, var_y: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        b = T.int64()
-        s = T.int64()
-        x3 = T.match_buffer(var_x, (b, s, k), x_dtype)
-        w = T.match_buffer(var_w, wshape, wdtype)
-        scale = T.match_buffer(var_s, (n, groups), scale_dtype)
-        mins = T.match_buffer(var_m, (n, groups), scale_dtype)
-        y3 = T.match_buffer(var_y, (b, s, n), out_dtype)
-        compute(x3, w, scale, mins, scale, y3, b, s)
+        return one
 
-    if affine:
-        return int8_matmul_affine_bias if bias else int8_matmul_affine
-    return int8_matmul_bias if bias else int8_matmul
+    if len(extras) == 2:
+        @T.prim_func(private=True)
+        def two(var_x: T.handle, var_w: T.handle, var_s: T.handle, var_e1: T.handle, var_e2: T.handle,
+                var_y: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            b = T.int64()
+            s = T.int64()
+            x3 = T.match_buffer(var_x, (b, s, k), x_dtype)
+            w = T.match_buffer(var_w, wshape, wdtype)
+            scale = T.match_buffer(var_s, sshape, scale_dtype)
+            e1 = T.match_buffer(var_e1, s1, d1)
+            e2 = T.match_buffer(var_e2, s2, d2)
+            y3 = T.match_buffer(var_y, (b, s, n), out_dtype)
+            compute(x3, w, scale, (scale, e1, e2)[im], (scale, e1, e2)[ih], (scale, e1, e2)[ib], y3, b, s)
+
+        return two
+
+    if len(extras) == 3:
+        @T.prim_func(private=True)
+        def three(var_x: T.handle, var_w: T.handle, var_s: T.handle, var_e1: T.handle, var_e2: T.handle,
+                  var_e3: T.handle, var_y: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            b = T.int64()
+            s = T.int64()
+            x3 = T.match_buffer(var_x, (b, s, k), x_dtype)
+            w = T.match_buffer(var_w, wshape, wdtype)
+            scale = T.match_buffer(var_s, sshape, scale_dtype)
+            e1 = T.match_buffer(var_e1, s1, d1)
+            e2 = T.match_buffer(var_e2, s2, d2)
+            e3 = T.match_buffer(var_e3, s3, d3)
+            y3 = T.match_buffer(var_y, (b, s, n), out_dtype)
+            compute(x3, w, scale, (scale, e1, e2, e3)[im], (scale, e1, e2, e3)[ih], (scale, e1, e2, e3)[ib], y3, b, s)
+
+        return three
+    raise AssertionError(extras)

@@ -201,7 +201,7 @@ def int8_matmul_mmla(k: int, n: int, bits: int, x_dtype: str, scale_dtype: str, 
             tile(xqi, xs, nsum, wb, sf, mf, bvec, y, acci, accf, wv, m, p0 + pn - 1, 1, b0, nblocks)
 
     @T.macro
-    def compute(x3, w, scale, mins, bvec, y3, b, s):
+    def compute(x3, w, scale, mins, highs, bvec, y3, b, s):
         # b * s rows in (b * s + 1) // 2 pairs, spelled out: names bound to them here broke buffer flattening
         x = T.decl_buffer((b * s, k), x_dtype, data=x3.data)
         y = T.decl_buffer((b * s, n), out_dtype, data=y3.data)

@@ -33,7 +33,17 @@ min * sx * sum(xq) in float after the scale product, from a q_min tiled like the
 
     y[m, n] = sum_g sx[m, g] * (scale[n, g] * sum_{j in g} xq[m, j] q[n, j] + min[n, g] * sum_{j in g} xq[m, j])
 
-The 5-bit (a plane of fifth bits) and 6-bit (groups of 16, a zero) affine layouts of qk*_a have no such kernel.
+qk*_a's wider affine layouts (quantization.py) keep their low 4 bits in the same int4 tiles, and the bits above them
+in a tiled q_high of `high` (1 or 2) planes per (block, group), 32 bytes each, laid out as the nibble chunks:
+
+    plane p, byte 4 o + t: bit c (c = 0..7) = bit p of the high bits of column 4c + t of output 8b + o
+
+so one 32-byte load per plane gives, for chunk c, the high bits of both of its nibble vectors (bits c and c + 4),
+which a shift and mask put at bit 4 + p: the unsigned operand is then q itself (0..31 or 0..63; AVX2's
+vpmaddubsw pairs stay below int16's limit). The 5-bit layout (scale and min per 32) is otherwise `affine`; the
+6-bit one (`zero`: w = scale * (q - 32), a scale per 16) keeps two int32 dots per group of 32 — columns 0..15
+are the low nibbles, 16..31 the high ones — each starting from -32 * sum(xq) over its 16 inputs and taking its
+own scale.
 
 Work is tiled as ROWS rows x BLOCKS blocks of accumulators (int32 and float32 vectors) in registers: each
 unpacked weight vector serves ROWS rows and each activation broadcast BLOCKS blocks, so a step over many
@@ -108,24 +118,42 @@ def _flat(index, cols: int):
     return index // cols, index % cols
 
 
-def tiled_dequant(w, s, n, k, in_features: int, bits: int, layout: str = "dot", mins=None):
+def tiled_dequant(w, s, n, k, in_features: int, bits: int, layout: str = "dot", mins=None, highs=None,
+                  zero: int = 0):
     """float32 value of weight (n, k) read from tiled (w, s) in TE (layers' reference semantics), in the
     "dot" layout or kernels_arm's "mmla" one (its int8 values are stored signed, as converted). With `mins`
-    (an affine 4-bit weight's tiled q_min): nibble * scale + min, as quantized_layers._dequant."""
+    (an affine weight's tiled q_min): value * scale + min, as quantized_layers._dequant; with `zero` (the 6-bit
+    affine layout, a scale per 16): (value - zero) * scale. `highs`: a 5- or 6-bit weight's tiled q_high,
+    whose bits (bits - 4 per value) go above the nibble."""
     from gptbc.compile import kernels_arm
 
     groups = in_features // GROUP
-    scale = tirx.Cast("float32", s[_flat(tiled_scale(n, k // GROUP, groups), groups)])
+    halves = 2 if zero else 1
+    scale = tirx.Cast("float32", s[_flat(tiled_scale(n, k // (GROUP // halves), groups * halves), groups * halves)])
     if bits == 8 and layout == "mmla":
         return tirx.Cast("float32", w[_flat(kernels_arm.mmla_int8(n, k, in_features), in_features)]) * scale
     if bits == 8:
         stored = w[_flat(tiled_int8(n, k, in_features), in_features)]
         return tirx.Cast("float32", tirx.Cast("int32", tirx.reinterpret("uint8", stored)) - 128) * scale
     word, shift = (kernels_arm.mmla_int4 if layout == "mmla" else tiled_int4)(n, k, in_features)
-    nibble = (w[_flat(word, in_features // 8)] >> tirx.Cast("uint32", shift)) & tirx.const(15, "uint32")
+    value = (w[_flat(word, in_features // 8)] >> tirx.Cast("uint32", shift)) & tirx.const(15, "uint32")
+    for p in range(bits - 4 if bits in (5, 6) else 0):
+        byte = high_plane_byte(n, k, in_features, bits - 4, p)
+        bit = (highs[_flat(byte // 4, in_features * (bits - 4) // 32)] >> tirx.Cast("uint32", byte % 4 * 8 + k % GROUP // 4)
+               ) & tirx.const(1, "uint32")
+        value = value | (bit << tirx.const(4 + p, "uint32"))
+    if zero:
+        return (tirx.Cast("float32", value) - float(zero)) * scale
     if mins is not None:
-        return tirx.Cast("float32", nibble) * scale + mins[_flat(tiled_scale(n, k // GROUP, groups), groups)]
-    return (tirx.Cast("float32", nibble) - 7.0) * scale
+        return tirx.Cast("float32", value) * scale + mins[_flat(tiled_scale(n, k // GROUP, groups), groups)]
+    return (tirx.Cast("float32", value) - 7.0) * scale
+
+
+def high_plane_byte(n, k, in_features: int, high: int, plane):
+    """Byte index, in the flat uint8 view of a tiled q_high, of plane `plane` (of `high`) for weight (n, k): bit
+    (k % 32) // 4 of that byte is the weight's (module docstring)."""
+    groups = in_features // GROUP
+    return ((n // LANES * groups + k // GROUP) * high + plane) * 32 + n % LANES * 4 + k % 4
 
 
 # ---- load-time repacking: row layout (quantization/__init__.py) -> tiled ----
@@ -175,35 +203,66 @@ def repack_scale(n: int, groups: int, dtype: str):
     return repack
 
 
+def repack_high(n: int, k: int, high: int):
+    """q_high uint32 [n, k * high / 32] rows (each value's `high` bits, little-end-first) -> the same shape, tiled:
+    per (block, group) `high` planes of 32 bytes, byte 4 o + t of plane p holding bit p of columns 4 c + t
+    (c = 0..7, at bit c) of output 8 b + o."""
+    words = k * high // 32
+
+    @T.prim_func(private=True)
+    def repack(src: T.Buffer((n, words), "uint32"), dst: T.Buffer((n, words), "uint32")):
+        T.func_attr({"tirx.noalias": True})
+        flat = T.decl_buffer((n * words * 4,), "uint8", data=dst.data)
+        for b in T.parallel(n // LANES):
+            for g, p, o, t in T.grid(k // GROUP, high, LANES, 4):
+                byte = T.alloc_buffer((1,), "uint32")
+                byte[0] = T.uint32(0)
+                for c in T.serial(8):
+                    j = (g * GROUP + c * 4 + t) * high + p  # the bit's place in the row's bit stream
+                    byte[0] = byte[0] | (((src[b * LANES + o, j // 32] >> T.Cast("uint32", j % 32)) & T.uint32(1))
+                                         << T.Cast("uint32", c))
+                flat[((b * (k // GROUP) + g) * high + p) * 32 + o * 4 + t] = T.Cast("uint8", byte[0])
+
+    return repack
+
+
 # ---- the matmul ----
 
 @functools.lru_cache(maxsize=None)  # parsing TVMScript takes a while; a model has a few distinct shapes
 def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dtype: str, out_dtype: str,
-                    bias: bool = False, act: str | None = None, affine: bool = False):
+                    bias: bool = False, act: str | None = None, affine: bool = False, zero: int = 0):
     """y (b, s, n) = act(x (b, s, k) @ W.T + bias) for tiled grouped-int W (q8: int8 [n, k]; q4: uint32
     [n, k / 8]) and tiled scales [n, k / 32]; activations quantized to int8 per group inside (module
     docstring). `bias` adds a parameter (n,) in the scale dtype; `act` is None or one of EPILOGUES, applied
     to each finished vector of 8 outputs (a separate elementwise kernel cost prefill 19% of its time).
 
-    `affine` (4-bit only): the weight is q4*_a's, w = scale * q + min per group with q the stored nibble
-    (0..15) and a q_min parameter [n, k / 32] (tiled as the scales) after the scales; the bias is in x's dtype.
-    Each group's integer dot is then sum(xq * q) (no offset to undo) and the group adds
-    min * sx * sum(xq) in float: `nsum` holds sum(xq) itself."""
+    `affine`: the weight is an affine layout's with a min (quantization.py), w = scale * q + min per group of
+    32, q unsigned: the nibble (bits 4) or, for bits 5, the nibble and its fifth bit from a q_high parameter
+    after the q_min one [n, k / 32] (both tiled: module docstring); the bias is in x's dtype. Each group's
+    integer dot is then sum(xq * q) (no offset to undo) and the group adds min * sx * sum(xq) in float: `nsum`
+    holds sum(xq) itself. `zero` (bits 6, no min): w = scale * (q - zero) with one scale per 16 inputs: each
+    half-group's dot starts from -zero * sum(xq) over its 16 inputs and takes its own scale."""
     if isa == "smmla":  # its own tiles and layout
         from gptbc.compile.kernels_arm import int8_matmul_mmla
 
+        assert bits in (4, 8) and not zero
         return int8_matmul_mmla(k, n, bits, x_dtype, scale_dtype, out_dtype, bias, act, affine)
     assert act in (None, *EPILOGUES)
-    assert tileable(n, k) and bits in (4, 8) and not (affine and bits != 4)
+    assert tileable(n, k) and (bits in (4, 8) if not (affine or zero) else bits == 6 if zero else bits in (4, 5))
+    nibbles = bits != 8  # 4-, 5- and 6-bit values keep their low 4 bits in the int4 tiles
+    high = bits - 4 if nibbles else 0  # bits per value in the q_high planes
+    halves = 2 if zero else 1  # scales per group of 32 inputs
+    halved, wide = zero > 0, high > 0  # bools for the macros' ifs (an int there is refused)
     groups = k // GROUP
     blocks = n // LANES
-    chunks = 4 if bits == 4 else 8  # 32-byte weight vectors per (block, group)
+    chunks = 4 if nibbles else 8  # 32-byte weight vectors per (block, group)
     per_block = chunks * 32  # weight bytes per (block, group)
-    offset = 0 if affine else 7 if bits == 4 else 128
-    bias_dtype = x_dtype if affine else scale_dtype
+    offset = 0 if affine or zero else 7 if bits == 4 else 128
+    bias_dtype = x_dtype if affine or zero else scale_dtype
     tasks = -(-blocks // TASK_BLOCKS)
     if isa in ("avx2", "sdot") and bits == 8:  # these dots take signed weights (below): no offset to undo
         offset = 0
+    start = 1 if affine else -(zero or offset)  # nsum = start * sum(xq) over a group (half-group with `zero`)
     quads = [[4 * lane + t for lane in range(LANES)] for t in range(4)]  # each int32 lane's 4 byte products
 
     def dot(acc, wv, xv):
@@ -228,8 +287,19 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
     def epilogue(v):  # the activation, on one finished vector of 8 outputs (with its bias added)
         return EPILOGUES[act](v) if act else v
 
+    def high_bits(hf, base, bit):
+        """Per byte of a 32-byte weight vector: its value's bits above the nibble, as uint8x32 — bit `bit` of the
+        byte of each of the `high` planes of 32 bytes from `base` in hf, put at bit 4 + plane."""
+        out = None
+        for p in range(high):
+            plane = tirx.reinterpret("uint16x16", tirx.BufferLoad(hf, [tirx.Ramp(base + p * 32, 1, 32)]))
+            v = ((plane >> tirx.Broadcast(tirx.Cast("uint16", bit), 16)) & tirx.Broadcast(tirx.const(0x0101, "uint16"), 16)
+                 ) << tirx.Broadcast(tirx.const(4 + p, "uint16"), 16)
+            out = v if out is None else out | v
+        return tirx.reinterpret("uint8x32", out)
+
     @T.macro
-    def tile(xq4, xs, nsum, wb, sf, mf, bvec, y, acci, accf, wv, m0, b0, nrows, nblocks):
+    def tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, m0, b0, nrows, nblocks):
         for a in T.unroll(nrows * nblocks):
             accf[a] = T.broadcast(T.float32(0), LANES)
         for g in T.serial(groups):
@@ -238,28 +308,41 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
                     if affine:  # nsum is sum(xq), for the min term below
                         acci[r * nblocks + bb] = T.broadcast(T.int32(0), LANES)
                     else:
-                        acci[r * nblocks + bb] = T.broadcast(nsum[m0 + r, g], LANES)
+                        acci[r * nblocks + bb] = T.broadcast(nsum[m0 + r, g * halves], LANES)
+                    if halved:  # the second half-group's own sum
+                        acch[r * nblocks + bb] = T.broadcast(nsum[m0 + r, g * halves + 1], LANES)
             for c in T.unroll(chunks):
                 for bb in T.unroll(nblocks):
-                    if bits == 4:  # one 32-byte load holds chunk c (low nibbles) and chunk c + 4 (high)
+                    if nibbles:  # one 32-byte load holds chunk c (low nibbles) and chunk c + 4 (high)
                         raw = wb[T.ramp(((b0 + bb) * groups + g) * per_block + c * 32, 1, 32)]
                         wv[bb * 2] = raw & T.broadcast(T.uint8(15), 32)
                         wv[bb * 2 + 1] = T.reinterpret("uint8x32", T.reinterpret("uint16x16", raw) >> T.broadcast(
                             T.uint16(4), 16)) & T.broadcast(T.uint8(15), 32)
+                        if wide:  # bit c of a plane's byte: column c's; bit c + 4: column c + 4's
+                            wv[bb * 2] = wv[bb * 2] | high_bits(hf, ((b0 + bb) * groups + g) * high * 32, c)
+                            wv[bb * 2 + 1] = wv[bb * 2 + 1] | high_bits(hf, ((b0 + bb) * groups + g) * high * 32, c + 4)
                     else:
                         wv[bb * 2] = wb[T.ramp(((b0 + bb) * groups + g) * per_block + c * 32, 1, 32)]
                 for r in T.unroll(nrows):
                     for bb in T.unroll(nblocks):
                         acci[r * nblocks + bb] = dot(acci[r * nblocks + bb], wv[bb * 2], T.reinterpret(
                             "int8x32", T.broadcast(xq4[m0 + r, g * 8 + c], LANES)))
-                        if bits == 4:
+                        if nibbles and halved:  # columns 16..31: the second half-group
+                            acch[r * nblocks + bb] = dot(acch[r * nblocks + bb], wv[bb * 2 + 1], T.reinterpret(
+                                "int8x32", T.broadcast(xq4[m0 + r, g * 8 + c + 4], LANES)))
+                        elif nibbles:
                             acci[r * nblocks + bb] = dot(acci[r * nblocks + bb], wv[bb * 2 + 1], T.reinterpret(
                                 "int8x32", T.broadcast(xq4[m0 + r, g * 8 + c + 4], LANES)))
             for r in T.unroll(nrows):
                 for bb in T.unroll(nblocks):
                     accf[r * nblocks + bb] = accf[r * nblocks + bb] + T.Cast("float32x8", acci[r * nblocks + bb]) * (
-                        T.Cast("float32x8", sf[T.ramp(((b0 + bb) * groups + g) * LANES, 1, LANES)])
+                        T.Cast("float32x8", sf[T.ramp(((b0 + bb) * groups * halves + g * halves) * LANES, 1, LANES)])
                         * T.broadcast(xs[m0 + r, g], LANES))
+                    if halved:
+                        accf[r * nblocks + bb] = accf[r * nblocks + bb] + T.Cast("float32x8", acch[
+                            r * nblocks + bb]) * (T.Cast("float32x8", sf[T.ramp(
+                                ((b0 + bb) * groups * halves + g * halves + 1) * LANES, 1, LANES)])
+                            * T.broadcast(xs[m0 + r, g], LANES))
                     if affine:  # + min * sx * sum(xq)
                         accf[r * nblocks + bb] = accf[r * nblocks + bb] + T.Cast(
                             "float32x8", mf[T.ramp(((b0 + bb) * groups + g) * LANES, 1, LANES)]) * T.broadcast(
@@ -273,30 +356,31 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
                     accf[r * nblocks + bb]))
 
     @T.macro
-    def row_tiles(xq4, xs, nsum, wb, sf, mf, bvec, y, acci, accf, wv, r0, rn, b0, nblocks):
+    def row_tiles(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0, rn, b0, nblocks):
         for t in T.serial(rn // ROWS):
-            tile(xq4, xs, nsum, wb, sf, mf, bvec, y, acci, accf, wv, r0 + t * ROWS, b0, ROWS, nblocks)
+            tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0 + t * ROWS, b0, ROWS, nblocks)
         if rn % ROWS == 1:
-            tile(xq4, xs, nsum, wb, sf, mf, bvec, y, acci, accf, wv, r0 + rn // ROWS * ROWS, b0, 1, nblocks)
+            tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0 + rn // ROWS * ROWS, b0, 1, nblocks)
         if rn % ROWS == 2:
-            tile(xq4, xs, nsum, wb, sf, mf, bvec, y, acci, accf, wv, r0 + rn // ROWS * ROWS, b0, 2, nblocks)
+            tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0 + rn // ROWS * ROWS, b0, 2, nblocks)
         if rn % ROWS == 3:
-            tile(xq4, xs, nsum, wb, sf, mf, bvec, y, acci, accf, wv, r0 + rn // ROWS * ROWS, b0, 3, nblocks)
+            tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0 + rn // ROWS * ROWS, b0, 3, nblocks)
 
     @T.macro
-    def compute(x3, w, scale, mins, bvec, y3, b, s):
+    def compute(x3, w, scale, mins, highs, bvec, y3, b, s):
         x = T.decl_buffer((b * s, k), x_dtype, data=x3.data)
         y = T.decl_buffer((b * s, n), out_dtype, data=y3.data)
-        wb = T.decl_buffer((n * k // (8 // bits),), "uint8", data=w.data)
-        sf = T.decl_buffer((n * groups,), scale_dtype, data=scale.data)
+        wb = T.decl_buffer((n * k * (4 if nibbles else 8) // 8,), "uint8", data=w.data)
+        sf = T.decl_buffer((n * groups * halves,), scale_dtype, data=scale.data)
         mf = T.decl_buffer((n * groups,), scale_dtype, data=mins.data)
+        hf = T.decl_buffer((n * k * max(high, 1) // 8,), "uint8", data=highs.data)
         bf = T.decl_buffer((n,), bias_dtype, data=bvec.data)
         xq = T.alloc_buffer((b * s, k), "int8")
         xq4 = T.decl_buffer((b * s, k // 4), "int32", data=xq.data)  # 4 activations as one broadcastable word
         xs = T.alloc_buffer((b * s, groups), "float32")
-        nsum = T.alloc_buffer((b * s, groups), "int32")
-        # 1. quantize each row per group: xq = round(x / sx), sx = max|x| / 127, nsum = -offset * sum(xq)
-        # (affine: sum(xq))
+        nsum = T.alloc_buffer((b * s, groups * halves), "int32")
+        # 1. quantize each row per group: xq = round(x / sx), sx = max|x| / 127, nsum = start * sum(xq) (per
+        # half-group with `zero`)
         for mg in T.parallel(b * s * groups):
             v = T.Cast("float32x32", x[mg // groups, T.ramp(mg % groups * GROUP, 1, GROUP)])
             amax = T.call_llvm_pure_intrin("float32", "llvm.vector.reduce.fmax.v32f32", T.fabs(v))
@@ -304,30 +388,37 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
                 amax > T.float32(0), T.float32(127) / amax, T.float32(0)), GROUP)))
             xq[mg // groups, T.ramp(mg % groups * GROUP, 1, GROUP)] = T.Cast("int8x32", q)
             xs[mg // groups, mg % groups] = amax / T.float32(127)
-            nsum[mg // groups, mg % groups] = T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add.v32i32", q) * T.int32(
-                1 if affine else -offset)
+            if halved:
+                for h in T.unroll(2):
+                    nsum[mg // groups, mg % groups * 2 + h] = T.call_llvm_pure_intrin(
+                        "int32", "llvm.vector.reduce.add.v16i32", T.Cast("int32x16", xq[
+                            mg // groups, T.ramp(mg % groups * GROUP + h * 16, 1, 16)])) * T.int32(start)
+            else:
+                nsum[mg // groups, mg % groups] = T.call_llvm_pure_intrin(
+                    "int32", "llvm.vector.reduce.add.v32i32", q) * T.int32(start)
         # 2. the dots: output blocks in parallel tasks; rows in chunks; ROWS x BLOCKS register tiles
         for task in T.parallel(tasks):
             # "global", not "local": TVM 0.27 puts a CPU kernel's small *global* buffers on the stack (LLVM keeps
             # them in registers) but every "local" one in a heap workspace, whose loads and stores LLVM keeps
             # when the function is large (3x slower prefill in a whole model; not in a one-kernel module)
             acci = T.alloc_buffer((ROWS * BLOCKS,), "int32x8")
+            acch = T.alloc_buffer((ROWS * BLOCKS if halved else 1,), "int32x8")  # the second half-groups' dots
             accf = T.alloc_buffer((ROWS * BLOCKS,), "float32x8")
             wv = T.alloc_buffer((BLOCKS * 2,), "uint8x32")
             for chunk in T.serial((b * s + ROW_CHUNK - 1) // ROW_CHUNK):
                 for bt in T.serial(TASK_BLOCKS // BLOCKS):
                     if task * TASK_BLOCKS + bt * BLOCKS + BLOCKS <= blocks:
-                        row_tiles(xq4, xs, nsum, wb, sf, mf, bf, y, acci, accf, wv, chunk * ROW_CHUNK,
+                        row_tiles(xq4, xs, nsum, wb, sf, mf, hf, bf, y, acci, acch, accf, wv, chunk * ROW_CHUNK,
                                   T.min(ROW_CHUNK, b * s - chunk * ROW_CHUNK), task * TASK_BLOCKS + bt * BLOCKS, BLOCKS)
                     else:
                         for bb in T.serial(BLOCKS):
                             if task * TASK_BLOCKS + bt * BLOCKS + bb < blocks:
-                                row_tiles(xq4, xs, nsum, wb, sf, mf, bf, y, acci, accf, wv, chunk * ROW_CHUNK,
-                                          T.min(ROW_CHUNK, b * s - chunk * ROW_CHUNK),
+                                row_tiles(xq4, xs, nsum, wb, sf, mf, hf, bf, y, acci, acch, accf, wv,
+                                          chunk * ROW_CHUNK, T.min(ROW_CHUNK, b * s - chunk * ROW_CHUNK),
                                           task * TASK_BLOCKS + bt * BLOCKS + bb, 1)
 
-
-    return entry_points(compute, k, n, bits, x_dtype, scale_dtype, out_dtype, bias, affine)
+    return entry_points(compute, k, n, 4 if nibbles else 8, x_dtype, scale_dtype, out_dtype, bias, affine, high,
+                        GROUP // halves)
 
 
 def _quad_sums(wv, xv, quads):
@@ -356,7 +447,8 @@ def use_int8_kernels(mod, target, layout: str):
     import tvm
 
     isa = int8_isa(target)
-    if int8_layout(isa) != layout:
+    kernel_isa = "sdot" if isa == "smmla" and layout == "dot" else isa  # i8mm CPUs have sdot too (per-tensor qk*_a)
+    if int8_layout(kernel_isa) != layout:
         from gptbc.errors import GptbcError
 
         raise GptbcError(f"internal: the {isa} kernel reads the {int8_layout(isa)} layout, the model has {layout}")
@@ -365,13 +457,16 @@ def use_int8_kernels(mod, target, layout: str):
         if not (isinstance(func, tirx.PrimFunc) and gv.name_hint.startswith("int8_matmul")
                 and _has_block(func, "int8_matmul")):
             continue
-        affine = bool(int((func.attrs or {}).get("gptbc_affine", 0)))
+        attrs = func.attrs or {}
+        affine = bool(int(attrs.get("gptbc_affine", 0)))  # q_min, then q_high, come before the bias
+        high, zero = int(attrs.get("gptbc_high", 0)), int(attrs.get("gptbc_zero", 0))
         x, w, s, *rest, y = func.params  # buffers: this TVM's PrimFunc keeps them as its parameters
-        bias = rest[1:] if affine else rest  # an affine weight's q_min comes before the bias
+        bias = rest[int(affine) + int(bool(high)):]
         k, n = int(x.shape[-1]), int(y.shape[-1])
-        act = str((func.attrs or {}).get("gptbc_epilogue", "")) or None
-        new = int8_matmul_cpu(k, n, 8 if str(w.dtype) == "int8" else 4, isa, str(x.dtype), str(s.dtype), str(y.dtype),
-                              bool(bias), act, affine)
+        act = str(attrs.get("gptbc_epilogue", "")) or None
+        bits = 8 if str(w.dtype) == "int8" else 4 + high
+        new = int8_matmul_cpu(k, n, bits, kernel_isa, str(x.dtype), str(s.dtype), str(y.dtype), bool(bias), act,
+                              affine, zero)
         for key, value in (func.attrs or {}).items():
             if key != "s_tir":  # ours is plain TIR (no blocks): the block-lowering pipeline would de-optimize it
                 new = new.with_attr(key, value)
@@ -380,8 +475,9 @@ def use_int8_kernels(mod, target, layout: str):
 
 
 def weight_repack(bits: int, layout: str) -> str:
-    """The repack kind of a grouped weight for `layout` ("dot" or "mmla"): "int4", "int8", "int4_mmla"..."""
-    return ("int4" if bits == 4 else "int8") + ("" if layout == "dot" else f"_{layout}")
+    """The repack kind of a grouped weight for `layout` ("dot" or "mmla"): "int4", "int8", "int4_mmla"... (the
+    nibbles of a 5- or 6-bit affine weight are an int4 one; its q_high is "high1" or "high2")."""
+    return ("int8" if bits == 8 else "int4") + ("" if layout == "dot" else f"_{layout}")
 
 
 def repack_kernel(kind: str, shape: tuple[int, ...], dtype: str):
@@ -392,6 +488,8 @@ def repack_kernel(kind: str, shape: tuple[int, ...], dtype: str):
     makers = {"int4": lambda: repack_int4(shape[0], shape[1] * 8), "int8": lambda: repack_int8(shape[0], shape[1]),
               "int4_mmla": lambda: repack_int4_mmla(shape[0], shape[1] * 8),
               "int8_mmla": lambda: repack_int8_mmla(shape[0], shape[1]),
+              "high1": lambda: repack_high(shape[0], shape[1] * 32, 1),
+              "high2": lambda: repack_high(shape[0], shape[1] * 16, 2),
               "scale": lambda: repack_scale(shape[0], shape[1], dtype)}
     return makers[kind]()
 

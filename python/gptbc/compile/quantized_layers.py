@@ -5,8 +5,8 @@ A grouped scheme's weight is two parameters, `q_weight` (packed ints) and `q_sca
 matmul / row-lookup kernel itself, so no full-size float copy of a weight ever exists. An unquantized
 scheme gets `Linear`, whose half-precision matmul accumulates in float32.
 
-With int8 activations (`Quantization.int8_activations`, CPU targets) a grouped or 4-bit affine (q4*_a: its
-q_min tiled too) layer whose shape allows it
+With int8 activations (`Quantization.int8_activations`, CPU targets) a grouped or affine (q4*_a, qk*_a: its
+q_min and q_high tiled too) layer whose shape allows it
 reads its weight in the tiled layout of kernels_int8.py (the runner repacks it when loading) and computes
 `int8_matmul`: the input rows rounded to int8 per group of 32, integer products per group.
 """
@@ -67,11 +67,11 @@ def dequant_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: in
 
 
 def int8_able(q: Quantization) -> bool:
-    """Whether a layer of layout `q` has an int8-activation kernel: the grouped schemes, and the affine 4-bit
-    layout (q4*_a: scale and min per 32; kernels_int8's `affine`). The 5-bit (a high-bit plane) and 6-bit
-    (groups of 16, a zero) affine layouts have none."""
-    return q.kind == "group" or (q.kind == "affine" and q.bits == 4 and q.group_size == kernels_int8.GROUP
-                                 and q.has_min)
+    """Whether a layer of layout `q` has an int8-activation kernel: the grouped schemes and every affine layout
+    (4- and 5-bit with a scale and min per 32, 6-bit with a scale per 16 and a zero: kernels_int8's `affine`
+    and `zero`)."""
+    return q.kind == "group" or (q.kind == "affine" and (
+        (q.has_min and q.group_size == kernels_int8.GROUP) or (q.zero and 2 * q.group_size == kernels_int8.GROUP)))
 
 
 def tiled(q: Quantization, out_features: int, in_features: int) -> bool:
@@ -81,10 +81,11 @@ def tiled(q: Quantization, out_features: int, in_features: int) -> bool:
 
 def int8_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: int, q: Quantization,
                 out_dtype: str, bias: Tensor | None = None, activation: str | None = None,
-                q_min: Tensor | None = None) -> Tensor:
+                q_min: Tensor | None = None, q_high: Tensor | None = None) -> Tensor:
     """activation(x @ W.T + bias) with x rounded to int8 per group of 32 (sx = max|x| / 127,
-    xq = round(x / sx)) and W tiled; `activation` one of kernels_int8.EPILOGUES or None; `q_min` an affine
-    4-bit weight's (tiled like the scales; the op's attribute `gptbc_affine` says it is there).
+    xq = round(x / sx)) and W tiled; `activation` one of kernels_int8.EPILOGUES or None; `q_min` and `q_high`
+    an affine weight's, those it has (tiled; the op's attributes `gptbc_affine`, `gptbc_high` (bits per value)
+    and `gptbc_zero` say what the kernel reads).
 
     This TE body is the reference semantics: sum over k of xq * sx * dequantized weight, which equals the
     per-group integer sums times sw * sx up to float rounding. On CPUs the pipeline swaps in the integer
@@ -93,9 +94,12 @@ def int8_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: int, 
     group = kernels_int8.GROUP
 
     affine = q_min is not None
+    high = q.high_bits if q_high is not None else 0
 
     def compute(x: te.Tensor, w: te.Tensor, s: te.Tensor, *rest: te.Tensor):
-        m, b = (rest[0], rest[1:]) if affine else (None, rest)
+        m = rest[0] if affine else None
+        h = rest[int(affine)] if high else None
+        b = rest[int(affine) + int(bool(high)):]
         *lead, _ = x.shape
         j = te.reduce_axis((0, group), name="j")
         amax = te.compute((*lead, in_features // group), lambda *i: te.max(
@@ -108,7 +112,7 @@ def int8_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: int, 
 
         xr = te.compute(x.shape, rounded, name="act_quant")
         weight = te.compute((w.shape[0], in_features), lambda n, kk: kernels_int8.tiled_dequant(
-            w, s, n, kk, in_features, q.bits, q.int8_layout, m), name="dequantize")
+            w, s, n, kk, in_features, q.bits, q.int8_layout, m, h, q.zero), name="dequantize")
         k = te.reduce_axis((0, in_features), name="k")
         acc = te.compute((*lead, w.shape[0]), lambda *i: te.sum(xr[(*i[:-1], k)] * weight[i[-1], k], axis=k),
                          name="int8_matmul")
@@ -124,9 +128,10 @@ def int8_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: int, 
         return te.compute(acc.shape, finish, name="int8_matmul_out")
 
     assert activation in (None, *kernels_int8.EPILOGUES)
-    args = [x, q_weight, q_scale] + ([q_min] if affine else []) + ([bias] if bias is not None else [])
+    args = [x, q_weight, q_scale] + [t for t in (q_min, q_high, bias) if t is not None]
     return op.tensor_expr_op(compute, "int8_matmul", args,
-                             attrs={"op_pattern": 8, "gptbc_epilogue": activation or "", "gptbc_affine": int(affine)})
+                             attrs={"op_pattern": 8, "gptbc_epilogue": activation or "", "gptbc_affine": int(affine),
+                                    "gptbc_high": high, "gptbc_zero": q.zero})
 
 
 def activate(y: Tensor, activation: str | None) -> Tensor:
@@ -140,16 +145,18 @@ def activate(y: Tensor, activation: str | None) -> Tensor:
     return y
 
 
-# attribute of a parameter the runner repacks when loading: "int4", "int8" (+ "_mmla" in that layout) or "scale"
+# attribute of a parameter the runner repacks when loading: "int4", "int8" (+ "_mmla" in that layout), "high1" or
+# "high2" (a q_high) or "scale"
 REPACK = "gptbc_repack"
 
 
-def _mark_tiled(q_weight: nn.Parameter, q_scale: nn.Parameter, q: Quantization,
-                q_min: nn.Parameter | None = None) -> None:
-    setattr(q_weight, REPACK, kernels_int8.weight_repack(q.bits, q.int8_layout))
-    setattr(q_scale, REPACK, "scale")
-    if q_min is not None:  # tiled as the scales
-        setattr(q_min, REPACK, "scale")
+def _mark_tiled(layer: nn.Module, q: Quantization) -> None:
+    setattr(layer.q_weight, REPACK, kernels_int8.weight_repack(q.bits, q.int8_layout))
+    setattr(layer.q_scale, REPACK, "scale")
+    if layer.q_min is not None:  # tiled as the scales
+        setattr(layer.q_min, REPACK, "scale")
+    if layer.q_high is not None:
+        setattr(layer.q_high, REPACK, f"high{q.high_bits}")
 
 
 def repack_plan(named: list[tuple[str, nn.Parameter]]) -> dict[str, str]:
@@ -180,7 +187,7 @@ class QuantizedLinear(nn.Module):
         self.q_high = _high(q, out_features, in_features)
         self.bias = nn.Parameter((out_features,), q.model_dtype) if bias else None
         if self.tiled:
-            _mark_tiled(self.q_weight, self.q_scale, q, self.q_min)
+            _mark_tiled(self, q)
 
     def forward(self, x: Tensor, out_dtype: str | None = None, activation: str | None = None,
                 add_bias: bool = True) -> Tensor:
@@ -189,9 +196,10 @@ class QuantizedLinear(nn.Module):
         bias = self.bias if add_bias else None
         if self.tiled and activation in (None, *kernels_int8.EPILOGUES):  # bias and activation in the kernel
             return int8_matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype, bias, activation,
-                               self.q_min)
+                               self.q_min, self.q_high)
         if self.tiled:
-            y = int8_matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype, q_min=self.q_min)
+            y = int8_matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype, q_min=self.q_min,
+                            q_high=self.q_high)
         else:
             y = dequant_matmul(x, self.q_weight, self.q_scale, self.in_features, self.q, out_dtype, _extra(self))
         return activate(y + bias if bias is not None else y, activation)
@@ -209,7 +217,7 @@ class QuantizedEmbedding(nn.Module):
         self.q_min = nn.Parameter(sshape, "float32") if q.has_min else None
         self.q_high = _high(q, num, dim)
         if self.tiled:
-            _mark_tiled(self.q_weight, self.q_scale, q, self.q_min)
+            _mark_tiled(self, q)
 
     def forward(self, ids: Tensor) -> Tensor:
         q, dim, tiled_rows = self.q, self.dim, self.tiled
@@ -222,7 +230,8 @@ class QuantizedEmbedding(nn.Module):
 
             def value(i, k):
                 if tiled_rows:
-                    return kernels_int8.tiled_dequant(w, s, row(i), k, dim, q.bits, q.int8_layout, *m)
+                    mins, highs = (m[0] if q.has_min else None), (m[-1] if q.high_bits else None)
+                    return kernels_int8.tiled_dequant(w, s, row(i), k, dim, q.bits, q.int8_layout, mins, highs, q.zero)
                 return _dequant(w, s, row(i), k, q, *m)
 
             return te.compute((ids.shape[0], dim), lambda i, k: tirx.Cast(q.model_dtype, value(i, k)),
@@ -232,7 +241,8 @@ class QuantizedEmbedding(nn.Module):
 
     def weight_matmul(self, x: Tensor) -> Tensor:
         if self.tiled:
-            return int8_matmul(x, self.q_weight, self.q_scale, self.dim, self.q, "float32", q_min=self.q_min)
+            return int8_matmul(x, self.q_weight, self.q_scale, self.dim, self.q, "float32", q_min=self.q_min,
+                               q_high=self.q_high)
         return dequant_matmul(x, self.q_weight, self.q_scale, self.dim, self.q, "float32", _extra(self))
 
 
