@@ -21,7 +21,7 @@ from aarch64_tools import CXX, qemu
 from gptbc.artifact.quantization import get_quantization, quantize
 from gptbc.compile import kernels_int8 as ki
 from gptbc.compile.targets import ARM_CPUS, aarch64_target, arm_cpu_features
-from test_int8 import integer_reference, repacked
+from test_int8 import affine_layout, integer_reference, repacked
 
 pytestmark = pytest.mark.aarch64
 BASELINE = tvm.target.Target(aarch64_target("cortex-a72"))  # Armv8.0: the generic kernel
@@ -45,11 +45,16 @@ class Case:
     exact: bool = False
 
     @property
+    def q(self):
+        """The case's layout: a scheme's, or "qk5"/"qk6" for qk*_a's 5- or 6-bit one (test_int8.affine_layout)."""
+        return affine_layout(self.quant)
+
+    @property
     def dtype(self) -> str:
-        return get_quantization(self.quant).model_dtype
+        return self.q.model_dtype
 
     def weights(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        q, rng = get_quantization(self.quant), np.random.default_rng(self.k + self.n)
+        q, rng = self.q, np.random.default_rng(self.k + self.n)
         bias = rng.standard_normal(self.n).astype(self.dtype) if self.bias else None
         if not self.exact:
             packed, scale, *_min = quantize(rng.standard_normal((self.n, self.k)).astype(np.float32), q)
@@ -60,15 +65,15 @@ class Case:
         nibbles = rng.integers(0, 15, (self.n, self.k // 8, 8)).astype(np.uint32)
         return (nibbles << (np.arange(8, dtype=np.uint32) * 4)).sum(-1, dtype=np.uint32), scale, bias
 
-    def minimum(self) -> np.ndarray | None:
-        """An affine (q4*_a) case's q_min, from the same draws as `weights`; None for the others."""
-        q, rng = get_quantization(self.quant), np.random.default_rng(self.k + self.n)
+    def more(self) -> list[np.ndarray]:
+        """An affine case's q_min and q_high, those its layout has, from the same draws as `weights`."""
+        q, rng = self.q, np.random.default_rng(self.k + self.n)
         if q.kind != "affine":
-            return None
+            return []
         assert not self.exact
         if self.bias:
             rng.standard_normal(self.n)
-        return quantize(rng.standard_normal((self.n, self.k)).astype(np.float32), q)[2]
+        return list(quantize(rng.standard_normal((self.n, self.k)).astype(np.float32), q)[2:])
 
     def inputs(self, rows: int) -> np.ndarray:
         rng = np.random.default_rng(rows)
@@ -86,9 +91,9 @@ class Case:
         return f"{self.quant}_{self.k}x{self.n}_{self.bias:d}_{self.act}"
 
     def kernel(self, isa: str):
-        q = get_quantization(self.quant)
+        q = self.q
         return ki.int8_matmul_cpu(self.k, self.n, q.bits, isa, self.dtype, q.scale_dtype, self.dtype, self.bias,
-                                  self.act, q.kind == "affine")
+                                  self.act, q.has_min, q.zero)
 
 
 # tests/test_int8.py's odd shapes (3 groups; 5 and 9 blocks of 8 outputs, a task left partly empty; 1 block), each
@@ -99,6 +104,9 @@ CASES = [Case("q8f32_1", 96, 40, False, None), Case("q4f32_1", 96, 40, False, No
          Case("q8f16_1", 64, 8, True, "relu"), Case("q4f32_1", 64, 8, True, "relu"),
          Case("q8f32_1", 96, 40, False, None, exact=True), Case("q4f32_1", 96, 40, False, None, exact=True),
          Case("q4f32_a", 96, 40, False, None), Case("q4f16_a", 128, 72, True, "gelu_tanh")]  # scale and min per 32
+# qk*_a's 5- and 6-bit layouts: the dot layout only (an i8mm CPU runs them with sdot), so sdot's cases alone
+DOT_CASES = [Case("qk5", 128, 72, True, "gelu_tanh"), Case("qk6", 96, 40, False, None)]
+CASES_OF = {"sdot": CASES + DOT_CASES, "smmla": CASES}
 ROWS = (1, 3, 70)  # one row (decode), an odd count (smmla pairs the last row with zeros), more than a row chunk
 
 
@@ -146,8 +154,7 @@ def repacked_weights(case: Case, layout: str) -> tuple[np.ndarray, ...]:
     """The case's weights and scales (and an affine case's mins) repacked by the library's own repack kernels into
     `layout`."""
     packed, scale, _bias = case.weights()
-    more = [] if case.minimum() is None else [case.minimum()]
-    return tuple(t.numpy() for t in repacked(packed, scale, get_quantization(case.quant).bits, layout, *more))
+    return tuple(t.numpy() for t in repacked(packed, scale, case.q.bits, layout, *case.more()))
 
 
 def case_calls(isa: str, cases: list[Case]) -> list[tuple[Case, int, list[np.ndarray]]]:
@@ -171,8 +178,9 @@ def kernel_runs(call_tool, tmp_path_factory):
     def get(isa: str):
         if isa not in runs:
             tmp = tmp_path_factory.mktemp(isa)
-            lib = cross_build({case.function: case.kernel(isa) for case in CASES}, BUILT_FOR[isa], tmp / f"{isa}.so")
-            calls = case_calls(isa, CASES)
+            lib = cross_build({case.function: case.kernel(isa) for case in CASES_OF[isa]}, BUILT_FOR[isa],
+                              tmp / f"{isa}.so")
+            calls = case_calls(isa, CASES_OF[isa])
             done = call(call_tool, lib, "max", [(case.function, args) for case, _rows, args in calls], tmp)
             assert done.returncode == 0, done.stderr
             runs[isa] = lib, calls
@@ -193,14 +201,17 @@ def test_kernel_matches_the_integer_reference_under_qemu(isa, kernel_runs):
 
 
 def test_smmla_and_sdot_kernels_give_the_same_bits(kernel_runs):
-    """The same int32 group sums and the same float epilogue, operation for operation: equal outputs, not close."""
+    """The same int32 group sums and the same float epilogue, operation for operation: equal outputs, not close
+    (the cases both have: sdot's list ends with its dot-layout-only ones)."""
     for (case, rows, a), (_, _, b) in zip(kernel_runs("sdot")[1], kernel_runs("smmla")[1]):
         assert np.array_equal(a[-1], b[-1]), f"{case}, {rows} rows"
 
 
 def reference(case: Case, x: np.ndarray) -> np.ndarray:
     packed, scale, bias = case.weights()
-    return integer_reference(x, packed, scale, get_quantization(case.quant).bits, bias, case.act, case.minimum())
+    q, more = case.q, case.more()
+    return integer_reference(x, packed, scale, q.bits, bias, case.act, more[0] if q.has_min else None,
+                             more[-1] if q.high_bits else None, q.zero)
 
 
 def instructions(kernels: list, target) -> str:
