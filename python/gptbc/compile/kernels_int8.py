@@ -327,11 +327,8 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
                     for bb in T.unroll(nblocks):
                         acci[r * nblocks + bb] = dot(acci[r * nblocks + bb], wv[bb * 2], T.reinterpret(
                             "int8x32", T.broadcast(xq4[m0 + r, g * 8 + c], LANES)))
-                        if nibbles and halved:  # columns 16..31: the second half-group
+                        if nibbles:  # columns 16..31: acch is the second half-group's (acci where no halves)
                             acch[r * nblocks + bb] = dot(acch[r * nblocks + bb], wv[bb * 2 + 1], T.reinterpret(
-                                "int8x32", T.broadcast(xq4[m0 + r, g * 8 + c + 4], LANES)))
-                        elif nibbles:
-                            acci[r * nblocks + bb] = dot(acci[r * nblocks + bb], wv[bb * 2 + 1], T.reinterpret(
                                 "int8x32", T.broadcast(xq4[m0 + r, g * 8 + c + 4], LANES)))
             for r in T.unroll(nrows):
                 for bb in T.unroll(nblocks):
@@ -402,7 +399,8 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
             # them in registers) but every "local" one in a heap workspace, whose loads and stores LLVM keeps
             # when the function is large (3x slower prefill in a whole model; not in a one-kernel module)
             acci = T.alloc_buffer((ROWS * BLOCKS,), "int32x8")
-            acch = T.alloc_buffer((ROWS * BLOCKS if halved else 1,), "int32x8")  # the second half-groups' dots
+            halves_acc = T.alloc_buffer((ROWS * BLOCKS if halved else 1,), "int32x8")
+            acch = (acci, halves_acc)[int(halved)]  # the second half-groups' dots; one group's dot without halves
             accf = T.alloc_buffer((ROWS * BLOCKS,), "float32x8")
             wv = T.alloc_buffer((BLOCKS * 2,), "uint8x32")
             for chunk in T.serial((b * s + ROW_CHUNK - 1) // ROW_CHUNK):
