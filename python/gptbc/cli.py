@@ -447,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     u = command("bundle", "a folder that runs the model on the library's machine without Python: gptbc-run built "
                           "for its CPU, the TVM runtime, the library, weights and tokenizer")
     u.add_argument("model_dir", metavar="MODEL_DIR", help="converted weights directory")
-    u.add_argument("--lib", required=True, help="a CPU library from `gptbc compile` (cpu or aarch64-linux[:CPU])")
+    u.add_argument("--lib", required=True, help="a CPU or CUDA library from `gptbc compile` (--target cpu, "
+                   "aarch64-linux[:CPU] or cuda)")
     u.add_argument("-o", "--output", required=True, metavar="DIR", help="the bundle folder (replaced if it is one)")
     u.set_defaults(func=cmd_bundle)
 
