@@ -475,7 +475,8 @@ def bad_inputs(model_files, tmp_path_factory):
             "model_config"].update(n_layer=3)), "was compiled for n_layer 2, but the weights in {dir} have n_layer 3"),
         ("other activation", lambda d: edited(d / "gptbc-config.json", d / "gptbc-config.json", lambda c: c[
             "model_config"].update(activation_function="relu")),
-         "was compiled for activation_function gelu_pytorch_tanh, but the weights in {dir} have activation_function relu"),
+         "was compiled for activation_function gelu_pytorch_tanh, but the weights in {dir} have activation_function "
+         "relu"),
         ("extra tensor", lambda d: edited(d / "gptbc-config.json", d / "gptbc-config.json", lambda c: c[
             "params"].append({**c["params"][-1], "name": "transformer.h.2.ln_1.weight"})),
          "{dir}/gptbc-config.json: tensor transformer.h.2.ln_1.weight is not one --lib {lib} takes"),
@@ -491,8 +492,8 @@ BAD = ["missing model dir", "missing lib", "not a library", "other quantization"
        "bad ids", "empty ids", "too long", "two prompts", "no prompt", "unknown flag", "missing value", "bad number",
        "negative temperature", "temperature above 2", "zero top-p", "negative top-k", "text without tokenizer",
        "bad device", "cuda device", "config not json", "tokenizer not json",
-       "unsupported tokenizer", "tokenizer normalizer", "wrong tensor shape", "newer weights", "more layers", "other activation",
-       "extra tensor", "truncated library"] + [
+       "unsupported tokenizer", "tokenizer normalizer", "wrong tensor shape", "newer weights", "more layers",
+       "other activation", "extra tensor", "truncated library"] + [
     f"safetensors {h}" for h in ["huge-length", "garbage-header", "nested-header", "truncated", "tiny", "missing",
                                  "bad-offsets"]]
 

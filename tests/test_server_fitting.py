@@ -96,5 +96,6 @@ def test_each_request_logs_one_line(engine, tiny_model, caplog):
     parsed = [LINE.match(line) for line in lines]
     assert all(parsed), lines
     got = sorted((p[1], p[2], int(p[3]), int(p[4]), int(p[5])) for p in parsed)  # logged as each ends
-    assert got == sorted([("POST", "/v1/completions", 200, prompt_tokens, 5), ("POST", "/v1/completions", 200, prompt_tokens, 7),
+    assert got == sorted([("POST", "/v1/completions", 200, prompt_tokens, 5),
+                          ("POST", "/v1/completions", 200, prompt_tokens, 7),
                           ("POST", "/v1/completions", 400, 0, 0), ("GET", "/health", 200, 0, 0)])
