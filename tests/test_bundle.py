@@ -253,6 +253,7 @@ def test_unknown_arm_cpu_on_the_command_line(tiny_model, tmp_path, capsys):
     assert "cortex-a76" in err and not (tmp_path / "lib.so").exists()
 
 
+@pytest.mark.nvcc
 def test_cuda_bundle_carries_the_cuda_runtime_and_runs_on_cuda(tiny_model, bundle_of, tmp_path, no_python_path):
     """A CUDA library (nvcc is here) bundles like a CPU one, with TVM's CUDA runtime beside gptbc-run, and the
     bundle's gptbc-run runs it on CUDA by default. Without a GPU, a driver stand-in that has no device

@@ -549,6 +549,7 @@ def test_cuda_support_is_optional_and_says_so(model_files, tmp_path):
         "beside libtvm_runtime, or -DGPTBC_CUDA=OFF); rebuild it where the TVM wheel has it"]
 
 
+@pytest.mark.nvcc
 def test_a_cuda_library_is_refused_on_the_cpu(tiny_model, native, tmp_path):
     """A library whose kernels are CUDA's (nvcc is here; no GPU is needed to build one) named with --device cpu."""
     from gptbc.artifact.config import resolve_model
@@ -562,6 +563,7 @@ def test_a_cuda_library_is_refused_on_the_cpu(tiny_model, native, tmp_path):
         f"error: --lib {lib} was built for cuda, not for device cpu: run it with --device cuda"], done.stderr
 
 
+@pytest.mark.nvcc  # cc, for the libcuda stand-in
 def test_cuda_runtime_is_loaded_from_beside_libtvm_runtime(model_files, native, tmp_path):
     """With a driver stand-in that has no device (tests/test_cuda_library.py), gptbc-run loads TVM's CUDA runtime
     from the wheel, which registers the CUDA device, and asks it whether device 0 exists: that is all of
