@@ -194,6 +194,7 @@ void read_common(const json::Object& m, const Reader& r, const std::string& redo
     if (std::string(key) == "vocab_size") h->vocab_size = v;
   }
   h->identity = read_identity(cfg, r);
+  if (Reader::has(m, "tensor_parallel")) h->tensor_parallel = r.positive(m, "tensor_parallel");
   if (auto eos = json::find(cfg, "eos_token_id")) {  // HF's spellings: absent, null, an id or a list of ids
     std::string kind = kind_of(*eos);
     if (kind == "integer") {
@@ -289,6 +290,11 @@ Library parse_library(const std::string& text, const std::string& lib) {
 }
 
 void check_compatible(const Library& lib, const Weights& weights) {
+  if (lib.tensor_parallel != weights.tensor_parallel) {
+    throw Error("--lib " + lib.lib + " was compiled with --tensor-parallel " + std::to_string(lib.tensor_parallel) +
+                ", but the weights in " + weights.directory + " were converted with --tensor-parallel " +
+                std::to_string(weights.tensor_parallel) + "; compile and convert with the same N");
+  }
   const std::pair<const char*, int64_t Header::*> layout[] = {{"a KV-cache page size", &Header::page_size},
                                                               {"a tensor alignment", &Header::alignment}};
   for (const auto& [what, member] : layout) {

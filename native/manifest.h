@@ -38,6 +38,7 @@ struct Header {
   int64_t vocab_size = 0, n_embd = 0;
   std::vector<int32_t> config_eos_ids;  // model_config.eos_token_id (absent: none)
   std::string quantization;             // as messages show it: "q4f32_1" or "q4f32_1 (lm_head unquantized)"
+  int64_t tensor_parallel = 1;          // ranks the artifact was built for (absent: 1)
   std::vector<IdentityField> identity;  // model_config's _IDENTITY fields, in that order
   std::string bits;                     // quantization.bits as shown ("None" when absent or null)
   std::map<std::string, int64_t> widths;  // quantization.widths: {module: bits} of a per-tensor scheme

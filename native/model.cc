@@ -185,6 +185,11 @@ Model::Model(const std::string& model_dir, const std::string& lib, const std::st
   open_device(device);
   load_library(lib);
   manifest::check_compatible(meta_, weights);
+  if (meta_.tensor_parallel > 1) {  // one rank's library: its layers would compute a slice of the model
+    throw Error("--lib " + lib + " is one rank of a --tensor-parallel " + std::to_string(meta_.tensor_parallel) +
+                " model; gptbc-run runs one device (run it with `gptbc generate --tensor-parallel " +
+                std::to_string(meta_.tensor_parallel) + "`)");
+  }
   if (dev_.device_type == kDLWebGPU) check_device_limits();
   vocab_size_ = meta_.vocab_size;
   n_embd_ = meta_.n_embd;

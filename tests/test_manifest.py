@@ -91,6 +91,9 @@ CASES = {
                         "layer_norm_epsilon 1e-06;",
     "multi-query-mismatch": "--lib {lib} was compiled for multi_query false, but the weights in {dir} have "
                             "multi_query true;",
+    "tensor-parallel-mismatch": "--lib {lib} was compiled with --tensor-parallel 2, but the weights in {dir} were "
+                                "converted with --tensor-parallel 1; compile and convert with the same N",
+    "library-tensor-parallel-string": "--lib {lib} metadata: tensor_parallel must be an integer, got string",
     "extra-param": "{dir}/gptbc-config.json: tensor transformer.h.1.ln_1.weight is not one --lib {lib} takes",
     "widths-mismatch": "--lib {lib} was compiled for transformer.h.0.mlp.c_fc at 6 bits, but the weights in {dir} "
                        "have it at 4 bits; compile the library from the converted directory (gptbc compile --model "

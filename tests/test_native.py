@@ -418,6 +418,14 @@ def bad_inputs(model_files, tmp_path_factory):
     ids = ["--prompt-ids", "1,2,3"]
     (root / "not-a-lib.so").write_text("hello")
     (root / "cut.so").write_bytes(lib.read_bytes()[:lib.stat().st_size // 2])  # SIGBUS in dlopen, unchecked
+    # one rank of a 2-way tensor-parallel model, and weights presharded for it: the manifests agree, but gptbc-run
+    # runs one device (the field written over the library's metadata in place, at the same length)
+    blob = lib.read_bytes()
+    assert blob.count(b'"batch_invariant": false') == 1
+    (root / "rank.so").write_bytes(blob.replace(b'"batch_invariant": false', b'"tensor_parallel": 2    '))
+    shutil.copytree(out_dir, root / "presharded")
+    edited(root / "presharded" / "gptbc-config.json", root / "presharded" / "gptbc-config.json",
+           lambda c: c.update(tensor_parallel=2))
     cases = {
         "missing model dir": (["--model", str(root / "nope"), "--lib", str(lib), *ids], "no gptbc-config.json"),
         "missing lib": (["--model", str(out_dir), "--lib", str(root / "nope.so"), *ids], "nope.so: file not found"),
@@ -428,6 +436,9 @@ def bad_inputs(model_files, tmp_path_factory):
         "other model": (["--model", str(mha_dir), "--lib", str(lib), *ids],
                         f"--lib {lib} was compiled for multi_query true, but the weights in {mha_dir} have "
                         f"multi_query false; a library runs only the model it was compiled for"),
+        "tensor-parallel library": (["--model", str(root / "presharded"), "--lib", str(root / "rank.so"), *ids],
+                                    f"--lib {root / 'rank.so'} is one rank of a --tensor-parallel 2 model; gptbc-run "
+                                    f"runs one device (run it with `gptbc generate --tensor-parallel 2`)"),
         "truncated library": (["--model", str(out_dir), "--lib", str(root / "cut.so"), *ids],
                               f"--lib {root / 'cut.so'}: truncated or damaged (segment "),
         "bad token id": ([*ok, "--prompt-ids", "1,320"], "token id 320 at position 1 is outside the vocabulary"),
@@ -493,7 +504,7 @@ BAD = ["missing model dir", "missing lib", "not a library", "other quantization"
        "negative temperature", "temperature above 2", "zero top-p", "negative top-k", "text without tokenizer",
        "bad device", "cuda device", "config not json", "tokenizer not json",
        "unsupported tokenizer", "tokenizer normalizer", "wrong tensor shape", "newer weights", "more layers",
-       "other activation", "extra tensor", "truncated library"] + [
+       "other activation", "extra tensor", "truncated library", "tensor-parallel library"] + [
     f"safetensors {h}" for h in ["huge-length", "garbage-header", "nested-header", "truncated", "tiny", "missing",
                                  "bad-offsets"]]
 

@@ -16,11 +16,12 @@ Weights (`gptbc-config.json`):
                         lists one rank's shapes and rank 0's files, and rank r's tensors sit in the files of
                         the same names with the `rank0-` prefix replaced (`rank_file`)
 Library (`_metadata`):
-  the common header, model_config, quantization, target (the --target spelling), device (cpu, cuda, ...),
+  the common header, model_config (its `_IDENTITY` fields must equal the weights': a library runs only its own
+  model), quantization (per-tensor widths included), target (the --target spelling), device (cpu, cuda, ...),
   context_window_size, prefill_chunk_size, max_batch_size, params [{name, shape, dtype}]
   tensor_parallel       N > 1 only (absent: 1): the library is one rank of an N-way tensor-parallel model, to be
-                        run by N disco workers (runtime/disco_runner.py); read by the Python runtime alone,
-                        as cuda_fatbin is
+                        run by N disco workers (runtime/disco_runner.py); both readers compare it with the
+                        weights', and gptbc-run (one device) refuses N > 1
   cuda_fatbin           CUDA libraries only: [{kind: "sass" | "ptx", arch: 80}], what the nvcc fatbin linked
                         into the library holds. Optional, and read by runtime/cuda.py alone (its "this GPU
                         cannot run it" refusal), so neither reader here nor native/manifest.cc checks it and
@@ -264,6 +265,8 @@ def _common(m: dict, r: _Reader, redo: str) -> None:
         r.field(q, "quantize_lm_head", "boolean", "quantization.quantize_lm_head")
     if q.get("bits") is not None:
         r.field(q, "bits", "integer", "quantization.bits")
+    if "tensor_parallel" in m:
+        r.positive(m, "tensor_parallel")
     if "widths" in q:
         for module, bits in r.field(q, "widths", "object", "quantization.widths").items():
             r.typed(bits, "integer", f"quantization.widths.{module}")

@@ -116,6 +116,8 @@ CASES: dict[str, tuple[Edit | None, Edit | None]] = {
     "activation-mismatch": (lambda w: w["model_config"].update(activation_function="gelu"), None),
     "epsilon-mismatch": (lambda w: w["model_config"].update(layer_norm_epsilon=1e-6), None),
     "multi-query-mismatch": (None, lambda m: m["model_config"].update(multi_query=False)),
+    "tensor-parallel-mismatch": (None, lambda m: m.update(tensor_parallel=2)),
+    "library-tensor-parallel-string": (None, lambda m: m.update(tensor_parallel="2")),
     "extra-param": (lambda w: w["params"].append({**w["params"][0], "name": "transformer.h.1.ln_1.weight"}), None),
     "widths-mismatch": tuple(  # a per-tensor scheme with one module at 4 bits in the weights, 6 (default) in the library
         (lambda mw, width=width: (mw["quantization"].update(name="qkf32_a", kind="affine", bits=6, group_size=16),
