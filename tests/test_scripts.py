@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from native_build import build
+from native_build import shared_build
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,8 +44,8 @@ def test_every_script_is_run_by_a_test():
 # ---- bench_native.py: gptbc-run and the Python engine on one model ----
 
 @pytest.fixture(scope="module")
-def gptbc_run(tmp_path_factory) -> Path:
-    return build(tmp_path_factory.mktemp("native") / "build", target="gptbc-run") / "gptbc-run"
+def gptbc_run() -> Path:
+    return shared_build() / "gptbc-run"
 
 
 def test_bench_native(tiny_model, gptbc_run):
