@@ -312,3 +312,18 @@ def test_two_processes_starting_one_uncached_model_build_it_once(tiny_model, tmp
     assert err.count("library: built in") == 1 and err.count("weights: built in") == 1
     assert json.loads(outs[0][0])["token_ids"] == json.loads(outs[1][0])["token_ids"]
     assert len(list((tmp_path / "cache" / "libraries").glob("[0-9a-f]*"))) == 1
+
+
+def test_progress_on_a_terminal_is_a_bar_and_elsewhere_lines(monkeypatch, capsys):
+    from gptbc import prepare
+
+    lines = []
+    with prepare.progress("compile", 5.0, lines.append) as log:
+        log("[gptbc] a phase")
+    assert lines == ["[gptbc] a phase"] and capsys.readouterr().err == ""  # not a terminal: the lines alone
+    monkeypatch.setattr(prepare.sys.stderr, "isatty", lambda: True)
+    with prepare.progress("compile", 5.0, lines.append) as log:
+        time.sleep(1.3)
+        log("[gptbc] a phase")
+    err = capsys.readouterr().err
+    assert "compile:" in err and "/5" in err and "[gptbc] a phase" in err and lines == ["[gptbc] a phase"]

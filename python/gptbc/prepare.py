@@ -9,15 +9,17 @@ commit) + scheme + tensor-parallel degree + the converter's sources; the library
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from gptbc.artifact import cache
 from gptbc.artifact.config import (GPTBC_CONFIG, fetch_from_hub, load_gptbc_config, looks_like_hub_id,
@@ -83,8 +85,43 @@ def prepare(model: str, lib: str | None = None, quantization: str | None = None,
         scheme = load_gptbc_config(model_dir)["quantization"]
         plan = plan_library(source, target, scheme["name"], scheme.get("quantize_lm_head", True), activations,
                             batch_invariant, tensor_parallel)
-        lib = cached_library(plan, log)
+        with progress("compile", estimate_seconds("libraries", target), log) as shown:
+            lib = cached_library(plan, shown)
     return Prepared(name, model_dir, Path(lib), device)
+
+
+def estimate_seconds(kind: str, target: str) -> float | None:
+    """How long a build of `kind` for `target` took here, the median of those in the cache (None: never built)."""
+    took = sorted(e.info.get("build_seconds", 0) for e in cache.entries()
+                  if e.kind == kind and e.info.get("parts", {}).get("target") == target)
+    return took[len(took) // 2] if took else None
+
+
+@contextlib.contextmanager
+def progress(what: str, estimate: float | None, log: Callable[[str], None]) -> Iterator[Callable[[str], None]]:
+    """On a terminal, a bar of the seconds spent against the estimate (so an ETA) while the block runs, its lines
+    printed above the bar; elsewhere the block's lines alone (one per phase)."""
+    if not sys.stderr.isatty():
+        yield log
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=round(estimate) if estimate else None, desc=what, unit="s", file=sys.stderr, leave=False)
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(1.0):
+            if bar.total is None or bar.n < bar.total - 1:  # past the estimate: hold just short of the end
+                bar.update(1)
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        yield lambda m: bar.write(m, file=sys.stderr)
+    finally:
+        stop.set()
+        ticker.join()
+        bar.close()
 
 
 def converted(model: str, quantization: str | None, random_weights: bool, tp: int,
@@ -160,7 +197,7 @@ def _source(model: str) -> tuple[str, str, dict[str, Any]]:
         raise GptbcError(f"{model}: not a GGUF file, a model directory, a Hub id or a preset")
     if looks_like_hub_id(model):
         repo, revision = split_revision(model)
-        snapshot = fetch_from_hub(repo, revision=revision)
+        snapshot = fetch_from_hub(repo, revision=revision)  # huggingface_hub draws its own bars on a terminal
         return str(snapshot), repo.split("/")[-1], {"hub": repo, "commit": snapshot.name}
     raise GptbcError(f"{model}: not a converted or Hugging Face directory, a GGUF file, a Hub id (owner/name) or a "
                      f"preset ({', '.join(preset_names())})")
