@@ -85,7 +85,7 @@ def prepare(model: str, lib: str | None = None, quantization: str | None = None,
         scheme = load_gptbc_config(model_dir)["quantization"]
         plan = plan_library(source, target, scheme["name"], scheme.get("quantize_lm_head", True), activations,
                             batch_invariant, tensor_parallel)
-        with progress("compile", estimate_seconds("libraries", target), log) as shown:
+        with progress_bar("compile", estimate_seconds("libraries", target), log) as shown:
             lib = cached_library(plan, shown)
     return Prepared(name, model_dir, Path(lib), device)
 
@@ -98,7 +98,8 @@ def estimate_seconds(kind: str, target: str) -> float | None:
 
 
 @contextlib.contextmanager
-def progress(what: str, estimate: float | None, log: Callable[[str], None]) -> Iterator[Callable[[str], None]]:
+def progress_bar(what: str, estimate: float | None,
+                 log: Callable[[str], None]) -> Iterator[Callable[[str], None]]:
     """On a terminal, a bar of the seconds spent against the estimate (so an ETA) while the block runs, its lines
     printed above the bar; elsewhere the block's lines alone (one per phase)."""
     if not sys.stderr.isatty():
