@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -90,7 +91,6 @@ def cmd_convert_weight(args: argparse.Namespace) -> int:
 
 def use_threads(args: argparse.Namespace) -> None:
     """--threads: TVM's CPU worker count, read when its thread pool starts (the first parallel kernel)."""
-    import os
 
     if getattr(args, "threads", None):
         os.environ["TVM_NUM_THREADS"] = str(args.threads)
@@ -287,8 +287,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
     from gptbc.runtime.engine import Engine
     from gptbc.serve.app import serve
 
@@ -555,5 +553,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `gptbc` console command: main() in a process of its own, where torch is kept out. tvm_ffi imports
+    torch whenever it is installed (a workaround for a symbol clash on Windows, and for optional DLPack interop),
+    which costs 1.5-3 s of every start here; nothing gptbc runs needs torch, so its import fails for this process.
+    (Tests call main() in their own process, where torch stays importable.)"""
+    if "torch" not in sys.modules:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tvm_ffi catches
+        os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
