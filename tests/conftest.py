@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hf_models import make_checkpoint  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share two cores: an idle TVM pool thread sleeps at once instead of spinning on a core the other
+    # worker needs (TVM reads this when its pool starts; subprocesses inherit it).
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 
 def pytest_runtest_setup(item) -> None:

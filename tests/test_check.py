@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from native_build import build
+from native_build import shared_build
 from vulkan_device import need_vulkan
 
 
@@ -31,8 +31,8 @@ def passed(run: subprocess.CompletedProcess, layouts=("mqa", "mha")) -> dict:
 
 
 @pytest.fixture(scope="module")
-def gptbc_run(tmp_path_factory) -> Path:
-    return build(tmp_path_factory.mktemp("native") / "build", target="gptbc-run") / "gptbc-run"
+def gptbc_run() -> Path:
+    return shared_build() / "gptbc-run"
 
 
 def test_check_cpu_with_the_native_runner(gptbc_run):

@@ -15,8 +15,9 @@ MODEL_FUNCTIONS = ["embed", "prefill", "decode", "batch_prefill", "batch_decode"
                    "create_paged_kv_cache", "argmax", "_metadata"]
 
 
-def gptbc(*args, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["gptbc", *map(str, args)], capture_output=True, text=True, check=check)
+def gptbc(*args, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["gptbc", *map(str, args)], capture_output=True, text=True, check=check,
+                          env={**os.environ, **(env or {})})
 
 
 def library_metadata(lib):
@@ -30,12 +31,13 @@ def library_metadata(lib):
 
 
 def test_checkpoint_to_text_walkthrough(tmp_path):
-    """The README walk-through: HF checkpoint → convert → compile → generate, greedy ids equal HF."""
+    """The README walk-through: HF checkpoint → convert → compile → generate, greedy ids equal HF. The suite's
+    one compile without the artifact cache (GPTBC_NO_CACHE): every other library comes from it or goes into it."""
     hf_dir = make_checkpoint(tmp_path / "hf", n_embd=64, n_head=4, n_layer=2, tokenizer="dash", seed=5)
     out_dir, lib = tmp_path / "out", tmp_path / "model.so"
     gptbc("convert-weight", hf_dir, "--quantization", "q0f32", "-o", out_dir)
-    build = gptbc("compile", "--model", out_dir, "--target", "cpu", "-o", lib)
-    assert build.stdout.strip() == str(lib) and "lower and build" in build.stderr
+    build = gptbc("compile", "--model", out_dir, "--target", "cpu", "-o", lib, env={"GPTBC_NO_CACHE": "1"})
+    assert build.stdout.strip() == str(lib) and "lower and build" in build.stderr and "cached" not in build.stderr
     run = gptbc("generate", out_dir, "--lib", lib, "--prompt", "def fibonacci(n):", "--max-new-tokens", "10", "--json")
     result = json.loads(run.stdout)
 

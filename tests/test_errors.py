@@ -153,15 +153,18 @@ def test_unwritable_outputs_are_one_line(capsys, ckpt, tmp_path, where):
 
 
 def test_ctrl_c_is_one_line_and_leaves_nothing(tmp_path):
-    """SIGINT in the middle of a compile (inside TVM's passes, which wrap the KeyboardInterrupt)."""
+    """SIGINT in the middle of a compile (inside TVM's passes, which wrap the KeyboardInterrupt), building into an
+    empty artifact cache: neither -o nor the cache gets anything."""
+    import os
     import signal
     import subprocess
     import time
 
-    out = tmp_path / "lib"
+    out, cache = tmp_path / "lib", tmp_path / "cache"
     out.mkdir()
     proc = subprocess.Popen(["gptbc", "compile", "--model", "santacoder", "-o", str(out / "x.so")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "GPTBC_CACHE_DIR": str(cache)})
     deadline = time.time() + 60
     line = ""
     while "export" not in line and time.time() < deadline:  # interrupt once lowering has started
@@ -172,6 +175,7 @@ def test_ctrl_c_is_one_line_and_leaves_nothing(tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "error: interrupted"
     assert list(out.iterdir()) == []
+    assert [p.name for p in (cache / "libraries").iterdir() if not p.name.endswith(".lock")] == []
 
 
 def test_token_id_outside_vocabulary(capsys, tiny_model):

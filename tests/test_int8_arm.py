@@ -113,12 +113,10 @@ ROWS = (1, 3, 70)  # one row (decode), an odd count (smmla pairs the last row wi
 @pytest.fixture(scope="module")
 def call_tool():
     """(gptbc-call for aarch64, the folders of its TVM libraries): built once, cached like a bundle's gptbc-run."""
-    from gptbc.bundle import build_program, cached_program, foreign_runtime
+    from gptbc.bundle import foreign_runtime, native_program
 
     runtime = foreign_runtime("aarch64", log=print)
-    exe = cached_program("aarch64", "gptbc-call")
-    if not exe.is_file():
-        build_program("aarch64", runtime, exe, log=print)
+    exe = native_program("aarch64", runtime, log=print, name="gptbc-call")
     return exe, [runtime.tvm_dir / "lib", runtime.ffi_dir / "lib"]
 
 
@@ -284,7 +282,8 @@ def test_trained_model_i8mm_bundle_equals_the_x86_int8_path(tmp_path):
 
     from gptbc.artifact.config import resolve_model
     from gptbc.artifact.convert import convert_weight
-    from gptbc.bundle import library_metadata, make_bundle
+    from gptbc.artifact.manifest import library_metadata_of
+    from gptbc.bundle import make_bundle
     from gptbc.compile.compiler import compile_model
     from gptbc.runtime.engine import Engine
     from test_quantization import TRAINED
@@ -292,7 +291,7 @@ def test_trained_model_i8mm_bundle_equals_the_x86_int8_path(tmp_path):
     out = convert_weight(TRAINED, "q4f32_1", tmp_path / "out", progress=False)
     arm = compile_model(resolve_model(str(out)), "aarch64-linux:neoverse-v1", "q4f32_1", tmp_path / "arm.so",
                         log=lambda _m: None)
-    meta = library_metadata(arm, arm.read_bytes())
+    meta = library_metadata_of(arm)
     assert meta["activations"] == "int8"
     kinds = {p["repack"].split("_")[2] for p in meta["params"] if p.get("repack") and p["name"].endswith(".q_weight")}
     assert kinds == {"mmla"}  # repack_int4_mmla_<shape>_<dtype>

@@ -16,7 +16,7 @@ from gptbc.artifact import manifest
 from gptbc.artifact.config import GPTBigCodeConfig, ModelSource, resolve_model
 from gptbc.errors import GptbcError
 from gptbc.artifact.quantization import get_quantization
-from native_build import build
+from native_build import shared_build
 
 FIXTURES = Path(__file__).resolve().parent / "data" / "manifests"
 LIB = "library.json"
@@ -113,11 +113,9 @@ def python_answer(case: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def check_manifest(tmp_path_factory) -> Path:
+def check_manifest() -> Path:
     """gptbc-check-manifest alone (three source files), under AddressSanitizer: the reader takes untrusted files."""
-    build_dir = build(tmp_path_factory.mktemp("manifest") / "build", "-DGPTBC_ASAN=ON", "-DCMAKE_BUILD_TYPE=Debug",
-                      target="gptbc-check-manifest")
-    return build_dir / "gptbc-check-manifest"
+    return shared_build("-DGPTBC_ASAN=ON", "-DCMAKE_BUILD_TYPE=Debug") / "gptbc-check-manifest"
 
 
 def native_answer(exe: Path, case: Path) -> str:

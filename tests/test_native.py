@@ -17,7 +17,7 @@ import pytest
 from gptbc.runtime.engine import Engine
 from gptbc.runtime.sampling import RANGES, SamplingParams
 from hf_models import CORPUS, make_tokenizer
-from native_build import REPO, build, cmake
+from native_build import REPO, build, cmake, shared_build
 
 MAX_NEW = 24
 
@@ -25,14 +25,14 @@ MAX_NEW = 24
 # ---- building ----
 
 @pytest.fixture(scope="module")
-def native(tmp_path_factory) -> Path:
-    return build(tmp_path_factory.mktemp("native") / "build")
+def native() -> Path:
+    return shared_build()
 
 
 @pytest.fixture(scope="module")
-def native_asan(tmp_path_factory) -> Path:
+def native_asan() -> Path:
     # Debug: -O0 compiles in half the time, and ASan reports read better.
-    return build(tmp_path_factory.mktemp("native-asan") / "build", "-DGPTBC_ASAN=ON", "-DCMAKE_BUILD_TYPE=Debug")
+    return shared_build("-DGPTBC_ASAN=ON", "-DCMAKE_BUILD_TYPE=Debug")
 
 
 def test_configure_fails_clearly_without_tvm(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from native_build import build
+from native_build import shared_build
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,8 +44,8 @@ def test_every_script_is_run_by_a_test():
 # ---- bench_native.py: gptbc-run and the Python engine on one model ----
 
 @pytest.fixture(scope="module")
-def gptbc_run(tmp_path_factory) -> Path:
-    return build(tmp_path_factory.mktemp("native") / "build", target="gptbc-run") / "gptbc-run"
+def gptbc_run() -> Path:
+    return shared_build() / "gptbc-run"
 
 
 def test_bench_native(tiny_model, gptbc_run):
@@ -195,3 +195,17 @@ def test_check_gguf_santacoder_smallest_mode(tmp_path):
     assert "greedy tokens identical" in run.stdout
     missing = run_script("check_gguf_santacoder.py", "--llama-quantize", tmp_path / "nope")
     one_line_error(missing, "--llama-quantize", "no such file")
+
+
+# ---- bench_start.py: `gptbc serve MODEL` to a healthy /health, first start and after ----
+
+def test_bench_start(tiny_model):
+    """Its smallest mode: an HF directory, two starts with the suite's cache (the library is the one the fixture
+    built; the weights are converted on the first start unless another test did); the second builds nothing."""
+    m = tiny_model("mqa64")
+    run = run_script("bench_start.py", m.hf_dir, "--quantization", "q0f32", "--starts", 2, "--json", timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    starts = json.loads(run.stdout)["starts"]
+    assert len(starts) == 2 and all(s["to_health_s"] > 0 for s in starts)
+    assert starts[1]["built"] == [] and len(starts[1]["cached"]) == 2
+    assert not any("library" in b for b in starts[0]["built"])

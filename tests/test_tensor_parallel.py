@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from hf_models import load_hf, make_checkpoint
-from native_build import build
+from native_build import build, shared_build
 
 from gptbc.artifact.config import resolve_model
 from gptbc.artifact.convert import convert_weight
@@ -30,9 +30,9 @@ PROMPTS = [[5, 9, 14, 3, 7, 22, 1], [40, 41, 42], [7, 7, 8, 9, 10, 11, 12, 13, 1
 
 
 @pytest.fixture(scope="session", autouse=True)
-def ccl_library(tmp_path_factory):
+def ccl_library():
     """libgptbc_ccl_cpu built with the README's CMake commands, for every TP run of the session."""
-    lib = build(tmp_path_factory.mktemp("ccl-build"), target="gptbc_ccl_cpu") / "libgptbc_ccl_cpu.so"
+    lib = shared_build() / "libgptbc_ccl_cpu.so"
     assert lib.is_file()
     os.environ["GPTBC_CCL_LIBRARY"] = str(lib)  # the worker host processes inherit it
     yield lib

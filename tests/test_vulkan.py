@@ -330,13 +330,13 @@ def test_weight_over_binding_limit_is_refused(tmp_path):
     assert_one_line_error(run, "tensor transformer.wte.weight", f"{vocab * 128 * 4} bytes", f"{limit} bytes")
 
 
-def test_gptbc_run_on_vulkan(tiny_model, vulkan_lib, tmp_path_factory):
+def test_gptbc_run_on_vulkan(tiny_model, vulkan_lib):
     """The native runner, built with the README's CMake commands, loads libgptbc_webgpu from beside itself."""
-    from test_native import build
+    from native_build import shared_build
 
     m = tiny_model("mqa64")
     out, vk, cpu = vulkan_lib("mqa64")
-    exe = build(tmp_path_factory.mktemp("native-vulkan") / "build") / "gptbc-run"
+    exe = shared_build() / "gptbc-run"
     assert (exe.parent / "libgptbc_webgpu.so").is_file()
     run = subprocess.run([exe, "--model", out, "--lib", vk, "--device", "vulkan", "--prompt-ids",
                           ",".join(map(str, PROMPT)), "--max-new-tokens", str(STEPS), "--json"],

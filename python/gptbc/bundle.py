@@ -6,9 +6,9 @@ that compiled the library, the library (`model.so`), the converted weights with 
 (`model/`), `bundle.json` (every file with its size; gptbc-run checks the copy is whole before using it) and a
 README.txt. gptbc-run has an `$ORIGIN` rpath, so the folder runs wherever it is copied.
 
-What is slow to make is cached under ~/.cache/gptbc (GPTBC_CACHE_DIR overrides): the foreign-architecture
-wheels (downloaded once per TVM version with `pip download`), their runtime libraries unpacked, and gptbc-run
-per (architecture, TVM version, hash of the native sources).
+What is slow to make is kept in the artifact cache (artifact/cache.py, `gptbc cache list`): the foreign-architecture
+wheels (downloaded once per TVM version with `pip download`, or taken from CACHE/downloads where a user put them)
+with their runtime libraries unpacked, and gptbc-run per (architecture, TVM version, hash of the native sources).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from gptbc import __version__
-from gptbc.artifact import manifest
+from gptbc.artifact import cache, manifest
 from gptbc.compile.targets import AARCH64_PACKAGE, arm_cpu_features
 from gptbc.errors import GptbcError
 from gptbc.runtime.devices import ELF_MACHINES, check_library_intact, host_arch, library_arch
@@ -57,12 +57,6 @@ class Runtime:
         return (self.tvm_dir if package == "tvm" else self.ffi_dir) / path
 
 
-def cache_dir() -> Path:
-    if os.environ.get("GPTBC_CACHE_DIR"):
-        return Path(os.environ["GPTBC_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptbc"
-
-
 def tvm_versions() -> tuple[str, str]:
     """(apache-tvm, apache-tvm-ffi) versions installed here: the runtime a bundle ships must be exactly these."""
     return importlib.metadata.version("apache-tvm"), importlib.metadata.version("apache-tvm-ffi")
@@ -81,25 +75,12 @@ def bundle_arch(lib: Path) -> str:
     return arch
 
 
-def library_metadata(lib: Path, blob: bytes) -> dict:
-    """The library's `_metadata`, read from its bytes (a foreign-architecture library cannot be loaded here)."""
-    start = blob.find(b'{"gptbc_version"')
-    if start < 0:
-        raise GptbcError(f"--lib {lib}: not a gptbc model library (no metadata)")
-    try:
-        meta, _end = json.JSONDecoder().raw_decode(blob[start:start + (1 << 24)].decode("utf-8", "replace"))
-    except ValueError:
-        raise GptbcError(f"--lib {lib}: its metadata is not valid JSON") from None
-    return manifest.parse_library(json.dumps(meta), lib)
-
-
 def check_library(lib: Path, model_dir: Path) -> tuple[str, dict]:
     """(architecture, metadata) of a library that a bundle can run with these weights; else a one-line error."""
     if not lib.is_file():
         raise GptbcError(f"--lib {lib}: file not found")
     check_library_intact(lib)  # a bundle of a cut library would die of SIGBUS on the board, nothing printed
-    blob = lib.read_bytes()
-    arch, meta = bundle_arch(lib), library_metadata(lib, blob)
+    arch, meta = bundle_arch(lib), manifest.library_metadata_of(lib)
     if meta["device"] not in DEVICES:
         raise GptbcError(f"--lib {lib} was built for {meta['device']} (--target {meta['target']}); a bundle runs CPU "
                          f"libraries (cpu, aarch64-linux[:CPU]) and CUDA ones")
@@ -123,10 +104,19 @@ def wheel_names(arch: str) -> list[str]:
     return [f"apache_tvm-{tvm_version}-*_{arch}.whl", f"apache_tvm_ffi-{ffi_version}-*_{arch}.whl"]
 
 
-def fetch_wheels(arch: str, log: Callable[[str], None]) -> list[Path]:
-    """The apache-tvm and apache-tvm-ffi wheels of the installed versions for `arch`: from the cache, else
-    `pip download` (once); offline, a one-line error that says what to download and where to put it."""
-    folder = cache_dir() / "wheels"
+def downloads_dir() -> Path:
+    """Where a user without internet puts wheels fetched elsewhere (they are taken from here before pip is asked)."""
+    return cache.cache_root() / "downloads"
+
+
+def fetch_wheels(arch: str, folder: Path, log: Callable[[str], None]) -> list[Path]:
+    """The apache-tvm and apache-tvm-ffi wheels of the installed versions for `arch`, into `folder`: from the
+    downloads folder, else `pip download`; offline, a one-line error that says what to download and where to put
+    it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for pattern in wheel_names(arch):
+        for wheel in sorted(downloads_dir().glob(pattern))[:1]:
+            shutil.copyfile(wheel, folder / wheel.name)
     found = [next(iter(sorted(folder.glob(p))), None) for p in wheel_names(arch)]
     if all(found):
         return found
@@ -136,7 +126,6 @@ def fetch_wheels(arch: str, log: Callable[[str], None]) -> list[Path]:
     command = ["pip", "download", "--no-deps", "--only-binary=:all:", "--platform", platform, "--python-version",
                f"{sys.version_info.major}.{sys.version_info.minor}", *pins, "-d", str(folder)]
     log(f"[gptbc] downloading the {arch} TVM runtime: {' '.join(command)}")
-    folder.mkdir(parents=True, exist_ok=True)
     done = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True)
     found = [next(iter(sorted(folder.glob(p))), None) for p in wheel_names(arch)]
     if done.returncode != 0 or not all(found):
@@ -144,32 +133,27 @@ def fetch_wheels(arch: str, log: Callable[[str], None]) -> list[Path]:
         raise GptbcError(f"cannot fetch the {arch} TVM runtime ({why}); on a machine with internet run "
                          f"`pip download --no-deps --only-binary=:all: --platform {platform} --python-version "
                          f"{sys.version_info.major}.{sys.version_info.minor} {' '.join(pins)}` and put the two "
-                         f"wheels in {folder}")
+                         f"wheels in {downloads_dir()}")
     return found
 
 
 def foreign_runtime(arch: str, log: Callable[[str], None]) -> Runtime:
-    """The runtime libraries and headers of `arch`'s wheels, unpacked once into the cache."""
+    """The runtime libraries and headers of `arch`'s wheels: downloaded and unpacked once, a cache entry."""
     tvm_version, ffi_version = tvm_versions()
-    root = cache_dir() / "runtime" / f"{arch}-tvm{tvm_version}-ffi{ffi_version}"
-    runtime = Runtime(root / "tvm", root / "tvm_ffi")
-    if all(p.is_file() for p in libs_in(runtime)):
-        return runtime
-    wheels = fetch_wheels(arch, log)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+
+    def unpack(folder: Path) -> None:
+        wheels = fetch_wheels(arch, folder / "wheels", log)
         for wheel, package in zip(wheels, ("tvm", "tvm_ffi")):
             libs = {f"{p}/{path}" for p, path in RUNTIME_LIBS.values() if p == package}
             with zipfile.ZipFile(wheel) as z:
-                z.extractall(tmp, [m for m in z.namelist() if m.startswith(f"{package}/include/") or m in libs])
-        for lib in libs_in(Runtime(tmp / "tvm", tmp / "tvm_ffi")):
+                z.extractall(folder, [m for m in z.namelist() if m.startswith(f"{package}/include/") or m in libs])
+        for lib in libs_in(Runtime(folder / "tvm", folder / "tvm_ffi")):
             lib.chmod(0o755)  # zipfile drops the mode
-        shutil.rmtree(root, ignore_errors=True)
-        os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return runtime
+
+    key = {"arch": arch, "tvm": tvm_version, "tvm_ffi": ffi_version,
+           "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
+    entry = cache.get_or_build("wheels", key, unpack, describe=f"the {arch} TVM {tvm_version} runtime", log=log)
+    return Runtime(entry.path / "tvm", entry.path / "tvm_ffi")
 
 
 def libs_in(runtime: Runtime) -> list[Path]:
@@ -228,18 +212,20 @@ def check_toolchain(arch: str) -> list[str]:
     return [cxx]
 
 
-def cached_program(arch: str, name: str = RUNNER) -> Path:
-    """Where native program `name` (gptbc-run; the tests' gptbc-call) for `arch`, this TVM and these native
-    sources is (or will be) cached."""
-    return cache_dir() / name / f"{arch}-tvm{tvm_versions()[0]}-{source_hash(source_tree())}" / name
-
-
-def build_program(arch: str, runtime: Runtime, exe: Path, log: Callable[[str], None]) -> Path:
-    """Build the CMake target exe.name for `arch` with an $ORIGIN rpath into the cache path `exe`."""
+def native_program(arch: str, runtime: Runtime, log: Callable[[str], None], name: str = RUNNER) -> Path:
+    """Native program `name` (gptbc-run; the tests' gptbc-call) for `arch`, this TVM and these native sources:
+    built with an $ORIGIN rpath once, a cache entry."""
     cross = check_toolchain(arch)
-    log(f"[gptbc] building {exe.name} for {arch} (cached in {exe.parent})")
-    exe.parent.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{exe.parent.name}.", dir=exe.parent.parent) as tmp:
+    key = {"program": name, "arch": arch, "tvm": tvm_versions()[0], "sources": source_hash(source_tree()),
+           "runtime": str(runtime.tvm_dir), "cross": cross}
+    entry = cache.get_or_build("native", key, lambda folder: _build_program(arch, runtime, cross, folder, name),
+                               describe=f"{name} for {arch}", log=log)
+    return entry.path / name
+
+
+def _build_program(arch: str, runtime: Runtime, cross: list[str], folder: Path, name: str) -> None:
+    """Build the CMake target `name` for `arch` in a scratch folder and keep only the program, in `folder`."""
+    with tempfile.TemporaryDirectory(prefix=f".{name}-build.", dir=folder.parent) as tmp:
         options = [f"-DTVM_HOME={runtime.tvm_dir}", "-DGPTBC_ORIGIN_RPATH=ON", "-DCMAKE_BUILD_TYPE=Release"]
         if cross:
             toolchain = Path(tmp) / f"{arch}.cmake"
@@ -247,16 +233,12 @@ def build_program(arch: str, runtime: Runtime, exe: Path, log: Callable[[str], N
             options.append(f"-DCMAKE_TOOLCHAIN_FILE={toolchain}")
         build = Path(tmp) / "build"
         for args in (["-S", str(source_tree()), "-B", str(build), *options],
-                     ["--build", str(build), "--target", exe.name, f"-j{os.cpu_count() or 1}"]):
+                     ["--build", str(build), "--target", name, f"-j{os.cpu_count() or 1}"]):
             done = subprocess.run(["cmake", *args], capture_output=True, text=True)
             if done.returncode != 0:
                 lines = [l for l in (done.stderr + done.stdout).splitlines() if "rror" in l] or ["(no message)"]
-                raise GptbcError(f"building {exe.name} for {arch} failed: {lines[0].strip()[:300]}")
-        staged = Path(tmp) / exe.name
-        shutil.copy2(build / exe.name, staged)
-        exe.parent.mkdir(exist_ok=True)
-        os.replace(staged, exe)
-    return exe
+                raise GptbcError(f"building {name} for {arch} failed: {lines[0].strip()[:300]}")
+        shutil.copy2(build / name, folder / name)
 
 
 # ---- the folder ----
@@ -301,12 +283,9 @@ def make_bundle(model_dir: str | Path, lib: str | Path, output: str | Path,
     arch, meta = check_library(lib, model_dir)
     if output.exists() and not (output / "bundle.json").is_file():
         raise GptbcError(f"-o {output}: exists and is not a bundle; remove it or choose another folder")
-    runner = cached_program(arch)
-    if not runner.is_file():
-        check_toolchain(arch)  # before a download that would be of no use
+    check_toolchain(arch)  # before a download that would be of no use
     runtime = runtime_for(arch, log)
-    if not runner.is_file():
-        build_program(arch, runtime, runner, log)
+    runner = native_program(arch, runtime, log)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))

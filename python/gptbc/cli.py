@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -89,7 +91,6 @@ def cmd_convert_weight(args: argparse.Namespace) -> int:
 
 def use_threads(args: argparse.Namespace) -> None:
     """--threads: TVM's CPU worker count, read when its thread pool starts (the first parallel kernel)."""
-    import os
 
     if getattr(args, "threads", None):
         os.environ["TVM_NUM_THREADS"] = str(args.threads)
@@ -111,7 +112,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from gptbc.runtime.engine import Completion, Engine
 
     use_threads(args)
-    engine = Engine(args.out_dir, args.lib, device=args.device, speculation=prompt_lookup(args),
+    model = prepared(args)
+    engine = Engine(model.model_dir, model.lib, device=model.device, speculation=prompt_lookup(args),
                     tensor_parallel=args.tensor_parallel)
     sampling = {k: getattr(args, k) for k in (
         "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
@@ -208,7 +210,8 @@ def print_vulkan_adapters() -> None:
 def cmd_bundle(args: argparse.Namespace) -> int:
     from gptbc.bundle import make_bundle
 
-    out, size = make_bundle(args.model_dir, args.lib, args.output, log=lambda m: print(m, file=sys.stderr, flush=True))
+    model = prepared(args)
+    out, size = make_bundle(model.model_dir, model.lib, args.output, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"{out} ({size / 1e6:.1f} MB): run {out / 'gptbc-run'} --prompt TEXT there; see {out / 'README.txt'}")
     return 0
 
@@ -219,9 +222,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     use_threads(args)
     batches = tuple(int(b) for b in args.batch.split(",") if b) if args.batch else ()
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
-    result = run_bench(args.out_dir, args.lib, prefill=args.prefill_tokens, prompt=args.prompt_tokens,
+    model = prepared(args)
+    result = run_bench(model.model_dir, model.lib, prefill=args.prefill_tokens, prompt=args.prompt_tokens,
                        decode=args.decode, prompt_lookup=prompt_lookup(args),
-                       batches=batches, repeat=args.repeat, device=args.device, log=log,
+                       batches=batches, repeat=args.repeat, device=model.device, log=log,
                        tensor_parallel=args.tensor_parallel)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -245,15 +249,51 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if result["ok"] else 1
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import os
+def prepared(args: argparse.Namespace):
+    """MODEL (with --lib, --quantization, --target, --device, --random-weights) → weights, library and device,
+    converted and compiled into the artifact cache on first use (prepare.py)."""
+    from gptbc.prepare import prepare
 
+    return prepare(args.model, lib=args.lib, quantization=args.quantization, target=getattr(args, "target", None),
+                   device=getattr(args, "device", None), random_weights=args.random_weights,
+                   tensor_parallel=getattr(args, "tensor_parallel", 1), activations=args.activations,
+                   batch_invariant=getattr(args, "batch_invariant", False),
+                   log=lambda m: print(m, file=sys.stderr, flush=True))
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from gptbc.artifact import cache
+
+    if args.action == "clear":
+        gone = [e for e in cache.entries() if cache.remove(e)]
+        cache.remove_stale_builds()
+        print(f"removed {len(gone)} entries ({sum(e.size for e in gone) / 1e6:.1f} MB) from {cache.cache_root()}")
+        return 0
+    if args.action == "prune":
+        gone = cache.prune(args.older_than, int(args.max_size * 1e9) if args.max_size is not None else None)
+        for e in gone:
+            print(f"removed {e.kind}/{e.key[:12]} {e.info.get('describe', '(damaged)')} ({e.size / 1e6:.1f} MB)")
+        print(f"removed {len(gone)} entries ({sum(e.size for e in gone) / 1e6:.1f} MB)")
+        return 0
+    found = cache.entries()
+    print(f"{cache.cache_root()}: {len(found)} entries, {sum(e.size for e in found) / 1e6:.1f} MB")
+    print(f"{'kind':<10} {'key':<12} {'size MB':>9}  {'built':<16}  {'last used':<16}  what")
+    for e in sorted(found, key=lambda e: -e.last_used):
+        damaged = cache.damage(e.path)
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+        print(f"{e.kind:<10} {e.key[:12]:<12} {e.size / 1e6:>9.1f}  {e.built:<16}  {used:<16}  "
+              f"{e.info.get('describe', '')}" + (f"  [damaged: {damaged}]" if damaged else ""))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
     from gptbc.runtime.engine import Engine
     from gptbc.serve.app import serve
 
     use_threads(args)
     api_key = args.api_key or os.environ.get("GPTBC_API_KEY") or None
-    engine = Engine(args.out_dir, args.lib, device=args.device, max_batch_size=args.max_batch,
+    model = prepared(args)
+    engine = Engine(model.model_dir, model.lib, device=model.device, max_batch_size=args.max_batch,
                     max_total_seq_len=args.max_total_seq_len, speculation=prompt_lookup(args),
                     batch_invariant=args.batch_invariant, tensor_parallel=args.tensor_parallel)
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
@@ -261,9 +301,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
 
     def ready(url: str) -> None:
-        print(f"gptbc serve: {engine.model_dir.name} on {url} (OpenAI API at {url}/v1)", flush=True)
+        print(f"gptbc serve: {model.name} on {url} (OpenAI API at {url}/v1)", flush=True)
 
-    serve(engine, host=args.host, port=args.port, model_name=args.model_name, api_key=api_key,
+    serve(engine, host=args.host, port=args.port, model_name=args.model_name or model.name, api_key=api_key,
           max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, on_ready=ready)
     return 0
 
@@ -273,8 +313,12 @@ TP_HELP = ("run the model on N tensor-parallel workers (TVM disco; a library com
 BATCH_INVARIANT_HELP = ("the same request gives the same answer, bit for bit, under any load (a library compiled "
                         "with --batch-invariant; prefixes copied, not shared; docs/determinism.md)")
 KEEP_HEAD_HELP = "keep lm_head (and a tied wte) in the activation dtype under a grouped int scheme"
-LIB_HELP = "the model library made by `gptbc compile` for these weights"
-DEVICE_HELP = "where to run: cpu, cuda[:N], metal, vulkan[:N] (must match the library's target)"
+LIB_HELP = "the model library made by `gptbc compile` for these weights (default: compiled for MODEL and --target, cached)"
+DEVICE_HELP = ("where to run: cpu, cuda[:N], metal, vulkan[:N] (must match the library's target; default: --lib's "
+               "device, else --target's, else a CUDA GPU if TVM sees one, else the CPU)")
+MODEL_HELP = ("a converted weights directory, a Hugging Face directory, a Hub id (owner/name[@revision]), a GGUF file, "
+              "or a preset name with --random-weights; what is missing is converted and compiled on first use and "
+              "kept in the artifact cache (`gptbc cache`)")
 PROMPT_LOOKUP_HELP = ("speculative decoding: draft up to N tokens (8 if N is left out) by copying what followed the "
                       "latest n-gram match in the text so far, verify them in one call; same output, faster when the "
                       "text repeats the prompt (code editing)")
@@ -285,6 +329,22 @@ def quantization_help(default: str) -> str:
     from gptbc.artifact.quantization import QUANTIZATIONS
 
     return f"weight scheme, one of {', '.join(QUANTIZATIONS)} (see README); {default}"
+
+
+def model_args(p: argparse.ArgumentParser, lib_help: str = LIB_HELP) -> None:
+    """MODEL and what makes its weights and library: the same flags on generate, bench, serve and bundle."""
+    from gptbc.artifact.quantization import ACTIVATION_MODES
+
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--lib", help=lib_help)
+    p.add_argument("--quantization", help=quantization_help(
+        "default: a converted directory's or a quantized file's own scheme, q4f16_1 for a float checkpoint"))
+    p.add_argument("--target", help="without --lib: compile for this target (default: --device's kind)")
+    p.add_argument("--activations", choices=ACTIVATION_MODES, default="auto",
+                   help="without --lib: int8 or float activations for grouped schemes on CPUs (see compile)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="with a preset name: seeded random weights and a byte-level stand-in tokenizer, to try "
+                        "the plumbing offline")
 
 
 class _ShowDefaults(argparse.HelpFormatter):
@@ -348,9 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preshard the weights for N tensor-parallel ranks (each rank's slices in files of their own)")
     w.set_defaults(func=cmd_convert_weight)
 
-    g = command("generate", "generate tokens with a compiled library and converted weights")
-    g.add_argument("out_dir", metavar="OUT_DIR", help="converted weights directory")
-    g.add_argument("--lib", required=True, help=LIB_HELP)
+    g = command("generate", "generate tokens from MODEL (converted and compiled on first use)")
+    model_args(g)
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt, as text")
     src.add_argument("--prompt-ids", help="the prompt, as comma-separated token ids")
@@ -371,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--truncate-prompt", action="store_true",
                    help="drop the oldest prompt tokens when prompt + max-new-tokens exceeds the context window "
                         "(in whole blocks of up to 64 tokens, so that a prompt that grows keeps its start)")
-    g.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    g.add_argument("--device", help=DEVICE_HELP)
     g.add_argument("--threads", type=_positive_int("--threads"), help=THREADS_HELP)
     g.add_argument("--tensor-parallel", type=_positive_int("--tensor-parallel"), default=1, metavar="N",
                    help=TP_HELP)
@@ -382,14 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     b = command("bench", "measure prefill / decode / batched decode speed")
-    b.add_argument("out_dir", metavar="OUT_DIR", help="converted weights directory")
-    b.add_argument("--lib", required=True, help=LIB_HELP)
+    model_args(b)
     b.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill test (0: skip)")
     b.add_argument("--prompt-tokens", type=int, default=32, help="prompt length before the decode tests")
     b.add_argument("--decode", type=int, default=64, help="decode steps")
     b.add_argument("--batch", default="4,16", help="comma-separated batch sizes for batched decode ('' to skip)")
     b.add_argument("--repeat", type=int, default=3, help="runs of each test (best and median reported)")
-    b.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    b.add_argument("--device", help=DEVICE_HELP)
     b.add_argument("--threads", type=_positive_int("--threads"), help=THREADS_HELP)
     b.add_argument("--tensor-parallel", type=_positive_int("--tensor-parallel"), default=1, metavar="N",
                    help=TP_HELP)
@@ -417,12 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_check)
 
     s = command("serve", "serve an OpenAI-compatible completions API (with FIM) and /infill")
-    s.add_argument("out_dir", metavar="OUT_DIR", help="converted weights directory")
-    s.add_argument("--lib", required=True, help=LIB_HELP)
+    model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (loopback: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set GPTBC_API_KEY)")
-    s.add_argument("--model-name", help="the model id clients use (default: OUT_DIR's name)")
+    s.add_argument("--model-name", help="the model id clients use (default: MODEL's name)")
     s.add_argument("--max-batch", type=_positive_int("--max-batch"),
                    help="sequences decoded together (default: the library's max batch size)")
     s.add_argument("--max-queue", type=int, default=64, help="sequences waiting beyond the batch before "
@@ -431,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV-cache capacity in tokens over all sequences (default: context window x min(4, batch))")
     s.add_argument("--max-body-bytes", type=_positive_int("--max-body-bytes"), default=4 << 20,
                    help="largest request body accepted (413 beyond)")
-    s.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    s.add_argument("--device", help=DEVICE_HELP)
     s.add_argument("--threads", type=_positive_int("--threads"), help=THREADS_HELP)
     s.add_argument("--tensor-parallel", type=_positive_int("--tensor-parallel"), default=1, metavar="N",
                    help=TP_HELP)
@@ -447,11 +504,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = command("bundle", "a folder that runs the model on the library's machine without Python: gptbc-run built "
                           "for its CPU, the TVM runtime, the library, weights and tokenizer")
-    u.add_argument("model_dir", metavar="MODEL_DIR", help="converted weights directory")
-    u.add_argument("--lib", required=True, help="a CPU or CUDA library from `gptbc compile` (--target cpu, "
-                   "aarch64-linux[:CPU] or cuda)")
+    model_args(u, lib_help="a library from `gptbc compile` for a CPU (cpu, aarch64-linux[:CPU]) or CUDA "
+                           "(default: compiled for MODEL and --target, cached)")
     u.add_argument("-o", "--output", required=True, metavar="DIR", help="the bundle folder (replaced if it is one)")
     u.set_defaults(func=cmd_bundle)
+
+    a = command("cache", "the artifact cache (converted weights, libraries, native builds): list, prune, clear")
+    a.add_argument("action", choices=("list", "prune", "clear"), nargs="?", default="list",
+                   help="list: entries with size, build date and last use; prune: remove damaged entries, those "
+                        "unused for --older-than days and the least recently used beyond --max-size; clear: all")
+    a.add_argument("--older-than", type=float, default=30.0, metavar="DAYS", help="prune: unused this long")
+    a.add_argument("--max-size", type=float, metavar="GB", help="prune: keep at most this much")
+    a.set_defaults(func=cmd_cache)
 
     t = command("targets", "list the targets, and what this machine can build and run")
     t.set_defaults(func=cmd_targets)
@@ -490,5 +554,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `gptbc` console command: main() in a process of its own, where torch is kept out. tvm_ffi imports
+    torch whenever it is installed (a workaround for a symbol clash on Windows, and for optional DLPack interop),
+    which costs 1.5-3 s of every start here; nothing gptbc runs needs torch, so its import fails for this process.
+    (Tests call main() in their own process, where torch stays importable.)"""
+    if "torch" not in sys.modules:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tvm_ffi catches
+        os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

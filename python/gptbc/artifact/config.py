@@ -150,12 +150,19 @@ def load_gptbc_config(directory: Path) -> dict[str, Any]:
 
 
 def looks_like_hub_id(spec: str) -> bool:
-    parts = spec.split("/")
+    parts = split_revision(spec)[0].split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
 
-def fetch_from_hub(repo_id: str, config_only: bool = False) -> Path:
-    """Download a Hub repository (safetensors, JSON, tokenizer files) into the HF cache."""
+def split_revision(spec: str) -> tuple[str, str | None]:
+    """`owner/name@revision` → (owner/name, revision); no @: (spec, None)."""
+    repo, at, revision = spec.partition("@")
+    return (repo, revision or None) if at else (spec, None)
+
+
+def fetch_from_hub(repo_id: str, config_only: bool = False, revision: str | None = None) -> Path:
+    """Download a Hub repository (safetensors, JSON, tokenizer files) into the HF cache; its snapshot folder
+    (named by the commit) is returned."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -166,11 +173,12 @@ def fetch_from_hub(repo_id: str, config_only: bool = False) -> Path:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     if offline:
         try:
-            return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+            return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True,
+                                          revision=revision))
         except Exception:  # not in the local cache either
             raise GptbcError(hint.format(why="HF_HUB_OFFLINE is set and it is not in the local cache")) from None
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, revision=revision))
     except RepositoryNotFoundError:
         raise GptbcError(f"{repo_id!r}: no such repository on the Hugging Face Hub") from None
     except (LocalEntryNotFoundError, OSError) as err:
@@ -200,7 +208,8 @@ def resolve_model(spec: str, with_weights: bool = False, **overrides: Any) -> Mo
     if path.exists():
         raise GptbcError(f"--model {spec}: is a file, expected a preset name or a model directory")
     if looks_like_hub_id(spec):
-        directory = fetch_from_hub(spec, config_only=not with_weights)
-        return ModelSource(spec.split("/")[-1], load_hf_config(directory, **overrides), directory)
+        repo, revision = split_revision(spec)
+        directory = fetch_from_hub(repo, config_only=not with_weights, revision=revision)
+        return ModelSource(repo.split("/")[-1], load_hf_config(directory, **overrides), directory)
     raise GptbcError(f"--model {spec}: not a directory, a Hub id (owner/name) or a known preset "
                      f"({', '.join(preset_names())})")

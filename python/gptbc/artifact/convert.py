@@ -28,7 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from gptbc.artifact.files import TOKENIZER_FILES
-from gptbc.artifact.config import GPTBC_CONFIG, GPTBigCodeConfig, fetch_from_hub, load_hf_config, looks_like_hub_id
+from gptbc.artifact.config import (GPTBC_CONFIG, GPTBigCodeConfig, fetch_from_hub, load_hf_config, looks_like_hub_id,
+                                  split_revision)
 from gptbc.errors import GptbcError, raise_if_interrupted
 from gptbc.artifact.manifest import weights_manifest
 from gptbc.artifact.sharding import check_tensor_parallel, rank_slicer
@@ -361,7 +362,8 @@ def checkpoint_dir(spec: str) -> Path:
     if path.exists():
         raise GptbcError(f"{spec}: is a file, expected a Hugging Face model directory or a Hub id")
     if looks_like_hub_id(spec):
-        return fetch_from_hub(spec)
+        repo, revision = split_revision(spec)
+        return fetch_from_hub(repo, revision=revision)
     raise GptbcError(f"{spec}: not a directory (nor a Hub id like bigcode/gpt_bigcode-santacoder)")
 
 

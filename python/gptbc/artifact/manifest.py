@@ -326,6 +326,23 @@ def parse_library(text: str, lib: Path) -> dict[str, Any]:
 
 # ---- compatibility ----
 
+def library_metadata_of(lib: Path) -> dict[str, Any]:
+    """A library's `_metadata`, read from its bytes without loading it (a foreign-architecture library cannot be
+    loaded here); a one-line error when it has none."""
+    try:
+        blob = Path(lib).read_bytes()
+    except OSError as err:
+        raise GptbcError(f"--lib {lib}: cannot read it ({err.strerror})") from None
+    start = blob.find(b'{"gptbc_version"')
+    if start < 0:
+        raise GptbcError(f"--lib {lib}: not a gptbc model library (no metadata)")
+    try:
+        meta, _end = json.JSONDecoder().raw_decode(blob[start:start + (1 << 24)].decode("utf-8", "replace"))
+    except ValueError:
+        raise GptbcError(f"--lib {lib}: its metadata is not valid JSON") from None
+    return parse_library(json.dumps(meta), lib)
+
+
 def _number(x: float) -> str:
     """A float as messages show it: short where that is exact (1e-05), else every digit; the same text as
     native/manifest.cc's (both are C's %g)."""

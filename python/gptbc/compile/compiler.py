@@ -9,13 +9,17 @@ gets is decided in its `TargetSpec` (targets.py), not here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
+from gptbc.artifact.cache import cache_disabled, get_or_build, sources_hash
 from gptbc.artifact.config import GPTBC_CONFIG, GPTBigCodeConfig, ModelSource, load_gptbc_config
 from gptbc.errors import GptbcError, raise_if_interrupted
 from gptbc.artifact.manifest import library_manifest, tensor_parallel
@@ -167,12 +171,31 @@ def choose_activations(option: str, quant: Quantization, target) -> Quantization
     return dataclasses.replace(quant, int8_activations=on, int8_layout=layout if on else "dot")
 
 
-def compile_model(source: ModelSource, target_name: str, quantization: str, output: str | Path | None = None,
-                  log: Callable[[str], None] = print, quantize_lm_head: bool = True, activations: str = "auto",
-                  batch_invariant: bool = False, tensor_parallel: int = 1) -> Path:
-    """Build the model library for `source` and return its path. `batch_invariant`: a row's result does not
-    depend on the other rows of a call (docs/determinism.md). `tensor_parallel` N > 1: the library of
-    one rank of N (sharding.py), whose row-parallel layers sum across ranks through the session's CCL."""
+@dataclass(frozen=True)
+class LibraryPlan:
+    """What one library is: the model, the target as resolved here, and the scheme with its activation kernels."""
+
+    source: ModelSource
+    spec: Any  # targets.TargetSpec
+    build: Build
+    target: Any  # tvm.target.Target
+    target_name: str
+    quant: Quantization
+    batch_invariant: bool
+    tensor_parallel: int
+
+    @property
+    def key(self) -> dict:
+        return library_key(self)
+
+    @property
+    def file_name(self) -> str:
+        return f"library{self.build.suffix}"
+
+
+def plan_library(source: ModelSource, target_name: str, quantization: str, quantize_lm_head: bool = True,
+                 activations: str = "auto", batch_invariant: bool = False, tensor_parallel: int = 1) -> LibraryPlan:
+    """Check the options against the model and the target (one-line errors) and resolve them."""
     spec, build = plan_build(target_name)
     if batch_invariant:
         check_batch_invariant_build(spec, source.config)
@@ -183,8 +206,36 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
     check_own_scheme(source, quant, tensor_parallel)
     quant = own_widths(source, quant)
     check_tensor_parallel(source.config, quant, tensor_parallel)
-    check_activation_mode(activations)  # before -o's directory is made (choose_activations needs the target)
-    output = Path(output) if output else default_output(source.name, quant.name, target_name, build, tensor_parallel)
+    check_activation_mode(activations)
+
+    import tvm
+
+    target = tvm.target.Target(build.target)
+    return LibraryPlan(source, spec, build, target, target_name, choose_activations(activations, quant, target),
+                       batch_invariant, tensor_parallel)
+
+
+def cached_library(plan: LibraryPlan, log: Callable[[str], None] = print) -> Path:
+    """The library of `plan` in the artifact cache, built there first if it is not (one line says which)."""
+    entry = get_or_build("libraries", plan.key, lambda folder: _build_library(plan, folder / plan.file_name, log),
+                         describe=describe_library(plan), log=log)
+    return entry.path / plan.file_name
+
+
+def compile_model(source: ModelSource, target_name: str, quantization: str, output: str | Path | None = None,
+                  log: Callable[[str], None] = print, quantize_lm_head: bool = True, activations: str = "auto",
+                  batch_invariant: bool = False, tensor_parallel: int = 1, cache: bool = True) -> Path:
+    """Build the model library for `source` and return its path. `batch_invariant`: a row's result does not
+    depend on the other rows of a call (docs/determinism.md). `tensor_parallel` N > 1: the library of
+    one rank of N (sharding.py), whose row-parallel layers sum across ranks through the session's CCL.
+    `cache`: take the library from the artifact cache when the same one was built before (its key is everything
+    the library depends on, `library_key`), else build it there; either way `output` gets a copy. False (or
+    GPTBC_NO_CACHE=1) builds it straight into `output`."""
+    plan = plan_library(source, target_name, quantization, quantize_lm_head, activations, batch_invariant,
+                        tensor_parallel)
+    build = plan.build
+    output = Path(output) if output else default_output(source.name, plan.quant.name, target_name, build,
+                                                        tensor_parallel)
     if "".join(output.suffixes[-1:]) != build.suffix:
         needs = f" (a .so needs {build.shared_needs})" if build.shared_needs else ""
         raise GptbcError(f"-o {output}: target {target_name} produces a {build.suffix} file here{needs}")
@@ -192,11 +243,67 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise GptbcError(f"-o {output}: cannot create its directory ({err.strerror})") from None
+    if not cache or cache_disabled():
+        return _build_library(plan, output, log)
+    built = cached_library(plan, log)
+    with atomic_path(output) as tmp:
+        shutil.copyfile(built, tmp)
+        os.chmod(tmp, 0o755 if build.suffix in (".so", ".dylib") else 0o644)
+    return output
 
+
+def describe_library(plan: LibraryPlan) -> str:
+    """How a cache line names a library: "cpu/znver4 q4f16_1, int8 activations"."""
+    t = plan.build.target
+    mcpu = t.get("mcpu") or t.get("arch") or t.get("host", {}).get("mcpu")
+    acts = ", int8 activations" if plan.quant.int8_activations else ""
+    name = plan.target_name
+    return f"{name}{'/' + mcpu if mcpu and mcpu not in name else ''} {plan.quant.name}{acts}"
+
+
+def library_key(plan: LibraryPlan) -> dict:
+    """Everything a library depends on: the model config (with its compile-time sizes), the scheme with its
+    widths and activation kernels, the target as resolved here (CPU model, cores, cross compiler), the options,
+    the compiler's and converter's sources, the toolchain, and the gptbc and TVM versions. Not the weights:
+    a library runs any weights of its config and scheme."""
+    import tvm
+
+    from gptbc import __version__
+
+    build, quant = plan.build, plan.quant
+    tools = [build.cc] if build.cc else []
+    if plan.spec.embedded is not None:
+        tools.append(shutil.which("nvcc"))
+    return {"model_config": plan.source.config.to_dict(), "quantization": quant.describe(),
+            "activations": [quant.int8_activations, quant.int8_layout], "target": plan.target_name,
+            "resolved_target": build.target, "system_lib": build.system_lib, "suffix": build.suffix,
+            "batch_invariant": plan.batch_invariant, "tensor_parallel": plan.tensor_parallel, "gptbc": __version__,
+            "tvm": tvm.__version__, "sources": compiler_sources(), "toolchain": [(t, _mtime(t)) for t in tools]}
+
+
+def _mtime(path: str | None) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns if path else None
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def compiler_sources() -> str:
+    """A hash of the compile and artifact packages' sources (the library's code and its manifest)."""
+    package = Path(__file__).resolve().parents[1]
+    return sources_hash(package / "compile", package / "artifact")
+
+
+def _build_library(plan: LibraryPlan, output: Path, log: Callable[[str], None]) -> Path:
+    """Export, lower, build and write the library to `output` (atomically)."""
     import tvm
     from tvm import relax
 
     from gptbc.compile import kernels
+
+    source, quant, spec, build, target = plan.source, plan.quant, plan.spec, plan.build, plan.target
+    target_name, batch_invariant, tensor_parallel = plan.target_name, plan.batch_invariant, plan.tensor_parallel
 
     def phase(name: str, start: float) -> float:
         now = time.perf_counter()
@@ -204,8 +311,6 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
         return now
 
     t = time.perf_counter()
-    target = tvm.target.Target(build.target)
-    quant = choose_activations(activations, quant, target)
     mod, params, plan = export_relax(source.config, quant, target, batch_invariant, tensor_parallel)
     # the attention kernels are built for one rank's heads
     mod = spec.pipeline.replace_kernels(mod, rank_view(source.config, tensor_parallel), quant, target, batch_invariant)

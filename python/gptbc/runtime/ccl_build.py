@@ -1,19 +1,21 @@
 """Where the CPU collectives library (libgptbc_ccl_cpu.so, native/ccl/cpu_ccl.cc) comes from.
 
 GPTBC_CCL_LIBRARY names a built one. Otherwise, from a gptbc checkout, it is built with the project's CMake
-(`cmake --build BUILD --target gptbc_ccl_cpu`) once per source version into the user's cache, the first time a
+(`cmake --build BUILD --target gptbc_ccl_cpu`) once per source version into the artifact cache, the first time a
 tensor-parallel run asks for it: single-device runs never build or load it.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+from gptbc.artifact import cache
 from gptbc.errors import GptbcError
 
 LIBRARY = "libgptbc_ccl_cpu.so"
@@ -35,18 +37,19 @@ def ccl_library() -> Path:
     digest = hashlib.sha256(sys.executable.encode())
     for f in SOURCES:
         digest.update((REPO / f).read_bytes())
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptbc"
-    build = cache / f"ccl-{digest.hexdigest()[:16]}"
-    if not (build / LIBRARY).is_file():
-        build.mkdir(parents=True, exist_ok=True)
-        with open(build / ".lock", "w") as lock:  # concurrent first runs build it once
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (build / LIBRARY).is_file():
-                _cmake_build(build)
-    return build / LIBRARY
+    entry = cache.get_or_build("ccl", {"sources": digest.hexdigest()}, _cmake_build, describe=LIBRARY,
+                               log=lambda m: print(m, file=sys.stderr, flush=True), announce_reuse=False)
+    return entry.path / LIBRARY
 
 
-def _cmake_build(build: Path) -> None:
+def _cmake_build(folder: Path) -> None:
+    """Build the library in a scratch folder and keep only it, in `folder` (the cache entry)."""
+    with tempfile.TemporaryDirectory(prefix="build.", dir=folder) as build:
+        _cmake_steps(Path(build))
+        shutil.copy2(Path(build) / LIBRARY, folder / LIBRARY)
+
+
+def _cmake_steps(build: Path) -> None:
     steps = [["-S", str(REPO), "-B", str(build), f"-DPython3_EXECUTABLE={sys.executable}"],
              ["--build", str(build), "--target", "gptbc_ccl_cpu", "-j2"]]
     for args in steps:

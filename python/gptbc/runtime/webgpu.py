@@ -6,8 +6,8 @@ into a native `.so` (target `{"kind": "webgpu", "host": <this CPU>}`). `libgptbc
 for those kernels (device type kDLWebGPU) on wgpu-native, which runs WGSL on Vulkan (Metal, DX12 elsewhere).
 
 The library is built from the C++ sources shipped in the package (gptbc.webgpu_src) with CMake on first use,
-into a cache directory keyed by a hash of the sources, the wgpu-native library and the TVM runtime, so
-`pip install -e ".[vulkan]"` is the whole install. `GPTBC_WEBGPU_LIB` names a prebuilt one instead.
+into the artifact cache (artifact/cache.py), keyed by a hash of the sources, the wgpu-native library and the TVM
+runtime, so `pip install -e ".[vulkan]"` is the whole install. `GPTBC_WEBGPU_LIB` names a prebuilt one instead.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from gptbc.artifact import cache
 from gptbc.errors import GptbcError
 
 DEVICE_TYPE = 15  # kDLWebGPU
@@ -66,12 +68,6 @@ def _tvm_runtime() -> tuple[list[str], list[str]]:
     return includes, libs
 
 
-def cache_root() -> Path:
-    if os.environ.get("GPTBC_CACHE_DIR"):
-        return Path(os.environ["GPTBC_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptbc"
-
-
 def _build_key(src: Path, wgpu_dir: Path, tvm_libs: list[str]) -> str:
     h = hashlib.sha256()
     for f in sorted(src.iterdir()):
@@ -93,36 +89,29 @@ def runtime_library() -> Path:
     wgpu_dir = wgpu_native_dir()
     src = source_dir()
     includes, libs = _tvm_runtime()
-    out_dir = cache_root() / "webgpu" / _build_key(src, wgpu_dir, libs)
-    lib = out_dir / LIB_NAME
-    if lib.is_file():
-        return lib
     for tool in ("cmake", "c++"):
         if shutil.which(tool) is None:
             raise GptbcError(f"building the Vulkan runtime needs {tool} on PATH (and a C++17 compiler): install "
                              f"cmake and g++ (Debian/Ubuntu: apt-get install cmake g++)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    import fcntl
 
-    with open(out_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same thing
-        if lib.is_file():
-            return lib
-        with tempfile.TemporaryDirectory(prefix="build.", dir=out_dir) as build:
-            cmds = [["cmake", "-S", str(src), "-B", build, "-DCMAKE_BUILD_TYPE=Release",
+    def build(folder: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="build.", dir=folder) as scratch:
+            cmds = [["cmake", "-S", str(src), "-B", scratch, "-DCMAKE_BUILD_TYPE=Release",
                      f"-DWGPU_NATIVE_DIR={wgpu_dir}", f"-DGPTBC_TVM_INCLUDE_DIRS={';'.join(includes)}",
                      f"-DGPTBC_TVM_LIBRARIES={';'.join(libs)}"],
-                    ["cmake", "--build", build, "-j", str(min(4, os.cpu_count() or 1))]]
+                    ["cmake", "--build", scratch, "-j", str(min(4, os.cpu_count() or 1))]]
             for cmd in cmds:
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "error" in ln.lower()]
                     why = (lines or (proc.stdout + proc.stderr).strip().splitlines() or ["?"])[0]
                     raise GptbcError(f"building the Vulkan runtime ({src}) failed: {why.strip()[:300]}")
-            tmp = out_dir / (LIB_NAME + ".tmp")
-            shutil.copy2(Path(build) / LIB_NAME, tmp)
-            os.replace(tmp, lib)
-    return lib
+            shutil.copy2(Path(scratch) / LIB_NAME, folder / LIB_NAME)
+
+    entry = cache.get_or_build("webgpu", {"build": _build_key(src, wgpu_dir, libs)}, build,
+                               describe="the Vulkan runtime (libgptbc_webgpu)",
+                               log=lambda m: print(m, file=sys.stderr, flush=True), announce_reuse=False)
+    return entry.path / LIB_NAME
 
 
 @lru_cache(maxsize=None)
