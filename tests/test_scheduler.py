@@ -215,6 +215,45 @@ def test_prefix_reuse_forks_and_gives_identical_tokens():
     assert r.seqs == {}
 
 
+
+def run_one(s: Scheduler, prompt: list[int], n: int = 2):
+    req = s.submit(prompt, greedy(n, ignore_eos=True))
+    s.run_until_done([req])
+    return req
+
+
+def test_prefix_cache_picks_the_longest_match_among_several():
+    """An editor's cached sequences share starts (llama.vim's context warm-up, both FIM orders of one file):
+    each request forks the one that shares the most with it, wherever it is in the LRU order."""
+    s, r = make(capacity=1024, prefix_cache_size=8, prefill_chunk_size=64)
+    context, body = list(range(1, 21)), list(range(30, 60))
+    warm_up = run_one(s, context + [90, 94, 95])  # the shared repository context, and an empty FIM prompt
+    psm = run_one(s, context + [91] + body)
+    spm = run_one(s, context + [92] + body)
+    assert (psm.reused, spm.reused) == (20, 20)
+    assert run_one(s, context + [91] + body + [7]).reused == len(psm.prompt_ids)  # not the newer spm's 20
+    assert run_one(s, context + [92] + body + [7]).reused == len(spm.prompt_ids)
+    assert run_one(s, context + [93]).reused == 20
+    assert s.cached[warm_up.seq_id] == warm_up.prompt_ids + warm_up.output_ids[:-1]  # the oldest, still kept
+
+
+def test_typing_keeps_one_cached_sequence_per_file():
+    """Each keystroke's request extends the last one's prompt: its sequence takes the last one's place in the
+    prefix cache, so typing in one file does not push the other files the editor cycles through out of a
+    small cache (plain LRU dropped them after prefix_cache_size keystrokes)."""
+    s, r = make(capacity=2048, prefix_cache_size=3, prefill_chunk_size=64)
+    files = {name: [name] * 10 + list(range(20, 40)) for name in (1, 2, 3)}
+    for name, ids in files.items():
+        run_one(s, ids)
+    typed: list[int] = []
+    for key in range(6):  # six keystrokes in file 1, the suffix-prefix-middle way: only the end grows
+        typed.append(50 + key)
+        req = run_one(s, files[1] + typed)
+        assert req.reused == len(files[1]) + len(typed) - 1
+    assert len(s.cached) == 3 and len(r.seqs) == 3
+    for name in (2, 3):  # still cached: everything but the last token (which must run) is reused
+        assert run_one(s, files[name] + [60]).reused == len(files[name])
+
 def test_stop_rules():
     s, _ = make(detok=True)
     ref = reference([7, 7], 10)

@@ -106,6 +106,7 @@ class Request:
     seq_id: int = -1
     prefilled: int = 0  # prompt tokens already in the KV cache
     reused: int = 0  # of those, tokens forked from a cached prefix
+    parent: int | None = None  # the cached sequence they were forked from
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per output token
@@ -182,6 +183,7 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.active: list[Request] = []
         self.cached: OrderedDict[int, list[int]] = OrderedDict()  # seq_id → its tokens, LRU order
+        self.cached_prompt_len: dict[int, int] = {}  # seq_id → how many of its tokens were the prompt
         self.stats = Stats()
         self._ids = itertools.count()
 
@@ -237,8 +239,14 @@ class Scheduler:
         if not self.cached:
             return False
         seq_id, _ = self.cached.popitem(last=False)
+        self.cached_prompt_len.pop(seq_id, None)
         self.runner.remove_sequence(seq_id)
         return True
+
+    def _drop_cached(self, seq_id: int) -> None:
+        del self.cached[seq_id]
+        del self.cached_prompt_len[seq_id]
+        self.runner.remove_sequence(seq_id)
 
     def _fits(self, req: Request) -> bool:
         return self._used_pages() + req.reserved <= self._pages(self.capacity)
@@ -282,6 +290,7 @@ class Scheduler:
             req.seq_id = reuse(best, best_len)
             self.cached.move_to_end(best)
             req.prefilled = req.reused = best_len
+            req.parent = best
             self.stats.reused_prefix_tokens += best_len
         else:
             req.seq_id = self.runner.add_sequence()
@@ -515,10 +524,23 @@ class Scheduler:
         if self.prefix_cache_size > 0 and req.finish_reason not in ("cancelled", "error"):
             # The KV holds the prompt and every output token but the last (sampled, never fed back).
             self.cached[req.seq_id] = req.prompt_ids + req.output_ids[:-1]
+            self.cached_prompt_len[req.seq_id] = len(req.prompt_ids)
+            if self._superseded(req):
+                # An editor's next keystroke extends the last one's prompt: keep one sequence per place it
+                # types in, so that the few places an editor cycles through (files, FIM orders, llama.vim's
+                # context warm-ups) stay cached, where each keystroke's own entry pushed them out.
+                self._drop_cached(req.parent)
             while len(self.cached) > self.prefix_cache_size:
                 self._evict_one()
         else:
             self.runner.remove_sequence(req.seq_id)
+
+    def _superseded(self, req: Request) -> bool:
+        """Whether `req`'s parent serves no prompt better than `req`'s sequence does, but for at most its last
+        prompt token and its answer: `req` reused all of the parent's prompt but (at most) that token."""
+        parent = req.parent
+        return (parent is not None and parent in self.cached and parent != req.seq_id
+                and req.reused >= self.cached_prompt_len[parent] - 1)
 
     def clear_prefix_cache(self) -> None:
         while self._evict_one():
