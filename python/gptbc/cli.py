@@ -303,8 +303,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(url: str) -> None:
         print(f"gptbc serve: {model.name} on {url} (OpenAI API at {url}/v1)", flush=True)
 
+    from gptbc.artifact.config import preset_fim_orders
+
     serve(engine, host=args.host, port=args.port, model_name=args.model_name or model.name, api_key=api_key,
-          max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, on_ready=ready)
+          max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, on_ready=ready, fim_order=args.fim_order,
+          trained_fim_orders=preset_fim_orders(args.model))
     return 0
 
 
@@ -495,6 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt-lookup", nargs="?", const=8, type=_positive_int("--prompt-lookup"), metavar="N",
                    help=PROMPT_LOOKUP_HELP)
     s.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
+    s.add_argument("--fim-order", choices=["auto", "psm", "spm"], default="auto",
+                   help="fill-in-the-middle order of /infill and suffix requests that name none (their fim_order "
+                        "field): psm, or spm (BigCode's SPM variant 2, where typing only appends to the cached "
+                        "prompt; not llama.cpp's --spm-infill order); auto: spm where the model's preset says it "
+                        "was trained with it, else psm")
     s.set_defaults(func=cmd_serve)
 
     m = command("models", "list the bundled presets: parameters, weight bytes per quantization, KV-cache bytes "

@@ -149,6 +149,20 @@ def load_gptbc_config(directory: Path) -> dict[str, Any]:
     return read_weights(Path(directory))
 
 
+def preset_fim_orders(spec: str) -> list[str] | None:
+    """The FIM orders ("psm", "spm") the model `spec` names was trained with, from its preset's _fim_orders:
+    `spec` is a preset name, a preset's Hub id, or a directory named like either (the Hub id's last part).
+    None: no preset matches, so not known."""
+    name = split_revision(spec)[0].rstrip("/")
+    base = Path(name).name
+    for preset in preset_names():
+        raw = json.loads(resources.files("gptbc.presets").joinpath(f"{preset}.json").read_text("utf-8"))
+        hub = raw.get("_hub_id", "")
+        if name in (preset, hub) or base in (preset, hub.rsplit("/", 1)[-1]):
+            return list(raw.get("_fim_orders") or []) or None
+    return None
+
+
 def looks_like_hub_id(spec: str) -> bool:
     parts = split_revision(spec)[0].split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))

@@ -38,6 +38,50 @@ def cut_start(n: int, keep: int, block: int) -> int:
     return drop if drop < n else n - keep
 
 
+# Fill-in-the-middle orders. "psm": <fim-prefix> P <fim-suffix> S <fim-middle>. "spm": BigCode's "SPM variant 2"
+# (their Megatron-LM fork's FIM `permute`, taken with probability fim_spm_rate): <fim-prefix> <fim-suffix> S
+# <fim-middle> P. In SPM the prefix comes last, so text typed at the cursor only appends to the prompt and
+# every keystroke reuses the cached rest. llama.cpp's --spm-infill writes another order
+# (<fim-suffix> S <fim-prefix> P <fim-middle>), which the BigCode models were not trained on; gptbc has no such
+# order. BENCHMARKS.md "FIM orders each preset was trained with" has the sources.
+FIM_ORDERS = ("psm", "spm")
+
+
+def check_fim_order(order: str) -> None:
+    if order not in FIM_ORDERS:
+        raise GptbcError(f"fim_order {order!r}: must be one of {', '.join(FIM_ORDERS)}")
+
+
+def fim_layout(fim: dict, prefix: Sequence[int], suffix: Sequence[int], order: str) -> list[int]:
+    """The FIM prompt of prefix/suffix token ids in `order`, with the ids of find_fim_tokens' `fim`."""
+    p, s, m = fim["prefix"]["id"], fim["suffix"]["id"], fim["middle"]["id"]
+    if order == "spm":
+        return [p, s, *suffix, m, *prefix]
+    return [p, *prefix, s, *suffix, m]
+
+
+def fit_fim(n_pre: int, n_suf: int, room: int, suffix_share: int, block: int, order: str) -> tuple[int, int]:
+    """(prefix tokens kept from its end, suffix tokens kept from its start) so that both fit `room`: the
+    suffix keeps at least `suffix_share` where it needs it, the prefix the rest, cut in whole `block`s.
+
+    In PSM the suffix follows the cursor, so it may take whatever the prefix's block cut left over (it is
+    evaluated again at every keystroke anyway). In SPM the suffix comes first and the prefix grows at the end
+    of the prompt: the suffix's length must not move with each typed token, or the whole prefix after it is
+    evaluated again. So in SPM the suffix keeps a whole number of blocks (or `suffix_share`, when the share
+    is under a block): its length changes only when the prefix grows across a block, and what the prefix's
+    cut leaves over stays unused."""
+    if n_pre + n_suf <= room:
+        return n_pre, n_suf
+    allowed = max(suffix_share, room - n_pre)
+    if order == "spm":
+        keep_suf = min(n_suf, allowed - allowed % block if allowed >= block else allowed)
+    else:
+        keep_suf = min(n_suf, allowed)
+    keep_pre = n_pre - cut_start(n_pre, room - keep_suf, block)
+    if order == "psm":
+        keep_suf = min(n_suf, room - keep_pre)  # with what the prefix's block cut left over
+    return keep_pre, keep_suf
+
 class Engine:
     """A loaded model and its request loop."""
 
@@ -120,22 +164,27 @@ class Engine:
         return params
 
     def prompt_ids(self, prompt: str | Sequence[int] | None = None, prefix: str | None = None,
-                   suffix: str | None = None, params: SamplingParams | None = None) -> list[int]:
-        """Token ids of a plain prompt (text or ids) or of a fill-in-the-middle request."""
+                   suffix: str | None = None, params: SamplingParams | None = None,
+                   fim_order: str = "psm") -> list[int]:
+        """Token ids of a plain prompt (text or ids) or of a fill-in-the-middle request (in `fim_order`)."""
         if prefix is not None or suffix is not None:
             if prompt is not None:
                 raise GptbcError("give either a prompt or prefix/suffix (fill-in-the-middle), not both")
-            return self.fim_prompt(prefix or "", suffix or "", params)
+            return self.fim_prompt(prefix or "", suffix or "", params, fim_order)
         if prompt is None:
             raise GptbcError("prompt is empty: give at least one token")
         return self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
 
-    def fim_prompt(self, prefix: str, suffix: str, params: SamplingParams | None = None) -> list[int]:
-        """<fim-prefix> prefix <fim-suffix> suffix <fim-middle> (PSM order, with the tokenizer's own spelling).
+    def fim_prompt(self, prefix: str, suffix: str, params: SamplingParams | None = None,
+                   order: str = "psm") -> list[int]:
+        """A fill-in-the-middle prompt with the tokenizer's own spelling of the FIM tokens, in `order`:
+        "psm" <fim-prefix> prefix <fim-suffix> suffix <fim-middle>, or "spm" (BigCode's "SPM variant 2")
+        <fim-prefix> <fim-suffix> suffix <fim-middle> prefix (see fim_layout).
 
         With truncate_prompt, a prefix/suffix too long for the window loses its far ends: the start of
         the prefix and the end of the suffix, keeping the text around the cursor.
         """
+        check_fim_order(order)
         if self.tokenizer is None or self.fim is None:
             raise GptbcError(f"{self.model_dir}: the tokenizer has no fill-in-the-middle tokens "
                              f"(<fim-prefix>/<fim-suffix>/<fim-middle> or <fim_prefix>/<fim_suffix>/<fim_middle>)")
@@ -145,11 +194,9 @@ class Engine:
             if budget < 0:
                 raise GptbcError(f"max_new_tokens {params.max_new_tokens} leaves no room for a FIM prompt in the "
                                  f"context window of {self.context_window_size} tokens")
-            keep_suf = min(len(suf), max(budget // 2, budget - len(pre)))
-            pre = pre[cut_start(len(pre), budget - keep_suf, self.fit_block):]
-            suf = suf[:budget - len(pre)]  # with what the prefix's block cut left over
-        f = self.fim
-        return [f["prefix"]["id"], *pre, f["suffix"]["id"], *suf, f["middle"]["id"]]
+            keep_pre, keep_suf = fit_fim(len(pre), len(suf), budget, budget // 2, self.fit_block, order)
+            pre, suf = pre[len(pre) - keep_pre:], suf[:keep_suf]
+        return fim_layout(self.fim, pre, suf, order)
 
     @property
     def fit_block(self) -> int:
@@ -170,10 +217,11 @@ class Engine:
         return ids
 
     def submit(self, prompt: str | Sequence[int] | None = None, *, prefix: str | None = None,
-               suffix: str | None = None, params: SamplingParams | None = None):
+               suffix: str | None = None, params: SamplingParams | None = None, fim_order: str = "psm"):
         """Queue a request for the engine loop (`step`); bad input raises here and nothing is queued."""
         params = params or self.sampling()
-        return self.scheduler.submit(self.fit_prompt(self.prompt_ids(prompt, prefix, suffix, params), params), params)
+        ids = self.prompt_ids(prompt, prefix, suffix, params, fim_order)
+        return self.scheduler.submit(self.fit_prompt(ids, params), params)
 
     def step(self):
         """One engine-loop step over every queued and running request; returns the per-request events."""
@@ -206,17 +254,19 @@ class Engine:
                 "accepted_tokens": s.stats.accepted_tokens}
 
     def complete(self, prompt: str | Sequence[int] | None = None, *, prefix: str | None = None,
-                 suffix: str | None = None, greedy: bool | None = None, **sampling) -> "Completion":
-        req = self.submit(prompt, prefix=prefix, suffix=suffix, params=self.sampling(greedy, **sampling))
+                 suffix: str | None = None, greedy: bool | None = None, fim_order: str = "psm",
+                 **sampling) -> "Completion":
+        req = self.submit(prompt, prefix=prefix, suffix=suffix, params=self.sampling(greedy, **sampling),
+                          fim_order=fim_order)
         self.scheduler.run_until_done([req])
         _raise_if_failed(req)
         return Completion.of(req)
 
     def generate(self, prompt_ids: str | Sequence[int] | None = None, max_new_tokens: int | None = None,
                  greedy: bool | None = True, *, prefix: str | None = None, suffix: str | None = None,
-                 **sampling) -> list[int]:
+                 fim_order: str = "psm", **sampling) -> list[int]:
         """New token ids (an eos that ended generation is included, as HF does). Greedy by default."""
-        return self.complete(prompt_ids, prefix=prefix, suffix=suffix, greedy=greedy,
+        return self.complete(prompt_ids, prefix=prefix, suffix=suffix, greedy=greedy, fim_order=fim_order,
                              max_new_tokens=max_new_tokens, **sampling).token_ids
 
     def generate_batch(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int | None = None,
@@ -230,11 +280,12 @@ class Engine:
         return [r.output_ids for r in reqs]
 
     def stream(self, prompt: str | Sequence[int] | None = None, *, prefix: str | None = None,
-               suffix: str | None = None, greedy: bool | None = None, **sampling):
+               suffix: str | None = None, greedy: bool | None = None, fim_order: str = "psm", **sampling):
         """Yield text pieces as they are decoded (never half a UTF-8 character, never part of a stop string)."""
         if self.tokenizer is None:
             raise GptbcError(f"{self.model_dir}: no tokenizer files; streaming text needs one")
-        req = self.submit(prompt, prefix=prefix, suffix=suffix, params=self.sampling(greedy, **sampling))
+        req = self.submit(prompt, prefix=prefix, suffix=suffix, params=self.sampling(greedy, **sampling),
+                          fim_order=fim_order)
         try:
             while req.finish_reason is None:
                 for event in self.step():

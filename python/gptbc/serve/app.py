@@ -119,7 +119,8 @@ def add_info_routes(app: FastAPI, server: Server) -> None:
         return {"object": "list", "data": [{
             "id": server.model_name, "object": "model", "created": server.created, "owned_by": "gptbc",
             "context_window": server.engine.context_window_size, "quantization": server.engine.quantization,
-            "activations": server.engine.activations, "guarantee": server.engine.guarantee()}]}
+            "activations": server.engine.activations, "guarantee": server.engine.guarantee(),
+            "fim": server.fim_info()}]}
 
     @app.get("/health", response_model=S.Health, responses={503: {"model": S.Health}})
     async def health():
@@ -167,12 +168,15 @@ def build_app(server: Server) -> FastAPI:
 
 def serve(engine, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
           api_key: str | None = None, max_queue: int = 64, max_body_bytes: int = DEFAULT_MAX_BODY,
-          on_ready: Callable[[str], None] | None = None) -> None:
+          on_ready: Callable[[str], None] | None = None, fim_order: str = "auto",
+          trained_fim_orders: list[str] | None = None) -> None:
     """Run until interrupted. `port` 0 picks a free port; `on_ready` gets the base URL once listening.
-    An engine that fails beyond recovery stops the server and raises GptbcError (exit status 1)."""
+    `fim_order`: the default FIM order (Server). An engine that fails beyond recovery stops the server and
+    raises GptbcError (exit status 1)."""
     import uvicorn
 
-    server = Server(engine, model_name or engine.model_dir.name, api_key, max_queue, max_body_bytes)
+    server = Server(engine, model_name or engine.model_dir.name, api_key, max_queue, max_body_bytes,
+                    fim_order=fim_order, trained_fim_orders=trained_fim_orders)
     if not access_log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))

@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator, Callable
 from gptbc.errors import ContextWindowError, GptbcError
 from gptbc.runtime.async_engine import AsyncEngine, EngineDead
 from gptbc.runtime.chat_template import CHATML, ChatTemplate
+from gptbc.runtime.engine import check_fim_order
 from gptbc.runtime.sampling import SamplingError, SamplingParams
 from gptbc.runtime.scheduler import Request
 from gptbc.serve import schema as S
@@ -99,12 +100,26 @@ def repository_tokens(engine) -> tuple[int | None, int | None]:
     return repo, sep
 
 
+def served_fim_order(choice: str, trained: list[str] | None) -> str:
+    """`serve --fim-order`: "psm" or "spm" as given; "auto" SPM where the model was trained with it (it lets each
+    keystroke reuse the whole cached prompt), else PSM, the order llama.cpp writes and every FIM model saw."""
+    if choice == "auto":
+        return "spm" if trained and "spm" in trained else "psm"
+    check_fim_order(choice)
+    return choice
+
+
 class Server:
     """The ASGI app's state and handlers."""
 
     def __init__(self, engine, model_name: str, api_key: str | None = None, max_queue: int = 64,
-                 max_body_bytes: int = DEFAULT_MAX_BODY, on_fatal: Callable[[BaseException], None] | None = None):
+                 max_body_bytes: int = DEFAULT_MAX_BODY, on_fatal: Callable[[BaseException], None] | None = None,
+                 fim_order: str = "auto", trained_fim_orders: list[str] | None = None):
+        """`fim_order`: the FIM order of requests that name none ("auto": SPM where `trained_fim_orders`, the
+        orders the model was trained with, has it, else PSM)."""
         self.engine, self.model_name, self.api_key = engine, model_name, api_key
+        self.trained_fim_orders = trained_fim_orders
+        self.fim_order = served_fim_order(fim_order, trained_fim_orders)
         self.max_queue, self.max_body_bytes = max_queue, max_body_bytes
         self.on_fatal = on_fatal
         self.loop = AsyncEngine(engine, on_fatal=self._fatal)
@@ -163,9 +178,20 @@ class Server:
             raise bad(param, str(err)) from None
         return list(ids)
 
-    def fim_ids(self, prefix: str, suffix: str, param: str, params: SamplingParams | None = None) -> list[int]:
+    def fim_order_of(self, requested: str | None) -> str:
+        """The order a request gets: its own fim_order, else the server's (schema.FimOrder checked the value)."""
+        return requested or self.fim_order
+
+    def fim_info(self) -> dict | None:
+        """/v1/models' `fim`: the order served by default and the orders the model was trained with."""
+        if self.engine.fim is None:
+            return None
+        return {"served": self.fim_order, "trained": self.trained_fim_orders}
+
+    def fim_ids(self, prefix: str, suffix: str, param: str, params: SamplingParams | None = None,
+                order: str | None = None) -> list[int]:
         try:
-            return self.engine.fim_prompt(prefix, suffix, params)
+            return self.engine.fim_prompt(prefix, suffix, params, self.fim_order_of(order))
         except GptbcError as err:
             raise bad(param, str(err)) from None
 

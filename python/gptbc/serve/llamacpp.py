@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request as HttpRequest
 
 from gptbc.errors import GptbcError
-from gptbc.runtime.engine import cut_start
+from gptbc.runtime.engine import cut_start, fim_layout, fit_fim
 from gptbc.runtime.sampling import SamplingParams
 from gptbc.runtime.scheduler import Request
 from gptbc.serve import schema as S
@@ -87,32 +87,45 @@ def repository_context(server: Server, chunks: list[S.ExtraChunk]) -> list[int]:
 
 
 def infill_ids(server: Server, r: S.InfillRequest) -> tuple[list[int], bool]:
-    """The infill prompt, laid out as llama.cpp does: repository context, then
-    <fim-prefix> prefix + prompt <fim-suffix> suffix <fim-middle> (`prompt`, the text typed on the cursor's
-    line, ends the prefix). It always fits the window less generation_reserve: the text around the cursor
-    first (the prefix's end, the typed text, the suffix's start), then the repository context in what is left,
-    its oldest part cut first; truncated=True when anything was cut."""
+    """The infill prompt, laid out as llama.cpp does: repository context, then the FIM prompt of prefix + prompt
+    and suffix (`prompt`, the text typed on the cursor's line, ends the prefix) in the request's fim_order (or
+    the server's): PSM <fim-prefix> prefix <fim-suffix> suffix <fim-middle>, or SPM <fim-prefix> <fim-suffix>
+    suffix <fim-middle> prefix, where each keystroke only appends to the prompt. It always fits the window
+    less generation_reserve: the text around the cursor first (the prefix's end, the typed text, the suffix's
+    start), then the repository context in what is left, its oldest part cut first; truncated=True when
+    anything was cut."""
     engine, f = server.engine, server.engine.fim
     if engine.tokenizer is None or f is None:
         raise bad("input_prefix", f"{engine.model_dir}: the tokenizer has no fill-in-the-middle tokens")
+    order = server.fim_order_of(r.fim_order)
     window = engine.context_window_size
     budget = window - generation_reserve(window, r.n_predict) - 3  # the three FIM tokens
     typed = server.text_ids(r.prompt, "prompt") if r.prompt else []
-    keep_typed = min(len(typed), max(budget, 0))  # a cursor line longer than the window keeps its end
+    n_typed = len(typed)
+    keep_typed = min(n_typed, max(budget, 0))  # a cursor line longer than the window keeps its end
+    typed = typed[n_typed - keep_typed:]
     pre, suf = server.text_ids(r.input_prefix, "input_prefix"), server.text_ids(r.input_suffix, "input_suffix")
-    room = max(budget - keep_typed, 0)
-    # The suffix gets what the prefix leaves, and at least a quarter of the room where it needs that
-    # (llama.cpp splits prefix:suffix 3:1).
-    # Both cut from their start go in whole blocks (engine.cut_start), so that the next keystroke's request
-    # starts with the same tokens and the prefix cache holds them; the suffix gets what that leaves.
-    keep_suf = min(len(suf), max(room // 4, room - len(pre)))
-    keep_pre = len(pre) - cut_start(len(pre), room - keep_suf, engine.fit_block)
-    keep_suf = min(len(suf), room - keep_pre)
-    core = [f["prefix"]["id"], *pre[len(pre) - keep_pre:], *typed[len(typed) - keep_typed:],
-            f["suffix"]["id"], *suf[:keep_suf], f["middle"]["id"]]
+    # The suffix gets what the prefix leaves, and at least a share of the room where it needs that (a quarter:
+    # llama.cpp splits prefix:suffix 3:1). What is cut from a part's far end goes in whole blocks
+    # (engine.fit_fim), so that the next keystroke's request starts with the same tokens and the prefix cache
+    # holds them.
+    if order == "spm":
+        # The typed text ends the prompt: it and the prefix are one part, fitted against a share that does not
+        # move while typing. The repository context gets only what a whole prefix leaves: were it given the
+        # slack of the prefix's block cut, that slack (which moves with each keystroke) would cut it anew.
+        whole = pre + typed
+        keep_whole, keep_suf = fit_fim(len(whole), len(suf), budget, budget // 4, engine.fit_block, order)
+        keep_pre, keep_typed = max(keep_whole - keep_typed, 0), min(keep_typed, keep_whole)
+        core = fim_layout(f, whole[len(whole) - keep_whole:], suf[:keep_suf], order)
+        extra_room = budget + 3 - len(core) if keep_whole == len(whole) else 0
+    else:
+        room = max(budget - keep_typed, 0)
+        keep_pre, keep_suf = fit_fim(len(pre), len(suf), room, room // 4, engine.fit_block, order)
+        core = fim_layout(f, pre[len(pre) - keep_pre:] + typed, suf[:keep_suf], order)
+        extra_room = budget + 3 - len(core)
     extra = repository_context(server, r.input_extra) if r.input_extra else []
-    keep_extra = len(extra) - cut_start(len(extra), budget + 3 - len(core), engine.fit_block)
-    truncated = (keep_typed, keep_pre, keep_suf, keep_extra) != (len(typed), len(pre), len(suf), len(extra))
+    keep_extra = len(extra) - cut_start(len(extra), extra_room, engine.fit_block)
+    truncated = (keep_typed, keep_pre, keep_suf, keep_extra) != (n_typed, len(pre), len(suf), len(extra))
     return extra[len(extra) - keep_extra:] + core, truncated
 
 

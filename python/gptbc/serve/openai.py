@@ -39,7 +39,7 @@ def parse_completion(server: Server, body: Any) -> Job:
             raise bad("prompt", "must be a string when suffix is given (fill-in-the-middle)")
         if r.echo:
             raise bad("echo", "cannot be combined with suffix (fill-in-the-middle)")
-        prompts, texts = [server.fim_ids(r.prompt, r.suffix, "suffix")], [r.prompt]
+        prompts, texts = [server.fim_ids(r.prompt, r.suffix, "suffix", order=r.fim_order)], [r.prompt]
     else:
         prompts, texts = prompt_items(server, r.prompt)
     if len(prompts) * r.n > S.MAX_CHOICES:
@@ -71,8 +71,8 @@ def parse_fim(server: Server, body: Any) -> Job:
     server.check_model(r.model)
     params = server.sampling(r, r.max_tokens)
     include_usage = bool(r.stream_options and r.stream_options.include_usage)
-    return server.fit(Job([server.fim_ids(r.prompt, r.suffix or "", "suffix")], [r.prompt], params, 1, r.stream,
-                          include_usage, request=r))
+    ids = server.fim_ids(r.prompt, r.suffix or "", "suffix", order=r.fim_order)
+    return server.fit(Job([ids], [r.prompt], params, 1, r.stream, include_usage, request=r))
 
 
 def parse_chat(server: Server, body: Any) -> Job:

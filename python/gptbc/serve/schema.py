@@ -14,6 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gptbc.runtime.sampling import MAX_TOP_LOGPROBS, RANGES
 
+FimOrder = Literal["psm", "spm"]
+FIM_ORDER_HELP = ("Fill-in-the-middle order: 'psm' (<fim-prefix> prefix <fim-suffix> suffix <fim-middle>) or "
+                  "'spm' (BigCode's SPM variant 2: <fim-prefix> <fim-suffix> suffix <fim-middle> prefix, where "
+                  "typing only appends to the cached prompt); unset: the server's --fim-order.")
+
 MAX_CHOICES = 16  # n × number of prompts in one request
 MAX_STOPS = 16
 
@@ -66,6 +71,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="A string, strings, token ids or lists of token ids.")
     suffix: str | None = Field(None, description="Text after the gap: fill-in-the-middle (prompt is the prefix).")
+    fim_order: FimOrder | None = Field(None, description=FIM_ORDER_HELP)
     max_tokens: int = sampling_field("max_new_tokens", "Most tokens to generate.", default=16)
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices per prompt.")
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description="Only best_of == n is supported.")
@@ -83,6 +89,7 @@ class FimRequest(SamplingFields):
     model: str | None = None
     prompt: str = Field(description="Text before the gap.")
     suffix: str | None = Field(None, description="Text after the gap.")
+    fim_order: FimOrder | None = Field(None, description=FIM_ORDER_HELP)
     max_tokens: int = sampling_field("max_new_tokens", "Most tokens to generate.", default=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -158,6 +165,7 @@ class InfillRequest(LlamaFields):
                                           "[{filename, text}], oldest first.")
     prompt: str = Field("", description="The text typed on the cursor's line before the cursor: it ends the "
                                         "FIM prefix, as in llama.cpp.")
+    fim_order: FimOrder | None = Field(None, description=FIM_ORDER_HELP)
     n_indent: int = Field(0, ge=0, description="After the first line, stop at a line indented less than this "
                                                "(an empty line too), cut after its indentation.")
 
@@ -268,6 +276,13 @@ class Guarantee(Closed):
     scope: str
 
 
+class FimInfo(Closed):
+    """The fill-in-the-middle order served by default and the orders the model was trained with."""
+    served: FimOrder
+    trained: list[FimOrder] | None = Field(description="From the model's preset (configs/*.json _fim_orders); "
+                                                       "null: not known.")
+
+
 class ModelCard(Closed):
     id: str
     object: Literal["model"]
@@ -277,6 +292,7 @@ class ModelCard(Closed):
     quantization: str
     activations: Literal["float", "int8"]
     guarantee: Guarantee
+    fim: FimInfo | None = Field(description="null: the tokenizer has no FIM tokens.")
 
 
 class ModelList(Closed):
