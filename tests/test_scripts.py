@@ -209,3 +209,25 @@ def test_bench_start(tiny_model):
     assert len(starts) == 2 and all(s["to_health_s"] > 0 for s in starts)
     assert starts[1]["built"] == [] and len(starts[1]["cached"]) == 2
     assert not any("library" in b for b in starts[0]["built"])
+
+
+# ---- bench_editor.py: one /infill per keystroke, as llama.vim sends them ----
+
+def test_bench_editor(tiny_model, tmp_path):
+    """Its smallest mode: the tiny model (a 128-token window, so the prompt is cut to fit), 3 keystrokes,
+    gptbc serve only, in both FIM orders. In SPM a keystroke evaluates only the typed token(s) and reuses the
+    rest; in PSM the text after the cursor is evaluated again each time."""
+    m = tiny_model("mqa64")
+    run = run_script("bench_editor.py", m.hf_dir, "--quantization", "q0f32", "--keystrokes", 3, "--n-predict", 4,
+                     "--n-prefix", 8, "--n-suffix", 4, "--extra-lines", 4, "--json", timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    runs = {r["order"]: r for r in json.loads(run.stdout)["runs"]}
+    assert set(runs) == {"psm", "spm"}
+    assert all(r["server"] == "gptbc serve" and r["keystrokes"] == 3 and r["cold_evaluated"] > 100
+               for r in runs.values())
+    # A typed character may re-merge the last few BPE tokens of the cursor line: a few tokens, not the rest.
+    for spm, psm in zip(runs["spm"]["per_keystroke"][0], runs["psm"]["per_keystroke"][0]):
+        assert spm["evaluated"] <= 4 and spm["reused"] >= runs["spm"]["cold_evaluated"] - 4, spm
+        assert psm["evaluated"] > spm["evaluated"] + 4, (psm, spm)
+    missing = run_script("bench_editor.py", m.hf_dir, "--file", tmp_path / "nope.py")
+    one_line_error(missing, "nope.py", "cannot read")
