@@ -55,7 +55,8 @@ const char kUsage[] =
     "                instead of streaming text\n"
     "  --ignore-eos  keep generating after an eos token (for benchmarks)\n"
     "  --prompt-ids  several prompts separated by ';' are generated together: prefilled one by one, then\n"
-    "                decoded in one batch_decode call per step (--json: one object per prompt in \"outputs\")\n"
+    "                decoded in one batch_decode call per step (--json: one object per prompt in \"outputs\";\n"
+    "                else one line per prompt, its text as a JSON string)\n"
     "  --bench       time B prompts of P made-up ids (default 1 and 128): prefill, then greedy decode of\n"
     "                N - 1 steps (default N 64) in batch_decode calls when B > 1, eos ignored; W untimed\n"
     "                runs (default 1), then R timed ones (default 3); prints one JSON object\n";
@@ -466,13 +467,13 @@ std::string ids_text(const gptbc::Tokenizer& tok, const Generation& gen) {
 }
 
 // Several prompts' results: --json one object with "outputs" (one per prompt, in order), else one line each
-// (the text, or the ids without a tokenizer).
+// (the text as a JSON string, or the ids without a tokenizer).
 void print_batch(const std::vector<Generation>& gens, const std::vector<std::vector<int32_t>>& prompts,
                  const gptbc::Tokenizer* tok, bool as_json, double load_s) {
   if (!as_json) {
     for (const auto& g : gens) {
       std::string line;
-      if (tok) line = ids_text(*tok, g);
+      if (tok) line = gptbc::json::quote(ids_text(*tok, g));  // quoted: a text may hold line breaks
       else for (size_t i = 0; i < g.ids.size(); ++i) line += (i ? "," : "") + std::to_string(g.ids[i]);
       std::puts(line.c_str());
     }

@@ -116,8 +116,10 @@ def prompt_ids(hf_dir: Path) -> list[list[int]]:
 # ---- compiling, cached ----
 
 def sources_hash() -> str:
+    """What a compiled library or converted directory depends on: the compiler and artifact code."""
     digest = hashlib.sha256()
-    for path in sorted((ROOT / "python" / "gptbc").rglob("*.py")):
+    package = ROOT / "python" / "gptbc"
+    for path in sorted([package / "__init__.py", *(package / "compile").rglob("*.py"), *(package / "artifact").rglob("*.py")]):
         digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -164,6 +166,9 @@ def make_bin(folder: Path, device: str) -> Path:
     for name in bundle.RUNTIME_LIBS:
         if name != bundle.CUDA_RUNTIME or device == "cuda":
             shutil.copy2(runtime.library(name), folder / name)
+    if device == "cuda":  # what libtvm_runtime_cuda.so links besides the driver
+        cudart = bundle.cuda_runtime_dependency(runtime, arch)
+        shutil.copy2(cudart, folder / cudart.name)
     if device == "vulkan":
         from gptbc.runtime import webgpu
 

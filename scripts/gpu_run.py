@@ -130,7 +130,7 @@ def torch_device(device: str):
     return torch.device("cuda" if device == "cuda" else "cpu")
 
 
-def describe_device(run: Run, device: str) -> None:
+def describe_device(run: Run, device: str, carry_bin: Path) -> None:
     import torch
 
     info: dict = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
@@ -152,9 +152,26 @@ def describe_device(run: Run, device: str) -> None:
             p = torch.cuda.get_device_properties(0)
             info.update(gpu=p.name, capability=f"sm_{p.major}{p.minor}", gpu_memory_bytes=p.total_memory,
                         cuda_runtime=torch.version.cuda, multiprocessors=p.multi_processor_count)
+        check_driver(run, info, carry_bin)
     info["copy_bandwidth"] = copy_bandwidth(torch_device(device))
     run.result["device"] = info
     run.log(f"device: {json.dumps(info)}")
+
+
+def check_driver(run: Run, info: dict, carry_bin: Path) -> None:
+    """The carried libcudart.so.N runs only on a driver for CUDA N or newer: say so up front, in words."""
+    import re
+
+    import torch
+
+    version = torch._C._cuda_getDriverVersion() if hasattr(torch._C, "_cuda_getDriverVersion") else 0
+    info["driver_cuda_version"] = f"{version // 1000}.{version % 1000 // 10}" if version else None
+    carried = sorted(p.name for p in carry_bin.glob("libcudart.so.*"))
+    info["carried_cudart"] = carried
+    needs = [int(m.group(1)) for m in (re.match(r"libcudart\.so\.(\d+)$", n) for n in carried) if m]
+    if version and needs and version // 1000 < max(needs):
+        run.fail(f"the driver supports CUDA {info['driver_cuda_version']}, the carried {carried[0]} needs CUDA "
+                 f"{max(needs)} (driver 580+ for 13): gptbc-run cannot use this GPU; the tiny and speed steps will say so")
 
 
 def copy_bandwidth(dev) -> dict:
@@ -507,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             try:
                 if name == "device":
-                    step(run, device)
+                    step(run, device, carry / "bin")
                 elif name == "speed":
                     step(run, device)
                 else:
