@@ -38,6 +38,7 @@ import numpy as np
 
 ALIGNMENT = 64  # gptbc-run uses a tensor in place when its data is 64-byte aligned
 POOL_BYTES = 64 << 20  # random values are written from pools of this size, cycled (writing speed, not entropy)
+FLOAT_POOL_BYTES = 4 << 20
 RESERVE_S = 15  # kept back at the end for writing results
 
 
@@ -310,7 +311,7 @@ def random_pools(seed: int, size: int) -> dict[str, np.ndarray]:
     """Byte pools of `size` bytes the weight files are cut from: raw random bytes for packed integers, and
     values of a sane size for each float role (so fp16 activations stay finite)."""
     rng = np.random.default_rng(seed)
-    n = size // 4
+    n = min(size, FLOAT_POOL_BYTES) // 4  # float values are slow to draw: smaller pools, cycled more often
     pools = {"bytes": np.frombuffer(rng.bytes(size), dtype=np.uint8)}
     for dtype in ("float16", "float32"):
         pools[f"normal-{dtype}"] = (rng.standard_normal(n, dtype=np.float32) * 0.02).astype(dtype).view(np.uint8)
@@ -357,7 +358,8 @@ def write_random_weights(manifest_path: Path, folder: Path, seed: int = 0) -> in
             f.write(struct.pack("<Q", len(text)) + text)
             for k, p in enumerate(params):
                 start, end = header[p["name"]]["data_offsets"]
-                pool, at = pools[pool_of(p["name"], p["dtype"])], (k * 4096) % pool_bytes
+                pool = pools[pool_of(p["name"], p["dtype"])]
+                at = (k * 4096) % len(pool)
                 left = end - start
                 while left > 0:
                     piece = pool[at:at + left]
@@ -378,7 +380,7 @@ def bench_shape(run: Run, carry: Path, device: str, shape: dict, scratch: Path, 
     row: dict = {"name": shape["name"], "weight_bytes": shape["weight_bytes"], "gptbc": [], "hf": None}
     weights_dir = scratch / shape["name"]
     gb = shape["weight_bytes"] / 1e9
-    if not run.can(f"{shape['name']}: write random weights", 10 + 4 * gb):
+    if not run.can(f"{shape['name']}: write random weights", 10 + 2 * gb):
         return row
     t0 = time.monotonic()
     row["written_bytes"] = write_random_weights(carry / shape["manifest"], weights_dir)
