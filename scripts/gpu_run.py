@@ -23,6 +23,7 @@ Exit status 0 when every check that ran passed (skipped steps are recorded, not 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -441,6 +442,13 @@ def hf_peer(shape: dict, dev, copy_bw: float | None) -> dict:
     finally:
         torch.set_default_dtype(previous)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # transformers 5 renames past_key_values to cache (the old name goes in 5.40): whichever this one takes
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def kv_of(result):
+        kv = getattr(result, "cache", None)
+        return kv if kv is not None else result.past_key_values
+
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     out: dict = {"dtype": str(dtype).replace("torch.", ""), "attention": "sdpa", "weight_bytes": nbytes, "runs": []}
     vocab = config.vocab_size
@@ -457,10 +465,10 @@ def hf_peer(shape: dict, dev, copy_bw: float | None) -> dict:
                 nxt = result.logits[:, -1].argmax(-1, keepdim=True)
                 sync()
                 t1 = time.perf_counter()
-                past = result.past_key_values
+                past = kv_of(result)
                 for _ in range(steps):
-                    result = model(nxt, past_key_values=past, use_cache=True)
-                    past, nxt = result.past_key_values, result.logits[:, -1].argmax(-1, keepdim=True)
+                    result = model(nxt, use_cache=True, **{cache_arg: past})
+                    past, nxt = kv_of(result), result.logits[:, -1].argmax(-1, keepdim=True)
                 sync()
                 t2 = time.perf_counter()
                 if r >= b["warmup"]:
