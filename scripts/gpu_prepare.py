@@ -17,17 +17,15 @@ gptbc, and a call carries at most 64 MiB. So the folder holds everything else, s
 
 The tiny models are the shipped trained one (tests/data/trained-tiny, multi-query) and the same network
 written as multi-head attention (its one K/V head repeated for every query head): both give confident
-greedy ids, so an fp16 build and an fp32 build can be compared token for token. Compiled libraries are
-cached under --work (keyed by the gptbc sources and the arguments), so a second run rebuilds nothing.
+greedy ids, so an fp16 build and an fp32 build can be compared token for token. Converted weights, compiled
+libraries and gptbc-run come from gptbc's artifact cache (`gptbc cache`), so a second run rebuilds nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -39,7 +37,6 @@ import numpy as np
 from gptbc import bundle
 from gptbc.artifact import manifest
 from gptbc.artifact.config import resolve_model
-from gptbc.artifact.convert import convert_weight
 from gptbc.artifact.params import converted_params
 from gptbc.artifact.quantization import get_quantization
 from gptbc.errors import GptbcError
@@ -113,43 +110,23 @@ def prompt_ids(hf_dir: Path) -> list[list[int]]:
     return [tok.encode(p, add_special_tokens=False).ids for p in PROMPTS]
 
 
-# ---- compiling, cached ----
+# ---- compiling and converting (both through gptbc's artifact cache) ----
 
-def sources_hash() -> str:
-    """What a compiled library or converted directory depends on: the compiler and artifact code."""
-    digest = hashlib.sha256()
-    package = ROOT / "python" / "gptbc"
-    for path in sorted([package / "__init__.py", *(package / "compile").rglob("*.py"), *(package / "artifact").rglob("*.py")]):
-        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def compiled(work: Path, model_dir: Path | str, scheme: str, target: str, batch_invariant: bool = False) -> Path:
-    """A library for `model_dir` (an HF checkpoint, a converted directory or a preset name) from the cache,
-    compiled on a miss. Float activations on the CPU: the GPU targets have no others, and the CPU ids are
-    the reference for them."""
+def compiled(model: Path | str, scheme: str, target: str, output: Path, batch_invariant: bool = False) -> Path:
+    """The library for `model` (an HF checkpoint, a converted directory or a preset name) at `output`, from the
+    artifact cache (compiled there on a miss). Float activations on the CPU: the GPU targets have no others, and
+    the CPU ids are the reference for them."""
     from gptbc.compile.compiler import compile_model
 
-    key = hashlib.sha256(json.dumps([SOURCES, str(model_dir), scheme, target, batch_invariant]).encode())
-    lib = work / "libs" / f"{key.hexdigest()[:20]}.so"
-    if not lib.is_file():
-        log(f"compile {model_dir} {scheme} for {target}{' (batch-invariant)' if batch_invariant else ''}")
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        tmp = lib.with_name(f".{lib.name}.{os.getpid()}.so")
-        try:
-            compile_model(resolve_model(str(model_dir)), target, scheme, tmp, log=lambda _m: None,
-                          activations="float", batch_invariant=batch_invariant)
-            os.replace(tmp, lib)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return lib
+    log(f"library: {model} {scheme} for {target}{' (batch-invariant)' if batch_invariant else ''}")
+    return compile_model(resolve_model(str(model)), target, scheme, output, log=lambda _m: None, activations="float",
+                         batch_invariant=batch_invariant)
 
 
-def converted(work: Path, hf_dir: Path, name: str, scheme: str) -> Path:
-    out = work / "weights" / f"{name}-{scheme}-{SOURCES}"
-    if not (out / manifest.WEIGHTS_FILE).is_file():
-        convert_weight(hf_dir, scheme, out, progress=False)
-    return out
+def converted(hf_dir: Path, scheme: str) -> Path:
+    from gptbc.prepare import converted as cached_conversion
+
+    return cached_conversion(str(hf_dir), scheme, False, 1, lambda _m: None, progress=False)[1]
 
 
 # ---- gptbc-run and the runtime ----
@@ -158,9 +135,7 @@ def make_bin(folder: Path, device: str) -> Path:
     """gptbc-run for this machine (cached by gptbc bundle, $ORIGIN run path) beside TVM's runtime libraries."""
     arch = host_arch()
     runtime = bundle.runtime_for(arch, log)
-    runner = bundle.cached_program(arch)
-    if not runner.is_file():
-        bundle.build_program(arch, runtime, runner, log)
+    runner = bundle.native_program(arch, runtime, log)
     folder.mkdir(parents=True)
     shutil.copy2(runner, folder / bundle.RUNNER)
     for name in bundle.RUNTIME_LIBS:
@@ -216,7 +191,7 @@ def weight_bytes(weights: dict) -> int:
 
 # ---- the folder ----
 
-def build_plan(out: Path, target: str, smallest: bool, work: Path) -> dict:
+def build_plan(out: Path, target: str, smallest: bool) -> dict:
     device = device_of(target)
     runner = make_bin(out / "bin", device)
     tiny_root = out / "tiny"
@@ -230,21 +205,24 @@ def build_plan(out: Path, target: str, smallest: bool, work: Path) -> dict:
             "gptbc_commit": git_commit(), "target": target, "device": device, "smallest": smallest,
             "max_new_tokens": max_new, "tiny": [], "batch_invariant": None, "shapes": []}
     prompts = prompt_ids(models["mqa"])[:SMALLEST_PROMPTS if smallest else None]
-    for model, hf_dir in models.items():
-        for scheme in schemes:
-            name = f"{model}-{scheme}"
-            weights = converted(work, hf_dir, model, scheme)
-            shutil.copytree(weights, tiny_root / model / scheme)
-            lib = compiled(work, weights, scheme, target)
-            cpu_lib = lib if device == "cpu" else compiled(work, weights, scheme, "cpu")
-            shutil.copy2(lib, out / "libs" / f"{name}.so")
-            plan["tiny"].append({"name": name, "model": model, "scheme": scheme, "hf": rel(hf_dir, out),
-                                 "weights": f"tiny/{model}/{scheme}", "lib": f"libs/{name}.so", "prompts": prompts,
-                                 "cpu_ids": cpu_greedy_ids(runner, weights, cpu_lib, prompts, max_new)})
+    scratch = out.parent / f".{out.name}.cpu-libs"  # the CPU reference libraries: not carried
+    scratch.mkdir()
+    try:
+        for model, hf_dir in models.items():
+            for scheme in schemes:
+                name = f"{model}-{scheme}"
+                weights = converted(hf_dir, scheme)
+                shutil.copytree(weights, tiny_root / model / scheme)
+                lib = compiled(weights, scheme, target, out / "libs" / f"{name}.so")
+                cpu_lib = lib if device == "cpu" else compiled(weights, scheme, "cpu", scratch / f"{name}.so")
+                plan["tiny"].append({"name": name, "model": model, "scheme": scheme, "hf": rel(hf_dir, out),
+                                     "weights": f"tiny/{model}/{scheme}", "lib": f"libs/{name}.so", "prompts": prompts,
+                                     "cpu_ids": cpu_greedy_ids(runner, weights, cpu_lib, prompts, max_new)})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     # batch invariance: the same prompts alone and together, with a --batch-invariant library
     bi_scheme = "q0f32" if smallest else "q4f16_1"
-    weights = converted(work, models["mqa"], "mqa", bi_scheme)
-    shutil.copy2(compiled(work, weights, bi_scheme, target, batch_invariant=True), out / "libs" / "mqa-bi.so")
+    compiled(converted(models["mqa"], bi_scheme), bi_scheme, target, out / "libs" / "mqa-bi.so", batch_invariant=True)
     plan["batch_invariant"] = {"name": f"mqa-{bi_scheme}-batch-invariant", "weights": f"tiny/mqa/{bi_scheme}",
                                "lib": "libs/mqa-bi.so", "prompts": prompts,
                                # the same check on the plain library, reported (a plain library promises nothing)
@@ -264,7 +242,7 @@ def build_plan(out: Path, target: str, smallest: bool, work: Path) -> dict:
             shape_dir = out / "shapes" / name
             shape_dir.mkdir(parents=True)
             (shape_dir / manifest.WEIGHTS_FILE).write_text(json.dumps(weights, indent=1) + "\n")
-            shutil.copy2(compiled(work, preset, scheme, target), out / "libs" / f"{name}.so")
+            compiled(preset, scheme, target, out / "libs" / f"{name}.so")
             plan["shapes"].append({"name": name, "manifest": f"shapes/{name}/{manifest.WEIGHTS_FILE}",
                                    "lib": f"libs/{name}.so", "weight_bytes": weight_bytes(weights), "hf_config": hf,
                                    "hf_peer": peer, "bench": BENCH})
@@ -291,10 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default="cuda:sm_90a", help="cuda[:sm_XX] (default cuda:sm_90a), cpu or vulkan")
     ap.add_argument("--smallest", action="store_true", help="the tiny multi-query model in q0f32 only, and its "
                     "shape as the speed case (for the test that runs this path on the CPU and on lavapipe)")
-    ap.add_argument("--work", default=str(bundle.cache_dir() / "gpu_prepare"),
-                    help="where converted tiny weights and compiled libraries are cached (default: %(default)s)")
     args = ap.parse_args(argv)
-    out, work = Path(args.output), Path(args.work)
+    out = Path(args.output)
     try:
         device_of(args.target)
         if out.exists() and not (out / "plan.json").is_file():
@@ -303,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
             (tmp / "libs").mkdir()
-            plan = build_plan(tmp, args.target, args.smallest, work)
+            plan = build_plan(tmp, args.target, args.smallest)
             (tmp / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
             size = folder_bytes(tmp)
             if size > CARRY_LIMIT:
@@ -319,8 +295,6 @@ def main(argv: list[str] | None = None) -> int:
           f"target {args.target}")
     return 0
 
-
-SOURCES = sources_hash()
 
 if __name__ == "__main__":
     sys.exit(main())

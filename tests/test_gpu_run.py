@@ -21,8 +21,8 @@ PREPARE, RUN = ROOT / "scripts" / "gpu_prepare.py", ROOT / "scripts" / "gpu_run.
 
 
 def prepare(out: Path, target: str) -> Path:
-    # converted weights and libraries come from gpu_prepare's cache (keyed by the compiler's sources), as
-    # gptbc-run comes from gptbc bundle's: the CPU and Vulkan folders share one CPU reference build
+    # converted weights, libraries and gptbc-run come from the artifact cache: the CPU and Vulkan folders share
+    # one CPU reference build, and a warm run compiles nothing
     done = subprocess.run([sys.executable, str(PREPARE), "-o", str(out), "--target", target, "--smallest"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
