@@ -2,6 +2,9 @@
 
 #include <sys/stat.h>
 
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <set>
 
@@ -86,6 +89,69 @@ struct Reader {
   }
 };
 
+// A float as messages show it: short where that is exact (1e-05), else every digit (manifest.py `_number`).
+std::string number(double x) {
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "%g", x);
+  if (std::strtod(buf, nullptr) != x) std::snprintf(buf, sizeof buf, "%.17g", x);
+  return buf;
+}
+
+// Activation names that compute the same function (config.ACTIVATIONS; manifest.py `_SAME_ACTIVATION`).
+std::string same_activation(const std::string& name) {
+  static const std::map<std::string, std::string> same = {
+      {"gelu_pytorch_tanh", "gelu_tanh"}, {"gelu_new", "gelu_tanh"}, {"gelu_fast", "gelu_tanh"}, {"gelu", "gelu_erf"}};
+  auto it = same.find(name);
+  return it == same.end() ? name : it->second;
+}
+
+// The model config fields that shape what a library computes, with what an absent or null one means
+// (manifest.py `_IDENTITY` and `identity`); the sizes among them were checked positive before.
+std::vector<IdentityField> read_identity(const json::Object& cfg, const Reader& r) {
+  enum Kind { kSize, kBool, kString, kFloat };
+  struct Field {
+    const char* key;
+    Kind kind;
+    const char* fallback;
+  };
+  static const Field fields[] = {
+      {"n_layer", kSize, ""},          {"n_embd", kSize, ""},
+      {"n_head", kSize, ""},           {"n_inner", kSize, ""},
+      {"multi_query", kBool, "true"},  {"activation_function", kString, "gelu_pytorch_tanh"},
+      {"layer_norm_epsilon", kFloat, ""}, {"scale_attn_weights", kBool, "true"},
+      {"vocab_size", kSize, ""},       {"n_positions", kSize, ""},
+      {"tie_word_embeddings", kBool, "true"}};
+  std::vector<IdentityField> out;
+  for (const Field& f : fields) {
+    std::string path = std::string("model_config.") + f.key;
+    std::optional<json::Value> v = json::find(cfg, f.key);
+    IdentityField id{f.key, "", ""};
+    if (f.kind == kSize) {
+      int64_t n = v ? r.positive(cfg, f.key, path) : 4 * json::find(cfg, "n_embd")->cast<int64_t>();  // n_inner
+      id.shown = id.compared = std::to_string(n);
+    } else if (f.kind == kBool) {
+      id.shown = id.compared = !v ? f.fallback : r.typed(*v, "boolean", path).cast<bool>() ? "true" : "false";
+    } else if (f.kind == kString) {
+      id.shown = !v ? f.fallback : std::string(r.typed(*v, "string", path).cast<ffi::String>());
+      id.compared = same_activation(id.shown);
+    } else {
+      double x = 1e-5;
+      if (v) {
+        std::string kind = kind_of(*v);
+        if (kind != "number" && kind != "integer") throw r.fail(path + " must be a number, got " + kind);
+        x = json::as_number(*v, path);
+      }
+      // compared as float32, the kernels' type: a GGUF stores epsilon as float32
+      id.shown = number(x);
+      id.compared = number(static_cast<double>(std::isfinite(x) && std::fabs(x) > 3.4028234663852886e38
+                                                   ? std::copysign(INFINITY, x)
+                                                   : static_cast<float>(x)));
+    }
+    out.push_back(std::move(id));
+  }
+  return out;
+}
+
 std::vector<int32_t> narrow(const std::vector<int64_t>& ids) { return {ids.begin(), ids.end()}; }
 
 std::string supported() {
@@ -127,6 +193,8 @@ void read_common(const json::Object& m, const Reader& r, const std::string& redo
     if (std::string(key) == "n_embd") h->n_embd = v;
     if (std::string(key) == "vocab_size") h->vocab_size = v;
   }
+  h->identity = read_identity(cfg, r);
+  if (Reader::has(m, "tensor_parallel")) h->tensor_parallel = r.positive(m, "tensor_parallel");
   if (auto eos = json::find(cfg, "eos_token_id")) {  // HF's spellings: absent, null, an id or a list of ids
     std::string kind = kind_of(*eos);
     if (kind == "integer") {
@@ -144,6 +212,15 @@ void read_common(const json::Object& m, const Reader& r, const std::string& redo
   if (Reader::has(q, "quantize_lm_head"))
     quantized_head = r.field(q, "quantize_lm_head", "boolean", "quantization.quantize_lm_head").cast<bool>();
   h->quantization = quantized_head || kind == "none" ? name : name + " (lm_head unquantized)";
+  h->bits = "None";
+  if (auto bits = json::find(q, "bits"))
+    h->bits = std::to_string(r.typed(*bits, "integer", "quantization.bits").cast<int64_t>());
+  if (Reader::has(q, "widths")) {
+    for (const auto& [module, bits] : r.object(q, "widths", "quantization.widths")) {
+      std::string m(module.cast<ffi::String>());
+      h->widths[m] = r.typed(bits, "integer", "quantization.widths." + m).cast<int64_t>();
+    }
+  }
 }
 
 void read_params(const json::Object& m, const Reader& r, bool with_file, Header* h) {
@@ -213,6 +290,11 @@ Library parse_library(const std::string& text, const std::string& lib) {
 }
 
 void check_compatible(const Library& lib, const Weights& weights) {
+  if (lib.tensor_parallel != weights.tensor_parallel) {
+    throw Error("--lib " + lib.lib + " was compiled with --tensor-parallel " + std::to_string(lib.tensor_parallel) +
+                ", but the weights in " + weights.directory + " were converted with --tensor-parallel " +
+                std::to_string(weights.tensor_parallel) + "; compile and convert with the same N");
+  }
   const std::pair<const char*, int64_t Header::*> layout[] = {{"a KV-cache page size", &Header::page_size},
                                                               {"a tensor alignment", &Header::alignment}};
   for (const auto& [what, member] : layout) {
@@ -222,10 +304,34 @@ void check_compatible(const Library& lib, const Weights& weights) {
                   " (gptbc " + weights.gptbc_version + "); compile and convert with the same gptbc");
     }
   }
+  auto wid = weights.identity.begin();
+  for (const IdentityField& l : lib.identity) {
+    const IdentityField& w = *wid++;
+    if (l.compared != w.compared) {
+      throw Error("--lib " + lib.lib + " was compiled for " + l.key + " " + l.shown + ", but the weights in " +
+                  weights.directory + " have " + w.key + " " + w.shown +
+                  "; a library runs only the model it was compiled for (compile one for these weights)");
+    }
+  }
   if (lib.quantization != weights.quantization) {
     throw Error("--lib " + lib.lib + " was compiled for quantization " + lib.quantization + ", but the weights in " +
                 weights.directory + " are " + weights.quantization +
                 "; compile and convert with the same --quantization (and --no-quantize-lm-head) settings");
+  }
+  std::set<std::string> modules;
+  for (const Header* h : {static_cast<const Header*>(&lib), static_cast<const Header*>(&weights)})
+    for (const auto& [module, bits] : h->widths) modules.insert(module);
+  for (const std::string& module : modules) {  // a per-tensor scheme: each module in its own width (sorted, as Python)
+    auto width = [&](const Header& h) {
+      auto it = h.widths.find(module);
+      return it == h.widths.end() ? h.bits : std::to_string(it->second);
+    };
+    if (width(lib) != width(weights)) {
+      throw Error("--lib " + lib.lib + " was compiled for " + module + " at " + width(lib) +
+                  " bits, but the weights in " + weights.directory + " have it at " + width(weights) +
+                  " bits; compile the library from the converted directory (gptbc compile --model " +
+                  weights.directory + ")");
+    }
   }
   std::map<std::string, const Param*> have;
   for (const Param& p : weights.params) have[p.name] = &p;
@@ -239,6 +345,14 @@ void check_compatible(const Library& lib, const Weights& weights) {
     if (w.shape != p.shape || w.dtype != p.dtype) {
       throw Error(weights.directory + ": tensor " + p.name + " is " + w.dtype + shape_str(w.shape) + ", --lib " +
                   lib.lib + " expects " + p.dtype + shape_str(p.shape) + " (were they built from different configs?)");
+    }
+  }
+  std::set<std::string> takes;
+  for (const Param& p : lib.params) takes.insert(p.name);
+  for (const Param& p : weights.params) {  // the converter writes exactly the library's list: an extra is another model's
+    if (!takes.count(p.name)) {
+      throw Error(weights.path + ": tensor " + p.name + " is not one --lib " + lib.lib +
+                  " takes (were they built from different configs?)");
     }
   }
 }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -22,6 +23,12 @@ struct Param {
   std::string repack;  // library only, optional: the library function that makes the loaded tensor (int8 activations)
 };
 
+// One model config field that shapes what a library computes (manifest.py `_IDENTITY`): its value as messages show
+// it and as compared (activation names that compute the same function compare equal; epsilon as float32).
+struct IdentityField {
+  std::string key, shown, compared;
+};
+
 // What both manifests start with.
 struct Header {
   int64_t schema_version = 0;
@@ -31,6 +38,10 @@ struct Header {
   int64_t vocab_size = 0, n_embd = 0;
   std::vector<int32_t> config_eos_ids;  // model_config.eos_token_id (absent: none)
   std::string quantization;             // as messages show it: "q4f32_1" or "q4f32_1 (lm_head unquantized)"
+  int64_t tensor_parallel = 1;          // ranks the artifact was built for (absent: 1)
+  std::vector<IdentityField> identity;  // model_config's _IDENTITY fields, in that order
+  std::string bits;                     // quantization.bits as shown ("None" when absent or null)
+  std::map<std::string, int64_t> widths;  // quantization.widths: {module: bits} of a per-tensor scheme
   std::vector<Param> params;
 };
 

@@ -110,6 +110,67 @@ void check_arch(const std::string& lib) {
   }
 }
 
+// A library cut short is mapped past its end by dlopen, and the first touch of a missing page kills the process
+// with SIGBUS, nothing printed: every table and segment its ELF header describes must lie within the file
+// (runtime/devices.py `check_library_intact`, with the same message). Left to the loader: what is not
+// little-endian ELF.
+void check_intact(const std::string& lib) {
+  std::ifstream in(lib, std::ios::binary | std::ios::ate);
+  const uint64_t size = static_cast<uint64_t>(in.tellg());
+  in.seekg(0);
+  unsigned char h[64] = {};
+  in.read(reinterpret_cast<char*>(h), sizeof(h));
+  const uint64_t got = static_cast<uint64_t>(in.gcount());
+  in.clear();
+  if (got < 6 || std::memcmp(h, "\x7f" "ELF", 4) != 0 || h[5] != 1 || (h[4] != 1 && h[4] != 2)) return;
+  const bool wide = h[4] == 2;
+  auto damaged = [&](const std::string& what, uint64_t end) {  // end: wraps only for a hostile header
+    return Error("--lib " + lib + ": truncated or damaged (" + what + " ends at byte " + std::to_string(end) +
+                 ", past the end of the " + std::to_string(size) + "-byte file); compile it or copy it again");
+  };
+  auto le = [](const unsigned char* b, int n) {
+    uint64_t v = 0;
+    for (int i = n - 1; i >= 0; --i) v = v << 8 | b[i];
+    return v;
+  };
+  const uint64_t header_end = wide ? 62 : 50;
+  if (got < header_end) throw damaged("the ELF header", header_end);
+  const unsigned char* e = h + (wide ? 32 : 28);
+  const int word = wide ? 8 : 4;
+  struct Table {
+    const char *what, *item;
+    uint64_t offset, entsize, count, least;
+    bool program;
+  };
+  const Table tables[] = {
+      {"program header", "segment", le(e, word), le(e + 2 * word + 6, 2), le(e + 2 * word + 8, 2), wide ? 56u : 32u,
+       true},
+      {"section header", "section", le(e + word, word), le(e + 2 * word + 10, 2), le(e + 2 * word + 12, 2),
+       wide ? 64u : 40u, false}};
+  for (const Table& t : tables) {
+    if (t.count == 0) continue;
+    if (t.entsize < t.least) {
+      throw Error("--lib " + lib + ": damaged (" + t.what + " entries of " + std::to_string(t.entsize) +
+                  " bytes, ELF needs " + std::to_string(t.least) + ")");
+    }
+    if (t.offset > size || t.entsize * t.count > size - t.offset)
+      throw damaged(std::string("the ") + t.what + " table", t.offset + t.entsize * t.count);
+    std::vector<unsigned char> table(t.entsize * t.count);
+    in.seekg(static_cast<std::streamoff>(t.offset));
+    in.read(reinterpret_cast<char*>(table.data()), static_cast<std::streamsize>(table.size()));
+    for (uint64_t i = 0; i < t.count; ++i) {
+      const unsigned char* x = table.data() + i * t.entsize;
+      // program: p_type, p_offset, p_filesz; section: sh_type, sh_offset, sh_size
+      uint64_t type = le(x + (t.program ? 0 : 4), 4);
+      uint64_t start = t.program ? le(x + (wide ? 8 : 4), word) : le(x + (wide ? 24 : 16), word);
+      uint64_t length = t.program ? le(x + (wide ? 32 : 16), word) : le(x + (wide ? 32 : 20), word);
+      bool in_file = t.program ? type == 1 : type != 8;  // PT_LOAD is mapped; SHT_NOBITS (.bss) has no bytes
+      if (in_file && (start > size || length > size - start))
+        throw damaged(std::string(t.item) + " " + std::to_string(i), start + length);
+    }
+  }
+}
+
 ffi::Function global(const char* name) {
   auto f = ffi::Function::GetGlobal(name);
   if (!f) throw Error(std::string("the TVM runtime has no ") + name + " (a TVM without the Relax VM?)");
@@ -124,6 +185,11 @@ Model::Model(const std::string& model_dir, const std::string& lib, const std::st
   open_device(device);
   load_library(lib);
   manifest::check_compatible(meta_, weights);
+  if (meta_.tensor_parallel > 1) {  // one rank's library: its layers would compute a slice of the model
+    throw Error("--lib " + lib + " is one rank of a --tensor-parallel " + std::to_string(meta_.tensor_parallel) +
+                " model; gptbc-run runs one device (run it with `gptbc generate --tensor-parallel " +
+                std::to_string(meta_.tensor_parallel) + "`)");
+  }
   if (dev_.device_type == kDLWebGPU) check_device_limits();
   vocab_size_ = meta_.vocab_size;
   n_embd_ = meta_.n_embd;
@@ -243,6 +309,7 @@ void Model::check_device_limits() {
 void Model::load_library(const std::string& lib) {
   if (!is_file(lib)) throw Error("--lib " + lib + ": file not found");
   check_arch(lib);
+  check_intact(lib);
   // dlopen searches the library path for a name without a slash: give it the real path, as Python does.
   char resolved[PATH_MAX];
   std::string path = realpath(lib.c_str(), resolved) ? resolved : lib;

@@ -20,11 +20,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_runtest_setup(item) -> None:
-    """Tests marked aarch64 skip (or fail, under GPTBC_REQUIRE_AARCH64=1) where aarch64 cannot run here."""
+    """Tests marked aarch64, nvcc or gpu skip (or fail, under GPTBC_REQUIRE_AARCH64 / _NVCC / _GPU=1) where what
+    they need is missing here."""
     if item.get_closest_marker("aarch64") is not None:
         from aarch64_tools import need_aarch64
 
         need_aarch64()
+    if item.get_closest_marker("nvcc") is not None or item.get_closest_marker("gpu") is not None:
+        from cuda_tools import need_gpu, need_nvcc
+
+        need_nvcc()  # a gpu test compiles its library first
+        if item.get_closest_marker("gpu") is not None:
+            need_gpu()
 
 # name → (checkpoint settings, compile overrides). Two shapes (head_dim 64 / 32, n_inner 4x / not),
 # MQA and MHA of each; one uses exact-erf GELU; one prefills in chunks of 16 tokens.

@@ -237,7 +237,8 @@ def test_bundle_refuses_a_library_from_another_tvm(tiny_model, tmp_path):
 
 
 def test_bundle_refuses_weights_of_another_model(tiny_model, tmp_path):
-    with pytest.raises(GptbcError, match="were they built from different configs"):
+    with pytest.raises(GptbcError, match="was compiled for multi_query true, but the weights in .* have multi_query "
+                                         "false; a library runs only the model it was compiled for"):
         make_bundle(tiny_model("mha64").out_dir, tiny_model("mqa64").lib, tmp_path / "b")
     assert not (tmp_path / "b").exists()
 
@@ -252,6 +253,7 @@ def test_unknown_arm_cpu_on_the_command_line(tiny_model, tmp_path, capsys):
     assert "cortex-a76" in err and not (tmp_path / "lib.so").exists()
 
 
+@pytest.mark.nvcc
 def test_cuda_bundle_carries_the_cuda_runtime_and_runs_on_cuda(tiny_model, bundle_of, tmp_path, no_python_path):
     """A CUDA library (nvcc is here) bundles like a CPU one, with TVM's CUDA runtime beside gptbc-run, and the
     bundle's gptbc-run runs it on CUDA by default. Without a GPU, a driver stand-in that has no device
@@ -277,3 +279,12 @@ def test_cuda_bundle_carries_the_cuda_runtime_and_runs_on_cuda(tiny_model, bundl
     done = subprocess.run([str(bundle / "gptbc-run"), "--prompt-ids", "1,2"], capture_output=True, text=True,
                           env=env, cwd="/", timeout=120)
     assert one_line_error(done) == "error: --device cuda: no such CUDA device (nvidia-smi lists them)"
+
+
+def test_bundle_refuses_a_truncated_library(tiny_model, tmp_path):
+    m = tiny_model("mqa64")
+    cut = tmp_path / "cut.so"
+    cut.write_bytes(m.lib.read_bytes()[:m.lib.stat().st_size // 2])
+    with pytest.raises(GptbcError, match=f"--lib {cut}: truncated or damaged \\(segment "):
+        make_bundle(m.out_dir, cut, tmp_path / "b")
+    assert not (tmp_path / "b").exists()

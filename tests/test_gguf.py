@@ -432,8 +432,9 @@ def test_q4_1_with_int8_activations(files, import_checkpoint, import_lib_affine,
     float-activation build on the same weights (assert_int8_near_float). Measured 1.9e-2 here; the Q4_0 file in
     the symmetric q4f32_1, int8 against float activations on the same model, measured 1.9e-2 to 2.1e-2 over 3
     prompts and q4f32_a 1.7e-2 to 2.4e-2 on the same 3: the size of the activations' int8 rounding on this random
-    model's near-flat logits, not of the affine kernel (which equals the integer reference, test_int8.py); 5e-2
-    leaves room for another CPU's float rounding."""
+    model's near-flat logits, not of the affine kernel (which equals the integer reference, test_int8.py). The
+    bound is 1.25x what was measured (1.91e-2, Zen 4, 2026-12-07): the int8 rounding is the same integers on every
+    CPU, and another CPU's float summation order moves the error by ~1e-6; a 2x regression fails."""
     from gptbc.artifact.config import resolve_model
     from gptbc.compile.compiler import compile_model
     from gptbc.runtime.engine import Engine
@@ -442,14 +443,14 @@ def test_q4_1_with_int8_activations(files, import_checkpoint, import_lib_affine,
     out = convert_weight(gg["Q4_1"], "q4f32_a", tmp_path / "w", progress=False)
     lib = compile_model(resolve_model(str(import_checkpoint)), "cpu", "q4f32_a", tmp_path / "int8.so",
                         log=lambda _m: None, activations="int8")
-    assert_int8_near_float(Engine(out, lib), Engine(out, import_lib_affine))
+    assert_int8_near_float(Engine(out, lib), Engine(out, import_lib_affine), bound=2.4e-2)
 
 
 def test_k_quant_file_with_int8_activations(tmp_path):
     """The Q5_K_M file (5- and 6-bit layers; the 4-bit one is the Q4_1 test's) in qkf32_a compiled with
     --activations int8 (kernels_int8's affine kernel with q_high, and its zero one with a scale per 16; q_high
-    repacked at load) against its float-activation build (assert_int8_near_float). Measured 2.6e-2 (the Q4_K_M
-    file: 2.7e-2), the size the Q4_1 test measures: the activations' rounding, not the kernels'."""
+    repacked at load) against its float-activation build (assert_int8_near_float). Measured 2.64e-2 (the Q4_K_M
+    file: 2.7e-2), the size the Q4_1 test measures: the activations' rounding, not the kernels'. Bound: 1.25x."""
     from gptbc.artifact.config import resolve_model
     from gptbc.compile.compiler import compile_model
     from gptbc.runtime.engine import Engine
@@ -457,12 +458,13 @@ def test_k_quant_file_with_int8_activations(tmp_path):
     out = convert_weight(KQUANT / "model-Q5_K_M.gguf", "qkf32_a", tmp_path / "w", progress=False)
     lib = compile_model(resolve_model(str(out)), "cpu", "qkf32_a", tmp_path / "int8.so", log=lambda _m: None,
                         activations="int8")
-    assert_int8_near_float(Engine(out, lib), Engine(out, _kquant_lib(out, tmp_path)))
+    assert_int8_near_float(Engine(out, lib), Engine(out, _kquant_lib(out, tmp_path)), bound=3.3e-2)
 
 
-def assert_int8_near_float(engine, reference) -> None:
+def assert_int8_near_float(engine, reference, bound: float) -> None:
     """An int8-activation engine against the float-activation one on the same weights: the same greedy tokens
-    over a 12-token prompt and 10 decode steps, and logits within 5e-2 of the largest."""
+    over a 12-token prompt and 10 decode steps, and logits within `bound` of the largest (each caller's is
+    1.25x the error it measured)."""
     import numpy as np
 
     from conftest import run_logits
@@ -473,4 +475,4 @@ def assert_int8_near_float(engine, reference) -> None:
     got, tokens = run_logits(engine, ids, 10)
     err = np.abs(got - want).max() / np.abs(want).max()
     print(f"int8 vs float activations: relative logit error {err:.2e}")
-    assert tokens == want_tokens and err < 5e-2, f"relative logit error {err:.2e}"
+    assert tokens == want_tokens and err < bound, f"relative logit error {err:.2e} (bound {bound:.1e})"

@@ -4,6 +4,8 @@ the instruction it is built for, and how the compiled model wires them (kernels_
 from __future__ import annotations
 
 import dataclasses
+import platform
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +16,21 @@ from gptbc.artifact.quantization import get_quantization, quantize, unpack_bits
 from gptbc.compile.targets import host_cpu_target
 
 HOST = tvm.target.Target(host_cpu_target())  # this CPU, as `gptbc compile --target cpu` builds
-VNNI_HERE = ki.int8_isa(HOST) == "vnni"
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's features as the kernel reports them (/proc/cpuinfo): a probe independent of the function under
+    test (ki.int8_isa), so that an int8_isa that stopped seeing VNNI fails here instead of skipping the VNNI tests."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+    return set(line.partition(":")[2].split())
+
+
+FLAGS = cpu_flags()
+VNNI_HERE = ("avx512_vnni" in FLAGS and "avx512vl" in FLAGS) or "avx_vnni" in FLAGS
 
 
 def build(func):
@@ -79,7 +95,17 @@ def affine_layout(quant: str):
     return get_quantization(quant)
 
 
-AVX2_HERE = ki.int8_isa(HOST) in ("vnni", "avx2")
+AVX2_HERE = "avx2" in FLAGS
+
+
+@pytest.mark.skipif(not FLAGS, reason="no /proc/cpuinfo to probe this CPU independently")
+def test_int8_isa_sees_what_the_cpu_has():
+    """int8_isa (what `auto` and the kernels pick) against /proc/cpuinfo's flags (x86) or Features (aarch64)."""
+    if platform.machine() in ("aarch64", "arm64"):
+        want = "smmla" if "i8mm" in FLAGS else "sdot" if "asimddp" in FLAGS else "generic"
+    else:
+        want = "vnni" if VNNI_HERE else "avx2" if AVX2_HERE else "generic"
+    assert ki.int8_isa(HOST) == want, sorted(FLAGS)
 ISAS = ["generic",
         pytest.param("avx2", marks=pytest.mark.skipif(not AVX2_HERE, reason="this CPU has no AVX2 to run it")),
         pytest.param("vnni", marks=pytest.mark.skipif(not VNNI_HERE, reason="this CPU has no VNNI "

@@ -201,8 +201,21 @@ def test_instruct_mode_with_the_default_config(scripted):
     # The model has no chat template: ChatML, as llama.cpp's server falls back to.
     chatml = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
     ids = engine.encode(chatml + "<|im_start|>assistant\n")
-    want, _ = greedy(engine, ids, min(256, engine.context_window_size - len(ids)))
+    want, _ = greedy(engine, ids, engine.context_window_size - len(ids))  # no max_tokens: eos or the window
     assert inst_result(raw) == want and want
+
+
+def test_chat_without_max_tokens_runs_to_the_window(scripted):
+    """No max_tokens: as llama.cpp (n_predict -1), the answer ends at the end of text or of the window, not at a
+    fixed cap (256 cut llama.vim's instruct answers short). The scripted model never writes eos or <|im_end|>."""
+    base, engine = scripted
+    body = {"messages": [{"role": "user", "content": "add"}], "temperature": 0, "model": ""}
+    status, raw = post(base, "/v1/chat/completions", body)
+    assert status == 200, raw
+    reply = json.loads(raw)
+    room = engine.context_window_size - reply["usage"]["prompt_tokens"]
+    assert room > 256
+    assert reply["usage"]["completion_tokens"] == room and reply["choices"][0]["finish_reason"] == "length"
 
 
 def test_small_window_keeps_the_request(tiny_model):

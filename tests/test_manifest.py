@@ -27,6 +27,7 @@ CASES = {
     "good": "ok",
     "good-optional-fields": "ok",
     "good-int8-activations": "ok",
+    "good-same-model": "ok",
     "weights-schema-too-new": "{dir}/gptbc-config.json: written by gptbc 9.0.0 with schema_version 3; this gptbc "
                               "reads schema versions 1 to 2 (upgrade gptbc, or convert the weights again with this one)",
     "weights-before-schema": "{dir}/gptbc-config.json: written by gptbc 0.1.0 without a schema_version (before schema "
@@ -79,6 +80,24 @@ CASES = {
                           "{dir}/gptbc-config.json says 16 (gptbc 0.1.0); compile and convert with the same gptbc",
     "alignment-mismatch": "--lib {lib} was built with a tensor alignment of 64 (gptbc 0.1.0), but "
                           "{dir}/gptbc-config.json says 32 (gptbc 0.1.0)",
+    "weights-multi-query-string": "{dir}/gptbc-config.json: model_config.multi_query must be a boolean, got string",
+    "library-epsilon-string": "--lib {lib} metadata: model_config.layer_norm_epsilon must be a number, got string",
+    "library-widths-not-object": "--lib {lib} metadata: quantization.widths must be an object, got array",
+    "layers-mismatch": "--lib {lib} was compiled for n_layer 1, but the weights in {dir} have n_layer 3; a library "
+                       "runs only the model it was compiled for",
+    "activation-mismatch": "--lib {lib} was compiled for activation_function gelu_pytorch_tanh, but the weights in "
+                           "{dir} have activation_function gelu;",
+    "epsilon-mismatch": "--lib {lib} was compiled for layer_norm_epsilon 1e-05, but the weights in {dir} have "
+                        "layer_norm_epsilon 1e-06;",
+    "multi-query-mismatch": "--lib {lib} was compiled for multi_query false, but the weights in {dir} have "
+                            "multi_query true;",
+    "tensor-parallel-mismatch": "--lib {lib} was compiled with --tensor-parallel 2, but the weights in {dir} were "
+                                "converted with --tensor-parallel 1; compile and convert with the same N",
+    "library-tensor-parallel-string": "--lib {lib} metadata: tensor_parallel must be an integer, got string",
+    "extra-param": "{dir}/gptbc-config.json: tensor transformer.h.1.ln_1.weight is not one --lib {lib} takes",
+    "widths-mismatch": "--lib {lib} was compiled for transformer.h.0.mlp.c_fc at 6 bits, but the weights in {dir} "
+                       "have it at 4 bits; compile the library from the converted directory (gptbc compile --model "
+                       "{dir})",
 }
 
 

@@ -417,6 +417,15 @@ def bad_inputs(model_files, tmp_path_factory):
     ok = ["--model", str(out_dir), "--lib", str(lib)]
     ids = ["--prompt-ids", "1,2,3"]
     (root / "not-a-lib.so").write_text("hello")
+    (root / "cut.so").write_bytes(lib.read_bytes()[:lib.stat().st_size // 2])  # SIGBUS in dlopen, unchecked
+    # one rank of a 2-way tensor-parallel model, and weights presharded for it: the manifests agree, but gptbc-run
+    # runs one device (the field written over the library's metadata in place, at the same length)
+    blob = lib.read_bytes()
+    assert blob.count(b'"batch_invariant": false') == 1
+    (root / "rank.so").write_bytes(blob.replace(b'"batch_invariant": false', b'"tensor_parallel": 2    '))
+    shutil.copytree(out_dir, root / "presharded")
+    edited(root / "presharded" / "gptbc-config.json", root / "presharded" / "gptbc-config.json",
+           lambda c: c.update(tensor_parallel=2))
     cases = {
         "missing model dir": (["--model", str(root / "nope"), "--lib", str(lib), *ids], "no gptbc-config.json"),
         "missing lib": (["--model", str(out_dir), "--lib", str(root / "nope.so"), *ids], "nope.so: file not found"),
@@ -425,7 +434,13 @@ def bad_inputs(model_files, tmp_path_factory):
         "other quantization": (["--model", str(out_dir), "--lib", str(q4_lib), *ids],
                                f"was compiled for quantization q4f32_1, but the weights in {out_dir} are q0f32"),
         "other model": (["--model", str(mha_dir), "--lib", str(lib), *ids],
-                        "(were they built from different configs?)"),
+                        f"--lib {lib} was compiled for multi_query true, but the weights in {mha_dir} have "
+                        f"multi_query false; a library runs only the model it was compiled for"),
+        "tensor-parallel library": (["--model", str(root / "presharded"), "--lib", str(root / "rank.so"), *ids],
+                                    f"--lib {root / 'rank.so'} is one rank of a --tensor-parallel 2 model; gptbc-run "
+                                    f"runs one device (run it with `gptbc generate --tensor-parallel 2`)"),
+        "truncated library": (["--model", str(out_dir), "--lib", str(root / "cut.so"), *ids],
+                              f"--lib {root / 'cut.so'}: truncated or damaged (segment "),
         "bad token id": ([*ok, "--prompt-ids", "1,320"], "token id 320 at position 1 is outside the vocabulary"),
         "bad ids": ([*ok, "--prompt-ids", "1,x"], "expected comma-separated integers"),
         "empty ids": ([*ok, "--prompt-ids", ","], "prompt is empty"),
@@ -466,11 +481,21 @@ def bad_inputs(model_files, tmp_path_factory):
             "params"][0].update(shape=[1, 2])), "expects float32[320, 128]"),
         ("newer weights", lambda d: edited(d / "gptbc-config.json", d / "gptbc-config.json", lambda c: c.update(
             schema_version=99)), "with schema_version 99; this gptbc reads schema versions 1 to 2"),
+        # a library runs only its own model's weights, even where every tensor it takes fits
+        ("more layers", lambda d: edited(d / "gptbc-config.json", d / "gptbc-config.json", lambda c: c[
+            "model_config"].update(n_layer=3)), "was compiled for n_layer 2, but the weights in {dir} have n_layer 3"),
+        ("other activation", lambda d: edited(d / "gptbc-config.json", d / "gptbc-config.json", lambda c: c[
+            "model_config"].update(activation_function="relu")),
+         "was compiled for activation_function gelu_pytorch_tanh, but the weights in {dir} have activation_function "
+         "relu"),
+        ("extra tensor", lambda d: edited(d / "gptbc-config.json", d / "gptbc-config.json", lambda c: c[
+            "params"].append({**c["params"][-1], "name": "transformer.h.2.ln_1.weight"})),
+         "{dir}/gptbc-config.json: tensor transformer.h.2.ln_1.weight is not one --lib {lib} takes"),
     ]:
         d = root / name.replace(" ", "-")
         shutil.copytree(out_dir, d)
         edit(d)
-        cases[name] = (["--model", str(d), "--lib", str(lib), "--prompt", "x"], want)
+        cases[name] = (["--model", str(d), "--lib", str(lib), "--prompt", "x"], want.format(dir=d, lib=lib))
     return cases
 
 
@@ -478,7 +503,8 @@ BAD = ["missing model dir", "missing lib", "not a library", "other quantization"
        "bad ids", "empty ids", "too long", "two prompts", "no prompt", "unknown flag", "missing value", "bad number",
        "negative temperature", "temperature above 2", "zero top-p", "negative top-k", "text without tokenizer",
        "bad device", "cuda device", "config not json", "tokenizer not json",
-       "unsupported tokenizer", "tokenizer normalizer", "wrong tensor shape", "newer weights"] + [
+       "unsupported tokenizer", "tokenizer normalizer", "wrong tensor shape", "newer weights", "more layers",
+       "other activation", "extra tensor", "truncated library", "tensor-parallel library"] + [
     f"safetensors {h}" for h in ["huge-length", "garbage-header", "nested-header", "truncated", "tiny", "missing",
                                  "bad-offsets"]]
 
@@ -534,6 +560,7 @@ def test_cuda_support_is_optional_and_says_so(model_files, tmp_path):
         "beside libtvm_runtime, or -DGPTBC_CUDA=OFF); rebuild it where the TVM wheel has it"]
 
 
+@pytest.mark.nvcc
 def test_a_cuda_library_is_refused_on_the_cpu(tiny_model, native, tmp_path):
     """A library whose kernels are CUDA's (nvcc is here; no GPU is needed to build one) named with --device cpu."""
     from gptbc.artifact.config import resolve_model
@@ -547,6 +574,7 @@ def test_a_cuda_library_is_refused_on_the_cpu(tiny_model, native, tmp_path):
         f"error: --lib {lib} was built for cuda, not for device cpu: run it with --device cuda"], done.stderr
 
 
+@pytest.mark.nvcc  # cc, for the libcuda stand-in
 def test_cuda_runtime_is_loaded_from_beside_libtvm_runtime(model_files, native, tmp_path):
     """With a driver stand-in that has no device (tests/test_cuda_library.py), gptbc-run loads TVM's CUDA runtime
     from the wheel, which registers the CUDA device, and asks it whether device 0 exists: that is all of

@@ -287,16 +287,17 @@ def test_half_precision_logits_within_1e_2(trained, name, tmp_path):
         assert err <= 1e-2, f"{name}: relative logit error {err:.2e}"
 
 
-# Accuracy of each scheme on the shipped model (measured values in BENCHMARKS.md). The thresholds have
-# at least 2x margin on KL and several agreeing steps on top-1 over what was measured; since the model is
-# shipped and the kernels compute the dequantized network to ~1e-7 (test above), the only thing that varies
-# between CPUs is float32 summation order in HF and in our kernels, which moves KL by ~1e-6, far inside it.
-# With int8 activations (issue 14) the goals are q8 top-1 >= 0.99 and q4 >= 0.95; they run on every CPU (a
-# generic kernel where there is no VNNI computes the same integers).
+# Accuracy of each scheme on the shipped model (measured values in BENCHMARKS.md, the same again on Zen 4,
+# 2026-12-07). The bounds are ~1.25x what was measured: KL at 1.25x (rounded up), top-1 at one miss in 256 more
+# than measured where that is 0 or 1 miss (q8) and 6 misses where 5 were measured (q4), so a 2x regression fails.
+# Since the model is shipped and the kernels compute the dequantized network to ~1e-7 (test above), the only thing
+# that varies between CPUs is float32 summation order in HF and in our kernels, which moves KL by ~1e-6 (a
+# third of the q8 margin). int8 activations (issue 14) run on every CPU (a generic kernel where there is no
+# VNNI computes the same integers).
 @pytest.mark.parametrize("name, activations, min_top1, max_kl", [
-    ("q8f32_1", "float", 0.98, 1e-3), ("q8f16_1", "float", 0.98, 1e-3),
-    ("q4f32_1", "float", 0.93, 0.015), ("q4f16_1", "float", 0.93, 0.015),
-    ("q8f32_1", "int8", 0.99, 1e-3), ("q4f32_1", "int8", 0.95, 0.015), ("q4f16_1", "int8", 0.95, 0.015)])
+    ("q8f32_1", "float", 0.996, 1.5e-5), ("q8f16_1", "float", 0.996, 1.4e-5),
+    ("q4f32_1", "float", 0.976, 5.7e-3), ("q4f16_1", "float", 0.976, 5.9e-3),
+    ("q8f32_1", "int8", 0.996, 2.3e-5), ("q4f32_1", "int8", 0.976, 5.7e-3), ("q4f16_1", "int8", 0.976, 5.9e-3)])
 def test_quantized_greedy_agreement(trained, name, activations, min_top1, max_kl, tmp_path, record_property):
     results, _ = run_scheme(trained, name, tmp_path, activations)
     top1 = np.mean([np.mean(g.argmax(-1) == r.argmax(-1)) for g, r in results])

@@ -141,7 +141,7 @@ def test_completion_with_ids_n_probs_and_unknown_fields(served):
                                                            "dry_multiplier": 0.8, "grammar": ""})
     assert status == 200 and answer["id_slot"] == 2
     want, out = greedy(engine, ids, 6)
-    assert answer["content"] == want or answer["tokens"] == out[:6]
+    assert (answer["content"], answer["tokens"]) == (want, out)  # the text is the ids detokenized
     S.LlamaResponse.model_validate(answer)
     probs = answer["completion_probabilities"]
     assert [p["id"] for p in probs] == answer["tokens"]
@@ -200,14 +200,27 @@ def test_chat_completions_with_a_template(tiny_model, tmp_path):
         assert status == 200
 
 
-def test_sandboxed_template_cannot_reach_python(tiny_model, tmp_path):
+@pytest.mark.parametrize("template, kind, attribute", [
+    ("{{ messages.__class__.__mro__[1].__subclasses__() }}", "list", "__class__"),  # every Python class
+    ("{{ ''.__class__.__base__ }}", "str", "__class__"),
+    ("{% for m in messages %}{{ m.update({'role': 'system'}) }}{% endfor %}", "dict", "update"),  # immutable
+])
+def test_sandboxed_template_cannot_reach_python(template, kind, attribute):
+    """The sandbox (jinja2's ImmutableSandboxedEnvironment) refuses each escape, and the server's message says
+    so: a plain jinja2 Environment renders the first two and runs the third."""
     from gptbc.runtime.chat_template import ChatTemplate
     from gptbc.errors import GptbcError
 
-    evil = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}", {})
-    with pytest.raises(Exception) as err:
-        evil.render([{"role": "user", "content": "x"}])
-    assert "unsafe" in str(err.value).lower() or isinstance(err.value, GptbcError)
+    with pytest.raises(GptbcError) as err:
+        ChatTemplate(template, {}).render([{"role": "user", "content": "x"}])
+    assert str(err.value) == (f"messages: the chat template refused them (access to attribute '{attribute}' of "
+                              f"'{kind}' object is unsafe.)")
+
+
+def test_sandboxed_template_hides_function_globals():
+    from gptbc.runtime.chat_template import ChatTemplate
+
+    assert ChatTemplate("{{ raise_exception.__globals__ }}", {}).render([{"role": "user", "content": "x"}]) == ""
 
 
 # ---- tokenize / detokenize / schema ----

@@ -161,15 +161,10 @@ def test_an_engine_that_keeps_failing_is_dead_loudly(model):
     engine.step = broken
     fatal = []
     with live_server(engine, on_fatal=fatal.append) as (base, server):
-        threads, results = in_threads([lambda: call(base, "POST", "/v1/completions", {"prompt": PROMPT})
-                                       for _ in range(3)])
-        for t in threads:
-            t.join(60)
-        for _ in range(3):  # each failed step failed its batch; whatever was left sees the engine die
-            if fatal:
-                break
-            call(base, "POST", "/v1/completions", {"prompt": PROMPT})
-        assert all(r[0] in (500, 503) for r in results), results
+        # A step that fails before admitting anything leaves the request waiting (untouched), so the loop
+        # steps again at once: three failures in a row, and the waiting request hears that the engine died.
+        status, _, body = call(base, "POST", "/v1/completions", {"prompt": PROMPT})
+        assert (status, body["error"]["code"]) == (503, "engine_dead"), body
         assert len(fatal) == 1 and isinstance(fatal[0], EngineDead)
         status, _, body = call(base, "GET", "/health")
         assert status == 503 and body["status"] == "error" and "device lost" in body["error"]
@@ -198,9 +193,8 @@ def test_dead_engine_stops_the_process_with_exit_status_1(tiny_model):
     try:
         base = proc.stdout.readline().strip()
         assert base.startswith("http://"), proc.stderr.read()
-        for _ in range(3):
-            status, _, _ = call(base, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})
-            assert status in (500, 503)
+        status, _, body = call(base, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})
+        assert (status, body["error"]["code"]) == (503, "engine_dead"), body  # as in the test above
         assert proc.wait(timeout=60) == 1
         assert "device lost" in proc.stderr.read()
     finally:

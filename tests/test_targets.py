@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 import subprocess
 import tarfile
@@ -55,7 +54,7 @@ def build(tiny, target, tmp_path, suffix, quant="q0f32"):
     return out
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: cannot compile CUDA kernels")
+@pytest.mark.nvcc
 @pytest.mark.parametrize("variant, sass, ptx", [("sm_75", [75], [75]), ("sm_90,sm_80", [80, 90], [90])])
 def test_cuda_library_holds_sass_for_each_arch_and_ptx_for_newer_gpus(tiny, tmp_path, variant, sass, ptx):
     from gptbc.artifact.fatbin import can_run, fatbin_entries

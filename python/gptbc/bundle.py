@@ -32,7 +32,7 @@ from gptbc import __version__
 from gptbc.artifact import cache, manifest
 from gptbc.compile.targets import AARCH64_PACKAGE, arm_cpu_features
 from gptbc.errors import GptbcError
-from gptbc.runtime.devices import ELF_MACHINES, host_arch, library_arch
+from gptbc.runtime.devices import ELF_MACHINES, check_library_intact, host_arch, library_arch
 
 CROSS_CXX = {"aarch64": ("aarch64-linux-gnu-g++", AARCH64_PACKAGE)}
 WHEEL_PLATFORM = "manylinux_2_28_{arch}"  # the tag the TVM and tvm-ffi wheels are published for
@@ -80,6 +80,7 @@ def check_library(lib: Path, model_dir: Path) -> tuple[str, dict]:
     """(architecture, metadata) of a library that a bundle can run with these weights; else a one-line error."""
     if not lib.is_file():
         raise GptbcError(f"--lib {lib}: file not found")
+    check_library_intact(lib)  # a bundle of a cut library would die of SIGBUS on the board, nothing printed
     arch, meta = bundle_arch(lib), manifest.library_metadata_of(lib)
     if meta["device"] not in DEVICES:
         raise GptbcError(f"--lib {lib} was built for {meta['device']} (--target {meta['target']}); a bundle runs CPU "

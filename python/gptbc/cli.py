@@ -428,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="sampling seed (reproducible output)")
     g.add_argument("--stop", action="append", help="stop string (repeatable); not included in the output")
     g.add_argument("--truncate-prompt", action="store_true",
-                   help="drop the oldest prompt tokens when prompt + max-new-tokens exceeds the context window")
+                   help="drop the oldest prompt tokens when prompt + max-new-tokens exceeds the context window "
+                        "(in whole blocks of up to 64 tokens, so that a prompt that grows keeps its start)")
     g.add_argument("--device", help=DEVICE_HELP)
     g.add_argument("--threads", type=_positive_int("--threads"), help=THREADS_HELP)
     g.add_argument("--tensor-parallel", type=_positive_int("--tensor-parallel"), default=1, metavar="N",

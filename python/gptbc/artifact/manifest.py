@@ -16,11 +16,12 @@ Weights (`gptbc-config.json`):
                         lists one rank's shapes and rank 0's files, and rank r's tensors sit in the files of
                         the same names with the `rank0-` prefix replaced (`rank_file`)
 Library (`_metadata`):
-  the common header, model_config, quantization, target (the --target spelling), device (cpu, cuda, ...),
+  the common header, model_config (its `_IDENTITY` fields must equal the weights': a library runs only its own
+  model), quantization (per-tensor widths included), target (the --target spelling), device (cpu, cuda, ...),
   context_window_size, prefill_chunk_size, max_batch_size, params [{name, shape, dtype}]
   tensor_parallel       N > 1 only (absent: 1): the library is one rank of an N-way tensor-parallel model, to be
-                        run by N disco workers (runtime/disco_runner.py); read by the Python runtime alone,
-                        as cuda_fatbin is
+                        run by N disco workers (runtime/disco_runner.py); both readers compare it with the
+                        weights', and gptbc-run (one device) refuses N > 1
   cuda_fatbin           CUDA libraries only: [{kind: "sass" | "ptx", arch: 80}], what the nvcc fatbin linked
                         into the library holds. Optional, and read by runtime/cuda.py alone (its "this GPU
                         cannot run it" refusal), so neither reader here nor native/manifest.cc checks it and
@@ -32,6 +33,8 @@ Imports no TVM: the compiler, the converter, the runtime and the tests all read 
 from __future__ import annotations
 
 import json
+import math
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +56,19 @@ ALIGNMENT = 64
 WEIGHTS_FILE = "gptbc-config.json"
 
 _CONFIG_SIZES = ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size")
+# The model config fields that shape what a library computes, beyond the tensor shapes (a 3-layer model's weights
+# on a 2-layer library have the same tensors but one layer too many; another activation has none different), with
+# the value a manifest that leaves one out means (GPTBigCodeConfig's defaults; n_inner: 4 n_embd). Checked
+# between library and weights before running (check_compatible); native/manifest.cc holds the same list.
+_IDENTITY: dict[str, Any] = {
+    "n_layer": None, "n_embd": None, "n_head": None, "n_inner": None, "multi_query": True,
+    "activation_function": "gelu_pytorch_tanh", "layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
+    "vocab_size": None, "n_positions": None, "tie_word_embeddings": True,
+}
+# Activation names that compute the same function (config.ACTIVATIONS): a library compiled from a config saying
+# gelu_fast runs weights whose config says gelu_pytorch_tanh. Here, not imported, because config.py imports this.
+_SAME_ACTIVATION = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                    "gelu": "gelu_erf"}
 _LIBRARY_SIZES = ("context_window_size", "prefill_chunk_size", "max_batch_size")
 
 
@@ -236,6 +252,7 @@ def _common(m: dict, r: _Reader, redo: str) -> None:
     cfg = r.field(m, "model_config", "object")
     for key in _CONFIG_SIZES:
         r.positive(cfg, key, f"model_config.{key}")
+    identity(cfg, r)
     eos = cfg.get("eos_token_id")  # HF's spellings: absent, null, an id or a list of ids
     if eos is not None and _kind(eos) != "integer":
         if _kind(eos) != "array":
@@ -246,6 +263,13 @@ def _common(m: dict, r: _Reader, redo: str) -> None:
     r.field(q, "kind", "string", "quantization.kind")
     if "quantize_lm_head" in q:
         r.field(q, "quantize_lm_head", "boolean", "quantization.quantize_lm_head")
+    if q.get("bits") is not None:
+        r.field(q, "bits", "integer", "quantization.bits")
+    if "tensor_parallel" in m:
+        r.positive(m, "tensor_parallel")
+    if "widths" in q:
+        for module, bits in r.field(q, "widths", "object", "quantization.widths").items():
+            r.typed(bits, "integer", f"quantization.widths.{module}")
 
 
 def _params(m: dict, r: _Reader, with_file: bool) -> None:
@@ -319,6 +343,51 @@ def library_metadata_of(lib: Path) -> dict[str, Any]:
     return parse_library(json.dumps(meta), lib)
 
 
+def _number(x: float) -> str:
+    """A float as messages show it: short where that is exact (1e-05), else every digit; the same text as
+    native/manifest.cc's (both are C's %g)."""
+    short = f"{x:g}"
+    return short if float(short) == x else f"{x:.17g}"
+
+
+def _float32(x: float) -> float:
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def identity(cfg: dict, r: _Reader) -> list[tuple[str, str, Any]]:
+    """The `_IDENTITY` fields of a manifest's model_config (type-checked; the sizes were checked before) as
+    (field, value as messages show it, value as compared)."""
+    out: list[tuple[str, str, Any]] = []
+    for key, default in _IDENTITY.items():
+        path = f"model_config.{key}"
+        v = cfg.get(key)
+        if v is None:  # absent or null: the default (HF's n_inner null means 4 n_embd)
+            v = 4 * cfg["n_embd"] if key == "n_inner" else default
+        elif key == "n_inner":
+            r.positive(cfg, key, path)
+        if isinstance(default, bool):
+            out.append((key, "true" if r.typed(v, "boolean", path) else "false", v))
+        elif isinstance(default, str):
+            out.append((key, r.typed(v, "string", path), _SAME_ACTIVATION.get(v, v)))
+        elif isinstance(default, float):
+            if _kind(v) not in ("number", "integer"):
+                raise r.fail(f"{path} must be a number, got {_kind(v)}")
+            # compared as float32, the kernels' type: a GGUF stores epsilon as float32 (1e-05 reads back as
+            # 9.99999974738e-06), and its weights run on the library compiled from the HF config that says 1e-05
+            out.append((key, _number(float(v)), _number(_float32(float(v)))))
+        else:
+            out.append((key, str(v), v))
+    return out
+
+
+def _width(q: dict, module: str) -> int | None:
+    """A packed module's width in bits in a per-tensor scheme: the recorded one, else the scheme's (quantization.py)."""
+    return q.get("widths", {}).get(module, q.get("bits"))
+
+
 def scheme(quantization: dict) -> str:
     """A quantization description as messages show it; equal strings mean compatible weights."""
     keep = quantization.get("quantize_lm_head", True) or quantization.get("kind") == "none"
@@ -345,10 +414,23 @@ def check_compatible(lib_meta: dict, weights_meta: dict, lib: Path, model_dir: P
             raise GptbcError(f"--lib {lib} was built with {what} of {lib_meta[key]} "
                              f"(gptbc {lib_meta['gptbc_version']}), but {weights} says {weights_meta[key]} "
                              f"(gptbc {weights_meta['gptbc_version']}); compile and convert with the same gptbc")
+    r = _Reader(str(lib))
+    for (key, lv, lkey), (_, wv, wkey) in zip(identity(lib_meta["model_config"], r),
+                                             identity(weights_meta["model_config"], r)):
+        if lkey != wkey:
+            raise GptbcError(f"--lib {lib} was compiled for {key} {lv}, but the weights in {model_dir} have {key} "
+                             f"{wv}; a library runs only the model it was compiled for (compile one for these weights)")
     lq, wq = scheme(lib_meta["quantization"]), scheme(weights_meta["quantization"])
     if lq != wq:
         raise GptbcError(f"--lib {lib} was compiled for quantization {lq}, but the weights in {model_dir} are {wq}; "
                          f"compile and convert with the same --quantization (and --no-quantize-lm-head) settings")
+    lw, ww = lib_meta["quantization"], weights_meta["quantization"]
+    for module in sorted(set(lw.get("widths", {})) | set(ww.get("widths", {}))):
+        lb, wb = _width(lw, module), _width(ww, module)
+        if lb != wb:
+            raise GptbcError(f"--lib {lib} was compiled for {module} at {lb} bits, but the weights in {model_dir} "
+                             f"have it at {wb} bits; compile the library from the converted directory "
+                             f"(gptbc compile --model {model_dir})")
     have = {p["name"]: p for p in weights_meta["params"]}
     for p in lib_meta["params"]:
         w = have.get(p["name"])
@@ -358,3 +440,8 @@ def check_compatible(lib_meta: dict, weights_meta: dict, lib: Path, model_dir: P
         if w["shape"] != p["shape"] or w["dtype"] != p["dtype"]:
             raise GptbcError(f"{model_dir}: tensor {p['name']} is {w['dtype']}{_shape(w['shape'])}, --lib {lib} "
                              f"expects {p['dtype']}{_shape(p['shape'])} (were they built from different configs?)")
+    takes = {p["name"] for p in lib_meta["params"]}
+    for p in weights_meta["params"]:
+        if p["name"] not in takes:  # the converter writes exactly the library's list: an extra is another model's
+            raise GptbcError(f"{weights}: tensor {p['name']} is not one --lib {lib} takes "
+                             f"(were they built from different configs?)")

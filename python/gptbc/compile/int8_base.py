@@ -1,7 +1,8 @@
 """What the int8-activation matmul kernels share (kernels_int8.py for x86 and the generic kernel,
 kernels_arm.py for aarch64's sdot and smmla): the group and block sizes, the activations applied to a finished
-vector of outputs, and the two PrimFunc entry points around a kernel's compute macro. Its own module so that
-kernels_int8 (which picks a kernel per target) can import kernels_arm without a cycle."""
+vector of outputs, and the PrimFunc entry points around a kernel's compute macro (`entry_points`: one per count
+of the optional parameters q_min, q_high and bias). Its own module so that kernels_int8 (which picks a kernel
+per target) can import kernels_arm without a cycle."""
 
 from __future__ import annotations
 

@@ -3,7 +3,9 @@ and whether a library for a given device kind and CPU architecture can run on th
 
 from __future__ import annotations
 
+import os
 import platform
+import struct
 from pathlib import Path
 
 from gptbc.errors import GptbcError
@@ -69,6 +71,53 @@ def library_arch(lib: Path) -> str | None:
         return None
     machine = int.from_bytes(head[18:20], "little")
     return ELF_MACHINES.get(machine, f"ELF machine {machine}")
+
+
+# ELF class (1: 32-bit, 2: 64-bit) → the struct format of (e_phoff, e_shoff, e_phentsize, e_phnum, e_shentsize,
+# e_shnum) and where it starts in the header; of a program header's (p_type, p_offset, p_filesz) and a section
+# header's (sh_type, sh_offset, sh_size), each with the entry's size.
+_ELF_LAYOUT = {
+    1: ("<II6xHHHH", 28, ("<II8xI", 32), ("<4xI8xII", 40)),
+    2: ("<QQ6xHHHH", 32, ("<I4xQ16xQ", 56), ("<4xI16xQQ", 64)),
+}
+
+
+def check_library_intact(lib: Path) -> None:
+    """A library cut short (a copy interrupted, a full disk) is mapped past its end by dlopen, and the first
+    touch of a missing page kills the process with SIGBUS, nothing printed. So before loading: every table and
+    segment its ELF header describes (program headers and the segments they map, section headers and their
+    sections) lies within the file. Structural, so it holds for a copy of the library; a file that is not
+    little-endian ELF is left to the loader, whose own message says what it is."""
+    size = os.path.getsize(lib)
+
+    def damaged(what: str, end: int) -> GptbcError:
+        return GptbcError(f"--lib {lib}: truncated or damaged ({what} ends at byte {end}, past the end of the "
+                          f"{size}-byte file); compile it or copy it again")
+
+    with open(lib, "rb") as f:
+        head = f.read(64)
+        if len(head) < 6 or head[:4] != b"\x7fELF" or head[5] != 1 or head[4] not in _ELF_LAYOUT:
+            return
+        fmt, at, (ph_fmt, ph_size), (sh_fmt, sh_size) = _ELF_LAYOUT[head[4]]
+        if len(head) < at + struct.calcsize(fmt):
+            raise damaged("the ELF header", at + struct.calcsize(fmt))
+        phoff, shoff, phentsize, phnum, shentsize, shnum = struct.unpack_from(fmt, head, at)
+        tables = [("program header", phoff, phentsize, phnum, ph_fmt, ph_size, 1),  # PT_LOAD: mapped
+                  ("section header", shoff, shentsize, shnum, sh_fmt, sh_size, None)]
+        for what, offset, entsize, count, entry_fmt, least, only in tables:
+            if count == 0:
+                continue
+            if entsize < least:
+                raise GptbcError(f"--lib {lib}: damaged ({what} entries of {entsize} bytes, ELF needs {least})")
+            if offset + entsize * count > size:
+                raise damaged(f"the {what} table", offset + entsize * count)
+            f.seek(offset)
+            table = f.read(entsize * count)
+            for i in range(count):
+                kind, start, length = struct.unpack_from(entry_fmt, table, i * entsize)
+                if (only is None and kind != 8) or kind == only:  # SHT_NOBITS (.bss) has no bytes in the file
+                    if start + length > size:
+                        raise damaged(f"{'segment' if only else 'section'} {i}", start + length)
 
 
 def check_library_arch(lib: Path) -> None:

@@ -20,6 +20,23 @@ from gptbc.runtime.scheduler import Request, Scheduler
 from gptbc.runtime.speculation import PromptLookup
 from gptbc.runtime.tokenizer import IncrementalDetokenizer, Tokenizer, find_fim_tokens, has_tokenizer
 
+# A prompt cut to fit the window loses its start in whole blocks of this many tokens (at most an eighth of the
+# window): a prompt that only grows at its end (an editor's request per keystroke) then keeps the same start
+# until the next block must go, and the prefix cache matches it. Cut to the token, the start moved with every
+# keystroke and the whole prompt was evaluated again each time. llama.cpp's server cuts in blocks too.
+FIT_BLOCK = 64
+
+
+def cut_start(n: int, keep: int, block: int) -> int:
+    """How many of `n` tokens to drop from the start so that at most `keep` remain: whole `block`s from the
+    start, unless that would leave nothing where `keep` allows some (then exactly the excess)."""
+    if n <= keep:
+        return 0
+    if keep <= 0:
+        return n
+    drop = -(-(n - keep) // block) * block
+    return drop if drop < n else n - keep
+
 
 class Engine:
     """A loaded model and its request loop."""
@@ -129,10 +146,15 @@ class Engine:
                 raise GptbcError(f"max_new_tokens {params.max_new_tokens} leaves no room for a FIM prompt in the "
                                  f"context window of {self.context_window_size} tokens")
             keep_suf = min(len(suf), max(budget // 2, budget - len(pre)))
-            suf = suf[:keep_suf]
-            pre = pre[max(0, len(pre) - (budget - keep_suf)):]
+            pre = pre[cut_start(len(pre), budget - keep_suf, self.fit_block):]
+            suf = suf[:budget - len(pre)]  # with what the prefix's block cut left over
         f = self.fim
         return [f["prefix"]["id"], *pre, f["suffix"]["id"], *suf, f["middle"]["id"]]
+
+    @property
+    def fit_block(self) -> int:
+        """The block a prompt too long for the window is cut in (FIT_BLOCK)."""
+        return max(1, min(FIT_BLOCK, self.context_window_size // 8))
 
     def fit_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
         """Check a prompt against the vocabulary and the context window (truncating it only if asked)."""
@@ -143,7 +165,7 @@ class Engine:
         if need > self.context_window_size:
             room = self.context_window_size - params.max_new_tokens
             if params.truncate_prompt and room > 0:
-                return ids[-room:]
+                return ids[cut_start(len(ids), room, self.fit_block):]
             raise ContextWindowError(len(ids), params.max_new_tokens, self.context_window_size)
         return ids
 

@@ -18,7 +18,8 @@ from gptbc.artifact.config import GPTBC_CONFIG, GPTBigCodeConfig
 from gptbc.errors import GptbcError
 from gptbc.artifact.memory_plan import check_fits
 from gptbc.artifact.quantization import get_quantization, numpy_dtype
-from gptbc.runtime.devices import WEBGPU_DEVICE_TYPE, check_library_arch, parse_device, parse_device_kind
+from gptbc.runtime.devices import (WEBGPU_DEVICE_TYPE, check_library_arch, check_library_intact, parse_device,
+                                   parse_device_kind)
 from gptbc.artifact.safetensors_io import SafetensorsFile
 
 
@@ -53,7 +54,8 @@ def load_library(lib: str | Path, dev):
     lib = Path(lib)
     if not lib.is_file():
         raise GptbcError(f"--lib {lib}: file not found")
-    check_library_arch(Path(lib))
+    check_library_arch(lib)
+    check_library_intact(lib)
     try:
         try:
             module = tvm.runtime.load_module(str(lib))

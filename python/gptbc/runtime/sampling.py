@@ -90,7 +90,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings, not included in the output
     stop_token_ids: list[int] = field(default_factory=list)  # besides the model's eos ids
     ignore_eos: bool = False
-    truncate_prompt: bool = False  # drop the oldest prompt tokens to fit the context window
+    truncate_prompt: bool = False  # drop the oldest prompt tokens to fit the window (whole blocks: engine.cut_start)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -22,6 +22,8 @@ import hmac
 import logging
 import signal
 import socket
+import sys
+import time
 from typing import Callable
 
 from fastapi import FastAPI
@@ -37,6 +39,9 @@ from gptbc.serve.errors import ApiError, validation_error
 from gptbc.serve.openapi import ENDPOINTS, document
 
 log = logging.getLogger("gptbc.serve")
+# One line per request, as llama-server and uvicorn print them: method, path, status, tokens, time (`serve` sends
+# it to stderr).
+access_log = logging.getLogger("gptbc.serve.access")
 
 OPEN_PATHS = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect"}  # no API key needed
 KNOWN_PATHS = set(ENDPOINTS) | {"/v1/models", "/health", "/metrics", "/openapi.json", "/docs"}
@@ -46,9 +51,18 @@ def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
+def access_line(method: str, path: str, status: int, server: Server, job, began: float) -> str:
+    """`POST /v1/chat/completions 200 prompt_tokens=12 generated_tokens=34 time_ms=123`; the tokens of the job
+    the request ran (0 for one that ran none: /health, a refused body)."""
+    usage = server.usage(job) if job is not None and job.choices else {"prompt_tokens": 0, "completion_tokens": 0}
+    return (f"{method} {path} {status} prompt_tokens={usage['prompt_tokens']} "
+            f"generated_tokens={usage['completion_tokens']} time_ms={(time.perf_counter() - began) * 1000:.0f}")
+
+
 class Gate:
     """Pure ASGI middleware (streams and disconnects pass untouched): the API key, compared in constant time,
-    and the request counter by endpoint and status."""
+    the request counter by endpoint and status, and the request's log line once its response has ended (a
+    stream included: the inner app returns when the last chunk is sent)."""
 
     def __init__(self, inner, server: Server):
         self.inner, self.server = inner, server
@@ -57,8 +71,9 @@ class Gate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.inner(scope, receive, send)
-        path, status = scope["path"], [500]
+        path, status, began = scope["path"], [500], time.perf_counter()
         label = path if path in KNOWN_PATHS else "other"
+        state = scope.setdefault("state", {})  # the routes' request.state: transport.prepare puts the job there
 
         async def send_status(message):
             if message["type"] == "http.response.start":
@@ -75,6 +90,7 @@ class Gate:
             await self.inner(scope, receive, send_status)
         finally:
             self.server.metrics.requests.labels(label, str(status[0])).inc()
+            access_log.info(access_line(scope["method"], path, status[0], self.server, state.get("job"), began))
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -157,6 +173,11 @@ def serve(engine, host: str = "127.0.0.1", port: int = 8000, model_name: str | N
     import uvicorn
 
     server = Server(engine, model_name or engine.model_dir.name, api_key, max_queue, max_body_bytes)
+    if not access_log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access_log.addHandler(handler)
+        access_log.setLevel(logging.INFO)
     config = uvicorn.Config(build_app(server), host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)
 

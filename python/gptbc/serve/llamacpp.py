@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request as HttpRequest
 
 from gptbc.errors import GptbcError
+from gptbc.runtime.engine import cut_start
 from gptbc.runtime.sampling import SamplingParams
 from gptbc.runtime.scheduler import Request
 from gptbc.serve import schema as S
@@ -102,12 +103,15 @@ def infill_ids(server: Server, r: S.InfillRequest) -> tuple[list[int], bool]:
     room = max(budget - keep_typed, 0)
     # The suffix gets what the prefix leaves, and at least a quarter of the room where it needs that
     # (llama.cpp splits prefix:suffix 3:1).
+    # Both cut from their start go in whole blocks (engine.cut_start), so that the next keystroke's request
+    # starts with the same tokens and the prefix cache holds them; the suffix gets what that leaves.
     keep_suf = min(len(suf), max(room // 4, room - len(pre)))
-    keep_pre = min(len(pre), room - keep_suf)
+    keep_pre = len(pre) - cut_start(len(pre), room - keep_suf, engine.fit_block)
+    keep_suf = min(len(suf), room - keep_pre)
     core = [f["prefix"]["id"], *pre[len(pre) - keep_pre:], *typed[len(typed) - keep_typed:],
             f["suffix"]["id"], *suf[:keep_suf], f["middle"]["id"]]
     extra = repository_context(server, r.input_extra) if r.input_extra else []
-    keep_extra = min(len(extra), budget + 3 - len(core))
+    keep_extra = len(extra) - cut_start(len(extra), budget + 3 - len(core), engine.fit_block)
     truncated = (keep_typed, keep_pre, keep_suf, keep_extra) != (len(typed), len(pre), len(suf), len(extra))
     return extra[len(extra) - keep_extra:] + core, truncated
 

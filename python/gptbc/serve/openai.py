@@ -22,7 +22,6 @@ from gptbc.serve.errors import bad, validate
 from gptbc.serve.openapi import route_doc
 from gptbc.serve.transport import ident, prepare, run_to_end, server_of, sse_response
 
-CHAT_DEFAULT_MAX_TOKENS = 256
 DONE = "data: [DONE]\n\n"
 
 router = APIRouter()
@@ -101,13 +100,14 @@ def parse_chat(server: Server, body: Any) -> Job:
 
 def chat_max_tokens(server: Server, r: S.ChatRequest, prompt_len: int) -> tuple[int, bool]:
     """(max tokens, warm-up): llama.cpp's n_predict first (0: only evaluate the prompt, as llama.vim's
-    instruct warm-up asks; -1: the whole window), then max_tokens / max_completion_tokens, else
-    CHAT_DEFAULT_MAX_TOKENS or the room the window leaves."""
+    instruct warm-up asks; -1: the whole window), then max_tokens / max_completion_tokens, else, as llama.cpp
+    (n_predict -1) and OpenAI do, until the end of text or the room the window leaves: a fixed cap cut
+    llama.vim's instruct answers short, and it inserted the cut block as if complete."""
     room = max(server.engine.context_window_size - prompt_len, 1)
     if r.n_predict is not None:
         return (1, True) if r.n_predict == 0 else (room if r.n_predict < 0 else r.n_predict, False)
     asked = r.max_tokens if r.max_tokens is not None else r.max_completion_tokens
-    return (asked if asked is not None else min(CHAT_DEFAULT_MAX_TOKENS, room)), False
+    return (asked if asked is not None else room), False
 
 
 # ---- answer shapes ----

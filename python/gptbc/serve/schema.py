@@ -103,7 +103,8 @@ class ChatRequest(SamplingFields):
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = sampling_field("max_new_tokens", "Most tokens to generate (default 256).")
+    max_tokens: int | None = sampling_field("max_new_tokens", "Most tokens to generate (default: until the end "
+                                                              "of text or of the context window).")
     max_completion_tokens: int | None = sampling_field("max_new_tokens", "Alias of max_tokens.")
     n_predict: int | None = Field(None, ge=-1, description="llama.cpp's name, before max_tokens: -1 until eos "
                                                            "or the window; 0 evaluates the prompt only (a "

@@ -49,7 +49,10 @@ async def prepare(request: HttpRequest, parse: Callable[[Server, Any], Any]) -> 
     def work():
         return parse(server, parse_json(raw))
 
-    return await run_in_threadpool(work)
+    parsed = await run_in_threadpool(work)
+    if isinstance(parsed, Job):  # for the request's log line (app.Gate), which counts its tokens when it ends
+        request.state.job = parsed
+    return parsed
 
 
 def sse_response(server: Server, job: Job, reqs: list[Request], chunks: AsyncIterator[dict],

@@ -52,12 +52,17 @@ Edit = Callable[[dict], None]
 # case → (edit of the weights manifest, edit of the library manifest); None: keep the good one.
 CASES: dict[str, tuple[Edit | None, Edit | None]] = {
     "good": (None, None),
-    # optional spellings: model_config.eos_token_id as one id, no quantize_lm_head (default: quantized), extra
-    # tensors in the weights that the library does not take
+    # optional spellings: model_config.eos_token_id as one id, no quantize_lm_head (default: quantized)
     "good-optional-fields": (
-        lambda w: (w["model_config"].update(eos_token_id=0), w["quantization"].pop("quantize_lm_head"),
-                   w["params"].append({**w["params"][0], "name": "unused.weight"})),
+        lambda w: (w["model_config"].update(eos_token_id=0), w["quantization"].pop("quantize_lm_head")),
         lambda m: (m["model_config"].update(eos_token_id=None), m["quantization"].pop("quantize_lm_head"))),
+    # the same model in other words: another name of the tanh GELU, epsilon as a GGUF's float32 holds 1e-5,
+    # n_inner null (HF: 4 n_embd) and the identity fields with defaults left out
+    "good-same-model": (
+        lambda w: w["model_config"].update(activation_function="gelu_fast", layer_norm_epsilon=9.999999747378752e-06),
+        lambda m: (m["model_config"].update(n_inner=None),
+                   [m["model_config"].pop(k) for k in ("multi_query", "scale_attn_weights", "tie_word_embeddings",
+                                                       "activation_function", "layer_norm_epsilon")])),
     # a library built with int8 activations: weights it repacks when loading (schema 2)
     "good-int8-activations": (None, lambda m: (m.update(activations="int8"), param(m, "transformer.h.0.mlp.c_fc.q_weight")
                                                .update(repack="repack_int4_128x4_uint32"))),
@@ -95,6 +100,9 @@ CASES: dict[str, tuple[Edit | None, Edit | None]] = {
     "library-repack-not-string": (None, lambda m: param(m, "transformer.h.0.mlp.c_fc.q_weight").update(repack=["x"])),
     "library-params-object": (None, lambda m: m.update(params={})),
     "library-nested-too-deep": (None, lambda m: m["model_config"].update(extra=nested(200))),
+    "weights-multi-query-string": (lambda w: w["model_config"].update(multi_query="yes"), None),
+    "library-epsilon-string": (None, lambda m: m["model_config"].update(layer_norm_epsilon="1e-5")),
+    "library-widths-not-object": (None, lambda m: m["quantization"].update(widths=[4])),
     # ---- compatibility ----
     "quantization-mismatch": (None, lambda m: m["quantization"].update(name="q8f32_1", bits=8)),
     "lm-head-mismatch": (None, lambda m: m["quantization"].update(quantize_lm_head=False)),
@@ -103,6 +111,18 @@ CASES: dict[str, tuple[Edit | None, Edit | None]] = {
     "missing-param": (lambda w: w["params"].remove(param(w, "transformer.ln_f.bias")), None),
     "page-size-mismatch": (None, lambda m: m.update(page_size=32)),
     "alignment-mismatch": (lambda w: w.update(alignment=32), None),
+    # ---- the model: a library runs only the weights of the model it was compiled for ----
+    "layers-mismatch": (lambda w: w["model_config"].update(n_layer=3), None),
+    "activation-mismatch": (lambda w: w["model_config"].update(activation_function="gelu"), None),
+    "epsilon-mismatch": (lambda w: w["model_config"].update(layer_norm_epsilon=1e-6), None),
+    "multi-query-mismatch": (None, lambda m: m["model_config"].update(multi_query=False)),
+    "tensor-parallel-mismatch": (None, lambda m: m.update(tensor_parallel=2)),
+    "library-tensor-parallel-string": (None, lambda m: m.update(tensor_parallel="2")),
+    "extra-param": (lambda w: w["params"].append({**w["params"][0], "name": "transformer.h.1.ln_1.weight"}), None),
+    "widths-mismatch": tuple(  # a per-tensor scheme with one module at 4 bits in the weights, 6 (default) in the library
+        (lambda mw, width=width: (mw["quantization"].update(name="qkf32_a", kind="affine", bits=6, group_size=16),
+                                  mw["quantization"].update(widths={"transformer.h.0.mlp.c_fc": width} if width else {})))
+        for width in (4, None)),
 }
 # Written by hand (not JSON of a manifest, or no file at all): case → (weights text or None, library text or None).
 RAW = {
