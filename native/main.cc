@@ -1,7 +1,9 @@
 // gptbc-run: generate with a compiled gptbc model library and converted weights, without Python.
 //
-//   gptbc-run --model OUT_DIR --lib LIB (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N]
+//   gptbc-run --model OUT_DIR --lib LIB (--prompt TEXT | --prompt-ids 1,2,3[;4,5]) [--max-new-tokens N]
 //             [--temperature T] [--top-p P] [--top-k K] [--seed S] [--ignore-eos] [--json]
+//   gptbc-run --model OUT_DIR --lib LIB --bench [--batch B] [--prompt-len P] [--max-new-tokens N]
+//             [--warmup W] [--repeats R]
 //
 // In a folder from `gptbc bundle` (bundle.json beside it), --model and --lib default to the bundle's own.
 //
@@ -38,9 +40,11 @@ using gptbc::Error;
 namespace json = gptbc::json;
 
 const char kUsage[] =
-    "usage: gptbc-run --model OUT_DIR --lib LIB (--prompt TEXT | --prompt-ids 1,2,3)\n"
+    "usage: gptbc-run --model OUT_DIR --lib LIB (--prompt TEXT | --prompt-ids 1,2,3[;4,5;...])\n"
     "                 [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S]\n"
     "                 [--ignore-eos] [--json] [--device cpu|vulkan[:N]|cuda[:N]]\n"
+    "       gptbc-run --model OUT_DIR --lib LIB --bench [--batch B] [--prompt-len P] [--max-new-tokens N]\n"
+    "                 [--warmup W] [--repeats R] [--device ...]\n"
     "\n"
     "Generates with a model library from `gptbc compile` (CPU) and weights from `gptbc convert-weight`;\n"
     "in a folder from `gptbc bundle`, --model and --lib default to the bundle's own.\n"
@@ -49,13 +53,20 @@ const char kUsage[] =
     "                (libgptbc_webgpu.so beside gptbc-run, or GPTBC_WEBGPU_LIB)\n"
     "  --json        print one JSON object (token_ids, text, finish_reason, prompt_tokens, timings)\n"
     "                instead of streaming text\n"
-    "  --ignore-eos  keep generating after an eos token (for benchmarks)\n";
+    "  --ignore-eos  keep generating after an eos token (for benchmarks)\n"
+    "  --prompt-ids  several prompts separated by ';' are generated together: prefilled one by one, then\n"
+    "                decoded in one batch_decode call per step (--json: one object per prompt in \"outputs\";\n"
+    "                else one line per prompt, its text as a JSON string)\n"
+    "  --bench       time B prompts of P made-up ids (default 1 and 128): prefill, then greedy decode of\n"
+    "                N - 1 steps (default N 64) in batch_decode calls when B > 1, eos ignored; W untimed\n"
+    "                runs (default 1), then R timed ones (default 3); prints one JSON object\n";
 
 struct Args {
   std::string model, lib, device;  // device: cpu unless given (or a bundle's says otherwise)
   std::optional<std::string> prompt, prompt_ids;
   std::map<std::string, std::string> sampling;  // flag → value, applied over the model's defaults
-  bool json = false, ignore_eos = false, help = false;
+  std::map<std::string, std::string> bench;     // --batch, --prompt-len, --warmup, --repeats → value
+  bool json = false, ignore_eos = false, help = false, run_bench = false;
 };
 
 // The folder this executable is in, with a trailing '/' (qemu-user answers /proc/self/exe for its guest too).
@@ -95,7 +106,9 @@ void use_bundle(Args* a) {
 Args parse_args(int argc, char** argv) {
   Args a;
   const std::vector<std::string> valued = {"--model", "--lib", "--device", "--prompt", "--prompt-ids", "--max-new-tokens",
-                                           "--temperature", "--top-p", "--top-k", "--seed"};
+                                           "--temperature", "--top-p", "--top-k", "--seed", "--batch", "--prompt-len",
+                                           "--warmup", "--repeats"};
+  const std::vector<std::string> bench_only = {"--batch", "--prompt-len", "--warmup", "--repeats"};
   for (int i = 1; i < argc; ++i) {
     std::string flag = argv[i], value;
     bool inline_value = false;
@@ -104,9 +117,9 @@ Args parse_args(int argc, char** argv) {
       flag = flag.substr(0, eq);
       inline_value = true;
     }
-    if (flag == "--json" || flag == "--ignore-eos" || flag == "--help" || flag == "-h") {
+    if (flag == "--json" || flag == "--ignore-eos" || flag == "--help" || flag == "-h" || flag == "--bench") {
       if (inline_value) throw Error(flag + " takes no value");
-      (flag == "--json" ? a.json : flag == "--ignore-eos" ? a.ignore_eos : a.help) = true;
+      (flag == "--json" ? a.json : flag == "--ignore-eos" ? a.ignore_eos : flag == "--bench" ? a.run_bench : a.help) = true;
       continue;
     }
     if (std::find(valued.begin(), valued.end(), flag) == valued.end())
@@ -120,6 +133,7 @@ Args parse_args(int argc, char** argv) {
     else if (flag == "--device") a.device = value;
     else if (flag == "--prompt") a.prompt = value;
     else if (flag == "--prompt-ids") a.prompt_ids = value;
+    else if (std::find(bench_only.begin(), bench_only.end(), flag) != bench_only.end()) a.bench[flag] = value;
     else a.sampling[flag] = value;
   }
   if (a.help) return a;
@@ -127,6 +141,14 @@ Args parse_args(int argc, char** argv) {
   if (a.device.empty()) a.device = "cpu";
   if (a.model.empty()) throw Error("--model is required (a directory from `gptbc convert-weight`)");
   if (a.lib.empty()) throw Error("--lib is required (a library from `gptbc compile`)");
+  if (a.run_bench) {
+    if (a.prompt || a.prompt_ids) throw Error("--bench makes its own prompts (--prompt-len); drop --prompt/--prompt-ids");
+    for (const auto& [flag, value] : a.sampling) {
+      if (flag != "--max-new-tokens") throw Error("--bench decodes greedily: " + flag + " does not apply");
+    }
+    return a;
+  }
+  if (!a.bench.empty()) throw Error(a.bench.begin()->first + " is a --bench option");
   if (a.prompt.has_value() == a.prompt_ids.has_value()) throw Error("give exactly one of --prompt and --prompt-ids");
   return a;
 }
@@ -173,30 +195,35 @@ gptbc::SamplingParams sampling_params(const Args& a) {
   return p;
 }
 
-// "1,2, 3" → ids (as `gptbc generate --prompt-ids`).
-std::vector<int32_t> parse_ids(const std::string& text) {
-  std::vector<int32_t> ids;
-  std::string item;
-  std::stringstream in(text);
-  while (std::getline(in, item, ',')) {
-    item.erase(std::remove(item.begin(), item.end(), ' '), item.end());
-    if (item.empty()) continue;
-    size_t used = 0;
-    long long v = 0;
-    try {
-      v = std::stoll(item, &used);
-    } catch (const std::exception&) {
-      used = 0;
+// "1,2, 3" → ids (as `gptbc generate --prompt-ids`); "1,2;3" → two prompts.
+std::vector<std::vector<int32_t>> parse_ids(const std::string& text) {
+  std::vector<std::vector<int32_t>> prompts;
+  std::stringstream all(text);
+  for (std::string one; std::getline(all, one, ';');) {
+    prompts.emplace_back();
+    std::stringstream in(one);
+    for (std::string item; std::getline(in, item, ',');) {
+      item.erase(std::remove(item.begin(), item.end(), ' '), item.end());
+      if (item.empty()) continue;
+      size_t used = 0;
+      long long v = 0;
+      try {
+        v = std::stoll(item, &used);
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      if (used == 0 || used != item.size() || v < INT32_MIN || v > INT32_MAX)
+        throw Error("--prompt-ids '" + text + "': expected comma-separated integers like 1,2,3 (prompts separated by ;)");
+      prompts.back().push_back(static_cast<int32_t>(v));
     }
-    if (used == 0 || used != item.size() || v < INT32_MIN || v > INT32_MAX)
-      throw Error("--prompt-ids '" + text + "': expected comma-separated integers like 1,2,3");
-    ids.push_back(static_cast<int32_t>(v));
   }
-  return ids;
+  if (!text.empty() && text.back() == ';') prompts.emplace_back();  // "1,2;" names an empty second prompt
+  if (prompts.empty()) prompts.emplace_back();
+  return prompts;
 }
 
 void check_prompt(const std::vector<int32_t>& ids, const gptbc::Model& model, int64_t max_new_tokens) {
-  if (ids.empty()) throw Error("prompt is empty: give at least one token");
+  if (ids.empty()) throw Error("prompt is empty: give at least one token (an empty prompt between ';'?)");
   for (size_t i = 0; i < ids.size(); ++i) {
     if (ids[i] < 0 || ids[i] >= model.vocab_size()) {
       throw Error("token id " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
@@ -290,6 +317,131 @@ Generation generate(gptbc::Model& model, const std::vector<int32_t>& prompt, con
   return gen;
 }
 
+// Several prompts together: each prefilled alone (its own sequence), then every unfinished one decoded in
+// one batch_decode call per step, so a library's batched kernels produce the tokens. Each prompt samples
+// with its own Sampler (the same parameters), and leaves the batch at its eos token or max_new_tokens.
+std::vector<Generation> generate_batch(gptbc::Model& model, const std::vector<std::vector<int32_t>>& prompts,
+                                       const gptbc::SamplingParams& params, bool ignore_eos) {
+  const size_t n = prompts.size();
+  std::vector<Generation> gens(n);
+  if (params.max_new_tokens <= 0) return gens;
+  std::vector<gptbc::Sampler> samplers;
+  std::vector<int64_t> room;
+  for (const auto& prompt : prompts) {
+    samplers.emplace_back(params, model.vocab_size());
+    for (int32_t t : prompt) samplers.back().saw(t);
+    room.push_back(static_cast<int64_t>(prompt.size()) + params.max_new_tokens);
+  }
+  model.start(room);
+  const auto& eos_ids = model.eos_ids();
+  const int64_t vocab = model.vocab_size();
+  std::vector<float> row(vocab);
+  std::vector<int64_t> active;  // sequences still generating
+  // Sample sequence i's next token from `logits` (vocab floats at `from`); true if it goes on.
+  auto choose = [&](size_t i, const std::vector<float>& logits, size_t from) {
+    row.assign(logits.begin() + from, logits.begin() + from + vocab);
+    int32_t token = samplers[i].next(row);
+    samplers[i].saw(token);
+    gens[i].ids.push_back(token);
+    if (!ignore_eos && std::find(eos_ids.begin(), eos_ids.end(), token) != eos_ids.end()) {
+      gens[i].finish = "stop";
+      return false;
+    }
+    return static_cast<int64_t>(gens[i].ids.size()) < params.max_new_tokens;
+  };
+  auto t0 = std::chrono::steady_clock::now();
+  for (size_t i = 0; i < n; ++i) {
+    if (choose(i, model.prefill(prompts[i], static_cast<int64_t>(i)), 0)) active.push_back(static_cast<int64_t>(i));
+  }
+  double prefill_s = seconds_since(t0);
+  auto t1 = std::chrono::steady_clock::now();
+  while (!active.empty()) {
+    std::vector<int32_t> last;
+    for (int64_t i : active) last.push_back(gens[i].ids.back());
+    const std::vector<float>& logits = model.decode_batch(active, last);
+    std::vector<int64_t> still;
+    for (size_t k = 0; k < active.size(); ++k) {
+      if (choose(static_cast<size_t>(active[k]), logits, k * vocab)) still.push_back(active[k]);
+    }
+    active = still;
+  }
+  double decode_s = seconds_since(t1);
+  for (auto& g : gens) {
+    g.prefill_s = prefill_s;
+    g.decode_s = decode_s;
+  }
+  return gens;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+}
+
+std::string seconds_json(const std::vector<double>& v) {
+  std::string out = "[";
+  char buf[32];
+  for (size_t i = 0; i < v.size(); ++i) {
+    std::snprintf(buf, sizeof(buf), "%.6f", v[i]);
+    out += (i ? ", " : "") + std::string(buf);
+  }
+  return out + "]";
+}
+
+// --bench: `batch` made-up prompts of `prompt_len` ids, prefilled one after another, then greedy decode of
+// max_new_tokens - 1 steps (decode for one prompt, batch_decode for several), eos ignored. Untimed warm-up
+// runs first (kernel loading, allocator pools), then `repeats` timed ones; each reads the logits back to the
+// host, which waits for the device, so a time covers the work it names. Prints one JSON object.
+void bench(gptbc::Model& model, const Args& args, int64_t max_new_tokens, double load_s) {
+  auto option = [&](const char* flag, int64_t fallback, int64_t low) {
+    auto it = args.bench.find(flag);
+    int64_t v = it == args.bench.end() ? fallback : parse_int(flag, it->second);
+    if (v < low) throw Error(std::string(flag) + " must be at least " + std::to_string(low));
+    return v;
+  };
+  const int64_t batch = option("--batch", 1, 1), prompt_len = option("--prompt-len", 128, 1);
+  const int64_t warmup = option("--warmup", 1, 0), repeats = option("--repeats", 3, 1);
+  if (max_new_tokens < 2) throw Error("--bench needs --max-new-tokens of at least 2 (one decode step)");
+  if (batch > model.max_batch_size()) {
+    throw Error("--batch " + std::to_string(batch) + " is over the library's max_batch_size " +
+                std::to_string(model.max_batch_size()) + " (compile with --max-batch-size)");
+  }
+  std::vector<std::vector<int32_t>> prompts(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t i = 0; i < prompt_len; ++i)  // spread over the vocabulary, different for each prompt
+      prompts[b].push_back(static_cast<int32_t>((i * 7919 + b * 104729 + 1) % model.vocab_size()));
+    check_prompt(prompts[b], model, max_new_tokens);
+  }
+  gptbc::SamplingParams greedy;
+  greedy.max_new_tokens = max_new_tokens;
+  std::vector<double> prefill_s, decode_s;
+  for (int64_t r = 0; r < warmup + repeats; ++r) {
+    Generation g;
+    if (batch == 1) {
+      TextStream quiet(false);
+      g = generate(model, prompts[0], greedy, true, nullptr, &quiet);
+    } else {
+      g = generate_batch(model, prompts, greedy, true)[0];
+    }
+    if (r >= warmup) {
+      prefill_s.push_back(g.prefill_s);
+      decode_s.push_back(g.decode_s);
+    }
+  }
+  const int64_t steps = max_new_tokens - 1;
+  double p = median(prefill_s), d = median(decode_s);
+  std::printf(
+      "{\"bench\": {\"device\": \"%s\", \"batch\": %lld, \"prompt_tokens\": %lld, \"decode_steps\": %lld, "
+      "\"warmup\": %lld, \"repeats\": %lld, \"prefill_s\": %s, \"decode_s\": %s, "
+      "\"prefill_tokens_per_s\": %.4f, \"decode_tokens_per_s\": %.4f, \"decode_steps_per_s\": %.4f, "
+      "\"weight_bytes\": %llu, \"load_s\": %.6f}}\n",
+      model.device_kind().c_str(), static_cast<long long>(batch), static_cast<long long>(prompt_len),
+      static_cast<long long>(steps), static_cast<long long>(warmup), static_cast<long long>(repeats),
+      seconds_json(prefill_s).c_str(), seconds_json(decode_s).c_str(), p > 0 ? batch * prompt_len / p : 0.0,
+      d > 0 ? batch * steps / d : 0.0, d > 0 ? steps / d : 0.0,
+      static_cast<unsigned long long>(model.mapped_bytes() + model.copied_bytes()), load_s);
+}
+
 void print_json(const Generation& gen, const std::vector<int32_t>& prompt, const std::optional<std::string>& text,
                 double load_s, const gptbc::Model& model) {
   size_t steps = gen.ids.empty() ? 0 : gen.ids.size() - 1;  // decode calls: the first token came from prefill
@@ -301,6 +453,42 @@ void print_json(const Generation& gen, const std::vector<int32_t>& prompt, const
       prompt.size(), ids_json(prompt).c_str(), load_s, gen.prefill_s, gen.decode_s, steps,
       steps && gen.decode_s > 0 ? steps / gen.decode_s : 0.0, static_cast<unsigned long long>(model.mapped_bytes()),
       static_cast<unsigned long long>(model.copied_bytes()));
+}
+
+// The text of ids as the stream writes it (special tokens and the eos token left out).
+std::string ids_text(const gptbc::Tokenizer& tok, const Generation& gen) {
+  TextStream text(false);
+  for (size_t i = 0; i < gen.ids.size(); ++i) {
+    bool eos = gen.finish == "stop" && i + 1 == gen.ids.size();
+    if (!eos && !tok.is_special(gen.ids[i])) text.add(tok.token_bytes(gen.ids[i]));
+  }
+  text.finish();
+  return text.text();
+}
+
+// Several prompts' results: --json one object with "outputs" (one per prompt, in order), else one line each
+// (the text as a JSON string, or the ids without a tokenizer).
+void print_batch(const std::vector<Generation>& gens, const std::vector<std::vector<int32_t>>& prompts,
+                 const gptbc::Tokenizer* tok, bool as_json, double load_s) {
+  if (!as_json) {
+    for (const auto& g : gens) {
+      std::string line;
+      if (tok) line = gptbc::json::quote(ids_text(*tok, g));  // quoted: a text may hold line breaks
+      else for (size_t i = 0; i < g.ids.size(); ++i) line += (i ? "," : "") + std::to_string(g.ids[i]);
+      std::puts(line.c_str());
+    }
+    return;
+  }
+  std::string out = "{\"outputs\": [";
+  for (size_t i = 0; i < gens.size(); ++i) {
+    out += std::string(i ? ", " : "") + "{\"token_ids\": " + ids_json(gens[i].ids) + ", \"text\": " +
+           (tok ? gptbc::json::quote(ids_text(*tok, gens[i])) : "null") + ", \"finish_reason\": \"" +
+           gens[i].finish + "\", \"prompt_tokens\": " + std::to_string(prompts[i].size()) + "}";
+  }
+  char tail[160];
+  std::snprintf(tail, sizeof(tail), "], \"load_s\": %.6f, \"prefill_s\": %.6f, \"decode_s\": %.6f}", load_s,
+                gens.empty() ? 0.0 : gens[0].prefill_s, gens.empty() ? 0.0 : gens[0].decode_s);
+  std::puts((out + tail).c_str());
 }
 
 // Cores (not SMT siblings) among the CPUs this process may run on, from sysfs; CPUs if that is missing.
@@ -342,19 +530,28 @@ int run(int argc, char** argv) {
   gptbc::SamplingParams params = sampling_params(args);
   gptbc::Model model(args.model, args.lib, args.device);
 
+  if (args.run_bench) {
+    bench(model, args, params.max_new_tokens, seconds_since(start));
+    return 0;
+  }
   std::string tok_path = args.model + "/tokenizer.json";
   struct stat st {};
   std::unique_ptr<gptbc::Tokenizer> tok;
   if (stat(tok_path.c_str(), &st) == 0) tok = std::make_unique<gptbc::Tokenizer>(tok_path);
-  std::vector<int32_t> prompt;
+  std::vector<std::vector<int32_t>> prompts;
   if (args.prompt) {
     if (!tok) throw Error(args.model + ": no tokenizer.json; pass --prompt-ids instead of text");
-    prompt = tok->encode(*args.prompt);
+    prompts = {tok->encode(*args.prompt)};
   } else {
-    prompt = parse_ids(*args.prompt_ids);
+    prompts = parse_ids(*args.prompt_ids);
   }
-  check_prompt(prompt, model, params.max_new_tokens);
+  for (const auto& prompt : prompts) check_prompt(prompt, model, params.max_new_tokens);
   double load_s = seconds_since(start);
+  if (prompts.size() > 1) {
+    print_batch(generate_batch(model, prompts, params, args.ignore_eos), prompts, tok.get(), args.json, load_s);
+    return 0;
+  }
+  const std::vector<int32_t>& prompt = prompts[0];
 
   TextStream stream(tok && !args.json);
   Generation gen = generate(model, prompt, params, args.ignore_eos, tok.get(), &stream);

@@ -346,6 +346,7 @@ void Model::load_library(const std::string& lib) {
   embed_ = get(*vm_, "embed");
   prefill_ = get(*vm_, "prefill");
   decode_ = get(*vm_, "decode");
+  batch_decode_ = get(*vm_, "batch_decode");
   begin_forward_ = global("vm.builtin.kv_state_begin_forward");
   end_forward_ = global("vm.builtin.kv_state_end_forward");
 }
@@ -409,27 +410,44 @@ void Model::load_params(const manifest::Weights& weights) {
   }
 }
 
-void Model::start(int64_t tokens) {
+void Model::start(const std::vector<int64_t>& tokens) {
+  if (tokens.empty() || static_cast<int64_t>(tokens.size()) > max_batch_size_) {
+    throw Error(std::to_string(tokens.size()) + " sequences: the library " + lib_ + " runs 1 to " +
+                std::to_string(max_batch_size_) + " together (its max_batch_size)");
+  }
   auto create = vm_.value()->GetFunction("create_paged_kv_cache", false);
   if (!create) throw Error("--lib " + lib_ + ": not a gptbc model library (no create_paged_kv_cache function)");
-  int64_t total = (std::max<int64_t>(tokens, 1) + page_size_ - 1) / page_size_ * page_size_;  // whole pages
+  int64_t total = 0;  // whole pages for each sequence: a page holds one sequence's tokens
+  for (int64_t t : tokens) total += (std::max<int64_t>(t, 1) + page_size_ - 1) / page_size_ * page_size_;
   kv_cache_ = (*create)(ffi::Shape({max_batch_size_}), ffi::Shape({total}), ffi::Shape({prefill_chunk_size_}),
                         ffi::Shape({page_size_}), ffi::Shape({0}));
-  global("vm.builtin.kv_state_add_sequence")(kv_cache_, static_cast<int64_t>(0));
+  for (size_t seq = 0; seq < tokens.size(); ++seq)
+    global("vm.builtin.kv_state_add_sequence")(kv_cache_, static_cast<int64_t>(seq));
 }
 
-const std::vector<float>& Model::prefill(const std::vector<int32_t>& ids) {
+std::string Model::device_kind() const {
+  return dev_.device_type == kDLCPU ? "cpu" : dev_.device_type == kDLCUDA ? "cuda" : "vulkan";
+}
+
+const std::vector<float>& Model::prefill(const std::vector<int32_t>& ids, int64_t seq) {
   for (size_t start = 0; start < ids.size(); start += prefill_chunk_size_) {
     size_t end = std::min(ids.size(), start + static_cast<size_t>(prefill_chunk_size_));
-    forward(prefill_, std::vector<int32_t>(ids.begin() + start, ids.begin() + end));
+    forward(prefill_, {seq}, {static_cast<int64_t>(end - start)},
+            std::vector<int32_t>(ids.begin() + start, ids.begin() + end), false);
   }
   return logits_;
 }
 
-const std::vector<float>& Model::decode(int32_t token) { return forward(decode_, {token}); }
+const std::vector<float>& Model::decode(int32_t token, int64_t seq) { return forward(decode_, {seq}, {1}, {token}, false); }
 
-// One call of `prefill` or `decode` (they take the same arguments) between the KV cache's begin and end.
-const std::vector<float>& Model::forward(const ffi::Function& func, const std::vector<int32_t>& ids) {
+const std::vector<float>& Model::decode_batch(const std::vector<int64_t>& seqs, const std::vector<int32_t>& tokens) {
+  return forward(batch_decode_, seqs, std::vector<int64_t>(seqs.size(), 1), tokens, true);
+}
+
+// One call of a forward function (they take the same arguments) between the KV cache's begin and end.
+const std::vector<float>& Model::forward(const ffi::Function& func, const std::vector<int64_t>& seqs,
+                                         const std::vector<int64_t>& rows, const std::vector<int32_t>& ids,
+                                         bool batch_rows) {
   const int64_t n = static_cast<int64_t>(ids.size());
   ffi::Tensor id_tensor = ffi::Tensor::FromNDAlloc(HostAlloc{alignment_}, ffi::Shape({n}), DLDataType{kDLInt, 32, 1}, kCpu);
   std::memcpy(id_tensor.data_ptr(), ids.data(), ids.size() * sizeof(int32_t));
@@ -440,9 +458,10 @@ const std::vector<float>& Model::forward(const ffi::Function& func, const std::v
     id_tensor = on_dev;
   }
   ffi::Tensor flat = embed_(id_tensor, params_).cast<ffi::Tensor>();  // [n, n_embd]
-  ffi::Tensor embeds = ffi::Tensor::FromNDAlloc(ViewOf{flat}, ffi::Shape({1, n, n_embd_}), flat.dtype(), flat.device());
+  ffi::Shape embeds_shape = batch_rows ? ffi::Shape({n, 1, n_embd_}) : ffi::Shape({1, n, n_embd_});
+  ffi::Tensor embeds = ffi::Tensor::FromNDAlloc(ViewOf{flat}, embeds_shape, flat.dtype(), flat.device());
 
-  begin_forward_(kv_cache_, ffi::Shape({0}), ffi::Shape({n}));
+  begin_forward_(kv_cache_, ffi::Shape(seqs), ffi::Shape(rows));
   ffi::Array<ffi::Any> out;
   try {
     out = func(embeds, kv_cache_, params_).cast<ffi::Array<ffi::Any>>();
@@ -452,17 +471,19 @@ const std::vector<float>& Model::forward(const ffi::Function& func, const std::v
   }
   end_forward_(kv_cache_);
   kv_cache_ = out[1];
-  ffi::Tensor logits = out[0].cast<ffi::Tensor>();  // float32[1, 1, vocab]: the last position's
-  if (logits.dtype() != DLDataType{kDLFloat, 32, 1} || logits.numel() != vocab_size_)
-    throw Error("--lib " + lib_ + ": logits are not float32[" + std::to_string(vocab_size_) + "]");
+  // float32: the last position's logits of each sequence, [1, 1, vocab] or [batch, 1, vocab]
+  ffi::Tensor logits = out[0].cast<ffi::Tensor>();
+  const int64_t want = vocab_size_ * static_cast<int64_t>(seqs.size());
+  if (logits.dtype() != DLDataType{kDLFloat, 32, 1} || logits.numel() != want)
+    throw Error("--lib " + lib_ + ": logits are not float32[" + std::to_string(seqs.size()) + " x " + std::to_string(vocab_size_) + "]");
   if (dev_.device_type != kDLCPU) {
-    logits_.resize(vocab_size_);
+    logits_.resize(want);
     global("runtime.TVMTensorCopyToBytes")(logits, static_cast<void*>(logits_.data()),
-                                            static_cast<int64_t>(vocab_size_ * sizeof(float)));
+                                            static_cast<int64_t>(want * sizeof(float)));
     return logits_;
   }
   const auto* data = reinterpret_cast<const float*>(static_cast<const char*>(logits.data_ptr()) + logits.byte_offset());
-  logits_.assign(data, data + vocab_size_);
+  logits_.assign(data, data + want);
   return logits_;
 }
 

@@ -23,13 +23,21 @@ class Model {
   // device: "cpu", or "vulkan[:N]" for a --target vulkan (WGSL) library on gptbc's WebGPU runtime.
   Model(const std::string& model_dir, const std::string& lib, const std::string& device = "cpu");
 
-  // Create the KV cache for the one sequence, with room for `tokens` tokens (prompt + new tokens): memory
-  // for what the request needs, not for the whole context window.
-  void start(int64_t tokens);
-  // Append `ids` to the sequence (in prefill_chunk_size chunks); logits after the last, float32[vocab].
-  const std::vector<float>& prefill(const std::vector<int32_t>& ids);
-  // Append one token; logits for the next.
-  const std::vector<float>& decode(int32_t token);
+  // Create the KV cache for sequences 0..len(tokens)-1, with room for tokens[i] tokens (prompt + new tokens)
+  // in sequence i: memory for what the requests need, not for the whole context window. A new call drops the
+  // sequences of the last one.
+  void start(const std::vector<int64_t>& tokens);
+  void start(int64_t tokens) { start(std::vector<int64_t>{tokens}); }
+  // Append `ids` to sequence `seq` (in prefill_chunk_size chunks); logits after the last, float32[vocab].
+  const std::vector<float>& prefill(const std::vector<int32_t>& ids, int64_t seq = 0);
+  // Append one token to sequence `seq`; logits for the next (the library's single-row decode).
+  const std::vector<float>& decode(int32_t token, int64_t seq = 0);
+  // Append tokens[i] to sequence seqs[i], all in one batch_decode call; logits float32[len(seqs) * vocab].
+  const std::vector<float>& decode_batch(const std::vector<int64_t>& seqs, const std::vector<int32_t>& tokens);
+
+  int64_t max_batch_size() const { return max_batch_size_; }
+  // "cpu", "cuda" or "vulkan": the device the library runs on.
+  std::string device_kind() const;
 
   int64_t vocab_size() const { return vocab_size_; }
   int64_t context_window_size() const { return context_window_size_; }
@@ -45,14 +53,18 @@ class Model {
   void open_cuda(const std::string& device, int32_t index);
   void check_device_limits();
   void load_params(const manifest::Weights& weights);
-  const std::vector<float>& forward(const tvm::ffi::Function& func, const std::vector<int32_t>& ids);
+  // One call of a forward function: rows[i] new tokens of seqs[i], `ids` all of them in order. prefill and
+  // decode take embeds [1, n, n_embd], batch_decode [n, 1, n_embd] (batch_rows).
+  const std::vector<float>& forward(const tvm::ffi::Function& func, const std::vector<int64_t>& seqs,
+                                   const std::vector<int64_t>& rows, const std::vector<int32_t>& ids,
+                                   bool batch_rows);
 
   std::string model_dir_, lib_;
   DLDevice dev_{kDLCPU, 0};
   json::Object adapter_;  // the WebGPU adapter's description (device vulkan), as gptbc.webgpu.adapters gives it
   manifest::Library meta_;
   tvm::ffi::Optional<tvm::ffi::Module> vm_;  // the VM the functions below belong to
-  tvm::ffi::Function embed_, prefill_, decode_, begin_forward_, end_forward_;
+  tvm::ffi::Function embed_, prefill_, decode_, batch_decode_, begin_forward_, end_forward_;
   std::vector<SafetensorsFile> files_;  // mapped for as long as params in place point into them
   tvm::ffi::Array<tvm::ffi::Tensor> params_;
   tvm::ffi::Any kv_cache_;

@@ -267,6 +267,9 @@ def test_cuda_bundle_carries_the_cuda_runtime_and_runs_on_cuda(tiny_model, bundl
     bundle, _ = make_bundle(m.out_dir, lib, tmp_path / "bundle", log=lambda _m: None)
     info = json.loads((bundle / "bundle.json").read_text())
     assert info["device"] == "cuda" and (bundle / "libtvm_runtime_cuda.so").is_file()
+    # the libcudart TVM's CUDA runtime links, beside it (its run path is $ORIGIN): the GPU machine may have no toolkit
+    [cudart] = [f["path"] for f in info["files"] if f["path"].startswith("libcudart.so.")]
+    assert cudart.encode() in (bundle / "libtvm_runtime_cuda.so").read_bytes()
     assert "NVIDIA driver" in (bundle / "README.txt").read_text()
     bundle_cpu = bundle_of("mqa64", "x86_64")
     assert not (bundle_cpu / "libtvm_runtime_cuda.so").exists()  # only a CUDA library's bundle carries it

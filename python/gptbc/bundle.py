@@ -18,6 +18,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -156,6 +157,30 @@ def foreign_runtime(arch: str, log: Callable[[str], None]) -> Runtime:
     return Runtime(entry.path / "tvm", entry.path / "tvm_ffi")
 
 
+def cuda_runtime_dependency(runtime: Runtime, arch: str) -> Path:
+    """The CUDA runtime library (libcudart.so.N) that TVM's libtvm_runtime_cuda.so is linked against, found on
+    this machine for `arch`: a CUDA bundle carries it beside libtvm_runtime_cuda.so (whose run path is $ORIGIN),
+    because the machine it runs on may have the NVIDIA driver and no CUDA toolkit of that version."""
+    names = sorted({m.decode() for m in re.findall(rb"libcudart\.so\.[0-9]+", runtime.library(CUDA_RUNTIME).read_bytes())})
+    if len(names) != 1:
+        raise GptbcError(f"{runtime.library(CUDA_RUNTIME)}: cannot tell which libcudart it needs ({names or 'none named'})")
+    name = names[0]
+    places = [Path(os.environ[v]) / "lib64" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    if shutil.which("nvcc"):
+        toolkit = Path(shutil.which("nvcc")).resolve().parents[1]
+        places += [toolkit / "lib64", *sorted(toolkit.glob("targets/*/lib"))]
+    places.append(Path("/usr/local/cuda/lib64"))
+    nvidia = importlib.util.find_spec("nvidia")  # PyPI's nvidia-cuda-runtime-cuNN wheels
+    for root in (nvidia.submodule_search_locations if nvidia and nvidia.submodule_search_locations else []):
+        places += sorted(Path(root).glob("*/lib"))
+    for place in places:
+        if (place / name).is_file() and library_arch(place / name) == arch:
+            return place / name
+    raise GptbcError(f"TVM's CUDA runtime needs {name} for {arch}, which is not installed here (a CUDA bundle "
+                     f"carries it): install the CUDA toolkit of that version or pip install the matching "
+                     f"nvidia-cuda-runtime wheel, or set CUDA_HOME")
+
+
 def libs_in(runtime: Runtime) -> list[Path]:
     return [runtime.library(n) for n in RUNTIME_LIBS]
 
@@ -266,8 +291,9 @@ def readme(arch: str, meta: dict, model_name: str, size: int) -> str:
               f"./{RUNNER} --help lists the sampling options."]
     if meta["device"] == "cuda":
         lines += ["", f"The library's kernels are CUDA's ({meta['target']}): gptbc-run runs them on CUDA device 0 "
-                  f"unless --device cuda:N says another, through {CUDA_RUNTIME} here; the machine needs the NVIDIA "
-                  f"driver (libcuda.so.1), not the CUDA toolkit."]
+                  f"unless --device cuda:N says another, through {CUDA_RUNTIME} and the CUDA runtime library here "
+                  f"(libcudart); the machine needs the NVIDIA driver (libcuda.so.1) of that CUDA version or newer, "
+                  f"not the CUDA toolkit."]
     if arch == "aarch64":
         lines += ["", "On an x86-64 Linux machine it runs under emulation (apt-get install qemu-user "
                   "g++-aarch64-linux-gnu), which is correct but not fast:",
@@ -296,6 +322,9 @@ def make_bundle(model_dir: str | Path, lib: str | Path, output: str | Path,
         for name in RUNTIME_LIBS:
             if name != CUDA_RUNTIME or meta["device"] == "cuda":
                 shutil.copy2(runtime.library(name), tmp / name)
+        if meta["device"] == "cuda":
+            cudart = cuda_runtime_dependency(runtime, arch)
+            shutil.copy2(cudart, tmp / cudart.name)
         shutil.copy2(lib, tmp / LIBRARY)
         (tmp / WEIGHTS).mkdir()
         for f in sorted(model_dir.iterdir()):
