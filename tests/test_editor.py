@@ -13,10 +13,10 @@ import pytest
 
 from gptbc.artifact.config import preset_fim_orders, preset_names
 from gptbc.errors import GptbcError
-from gptbc.runtime.engine import FIM_ORDERS, Engine, fit_fim
+from gptbc.runtime.engine import FIM_ORDERS, Engine, fit_fim, resolve_fim_order
 from gptbc.serve import llamacpp
 from gptbc.serve import schema as S
-from gptbc.serve.core import Server, served_fim_order
+from gptbc.serve.core import Server
 from test_llama_vim import fim, fim_reply, post
 from test_presets import raw_preset
 from test_server import call, live_server
@@ -47,10 +47,10 @@ def test_auto_order_follows_the_preset():
                  "/models/gpt_bigcode-santacoder/"):
         assert preset_fim_orders(spec) == both, spec
     assert preset_fim_orders("/models/my-own-model") is None
-    assert served_fim_order("auto", both) == "spm"
-    assert served_fim_order("auto", ["psm"]) == "psm"
-    assert served_fim_order("auto", None) == "psm"  # not known: the order every FIM model and llama.cpp use
-    assert served_fim_order("psm", both) == "psm" and served_fim_order("spm", None) == "spm"
+    assert resolve_fim_order("auto", both) == "spm"
+    assert resolve_fim_order("auto", ["psm"]) == "psm"
+    assert resolve_fim_order("auto", None) == "psm"  # not known: the order every FIM model and llama.cpp use
+    assert resolve_fim_order("psm", both) == "psm" and resolve_fim_order("spm", None) == "spm"
 
 
 @pytest.mark.parametrize("name", ["mqa64", "mha32"], ids=["dash spelling", "underscore spelling"])
@@ -66,6 +66,20 @@ def test_both_orders_with_the_tokenizers_own_fim_tokens(engine_of, name):
     assert got.prompt_tokens == len(enc(pre)) + len(enc(suf)) + 3
     with pytest.raises(GptbcError, match=r"^fim_order 'pms': must be one of psm, spm$"):
         engine.complete(prefix=pre, suffix=suf, fim_order="pms")
+
+
+def test_generate_takes_the_fim_order(tiny_model, engine_of):
+    """`gptbc generate --prefix --suffix --fim-order`: the ids the engine gives in that order (the two orders
+    give different ids on this random model, so a swapped or ignored order shows)."""
+    from test_cli import gptbc
+
+    m, engine = tiny_model("mqa64"), engine_of("mqa64")
+    want = {o: engine.generate(prefix=PREFIX, suffix=SUFFIX, fim_order=o, max_new_tokens=6) for o in FIM_ORDERS}
+    assert want["psm"] != want["spm"]
+    for order in FIM_ORDERS:
+        run = gptbc("generate", m.out_dir, "--lib", m.lib, "--prefix", PREFIX, "--suffix", SUFFIX, "--fim-order",
+                    order, "--max-new-tokens", 6, "--json")
+        assert json.loads(run.stdout)["token_ids"] == want[order], order
 
 
 def layouts(order: str, n_suf: int, sizes: range, room: int, block: int) -> list[list[int]]:

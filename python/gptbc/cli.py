@@ -122,8 +122,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              truncate_prompt=args.truncate_prompt or None)
     prompt = parse_ids(args.prompt_ids) if args.prompt_ids is not None else args.prompt
     fim = args.prefix is not None or args.suffix is not None
+    from gptbc.artifact.config import preset_fim_orders
+    from gptbc.runtime.engine import resolve_fim_order
+
+    order = resolve_fim_order(args.fim_order, preset_fim_orders(args.model))
     try:
-        req = engine.submit(None if fim else prompt, prefix=args.prefix, suffix=args.suffix, params=params)
+        req = engine.submit(None if fim else prompt, prefix=args.prefix, suffix=args.suffix, params=params,
+                            fim_order=order)
     except ContextWindowError as err:
         raise GptbcError(err.render("--max-new-tokens", "--truncate-prompt")) from None
     stream = not args.json and engine.tokenizer is not None
@@ -311,6 +316,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+FIM_ORDER_HELP = ("fill-in-the-middle order: psm, or spm (BigCode's SPM variant 2, where typing only appends to the "
+                  "cached prompt; not llama.cpp's --spm-infill order); auto: spm where the model's preset says it "
+                  "was trained with it, else psm")
 TP_HELP = ("run the model on N tensor-parallel workers (TVM disco; a library compiled and weights converted with "
            "--tensor-parallel N); on the CPU the threads are split between them")
 BATCH_INVARIANT_HELP = ("the same request gives the same answer, bit for bit, under any load (a library compiled "
@@ -418,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-ids", help="the prompt, as comma-separated token ids")
     src.add_argument("--prefix", help="fill-in-the-middle: the code before the cursor")
     g.add_argument("--suffix", help="fill-in-the-middle: the code after the cursor (with --prefix)")
+    g.add_argument("--fim-order", choices=["auto", "psm", "spm"], default="auto", help=FIM_ORDER_HELP)
     g.add_argument("--max-new-tokens", type=int,
                    help="tokens to generate at most (default: generation_config.json's, else 64)")
     g.add_argument("--temperature", type=float, help="0 = greedy (the default unless generation_config.json "
@@ -499,10 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=PROMPT_LOOKUP_HELP)
     s.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
     s.add_argument("--fim-order", choices=["auto", "psm", "spm"], default="auto",
-                   help="fill-in-the-middle order of /infill and suffix requests that name none (their fim_order "
-                        "field): psm, or spm (BigCode's SPM variant 2, where typing only appends to the cached "
-                        "prompt; not llama.cpp's --spm-infill order); auto: spm where the model's preset says it "
-                        "was trained with it, else psm")
+                   help=FIM_ORDER_HELP + " (of /infill and suffix requests that name none in their fim_order field)")
     s.set_defaults(func=cmd_serve)
 
     m = command("models", "list the bundled presets: parameters, weight bytes per quantization, KV-cache bytes "

@@ -52,6 +52,16 @@ def check_fim_order(order: str) -> None:
         raise GptbcError(f"fim_order {order!r}: must be one of {', '.join(FIM_ORDERS)}")
 
 
+def resolve_fim_order(choice: str, trained: list[str] | None) -> str:
+    """`--fim-order` of serve and generate: "psm" or "spm" as given; "auto" SPM where the model was trained with
+    it (`trained`: its preset's orders; SPM lets each keystroke reuse the whole cached prompt), else PSM, the
+    order llama.cpp writes and every FIM model saw."""
+    if choice == "auto":
+        return "spm" if trained and "spm" in trained else "psm"
+    check_fim_order(choice)
+    return choice
+
+
 def fim_layout(fim: dict, prefix: Sequence[int], suffix: Sequence[int], order: str) -> list[int]:
     """The FIM prompt of prefix/suffix token ids in `order`, with the ids of find_fim_tokens' `fim`."""
     p, s, m = fim["prefix"]["id"], fim["suffix"]["id"], fim["middle"]["id"]
@@ -81,6 +91,7 @@ def fit_fim(n_pre: int, n_suf: int, room: int, suffix_share: int, block: int, or
     if order == "psm":
         keep_suf = min(n_suf, room - keep_pre)  # with what the prefix's block cut left over
     return keep_pre, keep_suf
+
 
 class Engine:
     """A loaded model and its request loop."""

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Callable
 from gptbc.errors import ContextWindowError, GptbcError
 from gptbc.runtime.async_engine import AsyncEngine, EngineDead
 from gptbc.runtime.chat_template import CHATML, ChatTemplate
-from gptbc.runtime.engine import check_fim_order
+from gptbc.runtime.engine import resolve_fim_order
 from gptbc.runtime.sampling import SamplingError, SamplingParams
 from gptbc.runtime.scheduler import Request
 from gptbc.serve import schema as S
@@ -100,15 +100,6 @@ def repository_tokens(engine) -> tuple[int | None, int | None]:
     return repo, sep
 
 
-def served_fim_order(choice: str, trained: list[str] | None) -> str:
-    """`serve --fim-order`: "psm" or "spm" as given; "auto" SPM where the model was trained with it (it lets each
-    keystroke reuse the whole cached prompt), else PSM, the order llama.cpp writes and every FIM model saw."""
-    if choice == "auto":
-        return "spm" if trained and "spm" in trained else "psm"
-    check_fim_order(choice)
-    return choice
-
-
 class Server:
     """The ASGI app's state and handlers."""
 
@@ -119,7 +110,7 @@ class Server:
         orders the model was trained with, has it, else PSM)."""
         self.engine, self.model_name, self.api_key = engine, model_name, api_key
         self.trained_fim_orders = trained_fim_orders
-        self.fim_order = served_fim_order(fim_order, trained_fim_orders)
+        self.fim_order = resolve_fim_order(fim_order, trained_fim_orders)
         self.max_queue, self.max_body_bytes = max_queue, max_body_bytes
         self.on_fatal = on_fatal
         self.loop = AsyncEngine(engine, on_fatal=self._fatal)
