@@ -155,9 +155,91 @@ def make_trained_checkpoint(directory: Path, steps: int = 300, seed: int = 0, **
     return directory
 
 
-if __name__ == "__main__":  # python tests/hf_models.py trained DIR: regenerate the shipped trained model
+# The FIM examples the shipped FIM model holds out of training (document index, start, end of the middle in
+# characters): tests ask it for these middles in both orders. Training splits are drawn by character and each
+# part is tokenized alone, as BigCode's Megatron-LM `permute` does; these were drawn (seeded) among splits where
+# the parts tokenize as the whole document does, so that no answer depends on healing a token cut in two.
+FIM_HELD_OUT = [(0, 74, 94), (0, 14, 28), (1, 64, 89), (1, 55, 73), (2, 19, 29), (2, 8, 32), (3, 49, 67),
+                (3, 27, 36)]
+
+
+def fim_example(tok, doc: str, start: int, end: int, order: str, ids: dict[str, int]) -> list[int]:
+    """One training sequence for the middle doc[start:end]: PSM is <fim-prefix> P <fim-suffix> S <fim-middle> M,
+    SPM (Megatron-LM's "SPM variant 2") <fim-prefix> <fim-suffix> S <fim-middle> P M; both end in <|endoftext|>."""
+    pre, mid, suf = (tok.encode(t).ids for t in (doc[:start], doc[start:end], doc[end:]))
+    if order == "psm":
+        body = [ids["prefix"], *pre, ids["suffix"], *suf, ids["middle"], *mid]
+    else:
+        body = [ids["prefix"], ids["suffix"], *suf, ids["middle"], *pre, *mid]
+    return body + [ids["eot"]]
+
+
+def make_fim_checkpoint(directory: Path, steps: int = 3500, seed: int = 0, fim_rate: float = 0.9,
+                        spm_rate: float = 0.5, log=None) -> Path:
+    """The trained tiny model's shape and tokenizer, trained with fill-in-the-middle in both orders: each example
+    is FIM with probability `fim_rate` (else the plain document), SPM variant 2 with probability `spm_rate` (else
+    PSM), a middle of 1-30 characters at a random place (never one of FIM_HELD_OUT). Loss on every token but
+    the padding, as in BigCode's training. One thread (deterministic for a given torch and CPU, and faster than
+    two on a busy machine); `log(step, loss)` every 100 steps."""
+    import random
+
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = make_tokenizer(directory, fim="dash")
+    tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    ids = {k: tok.token_to_id(t) for k, t in [("prefix", "<fim-prefix>"), ("suffix", "<fim-suffix>"),
+                                              ("middle", "<fim-middle>"), ("pad", "<fim-pad>"),
+                                              ("eot", "<|endoftext|>")]}
+    docs, held = CORPUS[:4], set(FIM_HELD_OUT)
+    rng = random.Random(seed)
+
+    def example() -> list[int]:
+        d = rng.randrange(len(docs))
+        doc = docs[d]
+        if rng.random() >= fim_rate:
+            return tok.encode(doc).ids + [ids["eot"]]
+        while True:
+            start = rng.randrange(0, len(doc))
+            end = min(len(doc), start + rng.randint(1, 30))
+            if (d, start, end) not in held:
+                break
+        return fim_example(tok, doc, start, end, "spm" if rng.random() < spm_rate else "psm", ids)
+
+    fields = dict(n_embd=128, n_head=4, n_layer=2, n_positions=128, vocab_size=vocab, multi_query=True,
+                  bos_token_id=0, eos_token_id=0, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    model = GPTBigCodeForCausalLM(GPTBigCodeConfig(**fields))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 100) * max(0.05, 1 - i / steps))
+    for step in range(steps):
+        batch = [example() for _ in range(16)]
+        width = max(map(len, batch))
+        inputs = torch.tensor([b + [ids["pad"]] * (width - len(b)) for b in batch])
+        labels = torch.tensor([b + [-100] * (width - len(b)) for b in batch])
+        loss = model(inputs, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if log is not None and step % 100 == 0:
+            log(step, loss.item())
+    torch.set_num_threads(threads)
+    model.eval().save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+if __name__ == "__main__":  # python tests/hf_models.py trained|fim DIR: regenerate a shipped trained model
     import sys
 
-    if len(sys.argv) != 3 or sys.argv[1] != "trained":
-        sys.exit("usage: python tests/hf_models.py trained DIR")
-    make_trained_checkpoint(Path(sys.argv[2]))
+    makers = {"trained": make_trained_checkpoint, "fim": make_fim_checkpoint}
+    if len(sys.argv) != 3 or sys.argv[1] not in makers:
+        sys.exit("usage: python tests/hf_models.py trained|fim DIR")
+    if sys.argv[1] == "fim":
+        make_fim_checkpoint(Path(sys.argv[2]), log=lambda step, loss: print(f"step {step} loss {loss:.3f}", flush=True))
+    else:
+        makers[sys.argv[1]](Path(sys.argv[2]))
