@@ -221,6 +221,8 @@ def test_bad_fim_order_is_a_one_line_400(tiny_model):
             ids = want.generate(prefix=PREFIX, suffix=SUFFIX, fim_order=order, max_new_tokens=3, ignore_eos=True)
             assert status == 200 and reply["choices"][0]["text"] == want.decode_text(ids), order
             assert reply["usage"]["prompt_tokens"] == len(want.fim_prompt(PREFIX, SUFFIX, order=order))
+            status, _, reply = call(base, "POST", "/v1/fim/completions", body | {"fim_order": order})
+            assert status == 200 and reply["choices"][0]["message"]["content"] == want.decode_text(ids), order
 
 
 @pytest.fixture(scope="module")
