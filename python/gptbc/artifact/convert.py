@@ -34,7 +34,7 @@ from gptbc.artifact.manifest import weights_manifest
 from gptbc.artifact.sharding import check_tensor_parallel, rank_slicer
 from gptbc.artifact.params import converted_params, hf_shapes
 from gptbc.artifact.gguf_reader import GGUFCheckpoint, looks_like_gguf
-from gptbc.artifact.gguf_tokenizer import write_tokenizer
+from gptbc.artifact.gguf_tokenizer import tokenizer_files, write_tokenizer
 from gptbc.artifact.gptq_reader import QuantizedCheckpoint, quant_config
 from gptbc.artifact.quantization import Quantization, dequantize_parts, get_quantization, numpy_dtype, quantize
 from gptbc.artifact.safetensors_io import SafetensorsFile, aligned_order, dtype_name, write_safetensors
@@ -336,12 +336,13 @@ def _open_source(spec: str, quantization: str | None) -> Source:
         try:
             scheme = ckpt.default_scheme() or ""
             if not (quantization or scheme):
-                raise GptbcError(f"{ckpt.directory}: its layer weights are {', '.join(ckpt.weight_types())}, which no "
+                raise GptbcError(f"{ckpt.directory}: its weights are {', '.join(ckpt.packed_types())}, which no "
                                  f"one packed gptbc scheme stores exactly; pass --quantization q0f32 to keep every "
                                  f"value (as float32), or a packed scheme (qkf16_a keeps Q4_*/Q5_*/Q6_K tensors "
                                  f"exactly, q8f16_1 Q8_0 ones) to re-quantize the others (the error is measured and printed)")
             stem = SPLIT_SUFFIX.sub("", ckpt.files[0].name).removesuffix(".gguf")
-            return Source(stem, ckpt.config, ckpt, lambda tmp: write_tokenizer(ckpt.meta, ckpt.files[0], tmp),
+            tokenizer = tokenizer_files(ckpt.meta, ckpt.files[0])
+            return Source(stem, ckpt.config, ckpt, lambda tmp: write_tokenizer(tokenizer, tmp),
                           scheme, Fidelity(lambda n: ckpt.type_of(n)))
         except BaseException:
             ckpt.close()
