@@ -18,7 +18,7 @@ from typing import Any
 
 from gptbc.errors import GptbcError
 from gptbc.artifact.checkpoint_layouts import normalize_config  # the original SantaCoder layout reads as gpt_bigcode
-from gptbc.artifact.files import HF_CONFIG, clip, read_json
+from gptbc.artifact.files import HF_CONFIG, clip, read_json, reading
 from gptbc.artifact.manifest import WEIGHTS_FILE, read_weights
 
 GPTBC_CONFIG = WEIGHTS_FILE
@@ -128,7 +128,7 @@ class GPTBigCodeConfig:
                  f"bos_token_id {self.bos_token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
         need(self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         need(self.activation_function in ACTIVATIONS,
-             f"activation_function {self.activation_function!r} is not one of {sorted(ACTIVATIONS)}")
+             f"activation_function {clip(self.activation_function)} is not one of {sorted(ACTIVATIONS)}")
         need(self.context_window_size <= self.n_positions,
              f"context_window_size {self.context_window_size} exceeds n_positions {self.n_positions}")
         need(0 < self.prefill_chunk_size <= self.context_window_size,
@@ -153,7 +153,7 @@ class GPTBigCodeConfig:
         if model_type != "gpt_bigcode":
             hint = (" (the original bigcode/santacoder layout; use its gpt_bigcode conversion, "
                     "bigcode/gpt_bigcode-santacoder)" if model_type == "gpt2" else "")
-            raise GptbcError(f"{source}: model_type is {model_type!r}, expected 'gpt_bigcode'{hint}")
+            raise GptbcError(f"{source}: model_type is {clip(model_type)}, expected 'gpt_bigcode'{hint}")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in raw.items() if k in names}
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
@@ -193,7 +193,8 @@ def load_hf_config(directory: Path, **overrides: Any) -> GPTBigCodeConfig:
     path = Path(directory) / HF_CONFIG
     if not path.is_file():
         raise GptbcError(f"{directory}: no config.json here (expected a Hugging Face model directory)")
-    return GPTBigCodeConfig.from_dict(normalize_config(read_json(path), str(path)), source=str(path), **overrides)
+    with reading(path):  # a config of unexpected types is still one line naming it
+        return GPTBigCodeConfig.from_dict(normalize_config(read_json(path), str(path)), source=str(path), **overrides)
 
 
 def load_gptbc_config(directory: Path) -> dict[str, Any]:

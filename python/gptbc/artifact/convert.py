@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from gptbc.artifact.files import TOKENIZER_FILES, atomic_path, clip, contained, read_json
+from gptbc.artifact.files import TOKENIZER_FILES, atomic_path, clip, contained, read_json, reading
 from gptbc.artifact.config import (GPTBC_CONFIG, GPTBigCodeConfig, fetch_from_hub, load_hf_config, looks_like_hub_id,
                                   split_revision)
 from gptbc.errors import GptbcError, raise_if_interrupted
@@ -244,6 +244,11 @@ class Materializer:
                              f"pass --allow-non-finite to convert it anyway")
 
     def __call__(self, p: ParamPlan) -> np.ndarray:
+        label = getattr(self.ckpt, "label", lambda name: name)(p.source)
+        with reading(self.ckpt.source_of(p.source), f"tensor {label}"):  # a corrupt tensor named, in one line
+            return self._make(p)
+
+    def _make(self, p: ParamPlan) -> np.ndarray:
         if p.part:
             if self._last is None or self._last[0] != p.source:
                 self._last = (p.source, self._pack(p))

@@ -252,7 +252,8 @@ class GGUFCheckpoint:
             if k == 0:
                 self.meta = meta
             self.entries.update(tensors)
-        self.config = config_from_metadata(self.meta, self.files[0], self.entries)
+        with reading(self.files[0], "metadata"):
+            self.config = config_from_metadata(self.meta, self.files[0], self.entries)
         self.names = {hf: gg for hf, gg in _hf_to_gguf(self.config).items() if gg in self.entries}
         self._maps: dict[Path, mmap.mmap] = {}
         self._handles = []
@@ -481,7 +482,7 @@ def config_from_metadata(meta: dict[str, Any], path: Path, tensors: dict[str, Te
     """The model config a `starcoder` GGUF describes; another architecture is refused by name."""
     arch = meta.get("general.architecture")
     if arch != ARCH:
-        raise GptbcError(f"{path}: GGUF architecture {arch!r}, not 'starcoder' (GPTBigCode: SantaCoder, StarCoder, "
+        raise GptbcError(f"{path}: GGUF architecture {clip(arch)}, not 'starcoder' (GPTBigCode: SantaCoder, StarCoder, "
                          f"WizardCoder...); gptbc runs only that one")
 
     def need(key: str) -> Any:

@@ -29,7 +29,7 @@ def _pre_tokenizer(pre: str, path: Path) -> dict[str, Any]:
         return {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
     if pre in BYTE_LEVEL_ONLY:
         return byte_level
-    raise GptbcError(f"{path}: tokenizer.ggml.pre {pre!r} is not a pre-tokenizer gptbc can rebuild "
+    raise GptbcError(f"{path}: tokenizer.ggml.pre {clip(pre)} is not a pre-tokenizer gptbc can rebuild "
                      f"({', '.join(DIGITS_FIRST + BYTE_LEVEL_ONLY)})")
 
 
@@ -37,7 +37,7 @@ def tokenizer_json(meta: dict[str, Any], path: Path) -> dict[str, Any]:
     """HF `tokenizer.json` content for the GGUF metadata `meta` of file `path`."""
     model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":
-        raise GptbcError(f"{path}: tokenizer.ggml.model is {model!r}; gptbc rebuilds only the byte-level BPE "
+        raise GptbcError(f"{path}: tokenizer.ggml.model is {clip(model)}; gptbc rebuilds only the byte-level BPE "
                          f"('gpt2') that StarCoder-family models use")
     tokens = _strings(meta, "tokenizer.ggml.tokens", path)
     merges = _strings(meta, "tokenizer.ggml.merges", path)

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from gptbc import __version__
 from gptbc.errors import GptbcError
-from gptbc.artifact.files import clip, contained
+from gptbc.artifact.files import clip, contained, reading
 
 if TYPE_CHECKING:
     from gptbc.artifact.config import GPTBigCodeConfig, ModelSource
@@ -280,12 +280,13 @@ def read_weights(directory: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise GptbcError(f"{path}: not valid UTF-8") from None
     r = _Reader(str(path))
-    m = _parse(text, r)
-    _common(m, r, "convert the weights again")
-    r.field(m, "model_name", "string")
-    r.ints(r.need(m, "eos_token_id", "eos_token_id"), "eos_token_id")
-    _params(m, r, with_file=True)
-    _param_files(m, r, Path(directory))
+    with reading(path):
+        m = _parse(text, r)
+        _common(m, r, "convert the weights again")
+        r.field(m, "model_name", "string")
+        r.ints(r.need(m, "eos_token_id", "eos_token_id"), "eos_token_id")
+        _params(m, r, with_file=True)
+        _param_files(m, r, Path(directory))
     return m
 
 
