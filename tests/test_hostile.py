@@ -554,7 +554,7 @@ def test_fuzz_gguf_reader(fuzz_sources, tmp_path):
         path = tmp_path / "m.gguf"
         path.write_bytes(mutate(good, rng, header if rng.random() < 0.8 else len(good)))  # some in the blocks
         outcomes.append(assert_one_line_or_success(lambda: convert_weight(path, None, tmp_path / "o", progress=False),
-                                               f"gguf {case}"))
+                                                   f"gguf {case}"))
         shutil.rmtree(tmp_path / "o", ignore_errors=True)
     assert 0 < sum(outcomes) < len(outcomes)  # the mutations reach past the first check, and some files stay readable
 
