@@ -123,6 +123,14 @@ def test_hub_cache_links_into_blobs_are_followed(ckpt, tmp_path):
     convert_weight(snapshot, "q0f32", tmp_path / "out", progress=False)
 
 
+def test_tensor_in_two_shards_is_refused(capsys, ckpt, tmp_path):
+    shard(ckpt)
+    shutil.copyfile(ckpt / "model-00001-of-00001.safetensors", ckpt / "extra.safetensors")
+    point_index(ckpt, "extra.safetensors")
+    err = convert_refused(capsys, ckpt, tmp_path, "--quantization", "q0f32")
+    assert "is also in" in err and "safetensors" in err
+
+
 def test_index_weight_map_of_another_type_is_one_line(capsys, ckpt, tmp_path):
     shard(ckpt)
     (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["a", "b"]}))
@@ -410,18 +418,6 @@ def test_zero_groups_quantize_without_warnings():
 
 # ---- 5. one-line errors, outputs that leave nothing ----
 
-def test_unknown_block_type_names_its_number(capsys, base_gguf, tmp_path):
-    from test_gguf import _header_type_offset
-
-    bad = tmp_path / "bad.gguf"
-    shutil.copyfile(base_gguf, bad)
-    with open(bad, "r+b") as f:
-        f.seek(_header_type_offset(bad, "blk.0.ffn_up.weight"))
-        f.write((99).to_bytes(4, "little"))
-    err = convert_refused(capsys, bad, tmp_path)
-    assert "unknown block type 99" in err and "blk.0.ffn_up.weight" in err
-
-
 def test_corrupt_tensor_is_named(capsys, ckpt, tmp_path, monkeypatch):
     """A failure while making one tensor (here: a reader raising what a corrupt block would) names it."""
     from gptbc.artifact.convert import Checkpoint
@@ -448,12 +444,12 @@ def test_failed_compile_removes_the_directories_it_made(ckpt, tmp_path, monkeypa
     monkeypatch.setattr(compiler, "export_relax", fail)
     out = tmp_path / "a" / "b" / "x.so"
     with pytest.raises(GptbcError, match="on purpose"):
-        compiler.compile_model(resolve_model(str(ckpt)), "cpu", "q0f32", out, log=lambda _m: None)
+        compiler.compile_model(resolve_model(str(ckpt)), "cpu", "q0f32", out, log=lambda _m: None, cache=False)
     assert not (tmp_path / "a").exists()
     (tmp_path / "kept").mkdir()  # a directory that was there before stays
     with pytest.raises(GptbcError, match="on purpose"):
         compiler.compile_model(resolve_model(str(ckpt)), "cpu", "q0f32", tmp_path / "kept" / "x.so",
-                               log=lambda _m: None)
+                               log=lambda _m: None, cache=False)
     assert (tmp_path / "kept").is_dir() and not list((tmp_path / "kept").iterdir())
 
 

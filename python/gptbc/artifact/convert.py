@@ -49,12 +49,18 @@ class Checkpoint:
 
     def __init__(self, directory: Path):
         self.directory = directory
-        files = self._find_files(directory)
-        self.files = [SafetensorsFile(f) for f in files]
+        self.files: list[SafetensorsFile] = []
         self.where: dict[str, SafetensorsFile] = {}
-        for f in self.files:
-            for name in f.keys():
-                self.where[name] = f
+        try:
+            for path in self._find_files(directory):
+                self.files.append(SafetensorsFile(path))
+                for name in self.files[-1].keys():
+                    if name in self.where:  # which one the model would get is not for us to guess
+                        raise GptbcError(f"{path}: tensor {clip(name)} is also in {self.where[name].path.name}")
+                    self.where[name] = self.files[-1]
+        except BaseException:
+            self.close()
+            raise
 
     @staticmethod
     def _find_files(directory: Path) -> list[Path]:
