@@ -62,8 +62,8 @@ def layout_of(raw: dict[str, Any], source: str) -> str:
     if auto_map:  # remote code (trust_remote_code) gptbc has no mapping for
         remote = one_line(", ".join(f"{k} → {v}" for k, v in sorted(auto_map.items())), 200)
         raise GptbcError(f"{source}: model_type {clip(model_type)} (architectures {clip(archs) if archs else 'none'}, "
-                         f"remote code {remote}) is not a layout gptbc understands; it reads gpt_bigcode checkpoints and the "
-                         f"original SantaCoder layout (model_type 'gpt2', GPT2LMHeadCustomModel)")
+                         f"remote code {remote}) is not a layout gptbc understands; it reads gpt_bigcode checkpoints "
+                         f"and the original SantaCoder layout (model_type 'gpt2', GPT2LMHeadCustomModel)")
     return "gpt_bigcode"  # not remote code: the config reader names what is wrong (e.g. another model_type)
 
 

@@ -43,7 +43,7 @@ def one_line(text: str, limit: int = MESSAGE_LIMIT) -> str:
 
 @contextlib.contextmanager
 def reading(path: str | Path, what: str = "") -> Iterator[None]:
-    """Any failure in the block becomes `PATH: [WHAT: ]cannot be read (...)`, one line of at most MESSAGE_LIMIT
+    """Any failure in the block becomes `PATH: [WHAT: ]corrupt or unreadable (...)`, one line of at most MESSAGE_LIMIT
     characters; a GptbcError passes unchanged, only cut to one line. `what` names the thing inside the file
     (a tensor, a metadata key). Interrupts pass through."""
     try:

@@ -49,7 +49,7 @@ SPLIT = re.compile(r"^(?P<stem>.*)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf$")
 # Tensor types whose values gptbc stores without re-quantizing, by scheme kind.
 FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 GROUP_TYPES = {"Q8_0": 8, "Q4_0": 4}  # → q8*_1 / q4*_1 bit for bit
-# The scheme a file converts to when --quantization is not given: the type of its layer weights.
+# The scheme a file converts to when --quantization is not given: the one type of its packed tensors.
 DEFAULT_SCHEME = {"F32": "q0f32", "F16": "q0f16", "BF16": "q0bf16", "Q8_0": "q8f16_1", "Q4_0": "q4f16_1"}
 
 
@@ -354,11 +354,6 @@ class GGUFCheckpoint:
             if is_quantized(quant, name, self.config.tie_word_embeddings) and self.type_of(name) in AFFINE_TYPES:
                 out.append((name.rpartition(".")[0], AFFINE_TYPES[self.type_of(name)][0]))
         return tuple(sorted(out))  # (a GGUF is untied exactly when it has `output`, so lm_head is always its own)
-
-    def weight_types(self) -> list[str]:
-        """The ggml types of the layers' linear weights."""
-        return sorted({self.type_of(n) for n in self.names if n.startswith("transformer.h.") and n.endswith("weight")
-                       and ("attn.c_" in n or "mlp.c_" in n)})
 
     def close(self) -> None:
         for m in self._maps.values():

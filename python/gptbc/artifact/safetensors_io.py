@@ -123,7 +123,10 @@ class SafetensorsFile:
         self.close()
 
 
-def _read_header(f: BinaryIO, path: Path, size: int) -> tuple[dict, int, dict[str, tuple[np.dtype, tuple[int, ...], int, int]]]:
+Entry = tuple[np.dtype, tuple[int, ...], int, int]  # dtype, shape, start and end in the data section
+
+
+def _read_header(f: BinaryIO, path: Path, size: int) -> tuple[dict, int, dict[str, Entry]]:
     """(metadata, where the data starts, name → (dtype, shape, start, end) in the data section) of a safetensors
     file of `size` bytes; every length and offset is checked against the file before it is used."""
     head = f.read(8)
@@ -154,7 +157,7 @@ def _read_header(f: BinaryIO, path: Path, size: int) -> tuple[dict, int, dict[st
     return metadata, 8 + n, entries
 
 
-def _entry(path: Path, name: str, info: object, data: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
+def _entry(path: Path, name: str, info: object, data: int) -> Entry:
     """One header entry, checked: a known dtype, a shape of non-negative integers, offsets inside the data
     section (`data` bytes) spanning exactly the shape's bytes."""
     def bad(why: str) -> GptbcError:
