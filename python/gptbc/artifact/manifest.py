@@ -355,6 +355,8 @@ def library_metadata_of(lib: Path) -> dict[str, Any]:
     loaded here); a one-line error when it has none."""
     try:
         blob = Path(lib).read_bytes()
+    except FileNotFoundError:
+        raise GptbcError(f"--lib {lib}: file not found") from None
     except OSError as err:
         raise GptbcError(f"--lib {lib}: cannot read it ({err.strerror})") from None
     start = blob.find(b'{"gptbc_version"')
