@@ -117,3 +117,30 @@ def dequantized_model(hf_dir: Path, path: Path):
                 src = values["token_embd.weight"]  # tied
             p.copy_(torch.from_numpy(src.reshape(tuple(p.shape))))
     return model
+
+
+def retyped(source: Path, path: Path, types: dict[str, str]) -> Path:
+    """A copy of GGUF `source` whose tensors named in `types` are re-quantized into those ggml types
+    (gguf's dequantize, then quantize); every other tensor and all metadata as stored."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    w = gguf.GGUFWriter(str(path), str(reader.fields["general.architecture"].contents()))
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        sub = field.types[1] if len(field.types) > 1 else None
+        w.add_key_value(key, field.contents(), field.types[0], sub)
+    for t in reader.tensors:
+        shape = tuple(reversed([int(d) for d in t.shape]))
+        if t.name in types:
+            values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape).astype(np.float32)
+            qt = gguf.GGMLQuantizationType[types[t.name]]
+            w.add_tensor(t.name, gguf.quants.quantize(values, qt), raw_dtype=qt)
+        else:
+            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)  # blocks: uint8 [rows, bytes]
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

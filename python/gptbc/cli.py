@@ -84,7 +84,8 @@ def cmd_convert_weight(args: argparse.Namespace) -> int:
     from gptbc.artifact.convert import convert_weight
 
     out = convert_weight(args.hf_dir, args.quantization, args.output, progress=not args.quiet,
-                         quantize_lm_head=not args.no_quantize_lm_head, tensor_parallel=args.tensor_parallel)
+                         quantize_lm_head=not args.no_quantize_lm_head, tensor_parallel=args.tensor_parallel,
+                         allow_non_finite=args.allow_non_finite)
     print(out)
     return 0
 
@@ -411,10 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(a folder holding one, or one part of a split set)")
     w.add_argument("--quantization", help=quantization_help(
         "required for an HF checkpoint; for a GGUF file the default keeps its values as stored (F32/F16/BF16, "
-        "Q8_0, Q4_0 files) and a scheme re-quantizes into it, printing the error it measured"))
+        "Q8_0, Q4_*/Q5_*/Q6_K files, a mix of them included) and a scheme re-quantizes into it, printing the "
+        "error it measured"))
     w.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="the converted weights directory")
     w.add_argument("--no-quantize-lm-head", action="store_true", help=KEEP_HEAD_HELP)
     w.add_argument("--quiet", action="store_true", help="no progress bar")
+    w.add_argument("--allow-non-finite", action="store_true",
+                   help="convert weights holding NaN or infinite values (refused by default, naming the tensor)")
     w.add_argument("--tensor-parallel", type=_positive_int("--tensor-parallel"), default=1, metavar="N",
                    help="preshard the weights for N tensor-parallel ranks (each rank's slices in files of their own)")
     w.set_defaults(func=cmd_convert_weight)

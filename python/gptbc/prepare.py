@@ -77,7 +77,20 @@ def prepare(model: str, lib: str | None = None, quantization: str | None = None,
             progress: bool | None = None) -> Prepared:
     """Resolve MODEL to weights and a library, converting and compiling what the cache does not hold yet."""
     device, target = choose_device(device, target, lib)
-    name, model_dir = converted(model, quantization, random_weights, tensor_parallel, log, progress)
+    keep_head, path = True, Path(model).expanduser()
+    converted_dir = path.is_dir() and (path / GPTBC_CONFIG).is_file()
+    if lib is not None and not converted_dir:
+        # weights still to convert go into the library's own scheme (and tensor-parallel degree)
+        from gptbc.artifact.manifest import library_metadata_of, tensor_parallel as lib_tp
+
+        meta = library_metadata_of(Path(lib))
+        held = meta["quantization"]["name"]
+        if quantization is not None and quantization != held:
+            raise GptbcError(f"--quantization {quantization}: --lib {lib} was compiled for {held} (leave "
+                             f"--quantization out to convert {model} into it)")
+        quantization, tensor_parallel = held, lib_tp(meta)
+        keep_head = meta["quantization"].get("quantize_lm_head", True)
+    name, model_dir = converted(model, quantization, random_weights, tensor_parallel, log, progress, keep_head)
     if lib is None:
         from gptbc.compile.compiler import cached_library, plan_library
 
@@ -126,7 +139,8 @@ def progress_bar(what: str, estimate: float | None,
 
 
 def converted(model: str, quantization: str | None, random_weights: bool, tp: int,
-              log: Callable[[str], None], progress: bool | None = None) -> tuple[str, Path]:
+              log: Callable[[str], None], progress: bool | None = None,
+              quantize_lm_head: bool = True) -> tuple[str, Path]:
     """(name, converted weights directory) of MODEL: the directory itself when it is one, else the cache's."""
     path = Path(model).expanduser()
     if random_weights:
@@ -151,8 +165,11 @@ def converted(model: str, quantization: str | None, random_weights: bool, tp: in
         show = sys.stderr.isatty() if progress is None else progress
         if not show:
             log(f"[gptbc] converting {model} ({scheme or 'its own scheme'})")
-        convert_weight(source, scheme, folder / "model", progress=show, tensor_parallel=tp)
+        convert_weight(source, scheme, folder / "model", progress=show, tensor_parallel=tp,
+                       quantize_lm_head=quantize_lm_head)
 
+    if not quantize_lm_head:
+        parts["quantize_lm_head"] = False
     entry = cache.get_or_build("weights", parts, build, describe=f"{name} {scheme or '(as stored)'}", log=log)
     return name, entry.path / "model"
 

@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from gptbc.artifact.files import HF_CONFIG, read_json
+from gptbc.artifact.files import HF_CONFIG, clip, one_line, read_json
 from gptbc.errors import GptbcError
 
 SANTACODER_ARCHITECTURES = ("GPT2LMHeadCustomModel", "GPT2CustomModel")
@@ -60,10 +60,10 @@ def layout_of(raw: dict[str, Any], source: str) -> str:
     if model_type == "gpt2" and ("attention_head_type" in raw or any(a in SANTACODER_ARCHITECTURES for a in archs)):
         return "santacoder"
     if auto_map:  # remote code (trust_remote_code) gptbc has no mapping for
-        remote = ", ".join(f"{k} → {v}" for k, v in sorted(auto_map.items()))
-        raise GptbcError(f"{source}: model_type {model_type!r} (architectures {archs or 'none'}, remote code "
-                         f"{remote}) is not a layout gptbc understands; it reads gpt_bigcode checkpoints and the "
-                         f"original SantaCoder layout (model_type 'gpt2', GPT2LMHeadCustomModel)")
+        remote = one_line(", ".join(f"{k} → {v}" for k, v in sorted(auto_map.items())), 200)
+        raise GptbcError(f"{source}: model_type {clip(model_type)} (architectures {clip(archs) if archs else 'none'}, "
+                         f"remote code {remote}) is not a layout gptbc understands; it reads gpt_bigcode checkpoints "
+                         f"and the original SantaCoder layout (model_type 'gpt2', GPT2LMHeadCustomModel)")
     return "gpt_bigcode"  # not remote code: the config reader names what is wrong (e.g. another model_type)
 
 
@@ -73,7 +73,7 @@ def normalize_config(raw: dict[str, Any], source: str) -> dict[str, Any]:
         return raw
     head_type = raw.get("attention_head_type", "multihead")  # GPT2CustomConfig's default is MULTI_HEAD
     if head_type not in ATTENTION_HEAD_TYPES:
-        raise GptbcError(f"{source}: attention_head_type {head_type!r} is not one the original SantaCoder "
+        raise GptbcError(f"{source}: attention_head_type {clip(head_type)} is not one the original SantaCoder "
                          f"code defines ({', '.join(ATTENTION_HEAD_TYPES)})")
     for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
         if raw.get(flag):

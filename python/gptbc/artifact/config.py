@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -17,7 +18,7 @@ from typing import Any
 
 from gptbc.errors import GptbcError
 from gptbc.artifact.checkpoint_layouts import normalize_config  # the original SantaCoder layout reads as gpt_bigcode
-from gptbc.artifact.files import HF_CONFIG, read_json
+from gptbc.artifact.files import HF_CONFIG, clip, read_json, reading
 from gptbc.artifact.manifest import WEIGHTS_FILE, read_weights
 
 GPTBC_CONFIG = WEIGHTS_FILE
@@ -31,6 +32,23 @@ ACTIVATIONS = {
     "gelu": "gelu_erf",
     "relu": "relu",
 }
+
+
+INVALID = "invalid model config: "  # how a config built in code words its errors; from_dict names the file instead
+# The largest size of each field gptbc accepts (a file claiming 10^9 layers is refused before anything is sized
+# from it); far above any GPTBigCode model (StarCoder 15B: n_embd 6144, 40 layers, 49152 tokens, 8192 positions).
+SIZE_LIMITS = {"n_embd": 1 << 16, "n_head": 1 << 10, "n_layer": 1 << 10, "n_positions": 1 << 20,
+               "vocab_size": 1 << 22, "n_inner": 1 << 18, "context_window_size": 1 << 20,
+               "prefill_chunk_size": 1 << 20, "max_batch_size": 1 << 12}
+MAX_EMBEDDING = 1 << 32  # vocab_size x n_embd values
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass
@@ -56,6 +74,7 @@ class GPTBigCodeConfig:
     max_batch_size: int = 16
 
     def __post_init__(self) -> None:
+        self.check_types()
         if self.n_inner is None:
             self.n_inner = 4 * self.n_embd
         if isinstance(self.eos_token_id, int):
@@ -67,16 +86,49 @@ class GPTBigCodeConfig:
             self.prefill_chunk_size = min(self.context_window_size, 2048)
         self.validate()
 
+    def check_types(self) -> None:
+        """Each field of the type it must have (a config is a user's file: `n_head: "4"` is an error naming
+        n_head, not a failure deep inside the compiler)."""
+        def need(ok: bool, name: str, kind: str) -> None:
+            if not ok:
+                raise GptbcError(f"{INVALID}{name} must be {kind}, got {clip(getattr(self, name))}")
+
+        for name in SIZE_LIMITS:
+            value = getattr(self, name)
+            if name == "n_inner" and value is None:
+                continue
+            need(_is_int(value), name, "an integer")
+        for name in ("multi_query", "scale_attn_weights", "tie_word_embeddings"):
+            need(isinstance(getattr(self, name), bool), name, "true or false")
+        need(isinstance(self.activation_function, str), "activation_function", "a string")
+        eps = self.layer_norm_epsilon
+        need(_is_number(eps) and math.isfinite(eps), "layer_norm_epsilon", "a finite number")
+        need(self.bos_token_id is None or _is_int(self.bos_token_id), "bos_token_id", "an integer or null")
+        eos = self.eos_token_id
+        need(eos is None or _is_int(eos) or (isinstance(eos, list) and all(_is_int(e) for e in eos)),
+             "eos_token_id", "an integer or a list of integers")
+
     def validate(self) -> None:
         def need(ok: bool, what: str) -> None:
             if not ok:
-                raise GptbcError(f"invalid model config: {what}")
+                raise GptbcError(f"{INVALID}{what}")
 
-        for name in ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size", "n_inner"):
-            need(int(getattr(self, name)) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        self.check_types()
+        for name, limit in SIZE_LIMITS.items():
+            value = getattr(self, name)
+            need(value > 0, f"{name} must be positive, got {value}")
+            need(value <= limit, f"{name} {value} is larger than gptbc allows ({limit})")
+        need(0 < self.layer_norm_epsilon < 1, f"layer_norm_epsilon must be in (0, 1), got {self.layer_norm_epsilon}")
+        need(self.n_head <= self.n_embd, f"n_head {self.n_head} is larger than n_embd {self.n_embd}")
+        need(self.vocab_size * self.n_embd <= MAX_EMBEDDING,
+             f"vocab_size {self.vocab_size} x n_embd {self.n_embd} is a larger embedding than gptbc allows "
+             f"({MAX_EMBEDDING} values)")
+        if self.bos_token_id is not None:
+            need(0 <= self.bos_token_id < self.vocab_size,
+                 f"bos_token_id {self.bos_token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
         need(self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         need(self.activation_function in ACTIVATIONS,
-             f"activation_function {self.activation_function!r} is not one of {sorted(ACTIVATIONS)}")
+             f"activation_function {clip(self.activation_function)} is not one of {sorted(ACTIVATIONS)}")
         need(self.context_window_size <= self.n_positions,
              f"context_window_size {self.context_window_size} exceeds n_positions {self.n_positions}")
         need(0 < self.prefill_chunk_size <= self.context_window_size,
@@ -101,7 +153,7 @@ class GPTBigCodeConfig:
         if model_type != "gpt_bigcode":
             hint = (" (the original bigcode/santacoder layout; use its gpt_bigcode conversion, "
                     "bigcode/gpt_bigcode-santacoder)" if model_type == "gpt2" else "")
-            raise GptbcError(f"{source}: model_type is {model_type!r}, expected 'gpt_bigcode'{hint}")
+            raise GptbcError(f"{source}: model_type is {clip(model_type)}, expected 'gpt_bigcode'{hint}")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in raw.items() if k in names}
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
@@ -116,7 +168,7 @@ class GPTBigCodeConfig:
         try:
             return cls(**kwargs)
         except GptbcError as err:
-            raise GptbcError(f"{source}: {err}") from None
+            raise GptbcError(f"{source}: {str(err).removeprefix(INVALID)}") from None
         except (TypeError, ValueError) as err:
             raise GptbcError(f"{source}: {err}") from None
 
@@ -141,7 +193,8 @@ def load_hf_config(directory: Path, **overrides: Any) -> GPTBigCodeConfig:
     path = Path(directory) / HF_CONFIG
     if not path.is_file():
         raise GptbcError(f"{directory}: no config.json here (expected a Hugging Face model directory)")
-    return GPTBigCodeConfig.from_dict(normalize_config(read_json(path), str(path)), source=str(path), **overrides)
+    with reading(path):  # a config of unexpected types is still one line naming it
+        return GPTBigCodeConfig.from_dict(normalize_config(read_json(path), str(path)), source=str(path), **overrides)
 
 
 def load_gptbc_config(directory: Path) -> dict[str, Any]:

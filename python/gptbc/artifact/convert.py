@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,7 +26,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from gptbc.artifact.files import TOKENIZER_FILES
+from gptbc.artifact.files import TOKENIZER_FILES, atomic_path, clip, contained, read_json, reading
 from gptbc.artifact.config import (GPTBC_CONFIG, GPTBigCodeConfig, fetch_from_hub, load_hf_config, looks_like_hub_id,
                                   split_revision)
 from gptbc.errors import GptbcError, raise_if_interrupted
@@ -35,7 +34,7 @@ from gptbc.artifact.manifest import weights_manifest
 from gptbc.artifact.sharding import check_tensor_parallel, rank_slicer
 from gptbc.artifact.params import converted_params, hf_shapes
 from gptbc.artifact.gguf_reader import GGUFCheckpoint, looks_like_gguf
-from gptbc.artifact.gguf_tokenizer import write_tokenizer
+from gptbc.artifact.gguf_tokenizer import tokenizer_files, write_tokenizer
 from gptbc.artifact.gptq_reader import QuantizedCheckpoint, quant_config
 from gptbc.artifact.quantization import Quantization, dequantize_parts, get_quantization, numpy_dtype, quantize
 from gptbc.artifact.safetensors_io import SafetensorsFile, aligned_order, dtype_name, write_safetensors
@@ -50,22 +49,29 @@ class Checkpoint:
 
     def __init__(self, directory: Path):
         self.directory = directory
-        files = self._find_files(directory)
-        self.files = [SafetensorsFile(f) for f in files]
+        self.files: list[SafetensorsFile] = []
         self.where: dict[str, SafetensorsFile] = {}
-        for f in self.files:
-            for name in f.keys():
-                self.where[name] = f
+        try:
+            for path in self._find_files(directory):
+                self.files.append(SafetensorsFile(path))
+                for name in self.files[-1].keys():
+                    if name in self.where:  # which one the model would get is not for us to guess
+                        raise GptbcError(f"{path}: tensor {clip(name)} is also in {self.where[name].path.name}")
+                    self.where[name] = self.files[-1]
+        except BaseException:
+            self.close()
+            raise
 
     @staticmethod
     def _find_files(directory: Path) -> list[Path]:
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise GptbcError(f"{index}: not a valid safetensors index (no weight_map)") from None
-            files = sorted({directory / v for v in weight_map.values()})
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise GptbcError(f"{index}: not a valid safetensors index (weight_map must be a non-empty object, "
+                                 f"got {clip(weight_map)})")
+            files = sorted({contained(directory, v, str(index), f"weight_map[{clip(k)}]")
+                            for k, v in weight_map.items()})
             for f in files:
                 if not f.is_file():
                     raise GptbcError(f"{f}: listed in {index.name} but missing")
@@ -171,6 +177,13 @@ def check_plan(plans: list[ParamPlan], ckpt: Checkpoint) -> None:
                              f"expected a floating-point type")
 
 
+def count_non_finite(x: np.ndarray, rows: int = 4096) -> int:
+    """How many of `x`'s values are NaN or infinite, a block of rows at a time (no full-size temporary)."""
+    flat = x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(1, -1)
+    return sum(int(flat[r:r + rows].size - np.count_nonzero(np.isfinite(flat[r:r + rows])))
+               for r in range(0, flat.shape[0], rows))
+
+
 def _shard(plans: list[ParamPlan], limit: int) -> list[list[ParamPlan]]:
     shards: list[list[ParamPlan]] = [[]]
     size = 0
@@ -196,10 +209,11 @@ class Fidelity:
     def record(self, name: str, source: np.ndarray, stored: Callable[[np.ndarray], np.ndarray]) -> None:
         """`stored(rows)`: the stored values of those source rows as float32 (computed in row chunks)."""
         err = ref = 0.0
-        for r in range(0, source.shape[0], 2048):
-            s = np.asarray(source[r:r + 2048], np.float32)
-            err += float(np.square(stored(np.arange(r, min(r + 2048, source.shape[0]))) - s).sum())
-            ref += float(np.square(s).sum())
+        with np.errstate(over="ignore", invalid="ignore"):  # non-finite values were refused or allowed before
+            for r in range(0, source.shape[0], 2048):
+                s = np.asarray(source[r:r + 2048], np.float32)
+                err += float(np.square(stored(np.arange(r, min(r + 2048, source.shape[0]))) - s).sum())
+                ref += float(np.square(s).sum())
         if err > 0:
             self.changed.setdefault(self.type_of(name), []).append((name, (err / ref) ** 0.5 if ref else float("inf")))
 
@@ -218,11 +232,29 @@ class Materializer:
     are exactly that scheme's groups; anything else is quantized here, and with a `Fidelity` the error of every
     value that changed is measured."""
 
-    def __init__(self, ckpt: Checkpoint, quant: Quantization, fidelity: Fidelity | None = None):
+    def __init__(self, ckpt: Checkpoint, quant: Quantization, fidelity: Fidelity | None = None,
+                 allow_non_finite: bool = False):
         self.ckpt, self.quant, self.fidelity = ckpt, quant, fidelity
+        self.allow_non_finite = allow_non_finite
         self._last: tuple[str, dict[str, np.ndarray]] | None = None
 
+    def _finite(self, p: ParamPlan, x: np.ndarray, what: str) -> None:
+        """Refuse NaN / infinite values in `x` (`what` says which values: the source's, or the stored ones of
+        another dtype), naming the tensor and the count, unless the user allowed them."""
+        if self.allow_non_finite or x.dtype.kind != "f" and dtype_name(x.dtype) != "bfloat16":
+            return
+        bad = count_non_finite(x)
+        if bad:
+            label = getattr(self.ckpt, "label", lambda name: name)(p.source)
+            raise GptbcError(f"{self.ckpt.source_of(p.source)}: tensor {label} has {bad} {what} (of {x.size}); "
+                             f"pass --allow-non-finite to convert it anyway")
+
     def __call__(self, p: ParamPlan) -> np.ndarray:
+        label = getattr(self.ckpt, "label", lambda name: name)(p.source)
+        with reading(self.ckpt.source_of(p.source), f"tensor {label}"):  # a corrupt tensor named, in one line
+            return self._make(p)
+
+    def _make(self, p: ParamPlan) -> np.ndarray:
         if p.part:
             if self._last is None or self._last[0] != p.source:
                 self._last = (p.source, self._pack(p))
@@ -232,7 +264,11 @@ class Materializer:
                 self._last = None  # every part used: free the memory now
             return value
         source = self._source(p)
-        out = np.ascontiguousarray(source.astype(numpy_dtype(p.dtype), copy=False))
+        self._finite(p, source, "NaN or infinite values")
+        with np.errstate(over="ignore"):  # a float32 value past float16's range: counted just below
+            out = np.ascontiguousarray(source.astype(numpy_dtype(p.dtype), copy=False))
+        if out is not source:
+            self._finite(p, out, f"values outside the range of {p.dtype}")
         if self.fidelity is not None and out is not source:
             self.fidelity.record(p.source, source.reshape(source.shape[0], -1),
                                  lambda rows: out.reshape(out.shape[0], -1)[rows].astype(np.float32))
@@ -244,9 +280,15 @@ class Materializer:
         carried = getattr(self.ckpt, "carried", None)
         exact = carried(p.source, quant) if carried is not None else None
         if exact is not None:
-            return {n: p.transform(a) if p.transform is not None else a for n, a in zip(names, exact)}
+            parts = {n: p.transform(a) if p.transform is not None else a for n, a in zip(names, exact)}
+            for x in parts.values():
+                self._finite(p, x, "NaN or infinite scales or minimums")
+            return parts
         w = self._source(p)
+        self._finite(p, w, "NaN or infinite values")
         parts = dict(zip(names, quantize(w, quant)))
+        for x in parts.values():
+            self._finite(p, x, f"scales outside the range of {quant.model_dtype} once quantized")
         if self.fidelity is not None:
             self.fidelity.record(p.source, w, lambda rows: dequantize_parts(
                 {n: x[rows] for n, x in parts.items()}, w.shape[1], quant))
@@ -258,10 +300,12 @@ class Materializer:
 
 
 def convert_weight(hf_dir: str | Path, quantization: str | None, out_dir: str | Path, progress: bool = True,
-                   shard_bytes: int = SHARD_BYTES, quantize_lm_head: bool = True, tensor_parallel: int = 1) -> Path:
+                   shard_bytes: int = SHARD_BYTES, quantize_lm_head: bool = True, tensor_parallel: int = 1,
+                   allow_non_finite: bool = False) -> Path:
     """Convert (and quantize) an HF GPTBigCode checkpoint, a GGUF file or a GPTQ/AWQ directory, one tensor at a
     time; returns the output directory. `quantization` None: a quantized file's own scheme (HF checkpoints
-    need one named). `tensor_parallel` N > 1: presharded for N ranks, each rank's tensors in files of their own."""
+    need one named). `tensor_parallel` N > 1: presharded for N ranks, each rank's tensors in files of their own.
+    A NaN or infinite weight is refused (naming its tensor) unless `allow_non_finite`."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir / GPTBC_CONFIG).is_file() and any(out_dir.iterdir()):
         raise GptbcError(f"-o {out_dir}: exists and is not a gptbc weights directory; refusing to overwrite it")
@@ -272,19 +316,11 @@ def convert_weight(hf_dir: str | Path, quantization: str | None, out_dir: str | 
             quant = dataclasses.replace(quant, widths=source.ckpt.widths(quant))
         check_tensor_parallel(source.cfg, quant, tensor_parallel)
         ranks = [plan_conversion(source.cfg, quant, source.ckpt, tensor_parallel, r) for r in range(tensor_parallel)]
-        try:
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        except OSError as err:
-            raise GptbcError(f"-o {out_dir}: cannot create it ({err.strerror})") from None
-        try:
-            fidelity = _write_output(tmp, source, quant, ranks, progress, shard_bytes)
+        with atomic_path(out_dir, directory=True) as tmp:
+            fidelity = _write_output(tmp, source, quant, ranks, progress, shard_bytes, allow_non_finite)
             os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700: readable by its owner only
             raise_if_interrupted()  # a Ctrl-C swallowed on the way still cancels the output
             _replace_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     finally:
         source.ckpt.close()
     note = fidelity.summary(quant.name) if fidelity is not None else None
@@ -311,12 +347,13 @@ def _open_source(spec: str, quantization: str | None) -> Source:
         try:
             scheme = ckpt.default_scheme() or ""
             if not (quantization or scheme):
-                raise GptbcError(f"{ckpt.directory}: its layer weights are {', '.join(ckpt.weight_types())}, which no "
+                raise GptbcError(f"{ckpt.directory}: its weights are {', '.join(ckpt.packed_types())}, which no "
                                  f"one packed gptbc scheme stores exactly; pass --quantization q0f32 to keep every "
                                  f"value (as float32), or a packed scheme (qkf16_a keeps Q4_*/Q5_*/Q6_K tensors "
                                  f"exactly, q8f16_1 Q8_0 ones) to re-quantize the others (the error is measured and printed)")
             stem = SPLIT_SUFFIX.sub("", ckpt.files[0].name).removesuffix(".gguf")
-            return Source(stem, ckpt.config, ckpt, lambda tmp: write_tokenizer(ckpt.meta, ckpt.files[0], tmp),
+            tokenizer = tokenizer_files(ckpt.meta, ckpt.files[0])
+            return Source(stem, ckpt.config, ckpt, lambda tmp: write_tokenizer(tokenizer, tmp),
                           scheme, Fidelity(lambda n: ckpt.type_of(n)))
         except BaseException:
             ckpt.close()
@@ -368,11 +405,11 @@ def checkpoint_dir(spec: str) -> Path:
 
 
 def _write_output(tmp: Path, source: Source, quant: Quantization, ranks: list[list[ParamPlan]], progress: bool,
-                  shard_bytes: int) -> Fidelity | None:
+                  shard_bytes: int, allow_non_finite: bool) -> Fidelity | None:
     bar = tqdm(total=sum(map(len, ranks)), desc="convert", unit="tensor", disable=not progress)
     fidelity = Fidelity(source.fidelity.type_of) if source.fidelity is not None else None
     files = [_write_rank(tmp, plans, source.ckpt, quant, shard_bytes, bar, f"rank{rank}-" if len(ranks) > 1 else "",
-                         fidelity) for rank, plans in enumerate(ranks)][0]
+                         fidelity, allow_non_finite) for rank, plans in enumerate(ranks)][0]
     bar.close()
     plans = ranks[0]  # every rank has the same names and shapes; the manifest lists rank 0's files
     # listed in the model's order (the library's load order), whatever order the shards hold them in
@@ -384,10 +421,10 @@ def _write_output(tmp: Path, source: Source, quant: Quantization, ranks: list[li
 
 
 def _write_rank(tmp: Path, plans: list[ParamPlan], ckpt: Checkpoint, quant: Quantization, shard_bytes: int,
-                bar: tqdm, prefix: str, fidelity: Fidelity | None) -> dict[str, str]:
+                bar: tqdm, prefix: str, fidelity: Fidelity | None, allow_non_finite: bool) -> dict[str, str]:
     """Write one rank's tensors (`prefix` names its files); returns {param name: its file}."""
     shards = _shard(plans, shard_bytes)
-    make = Materializer(ckpt, quant, fidelity)
+    make = Materializer(ckpt, quant, fidelity, allow_non_finite)
     files: dict[str, str] = {}  # param name → its shard
     for k, shard in enumerate(shards):
         fname = f"{prefix}params-{k + 1:05d}-of-{len(shards):05d}.safetensors"

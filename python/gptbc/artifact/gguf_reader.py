@@ -23,8 +23,11 @@ of each file, one tensor at a time, and dropped from memory once written (as Saf
 
 from __future__ import annotations
 
+import math
 import mmap
+import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ import numpy as np
 
 from gptbc.artifact.config import GPTBigCodeConfig
 from gptbc.artifact.quantization import Quantization, is_quantized, pack_affine, pack_nibbles
+from gptbc.artifact.files import clip, reading
 from gptbc.errors import GptbcError
 
 ARCH = "starcoder"
@@ -45,7 +49,7 @@ SPLIT = re.compile(r"^(?P<stem>.*)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf$")
 # Tensor types whose values gptbc stores without re-quantizing, by scheme kind.
 FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 GROUP_TYPES = {"Q8_0": 8, "Q4_0": 4}  # → q8*_1 / q4*_1 bit for bit
-# The scheme a file converts to when --quantization is not given: the type of its layer weights.
+# The scheme a file converts to when --quantization is not given: the one type of its packed tensors.
 DEFAULT_SCHEME = {"F32": "q0f32", "F16": "q0f16", "BF16": "q0bf16", "Q8_0": "q8f16_1", "Q4_0": "q4f16_1"}
 
 
@@ -101,38 +105,121 @@ class TensorEntry:
 
 def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, TensorEntry]]:
     """(metadata key → value, GGUF tensor name → entry) of one file; a bad file is one line naming it."""
-    from gguf import GGMLQuantizationType, GGUFReader
-
     if _magic(path) != GGUF_MAGIC:
         raise GptbcError(f"{path}: not a GGUF file (its first bytes are not 'GGUF')")
-    try:
-        reader = GGUFReader(path)
-    except ValueError as err:
-        if "GGMLQuantizationType" in str(err):
-            number = re.search(r"\d+", str(err))
-            raise GptbcError(f"{path}: unknown block type {number[0] if number else '?'} (not a ggml type the "
-                             f"installed gguf package knows: a newer file, or a corrupt one)") from None
-        raise GptbcError(f"{path}: truncated or corrupt GGUF file ({err})") from None
-    except (IndexError, OverflowError, UnicodeDecodeError, KeyError) as err:
-        raise GptbcError(f"{path}: truncated or corrupt GGUF file ({type(err).__name__}: {err})") from None
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
+    with open(path, "rb") as f, reading(path, "GGUF header"):
+        size = os.fstat(f.fileno()).st_size
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _Header(buf, path, size).read()
+
+
+# GGUF metadata value types: id → (struct format, size) of the scalar ones; 8 is a string, 9 an array.
+SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4), 6: ("<f", 4),
+           7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
+STRING, ARRAY = 8, 9
+MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+class _Header:
+    """The GGUF header parsed from the bytes of the file (no count or length is trusted before it is checked
+    against the bytes left: a 243 KB file claiming a 2^40-element array fails at once, allocating nothing)."""
+
+    def __init__(self, buf: mmap.mmap, path: Path, size: int):
+        self.buf, self.path, self.size, self.at = buf, path, size, 4
+
+    def fail(self, what: str) -> GptbcError:
+        return GptbcError(f"{self.path}: truncated or corrupt GGUF file ({what})")
+
+    def take(self, fmt: str, n: int) -> Any:
+        if self.at + n > self.size:
+            raise self.fail(f"ends at byte {self.size} inside its header")
+        (v,) = struct.unpack_from(fmt, self.buf, self.at)
+        self.at += n
+        return v
+
+    def count(self, n: int, item_bytes: int, what: str) -> int:
+        """A count of items of at least `item_bytes` bytes each, checked against the bytes left in the file."""
+        if n * item_bytes > self.size - self.at:
+            raise self.fail(f"{what} claims {n} items, more than the {self.size - self.at} bytes left hold")
+        return n
+
+    def string(self, what: str) -> str:
+        n = self.count(self.take("<Q", 8), 1, f"the string length of {what}")
+        raw = bytes(self.buf[self.at:self.at + n])
+        self.at += n
         try:
-            meta[key] = field.contents()
-        except (ValueError, IndexError, UnicodeDecodeError) as err:
-            raise GptbcError(f"{path}: metadata {key} cannot be read ({err})") from None
-    size = path.stat().st_size
-    tensors = {}
-    for t in reader.tensors:
-        entry = TensorEntry(path, GGMLQuantizationType(t.tensor_type).name, int(t.tensor_type),
-                            tuple(int(d) for d in reversed(t.shape.tolist())), int(t.data_offset), int(t.n_bytes))
-        if entry.offset + entry.nbytes > size:
-            raise GptbcError(f"{path}: truncated GGUF file (tensor {t.name} ends at byte "
-                             f"{entry.offset + entry.nbytes}, the file has {size})")
-        tensors[t.name] = entry
-    return meta, tensors
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} is not valid UTF-8") from None
+
+    def value(self, kind: int, key: str) -> Any:
+        if kind in SCALARS:
+            return self.take(*SCALARS[kind])
+        if kind == STRING:
+            return self.string(f"metadata {clip(key)}")
+        if kind == ARRAY:  # of scalars or strings (nested arrays: no model metadata uses them)
+            kind = item = self.take("<I", 4)
+            n = self.take("<Q", 8)
+            if item in SCALARS:
+                fmt, width = SCALARS[item]
+                self.count(n, width, f"metadata array {clip(key)}")
+                values = np.frombuffer(self.buf, np.dtype(fmt), count=n, offset=self.at).tolist()
+                self.at += n * width
+                return values
+            if item == STRING:
+                return [self.string(f"metadata {clip(key)}") for _ in range(self.count(n, 8, f"metadata array "
+                                                                                          f"{clip(key)}"))]
+        raise self.fail(f"metadata {clip(key)} has value type {kind}, not one gptbc reads")
+
+    def read(self) -> tuple[dict[str, Any], dict[str, TensorEntry]]:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        version = self.take("<I", 4)
+        if version not in (2, 3):
+            raise GptbcError(f"{self.path}: GGUF version {version}; gptbc reads versions 2 and 3 (little-endian)")
+        n_tensors, n_keys = self.take("<Q", 8), self.take("<Q", 8)
+        self.count(n_keys, 12, "the metadata key count")
+        self.count(n_tensors, 24, "the tensor count")
+        meta: dict[str, Any] = {}
+        for _ in range(n_keys):
+            key = self.string("a metadata key")
+            meta[key] = self.value(self.take("<I", 4), key)
+        infos = []
+        for _ in range(n_tensors):
+            name = self.string("a tensor name")
+            n_dims = self.take("<I", 4)
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise self.fail(f"tensor {clip(name)} has {n_dims} dimensions, GGUF allows 1 to {MAX_DIMS}")
+            dims = [self.take("<Q", 8) for _ in range(n_dims)]
+            infos.append((name, dims, self.take("<I", 4), self.take("<Q", 8)))
+        alignment = meta.get("general.alignment", 32)
+        if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
+            raise self.fail(f"general.alignment {clip(alignment)} is not a power of two")
+        data = -(-self.at // alignment) * alignment
+        tensors: dict[str, TensorEntry] = {}
+        for name, dims, type_id, offset in infos:
+            try:
+                kind = GGMLQuantizationType(type_id)
+                block, type_size = GGML_QUANT_SIZES[kind]
+            except (ValueError, KeyError):
+                raise GptbcError(f"{self.path}: tensor {clip(name)} has unknown block type {type_id} (not a ggml "
+                                 f"type the installed gguf package knows: a newer file, or a corrupt one)") from None
+            elements = math.prod(dims)
+            if dims[0] % block:
+                raise self.fail(f"tensor {clip(name)}'s rows of {dims[0]} are not whole {kind.name} blocks of "
+                                f"{block}")
+            nbytes = elements // block * type_size
+            if data + offset + nbytes > self.size:
+                raise GptbcError(f"{self.path}: truncated GGUF file (tensor {clip(name)} ends at byte "
+                                 f"{data + offset + nbytes}, the file has {self.size})")
+            if name in tensors:
+                raise self.fail(f"tensor {clip(name)} is listed twice")
+            tensors[name] = TensorEntry(self.path, kind.name, type_id, tuple(reversed(dims)), data + offset, nbytes)
+        spans = sorted((e.offset, e.offset + e.nbytes, n) for n, e in tensors.items() if e.nbytes)
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:
+                raise self.fail(f"the bytes of tensors {clip(a)} and {clip(b)} overlap")
+        return meta, tensors
 
 
 def _hf_to_gguf(cfg: GPTBigCodeConfig) -> dict[str, str]:
@@ -165,7 +252,8 @@ class GGUFCheckpoint:
             if k == 0:
                 self.meta = meta
             self.entries.update(tensors)
-        self.config = config_from_metadata(self.meta, self.files[0], self.entries)
+        with reading(self.files[0], "metadata"):
+            self.config = config_from_metadata(self.meta, self.files[0], self.entries)
         self.names = {hf: gg for hf, gg in _hf_to_gguf(self.config).items() if gg in self.entries}
         self._maps: dict[Path, mmap.mmap] = {}
         self._handles = []
@@ -243,15 +331,20 @@ class GGUFCheckpoint:
         return f"{_hf_to_gguf(self.config).get(name, name)} ({name})"
 
     def default_scheme(self) -> str | None:
-        """The scheme holding every layer weight as stored, when one does: a file of one type that a scheme holds,
-        or of 4-bit types that the affine scheme holds (Q4_0, Q4_1, Q4_K)."""
-        types = self.weight_types()
+        """The scheme holding every packed weight as stored (the layers' linear weights, and the embedding and
+        head, which llama.cpp's quantizer often writes in another type: Q6_K beside Q4_0 layers), when one does:
+        a file of one type that a scheme holds, of 4-bit types that the affine scheme holds (Q4_0, Q4_1, Q4_K),
+        or of types the per-tensor affine scheme holds (Q4_*, Q5_*, Q6_K)."""
+        types = self.packed_types()
         if len(types) == 1 and types[0] in DEFAULT_SCHEME:
             return DEFAULT_SCHEME[types[0]]
         if types and all(AFFINE_TYPES.get(t, (0,))[0] == 4 for t in types):
             return "q4f16_a"
-        packed = {self.type_of(n) for n in self.names if is_quantized(PACKED, n, self.config.tie_word_embeddings)}
-        return "qkf16_a" if types and packed <= set(AFFINE_TYPES) else None
+        return "qkf16_a" if types and set(types) <= set(AFFINE_TYPES) else None
+
+    def packed_types(self) -> list[str]:
+        """The ggml types of the tensors a packed scheme packs (linear weights, embedding, head)."""
+        return sorted({self.type_of(n) for n in self.names if is_quantized(PACKED, n, self.config.tie_word_embeddings)})
 
     def widths(self, quant: Quantization) -> tuple[tuple[str, int], ...]:
         """For a per-tensor scheme: (module, bits) of each packed module whose tensor is of a type an affine
@@ -261,11 +354,6 @@ class GGUFCheckpoint:
             if is_quantized(quant, name, self.config.tie_word_embeddings) and self.type_of(name) in AFFINE_TYPES:
                 out.append((name.rpartition(".")[0], AFFINE_TYPES[self.type_of(name)][0]))
         return tuple(sorted(out))  # (a GGUF is untied exactly when it has `output`, so lm_head is always its own)
-
-    def weight_types(self) -> list[str]:
-        """The ggml types of the layers' linear weights."""
-        return sorted({self.type_of(n) for n in self.names if n.startswith("transformer.h.") and n.endswith("weight")
-                       and ("attn.c_" in n or "mlp.c_" in n)})
 
     def close(self) -> None:
         for m in self._maps.values():
@@ -389,7 +477,7 @@ def config_from_metadata(meta: dict[str, Any], path: Path, tensors: dict[str, Te
     """The model config a `starcoder` GGUF describes; another architecture is refused by name."""
     arch = meta.get("general.architecture")
     if arch != ARCH:
-        raise GptbcError(f"{path}: GGUF architecture {arch!r}, not 'starcoder' (GPTBigCode: SantaCoder, StarCoder, "
+        raise GptbcError(f"{path}: GGUF architecture {clip(arch)}, not 'starcoder' (GPTBigCode: SantaCoder, StarCoder, "
                          f"WizardCoder...); gptbc runs only that one")
 
     def need(key: str) -> Any:
@@ -397,27 +485,35 @@ def config_from_metadata(meta: dict[str, Any], path: Path, tensors: dict[str, Te
             raise GptbcError(f"{path}: metadata {ARCH}.{key} is missing")
         return _scalar(meta[f"{ARCH}.{key}"])
 
-    n_head, n_kv = int(need("attention.head_count")), int(need("attention.head_count_kv"))
+    n_head, n_kv = need("attention.head_count"), need("attention.head_count_kv")
     if n_kv != 1:
         # llama.cpp's starcoder graph reads attn_qkv as [all q; all k; all v] while HF's multi-head c_attn is per
         # head, and its converter does not reorder: which order a multi-head file holds is not recorded.
-        raise GptbcError(f"{path}: attention.head_count_kv is {n_kv}; gptbc reads multi-query starcoder GGUF "
+        raise GptbcError(f"{path}: attention.head_count_kv is {clip(n_kv)}; gptbc reads multi-query starcoder GGUF "
                          f"files only (head_count_kv 1, as every published StarCoder model)")
     if "token_embd.weight" not in tensors:
         raise GptbcError(f"{path}: tensor token_embd.weight is missing")
     tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = tensors["token_embd.weight"].shape[0]
+    embedding = tensors["token_embd.weight"].shape
+    vocab = embedding[0]
+    if len(embedding) != 2:
+        raise GptbcError(f"{path}: tensor token_embd.weight has shape {list(embedding)}, expected [vocab, n_embd]")
+    if f"{ARCH}.vocab_size" in meta and meta[f"{ARCH}.vocab_size"] != vocab:
+        raise GptbcError(f"{path}: metadata {ARCH}.vocab_size is {clip(meta[f'{ARCH}.vocab_size'])} but "
+                         f"token_embd has {vocab} rows")
     eos = meta.get("tokenizer.ggml.eos_token_id")
     bos = meta.get("tokenizer.ggml.bos_token_id")
-    raw = {"model_type": "gpt_bigcode", "n_embd": int(need("embedding_length")), "n_head": n_head,
-           "n_layer": int(need("block_count")), "n_positions": int(need("context_length")),
-           "n_inner": int(need("feed_forward_length")), "vocab_size": vocab, "multi_query": True,
-           "layer_norm_epsilon": float(need("attention.layer_norm_epsilon")),
+    raw = {"model_type": "gpt_bigcode", "n_embd": need("embedding_length"), "n_head": n_head,
+           "n_layer": need("block_count"), "n_positions": need("context_length"),
+           "n_inner": need("feed_forward_length"), "vocab_size": vocab, "multi_query": True,
+           "layer_norm_epsilon": need("attention.layer_norm_epsilon"),
            # ggml_gelu is the tanh approximation, which is what StarCoder's config names
            "activation_function": "gelu_pytorch_tanh",
            "tie_word_embeddings": "output.weight" not in tensors,
-           "bos_token_id": None if bos is None else int(_scalar(bos)),
-           "eos_token_id": [] if eos is None else [int(_scalar(eos))]}
-    if tokens is not None and len(tokens) > vocab:
-        raise GptbcError(f"{path}: {len(tokens)} tokens in the vocabulary but token_embd has {vocab} rows")
+           "bos_token_id": bos, "eos_token_id": [] if eos is None else eos}
+    # llama.cpp's converter pads the token list to the embedding's rows ([PAD<id>]): one of another length
+    # leaves ids the model can produce without text (or text with no row)
+    if tokens is not None and (not isinstance(tokens, list) or len(tokens) != vocab):
+        raise GptbcError(f"{path}: {len(tokens) if isinstance(tokens, list) else 'no list of'} tokens in the "
+                         f"vocabulary (tokenizer.ggml.tokens) but token_embd has {vocab} rows")
     return GPTBigCodeConfig.from_dict(raw, source=str(path))

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gptbc.artifact.files import clip
 from gptbc.errors import GptbcError
 
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
@@ -28,7 +29,7 @@ def _pre_tokenizer(pre: str, path: Path) -> dict[str, Any]:
         return {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
     if pre in BYTE_LEVEL_ONLY:
         return byte_level
-    raise GptbcError(f"{path}: tokenizer.ggml.pre {pre!r} is not a pre-tokenizer gptbc can rebuild "
+    raise GptbcError(f"{path}: tokenizer.ggml.pre {clip(pre)} is not a pre-tokenizer gptbc can rebuild "
                      f"({', '.join(DIGITS_FIRST + BYTE_LEVEL_ONLY)})")
 
 
@@ -36,13 +37,15 @@ def tokenizer_json(meta: dict[str, Any], path: Path) -> dict[str, Any]:
     """HF `tokenizer.json` content for the GGUF metadata `meta` of file `path`."""
     model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":
-        raise GptbcError(f"{path}: tokenizer.ggml.model is {model!r}; gptbc rebuilds only the byte-level BPE "
+        raise GptbcError(f"{path}: tokenizer.ggml.model is {clip(model)}; gptbc rebuilds only the byte-level BPE "
                          f"('gpt2') that StarCoder-family models use")
-    tokens = list(meta.get("tokenizer.ggml.tokens") or [])
-    merges = list(meta.get("tokenizer.ggml.merges") or [])
-    types = [int(t) for t in (meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))]
-    if not tokens or len(types) != len(tokens):
+    tokens = _strings(meta, "tokenizer.ggml.tokens", path)
+    merges = _strings(meta, "tokenizer.ggml.merges", path)
+    types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    if not tokens or not isinstance(types, list) or len(types) != len(tokens) or \
+            not all(type(t) is int for t in types):
         raise GptbcError(f"{path}: tokenizer.ggml.tokens is empty or its token_type list differs in length")
+    _check_merges(tokens, merges, path)
     added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": k == CONTROL}
              for i, (t, k) in enumerate(zip(tokens, types)) if k in (CONTROL, USER_DEFINED)]
@@ -59,12 +62,37 @@ def tokenizer_json(meta: dict[str, Any], path: Path) -> dict[str, Any]:
     }
 
 
-def write_tokenizer(meta: dict[str, Any], path: Path, out_dir: Path) -> None:
-    """Write tokenizer.json (and generation_config.json with the bos/eos ids) into `out_dir`; nothing for a file
-    without a tokenizer (weights alone convert, as an HF directory without tokenizer files does)."""
+def _strings(meta: dict[str, Any], key: str, path: Path) -> list[str]:
+    values = meta.get(key) or []
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise GptbcError(f"{path}: {key} must be a list of strings")
+    return values
+
+
+def _check_merges(tokens: list[str], merges: list[str], path: Path) -> None:
+    """Each merge is "a b" with a, b and ab in the vocabulary, as the BPE that loads it requires: a bad one is
+    refused here, at convert time, not when the first prompt is tokenized."""
+    vocab = set(tokens)
+    for i, m in enumerate(merges):
+        a, space, b = m.partition(" ")
+        if not (space and a and b and " " not in b) or not {a, b, a + b} <= vocab:
+            raise GptbcError(f"{path}: tokenizer.ggml.merges[{i}] {clip(m)} is not two tokens of the vocabulary "
+                             f"that merge into a third")
+
+
+def tokenizer_files(meta: dict[str, Any], path: Path) -> dict[str, str]:
+    """tokenizer.json (and generation_config.json with the bos/eos ids), name → text; none for a file without a
+    tokenizer (weights alone convert, as an HF directory without tokenizer files does). Built (and so checked)
+    before any tensor is converted."""
     if "tokenizer.ggml.model" not in meta:
-        return
-    (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json(meta, path), ensure_ascii=False), "utf-8")
-    gen = {k: int(meta[f"tokenizer.ggml.{k}"]) for k in ("bos_token_id", "eos_token_id")
-           if f"tokenizer.ggml.{k}" in meta}
-    (out_dir / "generation_config.json").write_text(json.dumps(gen) + "\n")
+        return {}
+    gen = {k: meta[f"tokenizer.ggml.{k}"] for k in ("bos_token_id", "eos_token_id") if f"tokenizer.ggml.{k}" in meta}
+    if not all(type(v) is int for v in gen.values()):
+        raise GptbcError(f"{path}: tokenizer.ggml.bos_token_id / eos_token_id must be integers")
+    return {"tokenizer.json": json.dumps(tokenizer_json(meta, path), ensure_ascii=False),
+            "generation_config.json": json.dumps(gen) + "\n"}
+
+
+def write_tokenizer(files: dict[str, str], out_dir: Path) -> None:
+    for name, text in files.items():
+        (out_dir / name).write_text(text, "utf-8")

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from gptbc.artifact.config import GPTBigCodeConfig
-from gptbc.artifact.files import HF_CONFIG, read_json
+from gptbc.artifact.files import HF_CONFIG, clip, read_json, reading
+from gptbc.artifact.params import hf_shapes
 from gptbc.artifact.quantization import Quantization, numpy_dtype, pack_nibbles
 from gptbc.errors import GptbcError
 
@@ -39,6 +40,11 @@ SHIFTS = np.arange(8, dtype=np.uint32) * 4
 def quant_config(directory: Path) -> dict[str, Any] | None:
     """The GPTQ / AWQ settings of an HF directory (quantize_config.json or config.json's quantization_config),
     with `quant_method`; None for a float checkpoint."""
+    with reading(directory / HF_CONFIG, "quantization settings"):
+        return _quant_config(directory)
+
+
+def _quant_config(directory: Path) -> dict[str, Any] | None:
     raw = read_json(directory / HF_CONFIG).get("quantization_config")
     if (directory / "quantize_config.json").is_file():
         raw = {"quant_method": "gptq", **read_json(directory / "quantize_config.json")}
@@ -49,18 +55,25 @@ def quant_config(directory: Path) -> dict[str, Any] | None:
     method = str(raw.get("quant_method", "")).lower()
     where = directory / HF_CONFIG
     if method not in ("gptq", "awq"):
-        raise GptbcError(f"{where}: quantization_config quant_method {method!r} is not one gptbc reads "
+        raise GptbcError(f"{where}: quantization_config quant_method {clip(method)} is not one gptbc reads "
                          f"(gptq, awq)")
-    bits = int(raw.get("bits", raw.get("w_bit", 4)))
+    def number(key: str, value: Any) -> int:
+        if type(value) is not int:
+            raise GptbcError(f"{where}: {method} {key} must be an integer, got {clip(value)}")
+        return value
+
+    bits = number("bits", raw.get("bits", raw.get("w_bit", 4)))
     if bits != 4:
         raise GptbcError(f"{where}: {method} with {bits}-bit weights; gptbc reads 4-bit GPTQ/AWQ checkpoints only")
     version = str(raw.get("version", "gemm")).lower()
     if method == "awq" and version != "gemm":
-        raise GptbcError(f"{where}: AWQ version {version!r}; gptbc reads the GEMM layout only")
+        raise GptbcError(f"{where}: AWQ version {clip(version)}; gptbc reads the GEMM layout only")
     fmt = str(raw.get("checkpoint_format", "gptq")).lower()
     if method == "gptq" and fmt not in ("gptq", "gptq_v2"):
-        raise GptbcError(f"{where}: GPTQ checkpoint_format {fmt!r} is not one gptbc reads (gptq, gptq_v2)")
-    group = int(raw.get("group_size", raw.get("q_group_size", 128)))
+        raise GptbcError(f"{where}: GPTQ checkpoint_format {clip(fmt)} is not one gptbc reads (gptq, gptq_v2)")
+    group = number("group_size", raw.get("group_size", raw.get("q_group_size", 128)))
+    if group != -1 and not 0 < group <= 1 << 20:
+        raise GptbcError(f"{where}: {method} group_size must be -1 or positive, got {group}")
     return {"method": method, "group_size": group, "desc_act": bool(raw.get("desc_act", False)),
             "zero_offset": 1 if method == "gptq" and fmt == "gptq" else 0}
 
@@ -78,6 +91,37 @@ class QuantizedCheckpoint:
         self.ckpt, self.cfg, self.s = ckpt, cfg, settings
         self.directory = ckpt.directory
         self.method = settings["method"].upper()
+        for name, shape in hf_shapes(cfg):
+            module = self._module(name)
+            if module is not None:
+                self._check_layout(module, shape)
+
+    def _check_layout(self, module: str, shape: tuple[int, ...]) -> None:
+        """The packed tensors of a [out, in] layer have the shapes and dtypes its method and group_size give:
+        checked before any of them is read (a mis-shaped qzeros would otherwise be unpacked into garbage)."""
+        out, n_in = shape
+        size = self.s["group_size"]
+        group = n_in if size == -1 else size
+        where = self.ckpt.source_of(f"{module}.qweight")
+        if n_in % group or out % 8 or n_in % 8:
+            raise GptbcError(f"{where}: {module} is a [{out}, {n_in}] layer, which {self.method} group_size "
+                             f"{size} does not divide into whole groups (of 8-value words)")
+        groups = n_in // group
+        want = {"qweight": ((n_in // 8, out) if self.method == "GPTQ" else (n_in, out // 8), "int32"),
+                "qzeros": ((groups, out // 8), "int32"), "scales": ((groups, out), "float16")}
+        if self.method == "GPTQ" and f"{module}.g_idx" in self.ckpt:
+            want["g_idx"] = ((n_in,), "int32")
+        for part, (shape_, dtype) in want.items():
+            name = f"{module}.{part}"
+            if name not in self.ckpt:
+                raise GptbcError(f"{where}: tensor {name} is missing")
+            have_dtype, have_shape = self.ckpt.info(name)
+            kind_ok = {"scales": have_dtype.kind == "f" or str(have_dtype) == "bfloat16",
+                       "g_idx": have_dtype.kind in "iu"}.get(part, str(have_dtype) == dtype)
+            if tuple(have_shape) != shape_ or not kind_ok:
+                raise GptbcError(f"{self.ckpt.source_of(name)}: tensor {name} is {have_dtype}{list(have_shape)}, "
+                                 f"a {self.method} [{out}, {n_in}] layer with group_size {size} has "
+                                 f"{dtype}{list(shape_)}")
 
     def _module(self, name: str) -> str | None:
         """The quantized module a `.weight` name stands for, if it is one."""

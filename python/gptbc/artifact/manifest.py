@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from gptbc import __version__
 from gptbc.errors import GptbcError
+from gptbc.artifact.files import clip, contained, reading
 
 if TYPE_CHECKING:
     from gptbc.artifact.config import GPTBigCodeConfig, ModelSource
@@ -303,12 +304,35 @@ def read_weights(directory: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise GptbcError(f"{path}: not valid UTF-8") from None
     r = _Reader(str(path))
-    m = _parse(text, r)
-    _common(m, r, "convert the weights again")
-    r.field(m, "model_name", "string")
-    r.ints(r.need(m, "eos_token_id", "eos_token_id"), "eos_token_id")
-    _params(m, r, with_file=True)
+    with reading(path):
+        m = _parse(text, r)
+        _common(m, r, "convert the weights again")
+        r.field(m, "model_name", "string")
+        r.ints(r.need(m, "eos_token_id", "eos_token_id"), "eos_token_id")
+        _params(m, r, with_file=True)
+        _param_files(m, r, Path(directory))
     return m
+
+
+# The dtypes a converted tensor can have (safetensors_io.DTYPES), and the largest tensor a manifest may list.
+DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "uint32", "bool")
+MAX_TENSOR_ELEMENTS = 1 << 40
+
+
+def _param_files(m: dict, r: _Reader, directory: Path) -> None:
+    """What only the Python side reads before opening the files (the native runner checks each tensor against
+    its safetensors header): each file inside the directory, links resolved; each shape and dtype one a
+    tensor can have."""
+    for i, p in enumerate(m["params"]):
+        at = f"params[{i}]"
+        contained(directory, p["file"], r.where, f"{at}.file")
+        if p["dtype"] not in DTYPES:
+            raise r.fail(f"{at}.dtype {clip(p['dtype'])} is not a tensor dtype ({', '.join(DTYPES)})")
+        count = 1
+        for n in p["shape"]:
+            count *= n
+            if count > MAX_TENSOR_ELEMENTS:
+                raise r.fail(f"{at}.shape {clip(p['shape'])} has more than 2^40 elements")
 
 
 def parse_library(text: str, lib: Path) -> dict[str, Any]:
@@ -331,6 +355,8 @@ def library_metadata_of(lib: Path) -> dict[str, Any]:
     loaded here); a one-line error when it has none."""
     try:
         blob = Path(lib).read_bytes()
+    except FileNotFoundError:
+        raise GptbcError(f"--lib {lib}: file not found") from None
     except OSError as err:
         raise GptbcError(f"--lib {lib}: cannot read it ({err.strerror})") from None
     start = blob.find(b'{"gptbc_version"')

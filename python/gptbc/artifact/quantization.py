@@ -235,9 +235,12 @@ def quantize(w: np.ndarray, q: Quantization) -> tuple[np.ndarray, ...]:
     uint32[rows, ceil(cols / 8)] packed int4, and scales in scale_dtype, laid out as the module docstring says."""
     rows, cols = w.shape
     parts = [np.empty(shape, numpy_dtype(dtype)) for _, shape, dtype in q.parts((rows, cols))]
-    for r in range(0, rows, ROWS_PER_CHUNK):
-        for part, value in zip(parts, _quantize_rows(w[r:r + ROWS_PER_CHUNK], q)):
-            part[r:r + ROWS_PER_CHUNK] = value
+    # NaN, infinities and scales past the scale dtype's range are the converter's to refuse (it counts the
+    # non-finite values of the input and of what is written), not numpy warnings
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for r in range(0, rows, ROWS_PER_CHUNK):
+            for part, value in zip(parts, _quantize_rows(w[r:r + ROWS_PER_CHUNK], q)):
+                part[r:r + ROWS_PER_CHUNK] = value
     return tuple(parts)
 
 

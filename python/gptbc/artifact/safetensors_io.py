@@ -10,7 +10,9 @@ files we write load with `safetensors` and the native runner alike.
 from __future__ import annotations
 
 import json
+import math
 import mmap
+import os
 import struct
 from pathlib import Path
 from typing import BinaryIO, Iterable
@@ -19,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from gptbc.errors import GptbcError
+from gptbc.artifact.files import clip, reading
 from gptbc.artifact.manifest import ALIGNMENT
 
 # safetensors dtype name ↔ numpy dtype
@@ -33,7 +36,10 @@ NAMES = {v: k for k, v in DTYPES.items()}
 # a copy only at such addresses). The format forbids gaps between tensors, so writers put sizes that are
 # multiples of ALIGN first (`aligned_order`) to keep those tensors aligned too.
 ALIGN = ALIGNMENT
-MAX_HEADER = 100 * 1024 * 1024
+# The largest header read: 16 MiB holds ~100,000 tensor entries (the largest checkpoints have a few thousand), and
+# its parse stays far from a memory limit even for a set of many shards.
+MAX_HEADER = 16 * 1024 * 1024
+MAX_DIMS = 8
 
 
 def dtype_name(dtype: np.dtype | str) -> str:
@@ -59,36 +65,15 @@ class SafetensorsFile:
             self._file = open(self.path, "rb")
         except OSError as err:
             raise GptbcError(f"{self.path}: cannot open ({err.strerror})") from None
-        size = self.path.stat().st_size
-        head = self._file.read(8)
-        if len(head) < 8:
-            raise GptbcError(f"{self.path}: corrupt safetensors file (shorter than its 8-byte header length)")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or 8 + n > size:
-            raise GptbcError(f"{self.path}: corrupt safetensors header (claims {n} bytes, file has {size})")
         try:
-            header = json.loads(self._file.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise GptbcError(f"{self.path}: corrupt safetensors header (not valid JSON)") from None
-        if not isinstance(header, dict):
-            raise GptbcError(f"{self.path}: corrupt safetensors header (not a JSON object)")
-        self.metadata = header.pop("__metadata__", {}) or {}
-        self._base = 8 + n
-        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        for name, info in header.items():
-            try:
-                dtype = DTYPES[info["dtype"]]
-                shape = tuple(int(d) for d in info["shape"])
-                start, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise GptbcError(f"{self.path}: tensor {name!r} has a bad header entry {info!r}") from None
-            if end - start != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or start < 0 \
-                    or self._base + end > size:
-                raise GptbcError(f"{self.path}: tensor {name!r} data offsets do not match its shape/dtype "
-                                 f"or the file size")
-            self._entries[name] = (dtype, shape, start, end)
-        access = mmap.ACCESS_COPY if private else mmap.ACCESS_READ
-        self._map = mmap.mmap(self._file.fileno(), 0, access=access) if size else None
+            with reading(self.path, "safetensors header"):
+                size = os.fstat(self._file.fileno()).st_size
+                self.metadata, self._base, self._entries = _read_header(self._file, self.path, size)
+                access = mmap.ACCESS_COPY if private else mmap.ACCESS_READ
+                self._map = mmap.mmap(self._file.fileno(), 0, access=access) if size else None
+        except BaseException:
+            self._file.close()
+            raise
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -136,6 +121,66 @@ class SafetensorsFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+Entry = tuple[np.dtype, tuple[int, ...], int, int]  # dtype, shape, start and end in the data section
+
+
+def _read_header(f: BinaryIO, path: Path, size: int) -> tuple[dict, int, dict[str, Entry]]:
+    """(metadata, where the data starts, name → (dtype, shape, start, end) in the data section) of a safetensors
+    file of `size` bytes; every length and offset is checked against the file before it is used."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise GptbcError(f"{path}: corrupt safetensors file (shorter than its 8-byte header length)")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER or 8 + n > size:
+        raise GptbcError(f"{path}: corrupt safetensors header (claims {n} bytes, file has {size}, at most "
+                         f"{MAX_HEADER} read)")
+    try:
+        header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise GptbcError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    except RecursionError:
+        raise GptbcError(f"{path}: corrupt safetensors header (nested too deeply)") from None
+    if not isinstance(header, dict):
+        raise GptbcError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise GptbcError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+    data = size - 8 - n
+    entries = {name: _entry(path, name, info, data) for name, info in header.items()}
+    # the format forbids overlapping tensors: one byte written through one tensor would change another
+    spans = sorted((start, end, name) for name, (_, _, start, end) in entries.items() if end > start)
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise GptbcError(f"{path}: corrupt safetensors header (tensors {clip(a)} and {clip(b)} overlap)")
+    return metadata, 8 + n, entries
+
+
+def _entry(path: Path, name: str, info: object, data: int) -> Entry:
+    """One header entry, checked: a known dtype, a shape of non-negative integers, offsets inside the data
+    section (`data` bytes) spanning exactly the shape's bytes."""
+    def bad(why: str) -> GptbcError:
+        return GptbcError(f"{path}: tensor {clip(name)} has a bad header entry ({why})")
+
+    if not isinstance(info, dict):
+        raise bad(f"not an object: {clip(info)}")
+    dtype = DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
+    if dtype is None:
+        raise bad(f"dtype {clip(info.get('dtype'))} is not one of {', '.join(DTYPES)}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or \
+            not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"shape {clip(shape)} is not a list of at most {MAX_DIMS} non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
+        raise bad(f"data_offsets {clip(offsets)} is not two integers")
+    start, end = offsets
+    if not 0 <= start <= end <= data:
+        raise bad(f"data_offsets {clip(offsets)} are not inside the file's {data} data bytes")
+    if end - start != math.prod(shape) * dtype.itemsize:
+        raise bad(f"data_offsets {clip(offsets)} span {end - start} bytes, its shape and dtype "
+                  f"{math.prod(shape) * dtype.itemsize}")
+    return dtype, tuple(shape), start, end
 
 
 def _pad(n: int) -> int:

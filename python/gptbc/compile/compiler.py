@@ -13,7 +13,6 @@ import functools
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from dataclasses import dataclass
@@ -21,7 +20,8 @@ from typing import Any, Callable
 
 from gptbc.artifact.cache import cache_disabled, get_or_build, sources_hash
 from gptbc.artifact.config import GPTBC_CONFIG, GPTBigCodeConfig, ModelSource, load_gptbc_config
-from gptbc.errors import GptbcError, raise_if_interrupted
+from gptbc.errors import GptbcError
+from gptbc.artifact.files import atomic_path, made_parents
 from gptbc.artifact.manifest import library_manifest, tensor_parallel
 from gptbc.artifact.sharding import check_tensor_parallel, rank_view
 from gptbc.artifact.params import converted_params
@@ -239,16 +239,13 @@ def compile_model(source: ModelSource, target_name: str, quantization: str, outp
     if "".join(output.suffixes[-1:]) != build.suffix:
         needs = f" (a .so needs {build.shared_needs})" if build.shared_needs else ""
         raise GptbcError(f"-o {output}: target {target_name} produces a {build.suffix} file here{needs}")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise GptbcError(f"-o {output}: cannot create its directory ({err.strerror})") from None
-    if not cache or cache_disabled():
-        return _build_library(plan, output, log)
-    built = cached_library(plan, log)
-    with atomic_path(output) as tmp:
-        shutil.copyfile(built, tmp)
-        os.chmod(tmp, 0o755 if build.suffix in (".so", ".dylib") else 0o644)
+    with made_parents(output):  # made for this output; removed again if the build fails
+        if not cache or cache_disabled():
+            return _build_library(plan, output, log)
+        built = cached_library(plan, log)
+        with atomic_path(output) as tmp:
+            shutil.copyfile(built, tmp)
+            os.chmod(tmp, 0o755 if build.suffix in (".so", ".dylib") else 0o644)
     return output
 
 
@@ -390,20 +387,3 @@ def guarded_tir_cse():
         yield skipped
     finally:
         tirx.transform.CommonSubexprElim = original
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path):
-    """A temporary path beside `path`, renamed onto it when the block succeeds, removed when it fails."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes[-1:]), dir=path.parent)
-    except OSError as err:
-        raise GptbcError(f"-o {path}: cannot write there ({err.strerror})") from None
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        raise_if_interrupted()  # a Ctrl-C that TVM swallowed still cancels the output
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
