@@ -82,7 +82,7 @@ def fit_fim(n_pre: int, n_suf: int, room: int, suffix_share: int, block: int, or
     cut leaves over stays unused."""
     if n_pre + n_suf <= room:
         return n_pre, n_suf
-    allowed = max(suffix_share, room - n_pre)
+    allowed = max(suffix_share, room - n_pre, 0)
     if order == "spm":
         keep_suf = min(n_suf, allowed - allowed % block if allowed >= block else allowed)
     else:
