@@ -302,8 +302,8 @@ def test_quantized_greedy_agreement(trained, name, activations, min_top1, max_kl
     results, _ = run_scheme(trained, name, tmp_path, activations)
     top1 = np.mean([np.mean(g.argmax(-1) == r.argmax(-1)) for g, r in results])
     divergence = np.mean([kl(r, g) for g, r in results])
-    record_property("top1", top1)
-    record_property("kl", divergence)
+    record_property("top1", float(top1))  # plain floats: xdist sends them between processes
+    record_property("kl", float(divergence))
     print(f"{name} ({activations} activations): top-1 agreement {top1:.3f} over 4x64 steps, "
           f"KL(hf || ours) {divergence:.2e} nats")
     assert top1 >= min_top1
