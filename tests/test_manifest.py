@@ -51,6 +51,19 @@ CASES = {
     "weights-param-not-object": "{dir}/gptbc-config.json: params[2] must be an object, got string",
     "weights-file-outside": '{dir}/gptbc-config.json: params[0].file must name a file in the directory, got '
                             '"../secret.safetensors"',
+    "weights-file-absolute": '{dir}/gptbc-config.json: params[0].file must name a file in the directory, got '
+                             '"/etc/passwd"',
+    "weights-file-nul": "{dir}/gptbc-config.json: params[1].file names 'params\\x00.safetensors', outside its "
+                        "directory {dir}",
+    "weights-shape-too-large": "{dir}/gptbc-config.json: params[2].shape [2097152, 1048576] has more than 2^40 "
+                               "elements",
+    "weights-shape-overflows-int64": "{dir}/gptbc-config.json: params[2].shape [4294967296, 4294967296, 4294967296] "
+                                     "has more than 2^40 elements",
+    "weights-shape-dim-2-63": "{dir}/gptbc-config.json: params[2].shape[0] must be an integer, got number",
+    "weights-dtype-unknown": "{dir}/gptbc-config.json: params[2].dtype 'float1024' is not a tensor dtype (float64, "
+                             "float32, float16, bfloat16, int64, int32, int16, int8, uint8, uint32, bool)",
+    "weights-dtype-long-odd": '{dir}/gptbc-config.json: params[2].dtype "it\'s\\xa0\u00e9\\u2028\\t\U0001f600'
+                              + "x" * 38 + '... is not a tensor dtype (float64,',
     "weights-duplicate-param": "{dir}/gptbc-config.json: params[21]: tensor transformer.wte.q_scale is listed twice",
     "weights-alignment-not-power-of-two": "{dir}/gptbc-config.json: alignment must be a power of two, got 48",
     "weights-zero-vocab": "{dir}/gptbc-config.json: model_config.vocab_size must be positive, got 0",
@@ -144,6 +157,54 @@ def test_python_and_native_readers_agree(name, check_manifest):
         assert py == "ok"
     else:
         assert py.startswith("error: ") and want in py, py
+
+
+PARAMS_FILE = "params-00001-of-00001.safetensors"  # the one file every param of the good fixture names
+# name → (the link's target, relative to the weights directory or absolute; where the link sits: "" for the weights
+# directory, "snapshot" for a Hugging Face cache snapshot), and whether both readers accept it. {out}: a file
+# beside the directory, outside it.
+LINKS = {
+    "to-a-file-outside": ("{out}", "", False),
+    "to-etc-passwd": ("/etc/passwd", "", False),
+    "up-and-out": ("../outside.safetensors", "", False),
+    "dangling-outside": ("{tmp}/gone/x.safetensors", "", False),  # resolved as far as it exists: still outside
+    "loop": (PARAMS_FILE, "", False),
+    "through-an-inner-link-out": ("hop", "", False),  # hop (inside) leads to {out}
+    "to-a-file-inside": ("real.safetensors", "", True),
+    "up-and-back-in": ("../weights/real.safetensors", "", True),
+    "dangling-inside": ("not-yet.safetensors", "", True),  # missing, but inside: the safetensors reader says so
+    "hf-snapshot-blob": ("../../blobs/0123abcd", "snapshot", True),
+    "hf-snapshot-past-the-repo": ("../../../outside.safetensors", "snapshot", False),
+}
+
+
+@pytest.mark.parametrize("name", LINKS)
+def test_readers_agree_on_files_that_are_links(name, tmp_path, check_manifest):
+    """A param's file that is a symbolic link: both readers refuse it, with the same line, when it leads (or may
+    lead) out of the directory; git keeps no such link, so the cases are made here."""
+    target, where, accepted = LINKS[name]
+    (tmp_path / "outside.safetensors").write_bytes(b"secret")
+    if where == "snapshot":  # models--owner--name/snapshots/REV/FILE → ../../blobs/HASH, as the Hugging Face cache
+        repo = tmp_path / "models--o--n"
+        (repo / "blobs").mkdir(parents=True)
+        (repo / "blobs" / "0123abcd").write_bytes(b"weights")
+        (repo / "outside.safetensors").write_bytes(b"secret")
+        case = repo / "snapshots" / "rev"
+    else:
+        case = tmp_path / "weights"
+    case.mkdir(parents=True)
+    for f in (manifest.WEIGHTS_FILE, LIB):
+        (case / f).write_bytes((FIXTURES / "good" / f).read_bytes())
+    (case / "real.safetensors").write_bytes(b"weights")
+    (case / "hop").symlink_to(tmp_path / "outside.safetensors")
+    (case / PARAMS_FILE).symlink_to(target.format(out=tmp_path / "outside.safetensors", tmp=tmp_path))
+    py, native = python_answer(case), native_answer(check_manifest, case)
+    assert py == native
+    if accepted:
+        assert py == "ok"
+    else:
+        assert py == (f"error: {case}/gptbc-config.json: params[0].file names '{PARAMS_FILE}', which leads outside "
+                      f"its directory {case}")
 
 
 def test_builders_write_the_good_fixture():

@@ -144,7 +144,8 @@ def _kind(v: Any) -> str:
     if isinstance(v, bool):
         return "boolean"
     if isinstance(v, int):
-        return "integer"
+        # beyond 64 bits the C++ parser (native/json.cc) holds a float: both readers call it a number
+        return "integer" if -(1 << 63) <= v < (1 << 63) else "number"
     if isinstance(v, float):
         return "number"
     if isinstance(v, str):

@@ -89,6 +89,19 @@ CASES: dict[str, tuple[Edit | None, Edit | None]] = {
     "weights-shape-negative": (lambda w: param(w, "transformer.wpe.weight").update(shape=[64, -32]), None),
     "weights-param-not-object": (lambda w: w["params"].__setitem__(2, "transformer.wpe.weight"), None),
     "weights-file-outside": (lambda w: w["params"][0].update(file="../secret.safetensors"), None),
+    "weights-file-absolute": (lambda w: w["params"][0].update(file="/etc/passwd"), None),
+    "weights-file-nul": (lambda w: w["params"][1].update(file="params\u0000.safetensors"), None),
+    # (a file that is a link leading outside: test_manifest.py makes those, git keeps no such link)
+    # ---- sizes and dtypes a tensor cannot have ----
+    "weights-shape-too-large": (lambda w: param(w, "transformer.wpe.weight").update(shape=[1 << 21, 1 << 20]), None),
+    "weights-shape-overflows-int64": (  # 2^96 elements: a product that wraps to 0 in int64 must still be refused
+        lambda w: param(w, "transformer.wpe.weight").update(shape=[1 << 32, 1 << 32, 1 << 32]), None),
+    "weights-shape-dim-2-63": (  # past int64: the C++ parser holds a float, both readers say so
+        lambda w: param(w, "transformer.wpe.weight").update(shape=[1 << 63, 32]), None),
+    "weights-dtype-unknown": (lambda w: param(w, "transformer.wpe.weight").update(dtype="float1024"), None),
+    "weights-dtype-long-odd": (  # quoted as repr() does (quotes, unprintable code points) and clipped
+        lambda w: param(w, "transformer.wpe.weight").update(dtype="it's\u00a0\u00e9\u2028\t\U0001f600" + "x" * 5000),
+        None),
     "weights-duplicate-param": (lambda w: w["params"].append(copy.deepcopy(w["params"][1])), None),
     "weights-alignment-not-power-of-two": (lambda w: w.update(alignment=48), None),
     "weights-zero-vocab": (lambda w: w["model_config"].update(vocab_size=0), None),
