@@ -230,6 +230,8 @@ void read_common(const json::Object& m, const Reader& r, const std::string& redo
   }
 }
 
+std::string json_dumps(const std::string& s);
+
 void read_params(const json::Object& m, const Reader& r, bool with_file, Header* h) {
   std::set<std::string> seen;
   json::Array params = r.field(m, "params", "array").cast<json::Array>();
@@ -245,7 +247,7 @@ void read_params(const json::Object& m, const Reader& r, bool with_file, Header*
       param.file = r.str(p, "file", at + ".file");
       const std::string& f = param.file;
       if (f.empty() || f.find('/') != std::string::npos || f.find('\\') != std::string::npos || f == "." || f == "..")
-        throw r.fail(at + ".file must name a file in the directory, got " + json::quote(f));
+        throw r.fail(at + ".file must name a file in the directory, got " + json_dumps(f));
     }
     if (!seen.insert(param.name).second) throw r.fail(at + ": tensor " + param.name + " is listed twice");
     h->params.push_back(std::move(param));
@@ -319,6 +321,64 @@ std::string clip(const std::string& text) {
     if (++chars == kValueLimit - 3) cut = i;
   }
   return chars <= kValueLimit ? text : text.substr(0, cut) + "...";
+}
+
+// Python's json.dumps() of a str (ensure_ascii): what the "must name a file" message quotes.
+std::string json_dumps(const std::string& s) {
+  std::string out = "\"";
+  for (size_t i = 0; i < s.size();) {
+    char32_t cp = next_code_point(s, &i);
+    switch (cp) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      case '\b': out += "\\b"; break;
+      case '\f': out += "\\f"; break;
+      default:
+        if (cp >= 0x20 && cp < 0x7F) {
+          out += static_cast<char>(cp);
+        } else if (cp > 0xFFFF) {  // a surrogate pair, as Python writes one
+          out += hex_escape("\\u", 0xD800 + ((cp - 0x10000) >> 10), 4);
+          out += hex_escape("\\u", 0xDC00 + ((cp - 0x10000) & 0x3FF), 4);
+        } else {
+          out += hex_escape("\\u", cp, 4);
+        }
+    }
+  }
+  return out + "\"";
+}
+
+// Python's str.isspace(), which str.split() splits at.
+bool is_space(char32_t cp) {
+  return (cp >= 0x09 && cp <= 0x0D) || (cp >= 0x1C && cp <= 0x20) || cp == 0x85 || cp == 0xA0 || cp == 0x1680 ||
+         (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 || cp == 0x202F || cp == 0x205F ||
+         cp == 0x3000;
+}
+
+// files.py `one_line`: whitespace runs made one space, ends stripped, at most `limit` characters (the cut
+// marked with "..."). The Python reader's `reading` block passes every weights-manifest error through it.
+std::string one_line(const std::string& text, size_t limit) {
+  std::string out;
+  size_t chars = 0, cut = 0;
+  bool space = false;
+  for (size_t i = 0; i < text.size();) {
+    size_t start = i;
+    char32_t cp = next_code_point(text, &i);
+    if (is_space(cp)) {
+      space = !out.empty();
+      continue;
+    }
+    if (space) {
+      out += ' ';
+      if (++chars == limit - 3) cut = out.size();
+      space = false;
+    }
+    out += text.substr(start, i - start);
+    if (++chars == limit - 3) cut = out.size();
+  }
+  return chars <= limit ? out : out.substr(0, cut) + "...";
 }
 
 // ---- paths, as Python's pathlib sees them ----
@@ -495,12 +555,16 @@ Weights read_weights(const std::string& directory) {
   Reader r{w.path};
   std::string text = json::read_file(w.path);
   if (!valid_utf8(text)) throw Error(w.path + ": not valid UTF-8");
-  json::Object m = as_manifest(json::parse(text, w.path), r);
-  read_common(m, r, "convert the weights again", &w);
-  w.model_name = r.str(m, "model_name");
-  w.eos_ids = narrow(r.ints(r.need(m, "eos_token_id", "eos_token_id"), "eos_token_id"));
-  read_params(m, r, true, &w);
-  check_param_files(w, r);
+  try {  // as manifest.py's `reading` block: every line made one line, cut to twice MESSAGE_LIMIT
+    json::Object m = as_manifest(json::parse(text, w.path), r);
+    read_common(m, r, "convert the weights again", &w);
+    w.model_name = r.str(m, "model_name");
+    w.eos_ids = narrow(r.ints(r.need(m, "eos_token_id", "eos_token_id"), "eos_token_id"));
+    read_params(m, r, true, &w);
+    check_param_files(w, r);
+  } catch (const Error& e) {
+    throw Error(one_line(e.what(), 600));
+  }
   return w;
 }
 

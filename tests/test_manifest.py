@@ -55,6 +55,10 @@ CASES = {
                              '"/etc/passwd"',
     "weights-file-nul": "{dir}/gptbc-config.json: params[1].file names 'params\\x00.safetensors', outside its "
                         "directory {dir}",
+    "weights-file-odd-outside": '{dir}/gptbc-config.json: params[0].file must name a file in the directory, got '
+                                '"../\\u00e9\\b\\f\\u007f\\ud83d\\ude00.safetensors"',
+    "weights-duplicate-long-name": "{dir}/gptbc-config.json: params[22]: tensor a b c yyyyyyyy",  # one line, cut
+    "weights-not-utf8": "{dir}/gptbc-config.json: not valid UTF-8",
     "weights-shape-too-large": "{dir}/gptbc-config.json: params[2].shape [2097152, 1048576] has more than 2^40 "
                                "elements",
     "weights-shape-overflows-int64": "{dir}/gptbc-config.json: params[2].shape [4294967296, 4294967296, 4294967296] "
@@ -157,6 +161,12 @@ def test_python_and_native_readers_agree(name, check_manifest):
         assert py == "ok"
     else:
         assert py.startswith("error: ") and want in py, py
+
+
+def test_a_long_line_is_cut():
+    """The weights reader's lines are at most 2 MESSAGE_LIMIT characters (both readers: the case above)."""
+    answer = python_answer(FIXTURES / "weights-duplicate-long-name")
+    assert len(answer) == len("error: ") + 600 and answer.endswith("y...")
 
 
 PARAMS_FILE = "params-00001-of-00001.safetensors"  # the one file every param of the good fixture names
