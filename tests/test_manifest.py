@@ -4,8 +4,10 @@ each bad one with the same one-line message; the builders still write what the g
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import random
 import subprocess
 from pathlib import Path
 
@@ -215,6 +217,41 @@ def test_readers_agree_on_files_that_are_links(name, tmp_path, check_manifest):
     else:
         assert py == (f"error: {case}/gptbc-config.json: params[0].file names '{PARAMS_FILE}', which leads outside "
                       f"its directory {case}")
+
+
+def odd_value(rng: random.Random, kind: str):
+    """A value a hostile manifest may hold where a param's `kind` (shape, dtype, file) goes."""
+    texts = ["float32", "float1024", "", "..", ".", "../x", "/etc/passwd", "a/b", "a\\b", "it's", 'say "x"',
+             "\x00", "\t\n", "\u00a0\u00e9\u2028\U0001f600\x7f\x85", "x" * rng.randint(50, 900)]
+    dims = [0, 1, 7, -1, 1 << 20, 1 << 31, 1 << 32, 1 << 40, (1 << 40) + 1, (1 << 62), (1 << 63) - 1, 1 << 63,
+            -(1 << 63), 1 << 64, 2.0, "3", None, True]
+    if kind == "shape" and rng.random() < 0.8:
+        return [rng.choice(dims) for _ in range(rng.randint(0, 4))]
+    if kind != "shape" and rng.random() < 0.9:
+        return "".join(rng.choice(texts) for _ in range(rng.randint(1, 3)))
+    return rng.choice([None, 5, 1.5, [], {}, ["x"]])
+
+
+def test_readers_agree_on_odd_params(tmp_path, check_manifest):
+    """Seeded mutations of a param's shape, dtype and file: the twins of each check (bounds, dtype list,
+    containment, quoting, clipping) answer with the same line."""
+    good = json.loads((FIXTURES / "good" / manifest.WEIGHTS_FILE).read_text())
+    rng = random.Random(36)
+    case = tmp_path / "weights"
+    case.mkdir()
+    (case / LIB).write_bytes((FIXTURES / "good" / LIB).read_bytes())
+    answers = set()
+    for i in range(120):
+        m = copy.deepcopy(good)
+        for _ in range(rng.randint(1, 2)):
+            p = rng.choice(m["params"])
+            key = rng.choice(["shape", "dtype", "file"])
+            p[key] = odd_value(rng, key)
+        (case / manifest.WEIGHTS_FILE).write_text(json.dumps(m))
+        py, native = python_answer(case), native_answer(check_manifest, case)
+        assert py == native, (i, m)
+        answers.add(py.split(": ", 2)[-1][:40])
+    assert len(answers) > 10  # the mutations reach many checks, not one
 
 
 def test_builders_write_the_good_fixture():
