@@ -1,7 +1,9 @@
-"""Writes native/unicode_table.h: the code point ranges of Unicode general categories L* and N*.
+"""Writes native/unicode_table.h: the code point ranges of Unicode general categories L* and N*, and those
+Python's repr() escapes.
 
 The GPT-2 pre-tokenizer regex of byte-level BPE tokenizers needs \\p{L} and \\p{N}; this table is all of
-Unicode the tokenizer needs, so no ICU. Generated from Python's unicodedata; rerun after a Python upgrade
+Unicode the tokenizer needs, so no ICU. The manifest reader quotes values in its messages as Python's repr() does (manifest.py
+`clip`), which escapes the code points that str.isprintable() calls unprintable. Generated from Python's unicodedata; rerun after a Python upgrade
 if a newer Unicode version matters:  python native/gen_unicode_table.py
 """
 
@@ -13,9 +15,13 @@ from pathlib import Path
 
 
 def ranges(prefix: str) -> list[tuple[int, int]]:
+    return matching(lambda c: unicodedata.category(c).startswith(prefix))
+
+
+def matching(test) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     for cp in range(sys.maxunicode + 1):
-        if unicodedata.category(chr(cp)).startswith(prefix):
+        if test(chr(cp)):
             if out and out[-1][1] == cp - 1:
                 out[-1] = (out[-1][0], cp)
             else:
@@ -38,6 +44,8 @@ def main() -> None:
         "struct CodeRange {\n  uint32_t lo, hi;  // inclusive\n};\n\n"
         "// General category L (Lu, Ll, Lt, Lm, Lo), sorted.\n" + table("kLetterRanges", ranges("L")) + "\n"
         "// General category N (Nd, Nl, No), sorted.\n" + table("kNumberRanges", ranges("N")) + "\n"
+        "// Code points from U+0080 up that Python's str.isprintable() refuses (repr() escapes them), sorted.\n"
+        + table("kUnprintableRanges", matching(lambda c: ord(c) >= 0x80 and not c.isprintable())) + "\n"
         "}  // namespace gptbc\n")
     print(out)
 

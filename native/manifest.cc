@@ -1,15 +1,22 @@
 #include "manifest.h"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <iterator>
 #include <map>
+#include <optional>
 #include <set>
 
 #include "error.h"
 #include "json.h"
+#include "unicode_table.h"
 
 namespace gptbc::manifest {
 
@@ -223,6 +230,8 @@ void read_common(const json::Object& m, const Reader& r, const std::string& redo
   }
 }
 
+std::string json_dumps(const std::string& s);
+
 void read_params(const json::Object& m, const Reader& r, bool with_file, Header* h) {
   std::set<std::string> seen;
   json::Array params = r.field(m, "params", "array").cast<json::Array>();
@@ -238,7 +247,7 @@ void read_params(const json::Object& m, const Reader& r, bool with_file, Header*
       param.file = r.str(p, "file", at + ".file");
       const std::string& f = param.file;
       if (f.empty() || f.find('/') != std::string::npos || f.find('\\') != std::string::npos || f == "." || f == "..")
-        throw r.fail(at + ".file must name a file in the directory, got " + json::quote(f));
+        throw r.fail(at + ".file must name a file in the directory, got " + json_dumps(f));
     }
     if (!seen.insert(param.name).second) throw r.fail(at + ": tensor " + param.name + " is listed twice");
     h->params.push_back(std::move(param));
@@ -256,6 +265,284 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   return out + "]";
 }
 
+// ---- values quoted in messages, as Python's repr() and files.py `clip` write them ----
+
+constexpr size_t kValueLimit = 60;  // files.py VALUE_LIMIT, in characters (code points)
+
+// The next code point of UTF-8 `s` at `*i` (advanced past it); a stray byte reads as itself (the weights file
+// was checked to be UTF-8, so only a parser's odd output could hold one).
+char32_t next_code_point(const std::string& s, size_t* i) {
+  unsigned char c = s[(*i)++];
+  int extra = c >= 0xF0 ? 3 : c >= 0xE0 ? 2 : c >= 0xC0 ? 1 : 0;
+  char32_t cp = extra == 3 ? c & 0x07 : extra == 2 ? c & 0x0F : extra == 1 ? c & 0x1F : c;
+  for (int k = 0; k < extra && *i < s.size() && (static_cast<unsigned char>(s[*i]) & 0xC0) == 0x80; ++k)
+    cp = (cp << 6) | (static_cast<unsigned char>(s[(*i)++]) & 0x3F);
+  return cp;
+}
+
+bool printable(char32_t cp) {
+  auto end = std::end(kUnprintableRanges);
+  auto it = std::upper_bound(std::begin(kUnprintableRanges), end, cp,
+                             [](char32_t c, const CodeRange& r) { return c < r.lo; });
+  return it == std::begin(kUnprintableRanges) || cp > (it - 1)->hi;
+}
+
+std::string hex_escape(const char* prefix, char32_t cp, int digits) {
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "%s%0*x", prefix, digits, static_cast<unsigned>(cp));
+  return buf;
+}
+
+// Python's repr() of a str: single quotes unless it holds ' and no ", unprintable code points escaped.
+std::string py_repr(const std::string& s) {
+  char quote = s.find('\'') != std::string::npos && s.find('"') == std::string::npos ? '"' : '\'';
+  std::string out(1, quote);
+  for (size_t i = 0; i < s.size();) {
+    size_t start = i;
+    char32_t cp = next_code_point(s, &i);
+    if (cp == static_cast<char32_t>(quote) || cp == '\\') out += {'\\', static_cast<char>(cp)};
+    else if (cp == '\t') out += "\\t";
+    else if (cp == '\n') out += "\\n";
+    else if (cp == '\r') out += "\\r";
+    else if (cp < 0x20 || cp == 0x7F) out += hex_escape("\\x", cp, 2);
+    else if (cp < 0x7F || printable(cp)) out += s.substr(start, i - start);
+    else if (cp <= 0xFF) out += hex_escape("\\x", cp, 2);
+    else if (cp <= 0xFFFF) out += hex_escape("\\u", cp, 4);
+    else out += hex_escape("\\U", cp, 8);
+  }
+  return out + quote;
+}
+
+// files.py `clip` of a repr: at most kValueLimit characters, the cut marked with "...".
+std::string clip(const std::string& text) {
+  size_t chars = 0, i = 0, cut = 0;
+  while (i < text.size()) {
+    next_code_point(text, &i);
+    if (++chars == kValueLimit - 3) cut = i;
+  }
+  return chars <= kValueLimit ? text : text.substr(0, cut) + "...";
+}
+
+// Python's json.dumps() of a str (ensure_ascii): what the "must name a file" message quotes.
+std::string json_dumps(const std::string& s) {
+  std::string out = "\"";
+  for (size_t i = 0; i < s.size();) {
+    char32_t cp = next_code_point(s, &i);
+    switch (cp) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      case '\b': out += "\\b"; break;
+      case '\f': out += "\\f"; break;
+      default:
+        if (cp >= 0x20 && cp < 0x7F) {
+          out += static_cast<char>(cp);
+        } else if (cp > 0xFFFF) {  // a surrogate pair, as Python writes one
+          out += hex_escape("\\u", 0xD800 + ((cp - 0x10000) >> 10), 4);
+          out += hex_escape("\\u", 0xDC00 + ((cp - 0x10000) & 0x3FF), 4);
+        } else {
+          out += hex_escape("\\u", cp, 4);
+        }
+    }
+  }
+  return out + "\"";
+}
+
+// Python's str.isspace(), which str.split() splits at.
+bool is_space(char32_t cp) {
+  return (cp >= 0x09 && cp <= 0x0D) || (cp >= 0x1C && cp <= 0x20) || cp == 0x85 || cp == 0xA0 || cp == 0x1680 ||
+         (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 || cp == 0x202F || cp == 0x205F ||
+         cp == 0x3000;
+}
+
+// files.py `one_line`: whitespace runs made one space, ends stripped, at most `limit` characters (the cut
+// marked with "..."). The Python reader's `reading` block passes every weights-manifest error through it.
+std::string one_line(const std::string& text, size_t limit) {
+  std::string out;
+  size_t chars = 0, cut = 0;
+  bool space = false;
+  for (size_t i = 0; i < text.size();) {
+    size_t start = i;
+    char32_t cp = next_code_point(text, &i);
+    if (is_space(cp)) {
+      space = !out.empty();
+      continue;
+    }
+    if (space) {
+      out += ' ';
+      if (++chars == limit - 3) cut = out.size();
+      space = false;
+    }
+    out += text.substr(start, i - start);
+    if (++chars == limit - 3) cut = out.size();
+  }
+  return chars <= limit ? out : out.substr(0, cut) + "...";
+}
+
+// ---- paths, as Python's pathlib sees them ----
+
+// posixpath.realpath(path, strict=False) of Python 3.11 (Path.resolve): symbolic links followed as far as
+// they lead, a missing part kept as written; nullopt for a link loop (Path.resolve raises for one).
+std::optional<std::string> resolve(const std::string& path) {
+  std::string rest = path;
+  if (rest.empty() || rest[0] != '/') {
+    char cwd[PATH_MAX];
+    if (!getcwd(cwd, sizeof cwd)) return std::nullopt;
+    rest = std::string(cwd) + "/" + rest;
+  }
+  std::string done = "/";
+  std::map<std::string, std::optional<std::string>> seen;  // link → where it led; nullopt while being followed
+  // Each pending piece: the rest of a path, relative to `done`; a link pushes its target in front of it.
+  std::vector<std::pair<std::string, std::string>> stack;  // (rest, the link whose target this is, or "")
+  stack.push_back({rest, ""});
+  int hops = 0;
+  while (!stack.empty()) {
+    auto& [todo, link] = stack.back();
+    if (todo.empty()) {
+      if (!link.empty()) seen[link] = done;
+      stack.pop_back();
+      continue;
+    }
+    if (todo[0] == '/') {
+      done = "/";
+      todo.erase(0, todo.find_first_not_of('/'));  // all of it when it is only slashes
+      continue;
+    }
+    size_t slash = todo.find('/');
+    std::string name = todo.substr(0, slash);
+    todo = slash == std::string::npos ? "" : todo.substr(slash + 1);
+    if (name.empty() || name == ".") continue;
+    if (name == "..") {
+      if (done != "/") done.erase(std::max<size_t>(done.rfind('/'), 1));
+      continue;
+    }
+    std::string next = done == "/" ? "/" + name : done + "/" + name;
+    struct stat st {};
+    if (lstat(next.c_str(), &st) != 0 || !S_ISLNK(st.st_mode)) {
+      done = next;
+      continue;
+    }
+    if (auto it = seen.find(next); it != seen.end()) {
+      if (!it->second) return std::nullopt;  // a loop
+      done = *it->second;
+      continue;
+    }
+    if (++hops > 4096) return std::nullopt;
+    char target[PATH_MAX];
+    ssize_t n = readlink(next.c_str(), target, sizeof target);
+    if (n < 0) return std::nullopt;
+    seen[next] = std::nullopt;
+    stack.push_back({std::string(target, n), next});
+  }
+  // Path.resolve(): a path that stat() finds looping is an error even where realpath() went on
+  struct stat st {};
+  if (stat(done.c_str(), &st) != 0 && errno == ELOOP) return std::nullopt;
+  return done;
+}
+
+// pathlib's parts of a path ("a//./b/" → a, b); the root "/" is a part of its own.
+std::vector<std::string> parts_of(const std::string& path) {
+  std::vector<std::string> parts;
+  if (!path.empty() && path[0] == '/') parts.push_back("/");
+  size_t i = 0;
+  while (i <= path.size()) {
+    size_t slash = std::min(path.find('/', i), path.size());
+    std::string part = path.substr(i, slash - i);
+    if (!part.empty() && part != ".") parts.push_back(part);
+    i = slash + 1;
+  }
+  return parts;
+}
+
+std::string joined(const std::vector<std::string>& parts, size_t count) {
+  if (count == 0) return ".";
+  std::string out;
+  for (size_t i = 0; i < count; ++i) out += (i == 0 || out == "/" ? "" : "/") + parts[i];
+  return out;
+}
+
+bool is_dir(const std::string& path) {
+  struct stat st {};
+  return stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+// files.py `link_root`: where the links of `directory`'s files may lead: the directory, or for a snapshot in
+// the Hugging Face cache (models--owner--name/snapshots/REV/) the repository's cache folder.
+std::string link_root(const std::string& directory) {
+  std::vector<std::string> parts = parts_of(directory);
+  size_t n = parts.size();
+  if (n >= 2 && parts[n - 2] == "snapshots" && is_dir(joined(parts, n - 2) + "/blobs")) return joined(parts, n - 2);
+  return directory;
+}
+
+// pathlib's is_relative_to on resolved paths.
+bool inside(const std::string& path, const std::string& root) {
+  if (root == "/") return true;
+  return path == root || (path.size() > root.size() && path.compare(0, root.size(), root) == 0 &&
+                          path[root.size()] == '/');
+}
+
+// files.py `contained`, for a name read_params let through (a plain name, no '/' nor '\\'): refused where
+// it holds a NUL or its links lead out of the directory (or loop).
+void check_contained(const std::string& directory, const std::string& name, const Reader& r,
+                     const std::string& entry) {
+  std::string quoted = clip(py_repr(name));
+  if (name.find('\0') != std::string::npos)
+    throw r.fail(entry + " names " + quoted + ", outside its directory " + directory);
+  std::optional<std::string> target = resolve(directory + "/" + name);
+  std::optional<std::string> root = resolve(link_root(directory));
+  if (!target || !root || !inside(*target, *root))
+    throw r.fail(entry + " names " + quoted + ", which leads outside its directory " + directory);
+}
+
+// The dtypes a converted tensor can have, and the largest tensor a manifest may list (manifest.py DTYPES,
+// MAX_TENSOR_ELEMENTS).
+const char* const kDtypes[] = {"float64", "float32", "float16", "bfloat16", "int64", "int32",
+                               "int16",   "int8",    "uint8",   "uint32",   "bool"};
+constexpr int64_t kMaxTensorElements = int64_t{1} << 40;
+
+// manifest.py `_param_files`, after every param passed read_params: each file inside the directory, links
+// resolved; each dtype one a tensor can have; each shape at most 2^40 elements (multiplied without overflow:
+// the dims are at most 2^63 - 1 each).
+void check_param_files(const Weights& w, const Reader& r) {
+  for (size_t i = 0; i < w.params.size(); ++i) {
+    const Param& p = w.params[i];
+    std::string at = "params[" + std::to_string(i) + "]";
+    check_contained(w.directory, p.file, r, at + ".file");
+    if (std::find(std::begin(kDtypes), std::end(kDtypes), p.dtype) == std::end(kDtypes)) {
+      std::string list;
+      for (const char* d : kDtypes) list += (list.empty() ? "" : ", ") + std::string(d);
+      throw r.fail(at + ".dtype " + clip(py_repr(p.dtype)) + " is not a tensor dtype (" + list + ")");
+    }
+    int64_t count = 1;
+    for (int64_t n : p.shape) {
+      if (__builtin_mul_overflow(count, n, &count) || count > kMaxTensorElements)
+        throw r.fail(at + ".shape " + clip(shape_str(p.shape)) + " has more than 2^40 elements");
+    }
+  }
+}
+
+// Python's strict UTF-8 decoding (read_text): no overlong forms, surrogates or code points past U+10FFFF.
+bool valid_utf8(const std::string& s) {
+  for (size_t i = 0; i < s.size();) {
+    unsigned char c = s[i];
+    int extra = c < 0x80 ? 0 : (c & 0xE0) == 0xC0 ? 1 : (c & 0xF0) == 0xE0 ? 2 : (c & 0xF8) == 0xF0 ? 3 : -1;
+    if (extra < 0 || i + extra >= s.size()) return false;
+    char32_t cp = extra == 0 ? c : extra == 1 ? c & 0x1F : extra == 2 ? c & 0x0F : c & 0x07;
+    for (int k = 1; k <= extra; ++k) {
+      unsigned char d = s[i + k];
+      if ((d & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (d & 0x3F);
+    }
+    static const char32_t least[] = {0, 0x80, 0x800, 0x10000};
+    if (cp < least[extra] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+    i += extra + 1;
+  }
+  return true;
+}
+
 }  // namespace
 
 Weights read_weights(const std::string& directory) {
@@ -266,11 +553,18 @@ Weights read_weights(const std::string& directory) {
   if (!is_file(w.path))
     throw Error(directory + ": no " + kWeightsFile + " (convert weights with `gptbc convert-weight`)");
   Reader r{w.path};
-  json::Object m = as_manifest(json::parse_file(w.path), r);
-  read_common(m, r, "convert the weights again", &w);
-  w.model_name = r.str(m, "model_name");
-  w.eos_ids = narrow(r.ints(r.need(m, "eos_token_id", "eos_token_id"), "eos_token_id"));
-  read_params(m, r, true, &w);
+  std::string text = json::read_file(w.path);
+  if (!valid_utf8(text)) throw Error(w.path + ": not valid UTF-8");
+  try {  // as manifest.py's `reading` block: every line made one line, cut to twice MESSAGE_LIMIT
+    json::Object m = as_manifest(json::parse(text, w.path), r);
+    read_common(m, r, "convert the weights again", &w);
+    w.model_name = r.str(m, "model_name");
+    w.eos_ids = narrow(r.ints(r.need(m, "eos_token_id", "eos_token_id"), "eos_token_id"));
+    read_params(m, r, true, &w);
+    check_param_files(w, r);
+  } catch (const Error& e) {
+    throw Error(one_line(e.what(), 600));
+  }
   return w;
 }
 

@@ -298,7 +298,9 @@ void Model::check_device_limits() {
                   " has no shader-f16 support; use a float32 scheme (q0f32, q4f32_1, q8f32_1)");
     }
     int64_t nbytes = (dt.bits * dt.lanes + 7) / 8;
-    for (int64_t d : p.shape) nbytes *= d;
+    bool overflow = false;  // the library's shapes equal the weights' (checked), but never multiply unchecked
+    for (int64_t d : p.shape) overflow |= __builtin_mul_overflow(nbytes, d, &nbytes);
+    if (overflow) nbytes = INT64_MAX;
     if (nbytes > limit) {
       throw Error("tensor " + p.name + " (" + p.dtype + ") is " + std::to_string(nbytes) + " bytes, over the Vulkan adapter " +
                   name + "'s max storage-buffer binding of " + std::to_string(limit) + " bytes");

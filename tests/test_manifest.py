@@ -4,8 +4,10 @@ each bad one with the same one-line message; the builders still write what the g
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import random
 import subprocess
 from pathlib import Path
 
@@ -51,6 +53,23 @@ CASES = {
     "weights-param-not-object": "{dir}/gptbc-config.json: params[2] must be an object, got string",
     "weights-file-outside": '{dir}/gptbc-config.json: params[0].file must name a file in the directory, got '
                             '"../secret.safetensors"',
+    "weights-file-absolute": '{dir}/gptbc-config.json: params[0].file must name a file in the directory, got '
+                             '"/etc/passwd"',
+    "weights-file-nul": "{dir}/gptbc-config.json: params[1].file names 'params\\x00.safetensors', outside its "
+                        "directory {dir}",
+    "weights-file-odd-outside": '{dir}/gptbc-config.json: params[0].file must name a file in the directory, got '
+                                '"../\\u00e9\\b\\f\\u007f\\ud83d\\ude00.safetensors"',
+    "weights-duplicate-long-name": "{dir}/gptbc-config.json: params[22]: tensor a b c yyyyyyyy",  # one line, cut
+    "weights-not-utf8": "{dir}/gptbc-config.json: not valid UTF-8",
+    "weights-shape-too-large": "{dir}/gptbc-config.json: params[2].shape [2097152, 1048576] has more than 2^40 "
+                               "elements",
+    "weights-shape-overflows-int64": "{dir}/gptbc-config.json: params[2].shape [4294967296, 4294967296, 4294967296] "
+                                     "has more than 2^40 elements",
+    "weights-shape-dim-2-63": "{dir}/gptbc-config.json: params[2].shape[0] must be an integer, got number",
+    "weights-dtype-unknown": "{dir}/gptbc-config.json: params[2].dtype 'float1024' is not a tensor dtype (float64, "
+                             "float32, float16, bfloat16, int64, int32, int16, int8, uint8, uint32, bool)",
+    "weights-dtype-long-odd": '{dir}/gptbc-config.json: params[2].dtype "it\'s\\xa0\u00e9\\u2028\\t\U0001f600'
+                              + "x" * 38 + '... is not a tensor dtype (float64,',
     "weights-duplicate-param": "{dir}/gptbc-config.json: params[21]: tensor transformer.wte.q_scale is listed twice",
     "weights-alignment-not-power-of-two": "{dir}/gptbc-config.json: alignment must be a power of two, got 48",
     "weights-zero-vocab": "{dir}/gptbc-config.json: model_config.vocab_size must be positive, got 0",
@@ -144,6 +163,95 @@ def test_python_and_native_readers_agree(name, check_manifest):
         assert py == "ok"
     else:
         assert py.startswith("error: ") and want in py, py
+
+
+def test_a_long_line_is_cut():
+    """The weights reader's lines are at most 2 MESSAGE_LIMIT characters (both readers: the case above)."""
+    answer = python_answer(FIXTURES / "weights-duplicate-long-name")
+    assert len(answer) == len("error: ") + 600 and answer.endswith("y...")
+
+
+PARAMS_FILE = "params-00001-of-00001.safetensors"  # the one file every param of the good fixture names
+# name → (the link's target, relative to the weights directory or absolute; where the link sits: "" for the weights
+# directory, "snapshot" for a Hugging Face cache snapshot), and whether both readers accept it. {out}: a file
+# beside the directory, outside it.
+LINKS = {
+    "to-a-file-outside": ("{out}", "", False),
+    "to-etc-passwd": ("/etc/passwd", "", False),
+    "up-and-out": ("../outside.safetensors", "", False),
+    "dangling-outside": ("{tmp}/gone/x.safetensors", "", False),  # resolved as far as it exists: still outside
+    "loop": (PARAMS_FILE, "", False),
+    "through-an-inner-link-out": ("hop", "", False),  # hop (inside) leads to {out}
+    "to-a-file-inside": ("real.safetensors", "", True),
+    "up-and-back-in": ("../weights/real.safetensors", "", True),
+    "dangling-inside": ("not-yet.safetensors", "", True),  # missing, but inside: the safetensors reader says so
+    "hf-snapshot-blob": ("../../blobs/0123abcd", "snapshot", True),
+    "hf-snapshot-past-the-repo": ("../../../outside.safetensors", "snapshot", False),
+}
+
+
+@pytest.mark.parametrize("name", LINKS)
+def test_readers_agree_on_files_that_are_links(name, tmp_path, check_manifest):
+    """A param's file that is a symbolic link: both readers refuse it, with the same line, when it leads (or may
+    lead) out of the directory; git keeps no such link, so the cases are made here."""
+    target, where, accepted = LINKS[name]
+    (tmp_path / "outside.safetensors").write_bytes(b"secret")
+    if where == "snapshot":  # models--owner--name/snapshots/REV/FILE → ../../blobs/HASH, as the Hugging Face cache
+        repo = tmp_path / "models--o--n"
+        (repo / "blobs").mkdir(parents=True)
+        (repo / "blobs" / "0123abcd").write_bytes(b"weights")
+        (repo / "outside.safetensors").write_bytes(b"secret")
+        case = repo / "snapshots" / "rev"
+    else:
+        case = tmp_path / "weights"
+    case.mkdir(parents=True)
+    for f in (manifest.WEIGHTS_FILE, LIB):
+        (case / f).write_bytes((FIXTURES / "good" / f).read_bytes())
+    (case / "real.safetensors").write_bytes(b"weights")
+    (case / "hop").symlink_to(tmp_path / "outside.safetensors")
+    (case / PARAMS_FILE).symlink_to(target.format(out=tmp_path / "outside.safetensors", tmp=tmp_path))
+    py, native = python_answer(case), native_answer(check_manifest, case)
+    assert py == native
+    if accepted:
+        assert py == "ok"
+    else:
+        assert py == (f"error: {case}/gptbc-config.json: params[0].file names '{PARAMS_FILE}', which leads outside "
+                      f"its directory {case}")
+
+
+def odd_value(rng: random.Random, kind: str):
+    """A value a hostile manifest may hold where a param's `kind` (shape, dtype, file) goes."""
+    texts = ["float32", "float1024", "", "..", ".", "../x", "/etc/passwd", "a/b", "a\\b", "it's", 'say "x"',
+             "\x00", "\t\n", "\u00a0\u00e9\u2028\U0001f600\x7f\x85", "x" * rng.randint(50, 900)]
+    dims = [0, 1, 7, -1, 1 << 20, 1 << 31, 1 << 32, 1 << 40, (1 << 40) + 1, (1 << 62), (1 << 63) - 1, 1 << 63,
+            -(1 << 63), 1 << 64, 2.0, "3", None, True]
+    if kind == "shape" and rng.random() < 0.8:
+        return [rng.choice(dims) for _ in range(rng.randint(0, 4))]
+    if kind != "shape" and rng.random() < 0.9:
+        return "".join(rng.choice(texts) for _ in range(rng.randint(1, 3)))
+    return rng.choice([None, 5, 1.5, [], {}, ["x"]])
+
+
+def test_readers_agree_on_odd_params(tmp_path, check_manifest):
+    """Seeded mutations of a param's shape, dtype and file: the twins of each check (bounds, dtype list,
+    containment, quoting, clipping) answer with the same line."""
+    good = json.loads((FIXTURES / "good" / manifest.WEIGHTS_FILE).read_text())
+    rng = random.Random(36)
+    case = tmp_path / "weights"
+    case.mkdir()
+    (case / LIB).write_bytes((FIXTURES / "good" / LIB).read_bytes())
+    answers = set()
+    for i in range(120):
+        m = copy.deepcopy(good)
+        for _ in range(rng.randint(1, 2)):
+            p = rng.choice(m["params"])
+            key = rng.choice(["shape", "dtype", "file"])
+            p[key] = odd_value(rng, key)
+        (case / manifest.WEIGHTS_FILE).write_text(json.dumps(m))
+        py, native = python_answer(case), native_answer(check_manifest, case)
+        assert py == native, (i, m)
+        answers.add(py.split(": ", 2)[-1][:40])
+    assert len(answers) > 10  # the mutations reach many checks, not one
 
 
 def test_builders_write_the_good_fixture():

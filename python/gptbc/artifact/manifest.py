@@ -144,7 +144,8 @@ def _kind(v: Any) -> str:
     if isinstance(v, bool):
         return "boolean"
     if isinstance(v, int):
-        return "integer"
+        # beyond 64 bits the C++ parser (native/json.cc) holds a float: both readers call it a number
+        return "integer" if -(1 << 63) <= v < (1 << 63) else "number"
     if isinstance(v, float):
         return "number"
     if isinstance(v, str):
@@ -320,9 +321,8 @@ MAX_TENSOR_ELEMENTS = 1 << 40
 
 
 def _param_files(m: dict, r: _Reader, directory: Path) -> None:
-    """What only the Python side reads before opening the files (the native runner checks each tensor against
-    its safetensors header): each file inside the directory, links resolved; each shape and dtype one a
-    tensor can have."""
+    """After every param passed `_params` (native/manifest.cc `check_param_files`, in the same order): each file
+    inside the directory, links resolved; each shape and dtype one a tensor can have."""
     for i, p in enumerate(m["params"]):
         at = f"params[{i}]"
         contained(directory, p["file"], r.where, f"{at}.file")

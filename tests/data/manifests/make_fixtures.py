@@ -89,7 +89,24 @@ CASES: dict[str, tuple[Edit | None, Edit | None]] = {
     "weights-shape-negative": (lambda w: param(w, "transformer.wpe.weight").update(shape=[64, -32]), None),
     "weights-param-not-object": (lambda w: w["params"].__setitem__(2, "transformer.wpe.weight"), None),
     "weights-file-outside": (lambda w: w["params"][0].update(file="../secret.safetensors"), None),
+    "weights-file-absolute": (lambda w: w["params"][0].update(file="/etc/passwd"), None),
+    "weights-file-nul": (lambda w: w["params"][1].update(file="params\u0000.safetensors"), None),
+    "weights-file-odd-outside": (  # quoted as json.dumps does: \\b, \\f, non-ASCII as \\u escapes
+        lambda w: w["params"][0].update(file="../\u00e9\b\f\x7f\U0001f600.safetensors"), None),
+    # (a file that is a link leading outside: test_manifest.py makes those, git keeps no such link)
+    # ---- sizes and dtypes a tensor cannot have ----
+    "weights-shape-too-large": (lambda w: param(w, "transformer.wpe.weight").update(shape=[1 << 21, 1 << 20]), None),
+    "weights-shape-overflows-int64": (  # 2^96 elements: a product that wraps to 0 in int64 must still be refused
+        lambda w: param(w, "transformer.wpe.weight").update(shape=[1 << 32, 1 << 32, 1 << 32]), None),
+    "weights-shape-dim-2-63": (  # past int64: the C++ parser holds a float, both readers say so
+        lambda w: param(w, "transformer.wpe.weight").update(shape=[1 << 63, 32]), None),
+    "weights-dtype-unknown": (lambda w: param(w, "transformer.wpe.weight").update(dtype="float1024"), None),
+    "weights-dtype-long-odd": (  # quoted as repr() does (quotes, unprintable code points) and clipped
+        lambda w: param(w, "transformer.wpe.weight").update(dtype="it's\u00a0\u00e9\u2028\t\U0001f600" + "x" * 5000),
+        None),
     "weights-duplicate-param": (lambda w: w["params"].append(copy.deepcopy(w["params"][1])), None),
+    "weights-duplicate-long-name": (  # the line is made one line (whitespace runs, \\u2028 too) and cut at 600
+        lambda w: w["params"].extend([{**w["params"][0], "name": "a  b\u2028\u00a0c\t" + "y" * 1000}] * 2), None),
     "weights-alignment-not-power-of-two": (lambda w: w.update(alignment=48), None),
     "weights-zero-vocab": (lambda w: w["model_config"].update(vocab_size=0), None),
     "weights-config-eos-string": (lambda w: w["model_config"].update(eos_token_id="0"), None),
@@ -125,11 +142,12 @@ CASES: dict[str, tuple[Edit | None, Edit | None]] = {
         for width in (4, None)),
 }
 # Written by hand (not JSON of a manifest, or no file at all): case → (weights text or None, library text or None).
-RAW = {
+RAW: dict[str, tuple[str | bytes | None, str | None]] = {
     "weights-not-json": ('{"schema_version": 1,\n  "params": [\n', None),
     "library-not-json": (None, '{"schema_version": 1, "page_size": 16,}'),
     "library-not-object": (None, '[1, 2, 3]\n'),
     "weights-missing-file": (None, None),  # a directory without gptbc-config.json
+    "weights-not-utf8": (b'{"schema_version": 2, "model_name": "caf\xe9"}\n', None),  # Latin-1, not UTF-8
 }
 
 
@@ -156,7 +174,9 @@ def main() -> None:
         dump(HERE / case / WEIGHTS, w)
         dump(HERE / case / LIB, m)
     for case, (w_text, l_text) in RAW.items():
-        if w_text is not None:
+        if isinstance(w_text, bytes):
+            (HERE / case / WEIGHTS).write_bytes(w_text)
+        elif w_text is not None:
             (HERE / case / WEIGHTS).write_text(w_text)
         elif case != "weights-missing-file":
             dump(HERE / case / WEIGHTS, weights)
