@@ -220,7 +220,8 @@ def test_bundle_offline_without_cached_wheels_says_what_to_download(tiny_model, 
     err = bundle_error(capsys, str(tiny_model("mqa64").out_dir), "--lib", str(aarch64_lib("mqa64")), "-o", str(out))
     tvm_version, ffi_version = tvm_versions()
     assert "cannot fetch the aarch64 TVM runtime" in err and "--platform manylinux_2_28_aarch64" in err
-    assert f"apache-tvm=={tvm_version} apache-tvm-ffi=={ffi_version}" in err and str(tmp_path / "cache" / "wheels") in err
+    assert f"apache-tvm=={tvm_version} apache-tvm-ffi=={ffi_version}" in err
+    assert f"put the two wheels in {tmp_path / 'cache' / 'downloads'}" in err  # where fetch_wheels looks first
     assert not out.parent.exists() or not any(out.parent.iterdir())
 
 
@@ -288,3 +289,20 @@ def test_bundle_refuses_a_truncated_library(tiny_model, tmp_path):
     with pytest.raises(GptbcError, match=f"--lib {cut}: truncated or damaged \\(segment "):
         make_bundle(m.out_dir, cut, tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_wheels_put_in_the_downloads_folder_are_taken_without_pip(tmp_path, monkeypatch):
+    """Offline, a user puts the two wheels in CACHE/downloads (as the error says): fetch_wheels takes them from there
+    and never asks pip (which PIP_NO_INDEX would fail)."""
+    from gptbc.bundle import downloads_dir, fetch_wheels, tvm_versions
+
+    monkeypatch.setenv("GPTBC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    tvm_version, ffi_version = tvm_versions()
+    downloads_dir().mkdir(parents=True)
+    names = [f"apache_tvm-{tvm_version}-cp311-cp311-manylinux_2_28_aarch64.whl",
+             f"apache_tvm_ffi-{ffi_version}-cp311-cp311-manylinux_2_28_aarch64.whl"]
+    for name in names:
+        (downloads_dir() / name).write_bytes(b"a wheel")
+    found = fetch_wheels("aarch64", tmp_path / "into", log=lambda m: pytest.fail(f"asked pip: {m}"))
+    assert [p.name for p in found] == names and all(p.parent == tmp_path / "into" for p in found)

@@ -320,11 +320,11 @@ def test_progress_on_a_terminal_is_a_bar_and_elsewhere_lines(monkeypatch, capsys
     from gptbc import prepare
 
     lines = []
-    with prepare.progress_bar("compile", 5.0, lines.append) as log:
+    with prepare.progress_bar("compile", lambda: 5.0, lines.append) as log:
         log("[gptbc] a phase")
     assert lines == ["[gptbc] a phase"] and capsys.readouterr().err == ""  # not a terminal: the lines alone
     monkeypatch.setattr(prepare.sys.stderr, "isatty", lambda: True)
-    with prepare.progress_bar("compile", 5.0, lines.append) as log:
+    with prepare.progress_bar("compile", lambda: 5.0, lines.append) as log:
         time.sleep(1.3)
         log("[gptbc] a phase")
     err = capsys.readouterr().err

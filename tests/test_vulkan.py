@@ -301,7 +301,10 @@ def test_errors_no_adapter_wrong_device_and_f16(tiny_model, vulkan_lib, monkeypa
     # A library for another device, both ways.
     assert_one_line_error(gptbc("generate", out, "--lib", cpu, "--device", "vulkan", "--prompt-ids", ids),
                           "built for cpu", "vulkan")
-    assert_one_line_error(gptbc("generate", out, "--lib", vk, "--prompt-ids", ids), "built for vulkan", "cpu")
+    assert_one_line_error(gptbc("generate", out, "--lib", vk, "--device", "cpu", "--prompt-ids", ids),
+                          "built for vulkan", "cpu")
+    # With no --device, the library's own device is the default.
+    assert gptbc("generate", out, "--lib", vk, "--prompt-ids", ids, "--max-new-tokens", "2").returncode == 0
     # A float16 model on an adapter without shader-f16 (lavapipe has it: present the adapter without).
     from gptbc.runtime import webgpu
     from gptbc.errors import GptbcError

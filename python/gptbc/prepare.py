@@ -52,19 +52,18 @@ def default_device() -> str:
         return "cpu"
 
 
-def choose_device(device: str | None, target: str | None, lib: str | None) -> tuple[str, str | None]:
-    """(device, target): what was named, else what the library was built for, else this machine's best."""
+def choose_device(device: str | None, target: str | None, lib_meta: dict | None) -> tuple[str, str | None]:
+    """(device, target): what was named, else what the library (its metadata) was built for, else this machine's
+    best."""
     from gptbc.compile.targets import get_target
 
-    if device is None and lib is not None:
-        from gptbc.artifact.manifest import library_metadata_of
-
-        device = library_metadata_of(Path(lib))["device"]
+    if device is None and lib_meta is not None:
+        device = lib_meta["device"]
     if device is None and target is not None:
         device = get_target(target)[0].device
     device = device or default_device()
     kind = device.split(":")[0]
-    if target is None and lib is None:
+    if target is None and lib_meta is None:
         if kind not in TARGET_OF_DEVICE:
             raise GptbcError(f"--device {device}: choose cpu, cuda[:N], vulkan[:N] or metal")
         target = TARGET_OF_DEVICE[kind]
@@ -76,14 +75,14 @@ def prepare(model: str, lib: str | None = None, quantization: str | None = None,
             activations: str = "auto", batch_invariant: bool = False, log: Callable[[str], None] = print,
             progress: bool | None = None) -> Prepared:
     """Resolve MODEL to weights and a library, converting and compiling what the cache does not hold yet."""
-    device, target = choose_device(device, target, lib)
+    from gptbc.artifact.manifest import library_metadata_of, tensor_parallel as lib_tp
+
+    meta = library_metadata_of(Path(lib)) if lib is not None else None
+    device, target = choose_device(device, target, meta)
     keep_head, path = True, Path(model).expanduser()
     converted_dir = path.is_dir() and (path / GPTBC_CONFIG).is_file()
-    if lib is not None and not converted_dir:
+    if meta is not None and not converted_dir:
         # weights still to convert go into the library's own scheme (and tensor-parallel degree)
-        from gptbc.artifact.manifest import library_metadata_of, tensor_parallel as lib_tp
-
-        meta = library_metadata_of(Path(lib))
         held = meta["quantization"]["name"]
         if quantization is not None and quantization != held:
             raise GptbcError(f"--quantization {quantization}: --lib {lib} was compiled for {held} (leave "
@@ -98,7 +97,7 @@ def prepare(model: str, lib: str | None = None, quantization: str | None = None,
         scheme = load_gptbc_config(model_dir)["quantization"]
         plan = plan_library(source, target, scheme["name"], scheme.get("quantize_lm_head", True), activations,
                             batch_invariant, tensor_parallel)
-        with progress_bar("compile", estimate_seconds("libraries", target), log) as shown:
+        with progress_bar("compile", lambda: estimate_seconds("libraries", target), log) as shown:
             lib = cached_library(plan, shown)
     return Prepared(name, model_dir, Path(lib), device)
 
@@ -111,19 +110,24 @@ def estimate_seconds(kind: str, target: str) -> float | None:
 
 
 @contextlib.contextmanager
-def progress_bar(what: str, estimate: float | None,
+def progress_bar(what: str, estimate: Callable[[], float | None],
                  log: Callable[[str], None]) -> Iterator[Callable[[str], None]]:
-    """On a terminal, a bar of the seconds spent against the estimate (so an ETA) while the block runs, its lines
-    printed above the bar; elsewhere the block's lines alone (one per phase)."""
+    """On a terminal, a bar of the seconds spent against `estimate()` (so an ETA) while the block runs, its lines
+    printed above the bar; elsewhere the block's lines alone (one per phase). The estimate is made on the bar's
+    own thread, so a block that ends at once (a cached library) never waits for it."""
     if not sys.stderr.isatty():
         yield log
         return
     from tqdm import tqdm
 
-    bar = tqdm(total=round(estimate) if estimate else None, desc=what, unit="s", file=sys.stderr, leave=False)
+    bar = tqdm(total=None, desc=what, unit="s", file=sys.stderr, leave=False)
     stop = threading.Event()
 
     def tick() -> None:
+        seconds = estimate()
+        if seconds and not stop.is_set():
+            bar.total = round(seconds)
+            bar.refresh()
         while not stop.wait(1.0):
             if bar.total is None or bar.n < bar.total - 1:  # past the estimate: hold just short of the end
                 bar.update(1)
