@@ -13,7 +13,6 @@ import contextlib
 import functools
 import json
 import os
-import re
 import sys
 import tempfile
 import threading
@@ -30,7 +29,6 @@ from gptbc.errors import GptbcError
 # smallest scheme that every target runs, and the fastest decode on the CPUs measured (BENCHMARKS.md).
 FLOAT_DEFAULT = "q4f16_1"
 RANDOM_SEED = 0
-SPLIT_SUFFIX = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
 TARGET_OF_DEVICE = {"cpu": "cpu", "cuda": "cuda", "vulkan": "vulkan", "metal": "metal"}
 
 
@@ -150,11 +148,12 @@ def converted(model: str, quantization: str | None, random_weights: bool, tp: in
     if random_weights:
         return _random(model, quantization, tp, log)
     if path.is_dir() and (path / GPTBC_CONFIG).is_file():
-        if quantization is not None and load_gptbc_config(path)["quantization"]["name"] != quantization:
-            held = load_gptbc_config(path)["quantization"]["name"]
+        manifest = load_gptbc_config(path)
+        held = manifest["quantization"]["name"]
+        if quantization is not None and held != quantization:
             raise GptbcError(f"--quantization {quantization}: {path} holds {held} weights (a converted directory "
                              f"runs as it is; point MODEL at the original checkpoint to convert it again)")
-        return load_gptbc_config(path).get("model_name") or path.resolve().name, path
+        return manifest.get("model_name") or path.resolve().name, path
     if model in preset_names() and not path.exists():
         raise GptbcError(f"{model} is a preset (a config, no weights): pass --random-weights to try it with random "
                          f"weights, or the Hub id / local checkpoint of its weights")
@@ -205,6 +204,7 @@ def _is_float_hf(source: str) -> bool:
 
 def _source(model: str) -> tuple[str, str, dict[str, Any]]:
     """(what convert_weight reads, the model's name, its identity for the cache key)."""
+    from gptbc.artifact.convert import SPLIT_SUFFIX
     from gptbc.artifact.gguf_reader import looks_like_gguf
 
     path = Path(model).expanduser()
@@ -227,6 +227,8 @@ def _source(model: str) -> tuple[str, str, dict[str, Any]]:
 
 def gguf_files(path: Path) -> list[Path]:
     """The files of a GGUF model: the file, every part of its split set, or the .gguf files of a folder."""
+    from gptbc.artifact.convert import SPLIT_SUFFIX
+
     if path.is_dir():
         return sorted(path.glob("*.gguf"))
     if SPLIT_SUFFIX.search(path.name):
