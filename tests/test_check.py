@@ -1,6 +1,6 @@
 """`gptbc check`: run as a user runs it (a subprocess of the CLI), on the CPU with gptbc-run and on Vulkan
-(lavapipe in CI), so the check a GPU user runs first cannot rot; plus proof that its comparison fails a wrong
-library, and its one-line errors."""
+(lavapipe in CI), so the check a GPU user runs first cannot rot; `gptbc check MODEL` on a model named as serve
+names it; plus proof that its comparison fails a wrong library, and its one-line errors."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from safetensors.numpy import load_file
 
 from native_build import shared_build
 from vulkan_device import need_vulkan
+
+FIM_TINY = Path(__file__).parent / "data" / "fim-tiny"  # trained: its greedy steps are decisive
 
 
 def gptbc(*args, timeout: int = 1200) -> subprocess.CompletedProcess:
@@ -85,6 +87,40 @@ def test_the_check_fails_a_wrong_network(tmp_path, monkeypatch):
     assert "FAIL" in lines[-2] and lines[-1].startswith("FAILED")
 
 
+def test_check_a_model_by_its_name(gptbc_run):
+    """`gptbc check MODEL` on an HF directory: converted and compiled through the artifact cache (the library
+    test_editor's fim_engine uses), its logits and greedy tokens against the float64 reference, gptbc-run's tokens
+    the same, and the completion of a code prompt shown."""
+    run = gptbc("check", FIM_TINY, "--quantization", "q0f32", "--tokens", "8", "--runner", gptbc_run, "--json")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    assert result["ok"] and result["model"] == "fim-tiny" and result["device"] == "cpu"
+    case = result["cases"][0]
+    assert case["scheme"] == "q0f32" and case["logits_error"] < 1e-4 and len(case["token_ids"]) == 8
+    assert case["decisive_steps"] > 0 and case["greedy_agrees"] and case["runner_greedy_equal"]
+    assert "completion: 'def fibonacci(n):" in run.stderr and "all checks passed" in run.stderr
+
+
+def test_check_model_fails_a_wrong_network(monkeypatch):
+    """MODEL's comparison can fail too: a reference whose one layer differs (as a wrong kernel would) is caught."""
+    from gptbc import check
+    from gptbc.prepare import prepare
+
+    model = prepare(str(FIM_TINY), quantization="q0f32", target="cpu", device="cpu", log=lambda _m: None)
+    real = check.converted_network
+
+    def broken(out_dir):
+        cfg, w = real(out_dir)
+        w["transformer.h.1.mlp.c_proj.weight"] = w["transformer.h.1.mlp.c_proj.weight"] * 1.5
+        return cfg, w
+
+    monkeypatch.setattr(check, "converted_network", broken)
+    lines = []
+    result = check.check_model(model.name, model.model_dir, model.lib, model.device, 4, log=lines.append)
+    assert not result["ok"] and result["cases"][0]["logits_error"] > 1e-2
+    assert any(line.endswith("| FAIL |") for line in lines) and lines[-1].startswith("FAILED")
+
+
 def test_the_reference_reads_back_the_checkpoint(tmp_path):
     """converted_network gives back the checkpoint the reference needs: q0f32 weights exactly, with the
     multi-head c_attn rows the converter fused put back per head."""
@@ -106,6 +142,12 @@ def test_the_reference_reads_back_the_checkpoint(tmp_path):
     (["--target", "cpu", "--quantization", "q3f9"], ["q3f9"]),
     (["--target", "cpu", "--runner", "/nonexistent/gptbc-run"], ["--runner", "no such file"]),
     (["--target", "vulkan", "--device", "vulkan:7"], []),  # no such adapter, or none (or no wgpu) at all
+    ([FIM_TINY, "--bench"], ["--bench", "gptbc bench MODEL"]),
+    ([FIM_TINY, "--quantization", "q0f32,q4f32_1"], ["--quantization q0f32,q4f32_1", "one scheme"]),
+    ([FIM_TINY, "--tokens", "0"], ["--tokens 0"]),
+    ([FIM_TINY, "--runner", "/nonexistent/gptbc-run"], ["--runner", "no such file"]),
+    (["--lib", "model.so"], ["--lib", "only with MODEL"]),
+    (["/nonexistent/model-dir"], ["/nonexistent/model-dir"]),
 ])
 def test_check_bad_options_fail_before_compiling(args, words):
     run = gptbc("check", *args, timeout=120)

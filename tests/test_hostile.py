@@ -404,6 +404,21 @@ def test_allow_non_finite_converts_without_numpy_warnings(ckpt, tmp_path, scheme
                  "--allow-non-finite"]) == 0
 
 
+def test_model_anywhere_refuses_non_finite_unless_allowed(ckpt, tmp_path, monkeypatch):
+    """serve/generate/check MODEL convert through prepare: the same refusal there, and --allow-non-finite passed on
+    to the converter; the refused conversion leaves no cache entry behind."""
+    from gptbc.artifact import cache
+    from gptbc.prepare import converted
+
+    monkeypatch.setenv("GPTBC_CACHE_DIR", str(tmp_path / "cache"))
+    poison(ckpt, "transformer.h.0.mlp.c_fc.weight", {3: float("nan")})
+    with pytest.raises(GptbcError, match="transformer.h.0.mlp.c_fc.weight.*--allow-non-finite"):
+        converted(str(ckpt), "q4f32_1", False, 1, log=lambda _m: None, progress=False)
+    assert cache.entries() == []
+    _, out = converted(str(ckpt), "q4f32_1", False, 1, log=lambda _m: None, progress=False, allow_non_finite=True)
+    assert (out / "gptbc-config.json").is_file() and [e.kind for e in cache.entries()] == ["weights"]
+
+
 def test_zero_groups_quantize_without_warnings():
     from gptbc.artifact.quantization import get_quantization, quantize
 

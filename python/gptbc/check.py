@@ -20,11 +20,12 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
 
 import numpy as np
 
-from gptbc.artifact.config import GPTBigCodeConfig, resolve_model
+from gptbc.artifact.config import GPTBigCodeConfig, load_gptbc_config, resolve_model
 from gptbc.artifact.convert import convert_weight
 from gptbc.artifact.params import hf_shapes
 from gptbc.artifact.quantization import dequantize, get_quantization, quantization_of
@@ -62,36 +63,69 @@ def small_config(multi_query: bool) -> GPTBigCodeConfig:
                             multi_query=multi_query, bos_token_id=0, eos_token_id=[0])
 
 
-def converted_network(out_dir: Path) -> tuple[GPTBigCodeConfig, dict[str, np.ndarray]]:
-    """(config, float64 weights in HF's layout) of a converted directory: dequantized, and multi-head c_attn
-    rows put back per head (the converter fuses them as all q, all k, all v)."""
-    from safetensors.numpy import load_file
+class ConvertedNetwork(MutableMapping):
+    """A converted directory's weights as float64 in HF's layout, dequantized when read (and multi-head c_attn
+    rows put back per head: the converter fuses them as all q, all k, all v). One tensor at a time, so the
+    reference of a full-size model needs a layer's worth of memory, not the whole network in float64 (9 GB for
+    santacoder). Assigned tensors replace what is read (tests break a layer that way)."""
 
-    from gptbc.artifact.manifest import read_weights
+    def __init__(self, out_dir: Path, cfg: GPTBigCodeConfig):
+        from safetensors import safe_open
 
+        from gptbc.artifact.manifest import read_weights
+
+        self.cfg = cfg
+        self.scheme = quantization_of(read_weights(out_dir)["quantization"], str(out_dir))
+        self.shapes = dict(hf_shapes(cfg))
+        self.file_of: dict[str, Path] = {}
+        for f in sorted(out_dir.glob("*.safetensors")):
+            with safe_open(str(f), "np") as handle:
+                self.file_of.update((key, f) for key in handle.keys())
+        self.names = sorted({k[:-len(".q_weight")] + ".weight" if k.endswith(".q_weight") else k
+                             for k in self.file_of if not k.endswith((".q_scale", ".q_min", ".q_high"))})
+        self.replaced: dict[str, np.ndarray] = {}
+
+    def _raw(self, key: str) -> np.ndarray | None:
+        from safetensors import safe_open
+
+        if key not in self.file_of:
+            return None
+        with safe_open(str(self.file_of[key]), "np") as handle:
+            return handle.get_tensor(key)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self.replaced:
+            return self.replaced[name]
+        if name not in self.names:
+            raise KeyError(name)
+        base = name[:-len(".weight")] if name.endswith(".weight") else None
+        if base is not None and base + ".q_weight" in self.file_of:
+            x = dequantize(self._raw(base + ".q_weight"), self._raw(base + ".q_scale"), self.shapes[name][1],
+                           self.scheme.layout(base), self._raw(base + ".q_min"), self._raw(base + ".q_high"))
+        else:
+            x = self._raw(name)
+        x = x.astype(np.float64)
+        if not self.cfg.multi_query and ".attn.c_attn." in name:
+            x = x.reshape(3, self.cfg.n_head, self.cfg.head_dim, *x.shape[1:]).swapaxes(0, 1).reshape(x.shape)
+        return x
+
+    def __setitem__(self, name: str, value: np.ndarray) -> None:
+        self.replaced[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError("the converted weights are read-only")
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def converted_network(out_dir: Path) -> tuple[GPTBigCodeConfig, ConvertedNetwork]:
+    """(config, float64 weights in HF's layout, read when used) of a converted directory."""
     cfg = resolve_model(str(out_dir)).config
-    q = quantization_of(read_weights(out_dir)["quantization"], str(out_dir))
-    shapes = dict(hf_shapes(cfg))
-    tensors: dict[str, np.ndarray] = {}
-    for f in sorted(out_dir.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    w = {}
-    for key, value in tensors.items():
-        if key.endswith(".q_weight"):
-            base = key[:-len(".q_weight")]
-            cols = shapes[base + ".weight"][1]
-            w[base + ".weight"] = dequantize(value, tensors[base + ".q_scale"], cols, q.layout(base),
-                                             tensors.get(base + ".q_min"),
-                                             tensors.get(base + ".q_high")).astype(np.float64)
-        elif not key.endswith((".q_scale", ".q_min", ".q_high")):
-            w[key] = value.astype(np.float64)
-    if not cfg.multi_query:
-        for i in range(cfg.n_layer):
-            for part in ("weight", "bias"):
-                name = f"transformer.h.{i}.attn.c_attn.{part}"
-                x = w[name]
-                w[name] = x.reshape(3, cfg.n_head, cfg.head_dim, *x.shape[1:]).swapaxes(0, 1).reshape(x.shape)
-    return cfg, w
+    return cfg, ConvertedNetwork(out_dir, cfg)
 
 
 def reference_logits(cfg, w: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:
@@ -145,23 +179,54 @@ def check_options(target: str, device: str, schemes: list[str], tokens: int, run
                          f"(try --device {spec.device})")
     for scheme in schemes:
         get_quantization(scheme)
+    check_run_options(tokens, runner)
+    parse_device(device)  # it exists here (a driver, an adapter, a TVM runtime for it)
+    return build.suffix
+
+
+def check_run_options(tokens: int, runner: Path | None) -> None:
     if tokens < 1:
         raise GptbcError(f"--tokens {tokens}: must be at least 1")
     if runner is not None and not runner.is_file():
         raise GptbcError(f"--runner {runner}: no such file (build gptbc-run: cmake -S . -B build && "
                          f"cmake --build build)")
-    parse_device(device)  # it exists here (a driver, an adapter, a TVM runtime for it)
-    return build.suffix
 
 
-def run_native(runner: Path, model_dir: Path, lib: Path, device: str, tokens: int) -> list[int]:
-    """gptbc-run's greedy tokens after PROMPT."""
+def run_native(runner: Path, model_dir: Path, lib: Path, device: str, tokens: int,
+               prompt: list[int] = PROMPT) -> list[int]:
+    """gptbc-run's greedy tokens after `prompt`."""
     run = subprocess.run([str(runner), "--model", str(model_dir), "--lib", str(lib), "--device", device,
-                          "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", str(tokens),
+                          "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", str(tokens),
                           "--ignore-eos", "--json"], capture_output=True, text=True, timeout=1800)
     if run.returncode != 0:
         raise GptbcError(f"gptbc-run failed: {(run.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(run.stdout)["token_ids"]
+
+
+def compare(engine: Engine, prompt: list[int], tokens: int, reference_dir: Path, scheme: str) -> dict:
+    """`tokens` greedy tokens after `prompt` and the logits at every position, against the float64 reference of
+    the weights in `reference_dir`."""
+    start = time.perf_counter()
+    got = engine.generate(prompt, tokens, ignore_eos=True)
+    rate = tokens / (time.perf_counter() - start)
+    ids = list(prompt) + got
+    seq = engine.runner.add_sequence()
+    logits = engine.runner.verify(seq, ids).astype(np.float64)
+    engine.runner.remove_sequence(seq)
+    ref = reference_logits(*converted_network(reference_dir), ids)
+    scale = np.abs(ref).max()
+    error = float(np.abs(logits - ref).max() / scale) if np.isfinite(logits).all() else float("inf")
+    precision = "int8" if engine.runner.meta.get("activations") == "int8" else get_quantization(scheme).model_dtype
+    tolerance = TOLERANCE[precision]
+    # The reference's choice after each prompt/generated token; decisive where its top two are further
+    # apart than the library's precision can move them.
+    steps = ref[len(prompt) - 1:-1]
+    top2 = np.sort(steps, axis=-1)[:, -2:]
+    decisive = (top2[:, 1] - top2[:, 0]) > 2 * tolerance * scale
+    agree = np.asarray(got) == steps.argmax(-1)
+    return {"scheme": scheme, "precision": precision, "logits_error": error, "tolerance": tolerance,
+            "decisive_steps": int(decisive.sum()), "greedy_agrees": bool(agree[decisive].all()),
+            "engine_tokens_per_s": rate, "token_ids": got}
 
 
 def check_case(root: Path, hf_dir: Path, layout: str, scheme: str, target: str, device: str, suffix: str,
@@ -175,35 +240,49 @@ def check_case(root: Path, hf_dir: Path, layout: str, scheme: str, target: str, 
                         log=lambda _m: None, tensor_parallel=tp)
     compiled = time.perf_counter() - start
     engine = Engine(out, lib, device=device, tensor_parallel=tp)
-    start = time.perf_counter()
-    got = engine.generate(PROMPT, tokens, ignore_eos=True)
-    rate = tokens / (time.perf_counter() - start)
-    ids = PROMPT + got
-    seq = engine.runner.add_sequence()
-    logits = engine.runner.verify(seq, ids).astype(np.float64)
-    engine.runner.remove_sequence(seq)
+    result = {"layout": layout, "compile_s": compiled, **compare(engine, PROMPT, tokens, whole, scheme)}
     if tp > 1:
         engine.runner.close()  # its worker process
-    ref = reference_logits(*converted_network(whole), ids)
-    scale = np.abs(ref).max()
-    error = float(np.abs(logits - ref).max() / scale) if np.isfinite(logits).all() else float("inf")
-    precision = "int8" if engine.runner.meta.get("activations") == "int8" else get_quantization(scheme).model_dtype
-    tolerance = TOLERANCE[precision]
-    # The reference's choice after each prompt/generated token; decisive where its top two are further
-    # apart than the library's precision can move them.
-    steps = ref[len(PROMPT) - 1:-1]
-    top2 = np.sort(steps, axis=-1)[:, -2:]
-    decisive = (top2[:, 1] - top2[:, 0]) > 2 * tolerance * scale
-    agree = np.asarray(got) == steps.argmax(-1)
-    result = {"layout": layout, "scheme": scheme, "precision": precision, "compile_s": compiled,
-              "logits_error": error, "tolerance": tolerance, "decisive_steps": int(decisive.sum()),
-              "greedy_agrees": bool(agree[decisive].all()), "engine_tokens_per_s": rate}
     if runner is not None:
-        result["runner_greedy_equal"] = run_native(runner, out, lib, device, tokens) == got
-    result["ok"] = (error <= tolerance and result["greedy_agrees"] and result["decisive_steps"] > 0
-                    and result.get("runner_greedy_equal", True))
+        result["runner_greedy_equal"] = run_native(runner, out, lib, device, tokens) == result["token_ids"]
+    result["ok"] = (result["logits_error"] <= result["tolerance"] and result["greedy_agrees"]
+                    and result["decisive_steps"] > 0 and result.get("runner_greedy_equal", True))
     log(format_row(result))
     return result
+
+
+CODE_PROMPT = "def fibonacci(n):\n    "  # a prompt a code model continues decisively
+
+
+def check_model(name: str, model_dir: Path, lib: Path, device: str, tokens: int, runner: Path | None = None,
+                log=print) -> dict:
+    """`gptbc check MODEL`: the prepared model itself (its converted weights and library) on its device, against
+    the float64 reference of its converted weights; with a tokenizer, on a code prompt, and the completion shown."""
+    check_run_options(tokens, runner)
+    engine = Engine(model_dir, lib, device=device)
+    scheme = load_gptbc_config(model_dir)["quantization"]["name"]
+    prompt = engine.encode(CODE_PROMPT) if engine.tokenizer is not None else PROMPT
+    tokens = max(1, min(tokens, engine.context_window_size - len(prompt)))
+    log(f"gptbc check {name} ({scheme}, {device}): logits and {tokens} greedy tokens against a float64 numpy "
+        f"forward pass of the same (dequantized) weights")
+    log("| model | scheme (computes in) | logits error | greedy | gptbc-run | tok/s | |")
+    log("|---|---|---|---|---|---|---|")
+    result = {"layout": name, **compare(engine, prompt, tokens, model_dir, scheme)}
+    if runner is not None:
+        result["runner_greedy_equal"] = (run_native(runner, model_dir, lib, device, tokens, prompt)
+                                         == result["token_ids"])
+    # A model's greedy choices are checked where the reference is decisive; a random-weights model may have
+    # no such step, and then its logits alone decide.
+    result["ok"] = (result["logits_error"] <= result["tolerance"] and result["greedy_agrees"]
+                    and result.get("runner_greedy_equal", True))
+    log(format_row(result))
+    if result["decisive_steps"] == 0:
+        log("no greedy step was decisive (the reference's top two logits are closer than the library's precision): "
+            "the greedy tokens were not compared")
+    if engine.tokenizer is not None:
+        log(f"completion: {CODE_PROMPT + engine.decode_text(result['token_ids'])!r}")
+    log("all checks passed" if result["ok"] else "FAILED: see the row marked FAIL")
+    return {"model": name, "device": device, "lib": str(lib), "cases": [result], "ok": result["ok"]}
 
 
 def format_row(r: dict) -> str:

@@ -241,15 +241,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     import tempfile
 
-    from gptbc.check import run_check
+    from gptbc import check
 
     use_threads(args)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
-    schemes = [s for s in args.quantization.split(",") if s]
-    with tempfile.TemporaryDirectory(prefix="gptbc-check-") as tmp:
-        result = run_check(args.target, args.device, schemes, args.tokens, Path(tmp),
-                           runner=Path(args.runner) if args.runner else None, bench=args.bench, log=log,
-                           tensor_parallel=args.tensor_parallel)
+    runner = Path(args.runner) if args.runner else None
+    if args.model is not None:
+        for flag, value in (("--tensor-parallel", args.tensor_parallel > 1), ("--bench", args.bench)):
+            if value:
+                raise GptbcError(f"{flag}: checks a target on random models; with MODEL leave it out "
+                                 f"(`gptbc bench MODEL` times a model)")
+        if args.quantization and "," in args.quantization:
+            raise GptbcError(f"--quantization {args.quantization}: MODEL is checked in one scheme")
+        check.check_run_options(args.tokens, runner)
+        model = prepared(args)
+        result = check.check_model(model.name, model.model_dir, model.lib, model.device, args.tokens, runner, log)
+    else:
+        for flag, value in (("--lib", args.lib), ("--random-weights", args.random_weights)):
+            if value:
+                raise GptbcError(f"{flag}: only with MODEL")
+        target = args.target or "cpu"
+        device = args.device or check.plan_build(target)[0].device
+        schemes = [s for s in (args.quantization or ",".join(check.DEFAULT_SCHEMES)).split(",") if s]
+        with tempfile.TemporaryDirectory(prefix="gptbc-check-") as tmp:
+            result = check.run_check(target, device, schemes, args.tokens, Path(tmp), runner=runner,
+                                     bench=args.bench, log=log, tensor_parallel=args.tensor_parallel)
     if args.json:
         print(json.dumps(result, indent=2))
     return 0 if result["ok"] else 1
@@ -264,7 +280,7 @@ def prepared(args: argparse.Namespace):
                    device=getattr(args, "device", None), random_weights=args.random_weights,
                    tensor_parallel=getattr(args, "tensor_parallel", 1), activations=args.activations,
                    batch_invariant=getattr(args, "batch_invariant", False),
-                   log=lambda m: print(m, file=sys.stderr, flush=True))
+                   allow_non_finite=args.allow_non_finite, log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -334,6 +350,7 @@ MODEL_HELP = ("a converted weights directory, a Hugging Face directory, a Hub id
 PROMPT_LOOKUP_HELP = ("speculative decoding: draft up to N tokens (8 if N is left out) by copying what followed the "
                       "latest n-gram match in the text so far, verify them in one call; same output, faster when the "
                       "text repeats the prompt (code editing)")
+ALLOW_NON_FINITE_HELP = "convert weights holding NaN or infinite values (refused by default, naming the tensor)"
 THREADS_HELP = "CPU worker threads (default: one per physical core; TVM_NUM_THREADS also sets it)"
 
 
@@ -357,6 +374,7 @@ def model_args(p: argparse.ArgumentParser, lib_help: str = LIB_HELP) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="with a preset name: seeded random weights and a byte-level stand-in tokenizer, to try "
                         "the plumbing offline")
+    p.add_argument("--allow-non-finite", action="store_true", help=ALLOW_NON_FINITE_HELP)
 
 
 class _ShowDefaults(argparse.HelpFormatter):
@@ -417,8 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="the converted weights directory")
     w.add_argument("--no-quantize-lm-head", action="store_true", help=KEEP_HEAD_HELP)
     w.add_argument("--quiet", action="store_true", help="no progress bar")
-    w.add_argument("--allow-non-finite", action="store_true",
-                   help="convert weights holding NaN or infinite values (refused by default, naming the tensor)")
+    w.add_argument("--allow-non-finite", action="store_true", help=ALLOW_NON_FINITE_HELP)
     w.add_argument("--tensor-parallel", type=_positive_int("--tensor-parallel"), default=1, metavar="N",
                    help="preshard the weights for N tensor-parallel ranks (each rank's slices in files of their own)")
     w.set_defaults(func=cmd_convert_weight)
@@ -473,10 +490,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the results as JSON (progress goes to stderr)")
     b.set_defaults(func=cmd_bench)
 
-    k = command("check", "check a target end to end on this machine's device (random weights; no download)")
-    k.add_argument("--target", default="cpu", help="the target to check (cpu, cuda, vulkan, metal, ...)")
-    k.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    k.add_argument("--quantization", default="q0f32,q0f16,q4f16_1", help="comma-separated schemes to check")
+    k = command("check", "check MODEL, or (without it) a target, end to end on this machine's device against a "
+                         "float64 reference of the same weights")
+    k.add_argument("model", metavar="MODEL", nargs="?",
+                   help=MODEL_HELP + "; left out: random small models of each attention layout and scheme, no download")
+    k.add_argument("--lib", help=LIB_HELP)
+    k.add_argument("--target", help="the target to check (cpu, cuda, vulkan, metal, ...; default: cpu, or with MODEL "
+                                    "--device's kind)")
+    k.add_argument("--device", help=DEVICE_HELP)
+    k.add_argument("--quantization", help="comma-separated schemes to check (default: q0f32,q0f16,q4f16_1); with "
+                                          "MODEL one scheme (default: the model's own, q4f16_1 for a float one)")
+    k.add_argument("--activations", choices=ACTIVATION_MODES, default="auto",
+                   help="with MODEL and no --lib: int8 or float activations for grouped schemes on CPUs")
+    k.add_argument("--random-weights", action="store_true",
+                   help="with a preset name as MODEL: seeded random weights (see serve)")
+    k.add_argument("--allow-non-finite", action="store_true", help=ALLOW_NON_FINITE_HELP)
     k.add_argument("--tokens", type=int, default=32,
                    help="greedy tokens compared after the 39-token prompt (fewer is quicker on slow devices "
                         "such as lavapipe)")

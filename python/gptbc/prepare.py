@@ -71,7 +71,7 @@ def choose_device(device: str | None, target: str | None, lib_meta: dict | None)
 def prepare(model: str, lib: str | None = None, quantization: str | None = None, target: str | None = None,
             device: str | None = None, random_weights: bool = False, tensor_parallel: int = 1,
             activations: str = "auto", batch_invariant: bool = False, log: Callable[[str], None] = print,
-            progress: bool | None = None) -> Prepared:
+            progress: bool | None = None, allow_non_finite: bool = False) -> Prepared:
     """Resolve MODEL to weights and a library, converting and compiling what the cache does not hold yet."""
     from gptbc.artifact.manifest import library_metadata_of, tensor_parallel as lib_tp
 
@@ -87,7 +87,8 @@ def prepare(model: str, lib: str | None = None, quantization: str | None = None,
                              f"--quantization out to convert {model} into it)")
         quantization, tensor_parallel = held, lib_tp(meta)
         keep_head = meta["quantization"].get("quantize_lm_head", True)
-    name, model_dir = converted(model, quantization, random_weights, tensor_parallel, log, progress, keep_head)
+    name, model_dir = converted(model, quantization, random_weights, tensor_parallel, log, progress, keep_head,
+                                allow_non_finite)
     if lib is None:
         from gptbc.compile.compiler import cached_library, plan_library
 
@@ -142,8 +143,10 @@ def progress_bar(what: str, estimate: Callable[[], float | None],
 
 def converted(model: str, quantization: str | None, random_weights: bool, tp: int,
               log: Callable[[str], None], progress: bool | None = None,
-              quantize_lm_head: bool = True) -> tuple[str, Path]:
-    """(name, converted weights directory) of MODEL: the directory itself when it is one, else the cache's."""
+              quantize_lm_head: bool = True, allow_non_finite: bool = False) -> tuple[str, Path]:
+    """(name, converted weights directory) of MODEL: the directory itself when it is one, else the cache's.
+    `allow_non_finite` converts weights holding NaN or infinities (refused otherwise); it is not part of the key:
+    what it converts is what the same source gives with it, and without it nothing is made."""
     path = Path(model).expanduser()
     if random_weights:
         return _random(model, quantization, tp, log)
@@ -169,7 +172,7 @@ def converted(model: str, quantization: str | None, random_weights: bool, tp: in
         if not show:
             log(f"[gptbc] converting {model} ({scheme or 'its own scheme'})")
         convert_weight(source, scheme, folder / "model", progress=show, tensor_parallel=tp,
-                       quantize_lm_head=quantize_lm_head)
+                       quantize_lm_head=quantize_lm_head, allow_non_finite=allow_non_finite)
 
     if not quantize_lm_head:
         parts["quantize_lm_head"] = False
