@@ -208,7 +208,7 @@ def test_prompt_lookup_or_the_draft_model_per_step():
         row[(int(np.argmax(periodic(history))) + 1) % VOCAB] = 10.0
         return row
 
-    s, _, _ = make(draft=useless, speculation=PromptLookup(num_draft=4))
+    s, _, _ = make(draft=useless, speculation=PromptLookup(num_draft=4), verify_cost=0.5)  # a verify that pays
     req = s.submit(PROMPTS[0], greedy(60))
     s.run_until_done([req])
     assert req.output_ids == periodic_reference(PROMPTS[0], 60)
@@ -217,7 +217,7 @@ def test_prompt_lookup_or_the_draft_model_per_step():
 
     from test_scheduler import logits_for, reference
 
-    s, _, _ = make(target=logits_for, draft=logits_for, speculation=PromptLookup(num_draft=4))
+    s, _, _ = make(target=logits_for, draft=logits_for, speculation=PromptLookup(num_draft=4), verify_cost=0.5)
     req = s.submit([1, 2, 1, 2, 1, 2], greedy(60))
     s.run_until_done([req])
     assert req.output_ids == reference([1, 2, 1, 2, 1, 2], 60)
