@@ -62,7 +62,7 @@ def bench_trained(args) -> dict:
 
     target = prepared(args.target, args.target_lib, args.quantization or "q0f32")
     draft = prepared(args.draft, args.draft_lib, args.quantization or "q0f32")
-    engine = Engine(*target, prefix_cache_size=0, draft=draft, max_draft=args.draft_max)
+    engine = Engine(*target, prefix_cache_size=0, draft=draft, max_draft=args.draft_max, min_draft=args.draft_min)
     model = engine.draft
     prompts = [engine.encode(p) for p in COMPLETION_PROMPTS]
     new = [min(args.new_tokens, engine.context_window_size - len(p)) for p in prompts]
@@ -223,12 +223,14 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=48, help="trained: tokens per completion at most")
     ap.add_argument("--repeat", type=int, default=3, help="trained: alternating rounds, the best timed")
     ap.add_argument("--draft-max", type=int, default=8, help="trained: most tokens drafted a step")
+    ap.add_argument("--draft-min", type=int, default=1, help="trained: fewest tokens drafted a step (= --draft-max: "
+                                                             "a fixed k, to measure acceptance)")
     ap.add_argument("--layers", help="shapes: two layer counts to measure a preset target at, e.g. 2,4")
     ap.add_argument("--steps", type=int, default=16, help="shapes: timed calls of each kind (medians)")
     ap.add_argument("--max-k", type=int, default=8, help="shapes: verify calls timed for k = 1..max-k")
     ap.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     args = ap.parse_args()
-    for flag in ("new_tokens", "repeat", "draft_max", "steps", "max_k"):
+    for flag in ("new_tokens", "repeat", "draft_max", "draft_min", "steps", "max_k"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     if args.mode == "trained":

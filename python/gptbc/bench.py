@@ -46,14 +46,14 @@ def weight_bytes(model_dir: Path) -> int:
 def run_bench(model_dir: str | Path, lib: str | Path, prefill: int = 512, prompt: int = 32, decode: int = 64,
               batches: tuple[int, ...] = (4, 16), repeat: int = 3, device: str = "cpu", log=print,
               prompt_lookup: PromptLookup | None = None, tensor_parallel: int = 1,
-              draft: tuple[str | Path, str | Path] | None = None, max_draft: int = 8) -> dict:
+              draft: tuple[str | Path, str | Path] | None = None, max_draft: int = 8, min_draft: int = 1) -> dict:
     """`tensor_parallel` N > 1: the model on N disco workers (weights and peak RSS below are then rank 0's files
     and this process's alone: the workers run in a process of their own)."""
     model_dir = Path(model_dir)
     need = max(prefill, max(batches, default=1) * (prompt + decode), prompt + decode)
     engine = Engine(model_dir, lib, device=device, max_total_seq_len=need + 64,
                     max_batch_size=max((*batches, 1)), prefix_cache_size=0, tensor_parallel=tensor_parallel,
-                    draft=draft, max_draft=max_draft)
+                    draft=draft, max_draft=max_draft, min_draft=min_draft)
     vocab = engine.config.vocab_size
     rng = np.random.default_rng(0)
     ids = lambda n: rng.integers(0, vocab, n).tolist()  # noqa: E731

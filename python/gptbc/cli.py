@@ -130,7 +130,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     use_threads(args)
     model = prepared(args)
     engine = Engine(model.model_dir, model.lib, device=model.device, speculation=prompt_lookup(args),
-                    tensor_parallel=args.tensor_parallel, draft=prepared_draft(args, model), max_draft=args.draft_max)
+                    tensor_parallel=args.tensor_parallel, draft=prepared_draft(args, model), max_draft=args.draft_max,
+                    min_draft=args.draft_min)
     sampling = {k: getattr(args, k) for k in (
         "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
         "frequency_penalty", "seed")}
@@ -248,7 +249,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        decode=args.decode, prompt_lookup=prompt_lookup(args),
                        batches=batches, repeat=args.repeat, device=model.device, log=log,
                        tensor_parallel=args.tensor_parallel, draft=prepared_draft(args, model),
-                       max_draft=args.draft_max)
+                       max_draft=args.draft_max, min_draft=args.draft_min)
     if args.json:
         print(json.dumps(result, indent=2))
     return 0
@@ -318,7 +319,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = Engine(model.model_dir, model.lib, device=model.device, max_batch_size=args.max_batch,
                     max_total_seq_len=args.max_total_seq_len, speculation=prompt_lookup(args),
                     batch_invariant=args.batch_invariant, tensor_parallel=args.tensor_parallel,
-                    draft=prepared_draft(args, model), max_draft=args.draft_max)
+                    draft=prepared_draft(args, model), max_draft=args.draft_max, min_draft=args.draft_min)
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
@@ -366,6 +367,8 @@ def draft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-max", type=_positive_int("--draft-max"), default=8, metavar="N",
                    help="most tokens drafted a step (each request's k is chosen from measured costs and its "
                         "acceptance)")
+    p.add_argument("--draft-min", type=_positive_int("--draft-min"), default=1, metavar="N",
+                   help="fewest tokens drafted a step (--draft-min = --draft-max fixes k)")
 
 
 def quantization_help(default: str) -> str:

@@ -45,10 +45,12 @@ def check_same_vocabulary(target_dir: Path, target_size: int, draft_dir: Path, d
 class DraftModel:
     """A draft runner and each drafting request's sequence in it. `max_draft`: most tokens drafted a step."""
 
-    def __init__(self, runner, max_draft: int = 8):
-        if max_draft < 1:
-            raise ValueError(f"draft model: max_draft must be >= 1, got {max_draft}")
-        self.runner, self.max_draft = runner, max_draft
+    def __init__(self, runner, max_draft: int = 8, min_draft: int = 1):
+        """`min_draft`..`max_draft`: the range the scheduler chooses each request's k in (min_draft = max_draft
+        fixes k, e.g. to measure acceptance)."""
+        if not 1 <= min_draft <= max_draft:
+            raise ValueError(f"draft model: need 1 <= min_draft <= max_draft, got {min_draft}, {max_draft}")
+        self.runner, self.max_draft, self.min_draft = runner, max_draft, min_draft
         self.seqs: dict[int, int] = {}  # request id → the draft's sequence id
         self.held: dict[int, int] = {}  # request id → tokens of it in the draft's KV cache
 
@@ -82,7 +84,7 @@ class DraftModel:
                 break
             # feed the tokens just drafted: the last one of each request is never fed (nothing follows it)
             seqs = [self.seqs[req_ids[i]] for i in live]
-            rows = self.runner.decode_batch(seqs, [drafts[i][-1] for i in live])
+            rows = self._decode(seqs, [drafts[i][-1] for i in live])
             for i in live:
                 self.held[req_ids[i]] += 1
         return list(zip(drafts, dists))
@@ -111,9 +113,7 @@ class DraftModel:
             self.held[rid] = len(toks)
         seqs = [self.seqs[r] for r in req_ids]
         if all(len(m) == 1 for m in missing) and len(seqs) <= runner.max_batch_size:
-            if len(seqs) == 1 and runner.single_row_decode:
-                return [runner.decode(seqs[0], missing[0][0])]
-            return list(runner.decode_batch(seqs, [m[0] for m in missing]))
+            return self._decode(seqs, [m[0] for m in missing])
         rows: list[np.ndarray | None] = [None] * len(seqs)
         batch, room = [], runner.prefill_chunk_size
         for i, m in enumerate(missing):
@@ -128,6 +128,14 @@ class DraftModel:
             for i, row in zip(batch, got):
                 rows[i] = row
         return rows
+
+
+    def _decode(self, seqs: list[int], tokens: list[int]) -> list[np.ndarray]:
+        """One token for each sequence; a lone sequence through the single-row kernels where those are faster
+        (CPU), as the scheduler decodes one."""
+        if len(seqs) == 1 and self.runner.single_row_decode:
+            return [self.runner.decode(seqs[0], tokens[0])]
+        return list(self.runner.decode_batch(seqs, tokens))
 
 
 def _draw(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> tuple[int, np.ndarray | None]:

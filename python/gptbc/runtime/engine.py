@@ -103,7 +103,7 @@ class Engine:
                  max_total_seq_len: int | None = None, max_batch_size: int | None = None,
                  prefix_cache_size: int = 8, speculation: PromptLookup | None = None,
                  batch_invariant: bool = False, tensor_parallel: int = 1,
-                 draft: tuple[str | Path, str | Path] | None = None, max_draft: int = 8):
+                 draft: tuple[str | Path, str | Path] | None = None, max_draft: int = 8, min_draft: int = 1):
         """`max_total_seq_len`: tokens the KV cache holds over all sequences (default: context window ×
         min(4, max_batch_size)); `prefix_cache_size`: finished sequences kept for prefix reuse;
         `speculation`: prompt-lookup drafts verified in one multi-row call (same output, fewer steps when
@@ -111,7 +111,7 @@ class Engine:
         token ids and logprobs, bit for bit, whatever else is being served (see `guarantee`);
         `tensor_parallel` N > 1: a library compiled and weights converted for N ranks, run by N disco workers
         (disco_runner.py); `draft`: (converted directory, library) of a smaller model with the same tokenizer
-        that drafts up to `max_draft` tokens a step for every running request (draft.py), verified by this
+        that drafts `min_draft`..`max_draft` tokens a step for every running request (draft.py), verified by this
         model (same greedy output; sampling keeps this model's distribution)."""
         if batch_invariant:
             if tensor_parallel > 1:
@@ -140,17 +140,17 @@ class Engine:
         self.chat_template: ChatTemplate | None = load_chat_template(self.model_dir) if self.tokenizer else None
         self.special_ids = eos_ids | (self.tokenizer.special_ids() if self.tokenizer else set())
         detok = (lambda: IncrementalDetokenizer(self.tokenizer, self.special_ids)) if self.tokenizer else None
-        self.draft = self._load_draft(draft, max_draft) if draft is not None else None
+        self.draft = self._load_draft(draft, max_draft, min_draft) if draft is not None else None
         self.scheduler = Scheduler(r, r.capacity_tokens, self.config.vocab_size, eos_ids, detok,
                                    prefix_cache_size, speculation,
                                    grain=r.attention_grain if batch_invariant else None, draft=self.draft)
 
-    def _load_draft(self, draft: tuple[str | Path, str | Path], max_draft: int) -> DraftModel:
+    def _load_draft(self, draft: tuple[str | Path, str | Path], max_draft: int, min_draft: int) -> DraftModel:
         """The draft model on this engine's device, with a KV cache for every sequence the target can run."""
         draft_dir, draft_lib = Path(draft[0]), Path(draft[1])
         r = self.runner
-        if max_draft < 1:
-            raise GptbcError(f"--draft-max {max_draft}: must be at least 1")
+        if not 1 <= min_draft <= max_draft:
+            raise GptbcError(f"--draft-min {min_draft}, --draft-max {max_draft}: need 1 <= min <= max")
         if not (draft_dir / GPTBC_CONFIG).is_file():
             raise GptbcError(f"--draft {draft_dir}: no {GPTBC_CONFIG} (a converted weights directory is needed)")
         draft_vocab = int(manifest.read_weights(draft_dir)["model_config"]["vocab_size"])
@@ -161,7 +161,7 @@ class Engine:
             raise GptbcError(f"--draft {draft_dir}: its library's context window is {runner.context_window_size} "
                              f"tokens, the target's {self.context_window_size} (compile the draft with "
                              f"--context-window-size {self.context_window_size})")
-        return DraftModel(runner, max_draft)
+        return DraftModel(runner, max_draft, min_draft)
 
     def guarantee(self) -> dict:
         """What this engine promises about reproducibility (served in /v1/models)."""

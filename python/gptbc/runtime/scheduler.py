@@ -443,7 +443,8 @@ class Scheduler:
         running average over all requests until r has its own)."""
         draft_cost, verify_cost = self.costs.draft_ratio()
         rate = r.drafts.model_rate if r.drafts.model_rate is not None else self.model_rate
-        return best_k(rate, draft_cost, verify_cost, min(room, self.draft.max_draft))[0]
+        limit = min(room, self.draft.max_draft)
+        return max(best_k(rate, draft_cost, verify_cost, limit)[0], min(self.draft.min_draft, limit))
 
     def _lookup_wins(self, r: Request, n_lookup: int, k: int) -> bool:
         """With both sources on: prompt lookup's draft (free to make) against the draft model's k tokens (k draft
