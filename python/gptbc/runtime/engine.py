@@ -168,7 +168,9 @@ class Engine:
         if self.batch_invariant:
             return {"batch_invariant": True, "scope": BATCH_INVARIANT_SCOPE}
         return {"batch_invariant": False, "scope": "answers may differ in the last bits with server load "
-                                                   "(batching, prefix reuse, prompt lookup); see --batch-invariant"}
+                                                   "(batching, prefix reuse, prompt lookup), and seeded sampling "
+                                                   "with a draft model with the k it chose from timed costs; see "
+                                                   "--batch-invariant"}
 
     @property
     def speculation(self) -> PromptLookup | None:
