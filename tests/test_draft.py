@@ -34,7 +34,8 @@ def sloppy(history: list[int]) -> np.ndarray:
 
 
 def make(target=periodic, draft=sloppy, max_draft: int = 4, speculation=None, prefill_chunk_size: int = 32,
-         max_batch_size: int = 4, verify_cost: float = 1.5, draft_cost: float = 0.1, prefix_cache_size: int = 0):
+         max_batch_size: int = 4, verify_cost: float = 1.5, draft_cost: float = 0.1, prefix_cache_size: int = 0,
+         min_draft: int = 1):
     """A scheduler over a fake target and a fake draft runner sharing one fake clock (a decode call costs 1, a
     target verify `verify_cost`, any draft-model call `draft_cost`)."""
     t = FakeRunner(prefill_chunk_size, max_batch_size, model=target, verify_cost=verify_cost)
@@ -50,7 +51,7 @@ def make(target=periodic, draft=sloppy, max_draft: int = 4, speculation=None, pr
     for name in ("decode", "decode_batch", "prefill_chunk", "prefill_batch"):
         setattr(d, name, draft_call(getattr(d, name)))
     s = Scheduler(t, 512, VOCAB, {EOS}, None, prefix_cache_size, speculation, clock=lambda: t.time,
-                  draft=DraftModel(d, max_draft))
+                  draft=DraftModel(d, max_draft, min_draft))
     return s, t, d
 
 
@@ -157,6 +158,15 @@ def test_sampled_output_follows_the_target_distribution():
     outputs = np.array([r.output_ids for r in reqs])
     for position in range(4):
         assert_follows(np.bincount(outputs[:, position] - 1, minlength=5), P_TARGET)
+    # one drafted token a verify: it is kept with probability sum(min(p, q)), the standard rule's rate (a rule that
+    # ignores q, keeping d with probability p(d), also gives p, but keeps fewer: sum(p q))
+    s, _, _ = make(target=fixed(P_TARGET), draft=fixed(Q_DRAFT), max_draft=1, max_batch_size=16, verify_cost=0.5)
+    reqs = [s.submit([1, 2], SamplingParams(max_new_tokens=3, temperature=1.0, seed=i)) for i in range(3000)]
+    s.run_until_done(reqs)
+    drafted, kept = s.stats.model_drafted_tokens, s.stats.model_accepted_tokens
+    rate = float(np.minimum(P_TARGET, Q_DRAFT).sum())
+    assert drafted > 2000
+    assert_follows([kept, drafted - kept], [rate, 1 - rate])
 
 
 # ---- k from measured costs and acceptance; the draft model against prompt lookup ----
