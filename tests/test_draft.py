@@ -341,3 +341,18 @@ def test_generate_and_serve_with_draft(pair, trained_tiny, draft_tiny):
             chunks = [json.loads(line[6:]) for line in resp.read().decode().splitlines()
                       if line.startswith("data: {")]
     assert "".join(c["choices"][0]["text"] for c in chunks) == plain.decode_text(want)
+
+
+def test_bench_with_draft(trained_tiny, draft_tiny):
+    """`gptbc bench --draft`: greedy generation plain and with the draft on one engine, the same tokens."""
+    import subprocess
+
+    run = subprocess.run(["gptbc", "bench", str(trained_tiny.out_dir), "--lib", str(trained_tiny.lib),
+                          "--prefill-tokens", "0", "--prompt-tokens", "8", "--decode", "12", "--batch", "",
+                          "--repeat", "1", "--draft", str(draft_tiny.out_dir), "--draft-lib", str(draft_tiny.lib),
+                          "--draft-min", "3", "--draft-max", "3", "--json"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = json.loads(run.stdout)["draft"]
+    assert r["same_tokens"] is True and r["speedup"] > 0 and 0 <= r["draft"]["acceptance_rate"] <= 1
+    assert r["plain"]["tokens_per_verify"] == 0.0 and r["draft"]["tokens_per_verify"] >= 1.0
+    assert "draft model (12-token prompt, 12 tokens)" in run.stderr
