@@ -334,6 +334,11 @@ def test_generate_and_serve_with_draft(pair, trained_tiny, draft_tiny):
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout)["token_ids"] == want
+    bad = subprocess.run(["gptbc", "generate", str(trained_tiny.out_dir), "--lib", str(trained_tiny.lib),
+                          "--prompt-ids", "1,2", "--draft", str(trained_tiny.out_dir / "missing")],
+                         capture_output=True, text=True)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: --draft: ") and "missing" in lines[0]
     with live_server(spec) as (base, _server):
         body = json.dumps({"prompt": ids, "max_tokens": 24, "temperature": 0, "stream": True}).encode()
         req = urllib.request.Request(base + "/v1/completions", body, {"Content-Type": "application/json"})

@@ -115,9 +115,12 @@ def prepared_draft(args: argparse.Namespace, model) -> tuple[Path, Path] | None:
     from gptbc.prepare import prepare
 
     random_weights = args.random_weights and args.draft in preset_names() and not Path(args.draft).exists()
-    draft = prepare(args.draft, lib=args.draft_lib, quantization=args.draft_quantization, device=model.device,
-                    random_weights=random_weights, activations=args.activations,
-                    log=lambda m: print(m, file=sys.stderr, flush=True))
+    try:
+        draft = prepare(args.draft, lib=args.draft_lib, quantization=args.draft_quantization, device=model.device,
+                        random_weights=random_weights, activations=args.activations,
+                        log=lambda m: print(m, file=sys.stderr, flush=True))
+    except GptbcError as err:
+        raise GptbcError(f"--draft: {err}") from None
     return draft.model_dir, draft.lib
 
 

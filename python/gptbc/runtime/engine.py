@@ -117,8 +117,8 @@ class Engine:
             if tensor_parallel > 1:
                 raise GptbcError(f"--batch-invariant with --tensor-parallel {tensor_parallel}: not supported together")
             if draft is not None:
-                raise GptbcError("--batch-invariant with --draft: not supported together (a draft model's verify "
-                                 "calls are not cut at the library's attention grains, so load would change bits)")
+                raise GptbcError("--batch-invariant with --draft: not supported together (the bit-for-bit "
+                                 "guarantee is checked with prompt lookup only, not with a draft model's verifies)")
         if draft is not None and tensor_parallel > 1:
             raise GptbcError(f"--draft with --tensor-parallel {tensor_parallel}: not supported together")
         self.batch_invariant, self.device = batch_invariant, device
