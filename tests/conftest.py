@@ -92,6 +92,34 @@ def engine_of(tiny_model):
     return get
 
 
+def _shipped(name: str, root: Path, prefill_chunk_size: int = 32) -> TinyModel:
+    """A model shipped in tests/data, converted to q0f32 and compiled with 32-token prefill chunks."""
+    import shutil
+
+    from gptbc.artifact.config import resolve_model
+    from gptbc.artifact.convert import convert_weight
+    from gptbc.compile.compiler import compile_model
+
+    shutil.copytree(Path(__file__).parent / "data" / name, root / "hf")
+    out = convert_weight(root / "hf", "q0f32", root / "out", progress=False)
+    lib = compile_model(resolve_model(str(out), prefill_chunk_size=prefill_chunk_size), "cpu", "q0f32",
+                        root / "lib.so", log=lambda _m: None)
+    return TinyModel(name, root / "hf", out, lib)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory) -> TinyModel:
+    """tests/data/trained-tiny (it learned hf_models.CORPUS) as q0f32 weights and a library with 32-token prefill
+    chunks: the target of the trained pair, and prompt lookup's model."""
+    return _shipped("trained-tiny", tmp_path_factory.mktemp("trained-tiny"))
+
+
+@pytest.fixture(scope="session")
+def draft_tiny(tmp_path_factory) -> TinyModel:
+    """tests/data/draft-tiny, the trained pair's draft (smaller, trained the same way on the same data)."""
+    return _shipped("draft-tiny", tmp_path_factory.mktemp("draft-tiny"))
+
+
 @pytest.fixture(scope="session")
 def import_checkpoint(tmp_path_factory) -> Path:
     """The seeded HF checkpoint the GGUF / GPTQ / AWQ tests write their files from."""

@@ -155,6 +155,13 @@ def make_trained_checkpoint(directory: Path, steps: int = 300, seed: int = 0, **
     return directory
 
 
+def make_draft_checkpoint(directory: Path, steps: int = 300, seed: int = 0) -> Path:
+    """The draft model of the trained pair: trained exactly as the trained tiny model (make_trained_checkpoint: the
+    same data, tokenizer, steps and seed) at a smaller shape, n_embd 64 and one layer (a quarter of its weights
+    and well under half its per-token work), as tiny_starcoder_py is a smaller StarCoder."""
+    return make_trained_checkpoint(directory, steps=steps, seed=seed, n_embd=64, n_layer=1)
+
+
 # The FIM examples the shipped FIM model holds out of training (document index, start, end of the middle in
 # characters): tests ask it for these middles in both orders. Training splits are drawn by character and each
 # part is tokenized alone, as BigCode's Megatron-LM `permute` does; these were drawn (seeded) among splits where
@@ -236,9 +243,9 @@ def make_fim_checkpoint(directory: Path, steps: int = 3500, seed: int = 0, fim_r
 if __name__ == "__main__":  # python tests/hf_models.py trained|fim DIR: regenerate a shipped trained model
     import sys
 
-    makers = {"trained": make_trained_checkpoint, "fim": make_fim_checkpoint}
+    makers = {"trained": make_trained_checkpoint, "fim": make_fim_checkpoint, "draft": make_draft_checkpoint}
     if len(sys.argv) != 3 or sys.argv[1] not in makers:
-        sys.exit("usage: python tests/hf_models.py trained|fim DIR")
+        sys.exit("usage: python tests/hf_models.py trained|fim|draft DIR")
     if sys.argv[1] == "fim":
         make_fim_checkpoint(Path(sys.argv[2]), log=lambda step, loss: print(f"step {step} loss {loss:.3f}", flush=True))
     else:

@@ -93,6 +93,33 @@ def test_bench_prompt_lookup_bad_file(tiny_model, tmp_path):
         one_line_error(run_script("bench_prompt_lookup.py", m.out_dir, "--lib", m.lib, "--file", path), *words)
 
 
+# ---- bench_draft.py: the trained pair's tokens per verify and speedup; step costs and a projection ----
+
+def test_bench_draft_trained(trained_tiny, draft_tiny):
+    run = run_script("bench_draft.py", "trained", "--target", trained_tiny.out_dir, "--target-lib", trained_tiny.lib,
+                     "--draft", draft_tiny.out_dir, "--draft-lib", draft_tiny.lib, "--new-tokens", 12, "--repeat", 1,
+                     "--json")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    r = json.loads(run.stdout)
+    assert r["same_tokens"] is True and r["prompts"] == 5 and r["new_tokens"] > 0
+    assert r["tokens_per_verify"] > 1 and 0 < r["acceptance_rate"] <= 1 and r["speedup"] > 0
+    assert r["target_steps"]["draft"] < r["target_steps"]["plain"]
+
+
+def test_bench_draft_shapes(trained_tiny, draft_tiny):
+    run = run_script("bench_draft.py", "shapes", "--target", trained_tiny.out_dir, "--target-lib", trained_tiny.lib,
+                     "--draft", draft_tiny.out_dir, "--draft-lib", draft_tiny.lib, "--steps", 2, "--max-k", 2,
+                     "--json")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    r = json.loads(run.stdout)
+    assert r["cost_ratio"] > 0 and set(r["target_verify_s"]) == {"1", "2"}
+    assert [row["acceptance"] for row in r["projection"]] == [0.5, 0.6, 0.7, 0.8, 0.9]
+    assert all(row["k"] in (1, 2) and row["speedup"] > 0 for row in r["projection"])
+    assert "PROJECTED at acceptance 70%" in run.stderr
+    one_line_error(run_script("bench_draft.py", "shapes", "--target", trained_tiny.out_dir, "--draft",
+                              draft_tiny.out_dir, "--layers", "2,4"), "--layers", "needs a preset")
+
+
 # ---- make_random_checkpoint.py: a sharded random checkpoint of a model's shape ----
 
 def test_make_random_checkpoint_loads_in_transformers(tmp_path):

@@ -125,22 +125,12 @@ TRAINED_TEXT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return f
 
 
 @pytest.fixture(scope="module")
-def trained_engines(tmp_path_factory):
+def trained_engines(trained_tiny):
     """The shipped trained model (it learned tests/hf_models.CORPUS, so its greedy text repeats the code in
     its prompt), with and without prompt lookup; prefill chunks of 16 put drafts across page boundaries."""
-    import shutil
-    from pathlib import Path
-
-    from gptbc.compile.compiler import compile_model
-    from gptbc.artifact.config import resolve_model
     from gptbc.runtime.engine import Engine
-    from gptbc.artifact.convert import convert_weight
 
-    root = tmp_path_factory.mktemp("spec")
-    shutil.copytree(Path(__file__).parent / "data" / "trained-tiny", root / "hf")
-    out = convert_weight(root / "hf", "q0f32", root / "out", progress=False)
-    lib = compile_model(resolve_model(str(out), prefill_chunk_size=32), "cpu", "q0f32", root / "lib.so",
-                        log=lambda _m: None)
+    out, lib = trained_tiny.out_dir, trained_tiny.lib
     return Engine(out, lib, prefix_cache_size=0), {
         n: Engine(out, lib, prefix_cache_size=0, speculation=PromptLookup(num_draft=n)) for n in (2, 5)}
 

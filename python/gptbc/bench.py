@@ -45,13 +45,15 @@ def weight_bytes(model_dir: Path) -> int:
 
 def run_bench(model_dir: str | Path, lib: str | Path, prefill: int = 512, prompt: int = 32, decode: int = 64,
               batches: tuple[int, ...] = (4, 16), repeat: int = 3, device: str = "cpu", log=print,
-              prompt_lookup: PromptLookup | None = None, tensor_parallel: int = 1) -> dict:
+              prompt_lookup: PromptLookup | None = None, tensor_parallel: int = 1,
+              draft: tuple[str | Path, str | Path] | None = None, max_draft: int = 8, min_draft: int = 1) -> dict:
     """`tensor_parallel` N > 1: the model on N disco workers (weights and peak RSS below are then rank 0's files
     and this process's alone: the workers run in a process of their own)."""
     model_dir = Path(model_dir)
     need = max(prefill, max(batches, default=1) * (prompt + decode), prompt + decode)
     engine = Engine(model_dir, lib, device=device, max_total_seq_len=need + 64,
-                    max_batch_size=max((*batches, 1)), prefix_cache_size=0, tensor_parallel=tensor_parallel)
+                    max_batch_size=max((*batches, 1)), prefix_cache_size=0, tensor_parallel=tensor_parallel,
+                    draft=draft, max_draft=max_draft, min_draft=min_draft)
     vocab = engine.config.vocab_size
     rng = np.random.default_rng(0)
     ids = lambda n: rng.integers(0, vocab, n).tolist()  # noqa: E731
@@ -91,6 +93,8 @@ def run_bench(model_dir: str | Path, lib: str | Path, prefill: int = 512, prompt
 
     if prompt_lookup is not None:
         result["prompt_lookup"] = bench_prompt_lookup(engine, ids(prompt), decode, repeat, prompt_lookup, log)
+    if draft is not None:
+        result["draft"] = bench_draft(engine, ids(prompt), decode, repeat, log)
 
     for b in batches:
         t = Timing()
@@ -151,6 +155,39 @@ def bench_prompt_lookup(engine: Engine, prompt_ids: list[int], decode: int, repe
     log(f"prompt lookup ({len(prompt)}-token prompt, {decode} tokens): {out['speedup']:.2f}x plain, "
         f"{out['prompt_lookup']['tokens_per_step']:.2f} tokens/step, acceptance "
         f"{out['prompt_lookup']['acceptance_rate']:.0%}, same tokens: {same}")
+    return out
+
+
+def bench_draft(engine: Engine, prompt_ids: list[int], decode: int, repeat: int, log) -> dict:
+    """Greedy generation through the engine loop, plain and with the engine's draft model, on one prompt (the
+    prompt twice, as for prompt lookup). With random weights the draft rarely agrees: then this measures what a
+    draft model costs (the cost gate should stop it); acceptance needs trained weights (scripts/bench_draft.py)."""
+    prompt = prompt_ids + prompt_ids[:len(prompt_ids) // 2]
+    out: dict = {}
+    model = engine.draft
+    for name, source in (("plain", None), ("draft", model)):
+        engine.scheduler.draft = source
+        t = Timing()
+        for _ in range(repeat):
+            before = engine.status()
+            start = time.perf_counter()
+            tokens = engine.generate(prompt, decode, ignore_eos=True)
+            t.runs.append(time.perf_counter() - start)
+            after = engine.status()
+        verifies = after["verify_steps"] - before["verify_steps"]
+        drafted = after["drafted_tokens"] - before["drafted_tokens"]
+        out[name] = {**t.rate(len(tokens)),
+                     "tokens_per_verify": (after["verify_tokens"] - before["verify_tokens"]) / verifies
+                     if verifies else 0.0,
+                     "acceptance_rate": (after["accepted_tokens"] - before["accepted_tokens"]) / drafted
+                     if drafted else 0.0, "tokens": tokens}
+    engine.scheduler.draft = model
+    same = out["plain"].pop("tokens") == out["draft"].pop("tokens")
+    out["same_tokens"] = same
+    out["speedup"] = out["draft"]["tokens_per_s_best"] / out["plain"]["tokens_per_s_best"]
+    log(f"draft model ({len(prompt)}-token prompt, {decode} tokens): {out['speedup']:.2f}x plain, "
+        f"{out['draft']['tokens_per_verify']:.2f} tokens/verify, acceptance {out['draft']['acceptance_rate']:.0%}, "
+        f"same tokens: {same}")
     return out
 
 

@@ -106,6 +106,24 @@ def prompt_lookup(args: argparse.Namespace):
     return PromptLookup(num_draft=args.prompt_lookup)
 
 
+def prepared_draft(args: argparse.Namespace, model) -> tuple[Path, Path] | None:
+    """--draft MODEL: its weights and library, made the way MODEL's are (prepare.py; cached), for the device the
+    target runs on; a preset name gets random weights when the target has them."""
+    if not getattr(args, "draft", None):
+        return None
+    from gptbc.artifact.config import preset_names
+    from gptbc.prepare import prepare
+
+    random_weights = args.random_weights and args.draft in preset_names() and not Path(args.draft).exists()
+    try:
+        draft = prepare(args.draft, lib=args.draft_lib, quantization=args.draft_quantization, device=model.device,
+                        random_weights=random_weights, activations=args.activations,
+                        log=lambda m: print(m, file=sys.stderr, flush=True))
+    except GptbcError as err:
+        raise GptbcError(f"--draft: {err}") from None
+    return draft.model_dir, draft.lib
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
@@ -115,7 +133,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     use_threads(args)
     model = prepared(args)
     engine = Engine(model.model_dir, model.lib, device=model.device, speculation=prompt_lookup(args),
-                    tensor_parallel=args.tensor_parallel)
+                    tensor_parallel=args.tensor_parallel, draft=prepared_draft(args, model), max_draft=args.draft_max,
+                    min_draft=args.draft_min)
     sampling = {k: getattr(args, k) for k in (
         "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
         "frequency_penalty", "seed")}
@@ -232,7 +251,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = run_bench(model.model_dir, model.lib, prefill=args.prefill_tokens, prompt=args.prompt_tokens,
                        decode=args.decode, prompt_lookup=prompt_lookup(args),
                        batches=batches, repeat=args.repeat, device=model.device, log=log,
-                       tensor_parallel=args.tensor_parallel)
+                       tensor_parallel=args.tensor_parallel, draft=prepared_draft(args, model),
+                       max_draft=args.draft_max, min_draft=args.draft_min)
     if args.json:
         print(json.dumps(result, indent=2))
     return 0
@@ -317,7 +337,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = prepared(args)
     engine = Engine(model.model_dir, model.lib, device=model.device, max_batch_size=args.max_batch,
                     max_total_seq_len=args.max_total_seq_len, speculation=prompt_lookup(args),
-                    batch_invariant=args.batch_invariant, tensor_parallel=args.tensor_parallel)
+                    batch_invariant=args.batch_invariant, tensor_parallel=args.tensor_parallel,
+                    draft=prepared_draft(args, model), max_draft=args.draft_max, min_draft=args.draft_min)
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
@@ -352,6 +373,22 @@ PROMPT_LOOKUP_HELP = ("speculative decoding: draft up to N tokens (8 if N is lef
                       "text repeats the prompt (code editing)")
 ALLOW_NON_FINITE_HELP = "convert weights holding NaN or infinite values (refused by default, naming the tensor)"
 THREADS_HELP = "CPU worker threads (default: one per physical core; TVM_NUM_THREADS also sets it)"
+
+
+def draft_args(p: argparse.ArgumentParser) -> None:
+    """--draft MODEL and how its weights and library are made (generate, bench, serve)."""
+    p.add_argument("--draft", metavar="MODEL",
+                   help="speculative decoding with a smaller draft model of the same tokenizer (e.g. "
+                        "tiny_starcoder_py for StarCoder): anything MODEL accepts; it drafts up to --draft-max "
+                        "tokens for every running request a step, verified in one call (same greedy output, "
+                        "the target's distribution when sampling)")
+    p.add_argument("--draft-lib", help="the draft's library (default: compiled for it, cached)")
+    p.add_argument("--draft-quantization", help="the draft's weight scheme where it is converted (default: as for MODEL)")
+    p.add_argument("--draft-max", type=_positive_int("--draft-max"), default=8, metavar="N",
+                   help="most tokens drafted a step (each request's k is chosen from measured costs and its "
+                        "acceptance)")
+    p.add_argument("--draft-min", type=_positive_int("--draft-min"), default=1, metavar="N",
+                   help="fewest tokens drafted a step (--draft-min = --draft-max fixes k)")
 
 
 def quantization_help(default: str) -> str:
@@ -469,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=TP_HELP)
     g.add_argument("--prompt-lookup", nargs="?", const=8, type=_positive_int("--prompt-lookup"), metavar="N",
                    help=PROMPT_LOOKUP_HELP)
+    draft_args(g)
     g.add_argument("--json", action="store_true",
                    help="print one JSON object: token_ids, text, logprobs, finish_reason, prompt_tokens, timings")
     g.set_defaults(func=cmd_generate)
@@ -487,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-lookup", nargs="?", const=8, type=_positive_int("--prompt-lookup"), metavar="N",
                    help="also time greedy generation with prompt-lookup drafts of up to N tokens (8 if N is left "
                         "out) against plain, on a prompt the output repeats; reports acceptance and tokens/step")
+    draft_args(b)
     b.add_argument("--json", action="store_true", help="print the results as JSON (progress goes to stderr)")
     b.set_defaults(func=cmd_bench)
 
@@ -539,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt-lookup", nargs="?", const=8, type=_positive_int("--prompt-lookup"), metavar="N",
                    help=PROMPT_LOOKUP_HELP)
     s.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
+    draft_args(s)
     s.add_argument("--fim-order", choices=["auto", "psm", "spm"], default="auto",
                    help=FIM_ORDER_HELP + " (of /infill and suffix requests that name none in their fim_order field)")
     s.set_defaults(func=cmd_serve)

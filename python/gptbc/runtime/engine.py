@@ -11,9 +11,12 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
+from gptbc.artifact import manifest
+from gptbc.artifact.config import GPTBC_CONFIG
 from gptbc.runtime.chat_template import ChatTemplate, load_chat_template
 from gptbc.errors import ContextWindowError, GptbcError
 from gptbc.runtime.disco_runner import DiscoRunner
+from gptbc.runtime.draft import DraftModel, check_same_vocabulary
 from gptbc.runtime.runner import ModelRunner
 from gptbc.runtime.sampling import SamplingParams, generation_defaults
 from gptbc.runtime.scheduler import Request, Scheduler
@@ -99,17 +102,25 @@ class Engine:
     def __init__(self, model_dir: str | Path, lib: str | Path, device: str = "cpu",
                  max_total_seq_len: int | None = None, max_batch_size: int | None = None,
                  prefix_cache_size: int = 8, speculation: PromptLookup | None = None,
-                 batch_invariant: bool = False, tensor_parallel: int = 1):
+                 batch_invariant: bool = False, tensor_parallel: int = 1,
+                 draft: tuple[str | Path, str | Path] | None = None, max_draft: int = 8, min_draft: int = 1):
         """`max_total_seq_len`: tokens the KV cache holds over all sequences (default: context window ×
         min(4, max_batch_size)); `prefix_cache_size`: finished sequences kept for prefix reuse;
         `speculation`: prompt-lookup drafts verified in one multi-row call (same output, fewer steps when
         the text repeats the prompt, e.g. code editing); `batch_invariant`: the same request gives the same
         token ids and logprobs, bit for bit, whatever else is being served (see `guarantee`);
         `tensor_parallel` N > 1: a library compiled and weights converted for N ranks, run by N disco workers
-        (disco_runner.py)."""
+        (disco_runner.py); `draft`: (converted directory, library) of a smaller model with the same tokenizer
+        that drafts `min_draft`..`max_draft` tokens a step for every running request (draft.py), verified by this
+        model (same greedy output; sampling keeps this model's distribution)."""
         if batch_invariant:
             if tensor_parallel > 1:
                 raise GptbcError(f"--batch-invariant with --tensor-parallel {tensor_parallel}: not supported together")
+            if draft is not None:
+                raise GptbcError("--batch-invariant with --draft: not supported together (the bit-for-bit "
+                                 "guarantee is checked with prompt lookup only, not with a draft model's verifies)")
+        if draft is not None and tensor_parallel > 1:
+            raise GptbcError(f"--draft with --tensor-parallel {tensor_parallel}: not supported together")
         self.batch_invariant, self.device = batch_invariant, device
         if tensor_parallel > 1:
             self.runner = DiscoRunner(model_dir, lib, tensor_parallel, device, max_total_seq_len, max_batch_size)
@@ -129,16 +140,37 @@ class Engine:
         self.chat_template: ChatTemplate | None = load_chat_template(self.model_dir) if self.tokenizer else None
         self.special_ids = eos_ids | (self.tokenizer.special_ids() if self.tokenizer else set())
         detok = (lambda: IncrementalDetokenizer(self.tokenizer, self.special_ids)) if self.tokenizer else None
+        self.draft = self._load_draft(draft, max_draft, min_draft) if draft is not None else None
         self.scheduler = Scheduler(r, r.capacity_tokens, self.config.vocab_size, eos_ids, detok,
                                    prefix_cache_size, speculation,
-                                   grain=r.attention_grain if batch_invariant else None)
+                                   grain=r.attention_grain if batch_invariant else None, draft=self.draft)
+
+    def _load_draft(self, draft: tuple[str | Path, str | Path], max_draft: int, min_draft: int) -> DraftModel:
+        """The draft model on this engine's device, with a KV cache for every sequence the target can run."""
+        draft_dir, draft_lib = Path(draft[0]), Path(draft[1])
+        r = self.runner
+        if not 1 <= min_draft <= max_draft:
+            raise GptbcError(f"--draft-min {min_draft}, --draft-max {max_draft}: need 1 <= min <= max")
+        if not (draft_dir / GPTBC_CONFIG).is_file():
+            raise GptbcError(f"--draft {draft_dir}: no {GPTBC_CONFIG} (a converted weights directory is needed)")
+        draft_vocab = int(manifest.read_weights(draft_dir)["model_config"]["vocab_size"])
+        check_same_vocabulary(self.model_dir, self.config.vocab_size, draft_dir, draft_vocab)  # before loading it
+        runner = ModelRunner(draft_dir, draft_lib, self.device, max_batch_size=r.max_batch_size,
+                             max_total_seq_len=r.capacity_tokens + r.max_batch_size * r.page_size)
+        if runner.context_window_size < self.context_window_size:
+            raise GptbcError(f"--draft {draft_dir}: its library's context window is {runner.context_window_size} "
+                             f"tokens, the target's {self.context_window_size} (compile the draft with "
+                             f"--context-window-size {self.context_window_size})")
+        return DraftModel(runner, max_draft, min_draft)
 
     def guarantee(self) -> dict:
         """What this engine promises about reproducibility (served in /v1/models)."""
         if self.batch_invariant:
             return {"batch_invariant": True, "scope": BATCH_INVARIANT_SCOPE}
         return {"batch_invariant": False, "scope": "answers may differ in the last bits with server load "
-                                                   "(batching, prefix reuse, prompt lookup); see --batch-invariant"}
+                                                   "(batching, prefix reuse, prompt lookup), and seeded sampling "
+                                                   "with a draft model with the k it chose from timed costs; see "
+                                                   "--batch-invariant"}
 
     @property
     def speculation(self) -> PromptLookup | None:
@@ -262,7 +294,10 @@ class Engine:
                 "prefix_cache_pages": s.prefix_cache_pages(), "reused_prefix_tokens": s.stats.reused_prefix_tokens,
                 "prefill_tokens": s.stats.prefill_tokens, "decode_tokens": s.stats.decode_tokens,
                 "decode_steps": s.stats.decode_steps, "drafted_tokens": s.stats.drafted_tokens,
-                "accepted_tokens": s.stats.accepted_tokens}
+                "accepted_tokens": s.stats.accepted_tokens, "verify_steps": s.stats.verify_steps,
+                "verify_tokens": s.stats.verify_tokens, "model_drafted_tokens": s.stats.model_drafted_tokens,
+                "model_accepted_tokens": s.stats.model_accepted_tokens,
+                "draft_sequences": self.draft.sequence_count() if self.draft is not None else 0}
 
     def complete(self, prompt: str | Sequence[int] | None = None, *, prefix: str | None = None,
                  suffix: str | None = None, greedy: bool | None = None, fim_order: str = "psm",

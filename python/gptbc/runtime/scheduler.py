@@ -31,8 +31,9 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from gptbc.errors import GptbcError
+from gptbc.runtime.draft import DraftModel
 from gptbc.runtime.sampling import SamplingParams, log_softmax, probabilities, sample, top_tokens
-from gptbc.runtime.speculation import CostGate, DraftState, PromptLookup, accept
+from gptbc.runtime.speculation import CostGate, DraftState, PromptLookup, accept, accept_draft, best_k, expected_tokens
 from gptbc.runtime.tokenizer import IncrementalDetokenizer
 
 
@@ -149,9 +150,16 @@ class Stats:
     reused_prefix_tokens: int = 0  # prompt tokens taken from a cached prefix instead
     decode_tokens: int = 0  # tokens generated after each request's first
     decode_steps: int = 0  # per-request decode steps (one verify of a draft counts one)
-    drafted_tokens: int = 0  # prompt-lookup draft tokens proposed
+    drafted_tokens: int = 0  # draft tokens proposed (prompt lookup and draft model)
     accepted_tokens: int = 0  # of those, kept
+    verify_steps: int = 0  # per-request verifies of a draft
+    verify_tokens: int = 0  # tokens those verifies produced (accepted + the target's own)
+    model_drafted_tokens: int = 0  # of drafted_tokens, those the draft model proposed
+    model_accepted_tokens: int = 0
     max_batch: int = 0
+
+    def tokens_per_verify(self) -> float:
+        return self.verify_tokens / self.verify_steps if self.verify_steps else 0.0
 
     def tokens_per_step(self) -> float:
         return self.decode_tokens / self.decode_steps if self.decode_steps else 0.0
@@ -164,14 +172,19 @@ class Scheduler:
     def __init__(self, runner: Runner, capacity_tokens: int, vocab_size: int, eos_ids: set[int],
                  make_detokenizer: Callable[[], IncrementalDetokenizer] | None = None, prefix_cache_size: int = 8,
                  speculation: PromptLookup | None = None, clock: Callable[[], float] = time.perf_counter,
-                 grain: int | None = None):
+                 grain: int | None = None, draft: DraftModel | None = None):
         """`capacity_tokens`: KV-cache tokens over all sequences; `make_detokenizer`: a new incremental
         detokenizer per request (None: ids only, no text or stop strings); `speculation`: prompt-lookup
         drafting (speculation.py), verified in one multi-row call, kept only while it pays (`clock` times the
         model calls for that); `grain`: batch-invariant mode (a batch-invariant library's attention grain):
         a reused prefix is copied, never shared, and cut to a multiple of the grain, and a prompt's later
-        chunks end at grain boundaries, so every row's attention splits where a lone request's would."""
+        chunks end at grain boundaries, so every row's attention splits where a lone request's would;
+        `draft`: a draft model (draft.py) proposing tokens for every running request in batched calls, its k
+        per request chosen from the measured costs and that request's acceptance; with prompt lookup on too,
+        each request takes whichever of the two promises more tokens per second this step."""
         self.speculation = speculation
+        self.draft = draft
+        self.model_rate = 0.7  # per-token acceptance of the draft model over all requests (moving average)
         self.grain = grain
         self.costs, self.clock = CostGate(), clock
         self.runner = runner
@@ -221,6 +234,8 @@ class Scheduler:
         if req in self.active:
             self.active.remove(req)
             self.runner.remove_sequence(req.seq_id)
+        if self.draft is not None:
+            self.draft.release(req.id)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.active)
@@ -352,8 +367,10 @@ class Scheduler:
 
     def _decode(self, running: list[Request]) -> list[Event]:
         self.stats.max_batch = max(self.stats.max_batch, len(running))
-        drafts = self._drafts(running) if self.speculation is not None and self.costs.allow() else {}
-        events = self._verify_drafts([r for r in running if r.id in drafts], drafts) if drafts else []
+        start = self.clock()
+        drafting = (self.speculation is not None or self.draft is not None) and self.costs.allow()
+        drafts, dists = self._drafts(running) if drafting else ({}, {})
+        events = self._verify_drafts([r for r in running if r.id in drafts], drafts, dists, start) if drafts else []
         running = [r for r in running if r.id not in drafts]
         if not running:
             return events
@@ -362,6 +379,7 @@ class Scheduler:
         start = self.clock()
         events += self._decode_plain(running)
         self.costs.note("decode", self.clock() - start, len(running))
+        self.costs.note_call("decode_call", self.clock() - start)
         return events
 
     def _decode_plain(self, running: list[Request]) -> list[Event]:
@@ -377,15 +395,19 @@ class Scheduler:
         logits = runner.decode_batch(seq_ids, last)
         return [self._accept(r, row) for r, row in zip(running, logits)]
 
-    def _drafts(self, running: list[Request]) -> dict[int, list[int]]:
-        """Prompt-lookup drafts for this step, request id → tokens, within one verify call's token budget."""
-        spec, budget, drafts = self.speculation, self.runner.prefill_chunk_size, {}
+    def _drafts(self, running: list[Request]) -> tuple[dict[int, list[int]], dict[int, list]]:
+        """Drafts for this step within one verify call's token budget: request id → tokens, and request id →
+        the draft model's distribution of each token (absent for prompt-lookup drafts)."""
+        spec, budget, drafts, wanted = self.speculation, self.runner.prefill_chunk_size, {}, {}
         for r in running:
             p = r.params
             if r.seen is not None or p.prompt_logprobs:  # penalties depend on each token in turn: decode plainly
                 continue
-            if r.drafts.skip > 0:
+            lookup = spec
+            if r.drafts.skip > 0:  # prompt lookup backs off after rejected drafts (the draft model shrinks k)
                 r.drafts.skip -= 1
+                lookup = None
+            if lookup is None and self.draft is None:
                 continue
             if self.grain and not p.greedy:  # sampling against a draft draws other random numbers than decoding
                 continue
@@ -395,41 +417,82 @@ class Scheduler:
             room = min(p.max_new_tokens - len(r.output_ids) - 1, budget - 1 - redo)
             if self.grain:
                 room = min(room, self.grain - 1 - redo)
-            draft = spec.draft(r.prompt_ids + r.output_ids, room) if room > 0 else []
-            if draft:
+            draft = lookup.draft(r.prompt_ids + r.output_ids, room) if lookup is not None and room > 0 else []
+            k = self._model_k(r, room) if self.draft is not None and room > 0 else 0
+            if draft and self._lookup_wins(r, len(draft), k):
                 drafts[r.id] = draft
                 budget -= redo + len(draft) + 1
-        return drafts
+            elif k:
+                wanted[r.id] = (r, k)
+                budget -= redo + k + 1
+        dists = {}
+        if wanted:
+            reqs = [r for r, _ in wanted.values()]
+            start = self.clock()
+            proposed = self.draft.propose([r.id for r in reqs], [r.prompt_ids + r.output_ids for r in reqs],
+                                          [k for _, k in wanted.values()], [r.params for r in reqs],
+                                          [r.rng for r in reqs])
+            self.costs.note_call("draft_call", (self.clock() - start) / max(k for _, k in wanted.values()))
+            for r, (tokens, qs) in zip(reqs, proposed):
+                drafts[r.id], dists[r.id] = tokens, qs
+        return drafts, dists
+
+    def _model_k(self, r: Request, room: int) -> int:
+        """Tokens the draft model drafts for `r` this step: the k with the best expected speedup from the measured
+        cost of a draft step and a verify call (against a plain decode step) and r's acceptance so far (the
+        running average over all requests until r has its own)."""
+        draft_cost, verify_cost = self.costs.draft_ratio()
+        rate = r.drafts.model_rate if r.drafts.model_rate is not None else self.model_rate
+        limit = min(room, self.draft.max_draft)
+        return max(best_k(rate, draft_cost, verify_cost, limit)[0], min(self.draft.min_draft, limit))
+
+    def _lookup_wins(self, r: Request, n_lookup: int, k: int) -> bool:
+        """With both sources on: prompt lookup's draft (free to make) against the draft model's k tokens (k draft
+        steps), by expected tokens per cost in decode steps."""
+        if k == 0:
+            return True
+        draft_cost, verify_cost = self.costs.draft_ratio()
+        lookup_rate = r.drafts.lookup_rate if r.drafts.lookup_rate is not None else 0.5
+        model_rate = r.drafts.model_rate if r.drafts.model_rate is not None else self.model_rate
+        return (expected_tokens(lookup_rate, n_lookup) / verify_cost
+                >= expected_tokens(model_rate, k) / (k * draft_cost + verify_cost))
 
     def _redo(self, r: Request) -> int:
         """Batch-invariant mode: how many tokens before the last one a verify call feeds again, so that it
         starts at a grain boundary (their KV is recomputed to the same bits; kernels.py)."""
         return (len(r.prompt_ids) + len(r.output_ids) - 1) % self.grain if self.grain else 0
 
-    def _verify_drafts(self, reqs: list[Request], drafts: dict[int, list[int]]) -> list[Event]:
-        """Feed each request's last token + draft in one multi-row call; keep what the model agrees with."""
-        start, produced = self.clock(), self.stats.decode_tokens
+    def _verify_drafts(self, reqs: list[Request], drafts: dict[int, list[int]], dists: dict[int, list],
+                       start: float) -> list[Event]:
+        """Feed each request's last token + draft in one multi-row call; keep what the model agrees with.
+        `start`: when drafting began (the draft model's calls count against what drafting wins)."""
+        produced = self.stats.decode_tokens
         redo = {r.id: self._redo(r) for r in reqs}
         for r in reqs:
             if redo[r.id]:
                 self.runner.pop_tokens(r.seq_id, redo[r.id])
         feed = [(r.prompt_ids + r.output_ids)[-1 - redo[r.id]:] + drafts[r.id] for r in reqs]
+        verify_start = self.clock()
         rows_of = self.runner.verify_batch([r.seq_id for r in reqs], feed)
+        self.costs.note_call("verify_call", self.clock() - verify_start)
         events = []
         for r, rows in zip(reqs, rows_of):
             rows = rows[redo[r.id]:]
             try:
-                events += self._take_drafted(r, drafts[r.id], rows)
+                events += self._take_drafted(r, drafts[r.id], rows, dists.get(r.id))
             except Exception as err:  # noqa: BLE001 - this request's failure alone (its KV goes when it retires)
                 events.append(self._fail(r, err))
         self.costs.note("verify", self.clock() - start, self.stats.decode_tokens - produced)
         return events
 
-    def _take_drafted(self, r: Request, draft: list[int], rows: np.ndarray) -> list[Event]:
+    def _take_drafted(self, r: Request, draft: list[int], rows: np.ndarray, dists: list | None) -> list[Event]:
+        """`dists`: the draft model's distribution of each drafted token (None entries: greedy); None for a
+        prompt-lookup draft."""
         events, before, kept = [], len(r.output_ids), 0
         for i, row in enumerate(rows):
             # The last row (every draft token kept) gives a bonus token, sampled as in plain decoding.
-            token, agreed = (None, False) if i == len(draft) else self._against_draft(r, row, draft[i])
+            q = dists[i] if dists is not None and i < len(draft) else None
+            token, agreed = (None, False) if i == len(draft) else self._against_draft(r, row, draft[i], q)
             events.append(self._accept(r, row, token))
             kept += agreed
             if r.finish_reason is not None or not agreed:
@@ -439,19 +502,32 @@ class Scheduler:
         # (prompt + outputs but the newest, exactly as after plain decoding).
         if len(draft) + 1 - new:
             self.runner.pop_tokens(r.seq_id, len(draft) + 1 - new)
-        r.drafts.update(len(draft), kept, self.speculation.max_backoff)
+        if dists is not None:  # the draft model's: its KV keeps the accepted tokens only
+            self.draft.settle(r.id, draft, r.output_ids[before:])
+            r.drafts.update(len(draft), kept, 0, "model")
+            self.model_rate = 0.9 * self.model_rate + 0.1 * r.drafts.model_rate
+            self.stats.model_drafted_tokens += len(draft)
+            self.stats.model_accepted_tokens += kept
+        else:
+            r.drafts.update(len(draft), kept, self.speculation.max_backoff)
         self.stats.decode_tokens += new
         self.stats.decode_steps += 1
+        self.stats.verify_steps += 1
+        self.stats.verify_tokens += new
         self.stats.drafted_tokens += len(draft)
         self.stats.accepted_tokens += kept
         return events
 
-    def _against_draft(self, req: Request, logits: np.ndarray, drafted: int) -> tuple[int, bool]:
+    def _against_draft(self, req: Request, logits: np.ndarray, drafted: int,
+                       q: np.ndarray | None = None) -> tuple[int, bool]:
         """The token this row gives, and whether it is the drafted one (greedy: the argmax; sampling: the
-        accept/reject rule, which leaves the output distribution unchanged)."""
+        accept/reject rule against the draft's distribution `q`, or against a sure draft for prompt lookup;
+        either leaves the output distribution unchanged)."""
         if req.params.greedy:
             token = int(np.argmax(logits))
             return token, token == drafted
+        if q is not None:
+            return accept_draft(probabilities(logits, req.params), q, drafted, req.rng)
         return accept(probabilities(logits, req.params), drafted, req.rng)
 
     def _score_prompt(self, req: Request, chunk: list[int]) -> np.ndarray:
@@ -521,6 +597,8 @@ class Scheduler:
 
     def _retire(self, req: Request) -> None:
         self.active.remove(req)
+        if self.draft is not None:
+            self.draft.release(req.id)
         if self.prefix_cache_size > 0 and req.finish_reason not in ("cancelled", "error"):
             # The KV holds the prompt and every output token but the last (sampled, never fed back).
             self.cached[req.seq_id] = req.prompt_ids + req.output_ids[:-1]

@@ -1,4 +1,5 @@
-"""Prompt-lookup speculative decoding: drafts copied from the text so far, verified in one multi-row call.
+"""Speculative decoding: drafts copied from the text so far (prompt lookup) or proposed by a smaller model with
+the same vocabulary (draft.py), verified in one multi-row call.
 
 Code editing repeats what the prompt holds (the file being rewritten), so the tokens that followed the
 last occurrence of the newest n-gram are a good guess for what comes next. The scheduler appends the
@@ -6,7 +7,8 @@ last token plus the draft to the sequence in one `verify` call and keeps the lon
 agrees with, plus one token of its own: greedy output is identical to plain decoding, and sampling
 follows the standard accept/reject rule (a draft token d is kept with probability p(d), otherwise the
 next token is drawn from p with d removed), so the output distribution is unchanged too. A request whose
-drafts keep failing drafts less often (exponential back-off), so open-ended text costs little.
+drafts keep failing drafts less often (exponential back-off), so open-ended text costs little. A draft model's
+tokens are sampled from its own distribution q and kept with probability min(1, p/q) (`accept_draft`).
 """
 
 from __future__ import annotations
@@ -59,11 +61,19 @@ class DraftState:
     drafted: int = 0
     accepted: int = 0
     verify_calls: int = 0
+    # per-token acceptance of each source (moving averages; None: not measured for this request yet)
+    lookup_rate: float | None = None
+    model_rate: float | None = None
 
-    def update(self, proposed: int, kept: int, max_backoff: int) -> None:
+    def update(self, proposed: int, kept: int, max_backoff: int, source: str = "lookup") -> None:
         self.drafted += proposed
         self.accepted += kept
         self.verify_calls += 1
+        name = f"{source}_rate"
+        rate, old = per_token_acceptance(proposed, kept), getattr(self, name)
+        setattr(self, name, rate if old is None else 0.5 * old + 0.5 * rate)
+        if source == "model":
+            return  # the model's k shrinks with its acceptance instead of backing off
         if kept == 0:
             self.backoff = min(max(1, 2 * self.backoff), max_backoff)
             self.skip = self.backoff
@@ -80,8 +90,12 @@ class CostGate:
 
     probe_every: int = 32
     decode: float | None = None  # seconds per token, plain decode calls
-    verify: float | None = None  # seconds per token, verify calls (rejected drafts included)
+    verify: float | None = None  # seconds per token, verify calls (rejected drafts and drafting included)
     wait: int = 0  # steps before the next probe while drafting does not pay
+    # seconds per call, for choosing a draft model's k: a plain decode step, a verify call, one draft-model step
+    decode_call: float | None = None
+    verify_call: float | None = None
+    draft_call: float | None = None
 
     def note(self, kind: str, seconds: float, tokens: int) -> None:
         per = seconds / max(tokens, 1)
@@ -89,6 +103,21 @@ class CostGate:
         setattr(self, kind, per if old is None else 0.7 * old + 0.3 * per)
         if kind == "verify" and not self.pays():
             self.wait = self.probe_every
+
+    def note_call(self, kind: str, seconds: float) -> None:
+        """`kind`: "decode_call", "verify_call" or "draft_call"."""
+        old = getattr(self, kind)
+        setattr(self, kind, seconds if old is None else 0.7 * old + 0.3 * seconds)
+
+    def draft_ratio(self) -> tuple[float, float]:
+        """(a draft-model step, a verify call) in plain decode steps; before they are timed, a draft model a
+        tenth of the target (tiny_starcoder next to santacoder) and a verify as dear as a decode step (memory
+        bound: the weights are read once for all rows)."""
+        if self.decode_call:
+            draft = self.draft_call / self.decode_call if self.draft_call is not None else 0.1
+            verify = self.verify_call / self.decode_call if self.verify_call is not None else 1.0
+            return draft, verify
+        return 0.1, 1.0
 
     def pays(self) -> bool:
         return self.decode is None or self.verify is None or self.verify < self.decode
@@ -113,5 +142,51 @@ def accept(probs: np.ndarray, drafted: int, rng: np.random.Generator) -> tuple[i
     rest[drafted] = 0.0
     total = rest.sum()
     if total <= 0:  # p(drafted) was 1 within rounding
+        return drafted, True
+    return int(rng.choice(rest.size, p=rest / total)), False
+
+
+def per_token_acceptance(proposed: int, kept: int) -> float:
+    """The per-token acceptance rate a that explains one verify: kept tokens of `proposed` (a run stopped by
+    its first reject). A run of all tokens counts as rate 1 - 1/(2 (k + 1)) rather than 1, so one lucky run
+    does not make the estimate certain."""
+    if proposed <= 0:
+        return 0.0
+    if kept >= proposed:
+        return 1.0 - 1.0 / (2 * (proposed + 1))
+    return kept / (kept + 1)
+
+
+def expected_tokens(rate: float, k: int) -> float:
+    """Tokens a verify of k drafted tokens yields on average (accepted prefix + the target's own token) when
+    each is accepted with probability `rate` (Leviathan et al. 2023): (1 - rate^(k+1)) / (1 - rate)."""
+    if rate >= 1.0:
+        return float(k + 1)
+    return (1.0 - rate ** (k + 1)) / (1.0 - rate)
+
+
+def best_k(rate: float, draft_cost: float, verify_cost: float, limit: int) -> tuple[int, float]:
+    """(k, expected speedup) maximizing expected_tokens(rate, k) / (k * draft_cost + verify_cost) for k in
+    1..limit; costs in plain decode steps. (0, 1.0) when limit < 1."""
+    best, gain = 0, 1.0
+    for k in range(1, limit + 1):
+        g = expected_tokens(rate, k) / (k * draft_cost + verify_cost)
+        if best == 0 or g > gain:
+            best, gain = k, g
+    return best, gain
+
+
+def accept_draft(p: np.ndarray, q: np.ndarray, drafted: int, rng: np.random.Generator) -> tuple[int, bool]:
+    """The standard rule for a token drawn from the draft's distribution q where the target's is p: keep it
+    with probability min(1, p(d) / q(d)), else draw from normalize(max(p - q, 0)). The token returned then
+    follows p exactly (Leviathan et al. 2023, Chen et al. 2023). Returns (token, kept)."""
+    pd, qd = float(p[drafted]), float(q[drafted])
+    if qd <= 0:  # the draft could not have drawn it: only p decides (not reached with a q it was drawn from)
+        return int(rng.choice(p.size, p=p)), False
+    if rng.random() < min(1.0, pd / qd):
+        return drafted, True
+    rest = np.maximum(p - q, 0.0)
+    total = rest.sum()
+    if total <= 0:  # p == q within rounding: a reject had probability ~0
         return drafted, True
     return int(rng.choice(rest.size, p=rest / total)), False
