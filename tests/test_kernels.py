@@ -189,3 +189,92 @@ def test_gpu_batch_invariant_builds_swap_attention_and_drop_gemv(spelling, targe
     assert dl.gpu.GEMV in kinds(gpu_rules()) and OneOrderMatmul not in kinds(gpu_rules())
     assert dl.gpu.GEMV not in kinds(gpu_rules(True)) and dl.gpu.LowBatchGEMV not in kinds(gpu_rules(True))
     assert OneOrderMatmul in kinds(gpu_rules(True))
+
+
+def compiled(func):
+    """`func` built for the CPU, callable on numpy arrays (int and float scalars passed through)."""
+    kernel = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET)
+    dev = tvm.cpu()
+
+    def call(*args):
+        tensors = [tvm.runtime.tensor(a, dev) if isinstance(a, np.ndarray) else a for a in args]
+        kernel(*tensors)
+        return [t.numpy() for t in tensors if isinstance(t, tvm.runtime.Tensor)]
+
+    return call
+
+
+def paged(k, v, page=16):
+    """k, v [n, h_kv, d] as KV pages [pages, 2, h_kv, page, d] in a scrambled pool, and the pool's page order."""
+    n, h_kv, d = k.shape
+    count = -(-n // page)
+    pool = np.zeros((count + 1, 2, h_kv, page, d), k.dtype)
+    order = np.random.default_rng(n).permutation(count + 1)[:count].astype(np.int32)
+    for i, at in enumerate(order):
+        keys = slice(i * page, min(n, (i + 1) * page))
+        pool[at, 0, :, :keys.stop - keys.start] = k[keys].transpose(1, 0, 2)
+        pool[at, 1, :, :keys.stop - keys.start] = v[keys].transpose(1, 0, 2)
+    return pool, order
+
+
+@pytest.mark.parametrize("h_q, h_kv, d, dtype", [(4, 1, 32, "float32"), (4, 2, 16, "float16")])
+@pytest.mark.parametrize("causal", [1, 0])
+def test_ragged_prefill_over_many_blocks_matches_reference(h_q, h_kv, d, dtype, causal):
+    """Sequences long enough for several 16-key blocks per row, one of them a chunk that starts at position
+    21 (its blocks start at 32, 48, ..., not at the chunk's start) and one with 3 earlier keys."""
+    rng = np.random.default_rng(7 + causal)
+    q_lens, kv_lens, starts = [70, 45, 38], [70, 45, 41], [0, 21, 37]
+    q = rng.standard_normal((sum(q_lens), h_q, d)).astype(dtype)
+    k = rng.standard_normal((sum(kv_lens), h_kv, d)).astype(dtype)
+    v = rng.standard_normal((sum(kv_lens), h_kv, d)).astype(dtype)
+    q_indptr = np.cumsum([0, *q_lens]).astype(np.int32)
+    kv_indptr = np.cumsum([0, *kv_lens]).astype(np.int32)
+    ragged = compiled(ragged_prefill_cpu(h_kv, h_q, d, dtype))
+    out, lse = ragged(q, q_indptr, k, v, kv_indptr, np.zeros(len(q), np.int32), np.array(starts, np.int32),
+                      np.zeros_like(q), np.zeros(q.shape[:2], np.float32), causal, 0, 1.0, 1e4, d ** -0.5)[-2:]
+    tol = 3e-3 if dtype == "float16" else 1e-5
+    for b in range(len(q_lens)):
+        rows, keys = slice(q_indptr[b], q_indptr[b + 1]), slice(kv_indptr[b], kv_indptr[b + 1])
+        want_out, want_lse = reference(q[rows], k[keys], v[keys], causal, d ** -0.5)
+        np.testing.assert_allclose(out[rows].astype(np.float32), want_out, atol=tol, rtol=tol)
+        np.testing.assert_allclose(lse[rows], want_lse, atol=tol, rtol=tol)
+
+
+def test_a_row_gets_the_same_bits_however_its_keys_arrive():
+    """The determinism the kernels are built for (docs/determinism.md), over several blocks of keys: rows of a
+    75-token prompt computed (a) in one ragged call from position 0, (b) as a chunk starting at the grain
+    boundary 64 (ragged) plus the cached pages [0, 64) (paged prefill), merged as the KV cache merges, and
+    (c) one by one by the decode kernel over their pages. Bit for bit equal."""
+    from gptbc.compile.kernels import merge_state_cpu, paged_decode_cpu, paged_prefill_cpu
+
+    h_q, h_kv, d, n, g = 4, 1, 32, 75, 64
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((n, h_q, d)).astype(np.float32)
+    k = rng.standard_normal((n, h_kv, d)).astype(np.float32)
+    v = rng.standard_normal((n, h_kv, d)).astype(np.float32)
+    scale, i32 = d ** -0.5, lambda x: np.array(x, np.int32)  # noqa: E731
+    ragged = compiled(ragged_prefill_cpu(h_kv, h_q, d, "float32"))
+    empty = lambda rows: (np.zeros((rows, h_q, d), np.float32), np.zeros((rows, h_q), np.float32))  # noqa: E731
+    zeros = lambda rows: i32(np.zeros(rows))  # noqa: E731
+    whole, whole_lse = ragged(q, i32([0, n]), k, v, i32([0, n]), zeros(n), i32([0]), *empty(n), 1, 0, 1.0, 1e4,
+                              scale)[-2:]
+
+    new, new_lse = ragged(q[g:], i32([0, n - g]), k[g:], v[g:], i32([0, n - g]), zeros(n - g), i32([g]),
+                          *empty(n - g), 1, 0, 1.0, 1e4, scale)[-2:]
+    pool, order = paged(k[:g], v[:g])
+    old, old_lse = compiled(paged_prefill_cpu(h_kv, h_q, d, "float32"))(
+        q[g:], i32([0, n - g]), pool, i32([0, len(order)]), order, i32([16]), i32([0]), zeros(n - g),
+        *empty(n - g), 0, 0, 1.0, 1e4, scale)[-2:]
+    merged, merged_lse = compiled(merge_state_cpu(h_q, d, "float32"))(new, new_lse, old, old_lse)[:2]
+    np.testing.assert_array_equal(merged, whole[g:])
+    np.testing.assert_array_equal(merged_lse, whole_lse[g:])
+
+    rows = [15, 16, 33, 47, 63, 64, 70, 74]  # last keys at, before and after block boundaries
+    pool, order = paged(k, v)
+    n_pages = [t // 16 + 1 for t in rows]
+    decoded, decoded_lse = compiled(paged_decode_cpu(h_kv, h_q, d, "float32"))(
+        q[rows], pool, i32(np.cumsum([0, *n_pages])), i32(np.concatenate([order[:p] for p in n_pages])),
+        i32([t % 16 + 1 for t in rows]), zeros(len(rows)), zeros(len(rows)), *empty(len(rows)),
+        0, 1.0, 1e4, scale)[-2:]
+    np.testing.assert_array_equal(decoded, whole[rows])
+    np.testing.assert_array_equal(decoded_lse, whole_lse[rows])

@@ -4,8 +4,11 @@ them in before lowering).
 TVM's CPU kernels for prefill attention — over the new tokens (ragged) and over a sequence's cached
 pages (paged) — are serial scalar loop nests that also compute every masked score: at santacoder's
 shape the ragged one took 42% of a 512-token prefill (4.2 of 9.9 s, one thread). Ours compute the same
-output and log-sum-exp with the (query, head) pairs in parallel, only the causally visible keys
-visited, an online softmax, and 16-lane vector loops over the head dimension.
+output and log-sum-exp with the rows in parallel, only the causally visible keys visited, in blocks of
+16 keys (`_blocked`): a block's 16 scores at once, one online-softmax rescale per block, exp2 over 16
+lanes, and 16-lane vector loops over the head dimension. A prefill task runs all query heads of a row
+that share a KV head (all of them in the multi-query models), so a block's keys are read from memory
+once for them.
 
 They also make a row's result independent of how the KV cache split its keys (docs/determinism.md). The
 cache attends a chunk's new tokens (ragged kernel) and the pages cached before it (paged kernel) apart and
@@ -13,7 +16,9 @@ merges the two results; a merge is not bit-equal to one pass. So every kernel co
 position t the same way: one pass over the keys of its own grain [G*floor(t/G), t] and one over the keys
 before that grain, merged by `merge` (the formula of the CPU merge kernel, which we also replace). A chunk
 that starts at position 0 holds both parts; one that starts at a grain boundary and stays in that grain
-holds the first, the pages the second, and the cache's merge is then ours: the same bits either way.
+holds the first, the pages the second, and the cache's merge is then ours: the same bits either way. A
+pass walks blocks that start at absolute multiples of G, in every kernel, so its blocks are the same
+whichever kernel runs it.
 """
 
 from __future__ import annotations
@@ -149,10 +154,132 @@ def _grain_split(t, first):
     return T.max(T.floordiv(t, GRAIN) * GRAIN - first, 0)
 
 
+def _lane_max(v):
+    """The largest lane of a 16-lane vector, as a tree of vector maxima (a max is exact in any order)."""
+    width = LANES
+    while width > 1:
+        width //= 2
+        v = tirx.max(tirx.Shuffle([v], list(range(width))), tirx.Shuffle([v], list(range(width, 2 * width))))
+    return v
+
+
+def _pair_sum(a, b, width: int):
+    """One level of the transposed lane sum: `a` and `b` hold 16 / width keys' partial sums, `width` lanes
+    each; the result holds both vectors' keys (a's first), width / 2 lanes each, lane i of a key plus its
+    lane i + width / 2. Four levels from width 16 sum 16 vectors' lanes, each by `_lane_sum`'s tree."""
+    half = width // 2
+    low = [seg * width + i for seg in range(LANES // width) for i in range(half)]
+    low += [LANES + i for i in low]  # the second vector's segments, after the first's
+    return tirx.Shuffle([a, b], low) + tirx.Shuffle([a, b], [i + half for i in low])
+
+
+def _inside(pos, lo, hi):
+    """`pos` moved into [lo, hi): the key a masked lane of a block reads (any valid one does)."""
+    return tirx.min(tirx.max(pos, lo), hi - 1)
+
+
+def _block_count(lo, hi):
+    """How many blocks of 16 keys, starting at multiples of 16, hold the keys [lo, hi)."""
+    return tirx.if_then_else(hi > lo, tirx.floordiv(hi - tirx.floordiv(lo, GRAIN) * GRAIN + GRAIN - 1, GRAIN), 0)
+
+
+def _blocked(d: int, page_size: int | None = None):
+    """The CPU kernels' attention pass in blocks of keys (flash-attention style): `attend` runs one pass
+    over the keys at absolute positions [lo, hi) for `heads` query heads of one row, and writes each head's
+    normalized output and lse. A pass walks blocks of 16 keys that start at multiples of 16 (the grain: one
+    KV page), whoever calls it, so a row's floating-point operations depend on lo, hi and the keys only,
+    never on the chunk or batch around it. Per block and head: the 16 scores at once (`_pair_sum`),
+    their maximum, one rescale of the running sum and output, exp2 over the 16 lanes, then the values
+    folded in key order (vectorized over d). Keys outside [lo, hi) in a block are read from a valid row,
+    masked to probability 0 and skipped when values are folded. The heads of a row share each block's keys
+    in cache, which is why a task runs a row's heads together.
+
+    Keys come from `k`/`v` rows `base + position` (ragged: page_size None) or from KV pages, the page of a
+    position at `kv_map[base + position // page_size]`."""
+    chunks = d // LANES
+    log2e = math.log2(math.e)
+
+    def key_at(kv_map, base, kh, pos, which: int):
+        if page_size is None:
+            return (base + pos, kh)
+        return (kv_map[base + pos // page_size], which, kh, pos % page_size)
+
+    @T.macro
+    def block(acc, st, pair, part, sc, prob, reg, tmp, q, row, h, hh, k, v, kv_map, base, kh, s, lo, hi, sm_scale):
+        """Fold keys [max(lo, s), min(hi, s + 16)) into head h's state (slot hh of acc and st)."""
+        # per key, 16-lane partial products summed over d in order (a key outside [lo, hi) reads a valid one),
+        # two keys at a time, their lanes then summed pairwise (part: 8 rows of 512 bytes stay on the stack)
+        for j in T.unroll(LANES // 2):
+            for i in T.vectorized(LANES):
+                pair[0, i] = T.float32(0)
+                pair[1, i] = T.float32(0)
+            for c in T.unroll(chunks):
+                for i in T.vectorized(LANES):
+                    pair[0, i] = pair[0, i] + T.Cast("float32", q[row, h, c * LANES + i]) * T.Cast(
+                        "float32", _at(k, key_at(kv_map, base, kh, _inside(s + 2 * j, lo, hi), 0), c * LANES + i))
+                    pair[1, i] = pair[1, i] + T.Cast("float32", q[row, h, c * LANES + i]) * T.Cast(
+                        "float32", _at(k, key_at(kv_map, base, kh, _inside(s + 2 * j + 1, lo, hi), 0), c * LANES + i))
+            part[j, T.ramp(0, 1, LANES)] = _pair_sum(pair[0, T.ramp(0, 1, LANES)], pair[1, T.ramp(0, 1, LANES)], 16)
+        # then the other levels of the lane sums, all 16 keys at once: part[0] <- the 16 sums, key j in lane j
+        for j in T.unroll(4):
+            part[j, T.ramp(0, 1, LANES)] = _pair_sum(part[2 * j, T.ramp(0, 1, LANES)],
+                                                     part[2 * j + 1, T.ramp(0, 1, LANES)], 8)
+        for j in T.unroll(2):
+            part[j, T.ramp(0, 1, LANES)] = _pair_sum(part[2 * j, T.ramp(0, 1, LANES)],
+                                                     part[2 * j + 1, T.ramp(0, 1, LANES)], 4)
+        part[0, T.ramp(0, 1, LANES)] = _pair_sum(part[0, T.ramp(0, 1, LANES)], part[1, T.ramp(0, 1, LANES)], 2)
+        for j in T.vectorized(LANES):
+            sc[j] = part[0, j] * sm_scale * T.float32(log2e)  # this block's scores (log2 domain)
+        for j in T.vectorized(LANES):
+            sc[j] = T.if_then_else(s + j >= lo and s + j < hi, sc[j], T.float32(-3e38))
+        tmp[0] = T.max(st[hh, 0], _lane_max(sc[T.ramp(0, 1, LANES)]))  # the new running max
+        tmp[1] = _exp2(st[hh, 0] - tmp[0])  # rescale of what was summed so far
+        for j in T.vectorized(LANES):
+            prob[j] = T.if_then_else(s + j >= lo and s + j < hi, _exp2(sc[j] - tmp[0]), T.float32(0))
+        st[hh, 1] = st[hh, 1] * tmp[1] + _lane_sum(prob[T.ramp(0, 1, LANES)])
+        st[hh, 0] = tmp[0]
+        # the output accumulates in `reg` (constant indices: registers), not in acc's row of the heads' array
+        for c in T.unroll(chunks):
+            for i in T.vectorized(LANES):
+                reg[c * LANES + i] = acc[hh, c * LANES + i] * tmp[1]
+        for j in T.serial(T.max(lo - s, 0), T.min(hi - s, LANES)):
+            for c in T.unroll(chunks):
+                for i in T.vectorized(LANES):
+                    reg[c * LANES + i] = reg[c * LANES + i] + prob[j] * T.Cast(
+                        "float32", _at(v, key_at(kv_map, base, kh, s + j, 1), c * LANES + i))
+        for c in T.unroll(chunks):
+            for i in T.vectorized(LANES):
+                acc[hh, c * LANES + i] = reg[c * LANES + i]
+
+    @T.macro
+    def attend(acc, st, pair, part, sc, prob, reg, tmp, q, row, h0, heads, k, v, kv_map, base, kh, lo, hi, sm_scale,
+               out, out_lse, out_row, out_h0, dtype):
+        """One pass of heads h0 .. h0 + heads - 1 of `row` over keys [lo, hi); out[out_row, out_h0 + i] and
+        out_lse[out_row, out_h0 + i] <- head h0 + i's output and lse."""
+        for hh in T.serial(heads):
+            st[hh, 0] = T.float32(-5e4)  # running max score (log2 domain)
+            st[hh, 1] = T.float32(0)  # running sum of exp2(score - max)
+            for i in T.vectorized(d):
+                acc[hh, i] = T.float32(0)
+        for blk in T.serial(_block_count(lo, hi)):
+            for hh in T.serial(heads):
+                block(acc, st, pair, part, sc, prob, reg, tmp, q, row, h0 + hh, hh, k, v, kv_map, base, kh,
+                      (T.floordiv(lo, GRAIN) + blk) * GRAIN, lo, hi, sm_scale)
+        for hh in T.serial(heads):
+            for i in T.vectorized(d):
+                out[out_row, out_h0 + hh, i] = T.Cast(
+                    dtype, T.if_then_else(st[hh, 1] > 0, acc[hh, i] / st[hh, 1], T.float32(0)))
+            out_lse[out_row, out_h0 + hh] = T.if_then_else(
+                st[hh, 1] > 0, st[hh, 0] + T.log2(st[hh, 1]), T.float32(-5e4))
+
+    return attend
+
+
 def _rows(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 16, gpu: bool = False):
-    """The per-(query, head) computation of each kernel, as macros the CPU kernels below and the GPU ones
+    """The per-(query, head) computation of each kernel, one key at a time, as macros the GPU kernels
     (kernels_gpu.py) run inside their own loops: (ragged, paged prefill, paged decode). A row's buffers
-    (acc, part, state, before, before_lse, scratch) are allocated by the caller."""
+    (acc, part, state, before, before_lse, scratch) are allocated by the caller. (The CPU kernels below
+    compute the same split in blocks of keys, `_blocked`; `gpu=False` is these macros' vectorized form.)"""
     group = h_q // h_kv
     start, visit, finish = _online_softmax(d, gpu)
     merge = _merge(d, gpu)
@@ -226,7 +353,9 @@ def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
     do, because the KV cache merges this result with attention over earlier pages through `lse`.
     Rotary embedding is not applied: gptbc's models use learned positions (RopeMode.NONE).
     """
-    row_attention = _rows(h_kv, h_q, d, dtype)[0]
+    group = h_q // h_kv
+    attend = _blocked(d)
+    merge = _merge(d)
 
     @T.prim_func(s_tir=True)
     def ragged_prefill(
@@ -252,23 +381,48 @@ def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
         lse = T.match_buffer(var_lse, (qo_len, h_q), "float32")
 
         for b in T.serial(batch_size):
-            for task in T.parallel((q_indptr[b + 1] - q_indptr[b]) * h_q):
+            for task in T.parallel((q_indptr[b + 1] - q_indptr[b]) * h_kv):
                 with T.sblock("attn"):
                     # whole-buffer regions: the exact ones would name the let-bound values below
                     T.reads(q[0:qo_len, 0:h_q, 0:d], k[0:kv_len, 0:h_kv, 0:d], v[0:kv_len, 0:h_kv, 0:d],
                             q_indptr[0:batch_size + 1], kv_indptr[0:batch_size + 1])
                     T.writes(output[0:qo_len, 0:h_q, 0:d], lse[0:qo_len, 0:h_q])
-                    acc = T.sblock_alloc_buffer((d,), "float32")
-                    part = T.sblock_alloc_buffer((LANES,), "float32")
-                    state = T.sblock_alloc_buffer((4,), "float32")  # running max, sum, this score, rescale
-                    before = T.sblock_alloc_buffer((1, 1, d), dtype)  # the keys before the row's grain
-                    before_lse = T.sblock_alloc_buffer((1, 1), "float32")
+                    acc = T.sblock_alloc_buffer((group, d), "float32")
+                    st = T.sblock_alloc_buffer((group, 2), "float32")  # per head: running max, sum
+                    pair = T.sblock_alloc_buffer((2, LANES), "float32")
+                    part = T.sblock_alloc_buffer((LANES // 2, LANES), "float32")  # the keys' partial sums
+                    sc = T.sblock_alloc_buffer((LANES,), "float32")
+                    prob = T.sblock_alloc_buffer((LANES,), "float32")
+                    reg = T.sblock_alloc_buffer((d,), "float32")
+                    tmp = T.sblock_alloc_buffer((2,), "float32")
+                    before = T.sblock_alloc_buffer((1, group, d), dtype)  # the keys before the row's grain
+                    before_lse = T.sblock_alloc_buffer((1, group), "float32")
                     scratch = T.sblock_alloc_buffer((5,), "float32")
-                    qi: T.let[T.int32] = task // h_q
-                    h: T.let[T.int32] = task % h_q
+                    q_n: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                    kv_n: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
+                    # tasks alternate between the first and last rows: a thread's contiguous share of the
+                    # tasks then holds short and long rows alike (causal rows grow with their position)
+                    r: T.let[T.int32] = task // h_kv
+                    qi: T.let[T.int32] = T.if_then_else(r % 2 == 0, r // 2, q_n - 1 - r // 2)
+                    kh: T.let[T.int32] = task % h_kv
                     row: T.let[T.int32] = q_indptr[b] + qi
-                    row_attention(acc, part, state, before, before_lse, scratch, q, k, v, q_indptr, kv_indptr,
-                                  k_rope_pos_offset, output, lse, b, qi, row, h, causal, sm_scale)
+                    first: T.let[T.int32] = k_rope_pos_offset[b]  # absolute position of the sequence's first key
+                    # keys this query may see: all of them, or (causal) up to its own position, the new tokens
+                    # being the last q_n of the kv_n
+                    visible: T.let[T.int32] = T.max(T.if_then_else(
+                        causal > 0, T.min(kv_n - q_n + qi + 1, kv_n), kv_n), 0)
+                    # how many of its keys lie before the grain of its absolute position
+                    split: T.let[T.int32] = T.min(_grain_split(first + visible - 1, first), visible)
+                    end: T.let[T.int32] = T.if_then_else(sm_scale < 0, first + split, first + visible)
+                    attend(acc, st, pair, part, sc, prob, reg, tmp, q, row, kh * group, group, k, v, k,
+                           kv_indptr[b] - first, kh, first + split, end, sm_scale, output, lse, row, kh * group, dtype)
+                    if split > 0 and sm_scale >= 0:
+                        attend(acc, st, pair, part, sc, prob, reg, tmp, q, row, kh * group, group, k, v, k,
+                               kv_indptr[b] - first, kh, first, first + split, sm_scale, before, before_lse, 0, 0,
+                               dtype)
+                        for hh in T.serial(group):
+                            merge(output, lse, row, kh * group + hh, before, (0, hh), before_lse[0, hh], scratch,
+                                  dtype)
 
     return ragged_prefill
 
@@ -277,7 +431,8 @@ def paged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 
     """Attention of new tokens to a sequence's cached pages, TVM's `batch_prefill_paged_kv_cpu` signature
     (no sliding window). The KV cache calls it for tokens whose sequence already holds KV: a prompt
     longer than one prefill chunk, a prompt forked from a cached prefix, speculative verification."""
-    row_attention = _rows(h_kv, h_q, d, dtype, page_size)[1]
+    group = h_q // h_kv
+    attend = _blocked(d, page_size)
 
     @T.prim_func(s_tir=True)
     def paged_prefill(
@@ -308,20 +463,32 @@ def paged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 
         lse = T.match_buffer(var_lse, (total_len, h_q), "float32")
 
         for b in T.serial(batch_size):
-            for task in T.parallel((q_indptr[b + 1] - q_indptr[b]) * h_q):
+            for task in T.parallel((q_indptr[b + 1] - q_indptr[b]) * h_kv):
                 with T.sblock("attn"):
                     T.reads(q[0:total_len, 0:h_q, 0:d], pages[0:max_num_pages, 0:2, 0:h_kv, 0:page_size, 0:d],
                             q_indptr[0:batch_size + 1], page_indptr[0:batch_size + 1], page_values[0:nnz_pages],
                             last_page_len[0:batch_size])
                     T.writes(output[0:total_len, 0:h_q, 0:d], lse[0:total_len, 0:h_q])
-                    acc = T.sblock_alloc_buffer((d,), "float32")
-                    part = T.sblock_alloc_buffer((LANES,), "float32")
-                    state = T.sblock_alloc_buffer((4,), "float32")
-                    qi: T.let[T.int32] = task // h_q
-                    h: T.let[T.int32] = task % h_q
+                    acc = T.sblock_alloc_buffer((group, d), "float32")
+                    st = T.sblock_alloc_buffer((group, 2), "float32")
+                    pair = T.sblock_alloc_buffer((2, LANES), "float32")
+                    part = T.sblock_alloc_buffer((LANES // 2, LANES), "float32")  # the keys' partial sums
+                    sc = T.sblock_alloc_buffer((LANES,), "float32")
+                    prob = T.sblock_alloc_buffer((LANES,), "float32")
+                    reg = T.sblock_alloc_buffer((d,), "float32")
+                    tmp = T.sblock_alloc_buffer((2,), "float32")
+                    q_n: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                    r: T.let[T.int32] = task // h_kv  # rows alternate first / last, as in the ragged kernel
+                    qi: T.let[T.int32] = T.if_then_else(r % 2 == 0, r // 2, q_n - 1 - r // 2)
+                    kh: T.let[T.int32] = task % h_kv
                     row: T.let[T.int32] = q_indptr[b] + qi
-                    row_attention(acc, part, state, q, q_indptr, pages, page_indptr, page_values, last_page_len,
-                                  output, lse, b, qi, row, h, causal, sm_scale)
+                    n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
+                    kv_n: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
+                    visible: T.let[T.int32] = T.if_then_else(
+                        causal > 0, T.min(kv_n - q_n + qi + 1, kv_n), kv_n)
+                    attend(acc, st, pair, part, sc, prob, reg, tmp, q, row, kh * group, group, pages, pages,
+                           page_values, page_indptr[b], kh, 0, T.if_then_else(sm_scale < 0, 0, T.max(visible, 0)),
+                           sm_scale, output, lse, row, kh * group, dtype)
 
     return paged_prefill
 
@@ -330,7 +497,9 @@ def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 1
     """One new token per sequence attending to its cached pages, TVM's `batch_decode_paged_kv_cpu` signature
     (no sliding window). TVM's loops over sequences and heads serially with scalar code and libm exp2: at
     batch 16 it was 29% of a santacoder decode step. Here the (sequence, head) pairs run in parallel."""
-    row_attention = _rows(h_kv, h_q, d, dtype, page_size)[2]
+    group = h_q // h_kv
+    attend = _blocked(d, page_size)
+    merge = _merge(d)
 
     @T.prim_func(s_tir=True)
     def paged_decode(
@@ -362,16 +531,30 @@ def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 1
                 T.reads(q[0:batch_size, 0:h_q, 0:d], pages[0:max_num_pages, 0:2, 0:h_kv, 0:page_size, 0:d],
                         page_indptr[0:batch_size + 1], page_values[0:nnz_pages], last_page_len[0:batch_size])
                 T.writes(output[0:batch_size, 0:h_q, 0:d], lse[0:batch_size, 0:h_q])
-                acc = T.sblock_alloc_buffer((d,), "float32")
-                part = T.sblock_alloc_buffer((LANES,), "float32")
-                state = T.sblock_alloc_buffer((4,), "float32")
+                acc = T.sblock_alloc_buffer((1, d), "float32")
+                st = T.sblock_alloc_buffer((1, 2), "float32")
+                pair = T.sblock_alloc_buffer((2, LANES), "float32")
+                part = T.sblock_alloc_buffer((LANES // 2, LANES), "float32")
+                sc = T.sblock_alloc_buffer((LANES,), "float32")
+                prob = T.sblock_alloc_buffer((LANES,), "float32")
+                reg = T.sblock_alloc_buffer((d,), "float32")
+                tmp = T.sblock_alloc_buffer((2,), "float32")
                 before = T.sblock_alloc_buffer((1, 1, d), dtype)
                 before_lse = T.sblock_alloc_buffer((1, 1), "float32")
                 scratch = T.sblock_alloc_buffer((5,), "float32")
+                # one head per task (a batch of one still spreads over the threads)
                 b: T.let[T.int32] = task // h_q
                 h: T.let[T.int32] = task % h_q
-                row_attention(acc, part, state, before, before_lse, scratch, q, pages, page_indptr, page_values,
-                              last_page_len, k_rope_pos_offset, output, lse, b, h, sm_scale)
+                n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
+                kv_n: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
+                split: T.let[T.int32] = T.min(_grain_split(k_rope_pos_offset[b] + kv_n - 1, k_rope_pos_offset[b]), kv_n)
+                attend(acc, st, pair, part, sc, prob, reg, tmp, q, b, h, 1, pages, pages, page_values, page_indptr[b],
+                       h // group, split, T.if_then_else(sm_scale < 0, split, kv_n), sm_scale, output, lse, b, h,
+                       dtype)
+                if split > 0 and sm_scale >= 0:
+                    attend(acc, st, pair, part, sc, prob, reg, tmp, q, b, h, 1, pages, pages, page_values,
+                           page_indptr[b], h // group, 0, split, sm_scale, before, before_lse, 0, 0, dtype)
+                    merge(output, lse, b, h, before, (0, 0), before_lse[0, 0], scratch, dtype)
 
     return paged_decode
 
