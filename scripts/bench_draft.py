@@ -153,8 +153,14 @@ def step_costs(model_dir: Path, lib: Path, steps: int, max_k: int) -> dict:
 
 
 def extrapolate(a: dict, b: dict, layers: int) -> dict:
-    """Each cost as fixed + per-layer x layers, through the two measurements a and b."""
+    """Each cost as fixed + per-layer x layers, through the two measurements a and b. More layers must cost more:
+    where they did not, the timings were noise (a busy machine, too few --steps) and a line through them would
+    project nonsense (negative step times), so that is refused."""
     def line(x: float, y: float) -> float:
+        if (y - x) * (b["n_layer"] - a["n_layer"]) <= 0:
+            raise GptbcError(f"--layers {a['n_layer']},{b['n_layer']}: a step at {b['n_layer']} layers took "
+                             f"{y * 1e3:.2f} ms against {x * 1e3:.2f} ms at {a['n_layer']}; the timings are noise "
+                             f"(measure on a quiet machine, with more --steps)")
         per = (y - x) / (b["n_layer"] - a["n_layer"])
         return x + per * (layers - a["n_layer"])
 

@@ -120,6 +120,23 @@ def test_bench_draft_shapes(trained_tiny, draft_tiny):
                               draft_tiny.out_dir, "--layers", "2,4"), "--layers", "needs a preset")
 
 
+def test_bench_draft_extrapolates_only_costs_that_grow_with_layers():
+    """--layers draws a line through two layer counts; timings where more layers cost less are noise, and a line
+    through them projects negative step times: refused in one line instead."""
+    import importlib.util
+
+    from gptbc.errors import GptbcError
+
+    spec = importlib.util.spec_from_file_location("bench_draft", Path(__file__).parents[1] / "scripts" / "bench_draft.py")
+    bench_draft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_draft)
+    four = {"n_layer": 4, "decode": 0.2, "verify": {1: 0.25}}
+    full = bench_draft.extrapolate(four, {"n_layer": 8, "decode": 0.4, "verify": {1: 0.45}}, 40)
+    assert full["decode"] == pytest.approx(2.0) and full["verify"][1] == pytest.approx(2.05)
+    with pytest.raises(GptbcError, match="--layers 4,8: a step at 8 layers took 100.00 ms .* noise"):
+        bench_draft.extrapolate(four, {"n_layer": 8, "decode": 0.1, "verify": {1: 0.45}}, 40)
+
+
 # ---- make_random_checkpoint.py: a sharded random checkpoint of a model's shape ----
 
 def test_make_random_checkpoint_loads_in_transformers(tmp_path):
