@@ -254,6 +254,48 @@ def test_typing_keeps_one_cached_sequence_per_file():
     for name in (2, 3):  # still cached: everything but the last token (which must run) is reused
         assert run_one(s, files[name] + [60]).reused == len(files[name])
 
+def test_editors_typing_in_turn_keep_their_prompts_when_the_kv_cache_is_full():
+    """Four editors type in turn, each request extending that editor's last prompt, with the KV cache too small
+    to hold the four cached prompts and a new request's own pages: a fork shares its parent's pages, so each
+    keystroke fits beside them and reuses its own prompt. Plain LRU eviction dropped exactly that prompt (the
+    oldest) every time: no token was reused, each keystroke evaluated its whole prompt (issue 35's 4 editors)."""
+    s, r = make(capacity=38 * 4, prefix_cache_size=8, prefill_chunk_size=64)  # 38 pages of 4 tokens
+    prompts = {e: [e] * 6 + list(range(10, 34)) for e in (1, 2, 3, 4)}  # 30 tokens each: 8 pages with its answer
+    for e, ids in prompts.items():
+        run_one(s, ids)
+    assert s.prefix_cache_pages() == 32  # a new request's 9 pages do not fit beside them unshared
+    for key in range(3):
+        for e in prompts:
+            before = prompts[e]
+            prompts[e] = before + [40 + key]
+            assert run_one(s, prompts[e]).reused == len(before), (key, e)
+    assert len(s.cached) == 4 and len(r.seqs) == 4
+
+
+def test_room_is_made_by_evicting_others_than_the_requests_parent():
+    """When the KV cache is full, the cached sequences evicted for a request are the least recently used ones other
+    than the one it forks from, even when that one is the oldest."""
+    s, r = make(capacity=17 * 4, prefix_cache_size=8, prefill_chunk_size=64)
+    first = [1] * 6 + list(range(10, 34))
+    run_one(s, first)  # cached: 31 tokens, 8 pages, the least recently used below
+    other = run_one(s, [2] * 30)  # 8 more: 16 of 17 pages cached
+    again = run_one(s, first + [50])  # needs 2 pages beside the 7 it shares: one sequence must go
+    assert again.reused == len(first) and other.seq_id not in s.cached
+
+
+def test_a_parent_evicted_under_a_running_fork_books_the_shared_pages_to_it():
+    """Pages a running request shares with its cached parent are counted once, under the parent; when the parent
+    is evicted they are booked to the request, so the KV cache is never promised twice."""
+    s, r = make(capacity=64 * 4, prefix_cache_size=8, prefill_chunk_size=64)
+    parent = run_one(s, list(range(1, 33)))  # 32 tokens + 1 kept output token: 9 pages cached
+    child = s.submit(list(range(1, 33)) + [50], greedy(4, ignore_eos=True))
+    s.step()
+    assert child.parent == parent.seq_id and child.shared == 8 and child.reserved == 10 - 8
+    s._drop_cached(parent.seq_id)
+    assert (child.shared, child.reserved) == (0, 10) and s._used_pages() == 10
+    s.run_until_done([child])
+
+
 def test_stop_rules():
     s, _ = make(detok=True)
     ref = reference([7, 7], 10)

@@ -119,7 +119,8 @@ class Request:
     error: Exception | None = None  # why it ended, when finish_reason is "error"
     seen: np.ndarray | None = None
     counts: np.ndarray | None = None
-    reserved: int = 0  # KV tokens booked for this request
+    reserved: int = 0  # KV pages booked for this request (those it shares with a cached parent not counted)
+    shared: int = 0  # KV pages shared with its cached parent (fork_sequence), counted under the parent's entry
     drafts: DraftState = field(default_factory=DraftState)  # prompt-lookup speculation (when enabled)
 
 
@@ -250,34 +251,67 @@ class Scheduler:
     def _used_pages(self) -> int:
         return sum(r.reserved for r in self.active) + sum(self._pages(len(t)) for t in self.cached.values())
 
-    def _evict_one(self) -> bool:
-        if not self.cached:
+    def _evict_one(self, keep: int | None = None) -> bool:
+        """Drop the least recently used cached sequence other than `keep`. Pages it shared with a running request
+        forked from it now belong to that request alone, so they are booked to it."""
+        victim = next((seq_id for seq_id in self.cached if seq_id != keep), None)
+        if victim is None:
             return False
-        seq_id, _ = self.cached.popitem(last=False)
-        self.cached_prompt_len.pop(seq_id, None)
-        self.runner.remove_sequence(seq_id)
+        self._drop_cached(victim)
         return True
 
     def _drop_cached(self, seq_id: int) -> None:
         del self.cached[seq_id]
         del self.cached_prompt_len[seq_id]
         self.runner.remove_sequence(seq_id)
+        for req in self.active:
+            if req.parent == seq_id and req.shared:
+                req.reserved, req.shared = req.reserved + req.shared, 0
 
-    def _fits(self, req: Request) -> bool:
-        return self._used_pages() + req.reserved <= self._pages(self.capacity)
+    def _fits(self, req: Request, shared: int = 0) -> bool:
+        return self._used_pages() + req.reserved - shared <= self._pages(self.capacity)
+
+    def _match(self, req: Request) -> tuple[int | None, int]:
+        """The cached sequence sharing the longest start with `req`'s prompt, and how many tokens of it to reuse."""
+        best, best_len = None, 0
+        for seq_id, tokens in self.cached.items():
+            n = _common_prefix(tokens, req.prompt_ids)
+            if n > best_len:
+                best, best_len = seq_id, n
+        best_len = min(best_len, len(req.prompt_ids) - 1)  # the last prompt token must run: it gives the logits
+        if self.grain:
+            best_len -= best_len % self.grain
+        if best is None or best_len <= 0 or req.params.prompt_logprobs:
+            return None, 0
+        return best, best_len
+
+    def _shared_pages(self, parent: int | None, length: int) -> int:
+        """Pages a fork of `parent`'s first `length` tokens shares with it (whole pages; a batch-invariant
+        library copies the prefix instead, sharing none)."""
+        return 0 if parent is None or self.grain else length // self.runner.page_size
 
     def _admit(self) -> list[Event]:
         """Move waiting requests into the batch. One whose sequence cannot be started ends with its error
-        (it is never in neither list without an answer); the next in line is then tried."""
+        (it is never in neither list without an answer); the next in line is then tried.
+
+        Room is made by evicting cached sequences least recently used first, but never the one the request
+        will fork from while others can go: editors typing in turn each extend their own cached prompt, and
+        plain LRU evicted exactly that one (the oldest) at every keystroke once the cache was full."""
         events = []
         while self.waiting and len(self.active) < self.runner.max_batch_size:
             req = self.waiting[0]
-            while not self._fits(req) and self._evict_one():
+            parent, length = self._match(req)
+            shared = self._shared_pages(parent, length)
+            while not self._fits(req, shared) and self._evict_one(keep=parent):
                 pass
-            if not self._fits(req):
+            if (parent is not None and not self._fits(req, shared) and self._used_pages() + req.reserved
+                    - self._pages(len(self.cached[parent])) <= self._pages(self.capacity)):
+                self._drop_cached(parent)  # only without it does the request fit: start afresh
+                parent, length, shared = None, 0, 0
+            if not self._fits(req, shared):
                 break  # wait for running requests to finish
             try:
-                self._start(req)
+                self._start(req, parent, length)
             except Exception as err:  # noqa: BLE001 - this request's failure, answered to it alone
                 self.waiting.pop(0)
                 events.append(self._fail(req, err))
@@ -291,22 +325,16 @@ class Scheduler:
         req.finish_reason, req.error = "error", err
         return Event(req, None, "", True, "error", error=err)
 
-    def _start(self, req: Request) -> None:
-        best, best_len = None, 0
-        for seq_id, tokens in self.cached.items():
-            n = _common_prefix(tokens, req.prompt_ids)
-            if n > best_len:
-                best, best_len = seq_id, n
-        best_len = min(best_len, len(req.prompt_ids) - 1)  # the last prompt token must run: it gives the logits
-        if self.grain:
-            best_len -= best_len % self.grain
-        if best is not None and best_len > 0 and not req.params.prompt_logprobs:
+    def _start(self, req: Request, parent: int | None, length: int) -> None:
+        if parent is not None:
             reuse = self.runner.copy_prefix if self.grain else self.runner.fork_sequence
-            req.seq_id = reuse(best, best_len)
-            self.cached.move_to_end(best)
-            req.prefilled = req.reused = best_len
-            req.parent = best
-            self.stats.reused_prefix_tokens += best_len
+            req.seq_id = reuse(parent, length)
+            self.cached.move_to_end(parent)
+            req.prefilled = req.reused = length
+            req.parent = parent
+            req.shared = self._shared_pages(parent, length)
+            req.reserved -= req.shared
+            self.stats.reused_prefix_tokens += length
         else:
             req.seq_id = self.runner.add_sequence()
 
