@@ -28,9 +28,9 @@ def engine(tiny_model) -> Engine:
     return Engine(m.out_dir, m.lib)
 
 
-def kept_start(server: Server, typed: str, extra: list[dict]) -> list[int]:
+def kept_start(server: Server, typed: str, extra: list[dict], suffix: str = SUFFIX) -> list[int]:
     """The ids of an infill request up to the end of its kept prefix (before the typed text)."""
-    r = S.InfillRequest.model_validate(fim(PREFIX, typed, SUFFIX, extra, indent=0))
+    r = S.InfillRequest.model_validate(fim(PREFIX, typed, suffix, extra, indent=0))
     ids, truncated = llamacpp.infill_ids(server, r)
     assert truncated
     typed_ids = server.engine.encode(typed)
@@ -39,12 +39,15 @@ def kept_start(server: Server, typed: str, extra: list[dict]) -> list[int]:
     return ids[:suffix_at - len(typed_ids)]
 
 
-@pytest.mark.parametrize("extra", [[], EXTRA * 8], ids=["prefix cut", "context cut"])
-def test_infill_keeps_its_start_while_typing(engine, extra):
+@pytest.mark.parametrize("extra, suffix", [([], SUFFIX), (EXTRA * 8, SUFFIX), (EXTRA * 8, "print(x0)\n")],
+                         ids=["prefix cut", "context cut", "context cut, short suffix"])
+def test_infill_keeps_its_start_while_typing(engine, extra, suffix):
     """Successive requests that only add typed text start with the same tokens, except where a whole block
-    goes (at most once here: the typed text grows by fewer tokens than a block)."""
+    goes (at most once here: the typed text grows by fewer tokens than a block). With a short suffix the
+    prefix's block cut leaves room over, which moves with every typed token: the repository context must not
+    fill it (its start would then move with every keystroke; santacoder's PSM replay reused nothing)."""
     server = Server(engine, "tiny")
-    starts = [kept_start(server, typed, extra) for typed in TYPED]
+    starts = [kept_start(server, typed, extra, suffix) for typed in TYPED]
     assert len(engine.encode(TYPED[-1])) - len(engine.encode(TYPED[0])) < engine.fit_block
     changed = sum(a != b[:len(a)] for a, b in zip(starts, starts[1:]))  # b may be longer: it lost no block
     assert changed <= 1

@@ -122,7 +122,10 @@ def infill_ids(server: Server, r: S.InfillRequest) -> tuple[list[int], bool]:
         room = max(budget - keep_typed, 0)
         keep_pre, keep_suf = fit_fim(len(pre), len(suf), room, room // 4, engine.fit_block, order)
         core = fim_layout(f, pre[len(pre) - keep_pre:] + typed, suf[:keep_suf], order)
-        extra_room = budget + 3 - len(core)
+        # As in SPM, the context gets only what a whole prefix leaves: when the prefix was cut, the room its block
+        # cut left over (a short suffix does not take it all) shrinks with every typed token, and context fitted
+        # into it would start somewhere else at every keystroke, leaving the prefix cache nothing to match.
+        extra_room = budget + 3 - len(core) if keep_pre == len(pre) else 0
     extra = repository_context(server, r.input_extra) if r.input_extra else []
     keep_extra = len(extra) - cut_start(len(extra), extra_room, engine.fit_block)
     truncated = (keep_typed, keep_pre, keep_suf, keep_extra) != (n_typed, len(pre), len(suf), len(extra))
