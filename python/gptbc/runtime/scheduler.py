@@ -396,7 +396,10 @@ class Scheduler:
     def _decode(self, running: list[Request]) -> list[Event]:
         self.stats.max_batch = max(self.stats.max_batch, len(running))
         start = self.clock()
-        drafting = (self.speculation is not None or self.draft is not None) and self.costs.allow()
+        # A draft model's k fixed by the user (--draft-min = --draft-max) drafts every step: the timed cost gate
+        # would decide otherwise from run to run, and with it which random numbers a seeded request draws.
+        fixed = self.draft is not None and self.speculation is None and self.draft.min_draft == self.draft.max_draft
+        drafting = (self.speculation is not None or self.draft is not None) and (fixed or self.costs.allow())
         drafts, dists = self._drafts(running) if drafting else ({}, {})
         events = self._verify_drafts([r for r in running if r.id in drafts], drafts, dists, start) if drafts else []
         running = [r for r in running if r.id not in drafts]
