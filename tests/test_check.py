@@ -68,10 +68,8 @@ def test_bench_part_on_a_small_shape(tmp_path):
     assert lines[-1].startswith("device copy bandwidth")
 
 
-def test_the_check_fails_a_wrong_network(tmp_path, monkeypatch):
-    """The comparison can fail: a reference whose one layer differs (as a wrong kernel would) is caught."""
-    from gptbc import check
-
+def break_a_layer(check, monkeypatch) -> None:
+    """The reference's second MLP projection scaled by 1.5, as a wrong kernel would make the library differ."""
     real = check.converted_network
 
     def broken(out_dir):
@@ -80,6 +78,13 @@ def test_the_check_fails_a_wrong_network(tmp_path, monkeypatch):
         return cfg, w
 
     monkeypatch.setattr(check, "converted_network", broken)
+
+
+def test_the_check_fails_a_wrong_network(tmp_path, monkeypatch):
+    """The comparison can fail: a reference whose one layer differs (as a wrong kernel would) is caught."""
+    from gptbc import check
+
+    break_a_layer(check, monkeypatch)
     monkeypatch.setattr(check, "LAYOUTS", {"mqa": True})
     lines = []
     result = check.run_check("cpu", "cpu", ["q0f32"], 4, tmp_path, log=lines.append)
@@ -107,14 +112,7 @@ def test_check_model_fails_a_wrong_network(monkeypatch):
     from gptbc.prepare import prepare
 
     model = prepare(str(FIM_TINY), quantization="q0f32", target="cpu", device="cpu", log=lambda _m: None)
-    real = check.converted_network
-
-    def broken(out_dir):
-        cfg, w = real(out_dir)
-        w["transformer.h.1.mlp.c_proj.weight"] = w["transformer.h.1.mlp.c_proj.weight"] * 1.5
-        return cfg, w
-
-    monkeypatch.setattr(check, "converted_network", broken)
+    break_a_layer(check, monkeypatch)
     lines = []
     result = check.check_model(model.name, model.model_dir, model.lib, model.device, 4, log=lines.append)
     assert not result["ok"] and result["cases"][0]["logits_error"] > 1e-2
