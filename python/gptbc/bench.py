@@ -136,13 +136,7 @@ def bench_prompt_lookup(engine: Engine, prompt_ids: list[int], decode: int, repe
     out: dict = {}
     for name, spec in (("plain", None), ("prompt_lookup", lookup)):
         engine.speculation = spec
-        t = Timing()
-        for _ in range(repeat):
-            before = engine.status()
-            start = time.perf_counter()
-            tokens = engine.generate(prompt, decode, ignore_eos=True)
-            t.runs.append(time.perf_counter() - start)
-            after = engine.status()
+        t, tokens, before, after = timed_generations(engine, prompt, decode, repeat)
         steps = after["decode_steps"] - before["decode_steps"]
         drafted = after["drafted_tokens"] - before["drafted_tokens"]
         out[name] = {**t.rate(len(tokens)), "tokens_per_step": (len(tokens) - 1) / steps if steps else 0.0,
@@ -158,6 +152,20 @@ def bench_prompt_lookup(engine: Engine, prompt_ids: list[int], decode: int, repe
     return out
 
 
+def timed_generations(engine: Engine, prompt: list[int], decode: int,
+                      repeat: int) -> tuple[Timing, list[int], dict, dict]:
+    """`repeat` greedy generations of `decode` tokens after `prompt`: their timing, the last one's tokens, and the
+    engine's status counters before and after that last one."""
+    t = Timing()
+    for _ in range(repeat):
+        before = engine.status()
+        start = time.perf_counter()
+        tokens = engine.generate(prompt, decode, ignore_eos=True)
+        t.runs.append(time.perf_counter() - start)
+        after = engine.status()
+    return t, tokens, before, after
+
+
 def bench_draft(engine: Engine, prompt_ids: list[int], decode: int, repeat: int, log) -> dict:
     """Greedy generation through the engine loop, plain and with the engine's draft model, on one prompt (the
     prompt twice, as for prompt lookup). With random weights the draft rarely agrees: then this measures what a
@@ -167,13 +175,7 @@ def bench_draft(engine: Engine, prompt_ids: list[int], decode: int, repeat: int,
     model = engine.draft
     for name, source in (("plain", None), ("draft", model)):
         engine.scheduler.draft = source
-        t = Timing()
-        for _ in range(repeat):
-            before = engine.status()
-            start = time.perf_counter()
-            tokens = engine.generate(prompt, decode, ignore_eos=True)
-            t.runs.append(time.perf_counter() - start)
-            after = engine.status()
+        t, tokens, before, after = timed_generations(engine, prompt, decode, repeat)
         verifies = after["verify_steps"] - before["verify_steps"]
         drafted = after["drafted_tokens"] - before["drafted_tokens"]
         out[name] = {**t.rate(len(tokens)),
