@@ -263,6 +263,13 @@ def test_every_int8_op_of_a_model_equals_its_kernel(quant):
     qkf32_a with 4-, 5- and 6-bit layers)."""
     mod, params, plan = exported(quant)
     swapped = ki.use_int8_kernels(mod, HOST, "dot")
+    # the op at each call site against the kernel the swapped module calls there (one kernel serves every
+    # entry point's op of the same shape: fewer kernels than ops, every call naming one that exists)
+    kernel_of = dict(zip(called(mod), called(swapped), strict=True))
+    kernels = {gv.name_hint for gv in swapped.functions if gv.name_hint.startswith("int8_matmul")}
+    ops = {name for name in kernel_of if name.startswith("int8_matmul")}
+    assert {kernel_of[name] for name in ops} == kernels and len(kernels) < len(ops)
+    assert set(kernel_of.values()) <= {gv.name_hint for gv in swapped.functions}
     rng = np.random.default_rng(0)
     seen, widths = set(), set()
     for gv, func in mod.functions.items():
@@ -282,7 +289,7 @@ def test_every_int8_op_of_a_model_equals_its_kernel(quant):
         args = [tensor(rng.standard_normal((1, rows, k)).astype(str(x.dtype))), w, s, *mn]
         args += [tensor(rng.standard_normal(n).astype(str(bbuf[0].dtype)))] if bbuf else []
         outs = []
-        for f in (func, swapped[gv]):
+        for f in (func, swapped[kernel_of[gv.name_hint]]):
             y = tensor(np.zeros((1, rows, n), str(ybuf.dtype)))
             build(f)["main"](*args, y)
             outs.append(y.numpy().astype(np.float64))
@@ -292,6 +299,18 @@ def test_every_int8_op_of_a_model_equals_its_kernel(quant):
         assert {n for n in plan if n.endswith(part)} == {n for n, _, _ in params if n.endswith(part)}
     assert widths == ({4, 5, 6} if quant.startswith("qk") else {get_quantization(quant).bits})
     assert seen == {(True, ""), (True, "gelu_tanh"), (False, "")}  # qkv and projections, fc, the tied LM head
+
+
+def called(mod) -> list[str]:
+    """The function each call_tir of `mod`'s Relax functions names, in order."""
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    names = []
+    for gv, func in sorted(mod.functions.items(), key=lambda item: item[0].name_hint):
+        if isinstance(func, tvm.relax.Function):
+            for block in func.body.blocks:
+                names += [b.value.args[0].name_hint for b in block.bindings
+                          if isinstance(b.value, tvm.relax.Call) and b.value.op.same_as(call_tir)]
+    return names
 
 
 @pytest.mark.parametrize("quant", ["q4f32_1", "q8f32_1", "q4f32_a"])

@@ -54,6 +54,8 @@ def attach_metadata(mod, meta: dict):
 # - the target's kernel replacements (`TargetSpec.pipeline.replace_kernels`) before any pass: on CPUs our
 #   prefill attention in place of TVM's serial scalar kernels (kernels.py).
 # - TIR CSE guarded per kernel (`guarded_tir_cse`) during the build: TVM 0.27's CSE breaks some kernels.
+# - buffer compaction for block-structured kernels only (`compact_block_kernels`): plain-TIR kernels have no
+#   block buffers to compact, and the pass's analysis of their bodies was a quarter of a tiny CPU build.
 # Left out of TVM's list: library dispatch (DispatchSampling, DispatchSortScan), as the model has no sampling,
 # sort or scan op for them to dispatch. TVM's generic-GPU lists equal the CPU ones apart from their schedules;
 # its CUDA list also has RewriteCUDAGraph, which gptbc has not adopted.
@@ -328,7 +330,7 @@ def _build_library(plan: LibraryPlan, output: Path, log: Callable[[str], None]) 
               f"{shards}) to Relax", t)
 
     building = embedded.building() if embedded else contextlib.nullcontext()
-    with tvm.transform.PassContext(opt_level=3), guarded_tir_cse() as cse_skipped, building:
+    with tvm.transform.PassContext(opt_level=3), guarded_tir_cse() as cse_skipped, compact_block_kernels(), building:
         executable = relax.build(mod, target, relax_pipeline=relax_pipeline(spec.pipeline, target, batch_invariant),
                                  system_lib=build.system_lib)
     if cse_skipped:
@@ -350,6 +352,32 @@ def _build_library(plan: LibraryPlan, output: Path, log: Callable[[str], None]) 
         os.chmod(tmp, 0o755 if build.suffix in (".so", ".dylib") else 0o644)
     phase(f"write {output} ({'objects for static linking' if build.system_lib else 'shared library'})", t)
     return output
+
+
+@contextlib.contextmanager
+def compact_block_kernels():
+    """Run S-TIR's CompactBufferAllocation only on block-structured kernels (those TVMScript or TE made with the
+    `s_tir` attribute). The pass shrinks each buffer allocated in a block to the region the block touches; our
+    hand-written kernels (kernels.py's CPU attention, kernels_int8.py) are plain TIR with exactly sized buffers,
+    so there is nothing to shrink, yet on TVM 0.27 the pass's region analysis of their unrolled bodies took
+    ~2.5 s of a tiny CPU library's 10 s of lowering (measured: BENCHMARKS, issue 34)."""
+    import tvm
+    from tvm import s_tir, tirx
+
+    original = s_tir.transform.CompactBufferAllocation
+
+    @tirx.transform.prim_func_pass(opt_level=0, name="gptbc.CompactBlockKernels")
+    def compact(func, _mod, _ctx):
+        if not (func.attrs and func.attrs.get("s_tir")):
+            return func
+        return original()(tvm.IRModule({"f": func}))["f"]
+
+    # TVM's default TIR pipeline looks the pass factory up on the module when it builds its pass list.
+    s_tir.transform.CompactBufferAllocation = lambda *_args, **_kw: compact
+    try:
+        yield
+    finally:
+        s_tir.transform.CompactBufferAllocation = original
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ whichever kernel runs it.
 
 from __future__ import annotations
 
+import functools
 import math
 
 from tvm import tirx
@@ -346,6 +347,7 @@ def _rows(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 16, gpu: boo
     return ragged, paged_prefill, decode
 
 
+@functools.lru_cache(maxsize=None)  # parsing TVMScript takes a while; libraries share shapes
 def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
     """Causal self-attention of each sequence's new tokens, TVM's `batch_prefill_ragged_kv` signature.
 
@@ -357,12 +359,13 @@ def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
     attend = _blocked(d)
     merge = _merge(d)
 
-    @T.prim_func(s_tir=True)
+    @T.prim_func
     def ragged_prefill(
         var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle, var_kv_indptr: T.handle,
         var_q_rope_position: T.handle, var_k_rope_pos_offset: T.handle, var_output: T.handle, var_lse: T.handle,
         causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
     ):
+        T.func_attr({"tirx.is_scheduled": True})  # plain TIR: no schedule rule applies, no block to lower
         batch_size = T.int32()
         qo_len = T.int32()
         kv_len = T.int32()
@@ -382,51 +385,47 @@ def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
 
         for b in T.serial(batch_size):
             for task in T.parallel((q_indptr[b + 1] - q_indptr[b]) * h_kv):
-                with T.sblock("attn"):
-                    # whole-buffer regions: the exact ones would name the let-bound values below
-                    T.reads(q[0:qo_len, 0:h_q, 0:d], k[0:kv_len, 0:h_kv, 0:d], v[0:kv_len, 0:h_kv, 0:d],
-                            q_indptr[0:batch_size + 1], kv_indptr[0:batch_size + 1])
-                    T.writes(output[0:qo_len, 0:h_q, 0:d], lse[0:qo_len, 0:h_q])
-                    acc = T.sblock_alloc_buffer((group, d), "float32")
-                    st = T.sblock_alloc_buffer((group, 2), "float32")  # per head: running max, sum
-                    pair = T.sblock_alloc_buffer((2, LANES), "float32")
-                    part = T.sblock_alloc_buffer((LANES // 2, LANES), "float32")  # the keys' partial sums
-                    sc = T.sblock_alloc_buffer((LANES,), "float32")
-                    prob = T.sblock_alloc_buffer((LANES,), "float32")
-                    reg = T.sblock_alloc_buffer((d,), "float32")
-                    tmp = T.sblock_alloc_buffer((2,), "float32")
-                    before = T.sblock_alloc_buffer((1, group, d), dtype)  # the keys before the row's grain
-                    before_lse = T.sblock_alloc_buffer((1, group), "float32")
-                    scratch = T.sblock_alloc_buffer((5,), "float32")
-                    q_n: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
-                    kv_n: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
-                    # tasks alternate between the first and last rows: a thread's contiguous share of the
-                    # tasks then holds short and long rows alike (causal rows grow with their position)
-                    r: T.let[T.int32] = task // h_kv
-                    qi: T.let[T.int32] = T.if_then_else(r % 2 == 0, r // 2, q_n - 1 - r // 2)
-                    kh: T.let[T.int32] = task % h_kv
-                    row: T.let[T.int32] = q_indptr[b] + qi
-                    first: T.let[T.int32] = k_rope_pos_offset[b]  # absolute position of the sequence's first key
-                    # keys this query may see: all of them, or (causal) up to its own position, the new tokens
-                    # being the last q_n of the kv_n
-                    visible: T.let[T.int32] = T.max(T.if_then_else(
-                        causal > 0, T.min(kv_n - q_n + qi + 1, kv_n), kv_n), 0)
-                    # how many of its keys lie before the grain of its absolute position
-                    split: T.let[T.int32] = T.min(_grain_split(first + visible - 1, first), visible)
-                    end: T.let[T.int32] = T.if_then_else(sm_scale < 0, first + split, first + visible)
+                acc = T.alloc_buffer((group, d), "float32")
+                st = T.alloc_buffer((group, 2), "float32")  # per head: running max, sum
+                pair = T.alloc_buffer((2, LANES), "float32")
+                part = T.alloc_buffer((LANES // 2, LANES), "float32")  # the keys' partial sums
+                sc = T.alloc_buffer((LANES,), "float32")
+                prob = T.alloc_buffer((LANES,), "float32")
+                reg = T.alloc_buffer((d,), "float32")
+                tmp = T.alloc_buffer((2,), "float32")
+                before = T.alloc_buffer((1, group, d), dtype)  # the keys before the row's grain
+                before_lse = T.alloc_buffer((1, group), "float32")
+                scratch = T.alloc_buffer((5,), "float32")
+                q_n: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                kv_n: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
+                # tasks alternate between the first and last rows: a thread's contiguous share of the
+                # tasks then holds short and long rows alike (causal rows grow with their position)
+                r: T.let[T.int32] = task // h_kv
+                qi: T.let[T.int32] = T.if_then_else(r % 2 == 0, r // 2, q_n - 1 - r // 2)
+                kh: T.let[T.int32] = task % h_kv
+                row: T.let[T.int32] = q_indptr[b] + qi
+                first: T.let[T.int32] = k_rope_pos_offset[b]  # absolute position of the sequence's first key
+                # keys this query may see: all of them, or (causal) up to its own position, the new tokens
+                # being the last q_n of the kv_n
+                visible: T.let[T.int32] = T.max(T.if_then_else(
+                    causal > 0, T.min(kv_n - q_n + qi + 1, kv_n), kv_n), 0)
+                # how many of its keys lie before the grain of its absolute position
+                split: T.let[T.int32] = T.min(_grain_split(first + visible - 1, first), visible)
+                end: T.let[T.int32] = T.if_then_else(sm_scale < 0, first + split, first + visible)
+                attend(acc, st, pair, part, sc, prob, reg, tmp, q, row, kh * group, group, k, v, k,
+                       kv_indptr[b] - first, kh, first + split, end, sm_scale, output, lse, row, kh * group, dtype)
+                if split > 0 and sm_scale >= 0:
                     attend(acc, st, pair, part, sc, prob, reg, tmp, q, row, kh * group, group, k, v, k,
-                           kv_indptr[b] - first, kh, first + split, end, sm_scale, output, lse, row, kh * group, dtype)
-                    if split > 0 and sm_scale >= 0:
-                        attend(acc, st, pair, part, sc, prob, reg, tmp, q, row, kh * group, group, k, v, k,
-                               kv_indptr[b] - first, kh, first, first + split, sm_scale, before, before_lse, 0, 0,
-                               dtype)
-                        for hh in T.serial(group):
-                            merge(output, lse, row, kh * group + hh, before, (0, hh), before_lse[0, hh], scratch,
-                                  dtype)
+                           kv_indptr[b] - first, kh, first, first + split, sm_scale, before, before_lse, 0, 0,
+                           dtype)
+                    for hh in T.serial(group):
+                        merge(output, lse, row, kh * group + hh, before, (0, hh), before_lse[0, hh], scratch,
+                              dtype)
 
     return ragged_prefill
 
 
+@functools.lru_cache(maxsize=None)  # parsing TVMScript takes a while; libraries share shapes
 def paged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 16):
     """Attention of new tokens to a sequence's cached pages, TVM's `batch_prefill_paged_kv_cpu` signature
     (no sliding window). The KV cache calls it for tokens whose sequence already holds KV: a prompt
@@ -434,13 +433,14 @@ def paged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 
     group = h_q // h_kv
     attend = _blocked(d, page_size)
 
-    @T.prim_func(s_tir=True)
+    @T.prim_func
     def paged_prefill(
         var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle, var_page_indptr: T.handle,
         var_page_values: T.handle, var_length_info: T.handle, var_k_rope_pos_offset: T.handle,
         var_q_rope_position: T.handle, var_output: T.handle, var_lse: T.handle,
         causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
     ):
+        T.func_attr({"tirx.is_scheduled": True})  # plain TIR: no schedule rule applies, no block to lower
         batch_size = T.int32()
         total_len = T.int32()
         nnz_pages = T.int32()
@@ -464,35 +464,31 @@ def paged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 
 
         for b in T.serial(batch_size):
             for task in T.parallel((q_indptr[b + 1] - q_indptr[b]) * h_kv):
-                with T.sblock("attn"):
-                    T.reads(q[0:total_len, 0:h_q, 0:d], pages[0:max_num_pages, 0:2, 0:h_kv, 0:page_size, 0:d],
-                            q_indptr[0:batch_size + 1], page_indptr[0:batch_size + 1], page_values[0:nnz_pages],
-                            last_page_len[0:batch_size])
-                    T.writes(output[0:total_len, 0:h_q, 0:d], lse[0:total_len, 0:h_q])
-                    acc = T.sblock_alloc_buffer((group, d), "float32")
-                    st = T.sblock_alloc_buffer((group, 2), "float32")
-                    pair = T.sblock_alloc_buffer((2, LANES), "float32")
-                    part = T.sblock_alloc_buffer((LANES // 2, LANES), "float32")  # the keys' partial sums
-                    sc = T.sblock_alloc_buffer((LANES,), "float32")
-                    prob = T.sblock_alloc_buffer((LANES,), "float32")
-                    reg = T.sblock_alloc_buffer((d,), "float32")
-                    tmp = T.sblock_alloc_buffer((2,), "float32")
-                    q_n: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
-                    r: T.let[T.int32] = task // h_kv  # rows alternate first / last, as in the ragged kernel
-                    qi: T.let[T.int32] = T.if_then_else(r % 2 == 0, r // 2, q_n - 1 - r // 2)
-                    kh: T.let[T.int32] = task % h_kv
-                    row: T.let[T.int32] = q_indptr[b] + qi
-                    n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
-                    kv_n: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
-                    visible: T.let[T.int32] = T.if_then_else(
-                        causal > 0, T.min(kv_n - q_n + qi + 1, kv_n), kv_n)
-                    attend(acc, st, pair, part, sc, prob, reg, tmp, q, row, kh * group, group, pages, pages,
-                           page_values, page_indptr[b], kh, 0, T.if_then_else(sm_scale < 0, 0, T.max(visible, 0)),
-                           sm_scale, output, lse, row, kh * group, dtype)
+                acc = T.alloc_buffer((group, d), "float32")
+                st = T.alloc_buffer((group, 2), "float32")
+                pair = T.alloc_buffer((2, LANES), "float32")
+                part = T.alloc_buffer((LANES // 2, LANES), "float32")  # the keys' partial sums
+                sc = T.alloc_buffer((LANES,), "float32")
+                prob = T.alloc_buffer((LANES,), "float32")
+                reg = T.alloc_buffer((d,), "float32")
+                tmp = T.alloc_buffer((2,), "float32")
+                q_n: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                r: T.let[T.int32] = task // h_kv  # rows alternate first / last, as in the ragged kernel
+                qi: T.let[T.int32] = T.if_then_else(r % 2 == 0, r // 2, q_n - 1 - r // 2)
+                kh: T.let[T.int32] = task % h_kv
+                row: T.let[T.int32] = q_indptr[b] + qi
+                n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
+                kv_n: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
+                visible: T.let[T.int32] = T.if_then_else(
+                    causal > 0, T.min(kv_n - q_n + qi + 1, kv_n), kv_n)
+                attend(acc, st, pair, part, sc, prob, reg, tmp, q, row, kh * group, group, pages, pages,
+                       page_values, page_indptr[b], kh, 0, T.if_then_else(sm_scale < 0, 0, T.max(visible, 0)),
+                       sm_scale, output, lse, row, kh * group, dtype)
 
     return paged_prefill
 
 
+@functools.lru_cache(maxsize=None)  # parsing TVMScript takes a while; libraries share shapes
 def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 16):
     """One new token per sequence attending to its cached pages, TVM's `batch_decode_paged_kv_cpu` signature
     (no sliding window). TVM's loops over sequences and heads serially with scalar code and libm exp2: at
@@ -501,13 +497,14 @@ def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 1
     attend = _blocked(d, page_size)
     merge = _merge(d)
 
-    @T.prim_func(s_tir=True)
+    @T.prim_func
     def paged_decode(
         var_q: T.handle, var_pages: T.handle, var_page_indptr: T.handle, var_page_values: T.handle,
         var_length_info: T.handle, var_k_rope_pos_offset: T.handle, var_q_rope_position: T.handle,
         var_output: T.handle, var_lse: T.handle,
         rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
     ):
+        T.func_attr({"tirx.is_scheduled": True})  # plain TIR: no schedule rule applies, no block to lower
         batch_size = T.int32()
         nnz_pages = T.int32()
         max_num_pages = T.int32()
@@ -527,45 +524,42 @@ def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 1
         lse = T.match_buffer(var_lse, (batch_size, h_q), "float32")
 
         for task in T.parallel(batch_size * h_q):
-            with T.sblock("attn"):
-                T.reads(q[0:batch_size, 0:h_q, 0:d], pages[0:max_num_pages, 0:2, 0:h_kv, 0:page_size, 0:d],
-                        page_indptr[0:batch_size + 1], page_values[0:nnz_pages], last_page_len[0:batch_size])
-                T.writes(output[0:batch_size, 0:h_q, 0:d], lse[0:batch_size, 0:h_q])
-                acc = T.sblock_alloc_buffer((1, d), "float32")
-                st = T.sblock_alloc_buffer((1, 2), "float32")
-                pair = T.sblock_alloc_buffer((2, LANES), "float32")
-                part = T.sblock_alloc_buffer((LANES // 2, LANES), "float32")
-                sc = T.sblock_alloc_buffer((LANES,), "float32")
-                prob = T.sblock_alloc_buffer((LANES,), "float32")
-                reg = T.sblock_alloc_buffer((d,), "float32")
-                tmp = T.sblock_alloc_buffer((2,), "float32")
-                before = T.sblock_alloc_buffer((1, 1, d), dtype)
-                before_lse = T.sblock_alloc_buffer((1, 1), "float32")
-                scratch = T.sblock_alloc_buffer((5,), "float32")
-                # one head per task (a batch of one still spreads over the threads)
-                b: T.let[T.int32] = task // h_q
-                h: T.let[T.int32] = task % h_q
-                n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
-                kv_n: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
-                split: T.let[T.int32] = T.min(_grain_split(k_rope_pos_offset[b] + kv_n - 1, k_rope_pos_offset[b]), kv_n)
-                attend(acc, st, pair, part, sc, prob, reg, tmp, q, b, h, 1, pages, pages, page_values, page_indptr[b],
-                       h // group, split, T.if_then_else(sm_scale < 0, split, kv_n), sm_scale, output, lse, b, h,
-                       dtype)
-                if split > 0 and sm_scale >= 0:
-                    attend(acc, st, pair, part, sc, prob, reg, tmp, q, b, h, 1, pages, pages, page_values,
-                           page_indptr[b], h // group, 0, split, sm_scale, before, before_lse, 0, 0, dtype)
-                    merge(output, lse, b, h, before, (0, 0), before_lse[0, 0], scratch, dtype)
+            acc = T.alloc_buffer((1, d), "float32")
+            st = T.alloc_buffer((1, 2), "float32")
+            pair = T.alloc_buffer((2, LANES), "float32")
+            part = T.alloc_buffer((LANES // 2, LANES), "float32")
+            sc = T.alloc_buffer((LANES,), "float32")
+            prob = T.alloc_buffer((LANES,), "float32")
+            reg = T.alloc_buffer((d,), "float32")
+            tmp = T.alloc_buffer((2,), "float32")
+            before = T.alloc_buffer((1, 1, d), dtype)
+            before_lse = T.alloc_buffer((1, 1), "float32")
+            scratch = T.alloc_buffer((5,), "float32")
+            # one head per task (a batch of one still spreads over the threads)
+            b: T.let[T.int32] = task // h_q
+            h: T.let[T.int32] = task % h_q
+            n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
+            kv_n: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
+            split: T.let[T.int32] = T.min(_grain_split(k_rope_pos_offset[b] + kv_n - 1, k_rope_pos_offset[b]), kv_n)
+            attend(acc, st, pair, part, sc, prob, reg, tmp, q, b, h, 1, pages, pages, page_values, page_indptr[b],
+                   h // group, split, T.if_then_else(sm_scale < 0, split, kv_n), sm_scale, output, lse, b, h,
+                   dtype)
+            if split > 0 and sm_scale >= 0:
+                attend(acc, st, pair, part, sc, prob, reg, tmp, q, b, h, 1, pages, pages, page_values,
+                       page_indptr[b], h // group, 0, split, sm_scale, before, before_lse, 0, 0, dtype)
+                merge(output, lse, b, h, before, (0, 0), before_lse[0, 0], scratch, dtype)
 
     return paged_decode
 
 
+@functools.lru_cache(maxsize=None)  # parsing TVMScript takes a while; libraries share shapes
 def merge_state_cpu(h_q: int, d: int, dtype: str):
     """The CPU merge of two attention results, TVM's `merge_state_inplace_cpu` signature, with `_merge`'s
     formula: the one the kernels above merge a row's two parts with, so a merge done by the KV cache
     gives the bits a merge inside a kernel gives."""
     merge = _merge(d)
 
-    @T.prim_func(s_tir=True)
+    @T.prim_func
     def merge_state(v: T.handle, s: T.handle, v_other: T.handle, s_other: T.handle):
         T.func_attr({"tirx.is_scheduled": True})
         n = T.int32()
@@ -574,13 +568,10 @@ def merge_state_cpu(h_q: int, d: int, dtype: str):
         V_other = T.match_buffer(v_other, (n, h_q, d), dtype)
         S_other = T.match_buffer(s_other, (n, h_q), "float32")
         for task in T.parallel(n * h_q):
-            with T.sblock("merge"):
-                T.reads(V[0:n, 0:h_q, 0:d], S[0:n, 0:h_q], V_other[0:n, 0:h_q, 0:d], S_other[0:n, 0:h_q])
-                T.writes(V[0:n, 0:h_q, 0:d], S[0:n, 0:h_q])
-                scratch = T.sblock_alloc_buffer((5,), "float32")
-                row: T.let[T.int32] = task // h_q
-                h: T.let[T.int32] = task % h_q
-                merge(V, S, row, h, V_other, (row, h), S_other[row, h], scratch, dtype)
+            scratch = T.alloc_buffer((5,), "float32")
+            row: T.let[T.int32] = task // h_q
+            h: T.let[T.int32] = task % h_q
+            merge(V, S, row, h, V_other, (row, h), S_other[row, h], scratch, dtype)
 
     return merge_state
 
@@ -607,6 +598,7 @@ def use_fast_cpu_attention(mod, h_kv: int, h_q: int, d: int, dtype: str):
 MERGE_STATE = "tir_attention_merge_state"
 
 
+@functools.lru_cache(maxsize=None)  # parsing TVMScript takes a while; libraries share shapes
 def merge_state_inplace(num_heads: int, head_dim: int, dtype: str, max_threads: int):
     """TVM's `_merge_state_inplace` (kv_cache's `tir_attention_merge_state`) without its data race.
 

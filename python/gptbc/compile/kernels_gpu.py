@@ -18,6 +18,8 @@ serially, where TVM's kernels spread a pair over up to 128 threads. Prefill has 
 
 from __future__ import annotations
 
+import functools
+
 from tvm.script import tirx as T
 
 from gptbc.compile.kernels import _rows
@@ -34,6 +36,7 @@ def _find_sequence(indptr, row, batch_size, found):
             found[0] = i + 1
 
 
+@functools.lru_cache(maxsize=None)  # parsing TVMScript takes a while; libraries share shapes
 def ragged_prefill_gpu(h_kv: int, h_q: int, d: int, dtype: str):
     """kernels.ragged_prefill_cpu on a GPU (TVM's `batch_prefill_ragged_kv` signature)."""
     row_attention = _rows(h_kv, h_q, d, dtype, gpu=True)[0]
@@ -86,6 +89,7 @@ def ragged_prefill_gpu(h_kv: int, h_q: int, d: int, dtype: str):
     return ragged_prefill
 
 
+@functools.lru_cache(maxsize=None)  # parsing TVMScript takes a while; libraries share shapes
 def paged_prefill_gpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 16):
     """kernels.paged_prefill_cpu on a GPU (TVM's `batch_prefill_paged_kv` signature, no sliding window)."""
     row_attention = _rows(h_kv, h_q, d, dtype, page_size, gpu=True)[1]
@@ -141,6 +145,7 @@ def paged_prefill_gpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 
     return paged_prefill
 
 
+@functools.lru_cache(maxsize=None)  # parsing TVMScript takes a while; libraries share shapes
 def paged_decode_gpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 16):
     """kernels.paged_decode_cpu on a GPU (TVM's `batch_decode_paged_kv` signature, no sliding window)."""
     row_attention = _rows(h_kv, h_q, d, dtype, page_size, gpu=True)[2]
