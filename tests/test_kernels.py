@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import tvm
 from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
+from tvm.script import tirx as T
 
-from gptbc.compile.kernels import ragged_prefill_cpu
+from gptbc.compile.kernels import paged_decode_cpu, ragged_prefill_cpu
 
 TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
 
@@ -278,3 +279,26 @@ def test_a_row_gets_the_same_bits_however_its_keys_arrive():
         0, 1.0, 1e4, scale)[-2:]
     np.testing.assert_array_equal(decoded, whole[rows])
     np.testing.assert_array_equal(decoded_lse, whole_lse[rows])
+
+
+def test_compaction_runs_on_block_kernels_only():
+    """Inside the build, S-TIR's CompactBufferAllocation still shrinks a block's oversized buffer, and leaves
+    a plain-TIR kernel (ours: nothing to compact, and the pass's analysis of them cost seconds) as it was."""
+    from tvm import s_tir
+
+    from gptbc.compile.compiler import compact_block_kernels
+
+    @T.prim_func(s_tir=True)
+    def blocks(a: T.Buffer((8,), "float32"), b: T.Buffer((8,), "float32")):
+        for i in range(8):
+            with T.sblock("copy"):  # opaque (no block iterators), as the pass expects them
+                tmp = T.sblock_alloc_buffer((64,), "float32")  # one element is used
+                tmp[0] = a[i]
+                b[i] = tmp[0]
+
+    plain = paged_decode_cpu(1, 4, 32, "float32")
+    with compact_block_kernels():
+        compact = s_tir.transform.CompactBufferAllocation()
+        out = compact(tvm.IRModule({"blocks": blocks, "plain": plain}))
+    assert out["plain"].same_as(plain)
+    assert "(1,)" in out["blocks"].script() and "(64,)" not in out["blocks"].script()
