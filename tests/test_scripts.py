@@ -275,3 +275,19 @@ def test_bench_editor(tiny_model, tmp_path):
         assert psm["evaluated"] > spm["evaluated"] + 4, (psm, spm)
     missing = run_script("bench_editor.py", m.hf_dir, "--file", tmp_path / "nope.py")
     one_line_error(missing, "nope.py", "cannot read")
+
+
+# ---- cpu_limits.py: the int8 dot-product peak and the read bandwidth of this CPU ----
+
+def test_cpu_limits_smallest_mode():
+    import platform
+
+    if platform.machine() != "x86_64":
+        pytest.skip("cpu_limits.py probes x86 CPUs only")
+    run = run_script("cpu_limits.py", "--threads", 2, "--seconds", 0.05, "--mib", 64, "--json")
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = json.loads(run.stdout)
+    assert r["threads"] == 2 and r["read_gbs_1"] > 0 and r["read_gbs_n"] > 0
+    if r["avx512vnni"]:
+        assert min(r["gmac_512_1"], r["gmac_512_n"], r["gmac_256_1"], r["gmac_256_n"]) > 0
+    one_line_error(run_script("cpu_limits.py", "--seconds", 0), "--seconds")
