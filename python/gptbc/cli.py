@@ -568,7 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=64, help="sequences waiting beyond the batch before "
                    "requests get 503")
     s.add_argument("--max-total-seq-len", type=_positive_int("--max-total-seq-len"),
-                   help="KV-cache capacity in tokens over all sequences (default: context window x min(4, batch))")
+                   help="KV-cache capacity in tokens over all sequences (default: context window x (min(4, batch) "
+                        "+ 8): the running requests and the prefix cache's 8 kept prompts; less where that is over "
+                        "a quarter of the memory the weights leave)")
     s.add_argument("--max-body-bytes", type=_positive_int("--max-body-bytes"), default=4 << 20,
                    help="largest request body accepted (413 beyond)")
     s.add_argument("--device", help=DEVICE_HELP)

@@ -105,7 +105,8 @@ class Engine:
                  batch_invariant: bool = False, tensor_parallel: int = 1,
                  draft: tuple[str | Path, str | Path] | None = None, max_draft: int = 8, min_draft: int = 1):
         """`max_total_seq_len`: tokens the KV cache holds over all sequences (default: context window ×
-        min(4, max_batch_size)); `prefix_cache_size`: finished sequences kept for prefix reuse;
+        (min(4, max_batch_size) + 8), less where the device's memory is short: memory_plan.default_kv_tokens);
+        `prefix_cache_size`: finished sequences kept for prefix reuse;
         `speculation`: prompt-lookup drafts verified in one multi-row call (same output, fewer steps when
         the text repeats the prompt, e.g. code editing); `batch_invariant`: the same request gives the same
         token ids and logprobs, bit for bit, whatever else is being served (see `guarantee`);
