@@ -18,6 +18,7 @@ from gptbc.runtime.scheduler import Scheduler
 
 VOCAB = 50
 EOS = 0
+PREFILL_COST = 0.1  # fake seconds a prompt token costs (a decode call costs 1)
 
 
 def next_token(history: list[int]) -> int:
@@ -65,12 +66,14 @@ class FakeRunner:
 
     def prefill_chunk(self, seq_id: int, chunk) -> np.ndarray:
         assert 0 < len(chunk) <= self.prefill_chunk_size
+        self.time += PREFILL_COST * len(chunk)
         self.calls.append(("prefill", len(chunk)))
         self.seqs[seq_id] += list(chunk)
         return self.logits_for(self.seqs[seq_id])
 
     def prefill_batch(self, seq_ids, id_lists) -> np.ndarray:
         assert sum(map(len, id_lists)) <= self.prefill_chunk_size and len(seq_ids) <= self.max_batch_size
+        self.time += PREFILL_COST * sum(map(len, id_lists))
         self.calls.append(("prefill_batch", [len(c) for c in id_lists]))
         rows = []
         for s, chunk in zip(seq_ids, id_lists):
@@ -191,7 +194,7 @@ def test_a_short_prompt_is_answered_before_a_long_one_is_read():
     first_token = {q.id: next(i for i, step in enumerate(log) for e in step["events"] if e.request is q)
                    for q in (long, short)}
     assert first_token[short.id] == 0 and first_token[long.id] > 3
-    assert [step["chunks"] for step in log if step["chunks"] and not step["decoded"]][:1] == [[8]]  # no budget then
+    assert [8] in [step["chunks"] for step in log if not step["decoded"]]  # no budget once nothing decodes
     assert short.output_ids == reference([5, 6], 3) and long.output_ids == reference(long_prompt, 3)
 
 
@@ -209,6 +212,21 @@ def test_while_requests_decode_a_step_prefills_at_most_the_budget_and_a_long_pro
     assert long.output_ids == reference(long_prompt, 4) and talker.output_ids == reference([9, 9], 40)
 
 
+
+
+def test_the_budget_holds_a_moment_after_the_last_decode_for_the_next_keystroke():
+    """An editor that got its completion sends the next keystroke moments later: the steps right after still read
+    only a budget's worth of another prompt (0.2 fake s here), not a whole chunk the keystroke would wait for."""
+    s, r = make(prefill_chunk_size=64, prefill_budget=2)
+    key = s.submit([9, 9], greedy(3))
+    s.step()
+    long_prompt = [(5 * i) % 30 + 2 for i in range(60)]
+    long = s.submit(long_prompt, greedy(1))
+    s.run_until_done([key])
+    log = steps_until_done(s, r, [long])
+    assert [sum(step["chunks"]) for step in log[:2]] == [2, 2]  # within RECENT_DECODE_S (0.5) of the decode
+    assert max(sum(step["chunks"]) for step in log) > 2  # then whole chunks
+    assert long.output_ids == reference(long_prompt, 1)
 
 def test_long_prompts_read_one_chunk_a_step_the_shorter_first():
     """A step reads at most one chunk in all (a request arriving waits for one chunk, not one per prompt being

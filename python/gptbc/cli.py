@@ -582,7 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=PROMPT_LOOKUP_HELP)
     s.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
     s.add_argument("--prefill-budget", type=_positive_int("--prefill-budget"), metavar="N",
-                   help="prompt tokens one step prefills while other requests decode, shortest prompt first "
+                   help="prompt tokens one step prefills while other requests decode (and half a second after), "
+                        "shortest prompt first "
                         "(default: 16 on the CPU, a whole prefill chunk on a GPU): smaller keeps completions "
                         "fast while a long prompt is read, larger reads it sooner")
     draft_args(s)

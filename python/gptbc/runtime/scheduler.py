@@ -175,6 +175,10 @@ class Stats:
 # completion stays within a second while another editor's 2k-token prompt is read), and that prompt still gets
 # ~70% of the machine. A GPU prefills a chunk in a few decode steps' time: there the budget is a whole chunk.
 CPU_PREFILL_BUDGET = 16
+# The budget also holds for RECENT_DECODE_S after the last decode step: an editor that just got its completion sends
+# the next keystroke moments later, and a whole chunk of another editor's prompt started in that gap (13 s for 2k
+# tokens on 2 cores) is what the keystroke would wait for.
+RECENT_DECODE_S = 0.5
 
 
 class Scheduler:
@@ -214,6 +218,7 @@ class Scheduler:
         self.cached_prompt_len: dict[int, int] = {}  # seq_id → how many of its tokens were the prompt
         self.stats = Stats()
         self._ids = itertools.count()
+        self.decoded_at: float | None = None  # clock() after the last decode step
 
     # ---- submission ----
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> Request:
@@ -360,6 +365,7 @@ class Scheduler:
                    and r.finish_reason is None]
         if running:
             events += self._decode(running)
+            self.decoded_at = self.clock()
         for req in [r for r in self.active if r.finish_reason is not None]:
             self._retire(req)
         return events
@@ -370,12 +376,14 @@ class Scheduler:
         Shortest remaining prompt first: a keystroke's few tokens after prefix reuse go before another editor's
         cold prompt, and of several long prompts one finishes first instead of all late. Up to one chunk in all,
         so a request arriving waits for at most one chunk; while requests decode, at most `prefill_budget`
-        tokens, so each of their steps costs little more than a decode while a long prompt still advances."""
+        tokens, so each of their steps costs little more than a decode while a long prompt still advances (and
+        for RECENT_DECODE_S after, until the client that was answered sends its next request)."""
         runner, events = self.runner, []
         reading = sorted((r for r in self.active if r.prefilled < len(r.prompt_ids)),
                          key=lambda r: len(r.prompt_ids) - r.prefilled)
         decoding = any(r.prefilled == len(r.prompt_ids) and r.output_ids and r.finish_reason is None
                        for r in self.active)
+        decoding = decoding or (self.decoded_at is not None and self.clock() - self.decoded_at < RECENT_DECODE_S)
         budget = self.prefill_budget if decoding else runner.prefill_chunk_size
         batch, room, taken = [], runner.prefill_chunk_size, 0
         for req in reading:
