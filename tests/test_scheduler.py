@@ -228,6 +228,7 @@ def test_the_budget_holds_a_moment_after_the_last_decode_for_the_next_keystroke(
     assert max(sum(step["chunks"]) for step in log) > 2  # then whole chunks
     assert long.output_ids == reference(long_prompt, 1)
 
+
 def test_long_prompts_read_one_chunk_a_step_the_shorter_first():
     """A step reads at most one chunk in all (a request arriving waits for one chunk, not one per prompt being
     read), and of two long prompts the shorter is answered first instead of both late."""
@@ -256,6 +257,7 @@ def test_prompt_scores_read_under_the_budget_are_those_read_alone():
     assert got.prompt_logprobs == want.prompt_logprobs and len(got.prompt_logprobs) == len(prompt)
     assert got.output_ids == want.output_ids
 
+
 def test_a_budgeted_chunk_in_batch_invariant_mode_ends_at_a_grain_boundary():
     """Cut by the budget, a later chunk still ends where a lone request's would (the grain rule, _chunk_size); a
     budget smaller than the grain still lets the prompt advance a grain at a time."""
@@ -281,6 +283,7 @@ def test_a_prefill_budget_below_one_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "MODEL", "--prefill-budget", "0"])
     assert capsys.readouterr().err.splitlines()[-1].endswith("--prefill-budget must be positive, got 0")
+
 
 def test_admission_waits_for_batch_slots_and_kv_room():
     s, r = make(capacity=16, max_batch_size=2)  # 4 pages of 4 tokens
@@ -369,6 +372,7 @@ def test_typing_keeps_one_cached_sequence_per_file():
     assert len(s.cached) == 3 and len(r.seqs) == 3
     for name in (2, 3):  # still cached: everything but the last token (which must run) is reused
         assert run_one(s, files[name] + [60]).reused == len(files[name])
+
 
 def test_editors_typing_in_turn_keep_their_prompts_when_the_kv_cache_is_full():
     """Four editors type in turn, each request extending that editor's last prompt, with the KV cache too small
