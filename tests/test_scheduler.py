@@ -392,6 +392,24 @@ def test_editors_typing_in_turn_keep_their_prompts_when_the_kv_cache_is_full():
     assert len(s.cached) == 4 and len(r.seqs) == 4
 
 
+def test_a_request_its_caller_stops_stays_cached_for_the_next_keystroke():
+    """llama.cpp's n_indent rule stops a completion in the server (a cancel): its sequence is sound and stays in the
+    prefix cache, so the next keystroke forks it; a client that went away still frees everything."""
+    s, r = make(prefix_cache_size=8, prefill_chunk_size=64)
+    prompt = list(range(1, 40))
+    cold = s.submit(prompt, greedy(20))
+    for _ in range(4):
+        s.step()
+    s.cancel(cold, keep=True)
+    assert cold.finish_reason == "stop" and s.cached[cold.seq_id] == prompt + cold.output_ids[:-1]
+    key = run_one(s, prompt + [45])
+    assert key.reused == len(prompt) and key.output_ids == reference(prompt + [45], 2)
+    gone = s.submit(prompt + [46], greedy(20))
+    s.step()
+    s.cancel(gone)
+    assert gone.finish_reason == "cancelled" and gone.seq_id not in s.cached and gone.seq_id not in r.seqs
+
+
 def test_room_is_made_by_evicting_others_than_the_requests_parent():
     """When the KV cache is full, the cached sequences evicted for a request are the least recently used ones other
     than the one it forks from, even when that one is the oldest."""

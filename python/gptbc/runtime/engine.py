@@ -274,9 +274,10 @@ class Engine:
         """One engine-loop step over every queued and running request; returns the per-request events."""
         return self.scheduler.step()
 
-    def cancel(self, req: Request) -> None:
-        """Stop a request now and free its KV pages."""
-        self.scheduler.cancel(req)
+    def cancel(self, req: Request, keep: bool = False) -> None:
+        """Stop a request now and free its KV pages (`keep`: ended by the caller's stop rule, its sequence stays
+        in the prefix cache: Scheduler.cancel)."""
+        self.scheduler.cancel(req, keep)
 
     def cancel_all(self) -> list[Request]:
         """Cancel every running and waiting request; returns them."""

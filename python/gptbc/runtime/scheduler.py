@@ -245,10 +245,17 @@ class Scheduler:
         self.waiting.append(req)
         return req
 
-    def cancel(self, req: Request) -> None:
-        """Stop a request now (e.g. its client went away) and free its KV pages."""
+    def cancel(self, req: Request, keep: bool = False) -> None:
+        """Stop a request now (e.g. its client went away) and free its KV pages. `keep`: the caller ended it by a
+        stop rule of its own (llama.cpp's n_indent, t_max_predict_ms): a running request's sequence then stays in
+        the prefix cache as a finished one's does, for the next request to fork (an editor's next keystroke read
+        its whole 2k-token prompt again when the one before had stopped at n_indent)."""
         if req in self.waiting:
             self.waiting.remove(req)
+        if keep and req in self.active and req.finish_reason is None and req.output_ids:
+            req.finish_reason = "stop"
+            self._retire(req)
+            return
         if req.finish_reason is None:
             req.finish_reason = "cancelled"
         if req in self.active:
