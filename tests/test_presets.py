@@ -11,7 +11,8 @@ import pytest
 
 from gptbc.cli import main
 from gptbc.artifact.config import GPTBigCodeConfig, preset_names, resolve_model
-from gptbc.artifact.memory_plan import kv_bytes_per_token, parameter_count, weight_bytes
+from gptbc.artifact.memory_plan import (activation_bytes, default_kv_tokens, engine_kv_tokens, kv_bytes_per_token,
+                                        parameter_count, weight_bytes)
 from gptbc.artifact.quantization import QUANTIZATIONS, get_quantization, numpy_dtype
 
 FAMILY = {"tiny_starcoder_py", "starcoderbase-1b", "starcoderbase-3b", "starcoderbase-7b", "starcoder",
@@ -118,7 +119,40 @@ def test_compile_small_presets_offline_reports_memory(preset, tmp_path, capsys, 
     assert f"KV cache: {per_tok / 1024:.2f} KiB per token" in err
     assert f"{cfg.n_head}x smaller than multi-head" in err
     assert "KV cache for context 256 x batch 4: " + f"{256 * 4 * per_tok / (1 << 20):.2f} MiB" in err
+    assert f"the engine's default ({256 * 12} tokens, context x (min(4, batch) + 8)" in err
 
+
+def test_default_kv_cache_holds_the_prefix_cache_too_within_a_quarter_of_free_memory(monkeypatch):
+    """Room for 4 running windows and the prefix cache's 8 kept prompts (four editors evicted each other's prompts
+    with 4 windows); less where that is over a quarter of the memory the weights leave; never under 4 windows;
+    --max-total-seq-len wins."""
+    cfg = resolve_model("santacoder", context_window_size=2048, max_batch_size=16).config
+    quant = QUANTIZATIONS["q4f32_1"]
+    weights, per_tok = weight_bytes(cfg, quant), kv_bytes_per_token(cfg, quant)
+    used = weights + activation_bytes(cfg, quant, cfg.prefill_chunk_size, 16)
+    assert engine_kv_tokens(2048, 16) == 2048 * 12 and engine_kv_tokens(2048, 2) == 2048 * 10
+    assert engine_kv_tokens(2048, 16, max_total_seq_len=100) == 100
+    monkeypatch.setenv("GPTBC_DEVICE_MEMORY", str(1 << 40))
+    assert default_kv_tokens(cfg, quant, "cpu", weights) == 2048 * 12
+    monkeypatch.setenv("GPTBC_DEVICE_MEMORY", str(used + 4 * per_tok * 2048 * 6 + 123))  # a quarter: 6 windows
+    assert default_kv_tokens(cfg, quant, "cpu", weights) == 2048 * 6
+    monkeypatch.setenv("GPTBC_DEVICE_MEMORY", str(used))  # no room at all: the running windows (check_fits judges)
+    assert default_kv_tokens(cfg, quant, "cpu", weights) == 2048 * 4
+
+
+
+def test_a_runner_takes_the_default_kv_cache_its_device_has_room_for(tiny_model, monkeypatch):
+    from gptbc.runtime.runner import ModelRunner
+
+    m = tiny_model("mqa64")
+    monkeypatch.setenv("GPTBC_DEVICE_MEMORY", str(1 << 40))
+    r = ModelRunner(m.out_dir, m.lib)
+    window, batch = r.context_window_size, r.max_batch_size
+    assert batch >= 4 and r.capacity_tokens == window * (4 + 8)
+    assert ModelRunner(m.out_dir, m.lib, max_total_seq_len=100).capacity_tokens == 100
+    per_tok, used = r.memory_plan.kv_cache // r.capacity_tokens, r.memory_plan.weights + r.memory_plan.activations
+    monkeypatch.setenv("GPTBC_DEVICE_MEMORY", str(used + 4 * per_tok * window * 5))  # a quarter: 5 windows
+    assert ModelRunner(m.out_dir, m.lib).capacity_tokens == window * 5
 
 def test_generate_and_serve_refuse_what_cannot_fit_before_allocating(tiny_model, capsys, monkeypatch):
     m = tiny_model("mqa64")

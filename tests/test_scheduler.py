@@ -4,6 +4,7 @@ rules. Nothing is compiled and TVM is never imported, so these run in millisecon
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import subprocess
 import sys
@@ -11,11 +12,13 @@ import sys
 import numpy as np
 import pytest
 
+from gptbc.errors import GptbcError
 from gptbc.runtime.sampling import SamplingParams
 from gptbc.runtime.scheduler import Scheduler
 
 VOCAB = 50
 EOS = 0
+PREFILL_COST = 0.1  # fake seconds a prompt token costs (a decode call costs 1)
 
 
 def next_token(history: list[int]) -> int:
@@ -63,12 +66,14 @@ class FakeRunner:
 
     def prefill_chunk(self, seq_id: int, chunk) -> np.ndarray:
         assert 0 < len(chunk) <= self.prefill_chunk_size
+        self.time += PREFILL_COST * len(chunk)
         self.calls.append(("prefill", len(chunk)))
         self.seqs[seq_id] += list(chunk)
         return self.logits_for(self.seqs[seq_id])
 
     def prefill_batch(self, seq_ids, id_lists) -> np.ndarray:
         assert sum(map(len, id_lists)) <= self.prefill_chunk_size and len(seq_ids) <= self.max_batch_size
+        self.time += PREFILL_COST * sum(map(len, id_lists))
         self.calls.append(("prefill_batch", [len(c) for c in id_lists]))
         rows = []
         for s, chunk in zip(seq_ids, id_lists):
@@ -131,10 +136,10 @@ def reference(prompt: list[int], n: int) -> list[int]:
 
 
 def make(capacity: int = 256, prefix_cache_size: int = 0, detok: bool = False, speculation=None,
-         **runner) -> tuple[Scheduler, FakeRunner]:
+         prefill_budget: int | None = None, grain: int | None = None, **runner) -> tuple[Scheduler, FakeRunner]:
     r = FakeRunner(**runner)
     return Scheduler(r, capacity, VOCAB, {EOS}, CharDetokenizer if detok else None, prefix_cache_size, speculation,
-                     clock=lambda: r.time), r
+                     clock=lambda: r.time, prefill_budget=prefill_budget, grain=grain), r
 
 
 def greedy(n: int, **kw) -> SamplingParams:
@@ -162,8 +167,122 @@ def test_requests_prefill_together_and_decode_in_one_batch():
     reqs = [s.submit(p, greedy(6)) for p in prompts]
     s.run_until_done(reqs)
     assert [q.output_ids for q in reqs] == [reference(p, 6) for p in prompts]
-    assert ("prefill_batch", [3, 2, 4]) in r.calls
+    assert ("prefill_batch", [2, 3, 4]) in r.calls  # shortest remaining prompt first
     assert ("decode_batch", 3) in r.calls and s.stats.max_batch == 3
+
+
+
+def steps_until_done(s: Scheduler, r: FakeRunner, reqs) -> list[dict]:
+    """Run `reqs` to the end; per step: the prompt chunks prefilled, whether anything decoded, the events."""
+    log = []
+    while any(q.finish_reason is None for q in reqs):
+        before = len(r.calls)
+        events = s.step()
+        calls = r.calls[before:]
+        chunks = [n for c in calls if c[0] == "prefill" for n in [c[1]]]
+        chunks += [n for c in calls if c[0] == "prefill_batch" for n in c[1]]
+        log.append({"chunks": chunks, "decoded": any(c[0].startswith("decode") for c in calls), "events": events})
+    return log
+
+
+def test_a_short_prompt_is_answered_before_a_long_one_is_read():
+    """A keystroke's few prompt tokens go before another editor's cold prompt, which still reads the same."""
+    s, r = make(prefill_chunk_size=8, prefill_budget=4)
+    long_prompt = [(7 * i) % 40 + 1 for i in range(60)]
+    long, short = s.submit(long_prompt, greedy(3)), s.submit([5, 6], greedy(3))
+    log = steps_until_done(s, r, [long, short])
+    first_token = {q.id: next(i for i, step in enumerate(log) for e in step["events"] if e.request is q)
+                   for q in (long, short)}
+    assert first_token[short.id] == 0 and first_token[long.id] > 3
+    assert [8] in [step["chunks"] for step in log if not step["decoded"]]  # no budget once nothing decodes
+    assert short.output_ids == reference([5, 6], 3) and long.output_ids == reference(long_prompt, 3)
+
+
+def test_while_requests_decode_a_step_prefills_at_most_the_budget_and_a_long_prompt_advances():
+    s, r = make(prefill_chunk_size=16, prefill_budget=3)
+    talker = s.submit([9, 9], greedy(40))
+    s.step()
+    long_prompt = [(5 * i) % 30 + 2 for i in range(50)]
+    long = s.submit(long_prompt, greedy(4))
+    log = steps_until_done(s, r, [talker, long])
+    reading = [step for step in log if step["chunks"]]
+    assert all(sum(step["chunks"]) <= 3 for step in reading if step["decoded"])
+    assert sum(sum(step["chunks"]) for step in log) == len(long_prompt)
+    assert all(step["chunks"] for step in log[:len(reading)])  # every step until it is read takes some
+    assert long.output_ids == reference(long_prompt, 4) and talker.output_ids == reference([9, 9], 40)
+
+
+
+
+def test_the_budget_holds_a_moment_after_the_last_decode_for_the_next_keystroke():
+    """An editor that got its completion sends the next keystroke moments later: the steps right after still read
+    only a budget's worth of another prompt (0.2 fake s here), not a whole chunk the keystroke would wait for."""
+    s, r = make(prefill_chunk_size=64, prefill_budget=2)
+    key = s.submit([9, 9], greedy(3))
+    s.step()
+    long_prompt = [(5 * i) % 30 + 2 for i in range(60)]
+    long = s.submit(long_prompt, greedy(1))
+    s.run_until_done([key])
+    log = steps_until_done(s, r, [long])
+    assert [sum(step["chunks"]) for step in log[:2]] == [2, 2]  # within RECENT_DECODE_S (0.5) of the decode
+    assert max(sum(step["chunks"]) for step in log) > 2  # then whole chunks
+    assert long.output_ids == reference(long_prompt, 1)
+
+
+def test_long_prompts_read_one_chunk_a_step_the_shorter_first():
+    """A step reads at most one chunk in all (a request arriving waits for one chunk, not one per prompt being
+    read), and of two long prompts the shorter is answered first instead of both late."""
+    s, r = make(prefill_chunk_size=8, prefill_budget=8)
+    a_prompt, b_prompt = [3] * 30, [4] * 20
+    a, b = s.submit(a_prompt, greedy(2)), s.submit(b_prompt, greedy(2))
+    log = steps_until_done(s, r, [a, b])
+    assert all(sum(step["chunks"]) <= 8 for step in log)
+    assert {e.request.id for e in log[2]["events"]} == {b.id}  # 20 tokens: three steps
+    assert a.output_ids == reference(a_prompt, 2) and b.output_ids == reference(b_prompt, 2)
+
+
+def test_prompt_scores_read_under_the_budget_are_those_read_alone():
+    prompt = [(3 * i) % 20 + 1 for i in range(23)]
+    scored = SamplingParams(max_new_tokens=2, temperature=0.0, logprobs=True, prompt_logprobs=True)
+    alone, _ = make(prefill_chunk_size=16)
+    want = alone.submit(prompt, scored)
+    alone.run_until_done([want])
+    s, r = make(prefill_chunk_size=16, prefill_budget=3)
+    talker = s.submit([9, 9], greedy(30))
+    s.step()
+    got = s.submit(prompt, scored)
+    log = steps_until_done(s, r, [talker, got])
+    first = next(i for i, step in enumerate(log) for e in step["events"] if e.request is got)
+    assert first >= 7  # 23 tokens read 3 a step beside the talker
+    assert got.prompt_logprobs == want.prompt_logprobs and len(got.prompt_logprobs) == len(prompt)
+    assert got.output_ids == want.output_ids
+
+
+def test_a_budgeted_chunk_in_batch_invariant_mode_ends_at_a_grain_boundary():
+    """Cut by the budget, a later chunk still ends where a lone request's would (the grain rule, _chunk_size); a
+    budget smaller than the grain still lets the prompt advance a grain at a time."""
+    for budget in (6, 3):
+        s, r = make(prefill_chunk_size=16, prefill_budget=budget, grain=4)
+        talker = s.submit([9, 9], greedy(60))
+        s.step()
+        long_prompt = [(5 * i) % 30 + 2 for i in range(37)]
+        long = s.submit(long_prompt, greedy(2))
+        log = steps_until_done(s, r, [talker, long])
+        ends = list(itertools.accumulate(n for step in log for n in step["chunks"]))
+        assert ends[-1] == len(long_prompt) and all(end % 4 == 0 for end in ends[:-1]), (budget, ends)
+        reading = sum(1 for step in log if step["chunks"])
+        assert all(step["chunks"] and step["decoded"] for step in log[:reading])  # it advances every step
+        assert long.output_ids == reference(long_prompt, 2)
+
+
+def test_a_prefill_budget_below_one_is_refused(capsys):
+    from gptbc.cli import main
+
+    with pytest.raises(GptbcError, match="--prefill-budget 0: must be at least 1"):
+        make(prefill_budget=0)
+    with pytest.raises(SystemExit):
+        main(["serve", "MODEL", "--prefill-budget", "0"])
+    assert capsys.readouterr().err.splitlines()[-1].endswith("--prefill-budget must be positive, got 0")
 
 
 def test_admission_waits_for_batch_slots_and_kv_room():
@@ -254,6 +373,7 @@ def test_typing_keeps_one_cached_sequence_per_file():
     for name in (2, 3):  # still cached: everything but the last token (which must run) is reused
         assert run_one(s, files[name] + [60]).reused == len(files[name])
 
+
 def test_editors_typing_in_turn_keep_their_prompts_when_the_kv_cache_is_full():
     """Four editors type in turn, each request extending that editor's last prompt, with the KV cache too small
     to hold the four cached prompts and a new request's own pages: a fork shares its parent's pages, so each
@@ -270,6 +390,24 @@ def test_editors_typing_in_turn_keep_their_prompts_when_the_kv_cache_is_full():
             prompts[e] = before + [40 + key]
             assert run_one(s, prompts[e]).reused == len(before), (key, e)
     assert len(s.cached) == 4 and len(r.seqs) == 4
+
+
+def test_a_request_its_caller_stops_stays_cached_for_the_next_keystroke():
+    """llama.cpp's n_indent rule stops a completion in the server (a cancel): its sequence is sound and stays in the
+    prefix cache, so the next keystroke forks it; a client that went away still frees everything."""
+    s, r = make(prefix_cache_size=8, prefill_chunk_size=64)
+    prompt = list(range(1, 40))
+    cold = s.submit(prompt, greedy(20))
+    for _ in range(4):
+        s.step()
+    s.cancel(cold, keep=True)
+    assert cold.finish_reason == "stop" and s.cached[cold.seq_id] == prompt + cold.output_ids[:-1]
+    key = run_one(s, prompt + [45])
+    assert key.reused == len(prompt) and key.output_ids == reference(prompt + [45], 2)
+    gone = s.submit(prompt + [46], greedy(20))
+    s.step()
+    s.cancel(gone)
+    assert gone.finish_reason == "cancelled" and gone.seq_id not in s.cached and gone.seq_id not in r.seqs
 
 
 def test_room_is_made_by_evicting_others_than_the_requests_parent():

@@ -215,8 +215,8 @@ class FakeEngine:
     def step(self):
         return self.scheduler.step()
 
-    def cancel(self, req):
-        self.scheduler.cancel(req)
+    def cancel(self, req, keep=False):
+        self.scheduler.cancel(req, keep)
 
     def has_work(self):
         return self.scheduler.has_work()

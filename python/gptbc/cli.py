@@ -338,7 +338,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = Engine(model.model_dir, model.lib, device=model.device, max_batch_size=args.max_batch,
                     max_total_seq_len=args.max_total_seq_len, speculation=prompt_lookup(args),
                     batch_invariant=args.batch_invariant, tensor_parallel=args.tensor_parallel,
-                    draft=prepared_draft(args, model), max_draft=args.draft_max, min_draft=args.draft_min)
+                    draft=prepared_draft(args, model), max_draft=args.draft_max, min_draft=args.draft_min,
+                    prefill_budget=args.prefill_budget)
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
@@ -568,7 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=64, help="sequences waiting beyond the batch before "
                    "requests get 503")
     s.add_argument("--max-total-seq-len", type=_positive_int("--max-total-seq-len"),
-                   help="KV-cache capacity in tokens over all sequences (default: context window x min(4, batch))")
+                   help="KV-cache capacity in tokens over all sequences (default: context window x (min(4, batch) "
+                        "+ 8): the running requests and the prefix cache's 8 kept prompts; less where that is over "
+                        "a quarter of the memory the weights leave)")
     s.add_argument("--max-body-bytes", type=_positive_int("--max-body-bytes"), default=4 << 20,
                    help="largest request body accepted (413 beyond)")
     s.add_argument("--device", help=DEVICE_HELP)
@@ -578,6 +581,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt-lookup", nargs="?", const=8, type=_positive_int("--prompt-lookup"), metavar="N",
                    help=PROMPT_LOOKUP_HELP)
     s.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
+    s.add_argument("--prefill-budget", type=_positive_int("--prefill-budget"), metavar="N",
+                   help="prompt tokens one step prefills while other requests decode (and half a second after), "
+                        "shortest prompt first "
+                        "(default: 16 on the CPU, a whole prefill chunk on a GPU): smaller keeps completions "
+                        "fast while a long prompt is read, larger reads it sooner")
     draft_args(s)
     s.add_argument("--fim-order", choices=["auto", "psm", "spm"], default="auto",
                    help=FIM_ORDER_HELP + " (of /infill and suffix requests that name none in their fim_order field)")

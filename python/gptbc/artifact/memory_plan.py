@@ -62,9 +62,35 @@ def activation_bytes(cfg: GPTBigCodeConfig, quant: Quantization, prefill_chunk: 
     return rows * (3 * cfg.n_embd + qkv + cfg.n_inner) * item + max(batch, 1) * cfg.vocab_size * 4
 
 
+# The engine's default KV cache holds a context window for each of RUNNING_WINDOWS requests at once and for each
+# of the CACHED_WINDOWS finished sequences its prefix cache keeps (runtime.Engine prefix_cache_size). With room for
+# the running windows alone, four editors with window-long prompts filled it, and each keystroke evicted the cached
+# prompt another editor's next keystroke forks from (a whole prompt read again: BENCHMARKS, issue 35). Multi-query
+# KV is small (santacoder: 24 KiB a token in f32, 48 MiB a 2k window), so the 8 extra windows cost little next to
+# the weights; where they would not, default_kv_tokens takes less (a quarter of what the weights leave free).
+RUNNING_WINDOWS = 4
+CACHED_WINDOWS = 8
+DEFAULT_KV_RULE = f"context x (min({RUNNING_WINDOWS}, batch) + {CACHED_WINDOWS})"
+
+
 def engine_kv_tokens(context_window: int, max_batch: int, max_total_seq_len: int | None = None) -> int:
-    """Tokens the engine's KV cache holds by default (runtime.Engine: context window × min(4, batch))."""
-    return int(max_total_seq_len or context_window * min(4, max_batch))
+    """Tokens the engine's KV cache holds: `max_total_seq_len` when given, else DEFAULT_KV_RULE (before
+    default_kv_tokens bounds it by the device's memory)."""
+    return int(max_total_seq_len or context_window * (min(RUNNING_WINDOWS, max_batch) + CACHED_WINDOWS))
+
+
+def default_kv_tokens(cfg: GPTBigCodeConfig, quant: Quantization, device: str, weights: int) -> int:
+    """The engine's KV cache without --max-total-seq-len: DEFAULT_KV_RULE, but at most a quarter of the device
+    memory the weights and activations leave (a server's default should not take the machine), and never fewer
+    than the running windows alone (context x min(4, batch), the old default; check_fits judges that one)."""
+    context, batch = cfg.context_window_size, cfg.max_batch_size
+    want, least = engine_kv_tokens(context, batch), context * min(RUNNING_WINDOWS, batch)
+    have = device_memory(device)
+    if have is None:
+        return want
+    free = have[0] - weights - activation_bytes(cfg, quant, cfg.prefill_chunk_size, batch)
+    room = max(free, 0) // 4 // kv_bytes_per_token(cfg, quant) // PAGE_SIZE * PAGE_SIZE
+    return max(least, min(want, room))
 
 
 @dataclass
@@ -109,7 +135,8 @@ def compile_report(cfg: GPTBigCodeConfig, quant: Quantization, tp: int = 1) -> l
         f"KV cache: {fmt(per_tok)} per token ({quant.model_dtype}"
         + (f"; multi-query: {cfg.n_head}x smaller than multi-head's {fmt(mha)})" if cfg.multi_query else ")"),
         f"KV cache for context {cfg.context_window_size} x batch {cfg.max_batch_size}: {fmt(kv_cache_bytes(cfg, quant, full))}"
-        f"; the engine's default ({default} tokens, context x min(4, batch)): {fmt(kv_cache_bytes(cfg, quant, default))}",
+        f"; the engine's default ({default} tokens, {DEFAULT_KV_RULE}; less where over a quarter of the memory "
+        f"the weights leave): {fmt(kv_cache_bytes(cfg, quant, default))}",
         f"activations (estimate, prefill chunk {cfg.prefill_chunk_size}, batch {cfg.max_batch_size}): "
         f"{fmt(activation_bytes(cfg, quant, cfg.prefill_chunk_size, cfg.max_batch_size))}",
     ]

@@ -91,10 +91,10 @@ class AsyncEngine:
 
         return self.call(start)
 
-    def cancel(self, req: Request) -> None:
+    def cancel(self, req: Request, keep: bool = False) -> None:
         def stop():
             self.sinks.pop(req.id, None)
-            self.engine.cancel(req)
+            self.engine.cancel(req, keep)
 
         if self.fatal is None:
             self.commands.put((stop, None))

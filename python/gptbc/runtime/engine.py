@@ -103,16 +103,19 @@ class Engine:
                  max_total_seq_len: int | None = None, max_batch_size: int | None = None,
                  prefix_cache_size: int = 8, speculation: PromptLookup | None = None,
                  batch_invariant: bool = False, tensor_parallel: int = 1,
-                 draft: tuple[str | Path, str | Path] | None = None, max_draft: int = 8, min_draft: int = 1):
+                 draft: tuple[str | Path, str | Path] | None = None, max_draft: int = 8, min_draft: int = 1,
+                 prefill_budget: int | None = None):
         """`max_total_seq_len`: tokens the KV cache holds over all sequences (default: context window ×
-        min(4, max_batch_size)); `prefix_cache_size`: finished sequences kept for prefix reuse;
+        (min(4, max_batch_size) + 8), less where the device's memory is short: memory_plan.default_kv_tokens);
+        `prefix_cache_size`: finished sequences kept for prefix reuse;
         `speculation`: prompt-lookup drafts verified in one multi-row call (same output, fewer steps when
         the text repeats the prompt, e.g. code editing); `batch_invariant`: the same request gives the same
         token ids and logprobs, bit for bit, whatever else is being served (see `guarantee`);
         `tensor_parallel` N > 1: a library compiled and weights converted for N ranks, run by N disco workers
         (disco_runner.py); `draft`: (converted directory, library) of a smaller model with the same tokenizer
         that drafts `min_draft`..`max_draft` tokens a step for every running request (draft.py), verified by this
-        model (same greedy output; sampling keeps this model's distribution)."""
+        model (same greedy output; sampling keeps this model's distribution); `prefill_budget`: prompt tokens a
+        step prefills while other requests decode (scheduler.py; default 16 on the CPU, a chunk elsewhere)."""
         if batch_invariant:
             if tensor_parallel > 1:
                 raise GptbcError(f"--batch-invariant with --tensor-parallel {tensor_parallel}: not supported together")
@@ -143,7 +146,8 @@ class Engine:
         self.draft = self._load_draft(draft, max_draft, min_draft) if draft is not None else None
         self.scheduler = Scheduler(r, r.capacity_tokens, self.config.vocab_size, eos_ids, detok,
                                    prefix_cache_size, speculation,
-                                   grain=r.attention_grain if batch_invariant else None, draft=self.draft)
+                                   grain=r.attention_grain if batch_invariant else None, draft=self.draft,
+                                   prefill_budget=prefill_budget)
 
     def _load_draft(self, draft: tuple[str | Path, str | Path], max_draft: int, min_draft: int) -> DraftModel:
         """The draft model on this engine's device, with a KV cache for every sequence the target can run."""
@@ -270,9 +274,10 @@ class Engine:
         """One engine-loop step over every queued and running request; returns the per-request events."""
         return self.scheduler.step()
 
-    def cancel(self, req: Request) -> None:
-        """Stop a request now and free its KV pages."""
-        self.scheduler.cancel(req)
+    def cancel(self, req: Request, keep: bool = False) -> None:
+        """Stop a request now and free its KV pages (`keep`: ended by the caller's stop rule, its sequence stays
+        in the prefix cache: Scheduler.cancel)."""
+        self.scheduler.cancel(req, keep)
 
     def cancel_all(self) -> list[Request]:
         """Cancel every running and waiting request; returns them."""

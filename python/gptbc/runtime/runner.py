@@ -16,7 +16,7 @@ import numpy as np
 from gptbc.artifact import manifest
 from gptbc.artifact.config import GPTBC_CONFIG, GPTBigCodeConfig
 from gptbc.errors import GptbcError
-from gptbc.artifact.memory_plan import check_fits
+from gptbc.artifact.memory_plan import check_fits, default_kv_tokens, engine_kv_tokens
 from gptbc.artifact.quantization import get_quantization, numpy_dtype
 from gptbc.runtime.devices import (WEBGPU_DEVICE_TYPE, check_library_arch, check_library_intact, parse_device,
                                    parse_device_kind)
@@ -150,15 +150,15 @@ def _mapped_tensor(arr: np.ndarray, alignment: int):
 def library_sizes(meta: dict, lib: Path, max_batch_size: int | None, max_total_seq_len: int | None
                   ) -> tuple[GPTBigCodeConfig, int, int, int, int]:
     """(config, context window, prefill chunk, max batch, KV-cache tokens) a runner of library `lib` works with:
-    the library's own sizes, a smaller batch if asked (a larger one refused), the cache default context x
-    min(4, batch)."""
+    the library's own sizes, a smaller batch if asked (a larger one refused), the cache `max_total_seq_len` or
+    by default memory_plan.DEFAULT_KV_RULE (ModelRunner bounds that default by the device's memory)."""
     config = GPTBigCodeConfig.from_dict(meta["model_config"], source=f"--lib {lib}")
     context, chunk = int(meta["context_window_size"]), int(meta["prefill_chunk_size"])
     batch = int(max_batch_size or meta["max_batch_size"])
     if not 0 < batch <= int(meta["max_batch_size"]):
         raise GptbcError(f"max batch size {batch}: --lib {lib} was compiled for 1..{meta['max_batch_size']} "
                          "(compile with a larger --max-batch-size)")
-    return config, context, chunk, batch, int(max_total_seq_len or context * min(4, batch))
+    return config, context, chunk, batch, engine_kv_tokens(context, batch, max_total_seq_len)
 
 
 def prefill_in_chunks(runner, seq_id: int, ids: Sequence[int]) -> np.ndarray:
@@ -175,8 +175,8 @@ class ModelRunner:
 
     def __init__(self, model_dir: str | Path, lib: str | Path, device: str = "cpu",
                  max_total_seq_len: int | None = None, max_batch_size: int | None = None):
-        """`max_total_seq_len`: tokens the KV cache holds over all sequences (default: context window ×
-        min(4, max_batch_size))."""
+        """`max_total_seq_len`: tokens the KV cache holds over all sequences (default: memory_plan.default_kv_tokens,
+        context window x (min(4, max_batch_size) + 8) where the device's memory has room)."""
         import tvm
 
         self.model_dir, self.lib = Path(model_dir), Path(lib)
@@ -200,10 +200,12 @@ class ModelRunner:
             webgpu.check_model(self.meta, self.dev, self.lib)
         (self.config, self.context_window_size, self.prefill_chunk_size, self.max_batch_size,
          self.capacity_tokens) = library_sizes(self.meta, self.lib, max_batch_size, max_total_seq_len)
-        self.memory_plan = check_fits(dataclasses.replace(self.config, max_batch_size=self.max_batch_size),
-                                      get_quantization(self.info["quantization"]["name"],
-                                                       self.info["quantization"].get("quantize_lm_head", True)),
-                                      device, self.capacity_tokens, weight_bytes(self.info))  # before allocating
+        sized = dataclasses.replace(self.config, max_batch_size=self.max_batch_size)
+        scheme, weights = self.info["quantization"], weight_bytes(self.info)
+        quant = get_quantization(scheme["name"], scheme.get("quantize_lm_head", True))
+        if not max_total_seq_len:
+            self.capacity_tokens = default_kv_tokens(sized, quant, device, weights)
+        self.memory_plan = check_fits(sized, quant, device, self.capacity_tokens, weights)  # before allocating
         self.params, self.mapped_bytes = load_params(self.model_dir, self.info, self.meta, self.dev, self.vm)
         self.page_size = int(self.meta["page_size"])  # the paged-attention kernels are built for it
         # On a GPU, greedy tokens are picked on the device (decode_batch_greedy) instead of copying

@@ -3,8 +3,9 @@
 Each `Scheduler.step()`:
   1. admits waiting requests while batch slots and KV-cache room allow (forking a cached sequence
      that shares the longest prefix with the prompt, so those tokens are not prefilled again);
-  2. prefills one chunk of every request still reading its prompt — several requests' chunks in one
-     `prefill_batch` call when they fit in prefill_chunk_size together;
+  2. prefills prompt chunks, shortest remaining prompt first, up to one chunk (prefill_chunk_size) in all, and
+     while requests decode at most `prefill_budget` tokens — several requests' chunks in one `prefill_batch`
+     call when they fit in prefill_chunk_size together;
   3. decodes one token for every running request in a single `decode_batch` call;
   4. samples, applies stop rules, emits text deltas, and frees (or keeps as a reusable prefix) the
      KV pages of finished requests.
@@ -169,11 +170,22 @@ class Stats:
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
 
+# Prompt tokens a CPU step prefills while other requests decode. On 2 Zen 4 cores santacoder q4f32_1 decodes a
+# token in ~40 ms and prefills ~6 ms a token: 16 prompt tokens make a decode step ~2.5x as long (a keystroke's
+# completion stays within a second while another editor's 2k-token prompt is read), and that prompt still gets
+# ~70% of the machine. A GPU prefills a chunk in a few decode steps' time: there the budget is a whole chunk.
+CPU_PREFILL_BUDGET = 16
+# The budget also holds for RECENT_DECODE_S after the last decode step: an editor that just got its completion sends
+# the next keystroke moments later, and a whole chunk of another editor's prompt started in that gap (13 s for 2k
+# tokens on 2 cores) is what the keystroke would wait for.
+RECENT_DECODE_S = 0.5
+
+
 class Scheduler:
     def __init__(self, runner: Runner, capacity_tokens: int, vocab_size: int, eos_ids: set[int],
                  make_detokenizer: Callable[[], IncrementalDetokenizer] | None = None, prefix_cache_size: int = 8,
                  speculation: PromptLookup | None = None, clock: Callable[[], float] = time.perf_counter,
-                 grain: int | None = None, draft: DraftModel | None = None):
+                 grain: int | None = None, draft: DraftModel | None = None, prefill_budget: int | None = None):
         """`capacity_tokens`: KV-cache tokens over all sequences; `make_detokenizer`: a new incremental
         detokenizer per request (None: ids only, no text or stop strings); `speculation`: prompt-lookup
         drafting (speculation.py), verified in one multi-row call, kept only while it pays (`clock` times the
@@ -182,7 +194,13 @@ class Scheduler:
         chunks end at grain boundaries, so every row's attention splits where a lone request's would;
         `draft`: a draft model (draft.py) proposing tokens for every running request in batched calls, its k
         per request chosen from the measured costs and that request's acceptance; with prompt lookup on too,
-        each request takes whichever of the two promises more tokens per second this step."""
+        each request takes whichever of the two promises more tokens per second this step; `prefill_budget`:
+        prompt tokens a step prefills while other requests decode (default: CPU_PREFILL_BUDGET on the CPU, a
+        whole chunk elsewhere)."""
+        if prefill_budget is not None and prefill_budget < 1:
+            raise GptbcError(f"--prefill-budget {prefill_budget}: must be at least 1")
+        self.prefill_budget = prefill_budget or (CPU_PREFILL_BUDGET if runner.single_row_decode
+                                                 else runner.prefill_chunk_size)
         self.speculation = speculation
         self.draft = draft
         self.model_rate = 0.7  # per-token acceptance of the draft model over all requests (moving average)
@@ -200,6 +218,7 @@ class Scheduler:
         self.cached_prompt_len: dict[int, int] = {}  # seq_id → how many of its tokens were the prompt
         self.stats = Stats()
         self._ids = itertools.count()
+        self.decoded_at: float | None = None  # clock() after the last decode step
 
     # ---- submission ----
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> Request:
@@ -226,10 +245,17 @@ class Scheduler:
         self.waiting.append(req)
         return req
 
-    def cancel(self, req: Request) -> None:
-        """Stop a request now (e.g. its client went away) and free its KV pages."""
+    def cancel(self, req: Request, keep: bool = False) -> None:
+        """Stop a request now (e.g. its client went away) and free its KV pages. `keep`: the caller ended it by a
+        stop rule of its own (llama.cpp's n_indent, t_max_predict_ms): a running request's sequence then stays in
+        the prefix cache as a finished one's does, for the next request to fork (an editor's next keystroke read
+        its whole 2k-token prompt again when the one before had stopped at n_indent)."""
         if req in self.waiting:
             self.waiting.remove(req)
+        if keep and req in self.active and req.finish_reason is None and req.output_ids:
+            req.finish_reason = "stop"
+            self._retire(req)
+            return
         if req.finish_reason is None:
             req.finish_reason = "cancelled"
         if req in self.active:
@@ -346,17 +372,33 @@ class Scheduler:
                    and r.finish_reason is None]
         if running:
             events += self._decode(running)
+            self.decoded_at = self.clock()
         for req in [r for r in self.active if r.finish_reason is not None]:
             self._retire(req)
         return events
 
     def _prefill(self) -> list[Event]:
-        """One chunk of every request still reading its prompt; chunks that fit together share one call."""
+        """This step's prompt chunks; chunks that fit together share one call.
+
+        Shortest remaining prompt first: a keystroke's few tokens after prefix reuse go before another editor's
+        cold prompt, and of several long prompts one finishes first instead of all late. Up to one chunk in all,
+        so a request arriving waits for at most one chunk; while requests decode, at most `prefill_budget`
+        tokens, so each of their steps costs little more than a decode while a long prompt still advances (and
+        for RECENT_DECODE_S after, until the client that was answered sends its next request)."""
         runner, events = self.runner, []
-        reading = [r for r in self.active if r.prefilled < len(r.prompt_ids)]
-        batch, room = [], runner.prefill_chunk_size
+        reading = sorted((r for r in self.active if r.prefilled < len(r.prompt_ids)),
+                         key=lambda r: len(r.prompt_ids) - r.prefilled)
+        decoding = any(r.prefilled == len(r.prompt_ids) and r.output_ids and r.finish_reason is None
+                       for r in self.active)
+        decoding = decoding or (self.decoded_at is not None and self.clock() - self.decoded_at < RECENT_DECODE_S)
+        budget = self.prefill_budget if decoding else runner.prefill_chunk_size
+        batch, room, taken = [], runner.prefill_chunk_size, 0
         for req in reading:
-            chunk = req.prompt_ids[req.prefilled:req.prefilled + self._chunk_size(req)]
+            n = self._piece(req, budget - taken, first=taken == 0)
+            if n == 0:
+                continue
+            taken += n
+            chunk = req.prompt_ids[req.prefilled:req.prefilled + n]
             if req.params.prompt_logprobs:
                 try:
                     logits = self._score_prompt(req, chunk)
@@ -378,6 +420,18 @@ class Scheduler:
             for (req, chunk), logits in zip(batch, rows):
                 events += self._prefilled(req, chunk, logits)
         return events
+
+    def _piece(self, req: Request, left: int, first: bool) -> int:
+        """Prompt tokens `req` takes this step with `left` tokens of the step's budget: its next chunk, cut to
+        the budget (in batch-invariant mode only at a grain boundary, or not at all); the step's first request
+        takes at least one piece, so a long prompt advances every step."""
+        n = min(self._chunk_size(req), len(req.prompt_ids) - req.prefilled)
+        if n <= left:
+            return n
+        cut = left - (req.prefilled + left) % self.grain if self.grain else left
+        if cut > 0:
+            return cut
+        return min(n, self.grain - req.prefilled % self.grain) if first else 0
 
     def _chunk_size(self, req: Request) -> int:
         """Prompt tokens the next prefill call takes for `req`. In batch-invariant mode a chunk after the

@@ -284,13 +284,13 @@ class Server:
                 text, cut = choice.indent.feed(text)
                 if cut and not finished:
                     finished, choice.finish_reason, choice.stop_type = True, "stop", "limit"
-                    self.loop.cancel(reqs[i])
+                    self.loop.cancel(reqs[i], keep=True)  # a stop, not a failure: the next keystroke forks it
                 elif finished:
                     text += choice.indent.flush()
             if (not finished and choice.first_token_at is not None
                     and past_time_limit(text, (now - choice.first_token_at) * 1000, job.t_max_predict_ms)):
                 finished, choice.finish_reason, choice.stop_type = True, "length", "limit"
-                self.loop.cancel(reqs[i])
+                self.loop.cancel(reqs[i], keep=True)
             choice.text += text
             done += finished
             yield Update(i, text, tokens, lps, tops, finished)
