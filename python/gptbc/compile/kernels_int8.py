@@ -470,15 +470,16 @@ def use_int8_kernels(mod, target, layout: str):
         act = str(attrs.get("gptbc_epilogue", "")) or None
         bits = 8 if str(w.dtype) == "int8" else 4 + high
         args = (k, n, bits, kernel_isa, str(x.dtype), str(s.dtype), str(y.dtype), bool(bias), act, affine, zero)
-        attrs = tuple(sorted((key, str(value)) for key, value in (func.attrs or {}).items() if key != "s_tir"))
-        if (args, attrs) in first:
-            duplicates[gv] = first[(args, attrs)]
+        # ours is plain TIR (no blocks): the block-lowering pipeline would de-optimize it
+        kept = {key: value for key, value in (func.attrs or {}).items() if key != "s_tir"}
+        same = (args, tuple(sorted((key, str(value)) for key, value in kept.items())))
+        if same in first:
+            duplicates[gv] = first[same]
             continue
-        first[(args, attrs)] = gv
+        first[same] = gv
         new = int8_matmul_cpu(*args)
-        for key, value in (func.attrs or {}).items():
-            if key != "s_tir":  # ours is plain TIR (no blocks): the block-lowering pipeline would de-optimize it
-                new = new.with_attr(key, value)
+        for key, value in kept.items():
+            new = new.with_attr(key, value)
         mod[gv] = new.with_attr("tirx.is_scheduled", True)
     return _call_instead(mod, duplicates) if duplicates else mod
 
