@@ -14,6 +14,7 @@ import tvm
 from gptbc.compile import kernels_int8 as ki
 from gptbc.artifact.quantization import get_quantization, quantize, unpack_bits
 from gptbc.compile.targets import host_cpu_target
+from kernel_build import built
 
 HOST = tvm.target.Target(host_cpu_target())  # this CPU, as `gptbc compile --target cpu` builds
 
@@ -34,7 +35,7 @@ VNNI_HERE = ("avx512_vnni" in FLAGS and "avx512vl" in FLAGS) or "avx_vnni" in FL
 
 
 def build(func):
-    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=HOST)
+    return built(func.with_attr("global_symbol", "main"), HOST)
 
 
 def tensor(a):

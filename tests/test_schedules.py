@@ -11,6 +11,7 @@ from gptbc.compile.compiler import export_relax, fusion_passes
 from gptbc.artifact.config import GPTBigCodeConfig
 from gptbc.artifact.quantization import get_quantization
 from gptbc.compile.schedules import CPUMatmul, CPUParallel
+from kernel_build import built
 
 TARGET = {"kind": "llvm", "num-cores": 2}
 # Odd, and not multiples of any tile. FEW rows run the row-tile layout of a multi-row matmul, MANY its GEMM
@@ -41,8 +42,7 @@ def concrete(shape, symbols=FEW) -> tuple[int, ...]:
 
 
 def run(func: tirx.PrimFunc, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    target = tvm.target.Target(TARGET)
-    lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    lib = built(func.with_attr("global_symbol", "main"), TARGET)
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(a, dev) for a in inputs]
     lib["main"](*args)
