@@ -18,6 +18,7 @@ import pytest
 import tvm
 
 from aarch64_tools import CXX, qemu
+from kernel_build import built_file
 from gptbc.artifact.quantization import get_quantization, quantize
 from gptbc.compile import kernels_int8 as ki
 from gptbc.compile.targets import ARM_CPUS, aarch64_target, arm_cpu_features
@@ -120,13 +121,10 @@ def call_tool():
     return exe, [runtime.tvm_dir / "lib", runtime.ffi_dir / "lib"]
 
 
-def cross_build(kernels: dict, target, path: Path) -> Path:
-    """An aarch64 .so of {function name: kernel}."""
-    from tvm.support import cc
-
+def cross_build(kernels: dict, target) -> Path:
+    """An aarch64 .so of {function name: kernel} (through the artifact cache: kernel_build)."""
     mod = tvm.IRModule({name: k.with_attr("global_symbol", name) for name, k in kernels.items()})
-    tvm.compile(mod, target=target).export_library(str(path), fcompile=cc.cross_compiler(CXX))
-    return path
+    return built_file(mod, target, CXX)
 
 
 def call(call_tool, lib: Path, cpu: str, calls: list[tuple[str, list[np.ndarray]]],
@@ -176,8 +174,7 @@ def kernel_runs(call_tool, tmp_path_factory):
     def get(isa: str):
         if isa not in runs:
             tmp = tmp_path_factory.mktemp(isa)
-            lib = cross_build({case.function: case.kernel(isa) for case in CASES_OF[isa]}, BUILT_FOR[isa],
-                              tmp / f"{isa}.so")
+            lib = cross_build({case.function: case.kernel(isa) for case in CASES_OF[isa]}, BUILT_FOR[isa])
             calls = case_calls(isa, CASES_OF[isa])
             done = call(call_tool, lib, "max", [(case.function, args) for case, _rows, args in calls], tmp)
             assert done.returncode == 0, done.stderr
@@ -245,7 +242,7 @@ def test_each_build_runs_on_its_cpu_and_stops_on_a_lesser_one(call_tool, kernel_
     stops with SIGILL on the Cortex-A76 (no i8mm) and the sdot build on the Cortex-A72 (no dotprod), which shows
     those instructions are the ones that ran under -cpu max."""
     case = CASES[0]
-    libs = {"generic": cross_build({case.function: case.kernel("generic")}, BASELINE, tmp_path / "generic.so"),
+    libs = {"generic": cross_build({case.function: case.kernel("generic")}, BASELINE),
             "sdot": kernel_runs("sdot")[0], "smmla": kernel_runs("smmla")[0]}
     for isa, cpu, runs in (("generic", "cortex-a72", True), ("sdot", "cortex-a76", True),
                            ("sdot", "cortex-a72", False), ("smmla", "cortex-a76", False)):
