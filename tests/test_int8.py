@@ -32,6 +32,7 @@ def cpu_flags() -> set[str]:
 
 FLAGS = cpu_flags()
 VNNI_HERE = ("avx512_vnni" in FLAGS and "avx512vl" in FLAGS) or "avx_vnni" in FLAGS
+VNNI512_HERE = {"avx512_vnni", "avx512bw", "avx512vl"} <= FLAGS
 
 
 def build(func):
@@ -105,12 +106,14 @@ def test_int8_isa_sees_what_the_cpu_has():
     if platform.machine() in ("aarch64", "arm64"):
         want = "smmla" if "i8mm" in FLAGS else "sdot" if "asimddp" in FLAGS else "generic"
     else:
-        want = "vnni" if VNNI_HERE else "avx2" if AVX2_HERE else "generic"
+        want = "vnni512" if VNNI512_HERE else "vnni" if VNNI_HERE else "avx2" if AVX2_HERE else "generic"
     assert ki.int8_isa(HOST) == want, sorted(FLAGS)
 ISAS = ["generic",
         pytest.param("avx2", marks=pytest.mark.skipif(not AVX2_HERE, reason="this CPU has no AVX2 to run it")),
         pytest.param("vnni", marks=pytest.mark.skipif(not VNNI_HERE, reason="this CPU has no VNNI "
-                                                      "(AVX512-VNNI with VL, or AVX-VNNI) to run it"))]
+                                                      "(AVX512-VNNI with VL, or AVX-VNNI) to run it")),
+        pytest.param("vnni512", marks=pytest.mark.skipif(not VNNI512_HERE, reason="this CPU has no AVX512-VNNI "
+                                                         "with BW and VL to run it"))]
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -218,22 +221,23 @@ def test_high_bits_repack_where_the_layout_says(bits):
 
 
 def test_targets_get_their_dot_product_instruction():
-    """The instruction is chosen from the target's features, and is in the code built for them."""
-    icelake = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})
-    haswell = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
-    assert ki.int8_isa(icelake) == "vnni" and ki.int8_isa(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})) == "vnni"
-    assert ki.int8_isa(tvm.target.Target({"kind": "llvm", "mcpu": "alderlake"})) == "vnni"  # AVX-VNNI, no AVX-512
+    """The instruction is chosen from the target's features, and is in the code built for them: 512-bit vpdpbusd
+    where AVX-512 has VNNI (and BW/VL), 256-bit with AVX-VNNI alone, vpmaddubsw on AVX2."""
+    x86 = lambda cpu: tvm.target.Target({"kind": "llvm", "mcpu": cpu})  # noqa: E731
+    icelake, alderlake, haswell, baseline = x86("icelake-server"), x86("alderlake"), x86("haswell"), x86("x86-64")
+    assert [ki.int8_isa(x86(cpu)) for cpu in ("icelake-server", "znver4", "znver5", "sapphirerapids")] == ["vnni512"] * 4
+    assert ki.int8_isa(alderlake) == "vnni"  # AVX-VNNI, no AVX-512
+    assert ki.int8_isa(x86("skylake-avx512")) == "avx2"  # AVX-512 without VNNI
     assert ki.int8_isa(haswell) == "avx2"
-    baseline = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})
     assert ki.int8_isa(baseline) == "generic"
     assert ki.int8_isa(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})) == "generic"
     for bits in (4, 8):
-        for target, want, absent in ((icelake, "vpdpbusd", "vpmaddubsw"), (haswell, "vpmaddubsw", "vpdpbusd"),
-                                     (baseline, None, "vpdpbusd")):
+        for target, want, absent in ((icelake, "vpdpbusd\t%zmm", "vpmaddubsw"), (alderlake, "vpdpbusd\t%ymm", "zmm"),
+                                     (haswell, "vpmaddubsw", "vpdpbusd"), (baseline, None, "vpdpbusd")):
             kernel = ki.int8_matmul_cpu(256, 64, bits, ki.int8_isa(target), "float32", "float32", "float32")
             lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=target)
             asm = lib.mod.inspect_source("asm") if not lib.mod.imports else lib.mod.imports[0].inspect_source("asm")
-            assert (want is None or want in asm) and absent not in asm, (bits, str(target))
+            assert (want is None or want in asm) and absent not in asm, (bits, str(target), want)
 
 
 # qkf32_a with the widths of a Q4_K_M-like file: each affine layout in one model (the rest 6 bits)

@@ -168,7 +168,7 @@ def choose_activations(option: str, quant: Quantization, target) -> Quantization
     # auto: where the integer dot is one instruction per 4 inputs or better (vpdpbusd, sdot, smmla); AVX2's
     # two-step dot lost to the float kernels in prefill, so it is not picked
     on = quant.kind in ("group", "affine") and cpu and (
-        option == "int8" or (option == "auto" and isa in ("vnni", "sdot", "smmla")))
+        option == "int8" or (option == "auto" and isa in ("vnni512", "vnni", "sdot", "smmla")))
     layout = int8_layout("sdot" if quant.per_tensor and isa == "smmla" else isa)  # qk*_a: no smmla kernel
     return dataclasses.replace(quant, int8_activations=on, int8_layout=layout if on else "dot")
 

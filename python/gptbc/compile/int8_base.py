@@ -6,6 +6,8 @@ per target) can import kernels_arm without a cycle."""
 
 from __future__ import annotations
 
+import functools
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -14,14 +16,14 @@ LANES = 8  # outputs per block = int32 lanes of a 256-bit vector
 TASK_BLOCKS = 8  # blocks of LANES outputs per parallel task
 
 
-def _splat(f: float):
-    return tirx.Broadcast(tirx.const(f, "float32"), LANES)
+def _splat(f: float, lanes: int = LANES):
+    return tirx.Broadcast(tirx.const(f, "float32"), lanes)
 
 
-def _tanh(v):
+def _tanh(v, lanes: int = LANES):
     """tanh of a float32x8 vector as a rational function (Eigen's; |error| ~1e-7): TVM lowers `tanh` to
     scalar libm calls, which made a separate GELU kernel cost 19% of a prefill."""
-    c = _splat
+    c = functools.partial(_splat, lanes=lanes)
     x = tirx.max(tirx.min(v, c(9.0)), c(-9.0))
     x2 = x * x
     p = c(-2.76076847742355e-16)
@@ -34,14 +36,15 @@ def _tanh(v):
     return x * p / q
 
 
-def _gelu_tanh(v):
-    c = _splat
-    return c(0.5) * v * (c(1.0) + _tanh(c(0.7978845608028654) * (v + c(0.044715) * v * v * v)))
+def _gelu_tanh(v, lanes: int = LANES):
+    c = functools.partial(_splat, lanes=lanes)
+    return c(0.5) * v * (c(1.0) + _tanh(c(0.7978845608028654) * (v + c(0.044715) * v * v * v), lanes))
 
 
-# What int8_matmul_cpu can apply to its outputs before storing them (layers.EPILOGUE_OPS names the same)
+# What int8_matmul_cpu can apply to its outputs before storing them (layers.EPILOGUE_OPS names the same), on a
+# float32 vector of `lanes` (8, or 16 for vnni512)
 EPILOGUES = {"gelu_tanh": _gelu_tanh,
-             "relu": lambda v: tirx.max(v, _splat(0.0))}
+             "relu": lambda v, lanes=LANES: tirx.max(v, _splat(0.0, lanes))}
 
 
 def tileable(n: int, k: int) -> bool:

@@ -45,6 +45,13 @@ vpmaddubsw pairs stay below int16's limit). The 5-bit layout (scale and min per 
 are the low nibbles, 16..31 the high ones — each starting from -32 * sum(xq) over its 16 inputs and taking its
 own scale.
 
+With AVX512-VNNI (`vnni512`: Zen 4 and 5, Ice Lake and later Xeons) the same tiles run on 512-bit vectors: a vector
+holds two consecutive blocks (16 outputs), its weight bytes two 32-byte loads side by side, so the layout and the
+repacking are the same for both widths and a tile of 4 rows x 32 outputs needs 16 accumulators instead of 32 (the
+256-bit tile spills). A model with an odd count of blocks does its last one in 256-bit vectors. On Zen 4, which
+splits a 512-bit instruction in two, that measured 5-9% faster in prefill (fewer instructions, no spills); on cores
+that run 512 bits at full width it is what lets vpdpbusd reach their peak.
+
 Work is tiled as ROWS rows x BLOCKS blocks of accumulators (int32 and float32 vectors) in registers: each
 unpacked weight vector serves ROWS rows and each activation broadcast BLOCKS blocks, so a step over many
 rows (batched decode, verification, prefill) costs far less than rows x one row. Tasks over output blocks
@@ -65,11 +72,15 @@ from gptbc.compile.int8_base import EPILOGUES, GROUP, LANES, TASK_BLOCKS, entry_
 # blocks per parallel task (64 outputs). Measured on Zen 4 (2 threads, q4 2048 -> 8192): against 4 x 16 tiles and
 # 32-output tasks, one row 5% and 512 rows 7% faster, though 4 x 4 int32 + float accumulators exceed the registers.
 ROWS, BLOCKS = 4, 4
+# vnni512: the same 4 x 32 outputs as 4 x 2 512-bit vectors (16 accumulators: no spills); 6 or 8 rows measured
+# no better on Zen 4 (2 threads, q4 2048 -> 8192 and back, 16 and 512 rows)
+ROWS_WIDE = 4
 ROW_CHUNK = 64  # rows whose quantized activations stay in L2 while a task walks its outputs
 
 
 def int8_isa(target) -> str:
-    """'vnni' where the target has a 256-bit vpdpbusd (AVX512-VNNI with VL, or AVX-VNNI), 'avx2' for
+    """'vnni512' where the target has AVX512-VNNI with BW and VL (vpdpbusd and the byte work on 512-bit vectors:
+    Zen 4 and 5, Ice Lake and later Xeons), 'vnni' where only a 256-bit vpdpbusd (AVX-VNNI: Alder Lake...), 'avx2' for
     vpmaddubsw + vpmaddwd, on aarch64 'smmla' with the i8mm extension (neoverse-v1, apple-m2...) and 'sdot' with
     dotprod only (Armv8.2+: cortex-a76, neoverse-n1...), else 'generic' (int32 multiply-adds, vectorized as LLVM
     can: correct everywhere, fast nowhere)."""
@@ -82,6 +93,8 @@ def int8_isa(target) -> str:
     try:
         if triple.startswith(("aarch64", "arm64")):
             return "smmla" if has("i8mm") else "sdot" if has("dotprod") else "generic"
+        if has("avx512vnni") and has("avx512bw") and has("avx512vl"):
+            return "vnni512"
         if (has("avx512vnni") and has("avx512vl")) or has("avxvnni"):
             return "vnni"
         if has("avx2"):
@@ -266,9 +279,15 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
     start = 1 if affine else -(zero or offset)  # nsum = start * sum(xq) over a group (half-group with `zero`)
     quads = [[4 * lane + t for lane in range(LANES)] for t in range(4)]  # each int32 lane's 4 byte products
 
-    def dot(acc, wv, xv):
-        """acc (int32x8) + per lane: its 4 weight bytes (unsigned, wq + offset) times 4 activations (int8)."""
-        if isa == "vnni":
+    wide512 = isa == "vnni512" and blocks > 1
+    W = 2 if wide512 else 1  # blocks per vector
+    odd = wide512 and blocks % 2 == 1
+
+    def dot(acc, wv, xv, lanes: int = LANES):
+        """acc (int32x8, or x16) + per lane: its 4 weight bytes (unsigned, wq + offset) times 4 activations (int8)."""
+        if isa in ("vnni", "vnni512") and lanes == 16:
+            return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, wv, xv)
+        if isa in ("vnni", "vnni512"):
             return tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", acc, wv, xv)
         if isa == "avx2":  # vpmaddubsw (pairs into int16) + vpmaddwd (pairs into int32)
             a, b = wv, xv
@@ -285,8 +304,8 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
             return sdot(acc, wv ^ tirx.Broadcast(tirx.const(128, "uint8"), 32) if bits == 8 else wv, xv)
         return acc + _quad_sums(wv, xv, quads)
 
-    def epilogue(v):  # the activation, on one finished vector of 8 outputs (with its bias added)
-        return EPILOGUES[act](v) if act else v
+    def epilogue(v, lanes: int = LANES):  # the activation, on one finished vector of outputs (bias added)
+        return EPILOGUES[act](v, lanes) if act else v
 
     def high_bits(hf, base, bit):
         """Per byte of a 32-byte weight vector: its value's bits above the nibble, as uint8x32 — bit `bit` of the
@@ -299,70 +318,99 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
             out = v if out is None else out | v
         return tirx.reinterpret("uint8x32", out)
 
-    @T.macro
-    def tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, m0, b0, nrows, nblocks):
-        for a in T.unroll(nrows * nblocks):
-            accf[a] = T.broadcast(T.float32(0), LANES)
-        for g in T.serial(groups):
-            for r in T.unroll(nrows):
-                for bb in T.unroll(nblocks):
-                    if affine:  # nsum is sum(xq), for the min term below
-                        acci[r * nblocks + bb] = T.broadcast(T.int32(0), LANES)
-                    else:
-                        acci[r * nblocks + bb] = T.broadcast(nsum[m0 + r, g * halves], LANES)
-                    if halved:  # the second half-group's own sum
-                        acch[r * nblocks + bb] = T.broadcast(nsum[m0 + r, g * halves + 1], LANES)
-            for c in T.unroll(chunks):
-                for bb in T.unroll(nblocks):
-                    if nibbles:  # one 32-byte load holds chunk c (low nibbles) and chunk c + 4 (high)
-                        raw = wb[T.ramp(((b0 + bb) * groups + g) * per_block + c * 32, 1, 32)]
-                        wv[bb * 2] = raw & T.broadcast(T.uint8(15), 32)
-                        wv[bb * 2 + 1] = T.reinterpret("uint8x32", T.reinterpret("uint16x16", raw) >> T.broadcast(
-                            T.uint16(4), 16)) & T.broadcast(T.uint8(15), 32)
-                        if wide:  # bit c of a plane's byte: column c's; bit c + 4: column c + 4's
-                            wv[bb * 2] = wv[bb * 2] | high_bits(hf, ((b0 + bb) * groups + g) * high * 32, c)
-                            wv[bb * 2 + 1] = wv[bb * 2 + 1] | high_bits(hf, ((b0 + bb) * groups + g) * high * 32, c + 4)
-                    else:
-                        wv[bb * 2] = wb[T.ramp(((b0 + bb) * groups + g) * per_block + c * 32, 1, 32)]
-                for r in T.unroll(nrows):
-                    for bb in T.unroll(nblocks):
-                        acci[r * nblocks + bb] = dot(acci[r * nblocks + bb], wv[bb * 2], T.reinterpret(
-                            "int8x32", T.broadcast(xq4[m0 + r, g * 8 + c], LANES)))
-                        if nibbles:  # columns 16..31: acch is the second half-group's (acci where no halves)
-                            acch[r * nblocks + bb] = dot(acch[r * nblocks + bb], wv[bb * 2 + 1], T.reinterpret(
-                                "int8x32", T.broadcast(xq4[m0 + r, g * 8 + c + 4], LANES)))
-            for r in T.unroll(nrows):
-                for bb in T.unroll(nblocks):
-                    accf[r * nblocks + bb] = accf[r * nblocks + bb] + T.Cast("float32x8", acci[r * nblocks + bb]) * (
-                        T.Cast("float32x8", sf[T.ramp(((b0 + bb) * groups * halves + g * halves) * LANES, 1, LANES)])
-                        * T.broadcast(xs[m0 + r, g], LANES))
-                    if halved:
-                        accf[r * nblocks + bb] = accf[r * nblocks + bb] + T.Cast("float32x8", acch[
-                            r * nblocks + bb]) * (T.Cast("float32x8", sf[T.ramp(
-                                ((b0 + bb) * groups * halves + g * halves + 1) * LANES, 1, LANES)])
-                            * T.broadcast(xs[m0 + r, g], LANES))
-                    if affine:  # + min * sx * sum(xq)
-                        accf[r * nblocks + bb] = accf[r * nblocks + bb] + T.Cast(
-                            "float32x8", mf[T.ramp(((b0 + bb) * groups + g) * LANES, 1, LANES)]) * T.broadcast(
-                            xs[m0 + r, g] * T.Cast("float32", nsum[m0 + r, g]), LANES)
-        for r in T.unroll(nrows):
-            for bb in T.unroll(nblocks):
-                if bias:
-                    accf[r * nblocks + bb] = accf[r * nblocks + bb] + T.Cast(
-                        "float32x8", bvec[T.ramp((b0 + bb) * LANES, 1, LANES)])
-                y[m0 + r, T.ramp((b0 + bb) * LANES, 1, LANES)] = T.Cast(f"{out_dtype}x8", epilogue(
-                    accf[r * nblocks + bb]))
+    def joined(load, b, w: int, lanes: int):
+        """load(block) for the w consecutive blocks from b as one vector: w = 2 puts two 256-bit blocks' vectors
+        side by side in a 512-bit one (the tiled layout is per 8 outputs; both halves are plain loads)."""
+        parts = [load(b + h) for h in range(w)]
+        return parts[0] if w == 1 else tirx.Shuffle(parts, list(range(lanes * w)))
 
-    @T.macro
-    def row_tiles(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0, rn, b0, nblocks):
-        for t in T.serial(rn // ROWS):
-            tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0 + t * ROWS, b0, ROWS, nblocks)
-        if rn % ROWS == 1:
-            tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0 + rn // ROWS * ROWS, b0, 1, nblocks)
-        if rn % ROWS == 2:
-            tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0 + rn // ROWS * ROWS, b0, 2, nblocks)
-        if rn % ROWS == 3:
-            tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0 + rn // ROWS * ROWS, b0, 3, nblocks)
+    def make_tile(w: int, rows: int):
+        """The register tile over `nvecs` vectors of w blocks (8 w outputs) each: w = 1 with 256-bit vectors, 2
+        with 512-bit ones (vnni512)."""
+        vl = LANES * w
+        i32, f32, u8, i8 = f"int32x{vl}", f"float32x{vl}", f"uint8x{4 * vl}", f"int8x{4 * vl}"
+
+        def weights(wb, b, g, c):  # chunk c of group g: 32 bytes per block
+            return joined(lambda blk: tirx.BufferLoad(wb, [tirx.Ramp((blk * groups + g) * per_block + c * 32, 1, 32)]),
+                          b, w, 32)
+
+        def high_of(hf, b, g, bit):
+            return joined(lambda blk: high_bits(hf, (blk * groups + g) * high * 32, bit), b, w, 32)
+
+        def scales(buf, b, at, per):  # per-block float vectors: scale (or min) `at` of the block's `per`
+            return tirx.Cast(f32, joined(lambda blk: tirx.BufferLoad(buf, [tirx.Ramp((blk * per + at) * LANES, 1,
+                                                                                      LANES)]), b, w, LANES))
+
+        @T.macro
+        def tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, m0, b0, nrows, nvecs):
+            for a in T.unroll(nrows * nvecs):
+                accf[a] = T.broadcast(T.float32(0), vl)
+            for g in T.serial(groups):
+                for r in T.unroll(nrows):
+                    for bb in T.unroll(nvecs):
+                        if affine:  # nsum is sum(xq), for the min term below
+                            acci[r * nvecs + bb] = T.broadcast(T.int32(0), vl)
+                        else:
+                            acci[r * nvecs + bb] = T.broadcast(nsum[m0 + r, g * halves], vl)
+                        if halved:  # the second half-group's own sum
+                            acch[r * nvecs + bb] = T.broadcast(nsum[m0 + r, g * halves + 1], vl)
+                for c in T.unroll(chunks):
+                    for bb in T.unroll(nvecs):
+                        if nibbles:  # one 32-byte load holds chunk c (low nibbles) and chunk c + 4 (high)
+                            raw = weights(wb, b0 + bb * w, g, c)
+                            wv[bb * 2] = raw & T.broadcast(T.uint8(15), 4 * vl)
+                            wv[bb * 2 + 1] = T.reinterpret(u8, T.reinterpret(f"uint16x{2 * vl}", raw) >> T.broadcast(
+                                T.uint16(4), 2 * vl)) & T.broadcast(T.uint8(15), 4 * vl)
+                            if wide:  # bit c of a plane's byte: column c's; bit c + 4: column c + 4's
+                                wv[bb * 2] = wv[bb * 2] | high_of(hf, b0 + bb * w, g, c)
+                                wv[bb * 2 + 1] = wv[bb * 2 + 1] | high_of(hf, b0 + bb * w, g, c + 4)
+                        else:
+                            wv[bb * 2] = weights(wb, b0 + bb * w, g, c)
+                    for r in T.unroll(nrows):
+                        for bb in T.unroll(nvecs):
+                            acci[r * nvecs + bb] = dot(acci[r * nvecs + bb], wv[bb * 2], T.reinterpret(
+                                i8, T.broadcast(xq4[m0 + r, g * 8 + c], vl)), vl)
+                            if nibbles:  # columns 16..31: acch is the second half-group's (acci where no halves)
+                                acch[r * nvecs + bb] = dot(acch[r * nvecs + bb], wv[bb * 2 + 1], T.reinterpret(
+                                    i8, T.broadcast(xq4[m0 + r, g * 8 + c + 4], vl)), vl)
+                for r in T.unroll(nrows):
+                    for bb in T.unroll(nvecs):
+                        accf[r * nvecs + bb] = accf[r * nvecs + bb] + T.Cast(f32, acci[r * nvecs + bb]) * (
+                            scales(sf, b0 + bb * w, g * halves, groups * halves) * T.broadcast(xs[m0 + r, g], vl))
+                        if halved:
+                            accf[r * nvecs + bb] = accf[r * nvecs + bb] + T.Cast(f32, acch[r * nvecs + bb]) * (
+                                scales(sf, b0 + bb * w, g * halves + 1, groups * halves)
+                                * T.broadcast(xs[m0 + r, g], vl))
+                        if affine:  # + min * sx * sum(xq)
+                            accf[r * nvecs + bb] = accf[r * nvecs + bb] + scales(mf, b0 + bb * w, g, groups) * (
+                                T.broadcast(xs[m0 + r, g] * T.Cast("float32", nsum[m0 + r, g]), vl))
+            for r in T.unroll(nrows):
+                for bb in T.unroll(nvecs):
+                    if bias:
+                        accf[r * nvecs + bb] = accf[r * nvecs + bb] + T.Cast(
+                            f32, bvec[T.ramp((b0 + bb * w) * LANES, 1, vl)])
+                    y[m0 + r, T.ramp((b0 + bb * w) * LANES, 1, vl)] = T.Cast(f"{out_dtype}x{vl}", epilogue(
+                        accf[r * nvecs + bb], vl))
+
+        @T.macro
+        def row_tiles(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0, rn, b0, nvecs):
+            for t in T.serial(rn // rows):
+                tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0 + t * rows, b0, rows, nvecs)
+            if rows > 4:  # remainders of 4..rows - 1 rows start with a tile of 4
+                if rn % rows >= 4:
+                    tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0 + rn // rows * rows, b0, 4,
+                         nvecs)
+            if rn % rows % 4 == 1:
+                tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0 + rn - 1, b0, 1, nvecs)
+            if rn % rows % 4 == 2:
+                tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0 + rn - 2, b0, 2, nvecs)
+            if rn % rows % 4 == 3:
+                tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0 + rn - 3, b0, 3, nvecs)
+
+        return row_tiles
+
+    row_tiles = make_tile(1, ROWS)
+    row_tiles_wide = make_tile(2, ROWS_WIDE) if wide512 else row_tiles  # vnni512: 2 blocks per vector, single blocks as 256
 
     @T.macro
     def compute(x3, w, scale, mins, highs, bvec, y3, b, s):
@@ -394,7 +442,8 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
             else:
                 nsum[mg // groups, mg % groups] = T.call_llvm_pure_intrin(
                     "int32", "llvm.vector.reduce.add.v32i32", q) * T.int32(start)
-        # 2. the dots: output blocks in parallel tasks; rows in chunks; ROWS x BLOCKS register tiles
+        # 2. the dots: output blocks in parallel tasks; rows in chunks; ROWS x BLOCKS register tiles (vnni512:
+        # ROWS x BLOCKS / 2 512-bit vectors, the same 32 outputs)
         for task in T.parallel(tasks):
             # "global", not "local": TVM 0.27 puts a CPU kernel's small *global* buffers on the stack (LLVM keeps
             # them in registers) but every "local" one in a heap workspace, whose loads and stores LLVM keeps
@@ -404,17 +453,29 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
             acch = (acci, halves_acc)[int(halved)]  # the second half-groups' dots; one group's dot without halves
             accf = T.alloc_buffer((ROWS * BLOCKS,), "float32x8")
             wv = T.alloc_buffer((BLOCKS * 2,), "uint8x32")
+            acci2 = T.alloc_buffer((ROWS_WIDE * BLOCKS // W,), f"int32x{LANES * W}")
+            halves_acc2 = T.alloc_buffer((ROWS_WIDE * BLOCKS // W if halved else 1,), f"int32x{LANES * W}")
+            acch2 = (acci2, halves_acc2)[int(halved)]
+            accf2 = T.alloc_buffer((ROWS_WIDE * BLOCKS // W,), f"float32x{LANES * W}")
+            wv2 = T.alloc_buffer((BLOCKS // W * 2,), f"uint8x{32 * W}")
             for chunk in T.serial((b * s + ROW_CHUNK - 1) // ROW_CHUNK):
                 for bt in T.serial(TASK_BLOCKS // BLOCKS):
                     if task * TASK_BLOCKS + bt * BLOCKS + BLOCKS <= blocks:
-                        row_tiles(xq4, xs, nsum, wb, sf, mf, hf, bf, y, acci, acch, accf, wv, chunk * ROW_CHUNK,
-                                  T.min(ROW_CHUNK, b * s - chunk * ROW_CHUNK), task * TASK_BLOCKS + bt * BLOCKS, BLOCKS)
+                        row_tiles_wide(xq4, xs, nsum, wb, sf, mf, hf, bf, y, acci2, acch2, accf2, wv2,
+                                       chunk * ROW_CHUNK, T.min(ROW_CHUNK, b * s - chunk * ROW_CHUNK),
+                                       task * TASK_BLOCKS + bt * BLOCKS, BLOCKS // W)
                     else:
-                        for bb in T.serial(BLOCKS):
-                            if task * TASK_BLOCKS + bt * BLOCKS + bb < blocks:
-                                row_tiles(xq4, xs, nsum, wb, sf, mf, hf, bf, y, acci, acch, accf, wv,
-                                          chunk * ROW_CHUNK, T.min(ROW_CHUNK, b * s - chunk * ROW_CHUNK),
-                                          task * TASK_BLOCKS + bt * BLOCKS + bb, 1)
+                        for bb in T.serial(BLOCKS // W):
+                            if task * TASK_BLOCKS + bt * BLOCKS + bb * W + W <= blocks:
+                                row_tiles_wide(xq4, xs, nsum, wb, sf, mf, hf, bf, y, acci2, acch2, accf2, wv2,
+                                               chunk * ROW_CHUNK, T.min(ROW_CHUNK, b * s - chunk * ROW_CHUNK),
+                                               task * TASK_BLOCKS + bt * BLOCKS + bb * W, 1)
+                            if odd:  # vnni512 with an odd count of blocks: the last one in 256-bit vectors
+                                if task * TASK_BLOCKS + bt * BLOCKS + bb * W + W > blocks and (
+                                        task * TASK_BLOCKS + bt * BLOCKS + bb * W < blocks):
+                                        row_tiles(xq4, xs, nsum, wb, sf, mf, hf, bf, y, acci, acch, accf, wv,
+                                              chunk * ROW_CHUNK, T.min(ROW_CHUNK, b * s - chunk * ROW_CHUNK),
+                                              task * TASK_BLOCKS + bt * BLOCKS + bb * W, 1)
 
     return entry_points(compute, k, n, 4 if nibbles else 8, x_dtype, scale_dtype, out_dtype, bias, affine, high,
                         GROUP // halves)
