@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import platform
 import subprocess
 import tarfile
 
@@ -229,6 +230,11 @@ def test_targets_command_lists_every_target():
     kernels = {line.split()[0]: line.split()[2] for line in out.splitlines() if line.startswith("  aarch64-linux:")}
     assert kernels["aarch64-linux:cortex-a72"] == "int8:generic" and kernels["aarch64-linux:cortex-a76"] == "int8:sdot"
     assert kernels["aarch64-linux:neoverse-v1"] == kernels["aarch64-linux:neoverse-v2"] == "int8:smmla"
+    x86 = {line.split()[0]: line.split()[2] for line in out.splitlines() if line.startswith("  cpu:")}
+    assert x86["cpu:znver4"] == x86["cpu:znver5"] == x86["cpu:icelake-server"] == "int8:vnni512"
+    assert x86["cpu:alderlake"] == "int8:vnni" and x86["cpu:haswell"] == x86["cpu:skylake-avx512"] == "int8:avx2"
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert sum(line.startswith("  cpu:") and line.endswith("this machine") for line in out.splitlines()) == 1
 
 
 def test_device_argmax_on_cpu(engine_of):

@@ -195,9 +195,26 @@ def cmd_targets(_args: argparse.Namespace) -> int:
         output = t.plan(None).suffix if why is None else "-"
         print(f"{names:<16} {output:<7} {'yes' if why is None else 'no':<11} {'yes' if runs_here(t.device, t.arch) else 'no':<9} "
               f"{t.description}; needs {t.toolchain}" + (f" [{why}]" if why else ""))
+    print_x86_cpus()
     print_arm_cpus()
     print_vulkan_adapters()
     return 0
+
+
+def print_x86_cpus() -> None:
+    """Which int8-activation kernel each named x86 CPU of `--target cpu:MCPU` gets, and this machine's."""
+    from tvm.target import codegen
+
+    from gptbc.compile.targets import X86_CPUS, x86_cpu_features, x86_int8_kernel
+
+    here = str(codegen.llvm_get_system_cpu())
+    print("\nx86-64 CPUs (`--target cpu:MCPU`; features as LLVM enables them; the int8-activation kernel they get):")
+    for cpu, what in X86_CPUS.items():
+        mark = "  <- this machine" if cpu == here else ""
+        print(f"  cpu:{cpu:<16} {'+'.join(x86_cpu_features(cpu)):<32} int8:{x86_int8_kernel(cpu):<26} {what}{mark}")
+    if here not in X86_CPUS and codegen.llvm_get_system_triple().startswith("x86_64"):
+        print(f"  cpu:{here:<16} {'+'.join(x86_cpu_features(here)):<32} int8:{x86_int8_kernel(here):<26} "
+              "this machine")
 
 
 def print_arm_cpus() -> None:

@@ -217,6 +217,40 @@ def _webgpu(_variant: str | None) -> Build:
     return Build({"kind": "webgpu", "host": WASM_HOST}, ".tar", system_lib=True)
 
 
+# The x86 CPUs `gptbc targets` lists for `--target cpu:MCPU` (LLVM names; any other works too), each with what it is.
+X86_CPUS = {
+    "haswell": "Intel 4th gen Core and later without AVX-512 (AVX2)",
+    "skylake-avx512": "Xeon Skylake-SP (AVX-512 without VNNI)",
+    "icelake-server": "Xeon Ice Lake",
+    "sapphirerapids": "Xeon Sapphire Rapids and later",
+    "alderlake": "Intel Core 12th-14th gen (AVX-VNNI, no AVX-512)",
+    "znver3": "AMD Zen 3 (AVX2)",
+    "znver4": "AMD Zen 4 (512-bit vectors at half rate)",
+    "znver5": "AMD Zen 5 (512-bit vectors at full width)",
+}
+X86_FEATURES = ("avx2", "avx512f", "avx512vnni", "avxvnni")  # what `gptbc targets` reports per x86 CPU
+
+
+def x86_cpu_features(cpu: str) -> list[str]:
+    """The features of X86_FEATURES that LLVM turns on for this x86-64 CPU name."""
+    import tvm
+    from tvm.target import codegen
+
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu})
+    return [f for f in X86_FEATURES if codegen.target_has_features(f, target)]
+
+
+def x86_int8_kernel(cpu: str) -> str:
+    """The int8-activation kernel an x86-64 CPU gets (kernels_int8.int8_isa), and whether `--activations auto`
+    picks it: vnni512, vnni (both on by default), avx2 or generic (only with --activations int8)."""
+    import tvm
+
+    from gptbc.compile.kernels_int8 import int8_isa
+
+    isa = int8_isa(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu}))
+    return isa if isa in ("vnni512", "vnni") else f"{isa} (float by default)"
+
+
 # The Arm CPUs the docs name, each with the boards it is (any other CPU name LLVM knows for aarch64 works
 # too). LLVM's -mcpu implies the features: dotprod (sdot/udot) from cortex-a76 on, i8mm (smmla) on neoverse-v1/v2.
 ARM_CPUS = {
