@@ -302,3 +302,25 @@ def test_compaction_runs_on_block_kernels_only():
         out = compact(tvm.IRModule({"blocks": blocks, "plain": plain}))
     assert out["plain"].same_as(plain)
     assert "(1,)" in out["blocks"].script() and "(64,)" not in out["blocks"].script()
+
+
+def test_kernels_parse_to_the_same_tir_with_the_light_stack_walks():
+    """tvmscript.install() (macro calls and T.prim_func without inspect's full stacks) is in place on this TVM, and
+    the kernels it parses (macros, closures, nested prim_funcs) are the TIR that TVM's own lookups give."""
+    from gptbc.compile import kernels_int8 as ki
+    from gptbc.compile import tvmscript
+
+    assert tvmscript.installed(), "TVM's parser is not the one tvmscript.py was written against: check it"
+    makers = [lambda: ki.int8_matmul_cpu.__wrapped__(96, 40, 4, "vnni512", "float32", "float32", "float32", True,
+                                                     "gelu_tanh"),
+              lambda: ki.int8_matmul_cpu.__wrapped__(64, 16, 6, "generic", "float32", "float32", "float32", False,
+                                                     None, False, 32),
+              lambda: paged_decode_cpu.__wrapped__(1, 4, 32, "float32")]
+    light = [make().script() for make in makers]
+    tvmscript.uninstall()
+    try:
+        assert not tvmscript.installed()
+        assert [make().script() for make in makers] == light
+    finally:
+        tvmscript.install()
+    assert tvmscript.installed()

@@ -11,6 +11,10 @@ import functools
 from tvm import tirx
 from tvm.script import tirx as T
 
+from gptbc.compile import tvmscript
+
+tvmscript.install()  # our kernels parse faster (tvmscript.py)
+
 GROUP = 32
 LANES = 8  # outputs per block = int32 lanes of a 256-bit vector
 TASK_BLOCKS = 8  # blocks of LANES outputs per parallel task

@@ -29,6 +29,10 @@ import math
 from tvm import tirx
 from tvm.script import tirx as T
 
+from gptbc.compile import tvmscript
+
+tvmscript.install()  # our kernels parse faster (tvmscript.py)
+
 LANES = 16  # float32 lanes of a 512-bit vector; LLVM splits it on narrower machines
 # TVM's CPU kernels we replace, by their names in the module (the paged KV cache adds them for llvm targets)
 RAGGED_PREFILL_CPU = "batch_prefill_ragged_kv"

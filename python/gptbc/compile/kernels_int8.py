@@ -243,6 +243,7 @@ def repack_high(n: int, k: int, high: int):
 # ---- the matmul ----
 
 @functools.lru_cache(maxsize=None)  # parsing TVMScript takes a while; a model has a few distinct shapes
+@functools.lru_cache(maxsize=None)  # parsing TVMScript takes a while; libraries share shapes
 def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dtype: str, out_dtype: str,
                     bias: bool = False, act: str | None = None, affine: bool = False, zero: int = 0):
     """y (b, s, n) = act(x (b, s, k) @ W.T + bias) for tiled grouped-int W (q8: int8 [n, k]; q4: uint32
