@@ -4,6 +4,8 @@
 //             [--temperature T] [--top-p P] [--top-k K] [--seed S] [--ignore-eos] [--json]
 //   gptbc-run --model OUT_DIR --lib LIB --bench [--batch B] [--prompt-len P] [--max-new-tokens N]
 //             [--warmup W] [--repeats R]
+//   ... --draft DRAFT_DIR --draft-lib DRAFT_LIB [--draft-k K]: a smaller model proposes K tokens a step, the
+//             model checks them in one call (greedy; the same tokens as without it)
 //
 // In a folder from `gptbc bundle` (bundle.json beside it), --model and --lib default to the bundle's own.
 //
@@ -45,6 +47,7 @@ const char kUsage[] =
     "                 [--ignore-eos] [--json] [--device cpu|vulkan[:N]|cuda[:N]]\n"
     "       gptbc-run --model OUT_DIR --lib LIB --bench [--batch B] [--prompt-len P] [--max-new-tokens N]\n"
     "                 [--warmup W] [--repeats R] [--device ...]\n"
+    "       either with --draft DRAFT_DIR --draft-lib DRAFT_LIB [--draft-k K]\n"
     "\n"
     "Generates with a model library from `gptbc compile` (CPU) and weights from `gptbc convert-weight`;\n"
     "in a folder from `gptbc bundle`, --model and --lib default to the bundle's own.\n"
@@ -57,6 +60,10 @@ const char kUsage[] =
     "  --prompt-ids  several prompts separated by ';' are generated together: prefilled one by one, then\n"
     "                decoded in one batch_decode call per step (--json: one object per prompt in \"outputs\";\n"
     "                else one line per prompt, its text as a JSON string)\n"
+    "  --draft       a draft model (converted weights and --draft-lib, the same vocabulary): it proposes --draft-k\n"
+    "                tokens (default 4) a step, the model verifies them in one call and keeps the tokens it would\n"
+    "                have chosen itself plus its own next one: greedy only, the output is the same as without it\n"
+    "                (--json adds \"draft\": verifies, drafted, accepted); one prompt at a time\n"
     "  --bench       time B prompts of P made-up ids (default 1 and 128): prefill, then greedy decode of\n"
     "                N - 1 steps (default N 64) in batch_decode calls when B > 1, eos ignored; W untimed\n"
     "                runs (default 1), then R timed ones (default 3); prints one JSON object\n";
@@ -66,6 +73,7 @@ struct Args {
   std::optional<std::string> prompt, prompt_ids;
   std::map<std::string, std::string> sampling;  // flag → value, applied over the model's defaults
   std::map<std::string, std::string> bench;     // --batch, --prompt-len, --warmup, --repeats → value
+  std::string draft, draft_lib, draft_k;        // --draft, --draft-lib, --draft-k (empty: not given)
   bool json = false, ignore_eos = false, help = false, run_bench = false;
 };
 
@@ -107,7 +115,7 @@ Args parse_args(int argc, char** argv) {
   Args a;
   const std::vector<std::string> valued = {"--model", "--lib", "--device", "--prompt", "--prompt-ids", "--max-new-tokens",
                                            "--temperature", "--top-p", "--top-k", "--seed", "--batch", "--prompt-len",
-                                           "--warmup", "--repeats"};
+                                           "--warmup", "--repeats", "--draft", "--draft-lib", "--draft-k"};
   const std::vector<std::string> bench_only = {"--batch", "--prompt-len", "--warmup", "--repeats"};
   for (int i = 1; i < argc; ++i) {
     std::string flag = argv[i], value;
@@ -133,6 +141,9 @@ Args parse_args(int argc, char** argv) {
     else if (flag == "--device") a.device = value;
     else if (flag == "--prompt") a.prompt = value;
     else if (flag == "--prompt-ids") a.prompt_ids = value;
+    else if (flag == "--draft") a.draft = value;
+    else if (flag == "--draft-lib") a.draft_lib = value;
+    else if (flag == "--draft-k") a.draft_k = value;
     else if (std::find(bench_only.begin(), bench_only.end(), flag) != bench_only.end()) a.bench[flag] = value;
     else a.sampling[flag] = value;
   }
@@ -141,6 +152,11 @@ Args parse_args(int argc, char** argv) {
   if (a.device.empty()) a.device = "cpu";
   if (a.model.empty()) throw Error("--model is required (a directory from `gptbc convert-weight`)");
   if (a.lib.empty()) throw Error("--lib is required (a library from `gptbc compile`)");
+  if (a.draft.empty() != a.draft_lib.empty())
+    throw Error(a.draft.empty() ? "--draft-lib needs --draft (the draft's converted weights)"
+                                : "--draft needs --draft-lib (the draft's compiled library)");
+  if (!a.draft_k.empty() && a.draft.empty()) throw Error("--draft-k needs --draft");
+  if (!a.draft.empty() && a.run_bench) throw Error("--draft does not apply to --bench (time it with --json on a prompt)");
   if (a.run_bench) {
     if (a.prompt || a.prompt_ids) throw Error("--bench makes its own prompts (--prompt-len); drop --prompt/--prompt-ids");
     for (const auto& [flag, value] : a.sampling) {
@@ -317,6 +333,116 @@ Generation generate(gptbc::Model& model, const std::vector<int32_t>& prompt, con
   return gen;
 }
 
+struct DraftStats {
+  int64_t verifies = 0, drafted = 0, accepted = 0;
+};
+
+int32_t argmax(const float* row, int64_t n) { return static_cast<int32_t>(std::max_element(row, row + n) - row); }
+
+// generate() with a draft model, greedy: each step the draft proposes up to k tokens after the last one (one
+// decode call each), the model appends the last token and the proposals in one verify call, and keeps each
+// proposal its own choice (the same Sampler, so the same tokens as generate()) agrees with, then its own next
+// token. Both KV caches then drop what was not kept; a draft that had all k accepted lags one token behind,
+// fed with the next step's first call.
+Generation generate_drafted(gptbc::Model& model, gptbc::Model& draft, const std::vector<int32_t>& prompt,
+                            const gptbc::SamplingParams& params, int64_t k, bool ignore_eos, const gptbc::Tokenizer* tok,
+                            TextStream* stream, DraftStats* stats) {
+  Generation gen;
+  gptbc::Sampler sampler(params, model.vocab_size());
+  for (int32_t t : prompt) sampler.saw(t);
+  if (params.max_new_tokens <= 0) {
+    stream->finish();
+    return gen;
+  }
+  const int64_t room = static_cast<int64_t>(prompt.size()) + params.max_new_tokens + k + 1;  // a verify overshoots
+  model.start(room);
+  draft.start(room);
+  const auto& eos_ids = model.eos_ids();
+  const int64_t vocab = model.vocab_size();
+  bool done = false;
+  auto emit = [&](int32_t token) {  // false once generation ends (eos or max_new_tokens)
+    gen.ids.push_back(token);
+    bool eos = !ignore_eos && std::find(eos_ids.begin(), eos_ids.end(), token) != eos_ids.end();
+    if (tok && !eos && !tok->is_special(token)) stream->add(tok->token_bytes(token));
+    if (eos) gen.finish = "stop";
+    done = eos || static_cast<int64_t>(gen.ids.size()) >= params.max_new_tokens;
+    return !done;
+  };
+  auto t0 = std::chrono::steady_clock::now();
+  int32_t token = sampler.next(model.prefill(prompt));
+  sampler.saw(token);
+  std::vector<int32_t> behind(prompt);  // tokens the draft has not read yet (then the last emitted one)
+  gen.prefill_s = seconds_since(t0);
+  auto t1 = std::chrono::steady_clock::now();
+  while (emit(token)) {
+    const int64_t n = std::min<int64_t>(k, params.max_new_tokens - static_cast<int64_t>(gen.ids.size()) - 1);
+    behind.push_back(token);
+    if (n <= 0) {  // room for one more token only: a plain step, the draft kept in step for nothing
+      token = sampler.next(model.decode(token));
+      sampler.saw(token);
+      continue;
+    }
+    std::vector<int32_t> proposed;
+    const std::vector<float>* dl = behind.size() == 1 ? &draft.decode(behind[0]) : &draft.prefill(behind);
+    behind.clear();
+    for (int64_t i = 0; i < n; ++i) {
+      if (i > 0) dl = &draft.decode(proposed.back());
+      proposed.push_back(argmax(dl->data(), vocab));
+    }
+    std::vector<int32_t> fed{token};
+    fed.insert(fed.end(), proposed.begin(), proposed.end());
+    const std::vector<float>& rows = model.verify(fed);
+    int64_t agreed = 0;
+    std::vector<float> row(vocab);
+    while (true) {  // the model's own choice after fed[agreed]
+      row.assign(rows.begin() + agreed * vocab, rows.begin() + (agreed + 1) * vocab);
+      token = sampler.next(row);
+      sampler.saw(token);
+      if (agreed == n || token != proposed[agreed]) break;
+      ++agreed;
+      if (!emit(token)) break;
+    }
+    stats->verifies += 1;
+    stats->drafted += n;
+    stats->accepted += agreed;
+    if (done) break;
+    model.pop(n - agreed);  // it read token and all n proposals; keep token and the agreed ones
+    // the draft read token and proposals 0..n-2: keep token and the agreed ones; all n agreed: it lacks the last
+    if (agreed < n) draft.pop(n - 1 - agreed);
+    else behind.push_back(proposed.back());
+  }
+  gen.decode_s = seconds_since(t1);
+  stream->finish();
+  return gen;
+}
+
+// The draft must speak the model's token ids: the same vocabulary size and, with tokenizer files, the same
+// bytes for every id (as the Python engine's check_same_vocabulary).
+void check_same_vocabulary(const gptbc::Model& model, const gptbc::Tokenizer* tok, const gptbc::Model& draft,
+                           const std::string& draft_dir) {
+  if (model.vocab_size() != draft.vocab_size()) {
+    throw Error("--draft " + draft_dir + ": vocabulary of " + std::to_string(draft.vocab_size()) + " tokens, the model " +
+                model.model_dir() + " has " + std::to_string(model.vocab_size()) +
+                " (a draft model must share the model's tokenizer)");
+  }
+  std::string path = draft_dir + "/tokenizer.json";
+  struct stat st {};
+  bool theirs = stat(path.c_str(), &st) == 0;
+  if (!tok && !theirs) return;
+  if (!tok || !theirs) {
+    throw Error("--draft " + draft_dir + ": " + (tok ? draft_dir : model.model_dir()) +
+                " has no tokenizer.json, so the two vocabularies cannot be compared");
+  }
+  gptbc::Tokenizer other(path);
+  for (int32_t i = 0; i < std::max(tok->size(), other.size()); ++i) {
+    if (tok->token_bytes(i) != other.token_bytes(i) || tok->is_special(i) != other.is_special(i)) {
+      throw Error("--draft " + draft_dir + ": token " + std::to_string(i) + " is " + json::quote(other.token_bytes(i)) +
+                  " there but " + json::quote(tok->token_bytes(i)) + " in the model " + model.model_dir() +
+                  " (a draft model must share the model's tokenizer)");
+    }
+  }
+}
+
 // Several prompts together: each prefilled alone (its own sequence), then every unfinished one decoded in
 // one batch_decode call per step, so a library's batched kernels produce the tokens. Each prompt samples
 // with its own Sampler (the same parameters), and leaves the batch at its eos token or max_new_tokens.
@@ -443,16 +569,21 @@ void bench(gptbc::Model& model, const Args& args, int64_t max_new_tokens, double
 }
 
 void print_json(const Generation& gen, const std::vector<int32_t>& prompt, const std::optional<std::string>& text,
-                double load_s, const gptbc::Model& model) {
-  size_t steps = gen.ids.empty() ? 0 : gen.ids.size() - 1;  // decode calls: the first token came from prefill
+                double load_s, const gptbc::Model& model, const DraftStats* draft) {
+  size_t steps = gen.ids.empty() ? 0 : gen.ids.size() - 1;  // tokens after the one prefill chose
+  std::string drafted = "";
+  if (draft) {
+    drafted = ", \"draft\": {\"verifies\": " + std::to_string(draft->verifies) + ", \"drafted\": " +
+              std::to_string(draft->drafted) + ", \"accepted\": " + std::to_string(draft->accepted) + "}";
+  }
   std::printf(
       "{\"token_ids\": %s, \"text\": %s, \"finish_reason\": \"%s\", \"prompt_tokens\": %zu, \"prompt_ids\": %s, "
       "\"load_s\": %.6f, \"prefill_s\": %.6f, \"decode_s\": %.6f, \"decode_steps\": %zu, "
-      "\"decode_tokens_per_s\": %.4f, \"mapped_weight_bytes\": %llu, \"copied_weight_bytes\": %llu}\n",
+      "\"decode_tokens_per_s\": %.4f, \"mapped_weight_bytes\": %llu, \"copied_weight_bytes\": %llu%s}\n",
       ids_json(gen.ids).c_str(), text ? gptbc::json::quote(*text).c_str() : "null", gen.finish.c_str(),
       prompt.size(), ids_json(prompt).c_str(), load_s, gen.prefill_s, gen.decode_s, steps,
       steps && gen.decode_s > 0 ? steps / gen.decode_s : 0.0, static_cast<unsigned long long>(model.mapped_bytes()),
-      static_cast<unsigned long long>(model.copied_bytes()));
+      static_cast<unsigned long long>(model.copied_bytes()), drafted.c_str());
 }
 
 // The text of ids as the stream writes it (special tokens and the eos token left out).
@@ -546,6 +677,28 @@ int run(int argc, char** argv) {
     prompts = parse_ids(*args.prompt_ids);
   }
   for (const auto& prompt : prompts) check_prompt(prompt, model, params.max_new_tokens);
+  std::unique_ptr<gptbc::Model> draft;
+  int64_t draft_k = 4;
+  if (!args.draft.empty()) {
+    if (!args.draft_k.empty()) draft_k = parse_int("--draft-k", args.draft_k);
+    if (draft_k < 1 || draft_k > 16) throw Error("--draft-k must be in 1..16, got " + std::to_string(draft_k));
+    if (prompts.size() > 1) throw Error("--draft: one prompt at a time (the Python engine drafts for a batch)");
+    if (!params.greedy())
+      throw Error("--draft: gptbc-run drafts for greedy decoding only; add --temperature 0 (the Python engine samples with a draft)");
+    if (model.batch_invariant()) {
+      throw Error("--draft with a --batch-invariant library: not supported together (the bit-for-bit guarantee is "
+                  "checked with prompt lookup only, not with a draft model's verifies)");
+    }
+    draft = std::make_unique<gptbc::Model>(args.draft, args.draft_lib, args.device);
+    check_same_vocabulary(model, tok.get(), *draft, args.draft);
+    int64_t need = static_cast<int64_t>(prompts[0].size()) + params.max_new_tokens + draft_k + 1;
+    for (const gptbc::Model* m : {&model, draft.get()}) {
+      if (need > m->context_window_size()) {
+        throw Error("--draft: prompt + --max-new-tokens + --draft-k + 1 = " + std::to_string(need) + " tokens exceeds " +
+                    m->model_dir() + "'s context window of " + std::to_string(m->context_window_size()) + " tokens");
+      }
+    }
+  }
   double load_s = seconds_since(start);
   if (prompts.size() > 1) {
     print_batch(generate_batch(model, prompts, params, args.ignore_eos), prompts, tok.get(), args.json, load_s);
@@ -554,9 +707,17 @@ int run(int argc, char** argv) {
   const std::vector<int32_t>& prompt = prompts[0];
 
   TextStream stream(tok && !args.json);
-  Generation gen = generate(model, prompt, params, args.ignore_eos, tok.get(), &stream);
+  Generation gen;
+  std::optional<DraftStats> drafted;
+  if (draft) {
+    drafted.emplace();
+    gen = generate_drafted(model, *draft, prompt, params, draft_k, args.ignore_eos, tok.get(), &stream, &*drafted);
+  } else {
+    gen = generate(model, prompt, params, args.ignore_eos, tok.get(), &stream);
+  }
   if (args.json) {
-    print_json(gen, prompt, tok ? std::optional<std::string>(stream.text()) : std::nullopt, load_s, model);
+    print_json(gen, prompt, tok ? std::optional<std::string>(stream.text()) : std::nullopt, load_s, model,
+               drafted ? &*drafted : nullptr);
   } else if (tok) {
     std::fputs("\n", stdout);
   } else {

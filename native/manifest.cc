@@ -579,6 +579,7 @@ Library parse_library(const std::string& text, const std::string& lib) {
   l.context_window_size = r.positive(m, "context_window_size");
   l.prefill_chunk_size = r.positive(m, "prefill_chunk_size");
   l.max_batch_size = r.positive(m, "max_batch_size");
+  l.batch_invariant = m.find(ffi::String("attention_grain")) != m.end();
   read_params(m, r, false, &l);
   return l;
 }

@@ -55,6 +55,7 @@ struct Library : Header {
   std::string lib;
   std::string target, device;
   int64_t context_window_size = 0, prefill_chunk_size = 0, max_batch_size = 0;
+  bool batch_invariant = false;  // built with --batch-invariant (its metadata names an attention grain)
 };
 
 // Read and validate DIRECTORY/gptbc-config.json. Throws Error.

@@ -349,7 +349,9 @@ void Model::load_library(const std::string& lib) {
   prefill_ = get(*vm_, "prefill");
   decode_ = get(*vm_, "decode");
   batch_decode_ = get(*vm_, "batch_decode");
+  verify_ = vm_.value()->GetFunction("batch_verify", true);
   begin_forward_ = global("vm.builtin.kv_state_begin_forward");
+  popn_ = global("vm.builtin.kv_state_popn");
   end_forward_ = global("vm.builtin.kv_state_end_forward");
 }
 
@@ -435,21 +437,38 @@ const std::vector<float>& Model::prefill(const std::vector<int32_t>& ids, int64_
   for (size_t start = 0; start < ids.size(); start += prefill_chunk_size_) {
     size_t end = std::min(ids.size(), start + static_cast<size_t>(prefill_chunk_size_));
     forward(prefill_, {seq}, {static_cast<int64_t>(end - start)},
-            std::vector<int32_t>(ids.begin() + start, ids.begin() + end), false);
+            std::vector<int32_t>(ids.begin() + start, ids.begin() + end), false, 1);
   }
   return logits_;
 }
 
-const std::vector<float>& Model::decode(int32_t token, int64_t seq) { return forward(decode_, {seq}, {1}, {token}, false); }
+const std::vector<float>& Model::decode(int32_t token, int64_t seq) {
+  return forward(decode_, {seq}, {1}, {token}, false, 1);
+}
 
 const std::vector<float>& Model::decode_batch(const std::vector<int64_t>& seqs, const std::vector<int32_t>& tokens) {
-  return forward(batch_decode_, seqs, std::vector<int64_t>(seqs.size(), 1), tokens, true);
+  return forward(batch_decode_, seqs, std::vector<int64_t>(seqs.size(), 1), tokens, true,
+                 static_cast<int64_t>(seqs.size()));
+}
+
+const std::vector<float>& Model::verify(const std::vector<int32_t>& ids, int64_t seq) {
+  if (!verify_) throw Error("--lib " + lib_ + ": no batch_verify function (compiled by an older gptbc: compile it again)");
+  const int64_t n = static_cast<int64_t>(ids.size());
+  if (n > prefill_chunk_size_) {
+    throw Error("verify of " + std::to_string(n) + " tokens is over the library's prefill_chunk_size " +
+                std::to_string(prefill_chunk_size_));
+  }
+  return forward(*verify_, {seq}, {n}, ids, false, n);
+}
+
+void Model::pop(int64_t n, int64_t seq) {
+  if (n > 0) popn_(kv_cache_, seq, n);
 }
 
 // One call of a forward function (they take the same arguments) between the KV cache's begin and end.
 const std::vector<float>& Model::forward(const ffi::Function& func, const std::vector<int64_t>& seqs,
                                          const std::vector<int64_t>& rows, const std::vector<int32_t>& ids,
-                                         bool batch_rows) {
+                                         bool batch_rows, int64_t logit_rows) {
   const int64_t n = static_cast<int64_t>(ids.size());
   ffi::Tensor id_tensor = ffi::Tensor::FromNDAlloc(HostAlloc{alignment_}, ffi::Shape({n}), DLDataType{kDLInt, 32, 1}, kCpu);
   std::memcpy(id_tensor.data_ptr(), ids.data(), ids.size() * sizeof(int32_t));
@@ -473,11 +492,12 @@ const std::vector<float>& Model::forward(const ffi::Function& func, const std::v
   }
   end_forward_(kv_cache_);
   kv_cache_ = out[1];
-  // float32: the last position's logits of each sequence, [1, 1, vocab] or [batch, 1, vocab]
+  // float32: the last position's logits of each sequence, [1, 1, vocab] or [batch, 1, vocab]; every
+  // position's for batch_verify, [1, n, vocab]
   ffi::Tensor logits = out[0].cast<ffi::Tensor>();
-  const int64_t want = vocab_size_ * static_cast<int64_t>(seqs.size());
+  const int64_t want = vocab_size_ * logit_rows;
   if (logits.dtype() != DLDataType{kDLFloat, 32, 1} || logits.numel() != want)
-    throw Error("--lib " + lib_ + ": logits are not float32[" + std::to_string(seqs.size()) + " x " + std::to_string(vocab_size_) + "]");
+    throw Error("--lib " + lib_ + ": logits are not float32[" + std::to_string(logit_rows) + " x " + std::to_string(vocab_size_) + "]");
   if (dev_.device_type != kDLCPU) {
     logits_.resize(want);
     global("runtime.TVMTensorCopyToBytes")(logits, static_cast<void*>(logits_.data()),

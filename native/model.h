@@ -34,6 +34,13 @@ class Model {
   const std::vector<float>& decode(int32_t token, int64_t seq = 0);
   // Append tokens[i] to sequence seqs[i], all in one batch_decode call; logits float32[len(seqs) * vocab].
   const std::vector<float>& decode_batch(const std::vector<int64_t>& seqs, const std::vector<int32_t>& tokens);
+  // Append `ids` to sequence `seq` in one call (the library's batch_verify: each row's logits come out the same
+  // bits as decoding it); logits after each of them, float32[len(ids) * vocab]. Checks drafted tokens.
+  const std::vector<float>& verify(const std::vector<int32_t>& ids, int64_t seq = 0);
+  // Drop the newest `n` tokens of sequence `seq` from the KV cache (drafted tokens the verify rejected).
+  void pop(int64_t n, int64_t seq = 0);
+  bool batch_invariant() const { return meta_.batch_invariant; }
+  const std::string& model_dir() const { return model_dir_; }
 
   int64_t max_batch_size() const { return max_batch_size_; }
   // "cpu", "cuda" or "vulkan": the device the library runs on.
@@ -55,16 +62,18 @@ class Model {
   void load_params(const manifest::Weights& weights);
   // One call of a forward function: rows[i] new tokens of seqs[i], `ids` all of them in order. prefill and
   // decode take embeds [1, n, n_embd], batch_decode [n, 1, n_embd] (batch_rows).
+  // logit_rows: rows of logits it returns (one per sequence; every row for batch_verify).
   const std::vector<float>& forward(const tvm::ffi::Function& func, const std::vector<int64_t>& seqs,
                                    const std::vector<int64_t>& rows, const std::vector<int32_t>& ids,
-                                   bool batch_rows);
+                                   bool batch_rows, int64_t logit_rows);
 
   std::string model_dir_, lib_;
   DLDevice dev_{kDLCPU, 0};
   json::Object adapter_;  // the WebGPU adapter's description (device vulkan), as gptbc.webgpu.adapters gives it
   manifest::Library meta_;
   tvm::ffi::Optional<tvm::ffi::Module> vm_;  // the VM the functions below belong to
-  tvm::ffi::Function embed_, prefill_, decode_, batch_decode_, begin_forward_, end_forward_;
+  tvm::ffi::Function embed_, prefill_, decode_, batch_decode_, begin_forward_, end_forward_, popn_;
+  tvm::ffi::Optional<tvm::ffi::Function> verify_;  // batch_verify (libraries before it lack it)
   std::vector<SafetensorsFile> files_;  // mapped for as long as params in place point into them
   tvm::ffi::Array<tvm::ffi::Tensor> params_;
   tvm::ffi::Any kv_cache_;

@@ -586,3 +586,55 @@ def test_cuda_runtime_is_loaded_from_beside_libtvm_runtime(model_files, native, 
     done = run(native, out_dir, lib, "--prompt-ids", "1,2", "--device", "cuda", env=env)
     assert done.returncode == 1 and done.stderr.decode().strip().splitlines() == [
         "error: --device cuda: no such CUDA device (nvidia-smi lists them)"], done.stderr
+
+
+# ---- a draft model (--draft): the trained pair, tests/data/trained-tiny verifying, tests/data/draft-tiny drafting ----
+
+DRAFT_CODE = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n" * 2
+
+
+def test_draft_gives_the_same_tokens_with_fewer_model_steps(native, trained_tiny, draft_tiny):
+    """Greedy tokens with --draft equal those without, for prompts ending across 16-token pages, several k, and
+    --max-new-tokens cutting an accepted run short; most tokens come from accepted drafts (so verify, the KV cache
+    pops and the draft's catch-up all ran)."""
+    model, draft = (trained_tiny.out_dir, trained_tiny.lib), ["--draft", str(draft_tiny.out_dir), "--draft-lib",
+                                                               str(draft_tiny.lib)]
+    accepted = verifies = 0
+    for chars, k, max_new in ((20, "4", "40"), (61, "1", "33"), (62, "6", "9"), (100, "3", "40")):
+        common = ("--prompt", DRAFT_CODE[:chars], "--max-new-tokens", max_new, "--temperature", "0", "--ignore-eos")
+        plain = run_json(native, *model, *common)
+        drafted = run_json(native, *model, *common, *draft, "--draft-k", k)
+        assert drafted["token_ids"] == plain["token_ids"] and drafted["text"] == plain["text"], (chars, k)
+        assert len(drafted["token_ids"]) == int(max_new) and "draft" not in plain
+        stats = drafted["draft"]
+        assert 0 <= stats["accepted"] <= stats["drafted"] <= stats["verifies"] * int(k)
+        accepted, verifies = accepted + stats["accepted"], verifies + stats["verifies"]
+    assert verifies > 0 and (accepted + verifies) / verifies > 2  # tokens per verify
+
+
+def test_draft_refusals_are_one_line(native, trained_tiny, draft_tiny, tmp_path):
+    model = (trained_tiny.out_dir, trained_tiny.lib)
+    draft = ["--draft", str(draft_tiny.out_dir), "--draft-lib", str(draft_tiny.lib)]
+    other = tmp_path / "other"
+    shutil.copytree(draft_tiny.out_dir, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["added_tokens"][1]["content"] = "<fim_prefix>"  # the underscore spelling of StarCoder
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    # the library's metadata as a --batch-invariant build writes it (an attention grain), edited in place
+    blob = trained_tiny.lib.read_bytes()
+    assert blob.count(b'"batch_invariant": false') == 1
+    (tmp_path / "invariant.so").write_bytes(blob.replace(b'"batch_invariant": false', b'"attention_grain": 16   '))
+    cases = [(["--prompt-ids", "1,2", "--draft", str(draft_tiny.out_dir)], "--draft needs --draft-lib"),
+             (["--prompt-ids", "1,2", *draft, "--temperature", "0.8"], "greedy decoding only"),
+             (["--prompt-ids", "1,2;3,4", *draft], "one prompt at a time"),
+             (["--prompt-ids", "1,2", *draft, "--draft-k", "0"], "--draft-k must be in 1..16"),
+             (["--bench", *draft], "--draft does not apply to --bench"),
+             (["--prompt-ids", "1,2", "--draft", str(other), "--draft-lib", str(draft_tiny.lib)],
+              "token 1 is \"<fim_prefix>\" there but \"<fim-prefix>\" in the model")]
+    for args, message in cases:
+        done = run(native, *model, *args)
+        err = done.stderr.decode()
+        assert done.returncode == 1 and message in err and err.count("\n") == 1, (args, err)
+    done = run(native, trained_tiny.out_dir, tmp_path / "invariant.so", "--prompt-ids", "1,2", *draft)
+    assert done.returncode == 1 and "--draft with a --batch-invariant library: not supported" in done.stderr.decode()
+    assert run(native, trained_tiny.out_dir, tmp_path / "invariant.so", "--prompt-ids", "1,2").returncode == 0
