@@ -109,7 +109,8 @@ def test_paged_prefill_matches_reference(h_q, h_kv, d, dtype, causal):
 
 @pytest.mark.parametrize("h_q, h_kv, d, dtype", [(4, 1, 32, "float32"), (2, 2, 16, "float32"), (4, 2, 16, "float16")])
 def test_paged_decode_matches_reference_and_tvm(h_q, h_kv, d, dtype):
-    """One new token per sequence over its scattered pages (1 to 3 pages, a full last page, a one-token one)."""
+    """One new token per sequence over its scattered pages (1 to 3 pages, a full last page, a one-token one); each
+    task walks all the query heads of a key head (heads_per_task = the group)."""
     from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
 
     from gptbc.compile.kernels import paged_decode_cpu
@@ -125,7 +126,8 @@ def test_paged_decode_matches_reference_and_tvm(h_q, h_kv, d, dtype):
     last_len = np.array([n - (p - 1) * page for n, p in zip(kv_lens, n_pages)], np.int32)
     t = lambda a: tvm.runtime.tensor(a, tvm.cpu())  # noqa: E731
     outs = []
-    for func in (paged_decode_cpu(h_kv, h_q, d, dtype), _attention_decode_cpu(h_kv, h_q, d, dtype, False, {})):
+    for func in (paged_decode_cpu(h_kv, h_q, d, dtype, heads_per_task=h_q // h_kv),
+                 _attention_decode_cpu(h_kv, h_q, d, dtype, False, {})):
         kernel = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET)
         out, lse = t(np.zeros_like(q)), t(np.zeros(q.shape[:2], np.float32))
         zeros = t(np.zeros(len(kv_lens), np.int32))
@@ -273,12 +275,13 @@ def test_a_row_gets_the_same_bits_however_its_keys_arrive():
     rows = [15, 16, 33, 47, 63, 64, 70, 74]  # last keys at, before and after block boundaries
     pool, order = paged(k, v)
     n_pages = [t // 16 + 1 for t in rows]
-    decoded, decoded_lse = compiled(paged_decode_cpu(h_kv, h_q, d, "float32"))(
-        q[rows], pool, i32(np.cumsum([0, *n_pages])), i32(np.concatenate([order[:p] for p in n_pages])),
-        i32([t % 16 + 1 for t in rows]), zeros(len(rows)), zeros(len(rows)), *empty(len(rows)),
-        0, 1.0, 1e4, scale)[-2:]
-    np.testing.assert_array_equal(decoded, whole[rows])
-    np.testing.assert_array_equal(decoded_lse, whole_lse[rows])
+    for heads_per_task in (1, 2, 4):  # query heads walking the shared key head together: the same bits
+        decoded, decoded_lse = compiled(paged_decode_cpu(h_kv, h_q, d, "float32", heads_per_task=heads_per_task))(
+            q[rows], pool, i32(np.cumsum([0, *n_pages])), i32(np.concatenate([order[:p] for p in n_pages])),
+            i32([t % 16 + 1 for t in rows]), zeros(len(rows)), zeros(len(rows)), *empty(len(rows)),
+            0, 1.0, 1e4, scale)[-2:]
+        np.testing.assert_array_equal(decoded, whole[rows])
+        np.testing.assert_array_equal(decoded_lse, whole_lse[rows])
 
 
 def test_compaction_runs_on_block_kernels_only():
@@ -302,6 +305,14 @@ def test_compaction_runs_on_block_kernels_only():
         out = compact(tvm.IRModule({"blocks": blocks, "plain": plain}))
     assert out["plain"].same_as(plain)
     assert "(1,)" in out["blocks"].script() and "(64,)" not in out["blocks"].script()
+
+
+def test_decode_heads_per_task_keeps_a_task_per_core():
+    from gptbc.compile.kernels import decode_heads_per_task
+
+    assert decode_heads_per_task(1, 16, 2) == 8  # santacoder on 2 cores: 2 tasks of 8 heads
+    assert decode_heads_per_task(1, 16, 16) == 1 and decode_heads_per_task(1, 48, 2) == 8
+    assert decode_heads_per_task(16, 16, 2) == 1 and decode_heads_per_task(2, 4, 1) == 2  # multi-head: its group
 
 
 def test_kernels_parse_to_the_same_tir_with_the_light_stack_walks():

@@ -493,11 +493,17 @@ def paged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 
 
 
 @functools.lru_cache(maxsize=None)  # parsing TVMScript takes a while; libraries share shapes
-def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 16):
+def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 16, heads_per_task: int = 1):
     """One new token per sequence attending to its cached pages, TVM's `batch_decode_paged_kv_cpu` signature
     (no sliding window). TVM's loops over sequences and heads serially with scalar code and libm exp2: at
-    batch 16 it was 29% of a santacoder decode step. Here the (sequence, head) pairs run in parallel."""
+    batch 16 it was 29% of a santacoder decode step. Here (sequence, group of query heads) pairs run in
+    parallel: `heads_per_task` query heads sharing one key head walk its blocks of keys together, so a block
+    is read once for all of them (santacoder's 16 query heads share one), each head's arithmetic the same as
+    alone (the same bits whatever the grouping). decode_heads_per_task picks it."""
     group = h_q // h_kv
+    hpt = heads_per_task
+    assert group % hpt == 0, (group, hpt)
+    tasks_per_row = h_q // hpt
     attend = _blocked(d, page_size)
     merge = _merge(d)
 
@@ -527,33 +533,41 @@ def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 1
         output = T.match_buffer(var_output, (batch_size, h_q, d), dtype)
         lse = T.match_buffer(var_lse, (batch_size, h_q), "float32")
 
-        for task in T.parallel(batch_size * h_q):
-            acc = T.alloc_buffer((1, d), "float32")
-            st = T.alloc_buffer((1, 2), "float32")
+        for task in T.parallel(batch_size * tasks_per_row):
+            acc = T.alloc_buffer((hpt, d), "float32")
+            st = T.alloc_buffer((hpt, 2), "float32")
             pair = T.alloc_buffer((2, LANES), "float32")
             part = T.alloc_buffer((LANES // 2, LANES), "float32")
             sc = T.alloc_buffer((LANES,), "float32")
             prob = T.alloc_buffer((LANES,), "float32")
             reg = T.alloc_buffer((d,), "float32")
             tmp = T.alloc_buffer((2,), "float32")
-            before = T.alloc_buffer((1, 1, d), dtype)
-            before_lse = T.alloc_buffer((1, 1), "float32")
+            before = T.alloc_buffer((1, hpt, d), dtype)
+            before_lse = T.alloc_buffer((1, hpt), "float32")
             scratch = T.alloc_buffer((5,), "float32")
-            # one head per task (a batch of one still spreads over the threads)
-            b: T.let[T.int32] = task // h_q
-            h: T.let[T.int32] = task % h_q
+            b: T.let[T.int32] = task // tasks_per_row
+            h: T.let[T.int32] = task % tasks_per_row * hpt  # the task's first query head
             n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
             kv_n: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
             split: T.let[T.int32] = T.min(_grain_split(k_rope_pos_offset[b] + kv_n - 1, k_rope_pos_offset[b]), kv_n)
-            attend(acc, st, pair, part, sc, prob, reg, tmp, q, b, h, 1, pages, pages, page_values, page_indptr[b],
+            attend(acc, st, pair, part, sc, prob, reg, tmp, q, b, h, hpt, pages, pages, page_values, page_indptr[b],
                    h // group, split, T.if_then_else(sm_scale < 0, split, kv_n), sm_scale, output, lse, b, h,
                    dtype)
             if split > 0 and sm_scale >= 0:
-                attend(acc, st, pair, part, sc, prob, reg, tmp, q, b, h, 1, pages, pages, page_values,
+                attend(acc, st, pair, part, sc, prob, reg, tmp, q, b, h, hpt, pages, pages, page_values,
                        page_indptr[b], h // group, 0, split, sm_scale, before, before_lse, 0, 0, dtype)
-                merge(output, lse, b, h, before, (0, 0), before_lse[0, 0], scratch, dtype)
+                for hh in T.serial(hpt):
+                    merge(output, lse, b, h + hh, before, (0, hh), before_lse[0, hh], scratch, dtype)
 
     return paged_decode
+
+
+def decode_heads_per_task(h_kv: int, h_q: int, cores: int) -> int:
+    """Query heads per decode task: as many of a key head's as share it (at most 8, a divisor of the group),
+    while one sequence still makes a task per core (a batch of one keeps every core busy). Santacoder on 2
+    cores: 8 (its 16 heads in 2 tasks); on 16 cores: 1."""
+    group = h_q // h_kv
+    return max(n for n in range(1, min(group, 8) + 1) if group % n == 0 and (n == 1 or h_q // n >= cores))
 
 
 @functools.lru_cache(maxsize=None)  # parsing TVMScript takes a while; libraries share shapes
@@ -580,16 +594,18 @@ def merge_state_cpu(h_q: int, d: int, dtype: str):
     return merge_state
 
 
-def use_fast_cpu_attention(mod, h_kv: int, h_q: int, d: int, dtype: str):
-    """`mod` with our prefill attention kernels in place of TVM's CPU ones (where `mod` has them)."""
+def use_fast_cpu_attention(mod, h_kv: int, h_q: int, d: int, dtype: str, cores: int = 1):
+    """`mod` with our prefill attention kernels in place of TVM's CPU ones (where `mod` has them); `cores`: the
+    target's, for the decode kernel's heads per task."""
     import tvm
 
     if d % LANES:
         return mod
     mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)  # a copy: the caller's module stays as it was
     names = [g.name_hint for g in mod.get_global_vars()]
+    decode = functools.partial(paged_decode_cpu, heads_per_task=decode_heads_per_task(h_kv, h_q, cores))
     for name, make in ((RAGGED_PREFILL_CPU, ragged_prefill_cpu), (PAGED_PREFILL_CPU, paged_prefill_cpu),
-                       (PAGED_DECODE_CPU, paged_decode_cpu), (MERGE_STATE_CPU, None)):
+                       (PAGED_DECODE_CPU, decode), (MERGE_STATE_CPU, None)):
         if name in names:
             gv = mod.get_global_var(name)
             new = merge_state_cpu(h_q, d, dtype) if make is None else make(h_kv, h_q, d, dtype)

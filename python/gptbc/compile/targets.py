@@ -50,7 +50,8 @@ def _cpu_kernels(mod, cfg, quant, target, _batch_invariant: bool = False):
     from gptbc.compile.kernels import use_fast_cpu_attention
     from gptbc.compile.kernels_int8 import use_int8_kernels
 
-    mod = use_fast_cpu_attention(mod, cfg.n_kv_head, cfg.n_head, cfg.head_dim, quant.model_dtype)
+    cores = int(target.attrs.get("num-cores", 1) or 1)
+    mod = use_fast_cpu_attention(mod, cfg.n_kv_head, cfg.n_head, cfg.head_dim, quant.model_dtype, cores)
     return use_int8_kernels(mod, target, quant.int8_layout) if quant.int8_activations else mod
 
 
