@@ -329,7 +329,7 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
         """The register tile over `nvecs` vectors of w blocks (8 w outputs) each: w = 1 with 256-bit vectors, 2
         with 512-bit ones (vnni512)."""
         vl = LANES * w
-        i32, f32, u8, i8 = f"int32x{vl}", f"float32x{vl}", f"uint8x{4 * vl}", f"int8x{4 * vl}"
+        f32, u8, i8 = f"float32x{vl}", f"uint8x{4 * vl}", f"int8x{4 * vl}"
 
         def weights(wb, b, g, c):  # chunk c of group g: 32 bytes per block
             return joined(lambda blk: tirx.BufferLoad(wb, [tirx.Ramp((blk * groups + g) * per_block + c * 32, 1, 32)]),
