@@ -300,6 +300,18 @@ struct Generation {
   double prefill_s = 0, decode_s = 0;
 };
 
+// Add `token` to gen (and its text to the stream, unless it is the eos token or a special one); false once the
+// generation is over: an eos token (kept in the ids, not in the text) or max_new_tokens.
+bool emit(Generation* gen, int32_t token, const gptbc::Model& model, int64_t max_new_tokens, bool ignore_eos,
+          const gptbc::Tokenizer* tok, TextStream* stream) {
+  gen->ids.push_back(token);
+  const auto& eos_ids = model.eos_ids();
+  bool eos = !ignore_eos && std::find(eos_ids.begin(), eos_ids.end(), token) != eos_ids.end();
+  if (tok && !eos && !tok->is_special(token)) stream->add(tok->token_bytes(token));
+  if (eos) gen->finish = "stop";
+  return !eos && static_cast<int64_t>(gen->ids.size()) < max_new_tokens;
+}
+
 // Prefill the prompt, then sample and decode until an eos token or max_new_tokens, as the Python engine's
 // loop does: the eos token is kept in the ids but not in the text, and no decode runs after the last token.
 Generation generate(gptbc::Model& model, const std::vector<int32_t>& prompt, const gptbc::SamplingParams& params,
@@ -313,18 +325,10 @@ Generation generate(gptbc::Model& model, const std::vector<int32_t>& prompt, con
     const std::vector<float>* logits = &model.prefill(prompt);
     gen.prefill_s = seconds_since(t0);
     auto t1 = std::chrono::steady_clock::now();
-    const auto& eos_ids = model.eos_ids();
     while (true) {
       int32_t token = sampler.next(*logits);
       sampler.saw(token);
-      gen.ids.push_back(token);
-      bool eos = !ignore_eos && std::find(eos_ids.begin(), eos_ids.end(), token) != eos_ids.end();
-      if (tok && !eos && !tok->is_special(token)) stream->add(tok->token_bytes(token));
-      if (eos) {
-        gen.finish = "stop";
-        break;
-      }
-      if (static_cast<int64_t>(gen.ids.size()) >= params.max_new_tokens) break;
+      if (!emit(&gen, token, model, params.max_new_tokens, ignore_eos, tok, stream)) break;
       logits = &model.decode(token);
     }
     gen.decode_s = seconds_since(t1);
@@ -357,15 +361,10 @@ Generation generate_drafted(gptbc::Model& model, gptbc::Model& draft, const std:
   const int64_t room = static_cast<int64_t>(prompt.size()) + params.max_new_tokens + k + 1;  // a verify overshoots
   model.start(room);
   draft.start(room);
-  const auto& eos_ids = model.eos_ids();
   const int64_t vocab = model.vocab_size();
   bool done = false;
-  auto emit = [&](int32_t token) {  // false once generation ends (eos or max_new_tokens)
-    gen.ids.push_back(token);
-    bool eos = !ignore_eos && std::find(eos_ids.begin(), eos_ids.end(), token) != eos_ids.end();
-    if (tok && !eos && !tok->is_special(token)) stream->add(tok->token_bytes(token));
-    if (eos) gen.finish = "stop";
-    done = eos || static_cast<int64_t>(gen.ids.size()) >= params.max_new_tokens;
+  auto add = [&](int32_t token) {  // false once generation ends (eos or max_new_tokens)
+    done = !emit(&gen, token, model, params.max_new_tokens, ignore_eos, tok, stream);
     return !done;
   };
   auto t0 = std::chrono::steady_clock::now();
@@ -374,7 +373,7 @@ Generation generate_drafted(gptbc::Model& model, gptbc::Model& draft, const std:
   std::vector<int32_t> behind(prompt);  // tokens the draft has not read yet (then the last emitted one)
   gen.prefill_s = seconds_since(t0);
   auto t1 = std::chrono::steady_clock::now();
-  while (emit(token)) {
+  while (add(token)) {
     const int64_t n = std::min<int64_t>(k, params.max_new_tokens - static_cast<int64_t>(gen.ids.size()) - 1);
     behind.push_back(token);
     if (n <= 0) {  // room for one more token only: a plain step, the draft kept in step for nothing
@@ -400,7 +399,7 @@ Generation generate_drafted(gptbc::Model& model, gptbc::Model& draft, const std:
       sampler.saw(token);
       if (agreed == n || token != proposed[agreed]) break;
       ++agreed;
-      if (!emit(token)) break;
+      if (!add(token)) break;
     }
     stats->verifies += 1;
     stats->drafted += n;
