@@ -72,9 +72,8 @@ from gptbc.compile.int8_base import EPILOGUES, GROUP, LANES, TASK_BLOCKS, entry_
 # blocks per parallel task (64 outputs). Measured on Zen 4 (2 threads, q4 2048 -> 8192): against 4 x 16 tiles and
 # 32-output tasks, one row 5% and 512 rows 7% faster, though 4 x 4 int32 + float accumulators exceed the registers.
 ROWS, BLOCKS = 4, 4
-# vnni512: the same 4 x 32 outputs as 4 x 2 512-bit vectors (16 accumulators: no spills); 6 or 8 rows measured
+# vnni512 runs the same 4 x 32 outputs as 4 x 2 512-bit vectors (16 accumulators: no spills); 6 or 8 rows measured
 # no better on Zen 4 (2 threads, q4 2048 -> 8192 and back, 16 and 512 rows)
-ROWS_WIDE = 4
 ROW_CHUNK = 64  # rows whose quantized activations stay in L2 while a task walks its outputs
 
 
@@ -325,7 +324,7 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
         parts = [load(b + h) for h in range(w)]
         return parts[0] if w == 1 else tirx.Shuffle(parts, list(range(lanes * w)))
 
-    def make_tile(w: int, rows: int):
+    def make_tile(w: int):
         """The register tile over `nvecs` vectors of w blocks (8 w outputs) each: w = 1 with 256-bit vectors, 2
         with 512-bit ones (vnni512)."""
         vl = LANES * w
@@ -395,23 +394,19 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
 
         @T.macro
         def row_tiles(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0, rn, b0, nvecs):
-            for t in T.serial(rn // rows):
-                tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0 + t * rows, b0, rows, nvecs)
-            if rows > 4:  # remainders of 4..rows - 1 rows start with a tile of 4
-                if rn % rows >= 4:
-                    tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0 + rn // rows * rows, b0, 4,
-                         nvecs)
-            if rn % rows % 4 == 1:
+            for t in T.serial(rn // ROWS):
+                tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0 + t * ROWS, b0, ROWS, nvecs)
+            if rn % ROWS == 1:
                 tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0 + rn - 1, b0, 1, nvecs)
-            if rn % rows % 4 == 2:
+            if rn % ROWS == 2:
                 tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0 + rn - 2, b0, 2, nvecs)
-            if rn % rows % 4 == 3:
+            if rn % ROWS == 3:
                 tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0 + rn - 3, b0, 3, nvecs)
 
         return row_tiles
 
-    row_tiles = make_tile(1, ROWS)
-    row_tiles_wide = make_tile(2, ROWS_WIDE) if wide512 else row_tiles  # vnni512: 2 blocks per vector, single blocks as 256
+    row_tiles = make_tile(1)
+    row_tiles_wide = make_tile(2) if wide512 else row_tiles  # vnni512: 2 blocks per vector, single blocks as 256
 
     @T.macro
     def compute(x3, w, scale, mins, highs, bvec, y3, b, s):
@@ -454,10 +449,10 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
             acch = (acci, halves_acc)[int(halved)]  # the second half-groups' dots; one group's dot without halves
             accf = T.alloc_buffer((ROWS * BLOCKS,), "float32x8")
             wv = T.alloc_buffer((BLOCKS * 2,), "uint8x32")
-            acci2 = T.alloc_buffer((ROWS_WIDE * BLOCKS // W,), f"int32x{LANES * W}")
-            halves_acc2 = T.alloc_buffer((ROWS_WIDE * BLOCKS // W if halved else 1,), f"int32x{LANES * W}")
+            acci2 = T.alloc_buffer((ROWS * BLOCKS // W,), f"int32x{LANES * W}")
+            halves_acc2 = T.alloc_buffer((ROWS * BLOCKS // W if halved else 1,), f"int32x{LANES * W}")
             acch2 = (acci2, halves_acc2)[int(halved)]
-            accf2 = T.alloc_buffer((ROWS_WIDE * BLOCKS // W,), f"float32x{LANES * W}")
+            accf2 = T.alloc_buffer((ROWS * BLOCKS // W,), f"float32x{LANES * W}")
             wv2 = T.alloc_buffer((BLOCKS // W * 2,), f"uint8x{32 * W}")
             for chunk in T.serial((b * s + ROW_CHUNK - 1) // ROW_CHUNK):
                 for bt in T.serial(TASK_BLOCKS // BLOCKS):
@@ -474,7 +469,7 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
                             if odd:  # vnni512 with an odd count of blocks: the last one in 256-bit vectors
                                 if task * TASK_BLOCKS + bt * BLOCKS + bb * W + W > blocks and (
                                         task * TASK_BLOCKS + bt * BLOCKS + bb * W < blocks):
-                                        row_tiles(xq4, xs, nsum, wb, sf, mf, hf, bf, y, acci, acch, accf, wv,
+                                    row_tiles(xq4, xs, nsum, wb, sf, mf, hf, bf, y, acci, acch, accf, wv,
                                               chunk * ROW_CHUNK, T.min(ROW_CHUNK, b * s - chunk * ROW_CHUNK),
                                               task * TASK_BLOCKS + bt * BLOCKS + bb * W, 1)
 
