@@ -24,7 +24,8 @@ from gptbc.artifact.manifest import WEIGHTS_FILE, read_weights
 GPTBC_CONFIG = WEIGHTS_FILE
 
 # Activation names HF uses for GPTBigCode checkpoints → how we compute them.
-# "gelu" in HF is the exact (erf) GELU; santacoder/starcoder ship "gelu_pytorch_tanh".
+# "gelu" in HF is the exact (erf) GELU, which StarCoder-15B-shaped checkpoints (StarCoder, StarChat-alpha) name;
+# santacoder ships "gelu_pytorch_tanh" (the presets carry each model's own).
 ACTIVATIONS = {
     "gelu_pytorch_tanh": "gelu_tanh",
     "gelu_new": "gelu_tanh",

@@ -507,7 +507,8 @@ def config_from_metadata(meta: dict[str, Any], path: Path, tensors: dict[str, Te
            "n_layer": need("block_count"), "n_positions": need("context_length"),
            "n_inner": need("feed_forward_length"), "vocab_size": vocab, "multi_query": True,
            "layer_norm_epsilon": need("attention.layer_norm_epsilon"),
-           # ggml_gelu is the tanh approximation, which is what StarCoder's config names
+           # llama.cpp runs every starcoder GGUF with ggml_gelu, the tanh approximation (also for StarCoder-15B,
+           # whose own config names the exact "gelu"): what the file's numbers were made to be run with
            "activation_function": "gelu_pytorch_tanh",
            "tie_word_embeddings": "output.weight" not in tensors,
            "bos_token_id": bos, "eos_token_id": [] if eos is None else eos}

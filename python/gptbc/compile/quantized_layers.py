@@ -121,6 +121,8 @@ def int8_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: int, 
             v = acc(*i) + (tirx.Cast("float32", b[0][i[-1]]) if b else 0.0)
             if activation == "gelu_tanh":
                 v = 0.5 * v * (1.0 + tirx.tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)))
+            elif activation == "gelu_erf":
+                v = 0.5 * v * (1.0 + tirx.erf(v * 0.7071067811865476))
             elif activation == "relu":
                 v = tirx.max(v, 0.0)
             return tirx.Cast(out_dtype, v)
