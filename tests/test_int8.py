@@ -124,8 +124,8 @@ ISAS = ["generic",
 @pytest.mark.parametrize("k, n, bias, act", [(96, 40, False, None), (128, 72, True, "gelu_tanh"), (64, 8, True, "relu")])
 def test_kernel_matches_the_integer_reference(isa, quant, k, n, bias, act):
     """Odd shapes (3 groups; 5 and 9 blocks of 8 outputs, a task left partly empty), 1..70 rows (every
-    remainder of the 4-row tile, more rows than one chunk), negative weights and activations, an all-zero
-    group, bias and both fused activations."""
+    remainder of the 4-row tile, the 512-bit kernels' 5- and 6-row tiles alone and after 4-row ones, more rows than
+    one chunk), negative weights and activations, an all-zero group, bias and the fused activations."""
     q = get_quantization(quant)
     dtype = q.model_dtype
     rng = np.random.default_rng(k + n)
@@ -133,7 +133,7 @@ def test_kernel_matches_the_integer_reference(isa, quant, k, n, bias, act):
     w, s = repacked(packed, scale, q.bits)
     b = rng.standard_normal(n).astype(dtype) if bias else None
     lib = build(ki.int8_matmul_cpu(k, n, q.bits, isa, dtype, dtype, dtype, bias, act))
-    for rows in (1, 2, 3, 5, 70):
+    for rows in (1, 2, 3, 5, 6, 9, 10, 70):
         x = (rng.standard_normal((1, rows, k)) * 3).astype(dtype)
         x[0, 0, :32] = 0  # a group with max |x| = 0 quantizes to zeros
         y = tensor(np.zeros((1, rows, n), dtype))
@@ -172,7 +172,7 @@ def test_affine_kernel_matches_the_integer_reference(isa, quant, k, n, bias, act
     args = repacked(packed, scale, q.bits, "dot", *more)
     b = rng.standard_normal(n).astype(dtype) if bias else None
     lib = build(ki.int8_matmul_cpu(k, n, q.bits, isa, dtype, "float32", dtype, bias, act, q.has_min, q.zero))
-    for rows in (1, 2, 3, 5, 70):
+    for rows in (1, 2, 3, 5, 6, 9, 10, 70):
         x = (rng.standard_normal((1, rows, k)) * 3).astype(dtype)
         x[0, 0, :32] = 0  # a group with max |x| = 0 quantizes to zeros
         y = tensor(np.zeros((1, rows, n), dtype))
