@@ -54,7 +54,9 @@ that run 512 bits at full width it is what lets vpdpbusd reach their peak.
 
 Work is tiled as ROWS rows x BLOCKS blocks of accumulators (int32 and float32 vectors) in registers: each
 unpacked weight vector serves ROWS rows and each activation broadcast BLOCKS blocks, so a step over many
-rows (batched decode, verification, prefill) costs far less than rows x one row. Tasks over output blocks
+rows (batched decode, verification, prefill) costs far less than rows x one row. With 512-bit vectors the rows of a
+chunk that leave 1 or 2 over a multiple of ROWS end in one tile of 5 or 6 rows (24 accumulators still fit), so the
+weights are not walked and unpacked again for one or two rows (a verify of 4 drafts is 5 rows). Tasks over output blocks
 run in parallel; rows run in chunks whose quantized activations stay in L2 while a task's weights stay in L1.
 """
 
