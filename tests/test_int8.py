@@ -126,6 +126,16 @@ def test_kernel_matches_the_integer_reference(isa, quant, k, n, bias, act):
     """Odd shapes (3 groups; 5 and 9 blocks of 8 outputs, a task left partly empty), 1..70 rows (every
     remainder of the 4-row tile, the 512-bit kernels' 5- and 6-row tiles alone and after 4-row ones, more rows than
     one chunk), negative weights and activations, an all-zero group, bias and the fused activations."""
+    check_against_integer_reference(isa, quant, k, n, bias, act)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_erf_gelu_epilogue_matches_the_integer_reference(isa):
+    """The exact-erf GELU applied in each kernel (256- and 512-bit vectors) on the same odd shape as gelu_tanh."""
+    check_against_integer_reference(isa, "q4f32_1", 128, 72, True, "gelu_erf")
+
+
+def check_against_integer_reference(isa: str, quant: str, k: int, n: int, bias: bool, act: str | None) -> None:
     q = get_quantization(quant)
     dtype = q.model_dtype
     rng = np.random.default_rng(k + n)
@@ -141,12 +151,6 @@ def test_kernel_matches_the_integer_reference(isa, quant, k, n, bias, act):
         want = integer_reference(x, packed, scale, q.bits, b, act)
         err = np.abs(y.numpy().astype(np.float64) - want).max() / np.abs(want).max()
         assert err < (2e-3 if dtype == "float16" else 2e-6), f"{rows} rows: relative error {err:.1e}"
-
-
-@pytest.mark.parametrize("isa", ISAS)
-def test_erf_gelu_epilogue_matches_the_integer_reference(isa):
-    """The exact-erf GELU applied in each kernel (256- and 512-bit vectors) on the same odd shape as gelu_tanh."""
-    test_kernel_matches_the_integer_reference(isa, "q4f32_1", 128, 72, True, "gelu_erf")
 
 
 @pytest.mark.parametrize("isa", ISAS)
