@@ -331,7 +331,6 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
         with 512-bit ones (vnni512)."""
         vl = LANES * w
         f32, u8, i8 = f"float32x{vl}", f"uint8x{4 * vl}", f"int8x{4 * vl}"
-        five = w == 2  # 5- and 6-row tiles fit 32 registers with 512-bit vectors only (4 x 4 256-bit ones spill)
 
         def weights(wb, b, g, c):  # chunk c of group g: 32 bytes per block
             return joined(lambda blk: tirx.BufferLoad(wb, [tirx.Ramp((blk * groups + g) * per_block + c * 32, 1, 32)]),
@@ -400,8 +399,9 @@ def int8_matmul_cpu(k: int, n: int, bits: int, isa: str, x_dtype: str, scale_dty
             # 512-bit vectors: where 1 or 2 rows are left over a multiple of 4 (5, 6, 9, 10... rows), they and the
             # last 4 make one 5- or 6-row tile rather than a 1- or 2-row one that walks and unpacks the weights again
             # (a verify of 4 drafts is 5 rows: 7-13% faster alone at StarCoder's MLP shapes). Not for a task's
-            # partial block pair (nvecs 1): less code to build for a path few shapes take.
-            wider = five and nvecs > 1
+            # partial block pair (nvecs 1): less code to build for a path few shapes take. 512-bit only: there 5 and 6
+            # rows fit the 32 registers (4 x 4 256-bit tiles spill already).
+            wider = w == 2 and nvecs > 1
             for t in T.serial(rn // ROWS - T.if_then_else(
                     wider and rn % ROWS < 3 and rn % ROWS > 0 and rn > ROWS, 1, 0)):
                 tile(xq4, xs, nsum, wb, sf, mf, hf, bvec, y, acci, acch, accf, wv, r0 + t * ROWS, b0, ROWS, nvecs)
