@@ -578,11 +578,13 @@ void print_json(const Generation& gen, const std::vector<int32_t>& prompt, const
   std::printf(
       "{\"token_ids\": %s, \"text\": %s, \"finish_reason\": \"%s\", \"prompt_tokens\": %zu, \"prompt_ids\": %s, "
       "\"load_s\": %.6f, \"prefill_s\": %.6f, \"decode_s\": %.6f, \"decode_steps\": %zu, "
-      "\"decode_tokens_per_s\": %.4f, \"mapped_weight_bytes\": %llu, \"copied_weight_bytes\": %llu%s}\n",
+      "\"decode_tokens_per_s\": %.4f, \"mapped_weight_bytes\": %llu, \"copied_weight_bytes\": %llu, "
+      "\"huge_page_weight_bytes\": %llu%s}\n",
       ids_json(gen.ids).c_str(), text ? gptbc::json::quote(*text).c_str() : "null", gen.finish.c_str(),
       prompt.size(), ids_json(prompt).c_str(), load_s, gen.prefill_s, gen.decode_s, steps,
       steps && gen.decode_s > 0 ? steps / gen.decode_s : 0.0, static_cast<unsigned long long>(model.mapped_bytes()),
-      static_cast<unsigned long long>(model.copied_bytes()), drafted.c_str());
+      static_cast<unsigned long long>(model.copied_bytes()), static_cast<unsigned long long>(model.huge_page_bytes()),
+      drafted.c_str());
 }
 
 // The text of ids as the stream writes it (special tokens and the eos token left out).

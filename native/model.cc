@@ -1,6 +1,7 @@
 #include "model.h"
 
 #include <dlfcn.h>
+#include <sys/mman.h>
 #include <unistd.h>
 #include <sys/stat.h>
 
@@ -10,6 +11,7 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <sstream>
 
 #include <tvm/runtime/c_backend_api.h>
@@ -41,6 +43,48 @@ struct HostAlloc {
 struct MappedData {
   const void* data;
   void AllocData(DLTensor* t) { t->data = const_cast<void*>(data); }
+  void FreeData(DLTensor*) {}
+};
+
+// The repacked weights the int8 kernels stream, copied into one mapping advised for transparent huge pages: a
+// decode step reads them all, and on 4 KiB pages that is a TLB miss and a stopped prefetch every 4 KiB of each
+// stream (python/gptbc/runtime/hugepages.py; BENCHMARKS.md, "Weights on huge pages"). Where the kernel gives no
+// huge pages it is ordinary memory.
+class HugePageArena {
+ public:
+  static constexpr size_t kHuge = size_t{2} << 20, kAlign = 4096;
+  static size_t rounded(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+  explicit HugePageArena(size_t bytes) : size_(bytes + kHuge) {
+    void* p = mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw Error("out of memory mapping " + std::to_string(size_) + " bytes for the weights");
+    base_ = static_cast<char*>(p);
+#ifdef MADV_HUGEPAGE
+    advised_ = madvise(base_, size_, MADV_HUGEPAGE) == 0;  // refused where THP is compiled out: ordinary pages
+#endif
+    next_ = (kHuge - reinterpret_cast<uintptr_t>(base_) % kHuge) % kHuge;
+    end_ = next_ + bytes;
+  }
+  ~HugePageArena() { munmap(base_, size_); }
+  bool advised() const { return advised_; }
+  HugePageArena(const HugePageArena&) = delete;
+  HugePageArena& operator=(const HugePageArena&) = delete;
+  void* take(size_t n) {
+    if (next_ + n > end_) throw Error("internal: the weights' huge-page arena is full");
+    void* p = base_ + next_;
+    next_ += rounded(n);
+    return p;
+  }
+
+ private:
+  char* base_ = nullptr;
+  size_t size_, next_ = 0, end_ = 0;
+  bool advised_ = false;
+};
+
+// A tensor in the arena (keeps the arena alive).
+struct InArena {
+  std::shared_ptr<HugePageArena> arena;
+  void AllocData(DLTensor* t) { t->data = arena->take(ffi::GetDataSize(*t)); }
   void FreeData(DLTensor*) {}
 };
 
@@ -362,6 +406,15 @@ void Model::load_params(const manifest::Weights& weights) {
   for (const auto& p : weights.params) file_of[p.name] = p.file;
   std::map<std::string, size_t> opened;  // file name → index in files_
   files_.reserve(file_of.size());
+  size_t repacked_bytes = 0;
+  for (const auto& want : meta_.params) {
+    if (want.repack.empty()) continue;
+    DLDataType dt = ffi::StringToDLDataType(want.dtype);
+    size_t n = (dt.bits * dt.lanes + 7) / 8;
+    for (int64_t d : want.shape) n *= static_cast<size_t>(d);
+    repacked_bytes += HugePageArena::rounded(n);
+  }
+  auto arena = repacked_bytes ? std::make_shared<HugePageArena>(repacked_bytes) : nullptr;
   for (const auto& want : meta_.params) {
     const std::string& name = want.name;
     std::string fname = file_of.at(name);  // present: check_compatible saw it
@@ -387,7 +440,11 @@ void Model::load_params(const manifest::Weights& weights) {
       }
       auto repack = vm_.value()->GetFunction(want.repack, false);
       if (!repack) throw Error("--lib " + lib_ + ": no function " + want.repack + " (named by its manifest for " + name + ")");
-      params_.push_back((*repack)(src).cast<ffi::Tensor>());
+      ffi::Tensor out = (*repack)(src).cast<ffi::Tensor>();
+      ffi::Tensor placed = ffi::Tensor::FromNDAlloc(InArena{arena}, ffi::Shape(want.shape), dt, kCpu);
+      std::memcpy(placed.data_ptr(), out.data_ptr(), e->nbytes);  // repacking keeps the shape and dtype
+      params_.push_back(placed);
+      if (arena->advised()) huge_page_bytes_ += e->nbytes;
       file.release(*e);  // the repacked copy is what stays
       copied_bytes_ += e->nbytes;
       continue;

@@ -52,6 +52,8 @@ class Model {
   // Weight bytes used in place from the memory-mapped files / copied into aligned memory.
   uint64_t mapped_bytes() const { return mapped_bytes_; }
   uint64_t copied_bytes() const { return copied_bytes_; }
+  // Of the copied bytes, those in memory advised for transparent huge pages (the repacked int8 weights).
+  uint64_t huge_page_bytes() const { return huge_page_bytes_; }
 
  private:
   void load_library(const std::string& lib);
@@ -83,7 +85,7 @@ class Model {
   size_t alignment_ = 0;
   std::vector<int32_t> eos_ids_;
   std::vector<float> logits_;
-  uint64_t mapped_bytes_ = 0, copied_bytes_ = 0;
+  uint64_t mapped_bytes_ = 0, copied_bytes_ = 0, huge_page_bytes_ = 0;
 };
 
 }  // namespace gptbc

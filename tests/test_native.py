@@ -9,6 +9,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +176,20 @@ def test_aligned_weights_are_used_in_place(native, model_files, tmp_path):
     assert mapped["mapped_weight_bytes"] > 0 and mapped["token_ids"] == original["token_ids"]
     total = original["mapped_weight_bytes"] + original["copied_weight_bytes"]
     assert mapped["mapped_weight_bytes"] + mapped["copied_weight_bytes"] == total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
+def test_repacked_weights_sit_on_huge_page_memory(native, model_files):
+    """The repacked int8 weights are copied into memory advised for huge pages (runtime/hugepages.py), all of them."""
+    import tvm
+
+    from gptbc.runtime.runner import load_library
+
+    out_dir, lib = model_files("mqa64", "q4f32_1")
+    meta = load_library(lib, tvm.cpu(0))[1]
+    repacked = sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize for p in meta["params"] if p.get("repack"))
+    got = run_json(native, out_dir, lib, "--prompt-ids", "9,8,7", "--max-new-tokens", "4")
+    assert repacked > 0 and got["huge_page_weight_bytes"] == repacked
 
 
 # ---- sampling ----

@@ -18,6 +18,7 @@ from gptbc.artifact.config import GPTBC_CONFIG, GPTBigCodeConfig
 from gptbc.errors import GptbcError
 from gptbc.artifact.memory_plan import check_fits, default_kv_tokens, engine_kv_tokens
 from gptbc.artifact.quantization import get_quantization, numpy_dtype
+from gptbc.runtime import hugepages
 from gptbc.runtime.devices import (WEBGPU_DEVICE_TYPE, check_library_arch, check_library_intact, parse_device,
                                    parse_device_kind)
 from gptbc.artifact.safetensors_io import SafetensorsFile
@@ -95,11 +96,14 @@ def load_params(model_dir: Path, info: dict, meta: dict, dev, vm=None) -> tuple[
     a view of the memory-mapped file: no copy, no load time, and processes serving the same weights
     share the page cache. Anything else is copied to the device. A weight the library lists with a `repack`
     function (int8 activations: the tiled layout of kernels_int8.py) is replaced by that function's output,
-    and its file pages are dropped.
+    and its file pages are dropped; on the CPU that output moves to memory advised for huge pages (hugepages.py).
     """
     import tvm
 
     on_cpu = dev.dlpack_device_type() == tvm.cpu(0).dlpack_device_type()
+    repacked = [p for p in meta["params"] if p.get("repack")]
+    arena = hugepages.arena_for([int(np.prod(p["shape"], dtype=np.int64)) * numpy_dtype(p["dtype"]).itemsize
+                                 for p in repacked]) if on_cpu else None
     files: dict[str, SafetensorsFile] = {}
     where = {p["name"]: p["file"] for p in info["params"]}
     params, mapped = [], 0
@@ -118,8 +122,9 @@ def load_params(model_dir: Path, info: dict, meta: dict, dev, vm=None) -> tuple[
             view = _mapped_tensor(arr, int(meta["alignment"])) if on_cpu else None
             if p.get("repack"):
                 src = view if view is not None else tvm.runtime.tensor(arr, dev)
-                params.append(vm[p["repack"]](src))
-                del src, view, arr
+                out = vm[p["repack"]](src)
+                params.append(arena.place(out) if arena is not None else out)
+                del src, view, arr, out
                 f.release(p["name"])
                 continue
             if view is not None:
