@@ -366,7 +366,8 @@ void Model::load_library(const std::string& lib) {
   };
   std::string text;
   try {
-    vm_ = get(ffi::Module::LoadFromFile(path), "vm_load_executable")().cast<ffi::Module>();
+    library_ = ffi::Module::LoadFromFile(path);
+    vm_ = get(*library_, "vm_load_executable")().cast<ffi::Module>();
     // As tvm.relax.VirtualMachine(mod, dev) does: device type, device id, pooled allocator (2); a GPU
     // device is followed by the CPU as host device.
     if (dev_.device_type == kDLCPU) {
@@ -440,9 +441,14 @@ void Model::load_params(const manifest::Weights& weights) {
       }
       auto repack = vm_.value()->GetFunction(want.repack, false);
       if (!repack) throw Error("--lib " + lib_ + ": no function " + want.repack + " (named by its manifest for " + name + ")");
-      ffi::Tensor out = (*repack)(src).cast<ffi::Tensor>();
       ffi::Tensor placed = ffi::Tensor::FromNDAlloc(InArena{arena}, ffi::Shape(want.shape), dt, kCpu);
-      std::memcpy(placed.data_ptr(), out.data_ptr(), e->nbytes);  // repacking keeps the shape and dtype
+      // its kernel writes straight into the arena (the library names it FUNCTION_kernel); else copy the output
+      if (auto kernel = library_.value()->GetFunction(want.repack + "_kernel", true)) {
+        (*kernel)(src, placed);
+      } else {
+        ffi::Tensor out = (*repack)(src).cast<ffi::Tensor>();
+        std::memcpy(placed.data_ptr(), out.data_ptr(), e->nbytes);  // repacking keeps the shape and dtype
+      }
       params_.push_back(placed);
       if (arena->advised()) huge_page_bytes_ += e->nbytes;
       file.release(*e);  // the repacked copy is what stays

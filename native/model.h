@@ -73,6 +73,7 @@ class Model {
   DLDevice dev_{kDLCPU, 0};
   json::Object adapter_;  // the WebGPU adapter's description (device vulkan), as gptbc.webgpu.adapters gives it
   manifest::Library meta_;
+  tvm::ffi::Optional<tvm::ffi::Module> library_;  // the loaded library (its compiled kernels by name)
   tvm::ffi::Optional<tvm::ffi::Module> vm_;  // the VM the functions below belong to
   tvm::ffi::Function embed_, prefill_, decode_, batch_decode_, begin_forward_, end_forward_, popn_;
   tvm::ffi::Optional<tvm::ffi::Function> verify_;  // batch_verify (libraries before it lack it)

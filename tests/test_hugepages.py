@@ -61,22 +61,48 @@ def test_arena_refuses_what_does_not_fit():
         arena.place(tvm.runtime.tensor(np.zeros(1, np.uint8)))
 
 
-@linux_thp
-def test_int8_kernels_stream_weights_from_huge_page_memory(tmp_path):
-    """Every repacked weight of an int8-activation model lies in a mapping advised for huge pages ("hg"); the
-    others (LayerNorm, embeddings) stay views of the file. Same library as test_quantization's q4 int8 one."""
+@pytest.fixture(scope="module")
+def int8_model(tmp_path_factory) -> tuple[Path, Path]:
+    """The shipped trained model in q4f32_1 with int8 activations (test_quantization's library, from the cache)."""
     from gptbc.artifact.config import resolve_model
     from gptbc.artifact.convert import convert_weight
     from gptbc.compile.compiler import compile_model
+
+    root = tmp_path_factory.mktemp("int8")
+    shutil.copytree(TRAINED, root / "hf")
+    out = convert_weight(root / "hf", "q4f32_1", root / "q4f32_1", progress=False)
+    lib = compile_model(resolve_model(str(out)), "cpu", "q4f32_1", root / "q4f32_1-int8.so",
+                        log=lambda _m: None, activations="int8")
+    return out, lib
+
+
+@linux_thp
+def test_int8_kernels_stream_weights_from_huge_page_memory(int8_model):
+    """Every repacked weight of an int8-activation model lies in a mapping advised for huge pages ("hg"); the
+    others (LayerNorm, embeddings) stay views of the file."""
     from gptbc.runtime.runner import ModelRunner
 
-    shutil.copytree(TRAINED, tmp_path / "hf")
-    out = convert_weight(tmp_path / "hf", "q4f32_1", tmp_path / "q4f32_1", progress=False)
-    lib = compile_model(resolve_model(str(out)), "cpu", "q4f32_1", tmp_path / "q4f32_1-int8.so",
-                        log=lambda _m: None, activations="int8")
-    runner = ModelRunner(out, lib, max_batch_size=1)
+    runner = ModelRunner(*int8_model, max_batch_size=1)
     repacked = [p.get("repack") is not None for p in runner.meta["params"]]
     assert sum(repacked) >= 4
     for spec, param, moved in zip(runner.meta["params"], runner.params, repacked):
         flags = vm_flags_at(data_pointer(param))
         assert ("hg" in flags) == moved, f"{spec['name']}: VmFlags {flags}"
+
+
+def test_repack_kernels_write_in_place_what_the_functions_return(int8_model, monkeypatch):
+    """The runner calls each repack function's kernel with the arena's tensor as its output (no second copy of
+    the weights); found by its name for every repack function, it writes what the Relax function returns."""
+    from gptbc.runtime import runner as runner_module
+    from gptbc.runtime.runner import ModelRunner, _repack_kernel, load_library
+
+    import tvm
+
+    _, meta, library = load_library(int8_model[1], tvm.cpu(0))
+    functions = {p["repack"] for p in meta["params"] if p.get("repack")}
+    assert functions and all(_repack_kernel(library, f) is not None for f in functions)
+    direct = ModelRunner(*int8_model, max_batch_size=1)
+    monkeypatch.setattr(runner_module, "_repack_kernel", lambda library, function: None)
+    copied = ModelRunner(*int8_model, max_batch_size=1)
+    for spec, a, b in zip(meta["params"], direct.params, copied.params):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=spec["name"])

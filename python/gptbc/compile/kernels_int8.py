@@ -607,6 +607,7 @@ def add_repack_functions(mod, plan: dict[str, str], params: list[tuple[str, tupl
         key = (kind, tuple(shape), dtype)
         if key not in made:
             fname = f"repack_{kind}_{'x'.join(map(str, shape))}_{dtype}"
+            # the runners call FNAME_kernel themselves where they give it the output tensor (runner._repack_kernel)
             prim = bb.add_func(repack_kernel(kind, shape, dtype).with_attr("tirx.is_scheduled", True), fname + "_kernel")
             src = relax.Var("src", relax.TensorType(list(shape), dtype))
             with bb.function(fname, [src]):

@@ -4,7 +4,8 @@ A decode step reads every weight once, in long streams. On 4 KiB pages each stre
 walk every 4 KiB, and the cores' prefetchers stop at each page's end; on 2 MiB pages neither happens. Linux gives
 anonymous memory huge pages only where a program asks (`madvise`, the usual THP setting), and TVM's CPU allocator
 does not ask (numpy does, for its own large arrays), so the runner copies the tensors the int8 kernels stream (the
-repacked weights, nearly all of a model's bytes) into one mapping that asks. Measured on a Zen 4 (BENCHMARKS.md,
+repacked weights, nearly all of a model's bytes) into one mapping that asks; the repacking kernels write them
+there directly. Measured on a Zen 4 (BENCHMARKS.md,
 "Weights on huge pages"): a santacoder-shaped q4 decode step 8-9% faster. Where there are no huge pages (another
 OS, THP off, no free 2 MiB blocks) the mapping is ordinary memory and nothing changes but one copy at load time.
 """
@@ -41,18 +42,22 @@ class HugePageArena:
     def fits(self, nbytes: int) -> bool:
         return self._next + nbytes <= self._end
 
-    def place(self, tensor):
-        """A copy of CPU tensor `tensor` in the arena (a TVM tensor viewing it)."""
+    def empty(self, shape: tuple[int, ...], dtype: str):
+        """A TVM tensor of `shape` and `dtype` in the arena's next bytes (not initialized)."""
         import numpy as np
         import tvm
 
-        dtype, shape = np.dtype(str(tensor.dtype)), tuple(int(d) for d in tensor.shape)
+        dtype, shape = np.dtype(dtype), tuple(int(d) for d in shape)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if not self.fits(nbytes):
             raise ValueError(f"internal: the huge-page arena has {self._end - self._next} bytes left, not {nbytes}")
         view = self._bytes[self._next:self._next + nbytes].view(dtype).reshape(shape)
         self._next += _rounded(nbytes)
-        placed = tvm.runtime.from_dlpack(view)
+        return tvm.runtime.from_dlpack(view)
+
+    def place(self, tensor):
+        """A copy of CPU tensor `tensor` in the arena."""
+        placed = self.empty(tuple(tensor.shape), str(tensor.dtype))
         tensor.copyto(placed)
         return placed
 

@@ -49,6 +49,7 @@ def use_all_cores() -> None:
 
 
 def load_library(lib: str | Path, dev):
+    """The library's Relax VM on `dev`, its manifest, and the loaded module (its compiled functions by name)."""
     import tvm
     from tvm import relax
 
@@ -81,7 +82,7 @@ def load_library(lib: str | Path, dev):
         from gptbc.runtime.cuda import check_runnable, local_sm
 
         check_runnable(meta, lib, local_sm())
-    return vm, meta
+    return vm, meta, module
 
 
 def weight_bytes(info: dict) -> int:
@@ -89,14 +90,15 @@ def weight_bytes(info: dict) -> int:
     return sum(int(np.prod(p["shape"], dtype=np.int64)) * numpy_dtype(p["dtype"]).itemsize for p in info["params"])
 
 
-def load_params(model_dir: Path, info: dict, meta: dict, dev, vm=None) -> tuple[list, int]:
+def load_params(model_dir: Path, info: dict, meta: dict, dev, vm=None, library=None) -> tuple[list, int]:
     """Weights in the library's load order, as device tensors; and how many bytes are mapped, not copied.
 
     On the CPU a tensor stored at the library's alignment (64 bytes; gptbc writes them so) is handed to TVM as
     a view of the memory-mapped file: no copy, no load time, and processes serving the same weights
     share the page cache. Anything else is copied to the device. A weight the library lists with a `repack`
     function (int8 activations: the tiled layout of kernels_int8.py) is replaced by that function's output,
-    and its file pages are dropped; on the CPU that output moves to memory advised for huge pages (hugepages.py).
+    and its file pages are dropped; on the CPU that output lies in memory advised for huge pages (hugepages.py):
+    the function's kernel (in `library`, the loaded module) writes it there, or else it is copied there.
     """
     import tvm
 
@@ -122,9 +124,14 @@ def load_params(model_dir: Path, info: dict, meta: dict, dev, vm=None) -> tuple[
             view = _mapped_tensor(arr, int(meta["alignment"])) if on_cpu else None
             if p.get("repack"):
                 src = view if view is not None else tvm.runtime.tensor(arr, dev)
-                out = vm[p["repack"]](src)
-                params.append(arena.place(out) if arena is not None else out)
-                del src, view, arr, out
+                kernel = _repack_kernel(library, p["repack"]) if arena is not None else None
+                if kernel is not None:
+                    params.append(arena.empty(p["shape"], p["dtype"]))
+                    kernel(src, params[-1])
+                else:
+                    out = vm[p["repack"]](src)
+                    params.append(arena.place(out) if arena is not None else out)
+                del src, view, arr
                 f.release(p["name"])
                 continue
             if view is not None:
@@ -138,6 +145,17 @@ def load_params(model_dir: Path, info: dict, meta: dict, dev, vm=None) -> tuple[
         for f in files.values():
             f.close()  # the mapping itself lives on while tensors view it
     return params, mapped
+
+
+def _repack_kernel(library, function: str):
+    """The compiled kernel of a repack function (kernels_int8.add_repack_functions names it FUNCTION_kernel), which
+    writes into a tensor the caller gives it; None where `library` is not at hand or lacks it."""
+    if library is None:
+        return None
+    try:
+        return library.get_function(f"{function}_kernel", query_imports=True)
+    except Exception:  # noqa: BLE001 - TVM raises its own error type for a missing function
+        return None
 
 
 def _mapped_tensor(arr: np.ndarray, alignment: int):
@@ -189,7 +207,7 @@ class ModelRunner:
             raise GptbcError(f"{self.model_dir}: no {GPTBC_CONFIG} (convert weights with `gptbc convert-weight`)")
         self.info = manifest.read_weights(self.model_dir)
         self.dev = parse_device(device)
-        self.vm, self.meta = load_library(self.lib, self.dev)
+        self.vm, self.meta, library = load_library(self.lib, self.dev)
         kind = parse_device_kind(device)[0]
         if self.meta.get("device", "cpu") != kind:
             raise GptbcError(f"--lib {self.lib} was built for {self.meta.get('device')} "
@@ -211,7 +229,8 @@ class ModelRunner:
         if not max_total_seq_len:
             self.capacity_tokens = default_kv_tokens(sized, quant, device, weights)
         self.memory_plan = check_fits(sized, quant, device, self.capacity_tokens, weights)  # before allocating
-        self.params, self.mapped_bytes = load_params(self.model_dir, self.info, self.meta, self.dev, self.vm)
+        self.params, self.mapped_bytes = load_params(self.model_dir, self.info, self.meta, self.dev, self.vm,
+                                                      library)
         self.page_size = int(self.meta["page_size"])  # the paged-attention kernels are built for it
         # On a GPU, greedy tokens are picked on the device (decode_batch_greedy) instead of copying
         # batch x vocab logits back; on the CPU a lone sequence decodes through the single-row kernels.
