@@ -46,9 +46,9 @@ struct MappedData {
   void FreeData(DLTensor*) {}
 };
 
-// The repacked weights the int8 kernels stream, copied into one mapping advised for transparent huge pages: a
+// The repacked weights the int8 kernels stream, in one mapping advised for transparent huge pages: a
 // decode step reads them all, and on 4 KiB pages that is a TLB miss and a stopped prefetch every 4 KiB of each
-// stream (python/gptbc/runtime/hugepages.py; BENCHMARKS.md, "Weights on huge pages"). Where the kernel gives no
+// stream (python/gptbc/runtime/hugepages.py; BENCHMARKS.md, "Session 6"). Where the kernel gives no
 // huge pages it is ordinary memory.
 class HugePageArena {
  public:

@@ -3,11 +3,10 @@
 A decode step reads every weight once, in long streams. On 4 KiB pages each stream takes a TLB miss and a page
 walk every 4 KiB, and the cores' prefetchers stop at each page's end; on 2 MiB pages neither happens. Linux gives
 anonymous memory huge pages only where a program asks (`madvise`, the usual THP setting), and TVM's CPU allocator
-does not ask (numpy does, for its own large arrays), so the runner copies the tensors the int8 kernels stream (the
-repacked weights, nearly all of a model's bytes) into one mapping that asks; the repacking kernels write them
-there directly. Measured on a Zen 4 (BENCHMARKS.md,
-"Weights on huge pages"): a santacoder-shaped q4 decode step 8-9% faster. Where there are no huge pages (another
-OS, THP off, no free 2 MiB blocks) the mapping is ordinary memory and nothing changes but one copy at load time.
+does not ask (numpy does, for its own large arrays), so the runner puts the tensors the int8 kernels stream (the
+repacked weights, nearly all of a model's bytes) in one mapping that asks: the repack kernels write them there.
+Measured on a Zen 4 (BENCHMARKS.md, "Session 6"): a santacoder-shaped decode step 9-10% faster at 4 and 8 bits.
+Where there are no huge pages (another OS, THP off, no free 2 MiB blocks) the mapping is ordinary memory.
 """
 
 from __future__ import annotations
