@@ -114,3 +114,19 @@ def test_parallel_kernels_equal_serial(quant):
         for w, g in zip(want, got):
             np.testing.assert_allclose(g.astype(np.float32), w.astype(np.float32), rtol=1e-5, atol=1e-6,
                                        err_msg=name)
+
+
+def test_parallel_loops_span_the_tokens_not_the_batch_of_one():
+    """A prefill's tensors are [1, tokens, ...]: LayerNorm and the residual add run their fused leading spatial
+    loops in parallel (the tokens, a symbolic extent), not the batch of 1 alone (they ran on one core so)."""
+    import re
+
+    checked = []
+    for name, _plain, scheduled in schedulable("q0f32", CPUParallel()):
+        symbolic = any(not isinstance(d, tirx.IntImm) for p in scheduled.params for d in p.shape)
+        if not symbolic or ("layer_norm" not in name and not name.startswith("add")):
+            continue  # decode's [1, 1, n] ones have nothing to spread over the cores but their last loop
+        extents = re.findall(r"T\.parallel\(([^:]*?)\):", scheduled.script())
+        assert extents and all(not re.fullmatch(r"(T\.int64\()?\d+\)?", e.strip()) for e in extents), (name, extents)
+        checked.append(name)
+    assert any("layer_norm" in n for n in checked) and any(n.startswith("add") for n in checked), checked
