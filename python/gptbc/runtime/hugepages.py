@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import mmap
 
+import numpy as np
+
 HUGE = 2 << 20  # the x86-64 and arm64 (4 KiB granule) PMD page size
 ALIGN = 4096  # each tensor starts on a page of its own (the kernels need 64 bytes)
 
@@ -22,8 +24,8 @@ def _rounded(nbytes: int) -> int:
 
 
 class HugePageArena:
-    """One anonymous private mapping for tensors of `sizes` bytes, advised for huge pages, that they are copied into
-    one after the other (`place`). It lives as long as any tensor placed in it (they hold its buffer)."""
+    """One anonymous private mapping for tensors of `sizes` bytes, advised for huge pages, handed out one after the
+    other (`empty`, or `place` for a copy). It lives as long as any tensor in it (they hold its buffer)."""
 
     def __init__(self, sizes: list[int]):
         total = sum(map(_rounded, sizes))
@@ -32,8 +34,6 @@ class HugePageArena:
             self._map.madvise(mmap.MADV_HUGEPAGE)
         except OSError:  # THP compiled out of this kernel: ordinary pages, still correct
             pass
-        import numpy as np
-
         self._bytes = np.frombuffer(self._map, dtype=np.uint8)
         self._next = (-self._bytes.ctypes.data) % HUGE  # start on a huge page: nothing of the first one is wasted
         self._end = self._next + total
@@ -43,7 +43,6 @@ class HugePageArena:
 
     def empty(self, shape: tuple[int, ...], dtype: str):
         """A TVM tensor of `shape` and `dtype` in the arena's next bytes (not initialized)."""
-        import numpy as np
         import tvm
 
         dtype, shape = np.dtype(dtype), tuple(int(d) for d in shape)
