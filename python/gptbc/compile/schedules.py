@@ -9,6 +9,8 @@ GPU: dlight's rules, with dlight's Matmul kept off its tensorize paths (see `gpu
 
 from __future__ import annotations
 
+import math
+
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
@@ -278,8 +280,13 @@ class CPUParallel(dl.ScheduleRule):
                 continue
             spatial = next((i for i, v in enumerate(iters) if int(v.iter_type) != 0), len(iters))
             outer = loops[:max(1, min(spatial, len(loops) - 1))]
-            if all(isinstance(e, tirx.IntImm) and int(e) == 1 for e in (sch.get(lp).extent for lp in outer)):
-                outer = loops[:spatial]  # [1, tokens]: the tokens are the last loop, and the parallel one
+            extents = [sch.get(lp).extent for lp in loops]
+            if all(isinstance(e, tirx.IntImm) and int(e) == 1 for e in extents[:len(outer)]) and (
+                    spatial == len(loops) and not isinstance(extents[-1], tirx.IntImm)):
+                outer = loops  # [1, tokens]: the tokens are the last loop, and the parallel one
+            if all(isinstance(e, tirx.IntImm) for e in extents[:len(outer)]) and math.prod(
+                    int(e) for e in extents[:len(outer)]) == 1:
+                continue  # one row (a decode step's [1, 1, n]): a parallel launch would cost more than the row
             try:
                 sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
                 changed = True
