@@ -180,14 +180,14 @@ def test_aligned_weights_are_used_in_place(native, model_files, tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
 def test_repacked_weights_sit_on_huge_page_memory(native, model_files):
-    """The repacked int8 weights are copied into memory advised for huge pages (runtime/hugepages.py), all of them."""
+    """The repacked int8 weights lie in memory advised for huge pages (runtime/hugepages.py), all of them."""
     import tvm
 
-    from gptbc.runtime.runner import load_library
+    from gptbc.runtime.runner import load_library, param_bytes
 
     out_dir, lib = model_files("mqa64", "q4f32_1")
     meta = load_library(lib, tvm.cpu(0))[1]
-    repacked = sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize for p in meta["params"] if p.get("repack"))
+    repacked = sum(param_bytes(p) for p in meta["params"] if p.get("repack"))
     got = run_json(native, out_dir, lib, "--prompt-ids", "9,8,7", "--max-new-tokens", "4")
     assert repacked > 0 and got["huge_page_weight_bytes"] == repacked
 

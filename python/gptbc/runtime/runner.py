@@ -85,9 +85,14 @@ def load_library(lib: str | Path, dev):
     return vm, meta, module
 
 
+def param_bytes(p: dict) -> int:
+    """Bytes of one tensor a manifest lists ({"shape", "dtype"})."""
+    return int(np.prod(p["shape"], dtype=np.int64)) * numpy_dtype(p["dtype"]).itemsize
+
+
 def weight_bytes(info: dict) -> int:
     """Bytes of the converted weights, from their manifest."""
-    return sum(int(np.prod(p["shape"], dtype=np.int64)) * numpy_dtype(p["dtype"]).itemsize for p in info["params"])
+    return sum(param_bytes(p) for p in info["params"])
 
 
 def load_params(model_dir: Path, info: dict, meta: dict, dev, vm=None, library=None) -> tuple[list, int]:
@@ -103,9 +108,7 @@ def load_params(model_dir: Path, info: dict, meta: dict, dev, vm=None, library=N
     import tvm
 
     on_cpu = dev.dlpack_device_type() == tvm.cpu(0).dlpack_device_type()
-    repacked = [p for p in meta["params"] if p.get("repack")]
-    arena = hugepages.arena_for([int(np.prod(p["shape"], dtype=np.int64)) * numpy_dtype(p["dtype"]).itemsize
-                                 for p in repacked]) if on_cpu else None
+    arena = hugepages.arena_for([param_bytes(p) for p in meta["params"] if p.get("repack")]) if on_cpu else None
     files: dict[str, SafetensorsFile] = {}
     where = {p["name"]: p["file"] for p in info["params"]}
     params, mapped = [], 0
